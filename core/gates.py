@@ -1,0 +1,262 @@
+"""Gates decide, per (step, layer), whether the approximate backend may run — fail-closed.
+
+Each gate returns ALLOW (no objection), VETO (use the exact path) or FORCE(name) (use that
+backend). The router combines them in config order:
+
+1. the first gate that forces an *exact* backend wins;
+2. otherwise any veto sends the call to the exact backend;
+3. otherwise the first gate that forces an approximate backend picks it, else the configured
+   `backend` runs;
+4. a learned backend additionally needs `is_ready(layer)`; a non-ready layer goes exact.
+
+So an approximate backend runs only when every gate allows it. Decisions are cached per
+(run, step, layer) and recomputed when the step changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+from pydantic import Field, field_validator, model_validator
+
+from .call import AttentionCall
+from .config import Strict
+from .patterns import any_layer_matches, step_in_range, validate_layer_pattern, validate_step_range
+
+if TYPE_CHECKING:
+    from .backend import BackendRegistry
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What one gate says about one (step, layer)."""
+
+    verdict: Literal["allow", "veto", "force"]
+    backend: str | None = None
+    reason: str = ""
+
+
+ALLOW = GateDecision("allow")
+
+
+def veto(reason: str) -> GateDecision:
+    return GateDecision("veto", None, reason)
+
+
+def force(backend: str, reason: str) -> GateDecision:
+    return GateDecision("force", backend, reason)
+
+
+@runtime_checkable
+class Gate(Protocol):
+    """A gate: `decide(call)` is called once per (step, layer), never per attention call."""
+
+    name: str
+
+    def decide(self, call: AttentionCall) -> GateDecision: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    """The router's answer for one (step, layer): which backend runs and why."""
+
+    backend: str
+    approximate: bool
+    reason: str
+
+
+class Router:
+    """Combines gates (config order) with readiness into a cached per-(step, layer) route."""
+
+    def __init__(self, gates: list[Gate], backends: "BackendRegistry", primary: str, exact: str) -> None:
+        self.gates = gates
+        self.backends = backends
+        self.primary = primary
+        self.exact = exact
+        self._cache: dict[tuple[object, ...], Route] = {}
+        self._cache_step: tuple[object, ...] | None = None
+
+    def is_exact(self, name: str) -> bool:
+        return self.backends.get(name).capabilities.exact
+
+    def route(self, call: AttentionCall, run_index: int = 0) -> Route:
+        """The backend for `call`, cached per (run, step, layer)."""
+        step = (run_index, call.step_index, call.sigma if call.step_index is None else None)
+        if step != self._cache_step:
+            self._cache.clear()
+            self._cache_step = step
+        key = (call.layer_key, call.cond)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self.decide(call)
+        return hit
+
+    def invalidate(self) -> None:
+        """Forget cached routes (readiness or policy changed)."""
+        self._cache.clear()
+
+    def decide(self, call: AttentionCall) -> Route:
+        """Combine every gate's decision for `call` (uncached)."""
+        vetoes: list[str] = []
+        forced_approx: GateDecision | None = None
+        for gate in self.gates:
+            d = gate.decide(call)
+            if d.verdict == "force" and d.backend is not None:
+                if self.is_exact(d.backend):
+                    return Route(d.backend, False, f"{gate.name}: {d.reason}")
+                if forced_approx is None:
+                    forced_approx = d
+            elif d.verdict == "veto":
+                vetoes.append(f"{gate.name}: {d.reason}")
+        if vetoes:
+            return Route(self.exact, False, "; ".join(vetoes))
+        name = forced_approx.backend if forced_approx and forced_approx.backend else self.primary
+        if self.is_exact(name):
+            return Route(name, False, "configured exact backend")
+        backend = self.backends.get(name)
+        if not backend.is_ready(call.layer_key):
+            return Route(self.exact, False, f"readiness: layer {call.layer_key} is not ready for {name!r}")
+        return Route(name, True, forced_approx.reason if forced_approx else "all gates allow")
+
+
+# ---- built-in gates ---------------------------------------------------------------------------
+
+class LayerFilterSettings(Strict):
+    """`kind = "layers"`: the approximate backend only runs on matching layers."""
+
+    include: list[str] = Field(default_factory=lambda: ["*"], description="Layer patterns allowed "
+                                                                           "('single:*', 'double:0', 'single:3-5').")
+    exclude: list[str] = Field(default_factory=list, description="Layer patterns vetoed (wins over include).")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        return [validate_layer_pattern(p) for p in v]
+
+
+class LayerFilterGate:
+    name = "layers"
+
+    def __init__(self, settings: LayerFilterSettings) -> None:
+        self.settings = settings
+
+    def decide(self, call: AttentionCall) -> GateDecision:
+        if any_layer_matches(self.settings.exclude, call.layer_key):
+            return veto(f"layer {call.layer_key} excluded")
+        if not any_layer_matches(self.settings.include, call.layer_key):
+            return veto(f"layer {call.layer_key} not in {self.settings.include}")
+        return ALLOW
+
+
+class SigmaWindowSettings(Strict):
+    """`kind = "sigma_window"`: approximate only while min <= sigma <= max."""
+
+    min: float = Field(0.0, ge=0.0, description="Lowest sigma at which approximation is allowed.")
+    max: float = Field(float("inf"), ge=0.0, description="Highest sigma at which approximation is allowed.")
+
+    @model_validator(mode="after")
+    def _order(self) -> "SigmaWindowSettings":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class SigmaWindowGate:
+    name = "sigma_window"
+
+    def __init__(self, settings: SigmaWindowSettings) -> None:
+        self.settings = settings
+
+    def decide(self, call: AttentionCall) -> GateDecision:
+        s = call.sigma
+        if s is None:
+            return veto("sigma unknown (fail-closed)")
+        if not self.settings.min <= s <= self.settings.max:
+            return veto(f"sigma {s:.4g} outside [{self.settings.min}, {self.settings.max}]")
+        return ALLOW
+
+
+class StepWindowSettings(Strict):
+    """`kind = "step_window"`: approximate only on the listed step ranges."""
+
+    steps: list[str] = Field(..., description="Step ranges where approximation is allowed: 'A-B', ':N', '-N:', 'A:'.")
+
+    @field_validator("steps")
+    @classmethod
+    def _ranges(cls, v: list[str]) -> list[str]:
+        return [validate_step_range(s) for s in v]
+
+
+class StepWindowGate:
+    name = "step_window"
+
+    def __init__(self, settings: StepWindowSettings) -> None:
+        self.settings = settings
+
+    def decide(self, call: AttentionCall) -> GateDecision:
+        for spec in self.settings.steps:
+            inside = step_in_range(spec, call.step_index, call.num_steps)
+            if inside:
+                return ALLOW
+        return veto(f"step {call.step_index} outside {self.settings.steps} (unknown counts as outside)")
+
+
+class ScheduleRule(Strict):
+    """One schedule rule: where it applies (all given conditions must hold) and which backend runs."""
+
+    backend: str = Field(..., description="Backend to force where the rule applies.")
+    steps: str | None = Field(None, description="Step range ('0-1', ':2', '-2:', '5:').")
+    sigma_min: float | None = Field(None, description="Applies when sigma >= sigma_min.")
+    sigma_max: float | None = Field(None, description="Applies when sigma <= sigma_max.")
+    layers: list[str] = Field(default_factory=lambda: ["*"], description="Layer patterns the rule covers.")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: str | None) -> str | None:
+        return None if v is None else validate_step_range(v)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[str]) -> list[str]:
+        return [validate_layer_pattern(p) for p in v]
+
+
+class ScheduleSettings(Strict):
+    """`kind = "schedule"`: force a backend by step/sigma range and layer pattern; first matching rule wins."""
+
+    rules: list[ScheduleRule] = Field(..., description="Rules in priority order.")
+
+
+class ScheduleGate:
+    """Forces backends by step, sigma and layer, e.g. exact on the first and last two steps.
+
+    When a rule's step range cannot be decided (the host gave no step count for '-N:'), a rule
+    that forces an exact backend applies (fail-closed) and one that forces an approximate backend
+    does not.
+    """
+
+    name = "schedule"
+
+    def __init__(self, settings: ScheduleSettings, is_exact: "callable[[str], bool]") -> None:  # type: ignore[valid-type]
+        self.settings = settings
+        self.is_exact = is_exact
+
+    def decide(self, call: AttentionCall) -> GateDecision:
+        for i, rule in enumerate(self.settings.rules):
+            if not any_layer_matches(rule.layers, call.layer_key):
+                continue
+            if rule.steps is not None:
+                inside = step_in_range(rule.steps, call.step_index, call.num_steps)
+                if inside is None:
+                    inside = self.is_exact(rule.backend)
+                if not inside:
+                    continue
+            if rule.sigma_min is not None or rule.sigma_max is not None:
+                if call.sigma is None:
+                    if not self.is_exact(rule.backend):
+                        continue
+                elif not ((rule.sigma_min is None or call.sigma >= rule.sigma_min)
+                          and (rule.sigma_max is None or call.sigma <= rule.sigma_max)):
+                    continue
+            return force(rule.backend, f"rule {i} ({rule.backend})")
+        return ALLOW

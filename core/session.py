@@ -1,0 +1,381 @@
+"""`Session`: the one object a host talks to — `attention(...)` per call, plus the run lifecycle.
+
+Data flow of one call (docs/ARCHITECTURE.md has the picture):
+host → `Session.attention(q, k, v, call, mask, host_attention)` → step/run tracking →
+`Router.route` (cached per step and layer: gates, readiness) → distiller (teacher + observe) or
+approximate backend (capability check, run, finite check, fallback) or exact backend → `[B, H, N, D]`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from .backend import Backend, BackendRegistry, HostAttention, LearnedBackend
+from .call import AttentionCall
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import Config, load_config
+from .exact import HostBackend, sdpa
+from .gates import Route, Router
+from .loggers import LoggerFanout
+from .plugins import Plugins, get_plugins
+
+if TYPE_CHECKING:
+    from .distiller import Distiller
+
+log = logging.getLogger("attnplug")
+
+
+class ApproximationError(RuntimeError):
+    """Raised in strict mode where the session would otherwise fall back to exact attention."""
+
+
+@dataclass
+class LayerStats:
+    """Per-layer counters: calls, which backend served them, and every fallback with its reason."""
+
+    calls: int = 0
+    served: Counter = field(default_factory=Counter)
+    fallbacks: Counter = field(default_factory=Counter)
+    trained: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"calls": self.calls, "served": dict(self.served), "fallbacks": dict(self.fallbacks),
+                "trained": self.trained}
+
+
+@dataclass
+class RunInfo:
+    """One sampling run: index within the session, step count when known, timing and host metadata."""
+
+    index: int
+    num_steps: int | None = None
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    host: dict[str, Any] = field(default_factory=dict)
+    calls: int = 0
+    approximate_calls: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "num_steps": self.num_steps, "started": self.started, "ended": self.ended,
+                "calls": self.calls, "approximate_calls": self.approximate_calls, **self.host}
+
+
+class Session:
+    """Built from a config; routes every attention call; owns backends, gates, distiller and loggers."""
+
+    def __init__(self, config: "Config | str | Path | Mapping[str, Any]", plugins: Plugins | None = None) -> None:
+        self.plugins = plugins or get_plugins()
+        self.config = load_config(config, self.plugins)
+        root = self.config.root
+        self.active_plugins = self.plugins.active(root.disable_plugins)
+        self.strict = root.strict
+        self.training = root.training
+        self.generator = torch.Generator().manual_seed(root.seed)
+        self.stats: dict[str, LayerStats] = {}
+        self.run: RunInfo | None = None
+        self.runs_done = 0
+        self._step_key: tuple[Any, ...] | None = None
+        self._last_step: int | None = None
+        self._last_sigma: float | None = None
+        self._warned: set[tuple[str, str]] = set()
+        self._reasons_cache: dict[tuple[Any, ...], list[str]] = {}
+        self.closed = False
+
+        blocked = root.disable_plugins
+        self.backends = BackendRegistry()
+        for name, reg in self.plugins.collect("backend", blocked).entries.items():
+            settings = self.config.sections.get(reg.plugin)
+            self.backends.add(reg.factory(settings, self), reg.plugin)
+        self.router = Router([], self.backends, root.backend, root.exact)
+        gate_regs = self.plugins.collect("gate", blocked)
+        self.router.gates = [gate_regs.get(e.kind).factory(e.settings, self) for e in self.config.gates]
+        logger_regs = self.plugins.collect("logger", blocked)
+        self.loggers = LoggerFanout([logger_regs.get(e.kind).factory(e.settings, self) for e in self.config.loggers])
+        self.distiller: Distiller | None = None
+        if root.distiller is not None:
+            reg = self.plugins.collect("distiller", blocked).get(root.distiller)
+            self.distiller = reg.factory(self.config.sections.get(reg.plugin), self)
+        self.plugins.session_start(self)
+        if root.checkpoint and Path(root.checkpoint).is_file():
+            self.load(root.checkpoint)
+
+    # ---- helpers for plugins ----------------------------------------------------------------
+    def router_is_exact(self, name: str) -> bool:
+        return self.router.is_exact(name)
+
+    @property
+    def primary(self) -> Backend:
+        """The configured `backend` (approximate or exact)."""
+        return self.backends.get(self.config.root.backend)
+
+    def learned_backends(self) -> dict[str, LearnedBackend]:
+        return {n: e.backend for n, e in self.backends.items() if isinstance(e.backend, LearnedBackend)}
+
+    def warn_once(self, layer_key: str, what: str, message: str) -> None:
+        """Log `message` once per (layer, kind of event)."""
+        if (layer_key, what) not in self._warned:
+            self._warned.add((layer_key, what))
+            log.warning("attnplug: %s", message)
+
+    # ---- the hot path --------------------------------------------------------------------------
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                  mask: torch.Tensor | None = None, host_attention: HostAttention | None = None) -> torch.Tensor:
+        """Attention for one call: `[B, H, N, D]` in, `[B, H, Nq, Dv]` out, routed by gates and readiness."""
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise ValueError(f"attnplug Session.attention({call.layer_key}): q, k, v must be [B, H, N, D], "
+                             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        self._track(call)
+        stats = self.stats.get(call.layer_key)
+        if stats is None:
+            stats = self.stats[call.layer_key] = LayerStats()
+        stats.calls += 1
+        assert self.run is not None
+        self.run.calls += 1
+        route = self.router.route(call, self.run.index)
+
+        if self.training and self.distiller is not None and self._distiller_wants(call):
+            teacher = self._exact(q, k, v, call, mask, host_attention, stats)
+            self._observe(call, q, k, v, teacher, mask, stats)
+            if self.config.root.mode == "passthrough" or not route.approximate:
+                return teacher
+            return self._approximate(route, q, k, v, call, mask, host_attention, stats, teacher)
+        if route.approximate:
+            return self._approximate(route, q, k, v, call, mask, host_attention, stats, None)
+        if route.backend == self.config.root.exact:
+            return self._exact(q, k, v, call, mask, host_attention, stats)
+        return self._run_exact_named(route.backend, q, k, v, call, mask, host_attention, stats)
+
+    def _approximate(self, route: Route, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                     mask: torch.Tensor | None, host_attention: HostAttention | None, stats: LayerStats,
+                     teacher: torch.Tensor | None) -> torch.Tensor:
+        backend = self.backends.get(route.backend)
+        reasons = self._reasons(backend, q, k, v, call, mask)
+        if reasons:
+            return self._fallback(call, route.backend, "unsupported: " + "; ".join(reasons), q, k, v, mask,
+                                  host_attention, stats, teacher)
+        try:
+            out = backend(q, k, v, call, mask)
+        except torch.cuda.OutOfMemoryError:
+            if self.strict:
+                raise
+            return self._fallback(call, route.backend, "out of memory", q, k, v, mask, host_attention, stats, teacher)
+        except Exception as exc:  # noqa: BLE001 - an approximate backend must never abort sampling
+            if self.strict:
+                raise ApproximationError(f"backend {route.backend!r} failed on {call.layer_key}: {exc}") from exc
+            return self._fallback(call, route.backend, f"error: {type(exc).__name__}: {exc}", q, k, v, mask,
+                                  host_attention, stats, teacher)
+        if not bool(torch.isfinite(out).all()):
+            return self._fallback(call, route.backend, "non-finite output", q, k, v, mask, host_attention, stats,
+                                  teacher)
+        stats.served[route.backend] += 1
+        assert self.run is not None
+        self.run.approximate_calls += 1
+        return out
+
+    def _fallback(self, call: AttentionCall, backend: str, reason: str, q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor, mask: torch.Tensor | None, host_attention: HostAttention | None,
+                  stats: LayerStats, teacher: torch.Tensor | None) -> torch.Tensor:
+        if self.strict:
+            raise ApproximationError(f"backend {backend!r} could not serve {call.layer_key}: {reason} (strict mode)")
+        stats.fallbacks[reason.split(":")[0] if reason.startswith(("unsupported", "error")) else reason] += 1
+        self.warn_once(call.layer_key, f"fallback:{reason[:40]}",
+                       f"backend {backend!r} fell back to exact attention on {call.layer_key}: {reason}")
+        if teacher is not None:
+            return teacher
+        return self._exact(q, k, v, call, mask, host_attention, stats)
+
+    def _reasons(self, backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                 mask: torch.Tensor | None) -> list[str]:
+        key = (backend.name, call.layer_key, tuple(q.shape), tuple(k.shape), q.dtype, q.device,
+               None if mask is None else (tuple(mask.shape), mask.dtype), call.n_cond_tokens)
+        reasons = self._reasons_cache.get(key)
+        if reasons is None:
+            reasons = self._reasons_cache[key] = backend.not_supported_reasons(q, k, v, call, mask)
+        return reasons
+
+    def _exact(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+               mask: torch.Tensor | None, host_attention: HostAttention | None, stats: LayerStats) -> torch.Tensor:
+        return self._run_exact_named(self.config.root.exact, q, k, v, call, mask, host_attention, stats)
+
+    def _run_exact_named(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                         mask: torch.Tensor | None, host_attention: HostAttention | None,
+                         stats: LayerStats) -> torch.Tensor:
+        backend = self.backends.get(name)
+        if isinstance(backend, HostBackend):
+            if host_attention is None:
+                self.warn_once(call.layer_key, "no-host", f"{call.layer_key}: exact backend 'host' got no host "
+                               "attention function; using 'sdpa'")
+                stats.served["sdpa"] += 1
+                return sdpa(q, k, v, mask)
+            stats.served["host"] += 1
+            return host_attention(q, k, v, mask)
+        stats.served[name] += 1
+        return backend(q, k, v, call, mask)
+
+    def _distiller_wants(self, call: AttentionCall) -> bool:
+        assert self.distiller is not None
+        try:
+            return bool(self.distiller.wants(call))
+        except Exception as exc:  # noqa: BLE001
+            self.warn_once(call.layer_key, "distiller-wants", f"distiller failed to choose layers: {exc}")
+            return False
+
+    def _observe(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 teacher: torch.Tensor, mask: torch.Tensor | None, stats: LayerStats) -> None:
+        assert self.distiller is not None
+        try:
+            self.distiller.observe(call, q, k, v, teacher, mask)
+            stats.trained += 1
+        except Exception as exc:  # noqa: BLE001 - training problems never abort sampling
+            if self.strict:
+                raise
+            stats.fallbacks["distiller error"] += 1
+            self.warn_once(call.layer_key, "distiller", f"distiller failed on {call.layer_key}: "
+                           f"{type(exc).__name__}: {exc} (sampling goes on)")
+
+    # ---- steps and runs --------------------------------------------------------------------------
+    def _track(self, call: AttentionCall) -> None:
+        """Detect new runs and steps from the calls themselves (hosts may also report them)."""
+        new_run = self.run is None
+        if not new_run and call.step_index is not None and self._last_step is not None \
+                and call.step_index < self._last_step:
+            new_run = True
+        if not new_run and call.step_index is None and call.sigma is not None and self._last_sigma is not None \
+                and call.sigma > 1.5 * self._last_sigma + 1e-6:
+            new_run = True
+        if new_run:
+            if self.run is not None:
+                self.run_end()
+            self.run_start(num_steps=call.num_steps)
+        key = (call.step_index, call.sigma)
+        if key != self._step_key:
+            self._step_key = key
+            self._last_step = call.step_index if call.step_index is not None else self._last_step
+            self._last_sigma = call.sigma if call.sigma is not None else self._last_sigma
+            self.step(call.step_index if call.step_index is not None else -1, call.sigma)
+
+    def run_start(self, num_steps: int | None = None, **host_info: Any) -> RunInfo:
+        """A sampling run starts (hosts call this; the session also detects runs by itself)."""
+        if self.run is not None:
+            self.run_end()
+        self.run = RunInfo(index=self.runs_done, num_steps=num_steps, host=dict(host_info))
+        self._step_key = None
+        self._last_step = None
+        self._last_sigma = None
+        self.router.invalidate()
+        if self.distiller is not None:
+            self._safe(self.distiller.run_start, self.run)
+        self.plugins.run_start(self, self.run)
+        self.loggers.run_event("run_start", self.run.to_json())
+        return self.run
+
+    def step(self, step_index: int, sigma: float | None) -> None:
+        """A sampler step starts; fired once per step."""
+        if self.distiller is not None:
+            self._safe(self.distiller.step_start, step_index, sigma)
+        self.plugins.step_start(self, step_index, sigma)
+
+    def run_end(self) -> RunInfo | None:
+        """The current run ended: distiller flush (once), plugin hooks, a log event. No-op without a run."""
+        run = self.run
+        if run is None:
+            return None
+        run.ended = time.time()
+        if self.distiller is not None:
+            self._safe(self.distiller.run_end, run)
+        self.plugins.run_end(self, run)
+        self.loggers.run_event("run_end", run.to_json())
+        self.loggers.log_metrics({"calls": run.calls, "approximate_calls": run.approximate_calls,
+                                  "approximate_share": run.approximate_calls / max(run.calls, 1)},
+                                 run.index, "session")
+        self.run = None
+        self.runs_done += 1
+        self.router.invalidate()
+        return run
+
+    def _safe(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001
+            if self.strict:
+                raise
+            log.warning("attnplug: %s failed: %s: %s (ignored)", getattr(fn, "__qualname__", fn),
+                        type(exc).__name__, exc)
+
+    # ---- state -----------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Per-layer stats and readiness, JSON-able."""
+        learned = self.learned_backends()
+        return {"runs": self.runs_done, "layers": {k: s.to_json() for k, s in sorted(self.stats.items())},
+                "ready": {n: sorted(k for k, r in b.ready.items() if r) for n, b in learned.items()},
+                "loggers_disabled": dict(self.loggers.disabled)}
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write learned layers and distiller state to a checkpoint (atomic). Defaults to `config.checkpoint`."""
+        target = path or self.config.root.checkpoint
+        if target is None:
+            raise ValueError("Session.save: no path given and the config sets no `checkpoint`")
+        if self.run is not None and self.distiller is not None:
+            pass  # an unfinished run keeps its accumulators; they are not part of the saved state
+        components: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+        for name, backend in self.learned_backends().items():
+            if backend.layers or backend.specs:
+                components[f"backend.{name}"] = backend.state()  # type: ignore[attr-defined]
+        if self.distiller is not None:
+            components[f"distiller.{self.distiller.name}"] = self.distiller.state()
+        return save_checkpoint(target, components)
+
+    def load(self, path: str | Path) -> None:
+        """Load a checkpoint into the learned backends and distiller; refuses mismatches with the reason."""
+        comps = load_checkpoint(path)
+        learned = self.learned_backends()
+        for comp, (tensors, meta) in comps.items():
+            kind, _, name = comp.partition(".")
+            try:
+                if kind == "backend":
+                    if name not in learned:
+                        raise CheckpointError(f"it holds learned backend {name!r}, which this session does not have "
+                                              f"(learned backends: {sorted(learned)})")
+                    learned[name].load_state(tensors, meta)  # type: ignore[attr-defined]
+                elif kind == "distiller":
+                    if self.distiller is not None and self.distiller.name == name:
+                        self.distiller.load_state(tensors, meta)
+                    else:
+                        log.info("attnplug: checkpoint %s: distiller %r state not loaded (no such distiller active)",
+                                 path, name)
+            except CheckpointError as exc:
+                raise CheckpointError(f"checkpoint {path}, component {comp}: {exc}") from None
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise CheckpointError(f"checkpoint {path}, component {comp}: {exc}") from exc
+        self.router.invalidate()
+
+    def close(self) -> None:
+        """End the run if one is open, release device memory, close loggers. Idempotent."""
+        if self.closed:
+            return
+        self.run_end()
+        for entry in self.backends.entries.values():
+            try:
+                entry.backend.release()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("attnplug: releasing backend %r failed: %s", entry.backend.name, exc)
+        self.plugins.session_close(self)
+        self.loggers.close()
+        self.closed = True
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(config: "Config | str | Path | Mapping[str, Any]", plugins: Plugins | None = None) -> Session:
+    """Build a `Session` from a config file path, a dict or a validated `Config`."""
+    return Session(config, plugins)

@@ -1,0 +1,1 @@
+"""landmark plugin (see plugin.py)."""

@@ -1,0 +1,1 @@
+"""landmark plugin: registration hooks (filled in by the learned-backend work)."""

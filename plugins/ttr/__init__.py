@@ -1,0 +1,1 @@
+"""ttr plugin (see plugin.py)."""

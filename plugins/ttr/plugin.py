@@ -1,0 +1,1 @@
+"""ttr plugin: registration hooks (filled in by the learned-backend work)."""
