@@ -112,6 +112,25 @@ class LearnedBackend(Backend):
     def is_ready(self, layer_key: str) -> bool:
         return bool(self.ready.get(layer_key, False))
 
+    # ---- the training contract (used by distillers, generic over learned backends) -------------
+    def train_forward(self, layer_key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      call: AttentionCall, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Differentiable fp32 forward of one layer's module (autograd on, no fused kernels).
+
+        The module must exist (`layer(spec)`); inputs are `[B, H, Nq|Nk, D]` fp32, already outside
+        inference mode. Returns `[B, H, Nq, D]`.
+        """
+        raise NotImplementedError
+
+    def param_groups(self, layer_key: str) -> dict[str, list[torch.nn.Parameter]]:
+        """Trainable parameters of one layer by optimizer group: `"phi"` (feature maps, conditioner)
+        and `"alpha"` (blend logits; no weight decay). Every parameter is in exactly one group."""
+        raise NotImplementedError
+
+    def layer_metrics(self, layer_key: str) -> dict[str, float]:
+        """Cheap scalars about the last forward of a layer (e.g. `alpha_mean`); may be empty."""
+        return {}
+
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
         """Checkpoint state: tensors (layer weights) and JSON-able meta (format, specs, hyperparameters)."""
         raise NotImplementedError
