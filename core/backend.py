@@ -83,6 +83,8 @@ class LearnedBackend(Backend):
     readiness is owned by the distiller and mirrored into `ready`.
     """
 
+    capabilities = Capabilities(learned=True, exact=False)
+
     def __init__(self) -> None:
         self.layers: dict[str, "nn.Module"] = {}
         self.specs: dict[str, LayerSpec] = {}
