@@ -1,0 +1,30 @@
+"""Shared fixtures: a plugin manager with only the core's built-ins, and call records."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnplug.core import AttentionCall, Plugins
+
+
+@pytest.fixture
+def core_plugins() -> Plugins:
+    """A fresh plugin manager holding only the core plugin (no entry points, no feature packs)."""
+    return Plugins(builtins={"core": "attnplug.core.builtin"}, load_entry_points=False)
+
+
+@pytest.fixture
+def make_call():
+    def _make(layer: str = "single:0", **kw) -> AttentionCall:
+        kind, _, idx = layer.partition(":")
+        defaults = dict(block_type=kind if kind in ("double", "single") else "other",
+                        block_index=int(idx) if idx.isdigit() else -1, step_index=0, sigma=1.0, host="test")
+        defaults.update(kw)
+        return AttentionCall(layer_key=layer, **defaults)
+
+    return _make
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

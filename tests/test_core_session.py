@@ -1,0 +1,187 @@
+"""Session behaviour: exact backends vs a float64 reference, fallbacks, strict mode, runs, loggers."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from attnplug.core import ApproximationError, Session
+from attnplug.core.backend import Backend, Capabilities
+from attnplug.core.exact import sdpa
+
+
+def _reference(q, k, v, keep=None):
+    q, k, v = (t.double() for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if keep is not None:
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_matches_float64_reference(dtype, tol, masked):
+    q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
+    keep = None
+    if masked:
+        keep = torch.ones(2, 37, dtype=torch.bool)
+        keep[0, 30:] = False
+        keep[1, 5:9] = False
+    out = sdpa(q.to(dtype), k.to(dtype), v.to(dtype), keep)
+    ref = _reference(q.to(dtype), k.to(dtype), v.to(dtype), keep)
+    rel = (out.double() - ref).norm() / ref.norm()
+    assert out.dtype == dtype and rel < tol
+
+
+def test_additive_mask_equals_bool_mask():
+    q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
+    keep = torch.ones(1, 10, dtype=torch.bool)
+    keep[0, 7:] = False
+    additive = torch.zeros(1, 1, 1, 10).masked_fill(~keep[:, None, None, :], float("-inf"))
+    torch.testing.assert_close(sdpa(q, k, v, keep), sdpa(q, k, v, additive))
+
+
+class Broken(Backend):
+    """An approximate backend whose behaviour each test picks."""
+
+    name = "broken"
+    capabilities = Capabilities(exact=False, mask_kinds=("none",))
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def forward(self, q, k, v, call, mask=None):
+        if self.mode == "nan":
+            return torch.full_like(q, float("nan"))
+        if self.mode == "raise":
+            raise RuntimeError("kernel exploded")
+        return torch.zeros_like(q) + 7.0
+
+
+def _session(core_plugins, mode, strict=False):
+    s = Session({"backend": "sdpa", "exact": "sdpa", "strict": strict, "loggers": []}, core_plugins)
+    s.backends.add(Broken(mode), "test")
+    s.router.primary = "broken"
+    return s
+
+
+@pytest.mark.parametrize("mode, reason", [("nan", "non-finite output"), ("raise", "error")])
+def test_failing_approximation_falls_back_to_exact_and_says_so(core_plugins, make_call, caplog, mode, reason):
+    s = _session(core_plugins, mode)
+    q, k, v = (torch.randn(1, 2, 12, 8) for _ in range(3))
+    with caplog.at_level(logging.WARNING, logger="attnplug"):
+        for step in range(3):
+            out = s.attention(q, k, v, make_call("single:0", step_index=step))
+            torch.testing.assert_close(out, sdpa(q, k, v))
+    stats = s.stats["single:0"]
+    assert stats.fallbacks[reason] == 3 and stats.served["sdpa"] == 3
+    warnings = [r for r in caplog.records if "fell back to exact" in r.getMessage()]
+    assert len(warnings) == 1 and "single:0" in warnings[0].getMessage()  # once per layer
+
+
+def test_unsupported_mask_falls_back(core_plugins, make_call):
+    s = _session(core_plugins, "ok")
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    keep = torch.ones(1, 6, dtype=torch.bool)
+    out = s.attention(q, k, v, make_call(), mask=keep)
+    torch.testing.assert_close(out, sdpa(q, k, v, keep))
+    assert s.stats["single:0"].fallbacks["unsupported"] == 1
+    assert float(s.attention(q, k, v, make_call()).mean()) == 7.0  # without mask the backend serves
+
+
+@pytest.mark.parametrize("mode", ["nan", "raise"])
+def test_strict_mode_raises(core_plugins, make_call, mode):
+    s = _session(core_plugins, mode, strict=True)
+    q = torch.randn(1, 2, 6, 8)
+    with pytest.raises(ApproximationError, match="single:0"):
+        s.attention(q, q, q, make_call())
+
+
+def test_host_backend_uses_host_function(core_plugins, make_call):
+    s = Session({"backend": "host", "exact": "host", "loggers": []}, core_plugins)
+    q = torch.randn(1, 2, 6, 8)
+    seen = []
+
+    def host(q_, k_, v_, mask):
+        seen.append(q_.shape)
+        return v_ * 2
+
+    torch.testing.assert_close(s.attention(q, q, q, make_call(), host_attention=host), q * 2)
+    assert seen == [q.shape] and s.stats["single:0"].served["host"] == 1
+    # without a host function the exact path is SDPA (warned once)
+    torch.testing.assert_close(s.attention(q, q, q, make_call(step_index=1)), sdpa(q, q, q))
+
+
+def test_runs_detected_from_step_index(core_plugins, make_call):
+    s = Session({"loggers": []}, core_plugins)
+    q = torch.randn(1, 1, 4, 8)
+    for run in range(3):
+        for step in range(4):
+            for layer in ("double:0", "single:0"):
+                s.attention(q, q, q, make_call(layer, step_index=step))
+    s.run_end()
+    assert s.runs_done == 3
+
+
+class Recorder:
+    name = "recorder"
+
+    def __init__(self):
+        self.events = []
+
+    def log_metrics(self, metrics, step, scope):
+        self.events.append((scope, step, dict(metrics)))
+
+    def run_event(self, event, info):
+        self.events.append((event, info["index"]))
+
+    def close(self):
+        self.events.append("closed")
+
+
+class Exploding:
+    name = "exploding"
+
+    def log_metrics(self, metrics, step, scope):
+        raise OSError("disk full")
+
+    def run_event(self, event, info):
+        raise OSError("disk full")
+
+    def close(self):
+        pass
+
+
+def test_failing_logger_is_disabled_and_sampling_goes_on(core_plugins, make_call, caplog):
+    s = Session({"loggers": []}, core_plugins)
+    good = Recorder()
+    s.loggers.loggers[:] = [Exploding(), good]
+    q = torch.randn(1, 1, 4, 8)
+    with caplog.at_level(logging.WARNING, logger="attnplug"):
+        s.run_start(num_steps=2)
+        s.attention(q, q, q, make_call(step_index=0))
+        s.run_end()
+        s.close()
+    assert "exploding" in s.loggers.disabled and "disk full" in s.loggers.disabled["exploding"]
+    assert ("run_start", 0) in good.events and ("run_end", 0) in good.events and good.events[-1] == "closed"
+    assert sum("logger 'exploding' disabled" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_jsonl_logger_writes_lines(core_plugins, make_call, tmp_path):
+    import json
+
+    path = tmp_path / "logs" / "run.jsonl"
+    s = Session({"loggers": [{"kind": "jsonl", "path": str(path)}]}, core_plugins)
+    q = torch.randn(1, 1, 4, 8)
+    s.attention(q, q, q, make_call(step_index=0))
+    s.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line.get("event") for line in lines if "event" in line] == ["run_start", "run_end"]
+    assert any(line.get("scope") == "session" and line["metrics"]["calls"] == 1 for line in lines)
+
+
+def test_inputs_must_be_4d(core_plugins, make_call):
+    s = Session({"loggers": []}, core_plugins)
+    with pytest.raises(ValueError, match=r"\[B, H, N, D\]"):
+        s.attention(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4), make_call())
