@@ -1,1 +1,1 @@
-"""landmark plugin (see plugin.py)."""
+"""landmark plugin: landmark selection and exact softmax against the landmarks (see plugin.py)."""

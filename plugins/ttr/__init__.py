@@ -1,1 +1,1 @@
-"""ttr plugin (see plugin.py)."""
+"""ttr plugin: learned kernel-regression attention and the hybrid layer (see plugin.py)."""

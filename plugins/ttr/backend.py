@@ -1,0 +1,188 @@
+"""The `ttr` learned backend: one `TtrLayer` per attention layer, built lazily from its `LayerSpec`.
+
+The landmark residual is found through the session's backend registry (`landmark_backend`, default
+"landmark") at first use and called through its `branch(q, k, v, call, mask)`; when the landmark
+plugin is blocked or absent the layers run kernel-only. Plugins never import each other.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ...core.backend import Capabilities, LearnedBackend, capability_reasons
+from ...core.call import AttentionCall, LayerSpec
+from ...core.masks import key_padding
+from .layer import LandmarkBranch, TtrLayer
+from .settings import TtrSettings
+from . import state as _state
+
+if TYPE_CHECKING:
+    from ...core.session import Session
+
+log = logging.getLogger("attnplug")
+
+
+class TtrBackend(LearnedBackend):
+    """Learned kernel-regression attention with a landmark residual (see `layer.TtrLayer`)."""
+
+    name = "ttr"
+    capabilities = Capabilities(mask_kinds=("none", "key_padding"), learned=True, exact=False)
+
+    def __init__(self, settings: TtrSettings | None = None, session: "Session | None" = None,
+                 landmark: LandmarkBranch | None = None) -> None:
+        """:param landmark: a landmark branch to use directly (library use, tests); otherwise it is
+        looked up by name in `session.backends` at first use."""
+        super().__init__()
+        self.settings = settings or TtrSettings()
+        self.session = session
+        self._landmark: LandmarkBranch | None = landmark
+        self._landmark_resolved = landmark is not None
+        #: sticky per-layer chunk sizes (e.g. shrunk after an out-of-memory), `(key_chunk, query_chunk)`.
+        self.chunks: dict[str, tuple[int, int]] = {}
+
+    # ---- landmark branch via the registry -------------------------------------------------------
+    def landmark_branch(self) -> LandmarkBranch | None:
+        """The landmark residual, resolved once: `session.backends[landmark_backend].branch`, or None."""
+        if not self.settings.landmark:
+            return None
+        if not self._landmark_resolved:
+            self._landmark_resolved = True
+            name = self.settings.landmark_backend
+            backend = None
+            if self.session is not None and name in self.session.backends:
+                backend = self.session.backends.get(name)
+            branch = getattr(backend, "branch", None)
+            if branch is None:
+                log.info("attnplug: ttr: no backend %r with a branch() is registered (plugin blocked or "
+                         "absent); ttr layers run kernel-only", name)
+            self._landmark = branch
+        return self._landmark
+
+    # ---- layers -------------------------------------------------------------------------------------
+    def build_layer(self, spec: LayerSpec) -> TtrLayer:
+        return TtrLayer(spec, self.settings)
+
+    def layer_chunks(self, layer_key: str) -> tuple[int, int]:
+        """`(key_chunk, query_chunk)` for a layer: its sticky override, else the config's."""
+        return self.chunks.get(layer_key, (self.settings.key_chunk, self.settings.query_chunk))
+
+    def set_layer_chunks(self, layer_key: str, key_chunk: int, query_chunk: int) -> None:
+        """Sticky chunk sizes for one layer (the distiller shrinks them after an OOM); saved in checkpoints."""
+        if key_chunk < 1 or query_chunk < 1:
+            raise ValueError(f"ttr {layer_key}: chunk sizes must be >= 1, got {key_chunk}, {query_chunk}")
+        self.chunks[layer_key] = (int(key_chunk), int(query_chunk))
+
+    def not_supported_reasons(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                              mask: torch.Tensor | None = None) -> list[str]:
+        reasons = capability_reasons(self.capabilities, q, k, v, mask)
+        if reasons:
+            return reasons
+        spec = self.specs.get(call.layer_key)
+        if spec is not None and (spec.heads, spec.head_dim) != (q.shape[1], q.shape[3]):
+            reasons.append(f"layer {call.layer_key} was built for {spec.heads} heads x {spec.head_dim}, "
+                           f"got {q.shape[1]} x {q.shape[3]}")
+        if k.shape[2] != v.shape[2]:
+            reasons.append(f"k has {k.shape[2]} tokens, v has {v.shape[2]}")
+        return reasons
+
+    def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+             mask: torch.Tensor | None, layer: TtrLayer, feature_dtype: torch.dtype) -> torch.Tensor:
+        keep = None
+        if mask is not None:
+            keep = key_padding(mask, q.shape[2], k.shape[2])
+            if keep is None:
+                raise ValueError(f"ttr {call.layer_key}: only key-padding masks are supported")
+            if keep.shape[0] == 1 and k.shape[0] > 1:
+                keep = keep.expand(k.shape[0], -1)
+        kc, qc = self.layer_chunks(call.layer_key)
+        return layer(q, k, v, call, keep, mask, self.landmark_branch(), kc, qc, self.settings.eps, feature_dtype)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference: no autograd, fp32 accumulation, output in q's dtype."""
+        layer = self.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
+        fdtype = torch.float32
+        if self.settings.feature_precision == "input" and q.device.type != "cpu":
+            fdtype = q.dtype
+        with torch.no_grad():
+            out = self._run(q, k, v, call, mask, layer, fdtype)  # type: ignore[arg-type]
+        return out.to(q.dtype)
+
+    # ---- training contract ---------------------------------------------------------------------------
+    def _module(self, layer_key: str) -> TtrLayer:
+        module = self.layers.get(layer_key)
+        if module is None:
+            raise KeyError(f"ttr: layer {layer_key!r} has no module yet; build it with layer(spec) first "
+                           f"(known layers: {sorted(self.layers)})")
+        return module  # type: ignore[return-value]
+
+    def train_forward(self, layer_key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      call: AttentionCall, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Differentiable fp32 forward of one layer (plain PyTorch, autograd on)."""
+        layer = self._module(layer_key)
+        with torch.enable_grad():
+            return self._run(q.float(), k.float(), v.float(), call, mask, layer, torch.float32)
+
+    def param_groups(self, layer_key: str) -> dict[str, list[torch.nn.Parameter]]:
+        """`phi`: both feature maps and the conditioner; `alpha`: the per-head blend logits."""
+        layer = self._module(layer_key)
+        alpha = [layer.alpha_logit]
+        phi = [p for n, p in layer.named_parameters() if n != "alpha_logit"]
+        return {"phi": phi, "alpha": alpha}
+
+    def layer_metrics(self, layer_key: str) -> dict[str, float]:
+        """`alpha_mean` (mean α of the last forward, when the landmark branch ran) and `den_min`
+        (smallest Nadaraya–Watson denominator). Converted to floats only here (one sync)."""
+        layer = self.layers.get(layer_key)
+        if layer is None:
+            return {}
+        return {k: float(v) for k, v in layer.last_metrics.items()}  # type: ignore[union-attr]
+
+    # ---- memory --------------------------------------------------------------------------------------
+    def memory_estimate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                        training: bool = False) -> int:
+        """Bytes of working memory of one call beyond inputs, output and weights (fp32 everywhere).
+
+        Inference: φ activations of one key chunk and one query chunk, S and z, the fp32 kernel
+        output and denominators, the landmark branch's own estimate (its fp32 output included) and
+        the blend. Training: autograd keeps φ activations of every token (hence ×2 for gradients).
+        """
+        s = self.settings
+        b, h, nq, d = q.shape
+        nk, dv = k.shape[2], v.shape[-1]
+        f = s.feature_dim
+        hid = s.hidden_for(d) * (s.depth - 1)
+        kc, qc = self.layer_chunks(call.layer_key)
+        per_token = hid + 2 * f  # hidden activations, pre-activation and features
+        if training:
+            phi = 2 * b * h * (nq + nk) * (per_token + d) * 4
+        else:
+            phi = b * h * (min(kc, nk) * (per_token + d + dv) + min(qc, nq) * (per_token + d + dv)) * 4
+        state = b * h * f * (dv + 1) * 4
+        out_k = b * h * nq * (dv + 1) * 4
+        total = phi + state + out_k
+        branch = self.landmark_branch()
+        owner = getattr(branch, "__self__", None)
+        if branch is not None:
+            lm = owner.memory_estimate(q, k, v, call, training) if hasattr(owner, "memory_estimate") \
+                else b * h * nq * dv * 4
+            blend = b * h * nq * (dv * 2 + 3) * 4  # difference, blended result, d / d_norm / α
+            total += lm + blend
+        if q.dtype != torch.float32:
+            total += b * h * (min(qc, nq) + min(kc, nk)) * (d + dv) * 4  # fp32 copies of chunks
+        return int(total)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return _state.backend_state(self)
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        _state.load_backend_state(self, tensors, meta)
+
+    def landmark_settings(self) -> dict[str, Any] | None:
+        """Settings of the landmark backend in use (recorded in checkpoints), or None (kernel-only)."""
+        owner = getattr(self.landmark_branch(), "__self__", None)
+        settings = getattr(owner, "settings", None)
+        return settings.model_dump() if hasattr(settings, "model_dump") else None

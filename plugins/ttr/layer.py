@@ -1,0 +1,150 @@
+"""The hybrid ttr layer of one attention layer: kernel branch + landmark residual + σ/CFG conditioner.
+
+    out = out_kernel + α · (out_landmark − out_kernel),
+    α   = α_max · σ(logit + γ · (d_norm − 0.5))   (adaptive, per token and head)  or  α_max · σ(logit)
+
+with d = 1 − cos(out_kernel, out_landmark) per token and head, d_norm = min(d / mean_tokens(d), 3) / 3
+(no gradient). The logit is stored per head. α stays in (0, α_max) by construction (the argument
+of σ is clamped to ±15, where fp32 σ is still strictly inside (0, 1)).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.call import AttentionCall, LayerSpec
+from .kernel_regression import feature_map, kernel_regression
+from .settings import TtrSettings
+
+#: The landmark branch as the hybrid layer sees it: `(q, k, v, call, mask) -> [B, H, Nq, Dv]` fp32.
+LandmarkBranch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionCall, "torch.Tensor | None"],
+                          torch.Tensor]
+
+_LOGIT_CLAMP = 15.0
+
+
+class FeatureMapNet(nn.Module):
+    """φ as parameters `[G, in, out]` (G = 1 shared, or one per head) evaluated by `feature_map`."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, depth: int, groups: int) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden] * (depth - 1) + [out_dim]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init, per group
+            self.weights.append(nn.Parameter(torch.empty(groups, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(groups, fan_out).uniform_(-bound, bound)))
+
+    def forward(self, x: torch.Tensor, activation: str, l2_norm: bool, eps: float) -> torch.Tensor:
+        return feature_map(x, list(self.weights), list(self.biases), activation, l2_norm, eps)
+
+
+def sinusoidal(x: float, dim: int, device: torch.device) -> torch.Tensor:
+    """`[sin(x·f_i), cos(x·f_i)]`, f_i = exp(−ln(1e4)·i / (dim/2 − 1)) — the seed's embedding of σ and CFG."""
+    half = dim // 2
+    i = torch.arange(half, dtype=torch.float32, device=device)
+    freqs = torch.exp(-math.log(1e4) * i / max(half - 1, 1))
+    arg = torch.as_tensor(x, dtype=torch.float32, device=device) * freqs
+    return torch.cat([torch.sin(arg), torch.cos(arg)])
+
+
+class Conditioner(nn.Module):
+    """σ/CFG → scale and bias of each branch, `o·(1 + s) + b`; the last layer is zero, so it starts as the identity."""
+
+    EMBED = 32
+
+    def __init__(self, hidden: int = 128) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2 * self.EMBED, hidden)
+        self.fc2 = nn.Linear(hidden, 4)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, sigma: float, cfg: float, device: torch.device) -> torch.Tensor:
+        """`[4]` fp32: (s_kernel, b_kernel, s_landmark, b_landmark)."""
+        emb = torch.cat([sinusoidal(sigma, self.EMBED, device), sinusoidal(cfg, self.EMBED, device)])
+        return self.fc2(F.silu(self.fc1(emb)))
+
+
+class TtrLayer(nn.Module):
+    """The learned module of one attention layer (built from a `LayerSpec` and the ttr settings)."""
+
+    def __init__(self, spec: LayerSpec, settings: TtrSettings) -> None:
+        super().__init__()
+        s = settings
+        heads, head_dim = spec.heads, spec.head_dim
+        groups = heads if s.per_head else 1
+        out_dim = s.feature_dim // 2 if s.activation == "hedgehog" else s.feature_dim
+        hidden = s.hidden_for(head_dim)
+        self.activation = s.activation
+        self.l2_norm = s.l2_norm
+        self.adaptive = s.adaptive_alpha
+        self.alpha_max = s.alpha_max
+        self.gamma = s.gamma
+        self.heads = heads
+        self.phi_q = FeatureMapNet(head_dim, hidden, out_dim, s.depth, groups)
+        self.phi_k = FeatureMapNet(head_dim, hidden, out_dim, s.depth, groups) if s.split_qk else None
+        init = math.log(s.alpha_init / (1.0 - s.alpha_init))
+        self.alpha_logit = nn.Parameter(torch.full((heads,), init, dtype=torch.float32))
+        self.conditioner = Conditioner() if s.conditioner else None
+        self.last_metrics: dict[str, torch.Tensor] = {}
+
+    # ---- pieces -----------------------------------------------------------------------------------
+    def phi(self, x: torch.Tensor, which: str, dtype: torch.dtype, eps: float) -> torch.Tensor:
+        """Features `[B, H, n, F]` of queries (`which="q"`) or keys (`"k"`), computed in `dtype`."""
+        net = self.phi_q if which == "q" or self.phi_k is None else self.phi_k
+        return net(x.to(dtype), self.activation, self.l2_norm, eps)
+
+    def alpha(self, out_k: torch.Tensor, out_l: torch.Tensor) -> torch.Tensor:
+        """Blend weight, broadcastable to `[B, H, Nq, 1]`, strictly inside (0, α_max)."""
+        logit = self.alpha_logit.float().view(1, self.heads, 1)
+        if self.adaptive:
+            ok, ol = out_k.detach(), out_l.detach()
+            d = 1.0 - F.cosine_similarity(ok, ol, dim=-1, eps=1e-8)  # [B, H, Nq]
+            mean = d.mean(dim=-1, keepdim=True).clamp_min(1e-12)
+            d_norm = (d / mean).clamp(max=3.0) / 3.0
+            arg = logit + self.gamma * (d_norm - 0.5)
+        else:
+            arg = logit
+        return (self.alpha_max * torch.sigmoid(arg.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP))).unsqueeze(-1)
+
+    def condition(self, call: AttentionCall, device: torch.device) -> torch.Tensor | None:
+        """Conditioner output for this call, or None (no conditioner, or σ unknown / not finite)."""
+        if self.conditioner is None or call.sigma is None or not math.isfinite(call.sigma):
+            return None
+        cfg = call.cfg_scale if call.cfg_scale is not None and math.isfinite(call.cfg_scale) else 1.0
+        return self.conditioner(float(call.sigma), float(cfg), device)
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                keep: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                landmark: LandmarkBranch | None = None, key_chunk: int = 1024, query_chunk: int = 1024,
+                eps: float = 1e-6, feature_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`[B, H, Nq, Dv]` fp32.
+
+        :param keep: `[B, Nk]` bool key padding (True = valid) for the kernel branch, or None.
+        :param mask: the host's mask, handed unchanged to the landmark branch.
+        :param landmark: the landmark branch, or None for kernel-only.
+        """
+        out_k, den = kernel_regression(q, k, v, lambda x: self.phi(x, "q", feature_dtype, eps),
+                                       lambda x: self.phi(x, "k", feature_dtype, eps), keep, eps,
+                                       key_chunk, query_chunk)
+        cond = self.condition(call, q.device)
+        if cond is not None:
+            out_k = out_k * (1.0 + cond[0]) + cond[1]
+        metrics = {"den_min": den.detach().min() if den.numel() else den.new_zeros(())}
+        if landmark is None:
+            self.last_metrics = metrics
+            return out_k
+        out_l = landmark(q, k, v, call, mask)
+        if cond is not None:
+            out_l = out_l * (1.0 + cond[2]) + cond[3]
+        a = self.alpha(out_k, out_l)
+        metrics["alpha_mean"] = a.detach().mean()
+        self.last_metrics = metrics
+        return out_k + a * (out_l - out_k)

@@ -1,0 +1,79 @@
+"""Config section `[plugins.ttr]`: the learned layer's architecture, its blend, and runtime knobs.
+
+Fields fall in three classes, which decide what happens when a checkpoint and the config disagree
+(see `state.py`):
+
+- ARCHITECTURE — they define the function the weights compute; a checkpoint must match the config
+  exactly, else loading is refused with the field, the file's value and the config's value.
+- INIT_ONLY — used only to initialise a fresh layer (`alpha_init`); a checkpoint's weights already
+  carry the learned value, so the config value is ignored for loaded layers (logged when different).
+- RUNTIME — chunk sizes, ε, precision, landmark use: the config wins (logged when different).
+
+Defaults follow reference/MEASUREMENTS.md (digit-mosaic testbed, feature maps fitted on real
+attention): a 2-layer φ (hidden 256, SiLU) with F = 128 and elu+1 gave 99.8 % prompt adherence
+with 75 % of the layers replaced — better than 1-layer F = 64 maps (98.1 % elu+1, 99.0 % hedgehog)
+and cheaper than the seed's 3-layer, F = 256, h = 512 map, which issue 8's speed targets cannot
+afford. The learned-α hybrid with α = 0.2·σ(logit), logit from −2.2, matched kernel-only quality on
+single blocks and helped on the double block; a fixed large α hurt.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from ...core.config import Strict
+
+Activation = Literal["elu+1", "hedgehog", "relu"]
+
+
+class TtrSettings(Strict):
+    """The ttr backend: learned feature maps φ_q, φ_k + Nadaraya–Watson normalization + landmark residual."""
+
+    # ---- architecture (must match a loaded checkpoint) ----
+    feature_dim: int = Field(128, ge=16, description="F, features per token (any multiple of 16).")
+    depth: int = Field(2, ge=1, le=3, description="Linear layers in φ (SiLU between them).")
+    hidden: int = Field(256, ge=0, description="Hidden width of φ when depth > 1; 0 = the seed's rule "
+                                               "max(head_dim, 2·F).")
+    activation: Activation = Field("elu+1", description="Positive output activation: 'elu+1', 'hedgehog' "
+                                                        "(softmax(Wx) ⊕ softmax(−Wx)) or 'relu'.")
+    per_head: bool = Field(False, description="One φ per head (true) or one shared by all heads (false).")
+    split_qk: bool = Field(True, description="Separate φ for queries and keys (true) or one shared map.")
+    l2_norm: bool = Field(False, description="L2-normalize φ over F. It cancels out for queries and removes "
+                                             "per-key magnitude, which softmax attention uses; off by default.")
+    conditioner: bool = Field(True, description="σ/CFG conditioner (scale/bias per branch), identity at init.")
+    adaptive_alpha: bool = Field(True, description="α per token and head from branch disagreement "
+                                                   "(α_max·σ(logit + γ·(d_norm − 0.5))); else α_max·σ(logit).")
+    alpha_max: float = Field(0.2, gt=0.0, le=1.0, description="Upper bound of the blend weight α.")
+    gamma: float = Field(2.0, ge=0.0, description="How strongly branch disagreement shifts the α logit.")
+    # ---- init-only ----
+    alpha_init: float = Field(0.1, gt=0.0, lt=1.0, description="Initial σ(logit) of a fresh layer (α starts "
+                                                               "at alpha_max·alpha_init = 0.02 by default).")
+    # ---- runtime (the config wins over a checkpoint) ----
+    landmark: bool = Field(True, description="Blend in the landmark branch when a landmark backend is "
+                                             "registered; without one the layer runs kernel-only.")
+    landmark_backend: str = Field("landmark", description="Registered backend whose `branch()` is the residual.")
+    eps: float = Field(1e-6, gt=0.0, description="ε in φ(q)·S / (φ(q)·z + ε).")
+    key_chunk: int = Field(1024, ge=1, description="Keys per chunk when accumulating S and z.")
+    query_chunk: int = Field(1024, ge=1, description="Queries per chunk in the query pass.")
+    feature_precision: Literal["float32", "input"] = Field(
+        "float32", description="dtype of the φ MLP at inference: 'float32', or 'input' (bf16/fp16 matmuls on "
+                               "GPU; S, z and the division stay fp32). Training is always fp32.")
+
+    @field_validator("feature_dim")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"feature_dim must be a multiple of 16, got {v}")
+        return v
+
+    def hidden_for(self, head_dim: int) -> int:
+        """The hidden width for a layer of `head_dim` (resolves `hidden = 0`)."""
+        return self.hidden or max(head_dim, 2 * self.feature_dim)
+
+
+ARCHITECTURE_FIELDS = ("feature_dim", "depth", "hidden", "activation", "per_head", "split_qk", "l2_norm",
+                       "conditioner", "adaptive_alpha", "alpha_max", "gamma")
+INIT_ONLY_FIELDS = ("alpha_init",)
+RUNTIME_FIELDS = ("landmark", "landmark_backend", "eps", "key_chunk", "query_chunk", "feature_precision")
+assert set(ARCHITECTURE_FIELDS + INIT_ONLY_FIELDS + RUNTIME_FIELDS) == set(TtrSettings.model_fields)
