@@ -1,0 +1,334 @@
+"""`ttr_forward_fused`: the inference fast path of the ttr layer, with a PyTorch fallback.
+
+Uses the Triton kernels of `triton_ttr` on CUDA (or on CPU under `TRITON_INTERPRET=1`, for tests);
+everywhere else — no Triton, no CUDA, autograd wanted, shapes the kernels do not cover — it runs
+`reference.ttr_forward_reference`, the same math in plain PyTorch. `fused_unsupported_reasons`
+says why a call would fall back.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .reference import PhiWeights, ttr_forward_reference
+
+__all__ = ["KernelConfig", "fused_unsupported_reasons", "triton_available", "ttr_forward_fused"]
+
+_MAX_REG_WIDTH = 256  # widest hidden / feature tile the kernels keep in registers
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes. Defaults tuned on H100 (docs/PERFORMANCE.md); `None` picks per shape."""
+
+    kv_block_n: int = 64
+    kv_warps: int = 8
+    kv_stages: int = 2
+    q_block_m: int = 64
+    q_warps: int = 4
+    q_stages: int = 2
+    lm_block: int = 64
+    block_k: int = 64
+    kv_programs_per_sm: int = 4
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+def triton_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on `device` (CUDA, or CPU with TRITON_INTERPRET=1)."""
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type == "cpu" and not interpret:
+        return False, "CPU tensors (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+    if device.type not in ("cpu", "cuda"):
+        return False, f"device {device.type} has no Triton kernels"
+    if device.type == "cuda" and interpret:
+        return False, "TRITON_INTERPRET=1 with CUDA tensors"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the environment
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and (n & (n - 1)) == 0
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one feature map splits into a cuBLAS prefix (torch) and the in-kernel rest."""
+
+    prefix: int  # layers run by torch before the kernel (SiLU after each)
+    depth: int  # layers run in-kernel: 0, 1 or 2 (0: the kernel reads pre-activations)
+    din: int
+    h1: int
+    f1: int
+
+
+def _plan(phi: PhiWeights) -> _Plan | str:
+    f1 = int(phi.weights[-1].shape[-1])
+    if not _pow2(f1) or f1 > _MAX_REG_WIDTH:
+        return f"feature width {f1} of the last layer is not a power of two in [16, {_MAX_REG_WIDTH}]"
+    dims = [int(w.shape[-2]) for w in phi.weights]
+    depth = min(2, phi.depth)
+    if depth == 2 and (not _pow2(dims[-1]) or dims[-1] > _MAX_REG_WIDTH):
+        depth = 1
+    if depth >= 1 and not _pow2(dims[phi.depth - depth]):
+        depth = 0
+    prefix = phi.depth - depth
+    din = dims[phi.depth - depth] if depth else f1
+    h1 = dims[-1] if depth == 2 else f1
+    return _Plan(prefix=prefix, depth=depth, din=din, h1=h1, f1=f1)
+
+
+def fused_unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights,
+                              phi_k: PhiWeights, key_mask: torch.Tensor | None = None,
+                              landmark_idx: torch.Tensor | None = None) -> list[str]:
+    """Every reason the fused path cannot serve this call (empty: it can)."""
+    reasons: list[str] = []
+    ok, why = triton_available(q.device)
+    if not ok:
+        reasons.append(why)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return reasons + [f"q, k, v must be [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"]
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} must match and be fp16, bf16 or fp32")
+    d = q.shape[-1]
+    if not _pow2(d) or k.shape[-1] != d or v.shape[-1] != d:
+        reasons.append(f"head dims q {d}, k {k.shape[-1]}, v {v.shape[-1]} must be equal powers of two >= 16")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *phi_q.weights, *phi_k.weights)):
+        reasons.append("autograd is wanted (the fused path is inference-only)")
+    if phi_q.activation != phi_k.activation or phi_q.feature_dim != phi_k.feature_dim:
+        reasons.append(f"phi_q ({phi_q.activation}, F={phi_q.feature_dim}) and phi_k ({phi_k.activation}, "
+                       f"F={phi_k.feature_dim}) must share activation and feature dim")
+    for name, phi in (("phi_q", phi_q), ("phi_k", phi_k)):
+        if phi.in_dim != d:
+            reasons.append(f"{name}: input dim {phi.in_dim} != head_dim {d}")
+        if phi.per_head and phi.weights[0].shape[0] != q.shape[1]:
+            reasons.append(f"{name}: per-head weights for {phi.weights[0].shape[0]} heads, q has {q.shape[1]}")
+        plan = _plan(phi)
+        if isinstance(plan, str):
+            reasons.append(f"{name}: {plan}")
+    if key_mask is not None and landmark_idx is not None and landmark_idx.numel() > 0:
+        reasons.append("a key mask with landmarks (per-batch landmark sets) is served by the PyTorch path")
+    return reasons
+
+
+# ---- weight preparation (cast once per dtype, cached by storage and version) ----------------------
+_PREP_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _prep(t: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    if t is None:
+        return None
+    key = (t.data_ptr(), t._version, tuple(t.shape), t.dtype, dtype, device)
+    hit = _PREP_CACHE.get(key)
+    if hit is None:
+        if len(_PREP_CACHE) > 512:
+            _PREP_CACHE.clear()
+        hit = t.detach().to(device=device, dtype=dtype).contiguous()
+        _PREP_CACHE[key] = hit
+    return hit
+
+
+def _torch_prefix(x: torch.Tensor, phi: PhiWeights, plan: _Plan) -> torch.Tensor:
+    """The layers before the in-kernel part, on cuBLAS in x's dtype (SiLU after each)."""
+    for i in range(plan.prefix):
+        w = _prep(phi.weights[i], x.dtype, x.device)
+        x = torch.matmul(x, w)  # [B,H,N,Din] @ [Din,Dout] or [H,Din,Dout] (broadcast over B)
+        b = phi.biases[i]
+        if b is not None:
+            b = _prep(b, x.dtype, x.device)
+            x = x + (b if b.dim() == 1 else b[None, :, None, :])
+        if i < phi.depth - 1:
+            x = F.silu(x)
+    return x
+
+
+def _kernel_args(phi: PhiWeights, plan: _Plan, dtype: torch.dtype, device: torch.device, dummy: torch.Tensor):
+    """Pointers, per-head strides and flags of the in-kernel layers."""
+    layers = list(range(phi.depth - plan.depth, phi.depth))
+    ws = [_prep(phi.weights[i], dtype, device) for i in layers]
+    bs = [_prep(phi.biases[i], torch.float32, device) for i in layers]
+    w1 = ws[0] if len(ws) >= 1 else dummy
+    b1 = bs[0] if len(bs) >= 1 and bs[0] is not None else dummy
+    w2 = ws[1] if len(ws) == 2 else dummy
+    b2 = bs[1] if len(bs) == 2 and bs[1] is not None else dummy
+    per_head = phi.per_head
+
+    def hs(t: torch.Tensor) -> int:
+        return t[0].numel() if per_head and t is not dummy else 0
+
+    has_b1 = len(bs) >= 1 and bs[0] is not None
+    has_b2 = len(bs) == 2 and bs[1] is not None
+    return dict(w1=w1, b1=b1, w2=w2, b2=b2, w1h=hs(w1), b1h=hs(b1), w2h=hs(w2), b2h=hs(b2),
+                HAS_B1=int(has_b1), HAS_B2=int(has_b2))
+
+
+_ACT = {"elu1": 0, "relu": 1, "hedgehog": 0}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def kv_state_fused(k: torch.Tensor, v: torch.Tensor, phi_k: PhiWeights, key_mask: torch.Tensor | None = None,
+                   config: KernelConfig = DEFAULT_CONFIG) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `S` `[B, H, F, D]` and `z` `[B, H, F]` (fp32) — the key pass alone."""
+    from .triton_ttr import _kv_state_kernel
+
+    bsz, heads, n, d = k.shape
+    plan = _plan(phi_k)
+    assert not isinstance(plan, str), plan
+    x = _torch_prefix(k, phi_k, plan) if plan.prefix else k
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    ft = phi_k.feature_dim
+    bn = config.kv_block_n
+    n_chunks = max(1, min(_cdiv(n, bn), _cdiv(config.kv_programs_per_sm * _num_sms(k.device),
+                                                          bsz * heads)))
+    chunk = _cdiv(_cdiv(n, n_chunks), bn) * bn
+    n_chunks = _cdiv(n, chunk)
+    s_part = torch.empty(bsz * heads, n_chunks, ft, d, device=k.device, dtype=torch.float32)
+    z_part = torch.empty(bsz * heads, n_chunks, ft, device=k.device, dtype=torch.float32)
+    dummy = s_part
+    wa = _kernel_args(phi_k, plan, k.dtype, k.device, dummy)
+    if key_mask is not None:
+        m = key_mask.to(device=k.device, dtype=torch.int8).contiguous()
+        smb = m.stride(0)
+    else:
+        m, smb = dummy, 0
+    _kv_state_kernel[(bsz * heads, n_chunks)](
+        x, v, m, s_part, z_part, wa["w1"], wa["b1"], wa["w2"], wa["b2"],
+        n, heads, chunk, n_chunks,
+        x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1), v.stride(2), smb,
+        wa["w1h"], wa["b1h"], wa["w2h"], wa["b2h"], phi_k.norm_eps,
+        D=d, DIN=plan.din, BK=min(config.block_k, plan.din), H1=plan.h1, F1=plan.f1, DEPTH=plan.depth,
+        ACT=_ACT[phi_k.activation], IS_HH=int(phi_k.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
+        HAS_B2=wa["HAS_B2"], NORM=int(phi_k.l2_norm), HAS_MASK=int(key_mask is not None), BN=bn,
+        num_warps=config.kv_warps, num_stages=config.kv_stages)
+    s = s_part[:, 0] if n_chunks == 1 else s_part.sum(1)
+    z = z_part[:, 0] if n_chunks == 1 else z_part.sum(1)
+    return s.view(bsz, heads, ft, d), z.view(bsz, heads, ft)
+
+
+
+
+def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights, phi_k: PhiWeights, *,
+                      landmark_idx: torch.Tensor | None = None, alpha_logit: torch.Tensor | float = -2.1972,
+                      alpha_max: float = 0.2, gamma: float = 2.0, adaptive: bool = True, eps: float = 1e-6,
+                      key_mask: torch.Tensor | None = None,
+                      branch_affine: Sequence[float] | torch.Tensor | None = None,
+                      landmark_impl: str = "fused", adaptive_strategy: str = "recompute",
+                      config: KernelConfig | None = None, strict: bool = False) -> torch.Tensor:
+    """The ttr layer's forward (inference): fused Triton kernels, else the PyTorch reference.
+
+    Same math and arguments as `reference.ttr_forward_reference`; additionally
+    `landmark_impl` ("fused": online softmax inside the query kernel; "sdpa": torch SDPA on the
+    gathered landmarks, read by the epilogue), `adaptive_strategy` ("recompute": the second pass
+    recomputes the landmark branch, memory as SDPA's; "store": pass 1 stores out_l − out_k, one
+    extra output-sized buffer), `config` (tile sizes) and `strict` (raise instead of falling back).
+    `alpha_logit` is a scalar or a per-head `[H]` tensor; `branch_affine` is `[4]` or `[B, 4]`.
+    Returns `[B, H, Nq, D]` in q's dtype.
+    """
+    reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, key_mask, landmark_idx)
+    if reasons:
+        if strict:
+            raise RuntimeError("ttr_forward_fused cannot serve this call: " + "; ".join(reasons))
+        return ttr_forward_reference(q, k, v, phi_q, phi_k, landmark_idx, alpha_logit, alpha_max, gamma, adaptive,
+                                     eps, key_mask, branch_affine)
+    if landmark_impl not in ("fused", "sdpa"):
+        raise ValueError(f"landmark_impl: expected 'fused' or 'sdpa', got {landmark_impl!r}")
+    if adaptive_strategy not in ("recompute", "store"):
+        raise ValueError(f"adaptive_strategy: expected 'recompute' or 'store', got {adaptive_strategy!r}")
+    from .triton_ttr import _query_kernel
+
+    cfg = config or DEFAULT_CONFIG
+    with torch.no_grad():
+        bsz, heads, nq, d = q.shape
+        nk = k.shape[2]
+        s, z = kv_state_fused(k, v, phi_k, key_mask, cfg)
+        plan = _plan(phi_q)
+        assert not isinstance(plan, str), plan
+        x = _torch_prefix(q, phi_q, plan) if plan.prefix else q
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        out = torch.empty(bsz, heads, nq, d, device=q.device, dtype=q.dtype)
+        dummy = s
+        wa = _kernel_args(phi_q, plan, q.dtype, q.device, dummy)
+        use_lm = landmark_idx is not None and landmark_idx.numel() > 0
+        kl = vl = ol = dummy
+        skl = (0, 0, 0)
+        sol = (0, 0, 0)
+        n_lm = 0
+        if use_lm:
+            idx = landmark_idx.to(device=q.device, dtype=torch.long)
+            kl = k.index_select(2, idx).contiguous()
+            vl = v.index_select(2, idx).contiguous()
+            n_lm = int(idx.numel())
+            skl = (kl.stride(0), kl.stride(1), kl.stride(2))
+            if landmark_impl == "sdpa":
+                ol = F.scaled_dot_product_attention(q, kl, vl)
+                sol = (ol.stride(0), ol.stride(1), ol.stride(2))
+        logit = torch.as_tensor(alpha_logit, dtype=torch.float32, device=q.device).reshape(-1).contiguous()
+        if logit.numel() not in (1, heads):
+            raise ValueError(f"alpha_logit: expected a scalar or [{heads}] per head, got {logit.numel()} values")
+        logit_h = 1 if logit.numel() == heads else 0
+        aff = dummy
+        if branch_affine is not None:
+            aff = torch.as_tensor(branch_affine, dtype=torch.float32, device=q.device).reshape(-1, 4)
+            if aff.shape[0] not in (1, bsz):
+                raise ValueError(f"branch_affine: expected [4] or [{bsz}, 4], got {tuple(aff.shape)}")
+            aff = aff.expand(bsz, 4).contiguous()
+        s_scale = 1.0 / max(1, nk)  # keeps S and z in range for fp16 dots; cancels in the ratio
+        qk_scale = d ** -0.5 * 1.4426950408889634
+        grid = (_cdiv(nq, cfg.q_block_m), bsz * heads)
+        d_buf = delta = dmean = dummy
+        store = adaptive_strategy == "store"
+        if use_lm and adaptive:
+            d_buf = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
+            if store and landmark_impl != "sdpa":
+                delta = torch.empty_like(out)
+
+        def launch(mode: int, store_delta: int, lm_src: int, dm: torch.Tensor, dl: torch.Tensor) -> None:
+            _query_kernel[grid](
+                q, x, s, z, kl, vl, ol, out, d_buf, dl, dm, logit, aff,
+                wa["w1"], wa["b1"], wa["w2"], wa["b2"],
+                nq, n_lm, heads, s_scale, eps * 1.0, float(alpha_max), float(gamma), qk_scale, phi_q.norm_eps,
+                q.stride(0), q.stride(1), q.stride(2), x.stride(0), x.stride(1), x.stride(2), *skl,
+                out.stride(0), out.stride(1), out.stride(2), *sol,
+                wa["w1h"], wa["b1h"], wa["w2h"], wa["b2h"], logit_h,
+                D=d, DIN=plan.din, BK=min(cfg.block_k, plan.din), H1=plan.h1, F1=plan.f1, DEPTH=plan.depth,
+                ACT=_ACT[phi_q.activation], IS_HH=int(phi_q.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
+                HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src, STORE_DELTA=store_delta,
+                HAS_AFF=int(branch_affine is not None), BM=cfg.q_block_m, BL=cfg.lm_block,
+                num_warps=cfg.q_warps, num_stages=cfg.q_stages)
+
+        lm_src = 1 if landmark_impl == "sdpa" else 0
+        if not use_lm:
+            launch(0, 0, 0, dummy, dummy)
+        elif not adaptive:
+            launch(1, 0, lm_src, dummy, dummy)
+        else:
+            # with SDPA landmarks, out_l is already in memory: pass 2 re-reads it (no delta buffer)
+            sd = int(store and landmark_impl != "sdpa")
+            launch(2, sd, lm_src, dummy, delta)
+            dmean = d_buf.mean(dim=-1).clamp_min(1e-8).contiguous()
+            launch(3, sd, lm_src, dmean, delta)
+        return out

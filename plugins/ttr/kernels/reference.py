@@ -1,0 +1,210 @@
+"""Plain-PyTorch reference of the ttr layer's inference math — the ground truth the Triton kernels
+are tested against (and the fallback where Triton or CUDA is missing).
+
+Shapes: q, k, v `[B, H, N, D]`. A feature map φ is a small MLP applied per token and head:
+`φ(x) = act(W_L(… SiLU(W_1 x + b_1) …) + b_L)`, optionally L2-normalised over its features.
+Weights are `[D_in, D_out]` (shared by all heads) or `[H, D_in, D_out]` (one per head); biases
+`[D_out]` or `[H, D_out]`. Activations: `"elu1"` (ELU + 1), `"relu"`, `"hedgehog"`
+(`[softmax(a), softmax(−a)]`, so F = 2·D_out of the last layer).
+
+Kernel branch: `S = Σ_k φ(k) vᵀ`, `z = Σ_k φ(k)` in fp32 (masked keys excluded),
+`out_k = φ(q)·S / (φ(q)·z + eps)`. Landmark branch: exact softmax of q against the keys at
+`landmark_idx`, scale `D^-0.5`. Hybrid: `out = out_k + α(out_l − out_k)` with
+`α = α_max·σ(logit + γ(d_norm − 0.5))`, `d = 1 − cos(out_k, out_l)`,
+`d_norm = min(d / mean_tokens(d), 3) / 3` (adaptive) or `α = α_max·σ(logit)`.
+Everything here computes in fp32 and returns the input dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("elu1", "relu", "hedgehog")
+
+
+@dataclass(frozen=True)
+class PhiWeights:
+    """One feature map: layer weights/biases (first to last), activation, L2 normalisation.
+
+    `weights[i]` is `[D_in, D_out]` or `[H, D_in, D_out]`; `biases[i]` is `None`, `[D_out]` or
+    `[H, D_out]`. SiLU sits between layers; `activation` follows the last one.
+    """
+
+    weights: tuple[torch.Tensor, ...]
+    biases: tuple[torch.Tensor | None, ...]
+    activation: str = "elu1"
+    l2_norm: bool = True
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"PhiWeights.activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
+        if not self.weights:
+            raise ValueError("PhiWeights.weights: expected at least one layer")
+        if len(self.biases) != len(self.weights):
+            raise ValueError(f"PhiWeights: {len(self.weights)} weights but {len(self.biases)} biases "
+                             "(use None for a layer without bias)")
+        for i in range(1, len(self.weights)):
+            if self.weights[i].shape[-2] != self.weights[i - 1].shape[-1]:
+                raise ValueError(f"PhiWeights.weights[{i}]: input dim {self.weights[i].shape[-2]} does not "
+                                 f"match the previous layer's output {self.weights[i - 1].shape[-1]}")
+
+    @property
+    def depth(self) -> int:
+        return len(self.weights)
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.weights[0].shape[-2])
+
+    @property
+    def feature_dim(self) -> int:
+        """F, the number of features φ produces (hedgehog doubles the last layer's width)."""
+        out = int(self.weights[-1].shape[-1])
+        return 2 * out if self.activation == "hedgehog" else out
+
+    @property
+    def per_head(self) -> bool:
+        return self.weights[0].dim() == 3
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x `[B, H, N, Din]` fp32 times a shared `[Din, Dout]` or per-head `[H, Din, Dout]` weight."""
+    if w.dim() == 2:
+        y = x @ w.float()
+    else:
+        y = torch.einsum("bhnd,hdo->bhno", x, w.float())
+    if b is not None:
+        y = y + (b.float() if b.dim() == 1 else b.float()[None, :, None, :])
+    return y
+
+
+def activate(a: torch.Tensor, activation: str) -> torch.Tensor:
+    """The feature map's final activation on pre-activations `a` (fp32)."""
+    if activation == "elu1":
+        return F.elu(a) + 1.0
+    if activation == "relu":
+        return F.relu(a)
+    if activation == "hedgehog":
+        return torch.cat([torch.softmax(a, dim=-1), torch.softmax(-a, dim=-1)], dim=-1)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def phi_reference(x: torch.Tensor, phi: PhiWeights) -> torch.Tensor:
+    """φ(x) in fp32, `[B, H, N, F]`."""
+    h = x.float()
+    for i, (w, b) in enumerate(zip(phi.weights, phi.biases)):
+        h = _linear(h, w, b)
+        if i < phi.depth - 1:
+            h = F.silu(h)
+    h = activate(h, phi.activation)
+    if phi.l2_norm:
+        h = F.normalize(h, dim=-1, eps=phi.norm_eps)
+    return h
+
+
+def kv_state_reference(k: torch.Tensor, v: torch.Tensor, phi_k: PhiWeights,
+                       key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`S = Σ φ(k) vᵀ` `[B, H, F, D]` and `z = Σ φ(k)` `[B, H, F]`, fp32; `key_mask` `[B, Nk]` True = keep."""
+    fk = phi_reference(k, phi_k)
+    if key_mask is not None:
+        fk = fk * key_mask[:, None, :, None].to(fk.dtype)
+    s = torch.einsum("bhnf,bhnd->bhfd", fk, v.float())
+    z = fk.sum(dim=2)
+    return s, z
+
+
+def kernel_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights,
+                            phi_k: PhiWeights, eps: float = 1e-6,
+                            key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`out_k = φ(q)·S / (φ(q)·z + eps)` in fp32, `[B, H, Nq, D]`."""
+    s, z = kv_state_reference(k, v, phi_k, key_mask)
+    fq = phi_reference(q, phi_q)
+    num = torch.einsum("bhnf,bhfd->bhnd", fq, s)
+    den = torch.einsum("bhnf,bhf->bhn", fq, z)
+    return num / (den + eps)[..., None]
+
+
+def landmark_indices(n_tokens: int, n_cond: int, fraction: float, min_count: int = 0, max_count: int = 0,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """All conditioning tokens `[0, n_cond)` plus an evenly spaced, de-duplicated image budget.
+
+    Budget = `min(n_img, clamp(round(n_img · fraction), min_count, max_count))`, max 0 = unlimited.
+    """
+    n_cond = max(0, min(n_cond, n_tokens))
+    n_img = n_tokens - n_cond
+    budget = int(round(n_img * fraction))
+    budget = max(budget, min_count)
+    if max_count > 0:
+        budget = min(budget, max_count)
+    budget = min(budget, n_img)
+    cond = torch.arange(n_cond, dtype=torch.long)
+    if budget <= 0:
+        return cond.to(device)
+    img = torch.linspace(0, n_img - 1, budget).round().long().unique() + n_cond
+    return torch.cat([cond, img]).to(device)
+
+
+def landmark_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmark_idx: torch.Tensor) -> torch.Tensor:
+    """Exact fp32 softmax attention of q against the landmark keys, scale `D^-0.5`."""
+    kl = k.float().index_select(2, landmark_idx)
+    vl = v.float().index_select(2, landmark_idx)
+    scores = torch.einsum("bhnd,bhld->bhnl", q.float(), kl) * q.shape[-1] ** -0.5
+    return torch.einsum("bhnl,bhld->bhnd", torch.softmax(scores, dim=-1), vl)
+
+
+def blend_alpha(out_k: torch.Tensor, out_l: torch.Tensor, alpha_logit: torch.Tensor | float, alpha_max: float,
+                gamma: float, adaptive: bool) -> torch.Tensor:
+    """α `[B, H, N, 1]` (fp32). `alpha_logit` is a scalar or per-head `[H]`; the mean of d is per (b, h)."""
+    logit = torch.as_tensor(alpha_logit, dtype=torch.float32, device=out_k.device)
+    logit = logit.reshape(1, -1, 1) if logit.dim() == 1 else logit.reshape(1, 1, 1)
+    if adaptive:
+        dot = (out_k * out_l).sum(-1)
+        cos = dot / (out_k.norm(dim=-1) * out_l.norm(dim=-1)).clamp_min(1e-8)
+        d = 1.0 - cos
+        d_norm = torch.clamp(d / d.mean(dim=-1, keepdim=True).clamp_min(1e-8), max=3.0) / 3.0
+        a = alpha_max * torch.sigmoid(logit + gamma * (d_norm - 0.5))
+    else:
+        a = (alpha_max * torch.sigmoid(logit)).expand(out_k.shape[0], -1, out_k.shape[2])
+    return a[..., None]
+
+
+def ttr_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights, phi_k: PhiWeights,
+                          landmark_idx: torch.Tensor | None = None, alpha_logit: torch.Tensor | float = -2.1972,
+                          alpha_max: float = 0.2, gamma: float = 2.0, adaptive: bool = True, eps: float = 1e-6,
+                          key_mask: torch.Tensor | None = None,
+                          branch_affine: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+    """The whole ttr layer (kernel branch, optional landmark branch and blend) in fp32.
+
+    `branch_affine` = (s_k, b_k, s_l, b_l): each branch output becomes `o·(1+s)+b` before the blend
+    (the seed's σ/CFG conditioner). Returns q's dtype.
+    """
+    out_k = kernel_branch_reference(q, k, v, phi_q, phi_k, eps, key_mask)
+    aff = None if branch_affine is None else torch.as_tensor(branch_affine, dtype=torch.float32).tolist()
+    if aff is not None:
+        out_k = out_k * (1 + aff[0]) + aff[1]
+    if landmark_idx is None or landmark_idx.numel() == 0:
+        return out_k.to(q.dtype)
+    out_l = landmark_reference(q, k, v, landmark_idx)
+    if aff is not None:
+        out_l = out_l * (1 + aff[2]) + aff[3]
+    a = blend_alpha(out_k, out_l, alpha_logit, alpha_max, gamma, adaptive)
+    return (out_k + a * (out_l - out_k)).to(q.dtype)
+
+
+def random_phi(d_in: int, hidden: int, features: int, depth: int, activation: str = "elu1", heads: int | None = None,
+               l2_norm: bool = True, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> PhiWeights:
+    """A randomly initialised feature map (tests and benchmarks). `features` is F (hedgehog: last layer F/2)."""
+    last = features // 2 if activation == "hedgehog" else features
+    dims = [d_in] + [hidden] * (depth - 1) + [last]
+    ws, bs = [], []
+    for i in range(depth):
+        shape = (dims[i], dims[i + 1]) if heads is None else (heads, dims[i], dims[i + 1])
+        ws.append((torch.randn(shape, generator=generator) / dims[i] ** 0.5).to(device))
+        bshape = (dims[i + 1],) if heads is None else (heads, dims[i + 1])
+        bs.append((0.1 * torch.randn(bshape, generator=generator)).to(device))
+    return PhiWeights(tuple(ws), tuple(bs), activation=activation, l2_norm=l2_norm)

@@ -1,0 +1,226 @@
+"""Triton kernels of the ttr layer (inference only). Imported lazily: `import attnplug` never imports triton.
+
+Two launches carry the layer:
+- `_kv_state_kernel`: per (batch·head, key chunk), computes φ(k) in-kernel (up to two layers:
+  the first K-looped from global memory, the second from registers), the activation, the L2
+  norm and the key mask, and accumulates `S = Σ φ(k) vᵀ` and `z = Σ φ(k)` in fp32 over key
+  tiles; each chunk writes a partial state (summed by the caller, deterministic).
+- `_query_kernel`: per (query tile, batch·head), computes φ(q), `out_k = φ(q)·S / (φ(q)·z + eps)`,
+  the landmark branch (flash-style online softmax over gathered landmark keys, or read from an
+  SDPA result) and the α blend in the epilogue. MODE selects kernel-only (0), fixed-α hybrid (1),
+  adaptive pass 1 (2: writes out_k and d = 1 − cos) and adaptive pass 2 (3: blends in place with
+  the per-(b, h) mean of d, recomputing the landmark branch or reading a stored delta).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _phi_tile(x_base, offs_n, row_ok, stride_xn, w1_ptr, b1_ptr, w2_ptr, b2_ptr, norm_eps,
+              DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr, DEPTH: tl.constexpr,
+              ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+              NORM: tl.constexpr):
+    """φ of a tile of rows: returns (f_pos, f_neg) fp32 `[BN, F1]` (f_neg only meaningful for hedgehog)."""
+    offs_f = tl.arange(0, F1)
+    if DEPTH == 0:
+        # pre-activations were computed outside (cuBLAS prefix): read them.
+        a = tl.load(x_base + offs_n[:, None] * stride_xn + offs_f[None, :], mask=row_ok[:, None], other=0.0)
+        a = a.to(tl.float32)
+    else:
+        OUT1: tl.constexpr = H1 if DEPTH == 2 else F1
+        offs_o = tl.arange(0, OUT1)
+        acc = tl.zeros((offs_n.shape[0], OUT1), dtype=tl.float32)
+        for kk in range(0, DIN, BK):
+            offs_k = kk + tl.arange(0, BK)
+            x = tl.load(x_base + offs_n[:, None] * stride_xn + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+            w = tl.load(w1_ptr + offs_k[:, None] * OUT1 + offs_o[None, :])
+            acc = tl.dot(x, w.to(x.dtype), acc)
+        if HAS_B1:
+            acc += tl.load(b1_ptr + offs_o)[None, :].to(tl.float32)
+        if DEPTH == 2:
+            hid = acc * tl.sigmoid(acc)
+            offs_h = tl.arange(0, H1)
+            w2 = tl.load(w2_ptr + offs_h[:, None] * F1 + offs_f[None, :])
+            a = tl.dot(hid.to(w2.dtype), w2)
+            if HAS_B2:
+                a += tl.load(b2_ptr + offs_f)[None, :].to(tl.float32)
+        else:
+            a = acc
+    if IS_HH:
+        ep = tl.exp(a - tl.max(a, axis=1)[:, None])
+        f_pos = ep / tl.sum(ep, axis=1)[:, None]
+        en = tl.exp(-a - tl.max(-a, axis=1)[:, None])
+        f_neg = en / tl.sum(en, axis=1)[:, None]
+        if NORM:
+            ss = tl.sum(f_pos * f_pos, axis=1) + tl.sum(f_neg * f_neg, axis=1)
+            inv = 1.0 / tl.maximum(tl.sqrt(ss), norm_eps)
+            f_pos = f_pos * inv[:, None]
+            f_neg = f_neg * inv[:, None]
+    else:
+        if ACT == 0:
+            f_pos = tl.where(a > 0, a + 1.0, tl.exp(tl.minimum(a, 0.0)))
+        else:
+            f_pos = tl.maximum(a, 0.0)
+        if NORM:
+            ss = tl.sum(f_pos * f_pos, axis=1)
+            f_pos = f_pos * (1.0 / tl.maximum(tl.sqrt(ss), norm_eps))[:, None]
+        f_neg = f_pos
+    return f_pos, f_neg
+
+
+@triton.jit
+def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                     N, H, CHUNK, NCHUNK,
+                     sxb, sxh, sxn, svb, svh, svn, smb,
+                     w1h, b1h, w2h, b2h, norm_eps,
+                     D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
+                     DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
+                     HAS_B2: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, BN: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    x_base = x_ptr + b * sxb + h * sxh
+    v_base = v_ptr + b * svb + h * svh
+    w1 = w1_ptr + h * w1h
+    b1 = b1_ptr + h * b1h
+    w2 = w2_ptr + h * w2h
+    b2 = b2_ptr + h * b2h
+    start = pid_c * CHUNK
+    end = tl.minimum(start + CHUNK, N)
+    offs_d = tl.arange(0, D)
+    offs_f = tl.arange(0, F1)
+    s1 = tl.zeros((F1, D), dtype=tl.float32)
+    z1 = tl.zeros((F1,), dtype=tl.float32)
+    s2 = tl.zeros((F1, D), dtype=tl.float32)
+    z2 = tl.zeros((F1,), dtype=tl.float32)
+    for n0 in range(start, end, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        ok = offs_n < end
+        f1, f2 = _phi_tile(x_base, offs_n, ok, sxn, w1, b1, w2, b2, norm_eps, DIN, BK, H1, F1, DEPTH, ACT, IS_HH,
+                           HAS_B1, HAS_B2, NORM)
+        keep = ok
+        if HAS_MASK:
+            mk = tl.load(m_ptr + b * smb + offs_n, mask=ok, other=0)
+            keep = keep & (mk != 0)
+        vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        f1 = tl.where(keep[:, None], f1, 0.0)
+        s1 = tl.dot(tl.trans(f1.to(vt.dtype)), vt, s1)
+        z1 += tl.sum(f1, axis=0)
+        if IS_HH:
+            f2 = tl.where(keep[:, None], f2, 0.0)
+            s2 = tl.dot(tl.trans(f2.to(vt.dtype)), vt, s2)
+            z2 += tl.sum(f2, axis=0)
+    FT: tl.constexpr = 2 * F1 if IS_HH else F1
+    s_base = s_ptr + (pid_bh * NCHUNK + pid_c) * (FT * D)
+    z_base = z_ptr + (pid_bh * NCHUNK + pid_c) * FT
+    tl.store(s_base + offs_f[:, None] * D + offs_d[None, :], s1)
+    tl.store(z_base + offs_f, z1)
+    if IS_HH:
+        tl.store(s_base + F1 * D + offs_f[:, None] * D + offs_d[None, :], s2)
+        tl.store(z_base + F1 + offs_f, z2)
+
+
+@triton.jit
+def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, ol_ptr, out_ptr, d_ptr, delta_ptr, dmean_ptr,
+                  logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                  N, L, H, s_scale, eps, alpha_max, gamma, qk_scale, norm_eps,
+                  sqb, sqh, sqn, sxb, sxh, sxn, skb, skh, skn, sob, soh, son, slb, slh, sln,
+                  w1h, b1h, w2h, b2h, logit_h,
+                  D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
+                  DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
+                  HAS_B2: tl.constexpr, NORM: tl.constexpr, MODE: tl.constexpr, LM_SRC: tl.constexpr,
+                  STORE_DELTA: tl.constexpr, HAS_AFF: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    row_ok = offs_m < N
+    offs_d = tl.arange(0, D)
+    o_ptrs = out_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :]
+    t_ptrs = offs_m + pid_bh * N  # d and delta are contiguous [B, H, N(, D)]
+    out_dtype = out_ptr.dtype.element_ty
+    # ---- kernel branch ---------------------------------------------------------------------
+    if MODE != 3:
+        x_base = x_ptr + b * sxb + h * sxh
+        f1, f2 = _phi_tile(x_base, offs_m, row_ok, sxn, w1_ptr + h * w1h, b1_ptr + h * b1h, w2_ptr + h * w2h,
+                           b2_ptr + h * b2h, norm_eps, DIN, BK, H1, F1, DEPTH, ACT, IS_HH, HAS_B1, HAS_B2, NORM)
+        FT: tl.constexpr = 2 * F1 if IS_HH else F1
+        offs_f = tl.arange(0, F1)
+        s_base = s_ptr + pid_bh * (FT * D)
+        z_base = z_ptr + pid_bh * FT
+        st = tl.load(s_base + offs_f[:, None] * D + offs_d[None, :]) * s_scale
+        zt = tl.load(z_base + offs_f) * s_scale
+        num = tl.dot(f1.to(out_dtype), st.to(out_dtype))
+        den = tl.sum(f1 * zt[None, :], axis=1)
+        if IS_HH:
+            st2 = tl.load(s_base + F1 * D + offs_f[:, None] * D + offs_d[None, :]) * s_scale
+            zt2 = tl.load(z_base + F1 + offs_f) * s_scale
+            num = tl.dot(f2.to(out_dtype), st2.to(out_dtype), num)
+            den += tl.sum(f2 * zt2[None, :], axis=1)
+        ok = num / (den + eps * s_scale)[:, None]
+        if HAS_AFF:
+            ok = ok * (1.0 + tl.load(aff_ptr + b * 4 + 0)) + tl.load(aff_ptr + b * 4 + 1)
+    else:
+        ok = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    # ---- landmark branch -------------------------------------------------------------------
+    if MODE != 0:
+        if (MODE == 3) and STORE_DELTA:
+            delta = tl.load(delta_ptr + t_ptrs[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
+                            other=0.0).to(tl.float32)
+        else:
+            if LM_SRC == 1:
+                ol = tl.load(ol_ptr + b * slb + h * slh + offs_m[:, None] * sln + offs_d[None, :],
+                             mask=row_ok[:, None], other=0.0).to(tl.float32)
+            else:
+                q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                            mask=row_ok[:, None], other=0.0)
+                m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
+                l_i = tl.zeros((BM,), dtype=tl.float32)
+                acc = tl.zeros((BM, D), dtype=tl.float32)
+                kl_base = kl_ptr + b * skb + h * skh
+                vl_base = vl_ptr + b * skb + h * skh
+                for l0 in range(0, L, BL):
+                    offs_l = l0 + tl.arange(0, BL)
+                    l_ok = offs_l < L
+                    kt = tl.load(kl_base + offs_l[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                    sc = tl.dot(q, tl.trans(kt)) * qk_scale
+                    sc = tl.where(l_ok[None, :], sc, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+                    p = tl.exp2(sc - m_new[:, None])
+                    corr = tl.exp2(m_i - m_new)
+                    l_i = l_i * corr + tl.sum(p, axis=1)
+                    vt = tl.load(vl_base + offs_l[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                    acc = tl.dot(p.to(vt.dtype), vt, acc * corr[:, None])
+                    m_i = m_new
+                ol = acc / l_i[:, None]
+            if HAS_AFF:
+                ol = ol * (1.0 + tl.load(aff_ptr + b * 4 + 2)) + tl.load(aff_ptr + b * 4 + 3)
+            delta = ol - ok
+    # ---- blend epilogue ----------------------------------------------------------------------
+    if MODE == 0:
+        tl.store(o_ptrs, ok.to(out_dtype), mask=row_ok[:, None])
+    elif MODE == 1:
+        lg = tl.load(logit_ptr + h * logit_h)
+        a = alpha_max / (1.0 + tl.exp(-lg))
+        tl.store(o_ptrs, (ok + a * delta).to(out_dtype), mask=row_ok[:, None])
+    elif MODE == 2:
+        ol2 = ok + delta
+        dot = tl.sum(ok * ol2, axis=1)
+        nrm = tl.sqrt(tl.sum(ok * ok, axis=1)) * tl.sqrt(tl.sum(ol2 * ol2, axis=1))
+        dd = 1.0 - dot / tl.maximum(nrm, 1e-8)
+        tl.store(d_ptr + t_ptrs, dd, mask=row_ok)
+        tl.store(o_ptrs, ok.to(out_dtype), mask=row_ok[:, None])
+        if STORE_DELTA:
+            tl.store(delta_ptr + t_ptrs[:, None] * D + offs_d[None, :], delta.to(delta_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+    else:
+        dd = tl.load(d_ptr + t_ptrs, mask=row_ok, other=0.0)
+        mean = tl.load(dmean_ptr + pid_bh)
+        dn = tl.minimum(dd / mean, 3.0) / 3.0
+        lg = tl.load(logit_ptr + h * logit_h)
+        a = alpha_max / (1.0 + tl.exp(-(lg + gamma * (dn - 0.5))))
+        tl.store(o_ptrs, (ok + a[:, None] * delta).to(out_dtype), mask=row_ok[:, None])
