@@ -23,7 +23,7 @@ class LandmarkSettings(Strict):
     layout: Literal["even", "stratified"] = Field(
         "even", description="'even': evenly spaced along the token sequence; 'stratified': one landmark per "
                             "cell of a 2-D partition of the latent grid (falls back to 'even' without a grid).")
-    query_chunk: int = Field(4096, ge=1, description="Queries per softmax chunk (bounds the [B, H, chunk, L] "
+    query_chunk: int = Field(1024, ge=1, description="Queries per softmax chunk (bounds the [B, H, chunk, L] "
                                                      "fp32 logits).")
 
     @model_validator(mode="after")
