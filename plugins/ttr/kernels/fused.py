@@ -79,8 +79,8 @@ def _plan(phi: PhiWeights) -> _Plan | str:
     depth = min(2, phi.depth)
     if depth == 2 and (not _pow2(dims[-1]) or dims[-1] > _MAX_REG_WIDTH):
         depth = 1
-    if depth >= 1 and not _pow2(dims[phi.depth - depth]):
-        depth = 0
+    if depth >= 1 and dims[phi.depth - depth] % 16:
+        depth = 0  # the in-kernel first layer streams its input in chunks of 16, 32 or 64
     prefix = phi.depth - depth
     din = dims[phi.depth - depth] if depth else f1
     h1 = dims[-1] if depth == 2 else f1
@@ -115,6 +115,8 @@ def fused_unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         plan = _plan(phi)
         if isinstance(plan, str):
             reasons.append(f"{name}: {plan}")
+    if landmark_idx is not None and landmark_idx.dim() != 1:
+        reasons.append(f"landmark_idx must be one index set [L] shared by the batch, got {tuple(landmark_idx.shape)}")
     if key_mask is not None and landmark_idx is not None and landmark_idx.numel() > 0:
         reasons.append("a key mask with landmarks (per-batch landmark sets) is served by the PyTorch path")
     return reasons
@@ -145,7 +147,7 @@ def _torch_prefix(x: torch.Tensor, phi: PhiWeights, plan: _Plan) -> torch.Tensor
         b = phi.biases[i]
         if b is not None:
             b = _prep(b, x.dtype, x.device)
-            x = x + (b if b.dim() == 1 else b[None, :, None, :])
+            x = x + (b if b.dim() == 1 else b[:, None, :])
         if i < phi.depth - 1:
             x = F.silu(x)
     return x
@@ -171,13 +173,21 @@ def _kernel_args(phi: PhiWeights, plan: _Plan, dtype: torch.dtype, device: torch
                 HAS_B1=int(has_b1), HAS_B2=int(has_b2))
 
 
-_ACT = {"elu1": 0, "relu": 1, "hedgehog": 0}
+_ACT = {"elu+1": 0, "relu": 1, "hedgehog": 0}
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def _block_k(want: int, din: int) -> int:
+    """The widest chunk of the first layer's input (≤ want) that divides it."""
+    for bk in (128, 64, 32, 16):
+        if bk <= want and din % bk == 0:
+            return bk
+    return 16
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -217,7 +227,7 @@ def kv_state_fused(k: torch.Tensor, v: torch.Tensor, phi_k: PhiWeights, key_mask
         n, heads, chunk, n_chunks,
         x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1), v.stride(2), smb,
         wa["w1h"], wa["b1h"], wa["w2h"], wa["b2h"], phi_k.norm_eps,
-        D=d, DIN=plan.din, BK=min(config.block_k, plan.din), H1=plan.h1, F1=plan.f1, DEPTH=plan.depth,
+        D=d, DIN=plan.din, BK=_block_k(config.block_k, plan.din), H1=plan.h1, F1=plan.f1, DEPTH=plan.depth,
         ACT=_ACT[phi_k.activation], IS_HH=int(phi_k.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
         HAS_B2=wa["HAS_B2"], NORM=int(phi_k.l2_norm), HAS_MASK=int(key_mask is not None), BN=bn,
         num_warps=config.kv_warps, num_stages=config.kv_stages)
@@ -314,7 +324,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 q.stride(0), q.stride(1), q.stride(2), x.stride(0), x.stride(1), x.stride(2), *skl,
                 out.stride(0), out.stride(1), out.stride(2), *sol,
                 wa["w1h"], wa["b1h"], wa["w2h"], wa["b2h"], logit_h,
-                D=d, DIN=plan.din, BK=min(cfg.block_k, plan.din), H1=plan.h1, F1=plan.f1, DEPTH=plan.depth,
+                D=d, DIN=plan.din, BK=_block_k(cfg.block_k, plan.din), H1=plan.h1, F1=plan.f1, DEPTH=plan.depth,
                 ACT=_ACT[phi_q.activation], IS_HH=int(phi_q.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
                 HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src, STORE_DELTA=store_delta,
                 HAS_AFF=int(branch_affine is not None), BM=cfg.q_block_m, BL=cfg.lm_block,
@@ -329,6 +339,6 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             # with SDPA landmarks, out_l is already in memory: pass 2 re-reads it (no delta buffer)
             sd = int(store and landmark_impl != "sdpa")
             launch(2, sd, lm_src, dummy, delta)
-            dmean = d_buf.mean(dim=-1).clamp_min(1e-8).contiguous()
+            dmean = d_buf.mean(dim=-1).clamp_min(1e-12).contiguous()
             launch(3, sd, lm_src, dmean, delta)
         return out

@@ -4,7 +4,7 @@ are tested against (and the fallback where Triton or CUDA is missing).
 Shapes: q, k, v `[B, H, N, D]`. A feature map φ is a small MLP applied per token and head:
 `φ(x) = act(W_L(… SiLU(W_1 x + b_1) …) + b_L)`, optionally L2-normalised over its features.
 Weights are `[D_in, D_out]` (shared by all heads) or `[H, D_in, D_out]` (one per head); biases
-`[D_out]` or `[H, D_out]`. Activations: `"elu1"` (ELU + 1), `"relu"`, `"hedgehog"`
+`[D_out]` or `[H, D_out]` (`[1, …]` = shared, as plugins/ttr/layer.py stores them). Activations: `"elu+1"` (ELU + 1), `"relu"`, `"hedgehog"`
 (`[softmax(a), softmax(−a)]`, so F = 2·D_out of the last layer).
 
 Kernel branch: `S = Σ_k φ(k) vᵀ`, `z = Σ_k φ(k)` in fp32 (masked keys excluded),
@@ -22,7 +22,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("elu1", "relu", "hedgehog")
+ACTIVATIONS = ("elu+1", "relu", "hedgehog")
+_ALIASES = {"elu1": "elu+1"}
+_LOGIT_CLAMP = 15.0  # as plugins/ttr/layer.py: the σ argument is clamped to ±15
 
 
 @dataclass(frozen=True)
@@ -35,11 +37,14 @@ class PhiWeights:
 
     weights: tuple[torch.Tensor, ...]
     biases: tuple[torch.Tensor | None, ...]
-    activation: str = "elu1"
-    l2_norm: bool = True
+    activation: str = "elu+1"
+    l2_norm: bool = False
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "activation", _ALIASES.get(self.activation, self.activation))
+        object.__setattr__(self, "weights", tuple(self.weights))
+        object.__setattr__(self, "biases", tuple(self.biases))
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"PhiWeights.activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
         if not self.weights:
@@ -68,23 +73,30 @@ class PhiWeights:
 
     @property
     def per_head(self) -> bool:
-        return self.weights[0].dim() == 3
+        """One map per head (`[H, Din, Dout]` with H > 1); `[1, Din, Dout]` counts as shared."""
+        return self.weights[0].dim() == 3 and self.weights[0].shape[0] > 1
+
+    @classmethod
+    def from_module(cls, net: object, activation: str, l2_norm: bool, eps: float = 1e-6) -> "PhiWeights":
+        """From a module with `weights`/`biases` parameter lists `[G, in, out]`/`[G, out]`
+        (plugins/ttr/layer.py's `FeatureMapNet`); tensors are detached, not copied."""
+        ws = tuple(w.detach() for w in net.weights)  # type: ignore[attr-defined]
+        bs = tuple(None if b is None else b.detach() for b in net.biases)  # type: ignore[attr-defined]
+        return cls(ws, bs, activation=activation, l2_norm=l2_norm, norm_eps=eps)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x `[B, H, N, Din]` fp32 times a shared `[Din, Dout]` or per-head `[H, Din, Dout]` weight."""
-    if w.dim() == 2:
-        y = x @ w.float()
-    else:
-        y = torch.einsum("bhnd,hdo->bhno", x, w.float())
+    y = torch.matmul(x, w.float())  # [Din, Dout] or [G, Din, Dout] broadcast over B (G = 1 or H)
     if b is not None:
-        y = y + (b.float() if b.dim() == 1 else b.float()[None, :, None, :])
+        y = y + (b.float() if b.dim() == 1 else b.float()[:, None, :])
     return y
 
 
 def activate(a: torch.Tensor, activation: str) -> torch.Tensor:
     """The feature map's final activation on pre-activations `a` (fp32)."""
-    if activation == "elu1":
+    activation = _ALIASES.get(activation, activation)
+    if activation == "elu+1":
         return F.elu(a) + 1.0
     if activation == "relu":
         return F.relu(a)
@@ -158,17 +170,20 @@ def landmark_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landma
 
 def blend_alpha(out_k: torch.Tensor, out_l: torch.Tensor, alpha_logit: torch.Tensor | float, alpha_max: float,
                 gamma: float, adaptive: bool) -> torch.Tensor:
-    """α `[B, H, N, 1]` (fp32). `alpha_logit` is a scalar or per-head `[H]`; the mean of d is per (b, h)."""
+    """α `[B, H, N, 1]` (fp32). `alpha_logit` is a scalar or per-head `[H]`; the mean of d is per (b, h)
+    over tokens; the σ argument is clamped to ±15 (as plugins/ttr/layer.py)."""
     logit = torch.as_tensor(alpha_logit, dtype=torch.float32, device=out_k.device)
     logit = logit.reshape(1, -1, 1) if logit.dim() == 1 else logit.reshape(1, 1, 1)
     if adaptive:
         dot = (out_k * out_l).sum(-1)
         cos = dot / (out_k.norm(dim=-1) * out_l.norm(dim=-1)).clamp_min(1e-8)
         d = 1.0 - cos
-        d_norm = torch.clamp(d / d.mean(dim=-1, keepdim=True).clamp_min(1e-8), max=3.0) / 3.0
-        a = alpha_max * torch.sigmoid(logit + gamma * (d_norm - 0.5))
+        d_norm = torch.clamp(d / d.mean(dim=-1, keepdim=True).clamp_min(1e-12), max=3.0) / 3.0
+        arg = (logit + gamma * (d_norm - 0.5)).clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP)
+        a = alpha_max * torch.sigmoid(arg)
     else:
-        a = (alpha_max * torch.sigmoid(logit)).expand(out_k.shape[0], -1, out_k.shape[2])
+        arg = logit.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP)
+        a = (alpha_max * torch.sigmoid(arg)).expand(out_k.shape[0], -1, out_k.shape[2])
     return a[..., None]
 
 
@@ -195,8 +210,8 @@ def ttr_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi
     return (out_k + a * (out_l - out_k)).to(q.dtype)
 
 
-def random_phi(d_in: int, hidden: int, features: int, depth: int, activation: str = "elu1", heads: int | None = None,
-               l2_norm: bool = True, generator: torch.Generator | None = None,
+def random_phi(d_in: int, hidden: int, features: int, depth: int, activation: str = "elu+1", heads: int | None = None,
+               l2_norm: bool = False, generator: torch.Generator | None = None,
                device: torch.device | str = "cpu") -> PhiWeights:
     """A randomly initialised feature map (tests and benchmarks). `features` is F (hedgehog: last layer F/2)."""
     last = features // 2 if activation == "hedgehog" else features

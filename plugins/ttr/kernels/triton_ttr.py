@@ -204,7 +204,7 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, ol_ptr, out_ptr, d
     if MODE == 0:
         tl.store(o_ptrs, ok.to(out_dtype), mask=row_ok[:, None])
     elif MODE == 1:
-        lg = tl.load(logit_ptr + h * logit_h)
+        lg = tl.minimum(tl.maximum(tl.load(logit_ptr + h * logit_h), -15.0), 15.0)
         a = alpha_max / (1.0 + tl.exp(-lg))
         tl.store(o_ptrs, (ok + a * delta).to(out_dtype), mask=row_ok[:, None])
     elif MODE == 2:
@@ -222,5 +222,6 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, ol_ptr, out_ptr, d
         mean = tl.load(dmean_ptr + pid_bh)
         dn = tl.minimum(dd / mean, 3.0) / 3.0
         lg = tl.load(logit_ptr + h * logit_h)
-        a = alpha_max / (1.0 + tl.exp(-(lg + gamma * (dn - 0.5))))
+        arg = tl.minimum(tl.maximum(lg + gamma * (dn - 0.5), -15.0), 15.0)
+        a = alpha_max / (1.0 + tl.exp(-arg))
         tl.store(o_ptrs, (ok + a[:, None] * delta).to(out_dtype), mask=row_ok[:, None])

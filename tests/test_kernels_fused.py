@@ -1,0 +1,142 @@
+"""Fused ttr kernels vs the plain-PyTorch reference.
+
+CPU: Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported) at small sizes;
+skipped when triton is missing. GPU (skipped without CUDA): Flux shapes in bf16. Outputs are
+poisoned (NaN) before each check, so an element the kernels fail to write fails the test.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from attnplug.plugins.ttr.kernels import (PhiWeights, fused_unsupported_reasons, kv_state_fused,  # noqa: E402
+                                          kv_state_reference, landmark_indices, random_phi, ttr_forward_fused,
+                                          ttr_forward_reference)
+from attnplug.plugins.ttr.kernels import fused as fused_mod  # noqa: E402
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+cpu_only = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on CPU-only machines")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "output has non-finite (unwritten) elements"
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make every output buffer the dispatcher allocates start as NaN (unwritten elements then fail)."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(fused_mod.torch, "empty", nan_empty)
+    yield
+
+
+def _inputs(b, h, n, d, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype) for _ in range(3)]
+
+
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("activation", ["elu+1", "relu", "hedgehog"])
+@pytest.mark.parametrize("depth,hidden,per_head", [(1, 32, False), (2, 64, True), (3, 32, False)])
+def test_interpreter_matches_reference(poison, activation, depth, hidden, per_head):
+    b, h, n, d = 1, 2, 77, 32  # n not a multiple of any tile: exercises tail masking
+    q, k, v = _inputs(b, h, n, d, seed=depth)
+    g = torch.Generator().manual_seed(7)
+    heads = h if per_head else None
+    pq = random_phi(d, hidden, 32, depth, activation, heads, l2_norm=depth != 2, generator=g)
+    pk = random_phi(d, hidden, 32, depth, activation, heads, l2_norm=depth != 2, generator=g)
+    idx = landmark_indices(n, 8, 0.1)
+    logit = torch.tensor([-2.2, 0.3])
+    aff = [0.1, 0.01, -0.1, 0.02]
+    variants = [(True, "fused", "recompute"), (False, "fused", "recompute")]
+    if depth == 1:
+        variants += [(True, "fused", "store"), (True, "sdpa", "recompute")]
+    for adaptive, lm_impl, strategy in variants:
+        ref = ttr_forward_reference(q, k, v, pq, pk, idx, logit, 0.2, 2.0, adaptive, branch_affine=aff)
+        out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit, adaptive=adaptive,
+                                branch_affine=aff, landmark_impl=lm_impl, adaptive_strategy=strategy, strict=True)
+        assert out.shape == ref.shape and out.dtype == q.dtype
+        assert _rel(out, ref) < 1e-5, (adaptive, lm_impl, strategy)
+
+
+@needs_triton
+@cpu_only
+def test_interpreter_kernel_only_key_mask_and_cublas_prefix(poison):
+    b, h, n, d = 2, 2, 70, 32
+    q, k, v = _inputs(b, h, n, d, seed=3)
+    g = torch.Generator().manual_seed(1)
+    # hidden 48 is not a power of two: the first layer runs on torch, the kernel reads pre-activations
+    pq = random_phi(d, 48, 32, 2, "elu+1", None, l2_norm=True, generator=g)
+    pk = random_phi(d, 48, 32, 2, "elu+1", None, l2_norm=True, generator=g)
+    assert fused_mod._plan(pk).depth == 1 and fused_mod._plan(pk).prefix == 1
+    mask = torch.rand(b, n, generator=g) > 0.3
+    s, z = kv_state_fused(k, v, pk, mask)
+    s_ref, z_ref = kv_state_reference(k, v, pk, mask)
+    assert _rel(s, s_ref) < 1e-5 and _rel(z, z_ref) < 1e-5
+    out = ttr_forward_fused(q, k, v, pq, pk, key_mask=mask, strict=True)
+    ref = ttr_forward_reference(q, k, v, pq, pk, key_mask=mask)
+    assert _rel(out, ref) < 1e-5
+
+
+@needs_triton
+@cpu_only
+def test_layer_shaped_weights_match(poison):
+    """Weights stored as plugins/ttr/layer.py does ([1, in, out] shared, biases [1, out])."""
+    b, h, n, d = 1, 3, 40, 16
+    q, k, v = _inputs(b, h, n, d, seed=5)
+    g = torch.Generator().manual_seed(2)
+    ws = (torch.randn(1, d, 64, generator=g) / 4, torch.randn(1, 64, 32, generator=g) / 8)
+    bs = (torch.randn(1, 64, generator=g) * 0.1, torch.randn(1, 32, generator=g) * 0.1)
+    phi = PhiWeights(ws, bs, activation="elu+1")
+    out = ttr_forward_fused(q, k, v, phi, phi, strict=True)
+    assert _rel(out, ttr_forward_reference(q, k, v, phi, phi)) < 1e-5
+
+
+def test_fallback_reasons_and_path():
+    q, k, v = _inputs(1, 2, 20, 32)
+    phi = random_phi(32, 32, 32, 1)
+    reasons = fused_unsupported_reasons(q.requires_grad_(), k, v, phi, phi)
+    assert any("autograd" in r for r in reasons)
+    out = ttr_forward_fused(q, k, v, phi, phi)  # falls back to the differentiable reference
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    with pytest.raises(RuntimeError, match="cannot serve"):
+        ttr_forward_fused(q, k, v, phi, phi, strict=True)
+    odd = random_phi(32, 32, 24, 1)
+    assert any("power of two" in r for r in fused_unsupported_reasons(q.detach(), k, v, odd, odd))
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("n_img", [4096, 16384])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_flux_shapes_bf16(poison, n_img, dtype):
+    b, h, d, n_txt = 1, 24, 128, 512
+    n = n_txt + n_img
+    q, k, v = _inputs(b, h, n, d, dtype=dtype, device="cuda", seed=n)
+    g = torch.Generator().manual_seed(0)
+    pq = random_phi(d, 256, 128, 2, "elu+1", None, generator=g, device="cuda")
+    pk = random_phi(d, 256, 128, 2, "elu+1", None, generator=g, device="cuda")
+    idx = landmark_indices(n, n_txt, 0.08, 64, device="cuda")
+    for adaptive in (True, False):
+        ref = ttr_forward_reference(q, k, v, pq, pk, idx, -2.2, 0.2, 2.0, adaptive)
+        for lm_impl in ("fused", "sdpa"):
+            out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=-2.2, adaptive=adaptive,
+                                    landmark_impl=lm_impl, strict=True)
+            assert _rel(out, ref) < 2e-2, (adaptive, lm_impl)
