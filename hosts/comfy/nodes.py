@@ -91,7 +91,7 @@ class AttnplugSchedule(io.ComfyNode):
                 io.Combo.Input("otherwise", options=["exact", CONFIG_BACKEND], default="exact",
                                tooltip="Steps/layers no rule matches: 'exact' (fail-closed) or the config's backend."),
             ],
-            outputs=[ConfigType.Output("config", tooltip="The config with the schedule rules added.")],
+            outputs=[ConfigType.Output(display_name="config", tooltip="The config with the schedule rules added.")],
         )
 
     @classmethod
@@ -126,7 +126,7 @@ class AttnplugDistill(io.ComfyNode):
                 io.Boolean.Input("memory_reserve", default=False, tooltip="Ask ComfyUI to free VRAM sized by the "
                                  "backend's estimate before attention (off by default; can unload other models)."),
             ],
-            outputs=[io.Model.Output("model", tooltip="The model with attnplug training bound to it.")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with attnplug training bound to it.")],
             is_experimental=True,
         )
 
@@ -160,7 +160,7 @@ class AttnplugApply(io.ComfyNode):
                 io.Boolean.Input("memory_reserve", default=False, tooltip="Ask ComfyUI to free VRAM sized by the "
                                  "backend's estimate before attention (off by default)."),
             ],
-            outputs=[io.Model.Output("model", tooltip="The model with learned attention bound to it.")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with learned attention bound to it.")],
             is_experimental=True,
         )
 

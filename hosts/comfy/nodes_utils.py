@@ -60,7 +60,7 @@ class ClockedSweepValues(io.ComfyNode):
                                     "connected list), a bare integer N for 1..N, or empty for one tick per value."),
                     io.String.Input("values", multiline=True, default="", tooltip="Values to sweep: numbers separated "
                                     "by commas/spaces/newlines, a JSON list, or a connected list.")],
-            outputs=[io.Float.Output("values", tooltip="n values, one per tick.", is_output_list=True)],
+            outputs=[io.Float.Output("swept", display_name="values", tooltip="n values, one per tick.", is_output_list=True)],
             is_input_list=True,
         )
 
