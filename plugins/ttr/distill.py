@@ -112,9 +112,6 @@ class DistillSettings(Strict):
         if self.max_swap_layers >= 0 and self.min_swap_layers > self.max_swap_layers:
             raise ValueError(f"min_swap_layers ({self.min_swap_layers}) must not exceed max_swap_layers "
                              f"({self.max_swap_layers}; -1 = all)")
-        if self.oom_min_query_cap > self.query_cap:
-            raise ValueError(f"oom_min_query_cap ({self.oom_min_query_cap}) must not exceed query_cap "
-                             f"({self.query_cap})")
         return self
 
     def rule(self) -> ReadinessRule:
@@ -375,7 +372,7 @@ class OnlineDistiller:
             torch.cuda.empty_cache()
         self.oom_events[key] += 1
         cap = self.query_caps.get(key, self.settings.query_cap)
-        new_cap = max(self.settings.oom_min_query_cap, cap // 2)
+        new_cap = max(min(self.settings.oom_min_query_cap, cap), cap // 2)
         shrunk = new_cap < cap
         self.query_caps[key] = new_cap
         shrink = getattr(self.student, "shrink_training_memory", None)

@@ -49,10 +49,11 @@ class ReplaySample:
         """fp32 tensors on `device` for a training update (the live copy when there is one)."""
         if self.live is not None:
             return dict(self.live)  # type: ignore[arg-type]
-        out: dict[str, torch.Tensor | None] = {
-            name: getattr(self, name).to(device=device, dtype=torch.float32, non_blocking=True)
-            for name in ("q", "k", "v", "teacher")}
-        out["mask"] = None if self.mask is None else self.mask.to(device)
+        with torch.inference_mode(False):  # never hand inference tensors to autograd
+            out: dict[str, torch.Tensor | None] = {
+                name: getattr(self, name).to(device=device, dtype=torch.float32, copy=True)
+                for name in ("q", "k", "v", "teacher")}
+            out["mask"] = None if self.mask is None else self.mask.to(device, copy=True)
         return out
 
 
