@@ -1,0 +1,270 @@
+"""`attnplug bench` — see the package docstring. `main(argv)` is the command line; `run_bench` the API."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .variants import Shape, Variant, build_variants
+
+#: Flux shapes: 512 text tokens + (side/16)² image tokens.
+NAMED_SIZES = {"256": 256, "512": 512, "1024": 1024, "2048": 2048, "4096": 4096}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_shape(text: str, heads: int, head_dim: int, txt: int, batch: int) -> Shape:
+    """`1024` (a Flux image side in pixels) or `N` tokens as `n=5000` or `n=5000:txt=256`."""
+    if text.startswith("n="):
+        parts = dict(p.split("=", 1) for p in text.split(":"))
+        n = int(parts["n"])
+        t = int(parts.get("txt", txt))
+        if not 0 <= t <= n:
+            raise ValueError(f"shape {text!r}: txt must be in [0, n]")
+        return Shape(text, batch, heads, n, head_dim, t)
+    side = int(text)
+    if side % 16:
+        raise ValueError(f"shape {text!r}: an image side must be a multiple of 16 (Flux packs 2x2 latents of /8)")
+    return Shape(f"{side}²", batch, heads, txt + (side // 16) ** 2, head_dim, txt)
+
+
+# ---- timing -------------------------------------------------------------------------------------------
+def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, min_reps: int, budget_ms: float) -> list[float]:
+    """Per-call times (ms) after `warmup` calls: CUDA events around each call, host clock on CPU."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize(device)
+        est = max(s.elapsed_time(e), 1e-3)
+        reps = int(max(min_reps, min(200, budget_ms / est)))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        return [a.elapsed_time(b) for a, b in zip(starts, ends)]
+    times = []
+    t_end = time.perf_counter() + budget_ms / 1000
+    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak device memory one call allocates beyond what was allocated before it (output included)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return int(peak)
+
+
+def measure_ceilings(device: torch.device) -> dict[str, float]:
+    """The card's bf16 matrix rate (8192³ product, random data) and copy bandwidth (1 GiB, read+write)."""
+    if device.type != "cuda":
+        return {"tflops": 1.0, "gbps": 50.0, "measured": False}
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm = statistics.median(time_ms(lambda: a @ b, device, 3, 10, 100))
+    x = torch.empty(2 ** 29, device=device, dtype=torch.float16).normal_()
+    y = torch.empty_like(x)
+    cp = statistics.median(time_ms(lambda: y.copy_(x), device, 3, 10, 100))
+    del a, b, x, y
+    return {"tflops": 2 * 8192 ** 3 / (mm * 1e-3) / 1e12, "gbps": 2 * 2 ** 30 / (cp * 1e-3) / 1e9, "measured": True}
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    variant: str
+    family: str
+    shape: str
+    dtype: str
+    n_tokens: int
+    ms: float | None = None
+    ms_spread: tuple[float, float] | None = None  # 20th and 80th percentile
+    peak_extra_mib: float | None = None
+    gflop: float | None = None
+    gbyte: float | None = None
+    floor_ms: float | None = None
+    speedup_vs_fastest_sdpa: float | None = None
+    rel_err: float | None = None
+    rel_err_vs: str | None = None
+    skipped: str | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def run_bench(shapes: list[Shape], dtypes: list[torch.dtype], device: torch.device, only: list[str] | None = None,
+              warmup: int = 3, min_reps: int = 10, budget_ms: float = 300.0, check: bool = True,
+              ceilings: dict[str, float] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time every variant at every shape and dtype; returns the JSON-able report."""
+    ceil = ceilings or measure_ceilings(device)
+    results: list[Result] = []
+    for shape in shapes:
+        for dtype in dtypes:
+            g = torch.Generator(device="cpu").manual_seed(1234)
+            q, k, v = (torch.randn(shape.b, shape.h, shape.n, shape.d, generator=g).to(device=device, dtype=dtype)
+                       for _ in range(3))
+            variants = build_variants(shape, dtype, device, only)
+            rows: list[Result] = []
+            outputs: dict[str, torch.Tensor] = {}
+            for var in variants:
+                r = Result(var.name, var.family, shape.label, str(dtype).replace("torch.", ""), shape.n,
+                           notes=dict(var.notes))
+                rows.append(r)
+                if var.skip:
+                    r.skipped = var.skip
+                    continue
+                try:
+                    fn = var.make(q, k, v)
+                    out = fn()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    if not torch.isfinite(out).all():
+                        r.skipped = "non-finite output"
+                        continue
+                    if check and var.check_against:
+                        outputs[var.name] = out
+                    ts = time_ms(fn, device, warmup, min_reps, budget_ms)
+                    r.ms = statistics.median(ts)
+                    qs = statistics.quantiles(ts, n=5) if len(ts) >= 5 else [min(ts), max(ts)]
+                    r.ms_spread = (qs[0], qs[-1])
+                    peak = peak_extra_bytes(fn, device)
+                    r.peak_extra_mib = None if peak is None else peak / 2 ** 20
+                    del out
+                except torch.OutOfMemoryError as exc:  # type: ignore[attr-defined]
+                    r.skipped = f"out of memory: {str(exc).splitlines()[0]}"
+                    torch.cuda.empty_cache()
+                except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the table
+                    r.skipped = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                flops, nbytes = var.cost
+                r.gflop, r.gbyte = flops / 1e9, nbytes / 1e9
+                r.floor_ms = max(flops / (ceil["tflops"] * 1e12), nbytes / (ceil["gbps"] * 1e9)) * 1e3
+                if r.ms is not None:
+                    log(f"  {shape.label:>7} {r.dtype:<8} {r.variant:<34} {r.ms:9.3f} ms")
+            # correctness of fused variants against the PyTorch path of the same layer
+            for var in variants:
+                if var.check_against and var.name in outputs and var.check_against in outputs:
+                    a, b = outputs[var.name].float(), outputs[var.check_against].float()
+                    r = next(x for x in rows if x.variant == var.name)
+                    r.rel_err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+                    r.rel_err_vs = var.check_against
+            outputs.clear()
+            sdpa = [r.ms for r in rows if r.family == "sdpa" and r.ms is not None]
+            if sdpa:
+                best = min(sdpa)
+                for r in rows:
+                    if r.ms is not None:
+                        r.speedup_vs_fastest_sdpa = best / r.ms
+            results.extend(rows)
+            del q, k, v
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {"env": environment(device), "ceilings": ceil, "results": [asdict(r) for r in results]}
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        env["triton"] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2 ** 30, 1),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A fixed-width table: time, spread, speed-up vs the fastest SDPA, floor, peak memory, error."""
+    lines = [f"{'shape':>7} {'dtype':<8} {'variant':<34} {'ms':>9} {'x SDPA':>7} {'floor ms':>9} "
+             f"{'%floor':>6} {'peak MiB':>9} {'rel err':>8}"]
+    for r in report["results"]:
+        if r["skipped"]:
+            lines.append(f"{r['shape']:>7} {r['dtype']:<8} {r['variant']:<34} skipped: {r['skipped'][:70]}")
+            continue
+        pct = 100 * r["floor_ms"] / r["ms"] if r["ms"] else float("nan")
+        peak = f"{r['peak_extra_mib']:9.0f}" if r["peak_extra_mib"] is not None else f"{'-':>9}"
+        err = f"{r['rel_err']:8.1e}" if r["rel_err"] is not None else f"{'-':>8}"
+        lines.append(f"{r['shape']:>7} {r['dtype']:<8} {r['variant']:<34} {r['ms']:9.3f} "
+                     f"{r['speedup_vs_fastest_sdpa'] or float('nan'):7.2f} {r['floor_ms']:9.3f} {pct:6.1f} {peak} {err}")
+    c = report["ceilings"]
+    lines.append(f"ceilings: {c['tflops']:.0f} TFLOP/s, {c['gbps']:.0f} GB/s "
+                 f"({'measured' if c.get('measured') else 'nominal'}); env: {report['env']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of `attnplug bench`; returns the exit status."""
+    p = argparse.ArgumentParser(prog="attnplug bench", description=__doc__)
+    p.add_argument("--sizes", default=None,
+                   help="comma list of Flux image sides (1024,2048,4096) or token counts (n=5000[:txt=256]); "
+                        "default 1024,2048,4096 on CUDA, 256,n=600 on CPU")
+    p.add_argument("--dtypes", default="bf16", help="comma list of bf16, fp16, fp32")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--heads", type=int, default=24)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--txt", type=int, default=512, help="conditioning (text) tokens")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--only", default=None, help="comma list of substrings; keep variants whose name has one")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--min-reps", type=int, default=10)
+    p.add_argument("--budget-ms", type=float, default=300.0, help="time spent timing each variant")
+    p.add_argument("--no-check", action="store_true", help="skip fused-vs-PyTorch error checks")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU-speed shapes (CI)")
+    p.add_argument("--json", type=Path, default=None, help="write the report here")
+    a = p.parse_args(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    heads, hd, txt = a.heads, a.head_dim, a.txt
+    if a.smoke:
+        heads, hd, txt = 2, 32, 16
+    sizes = a.sizes or ("1024,2048,4096" if device.type == "cuda" and not a.smoke else "n=80:txt=16,n=160:txt=16")
+    try:
+        shapes = [parse_shape(s.strip(), heads, hd, txt, a.batch) for s in sizes.split(",") if s.strip()]
+        dtypes = [DTYPES[d.strip()] for d in a.dtypes.split(",") if d.strip()]
+    except (KeyError, ValueError) as exc:
+        print(f"attnplug bench: {exc}", file=sys.stderr)
+        return 2
+    only = [s for s in a.only.split(",")] if a.only else None
+    if a.smoke:
+        a.warmup, a.min_reps, a.budget_ms = 1, 2, 5.0
+    report = run_bench(shapes, dtypes, device, only, a.warmup, a.min_reps, a.budget_ms, not a.no_check,
+                       log=lambda s: print(s, file=sys.stderr, flush=True))
+    report["command"] = "attnplug bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(format_table(report))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # python -m attnplug.bench.run
+    raise SystemExit(main())

@@ -1,0 +1,260 @@
+"""What `attnplug bench` times: SDPA backends, registered backends, ttr/landmark layer variants
+(PyTorch path and fused Triton path), SageAttention / flash-attn when installed — each with its
+FLOP and byte count (the floor)."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+Fn = Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One attention layer's shape: batch, heads, tokens (text first), head dim, text tokens."""
+
+    label: str
+    b: int
+    h: int
+    n: int
+    d: int
+    txt: int
+
+
+@dataclass
+class Variant:
+    """One thing to time: `make(q, k, v)` returns a zero-argument callable producing the output."""
+
+    name: str
+    family: str  # "sdpa", "backend", "ttr", "external"
+    make: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Fn]
+    cost: tuple[float, float]  # FLOPs, bytes (the floor's two terms)
+    skip: str | None = None
+    check_against: str | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+#: ttr layer configurations timed by default (issue 8): the project default, the seed design, a lean one.
+TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # (ttr settings, landmark settings)
+    "default": ({"depth": 2, "hidden": 256, "feature_dim": 128}, {"fraction": 0.08, "min": 64, "max": 0}),
+    "seed": ({"depth": 3, "hidden": 0, "feature_dim": 256, "l2_norm": True}, {"fraction": 0.08, "min": 64, "max": 0}),
+    "lean": ({"depth": 1, "hidden": 0, "feature_dim": 128}, {"fraction": 0.02, "min": 64, "max": 0}),
+}
+
+
+def _es(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def exact_cost(s: Shape, dtype: torch.dtype) -> tuple[float, float]:
+    return 4.0 * s.b * s.h * s.n * s.n * s.d, 4.0 * s.b * s.h * s.n * s.d * _es(dtype)
+
+
+def ttr_cost(s: Shape, dtype: torch.dtype, layer_dims: list[tuple[int, int]], feature_dim: int,
+             n_landmarks: int) -> tuple[float, float]:
+    """φ MLP on q and k, S and z, the query pass, the landmark softmax; bytes: q, k, v in, out out."""
+    phi = 2.0 * sum(a * b for a, b in layer_dims) * 2  # q and k
+    per_token = phi + 2.0 * feature_dim * s.d * 2 + 4.0 * n_landmarks * s.d
+    return s.b * s.h * s.n * per_token, 4.0 * s.b * s.h * s.n * s.d * _es(dtype)
+
+
+class _FakeSession:
+    """The little of a Session a standalone backend reads: the backend registry (for the ttr → landmark lookup)."""
+
+    def __init__(self, backends: Any) -> None:
+        self.backends = backends
+
+
+def _call(s: Shape) -> Any:
+    from ..core.call import AttentionCall
+
+    return AttentionCall(layer_key="single:0", block_type="single", block_index=0, n_cond_tokens=s.txt,
+                         n_image_tokens=s.n - s.txt, host="bench")
+
+
+def build_variants(s: Shape, dtype: torch.dtype, device: torch.device, only: list[str] | None = None) -> list[Variant]:
+    out: list[Variant] = []
+    out += _sdpa_variants(s, dtype, device)
+    out += _registered_variants(s, dtype, device)
+    out += _ttr_variants(s, dtype, device)
+    out += _external_variants(s, dtype, device)
+    if only:
+        out = [v for v in out if v.family == "sdpa" or any(o in v.name for o in only)]
+    return out
+
+
+def _sdpa_variants(s: Shape, dtype: torch.dtype, device: torch.device) -> list[Variant]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cost = exact_cost(s, dtype)
+    kinds = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+             ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)]
+    res = []
+    for label, kind in kinds:
+        skip = None
+        if device.type == "cuda" and label == "math" and s.n > 20000:
+            skip = "math backend at this size needs O(N²) memory"
+        if device.type != "cuda" and label != "math":
+            skip = "CUDA-only SDPA backend"
+
+        def make(q, k, v, kind=kind):
+            def fn():
+                with sdpa_kernel([kind]):
+                    return F.scaled_dot_product_attention(q, k, v)
+            return fn
+        res.append(Variant(f"sdpa[{label}]", "sdpa", make, cost, skip))
+    return res
+
+
+def _registry() -> tuple[Any, Any]:
+    from ..core.backend import BackendRegistry
+    from ..core.plugins import get_plugins
+
+    reg = get_plugins().collect("backend")
+    return reg, BackendRegistry()
+
+
+def _build_backend(name: str, overrides: dict[str, Any] | None = None, landmark_overrides: dict[str, Any] | None = None):
+    """A registered backend built standalone with default (or overridden) settings, and a fake session
+    whose registry also holds the landmark backend (so the ttr hybrid finds its residual)."""
+    reg, backends = _registry()
+    session = _FakeSession(backends)
+    if "landmark" in reg.names() and name != "landmark":
+        lr = reg.get("landmark")
+        lset = lr.settings(**(landmark_overrides or {})) if lr.settings else None
+        backends.add(_named(lr.factory(lset, session), "landmark"), lr.plugin)
+    r = reg.get(name)
+    settings = r.settings(**(overrides or {})) if r.settings else None
+    return r.factory(settings, session), backends
+
+
+def _named(b: Any, name: str) -> Any:
+    if not getattr(b, "name", ""):
+        b.name = name
+    return b
+
+
+def _registered_variants(s: Shape, dtype: torch.dtype, device: torch.device) -> list[Variant]:
+    try:
+        reg, _ = _registry()
+        names = reg.names()
+    except Exception as exc:  # noqa: BLE001
+        return [Variant("backend:*", "backend", lambda q, k, v: (lambda: q), (0, 0), f"registry: {exc}")]
+    res = []
+    call = _call(s)
+    for name in names:
+        if name == "host":
+            continue  # needs the host's own attention function: not standalone
+        skip = None
+        cost = exact_cost(s, dtype)
+        try:
+            backend, _ = _build_backend(name)
+            if name == "landmark" and hasattr(backend, "count"):
+                n_l = backend.count(s.n, s.txt)
+                cost = (4.0 * s.b * s.h * s.n * n_l * s.d, exact_cost(s, dtype)[1])
+            if name == "ttr":
+                cost = _ttr_cost_from_settings(s, dtype, backend)
+        except Exception as exc:  # noqa: BLE001
+            backend, skip = None, f"cannot build standalone: {type(exc).__name__}: {exc}"
+
+        def make(q, k, v, backend=backend):
+            reasons = backend.not_supported_reasons(q, k, v, call)
+            if reasons:
+                raise RuntimeError("; ".join(reasons))
+
+            def fn():
+                with torch.inference_mode():
+                    return backend.forward(q, k, v, call)
+            return fn
+        res.append(Variant(f"backend:{name}", "backend", make, cost, skip))
+    return res
+
+
+def _ttr_cost_from_settings(s: Shape, dtype: torch.dtype, backend: Any) -> tuple[float, float]:
+    st = backend.settings
+    hidden = st.hidden_for(s.d)
+    out_dim = st.feature_dim // 2 if st.activation == "hedgehog" else st.feature_dim
+    dims = [s.d] + [hidden] * (st.depth - 1) + [out_dim]
+    n_l = 0
+    lm = backend.landmark_branch()
+    if lm is not None:
+        owner = getattr(lm, "__self__", None)
+        n_l = owner.count(s.n, s.txt) if owner is not None and hasattr(owner, "count") else 0
+    return ttr_cost(s, dtype, list(zip(dims[:-1], dims[1:])), st.feature_dim, n_l)
+
+
+def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device) -> list[Variant]:
+    res: list[Variant] = []
+    from ..plugins.ttr.kernels import PhiWeights, ttr_forward_fused
+
+    call = _call(s)
+    for cfg, (tset, lset) in TTR_CONFIGS.items():
+        try:
+            backend, backends = _build_backend("ttr", {**tset, "feature_precision": "input"}, lset)
+        except Exception as exc:  # noqa: BLE001
+            res.append(Variant(f"ttr-{cfg}", "ttr", lambda q, k, v: (lambda: q), (0, 0),
+                               f"cannot build ttr standalone: {type(exc).__name__}: {exc}"))
+            continue
+        cost = _ttr_cost_from_settings(s, dtype, backend)
+        lm_backend = backends.get("landmark") if "landmark" in backends else None
+        n_l = lm_backend.count(s.n, s.txt) if lm_backend is not None else 0
+        notes = {"settings": tset, "landmarks": lset, "n_landmarks": n_l}
+        torch_name = f"ttr-{cfg} torch"
+
+        def make_torch(q, k, v, backend=backend):
+            def fn():
+                with torch.inference_mode():
+                    return backend.forward(q, k, v, call)
+            return fn
+        res.append(Variant(torch_name, "ttr", make_torch, cost, None, notes=notes))
+
+        def fused_maker(lm_impl: str | None, backend=backend, lm_backend=lm_backend):
+            def make(q, k, v):
+                from ..core.call import LayerSpec
+
+                layer = backend.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
+                st = backend.settings
+                pq = PhiWeights.from_module(layer.phi_q, st.activation, st.l2_norm, st.eps)
+                pk = PhiWeights.from_module(layer.phi_k or layer.phi_q, st.activation, st.l2_norm, st.eps)
+                idx = None
+                if lm_impl is not None and lm_backend is not None:
+                    idx, _ = lm_backend.indices(k, call)
+                logit = layer.alpha_logit.detach()
+
+                def fn():
+                    return ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit,
+                                             alpha_max=st.alpha_max, gamma=st.gamma, adaptive=st.adaptive_alpha,
+                                             eps=st.eps, landmark_impl=lm_impl or "fused", strict=True)
+                return fn
+            return make
+
+        kcost = ttr_cost(s, dtype, [], 0, 0)
+        kcost = (cost[0] - 4.0 * s.b * s.h * s.n * n_l * s.d, cost[1])
+        res.append(Variant(f"ttr-{cfg} fused", "ttr", fused_maker("fused"), cost, None,
+                           check_against=torch_name, notes=notes))
+        res.append(Variant(f"ttr-{cfg} fused sdpa-lm", "ttr", fused_maker("sdpa"), cost, None,
+                           check_against=torch_name, notes=notes))
+        res.append(Variant(f"ttr-{cfg} fused kernel-only", "ttr", fused_maker(None), kcost, None, notes=notes))
+    return res
+
+
+def _external_variants(s: Shape, dtype: torch.dtype, device: torch.device) -> list[Variant]:
+    res = []
+    cost = exact_cost(s, dtype)
+    if importlib.util.find_spec("sageattention") is not None and device.type == "cuda":
+        def make_sage(q, k, v):
+            from sageattention import sageattn
+            return lambda: sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+        res.append(Variant("sageattention", "external", make_sage, cost))
+    if importlib.util.find_spec("flash_attn") is not None and device.type == "cuda":
+        def make_fa(q, k, v):
+            from flash_attn import flash_attn_func
+            qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # it wants [B, N, H, D]
+            return lambda: flash_attn_func(qt, kt, vt)
+        res.append(Variant("flash-attn (BNHD inputs)", "external", make_fa, cost))
+    return res
