@@ -361,3 +361,23 @@ def test_apply_node_serves_best_ready_layers_from_checkpoint(comfy):
     out, layers = served(0.0)
     assert layers == set()
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_example_workflow_uses_attnplug_nodes_as_declared(comfy):
+    """examples/comfy_workflow.json (API format): every attnplug node exists and gets exactly its inputs."""
+    import attnplug
+
+    path = Path(attnplug.__file__).parent / "examples" / "comfy_workflow.json"
+    workflow = json.loads(path.read_text())
+    schemas = {n.GET_SCHEMA().node_id: n.GET_SCHEMA() for n in _all_nodes()}
+    used = [n for n in workflow.values() if n["class_type"].startswith("Attnplug")]
+    assert {n["class_type"] for n in used} >= {"AttnplugConfig", "AttnplugSchedule", "AttnplugDistill"}
+    for node in used:
+        schema = schemas[node["class_type"]]
+        declared = {i.id for i in schema.inputs}
+        required = {i.id for i in schema.inputs if not i.optional}
+        assert required <= set(node["inputs"]) <= declared, node["class_type"]
+        for i in schema.inputs:
+            value = node["inputs"].get(i.id)
+            if hasattr(i, "options") and isinstance(value, str) and i.id != "distiller":
+                assert value in i.options, (node["class_type"], i.id, value)
