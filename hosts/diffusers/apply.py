@@ -40,14 +40,16 @@ class Handle:
         self.pipe = pipe
         self._tracker: Tracker | None = tracker
         self._patched = patched
+        self._layers = {w._attnplug_state.layer_key: path for path, (_, _, w) in patched.items()}
+        self._states = [w._attnplug_state for _, (_, _, w) in patched.items()]
         #: module path → why its processor was left alone (not interceptable)
         self.skipped = skipped
         self.removed = False
 
     @property
     def layers(self) -> dict[str, str]:
-        """Layer key → module path of every patched attention module."""
-        return {w._attnplug_state.layer_key: path for path, (_, _, w) in self._patched.items()}
+        """Layer key → module path of every attention module `apply` patched (kept after `remove`)."""
+        return dict(self._layers)
 
     @property
     def layout(self) -> ModelLayout | None:
@@ -55,8 +57,7 @@ class Handle:
 
     def passthrough(self) -> dict[str, dict[str, int]]:
         """Per layer: calls sent straight to the host attention, by reason."""
-        return {w._attnplug_state.layer_key: dict(w._attnplug_state.passthrough)
-                for _, (_, _, w) in self._patched.items() if w._attnplug_state.passthrough}
+        return {s.layer_key: dict(s.passthrough) for s in self._states if s.passthrough}
 
     def end_run(self) -> None:
         """End the session's current run (bare-transformer use; pipelines end runs by themselves)."""
@@ -117,7 +118,7 @@ def find_transformer(pipe_or_transformer: Any) -> tuple[torch.nn.Module, Any | N
 
 
 def apply(pipe_or_transformer: Any, config_or_session: "Session | Config | str | Path | Mapping[str, Any]", *,
-          text_first: bool | None = None, timestep_scale: float | None = None) -> Handle:
+          text_first: bool | None = None, timestep_divisor: float | None = None) -> Handle:
     """Route every interceptable attention call of a diffusers pipeline or transformer through attnplug.
 
     Args:
@@ -126,14 +127,15 @@ def apply(pipe_or_transformer: Any, config_or_session: "Session | Config | str |
         config_or_session: a config (TOML/JSON path, dict, `Config`) or an existing `Session`.
         text_first: token order of the joint sequence, for models attnplug does not know
             (default: from the model table; unknown models report no conditioning split).
-        timestep_scale: sigma = transformer `timestep` × this, for models attnplug does not know.
+        timestep_divisor: sigma = transformer `timestep` / this, for models attnplug does not know
+            (Flux-style models take sigma itself: 1; SD3 takes sigma × 1000: 1000).
 
     Returns a `Handle`; `handle.remove()` restores the model exactly.
     """
     transformer, pipe = find_transformer(pipe_or_transformer)
     owns = not isinstance(config_or_session, Session)
     session = Session(config_or_session) if owns else config_or_session  # type: ignore[arg-type]
-    layout = layout_for(transformer, text_first, timestep_scale)
+    layout = layout_for(transformer, text_first, timestep_divisor)
     tracker = Tracker(session, transformer, layout, pipe)
 
     targets: list[tuple[str, torch.nn.Module, Any]] = []

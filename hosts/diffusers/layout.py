@@ -19,37 +19,37 @@ class ModelLayout:
     Attributes:
         text_first: the joint sequence the processor attends over is [text, image] (True),
             [image, text] (False), or unknown (None: no conditioning split is reported).
-        timestep_scale: sigma = timestep passed to `transformer.forward` × this; None when unknown.
+        timestep_divisor: sigma = timestep passed to `transformer.forward` / this; None when unknown.
         single_stream_text: single-stream blocks see [text, image] joined, and the text length is
             taken from the transformer's `encoder_hidden_states` (Flux, Flux2).
     """
 
     text_first: bool | None
-    timestep_scale: float | None
+    timestep_divisor: float | None
     single_stream_text: bool = False
 
 
 #: Transformer class name → layout. Flux-style pipelines pass `timestep = t / 1000`, i.e. sigma;
 #: SD3 passes t itself (sigma × 1000).
 LAYOUTS: dict[str, ModelLayout] = {
-    "FluxTransformer2DModel": ModelLayout(text_first=True, timestep_scale=1.0, single_stream_text=True),
-    "Flux2Transformer2DModel": ModelLayout(text_first=True, timestep_scale=1.0, single_stream_text=True),
-    "QwenImageTransformer2DModel": ModelLayout(text_first=True, timestep_scale=1.0),
-    "SD3Transformer2DModel": ModelLayout(text_first=False, timestep_scale=1e-3),
+    "FluxTransformer2DModel": ModelLayout(text_first=True, timestep_divisor=1.0, single_stream_text=True),
+    "Flux2Transformer2DModel": ModelLayout(text_first=True, timestep_divisor=1.0, single_stream_text=True),
+    "QwenImageTransformer2DModel": ModelLayout(text_first=True, timestep_divisor=1.0),
+    "SD3Transformer2DModel": ModelLayout(text_first=False, timestep_divisor=1000.0),
 }
 
-GENERIC = ModelLayout(text_first=None, timestep_scale=None)
+GENERIC = ModelLayout(text_first=None, timestep_divisor=None)
 
 _BLOCK_TYPES = {"transformer_blocks": "double", "single_transformer_blocks": "single"}
 _PATH = re.compile(r"^(?P<blocks>[A-Za-z_]+)\.(?P<index>\d+)\.(?P<attn>[A-Za-z_0-9.]+)$")
 
 
 def layout_for(transformer: object, text_first: bool | None = None,
-               timestep_scale: float | None = None) -> ModelLayout:
+               timestep_divisor: float | None = None) -> ModelLayout:
     """The layout of `transformer`, with explicit caller overrides applied."""
     base = LAYOUTS.get(type(transformer).__name__, GENERIC)
     return ModelLayout(text_first=base.text_first if text_first is None else text_first,
-                       timestep_scale=base.timestep_scale if timestep_scale is None else timestep_scale,
+                       timestep_divisor=base.timestep_divisor if timestep_divisor is None else timestep_divisor,
                        single_stream_text=base.single_stream_text)
 
 

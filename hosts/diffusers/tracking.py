@@ -131,8 +131,8 @@ class Tracker:
             elif raw != st.raw_timestep:
                 st.step_index += 1
             st.raw_timestep = raw
-        scale = self.layout.timestep_scale
-        st.sigma = raw * scale if raw is not None and scale is not None else None
+        divisor = self.layout.timestep_divisor
+        st.sigma = raw / divisor if raw is not None and divisor else None
         ehs = a.get("encoder_hidden_states")
         st.n_txt = int(ehs.shape[1]) if isinstance(ehs, torch.Tensor) and ehs.dim() >= 2 else None
         st.latent_grid = self._grid(a)
