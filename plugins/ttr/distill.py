@@ -20,9 +20,9 @@ Data flow (teacher → replay → update → EMA → gate):
    config's backend is the student (after training, or in `mode = "preview"`), and sends every other
    layer to exact attention (fail-closed).
 
-Out of memory while training a layer halves its query cap and asks the backend to shrink its chunk
-sizes (optional `shrink_training_memory(layer_key)`), clears the layer's replay, and stops training
-the layer when nothing is left to shrink. Sampling never stops because of it.
+Out of memory while training a layer halves its query cap and the backend's chunk sizes (optional
+`shrink_training_memory(layer_key)`, else `layer_chunks`/`set_layer_chunks`), clears the layer's
+replay, and stops training the layer when nothing is left to shrink. Sampling never stops because of it.
 """
 from __future__ import annotations
 
@@ -94,6 +94,10 @@ class DistillSettings(Strict):
     flush_every: int = Field(20, ge=0, description="Fallback: flush a layer after this many updates when the run "
                              "reports neither step indices nor sigmas (0: never).")
     oom_min_query_cap: int = Field(32, ge=1, description="Out of memory halves a layer's query cap down to this.")
+    oom_min_key_chunk: int = Field(256, ge=1, description="Out of memory halves the backend's key chunk down to "
+                                   "this (backends with layer_chunks/set_layer_chunks).")
+    oom_min_query_chunk: int = Field(64, ge=1, description="Out of memory halves the backend's query chunk down "
+                                     "to this.")
     log_every: int = Field(20, ge=0, description="Cross-layer snapshot every N updates (scope 'distill'; 0: off).")
     layer_log_every: int = Field(10, ge=0, description="Per-layer metrics every N updates of a layer "
                                  "(scope 'distill/layer'; 0: off).")
@@ -375,12 +379,10 @@ class OnlineDistiller:
         new_cap = max(min(self.settings.oom_min_query_cap, cap), cap // 2)
         shrunk = new_cap < cap
         self.query_caps[key] = new_cap
-        shrink = getattr(self.student, "shrink_training_memory", None)
-        if callable(shrink):
-            result = shrink(key)
-            if result:
-                self.shrinks.setdefault(key, []).append(dict(result) if isinstance(result, dict) else {})
-                shrunk = True
+        result = self._shrink_chunks(key)
+        if result:
+            self.shrinks.setdefault(key, []).append(result)
+            shrunk = True
         self.replay.clear_layer(key)
         if shrunk:
             self.session.warn_once(key, "distill-oom", f"distiller: out of memory training {key}; query cap "
@@ -390,6 +392,25 @@ class OnlineDistiller:
             self.selector.current.discard(key)
             self.session.warn_once(key, "distill-oom-off", f"distiller: out of memory training {key} with nothing "
                                    f"left to shrink; training of {key} stopped (sampling goes on): {exc}")
+
+    def _shrink_chunks(self, key: str) -> dict[str, Any] | None:
+        """Ask the backend for smaller chunks of one layer: its `shrink_training_memory(layer_key)` when
+        it has one (returns what changed, or None at its floor), else halve `layer_chunks(layer_key)`
+        → `set_layer_chunks(layer_key, key_chunk, query_chunk)` down to the configured floors."""
+        shrink = getattr(self.student, "shrink_training_memory", None)
+        if callable(shrink):
+            result = shrink(key)
+            return (dict(result) if isinstance(result, dict) else {"shrunk": True}) if result else None
+        get, put = getattr(self.student, "layer_chunks", None), getattr(self.student, "set_layer_chunks", None)
+        if not (callable(get) and callable(put)):
+            return None
+        kc, qc = (int(x) for x in get(key))
+        new_kc = max(min(kc, self.settings.oom_min_key_chunk), kc // 2)
+        new_qc = max(min(qc, self.settings.oom_min_query_chunk), qc // 2)
+        if (new_kc, new_qc) == (kc, qc):
+            return None
+        put(key, new_kc, new_qc)
+        return {"key_chunk": new_kc, "query_chunk": new_qc}
 
     # ---- state -----------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
