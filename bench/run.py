@@ -129,6 +129,7 @@ def run_bench(shapes: list[Shape], dtypes: list[torch.dtype], device: torch.devi
             q, k, v = (torch.randn(shape.b, shape.h, shape.n, shape.d, generator=g).to(device=device, dtype=dtype)
                        for _ in range(3))
             variants = build_variants(shape, dtype, device, only)
+            wanted = {x.check_against for x in variants if x.check_against} if check else set()
             rows: list[Result] = []
             outputs: dict[str, torch.Tensor] = {}
             for var in variants:
@@ -146,7 +147,7 @@ def run_bench(shapes: list[Shape], dtypes: list[torch.dtype], device: torch.devi
                     if not torch.isfinite(out).all():
                         r.skipped = "non-finite output"
                         continue
-                    if check and var.check_against:
+                    if check and (var.check_against or var.name in wanted):
                         outputs[var.name] = out
                     ts = time_ms(fn, device, warmup, min_reps, budget_ms)
                     r.ms = statistics.median(ts)

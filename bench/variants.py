@@ -235,7 +235,7 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device) -> list[Va
 
         kcost = ttr_cost(s, dtype, [], 0, 0)
         kcost = (cost[0] - 4.0 * s.b * s.h * s.n * n_l * s.d, cost[1])
-        res.append(Variant(f"ttr-{cfg} fused", "ttr", fused_maker("fused"), cost, None,
+        res.append(Variant(f"ttr-{cfg} fused flash-lm", "ttr", fused_maker("fused"), cost, None,
                            check_against=torch_name, notes=notes))
         res.append(Variant(f"ttr-{cfg} fused sdpa-lm", "ttr", fused_maker("sdpa"), cost, None,
                            check_against=torch_name, notes=notes))

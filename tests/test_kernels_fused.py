@@ -17,7 +17,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from attnplug.plugins.ttr.kernels import (PhiWeights, fused_unsupported_reasons, kv_state_fused,  # noqa: E402
+from attnplug.plugins.ttr.kernels import (KernelConfig, PhiWeights, fused_unsupported_reasons, kv_state_fused,  # noqa: E402
                                           kv_state_reference, landmark_indices, random_phi, ttr_forward_fused,
                                           ttr_forward_reference)
 from attnplug.plugins.ttr.kernels import fused as fused_mod  # noqa: E402
@@ -65,15 +65,16 @@ def test_interpreter_matches_reference(poison, activation, depth, hidden, per_he
     idx = landmark_indices(n, 8, 0.1)
     logit = torch.tensor([-2.2, 0.3])
     aff = [0.1, 0.01, -0.1, 0.02]
-    variants = [(True, "fused", "recompute"), (False, "fused", "recompute")]
+    chunked = KernelConfig(sdpa_row_chunks=3, sdpa_min_rows=16)  # SDPA landmarks in 3 row chunks
+    variants = [(True, "fused"), (False, "fused")]
     if depth == 1:
-        variants += [(True, "fused", "store"), (True, "sdpa", "recompute")]
-    for adaptive, lm_impl, strategy in variants:
+        variants += [(True, "sdpa"), (False, "sdpa")]
+    for adaptive, lm_impl in variants:
         ref = ttr_forward_reference(q, k, v, pq, pk, idx, logit, 0.2, 2.0, adaptive, branch_affine=aff)
         out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit, adaptive=adaptive,
-                                branch_affine=aff, landmark_impl=lm_impl, adaptive_strategy=strategy, strict=True)
+                                branch_affine=aff, landmark_impl=lm_impl, config=chunked, strict=True)
         assert out.shape == ref.shape and out.dtype == q.dtype
-        assert _rel(out, ref) < 1e-5, (adaptive, lm_impl, strategy)
+        assert _rel(out, ref) < 1e-5, (adaptive, lm_impl)
 
 
 @needs_triton

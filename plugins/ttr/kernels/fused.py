@@ -35,6 +35,8 @@ class KernelConfig:
     lm_block: int = 64
     block_k: int = 64
     kv_programs_per_sm: int = 4
+    sdpa_row_chunks: int = 8  # landmark_impl="sdpa": out_l is computed in this many row chunks …
+    sdpa_min_rows: int = 2048  # … of at least this many rows (small chunks under-fill the GPU)
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -213,9 +215,9 @@ def kv_state_fused(k: torch.Tensor, v: torch.Tensor, phi_k: PhiWeights, key_mask
                                                           bsz * heads)))
     chunk = _cdiv(_cdiv(n, n_chunks), bn) * bn
     n_chunks = _cdiv(n, chunk)
-    s_part = torch.empty(bsz * heads, n_chunks, ft, d, device=k.device, dtype=torch.float32)
-    z_part = torch.empty(bsz * heads, n_chunks, ft, device=k.device, dtype=torch.float32)
-    dummy = s_part
+    s = torch.zeros(bsz, heads, ft, d, device=k.device, dtype=torch.float32)  # chunks add into it atomically
+    z = torch.zeros(bsz, heads, ft, device=k.device, dtype=torch.float32)
+    dummy = s
     wa = _kernel_args(phi_k, plan, k.dtype, k.device, dummy)
     if key_mask is not None:
         m = key_mask.to(device=k.device, dtype=torch.int8).contiguous()
@@ -223,19 +225,15 @@ def kv_state_fused(k: torch.Tensor, v: torch.Tensor, phi_k: PhiWeights, key_mask
     else:
         m, smb = dummy, 0
     _kv_state_kernel[(bsz * heads, n_chunks)](
-        x, v, m, s_part, z_part, wa["w1"], wa["b1"], wa["w2"], wa["b2"],
-        n, heads, chunk, n_chunks,
+        x, v, m, s, z, wa["w1"], wa["b1"], wa["w2"], wa["b2"],
+        n, heads, chunk,
         x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1), v.stride(2), smb,
         wa["w1h"], wa["b1h"], wa["w2h"], wa["b2h"], phi_k.norm_eps,
         D=d, DIN=plan.din, BK=_block_k(config.block_k, plan.din), H1=plan.h1, F1=plan.f1, DEPTH=plan.depth,
         ACT=_ACT[phi_k.activation], IS_HH=int(phi_k.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
         HAS_B2=wa["HAS_B2"], NORM=int(phi_k.l2_norm), HAS_MASK=int(key_mask is not None), BN=bn,
         num_warps=config.kv_warps, num_stages=config.kv_stages)
-    s = s_part[:, 0] if n_chunks == 1 else s_part.sum(1)
-    z = z_part[:, 0] if n_chunks == 1 else z_part.sum(1)
-    return s.view(bsz, heads, ft, d), z.view(bsz, heads, ft)
-
-
+    return s, z
 
 
 def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights, phi_k: PhiWeights, *,
@@ -243,15 +241,17 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                       alpha_max: float = 0.2, gamma: float = 2.0, adaptive: bool = True, eps: float = 1e-6,
                       key_mask: torch.Tensor | None = None,
                       branch_affine: Sequence[float] | torch.Tensor | None = None,
-                      landmark_impl: str = "fused", adaptive_strategy: str = "recompute",
-                      config: KernelConfig | None = None, strict: bool = False) -> torch.Tensor:
+                      landmark_impl: str = "auto", config: KernelConfig | None = None,
+                      strict: bool = False) -> torch.Tensor:
     """The ttr layer's forward (inference): fused Triton kernels, else the PyTorch reference.
 
     Same math and arguments as `reference.ttr_forward_reference`; additionally
-    `landmark_impl` ("fused": online softmax inside the query kernel; "sdpa": torch SDPA on the
-    gathered landmarks, read by the epilogue), `adaptive_strategy` ("recompute": the second pass
-    recomputes the landmark branch, memory as SDPA's; "store": pass 1 stores out_l − out_k, one
-    extra output-sized buffer), `config` (tile sizes) and `strict` (raise instead of falling back).
+    `landmark_impl` ("fused": online softmax inside the query kernel; "sdpa": torch SDPA (cuDNN) on
+    the gathered landmarks, row chunk by row chunk, read by the query kernel's epilogue; "auto":
+    "sdpa" on CUDA, else "fused"), `config` (tile sizes, SDPA row chunk) and `strict` (raise instead
+    of falling back). Adaptive α runs two passes: pass 1 writes out_l into the output and
+    d = 1 − cos(out_k, out_l); pass 2 recomputes the cheap kernel branch and blends in place, so no
+    buffer the size of the output is added.
     `alpha_logit` is a scalar or a per-head `[H]` tensor; `branch_affine` is `[4]` or `[B, 4]`.
     Returns `[B, H, Nq, D]` in q's dtype.
     """
@@ -261,10 +261,10 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             raise RuntimeError("ttr_forward_fused cannot serve this call: " + "; ".join(reasons))
         return ttr_forward_reference(q, k, v, phi_q, phi_k, landmark_idx, alpha_logit, alpha_max, gamma, adaptive,
                                      eps, key_mask, branch_affine)
-    if landmark_impl not in ("fused", "sdpa"):
-        raise ValueError(f"landmark_impl: expected 'fused' or 'sdpa', got {landmark_impl!r}")
-    if adaptive_strategy not in ("recompute", "store"):
-        raise ValueError(f"adaptive_strategy: expected 'recompute' or 'store', got {adaptive_strategy!r}")
+    if landmark_impl not in ("auto", "fused", "sdpa"):
+        raise ValueError(f"landmark_impl: expected 'auto', 'fused' or 'sdpa', got {landmark_impl!r}")
+    if landmark_impl == "auto":
+        landmark_impl = "sdpa" if q.device.type == "cuda" else "fused"
     from .triton_ttr import _query_kernel
 
     cfg = config or DEFAULT_CONFIG
@@ -283,9 +283,8 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         dummy = s
         wa = _kernel_args(phi_q, plan, q.dtype, q.device, dummy)
         use_lm = landmark_idx is not None and landmark_idx.numel() > 0
-        kl = vl = ol = dummy
+        kl = vl = dummy
         skl = (0, 0, 0)
-        sol = (0, 0, 0)
         n_lm = 0
         if use_lm:
             idx = landmark_idx.to(device=q.device, dtype=torch.long)
@@ -293,9 +292,6 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             vl = v.index_select(2, idx).contiguous()
             n_lm = int(idx.numel())
             skl = (kl.stride(0), kl.stride(1), kl.stride(2))
-            if landmark_impl == "sdpa":
-                ol = F.scaled_dot_product_attention(q, kl, vl)
-                sol = (ol.stride(0), ol.stride(1), ol.stride(2))
         logit = torch.as_tensor(alpha_logit, dtype=torch.float32, device=q.device).reshape(-1).contiguous()
         if logit.numel() not in (1, heads):
             raise ValueError(f"alpha_logit: expected a scalar or [{heads}] per head, got {logit.numel()} values")
@@ -308,37 +304,41 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             aff = aff.expand(bsz, 4).contiguous()
         s_scale = 1.0 / max(1, nk)  # keeps S and z in range for fp16 dots; cancels in the ratio
         qk_scale = d ** -0.5 * 1.4426950408889634
-        grid = (_cdiv(nq, cfg.q_block_m), bsz * heads)
-        d_buf = delta = dmean = dummy
-        store = adaptive_strategy == "store"
+        d_buf = dummy
         if use_lm and adaptive:
             d_buf = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
-            if store and landmark_impl != "sdpa":
-                delta = torch.empty_like(out)
 
-        def launch(mode: int, store_delta: int, lm_src: int, dm: torch.Tensor, dl: torch.Tensor) -> None:
+        def launch(mode: int, lm_src: int, m0: int, m1: int, ol: torch.Tensor, dm: torch.Tensor) -> None:
+            grid = (_cdiv(m1 - m0, cfg.q_block_m), bsz * heads)
             _query_kernel[grid](
-                q, x, s, z, kl, vl, ol, out, d_buf, dl, dm, logit, aff,
+                q, x, s, z, kl, vl, ol, out, d_buf, dm, logit, aff,
                 wa["w1"], wa["b1"], wa["w2"], wa["b2"],
-                nq, n_lm, heads, s_scale, eps * 1.0, float(alpha_max), float(gamma), qk_scale, phi_q.norm_eps,
+                nq, m0, m1, n_lm, heads, s_scale, eps * 1.0, float(alpha_max), float(gamma), qk_scale,
+                phi_q.norm_eps,
                 q.stride(0), q.stride(1), q.stride(2), x.stride(0), x.stride(1), x.stride(2), *skl,
-                out.stride(0), out.stride(1), out.stride(2), *sol,
+                out.stride(0), out.stride(1), out.stride(2), ol.stride(0), ol.stride(1), ol.stride(2),
                 wa["w1h"], wa["b1h"], wa["w2h"], wa["b2h"], logit_h,
                 D=d, DIN=plan.din, BK=_block_k(cfg.block_k, plan.din), H1=plan.h1, F1=plan.f1, DEPTH=plan.depth,
                 ACT=_ACT[phi_q.activation], IS_HH=int(phi_q.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
-                HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src, STORE_DELTA=store_delta,
+                HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src,
                 HAS_AFF=int(branch_affine is not None), BM=cfg.q_block_m, BL=cfg.lm_block,
                 num_warps=cfg.q_warps, num_stages=cfg.q_stages)
 
-        lm_src = 1 if landmark_impl == "sdpa" else 0
         if not use_lm:
-            launch(0, 0, 0, dummy, dummy)
-        elif not adaptive:
-            launch(1, 0, lm_src, dummy, dummy)
+            launch(0, 0, 0, nq, dummy[None], dummy)
+            return out
+        mode = 2 if adaptive else 1
+        if landmark_impl == "sdpa":
+            # out_l by cuDNN on row chunks: the extra memory is one chunk, not an output-sized buffer
+            rows = max(cfg.sdpa_min_rows, _cdiv(_cdiv(nq, cfg.sdpa_row_chunks), 128) * 128)
+            for m0 in range(0, nq, rows):
+                m1 = min(nq, m0 + rows)
+                ol = F.scaled_dot_product_attention(q[:, :, m0:m1], kl, vl)
+                launch(mode, 1, m0, m1, ol, dummy)
+                del ol
         else:
-            # with SDPA landmarks, out_l is already in memory: pass 2 re-reads it (no delta buffer)
-            sd = int(store and landmark_impl != "sdpa")
-            launch(2, sd, lm_src, dummy, delta)
+            launch(mode, 0, 0, nq, dummy[None], dummy)
+        if adaptive:
             dmean = d_buf.mean(dim=-1).clamp_min(1e-12).contiguous()
-            launch(3, sd, lm_src, dmean, delta)
+            launch(3, 0, 0, nq, dummy[None], dmean)
         return out

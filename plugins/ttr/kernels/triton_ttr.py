@@ -7,9 +7,10 @@ Two launches carry the layer:
   tiles; each chunk writes a partial state (summed by the caller, deterministic).
 - `_query_kernel`: per (query tile, batch·head), computes φ(q), `out_k = φ(q)·S / (φ(q)·z + eps)`,
   the landmark branch (flash-style online softmax over gathered landmark keys, or read from an
-  SDPA result) and the α blend in the epilogue. MODE selects kernel-only (0), fixed-α hybrid (1),
-  adaptive pass 1 (2: writes out_k and d = 1 − cos) and adaptive pass 2 (3: blends in place with
-  the per-(b, h) mean of d, recomputing the landmark branch or reading a stored delta).
+  SDPA result of the same row chunk) and the α blend in the epilogue. MODE selects kernel-only (0),
+  fixed-α hybrid (1), adaptive pass 1 (2: writes out_l into `out` and d = 1 − cos(out_k, out_l))
+  and adaptive pass 2 (3: recomputes the cheap kernel branch, reads out_l back from `out` and
+  blends in place with the per-(b, h) mean of d). Rows [M0, M1) are processed (row chunks).
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def _phi_tile(x_base, offs_n, row_ok, stride_xn, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
 
 @triton.jit
 def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                     N, H, CHUNK, NCHUNK,
+                     N, H, CHUNK,
                      sxb, sxh, sxn, svb, svh, svn, smb,
                      w1h, b1h, w2h, b2h, norm_eps,
                      D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
@@ -114,37 +115,37 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, w1_ptr, b1_ptr, w2_ptr, 
             s2 = tl.dot(tl.trans(f2.to(vt.dtype)), vt, s2)
             z2 += tl.sum(f2, axis=0)
     FT: tl.constexpr = 2 * F1 if IS_HH else F1
-    s_base = s_ptr + (pid_bh * NCHUNK + pid_c) * (FT * D)
-    z_base = z_ptr + (pid_bh * NCHUNK + pid_c) * FT
-    tl.store(s_base + offs_f[:, None] * D + offs_d[None, :], s1)
-    tl.store(z_base + offs_f, z1)
+    s_base = s_ptr + pid_bh * (FT * D)
+    z_base = z_ptr + pid_bh * FT
+    tl.atomic_add(s_base + offs_f[:, None] * D + offs_d[None, :], s1)
+    tl.atomic_add(z_base + offs_f, z1)
     if IS_HH:
-        tl.store(s_base + F1 * D + offs_f[:, None] * D + offs_d[None, :], s2)
-        tl.store(z_base + F1 + offs_f, z2)
+        tl.atomic_add(s_base + F1 * D + offs_f[:, None] * D + offs_d[None, :], s2)
+        tl.atomic_add(z_base + F1 + offs_f, z2)
 
 
 @triton.jit
-def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, ol_ptr, out_ptr, d_ptr, delta_ptr, dmean_ptr,
+def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, ol_ptr, out_ptr, d_ptr, dmean_ptr,
                   logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                  N, L, H, s_scale, eps, alpha_max, gamma, qk_scale, norm_eps,
+                  N, M0, M1, L, H, s_scale, eps, alpha_max, gamma, qk_scale, norm_eps,
                   sqb, sqh, sqn, sxb, sxh, sxn, skb, skh, skn, sob, soh, son, slb, slh, sln,
                   w1h, b1h, w2h, b2h, logit_h,
                   D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
                   DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
                   HAS_B2: tl.constexpr, NORM: tl.constexpr, MODE: tl.constexpr, LM_SRC: tl.constexpr,
-                  STORE_DELTA: tl.constexpr, HAS_AFF: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr):
+                  HAS_AFF: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    row_ok = offs_m < N
+    offs_m = M0 + pid_m * BM + tl.arange(0, BM)
+    row_ok = offs_m < M1
     offs_d = tl.arange(0, D)
     o_ptrs = out_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :]
-    t_ptrs = offs_m + pid_bh * N  # d and delta are contiguous [B, H, N(, D)]
+    t_ptrs = offs_m + pid_bh * N  # d is contiguous [B, H, N]
     out_dtype = out_ptr.dtype.element_ty
-    # ---- kernel branch ---------------------------------------------------------------------
-    if MODE != 3:
+    # ---- kernel branch (every mode: pass 2 recomputes it, it is the cheap branch) --------------
+    if True:
         x_base = x_ptr + b * sxb + h * sxh
         f1, f2 = _phi_tile(x_base, offs_m, row_ok, sxn, w1_ptr + h * w1h, b1_ptr + h * b1h, w2_ptr + h * w2h,
                            b2_ptr + h * b2h, norm_eps, DIN, BK, H1, F1, DEPTH, ACT, IS_HH, HAS_B1, HAS_B2, NORM)
@@ -164,59 +165,52 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, ol_ptr, out_ptr, d
         ok = num / (den + eps * s_scale)[:, None]
         if HAS_AFF:
             ok = ok * (1.0 + tl.load(aff_ptr + b * 4 + 0)) + tl.load(aff_ptr + b * 4 + 1)
-    else:
-        ok = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
     # ---- landmark branch -------------------------------------------------------------------
-    if MODE != 0:
-        if (MODE == 3) and STORE_DELTA:
-            delta = tl.load(delta_ptr + t_ptrs[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
-                            other=0.0).to(tl.float32)
+    if MODE == 3:
+        # pass 2: pass 1 left out_l (after its affine) in `out`
+        ol = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    elif MODE != 0:
+        if LM_SRC == 1:
+            # SDPA result of this row chunk, rows [M0, M1) stored from 0
+            ol = tl.load(ol_ptr + b * slb + h * slh + (offs_m - M0)[:, None] * sln + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0).to(tl.float32)
         else:
-            if LM_SRC == 1:
-                ol = tl.load(ol_ptr + b * slb + h * slh + offs_m[:, None] * sln + offs_d[None, :],
-                             mask=row_ok[:, None], other=0.0).to(tl.float32)
-            else:
-                q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                            mask=row_ok[:, None], other=0.0)
-                m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
-                l_i = tl.zeros((BM,), dtype=tl.float32)
-                acc = tl.zeros((BM, D), dtype=tl.float32)
-                kl_base = kl_ptr + b * skb + h * skh
-                vl_base = vl_ptr + b * skb + h * skh
-                for l0 in range(0, L, BL):
-                    offs_l = l0 + tl.arange(0, BL)
-                    l_ok = offs_l < L
-                    kt = tl.load(kl_base + offs_l[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-                    sc = tl.dot(q, tl.trans(kt)) * qk_scale
-                    sc = tl.where(l_ok[None, :], sc, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-                    p = tl.exp2(sc - m_new[:, None])
-                    corr = tl.exp2(m_i - m_new)
-                    l_i = l_i * corr + tl.sum(p, axis=1)
-                    vt = tl.load(vl_base + offs_l[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-                    acc = tl.dot(p.to(vt.dtype), vt, acc * corr[:, None])
-                    m_i = m_new
-                ol = acc / l_i[:, None]
-            if HAS_AFF:
-                ol = ol * (1.0 + tl.load(aff_ptr + b * 4 + 2)) + tl.load(aff_ptr + b * 4 + 3)
-            delta = ol - ok
+            q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros((BM,), dtype=tl.float32)
+            acc = tl.zeros((BM, D), dtype=tl.float32)
+            kl_base = kl_ptr + b * skb + h * skh
+            vl_base = vl_ptr + b * skb + h * skh
+            for l0 in range(0, L, BL):
+                offs_l = l0 + tl.arange(0, BL)
+                l_ok = offs_l < L
+                kt = tl.load(kl_base + offs_l[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                sc = tl.dot(q, tl.trans(kt)) * qk_scale
+                sc = tl.where(l_ok[None, :], sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+                p = tl.exp2(sc - m_new[:, None])
+                corr = tl.exp2(m_i - m_new)
+                l_i = l_i * corr + tl.sum(p, axis=1)
+                vt = tl.load(vl_base + offs_l[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                acc = tl.dot(p.to(vt.dtype), vt, acc * corr[:, None])
+                m_i = m_new
+            ol = acc / l_i[:, None]
+        if HAS_AFF:
+            ol = ol * (1.0 + tl.load(aff_ptr + b * 4 + 2)) + tl.load(aff_ptr + b * 4 + 3)
     # ---- blend epilogue ----------------------------------------------------------------------
     if MODE == 0:
         tl.store(o_ptrs, ok.to(out_dtype), mask=row_ok[:, None])
     elif MODE == 1:
         lg = tl.minimum(tl.maximum(tl.load(logit_ptr + h * logit_h), -15.0), 15.0)
         a = alpha_max / (1.0 + tl.exp(-lg))
-        tl.store(o_ptrs, (ok + a * delta).to(out_dtype), mask=row_ok[:, None])
+        tl.store(o_ptrs, (ok + a * (ol - ok)).to(out_dtype), mask=row_ok[:, None])
     elif MODE == 2:
-        ol2 = ok + delta
-        dot = tl.sum(ok * ol2, axis=1)
-        nrm = tl.sqrt(tl.sum(ok * ok, axis=1)) * tl.sqrt(tl.sum(ol2 * ol2, axis=1))
+        dot = tl.sum(ok * ol, axis=1)
+        nrm = tl.sqrt(tl.sum(ok * ok, axis=1)) * tl.sqrt(tl.sum(ol * ol, axis=1))
         dd = 1.0 - dot / tl.maximum(nrm, 1e-8)
         tl.store(d_ptr + t_ptrs, dd, mask=row_ok)
-        tl.store(o_ptrs, ok.to(out_dtype), mask=row_ok[:, None])
-        if STORE_DELTA:
-            tl.store(delta_ptr + t_ptrs[:, None] * D + offs_d[None, :], delta.to(delta_ptr.dtype.element_ty),
-                     mask=row_ok[:, None])
+        tl.store(o_ptrs, ol.to(out_dtype), mask=row_ok[:, None])
     else:
         dd = tl.load(d_ptr + t_ptrs, mask=row_ok, other=0.0)
         mean = tl.load(dmean_ptr + pid_bh)
@@ -224,4 +218,4 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, ol_ptr, out_ptr, d
         lg = tl.load(logit_ptr + h * logit_h)
         arg = tl.minimum(tl.maximum(lg + gamma * (dn - 0.5), -15.0), 15.0)
         a = alpha_max / (1.0 + tl.exp(-arg))
-        tl.store(o_ptrs, (ok + a[:, None] * delta).to(out_dtype), mask=row_ok[:, None])
+        tl.store(o_ptrs, (ok + a[:, None] * (ol - ok)).to(out_dtype), mask=row_ok[:, None])
