@@ -1,0 +1,256 @@
+"""Train the testbed model by flow matching: `python -m attnplug.testbed.train --out DIR --steps N`.
+
+Rectified flow in the Flux convention: x_t = (1 - s) x0 + s * noise, target velocity = noise - x0,
+loss = MSE. s is drawn logit-normal (sigmoid of N(0, 1), as in SD3), which concentrates training
+on the middle of the trajectory where the layout of the digits is decided. Batches are fresh
+mosaics of training prompts (held-out prompts are never drawn) built from the train split of the
+digit images, with a light gain jitter. AdamW, one-cycle LR (30 % cosine warm-up from lr/25, cosine
+decay to lr/1e4), gradient clipping 1.0, bf16 autocast on CUDA, an EMA of the weights (saved).
+cuDNN's SDPA backward failed for head_dim 32 in bf16 on the reference stack (MEASUREMENTS.md), so
+the cuDNN SDPA backend is switched off while training. `--time-budget-s` shortens the run (number of
+steps fixed after a short timing, before the LR decays) so that it ends inside a device lease.
+
+Writes to --out: `testbed.safetensors` (fp16, EMA weights), `config.json` (arguments, model config,
+loss curve, evaluation), `MODEL_CARD.md`. At the end it samples held-out prompts with the 20-step
+Euler sampler from the saved fp16 file and reports prompt adherence.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import classifier, data, sampling
+from .model import TestbedConfig, TestbedModel
+
+WEIGHTS_NAME = "testbed.safetensors"
+CPU_SUBSET_PROMPTS = 4  # the fast CPU test uses the first 4 held-out prompts, noise seed 0, 20 steps
+
+
+def one_cycle_lr(step: int, total: int, lr: float, pct_start: float = 0.3, div: float = 25.0,
+                 final_div: float = 1e4) -> float:
+    """torch's OneCycleLR (cosine, two phases) as a pure function of the step."""
+    up = max(1, int(pct_start * total))
+    if step < up:
+        a, b, t = lr / div, lr, step / up
+    else:
+        a, b, t = lr, lr / div / final_div, min(1.0, (step - up) / max(1, total - up))
+    return b + (a - b) * (1 + math.cos(math.pi * t)) / 2
+
+
+def sample_sigmas(n: int, generator: torch.Generator, device: torch.device, kind: str = "logit_normal") -> torch.Tensor:
+    """Training noise levels [n] in (0, 1): 'logit_normal' (sigmoid N(0,1)) or 'uniform'."""
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    if kind == "uniform":
+        return torch.rand(n, generator=generator, device=device).clamp(1e-4, 1 - 1e-4)
+    raise ValueError(f"--sigma-sampling must be 'logit_normal' or 'uniform', got {kind!r}")
+
+
+def evaluate(model: TestbedModel, n_prompts: int = 64, steps: int = 20, seed: int = 0,
+             batch_size: int = 64) -> dict[str, Any]:
+    """Adherence of `steps`-step Euler samples on the first `n_prompts` held-out prompts (noise `seed`)."""
+    prompts = data.heldout_prompts(n_prompts, model.cfg.grid)
+    t0 = time.perf_counter()
+    imgs = sampling.sample(model, prompts, steps=steps, seed=seed, batch_size=batch_size)
+    wall = time.perf_counter() - t0
+    per = classifier.adherence_per_prompt(imgs, prompts)
+    return {"prompts": n_prompts, "cells": n_prompts * model.cfg.grid ** 2, "steps": steps, "noise_seed": seed,
+            "adherence": float(per.mean()), "min_prompt_adherence": float(per.min()),
+            "sample_wall_s": wall, "images": imgs}
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    torch.manual_seed(args.seed)
+    if cuda:
+        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN SDPA backward fails for head_dim 32 in bf16
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    cfg = TestbedConfig(grid=args.grid)
+    model = TestbedModel(cfg).to(device).train()
+    n_params = model.num_parameters()
+    ema = [p.detach().clone().float() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    split = data.digit_split("train").to(device)
+    g_cpu = torch.Generator().manual_seed(args.seed)
+    g_dev = torch.Generator(device=device).manual_seed(args.seed + 1)
+    total = args.steps
+    print(f"[train] device={device} ({torch.cuda.get_device_name(device) if cuda else platform.processor()}) "
+          f"params={n_params} steps={total} batch={args.batch} lr={args.lr}", flush=True)
+    losses: list[tuple[int, float]] = []
+    acc = torch.zeros((), device=device)
+    acc_n = 0
+    t_start = time.perf_counter()
+    t_calib = None
+    step = 0
+    while step < total:
+        lr = one_cycle_lr(step, total, args.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        prompts = data.train_prompts(args.batch, cfg.grid, g_cpu).to(device, non_blocking=True)
+        x0 = data.pack(data.render_mosaics(prompts, split, g_dev, args.gain_jitter))
+        noise = torch.randn(x0.shape, generator=g_dev, device=device)
+        s = sample_sigmas(args.batch, g_dev, device, args.sigma_sampling)
+        x_t = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            v = model.velocity(x_t, s, prompts)
+        loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            params = [p.detach().float() for p in model.parameters()]
+            torch._foreach_lerp_(ema, params, 1 - decay)
+        acc += loss.detach()
+        acc_n += 1
+        step += 1
+        if step == 20:
+            if cuda:
+                torch.cuda.synchronize()
+            t_calib = time.perf_counter()
+        if step == 120 and args.time_budget_s and t_calib is not None:
+            if cuda:
+                torch.cuda.synchronize()
+            rate = 100 / (time.perf_counter() - t_calib)
+            fit = int((args.time_budget_s - (time.perf_counter() - t_start)) * rate) + step
+            if fit < total:
+                print(f"[train] {rate:.1f} steps/s: time budget {args.time_budget_s:.0f} s fits {fit} steps, "
+                      f"not {total}; shortening the schedule", flush=True)
+                total = max(step + 1, fit)
+        if step % args.log_every == 0 or step == total:
+            mean = float(acc / acc_n)
+            losses.append((step, mean))
+            acc.zero_()
+            acc_n = 0
+            el = time.perf_counter() - t_start
+            print(f"[train] step {step}/{total} loss {mean:.4f} lr {lr:.2e} {el:.0f}s", flush=True)
+    if cuda:
+        torch.cuda.synchronize()
+    train_wall = time.perf_counter() - t_start
+    with torch.no_grad():
+        for p, e in zip(model.parameters(), ema):
+            p.copy_(e)
+    model.eval()
+    weights = out / WEIGHTS_NAME
+    info = {"seed": args.seed, "steps": total, "steps_requested": args.steps, "batch": args.batch,
+            "final_loss": losses[-1][1] if losses else None, "train_wall_s": round(train_wall, 1),
+            "params": n_params, "weights": "EMA"}
+    model.save(weights, extra_meta={"training": info})
+    # evaluate the artifact as it will be committed: the fp16 file, loaded in fp32
+    loaded = TestbedModel.load(weights, device=device, dtype=torch.float32)
+    ev = evaluate(loaded, args.eval_prompts, args.eval_steps)
+    sub = evaluate(loaded, CPU_SUBSET_PROMPTS, 20)
+    clf_acc = classifier.heldout_accuracy()
+    imgs = ev.pop("images")
+    sub.pop("images")
+    print(f"[eval] held-out adherence {ev['adherence'] * 100:.2f} % on {ev['cells']} cells "
+          f"(min per prompt {ev['min_prompt_adherence'] * 100:.1f} %); CPU-test subset {sub['adherence'] * 100:.2f} %; "
+          f"classifier held-out accuracy {clf_acc * 100:.2f} %", flush=True)
+    record = {"command": "python -m attnplug.testbed.train " + shlex.join(sys.argv[1:]),
+              "args": vars(args), "model_config": cfg.to_dict(), "training": info, "loss_curve": losses,
+              "eval": ev, "eval_cpu_subset": sub, "classifier_heldout_accuracy": clf_acc,
+              "environment": {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                              "torch": torch.__version__, "diffusers": _version("diffusers"),
+                              "python": platform.python_version()}}
+    (out / "config.json").write_text(json.dumps(record, indent=1))
+    (out / "MODEL_CARD.md").write_text(model_card(record, weights))
+    if args.save_samples:
+        from safetensors.torch import save_file
+
+        save_file({"images": imgs[:16].half().contiguous()}, str(out / "samples.safetensors"))
+    return record
+
+
+def _version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001 - informational only
+        return "unknown"
+
+
+def model_card(r: dict[str, Any], weights: Path) -> str:
+    """The model card (markdown) for a training record."""
+    t, ev, sub, mc = r["training"], r["eval"], r["eval_cpu_subset"], r["model_config"]
+    size_mb = weights.stat().st_size / 1e6
+    curve = ", ".join(f"{s}: {l:.3f}" for s, l in r["loss_curve"][:: max(1, len(r["loss_curve"]) // 10)])
+    return f"""# attnplug testbed model
+
+A diffusers `FluxTransformer2DModel` trained by flow matching on 8x8 mosaics of scikit-learn digits
+(see `attnplug/testbed/__init__.py`). Load it with `attnplug.testbed.model.load_testbed()`.
+
+| | |
+|---|---|
+| architecture | {mc['num_layers']} double + {mc['num_single_layers']} single blocks, {mc['num_attention_heads']} heads x {mc['attention_head_dim']}, joint dim {mc['joint_attention_dim']}, RoPE axes {mc['axes_dims_rope']}, in_channels 4 (2x2 packed pixels) |
+| parameters | {t['params']:,} (transformer + conditioning embedder) |
+| data | grid {mc['grid']}x{mc['grid']} -> {(mc['grid'] * 4) ** 2} image tokens + {mc['grid'] ** 2} conditioning tokens; train split of the digit images; held-out prompts never drawn |
+| objective | rectified flow, x_t = (1-s) x0 + s noise, target noise - x0, s ~ logit-normal(0, 1) |
+| optimiser | AdamW lr {r['args']['lr']}, wd {r['args']['weight_decay']}, one-cycle, batch {t['batch']}, grad clip 1.0, bf16 autocast, EMA {r['args']['ema']} (saved weights) |
+| seed | {t['seed']} |
+| steps | {t['steps']} (requested {t['steps_requested']}) |
+| final loss | {t['final_loss']:.4f} (mean of the last {r['args']['log_every']} steps) |
+| training wall time | {t['train_wall_s']:.0f} s on {r['environment']['device']} |
+| file | `{weights.name}`, fp16, {size_mb:.1f} MB |
+| environment | torch {r['environment']['torch']}, diffusers {r['environment']['diffusers']}, python {r['environment']['python']} |
+
+## Evaluation (the fp16 file, loaded in fp32; 20-step Euler, shift 1)
+
+| set | prompts | cells | adherence | min per prompt |
+|---|---|---|---|---|
+| held-out prompts (seed 1234), noise seed {ev['noise_seed']} | {ev['prompts']} | {ev['cells']} | **{ev['adherence'] * 100:.2f} %** | {ev['min_prompt_adherence'] * 100:.1f} % |
+| CPU-test subset (first {sub['prompts']}) | {sub['prompts']} | {sub['cells']} | {sub['adherence'] * 100:.2f} % | {sub['min_prompt_adherence'] * 100:.1f} % |
+
+Digit classifier (SVC gamma 0.001, C 10) on held-out digit images: {r['classifier_heldout_accuracy'] * 100:.2f} %.
+
+Loss curve (step: loss): {curve}
+
+## Exact training command
+
+```
+{r['command']}
+```
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m attnplug.testbed.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", type=int, default=data.DEFAULT_GRID)
+    p.add_argument("--gain-jitter", type=float, default=0.1)
+    p.add_argument("--sigma-sampling", choices=["logit_normal", "uniform"], default="logit_normal")
+    p.add_argument("--time-budget-s", type=float, default=0.0, help="shorten the schedule to fit (0: off)")
+    p.add_argument("--eval-prompts", type=int, default=64)
+    p.add_argument("--eval-steps", type=int, default=20)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--device", default=None)
+    p.add_argument("--save-samples", action="store_true", help="also write samples.safetensors (16 held-out samples)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
