@@ -47,6 +47,9 @@ def _sample(patcher, steps=4, cfg=2.0, seed=1, txt=5, hw=8):
     return guider.sample(noise, comfy.samplers.flux_sigmas(steps))
 
 
+TINY_TTR = {"feature_dim": 16, "hidden": 32}
+
+
 def _all_nodes():
     from attnplug.hosts.comfy.nodes import NODES
     from attnplug.hosts.comfy.nodes_utils import NODES as UTILS
@@ -265,55 +268,11 @@ def test_choose_layers_best_k_by_ema_cosine(comfy):
         choose_layers(ready, scores, 1.5)
 
 
-# ---- training during sampling, apply from checkpoint (ttr + distiller) ------------------------------------------
-
-def _need_distiller():
-    from attnplug.hosts.comfy.configs import learned_backends, registered_distillers
-
-    if "ttr" not in learned_backends() or "ttr" not in registered_distillers():
-        pytest.skip("needs the ttr backend and the ttr distiller registered (plugins/ttr); distiller not registered yet")
-
-
-def test_distill_node_trains_over_several_runs_and_apply_serves_ready_layers(comfy, caplog):
-    _need_distiller()
-    import logging
-
-    import comfy.utils
-    from attnplug.core import load_checkpoint
-    from attnplug.hosts.comfy import current_binding
-    from attnplug.hosts.comfy.nodes import AttnplugApply, AttnplugDistill
-
-    progress = []
-    comfy.utils.PROGRESS_BAR_HOOK = lambda value, total, preview, node_id=None: progress.append((value, total))
-    base = _model()
-    ref = _sample(base)
-    cfg = {"backend": "ttr", "exact": "host", "loggers": [],
-           "plugins": {"ttr": {}}}
-    model = AttnplugDistill.execute(model=base, checkpoint="test_distill", distiller="ttr", mode="passthrough",
-                                    config=cfg)[0]
-    binding = current_binding(model)
-    with caplog.at_level(logging.INFO, logger="attnplug"):
-        for _ in range(3):
-            out = _sample(model)
-            torch.testing.assert_close(out, ref)  # passthrough: the image is the exact one
-    ckpt = Path(binding.handle.spec.checkpoint)
-    assert ckpt.is_file() and binding.handle.saves == 3 and binding.handle.builds == 3
-    comps = load_checkpoint(ckpt)
-    assert "backend.ttr" in comps and any(c.startswith("distiller.") for c in comps)
-    summaries = [r.getMessage() for r in caplog.records if " step " in r.getMessage() and "trained" in r.getMessage()]
-    assert len(summaries) == 3 * 4  # one console summary per sampler step
-    assert progress and progress[-1] == (4, 4)
-    # apply: quality_speed 0 → no learned layer serves → bit-identical to the exact image
-    exact_model = AttnplugApply.execute(model=base, checkpoint="test_distill", quality_speed=0.0, config=cfg)[0]
-    torch.testing.assert_close(_sample(exact_model), ref, rtol=0, atol=0)
-    comfy.utils.PROGRESS_BAR_HOOK = None
-
-
 def _ttr_checkpoint(path, ready, scores=None):
     """A ttr checkpoint for the stand-in Flux (2 heads x 16) with the given layers marked ready."""
     from attnplug.core import LayerSpec, Session, save_checkpoint
 
-    s = Session({"backend": "ttr", "exact": "host", "loggers": []})
+    s = Session({"backend": "ttr", "exact": "host", "loggers": [], "plugins": {"ttr": TINY_TTR}})
     backend = s.learned_backends()["ttr"]
     for key in ("double:0", "double:1", "single:0", "single:1"):
         backend.layer(LayerSpec(key, 2, 16))
@@ -337,7 +296,7 @@ def test_apply_node_serves_best_ready_layers_from_checkpoint(comfy):
                     scores={"single:0": 0.08, "single:1": 0.03, "double:1": 0.05, "double:0": 0.01})
     base = _model()
     ref = _sample(base)
-    cfg = {"backend": "ttr", "exact": "host", "loggers": []}
+    cfg = {"backend": "ttr", "exact": "host", "loggers": [], "plugins": {"ttr": TINY_TTR}}
 
     def served(quality_speed):
         model = AttnplugApply.execute(model=base, checkpoint="apply_test", quality_speed=quality_speed, config=cfg)[0]

@@ -155,8 +155,18 @@ _SCORE_KEYS = ("ema_cos", "ema_cosine_dist", "ema_cos_dist")
 
 
 def _collect_scores(obj: Any, found: dict[str, float], depth: int = 0) -> None:
-    """Find `{layer_key: <something with an EMA cosine distance>}` anywhere in `obj` (objects or JSON)."""
+    """Find per-layer EMA cosine distances anywhere in `obj` (objects or JSON): `{layer_key: entry}` maps
+    or lists of entries carrying a `layer_key`."""
     if obj is None or depth > 4:
+        return
+    if isinstance(obj, (list, tuple)):  # e.g. [{"layer_key": "single:3", "readiness": {"ema_cos": ...}}, ...]
+        for item in obj:
+            key = item.get("layer_key") if isinstance(item, Mapping) else getattr(item, "layer_key", None)
+            score = _score_of(item) if isinstance(key, str) else None
+            if score is not None:
+                found[key] = score
+            else:
+                _collect_scores(item, found, depth + 1)
         return
     if isinstance(obj, Mapping):
         for key, value in obj.items():
@@ -168,11 +178,18 @@ def _collect_scores(obj: Any, found: dict[str, float], depth: int = 0) -> None:
             _collect_scores(value, found, depth + 1)
 
 
-def _score_of(value: Any) -> float | None:
+def _score_of(value: Any, depth: int = 0) -> float | None:
+    """The EMA cosine distance in a layer's entry: on it directly, or one level down (e.g. `"readiness"`)."""
     for name in _SCORE_KEYS:
         s = value.get(name) if isinstance(value, Mapping) else getattr(value, name, None)
-        if isinstance(s, (int, float)) and math.isfinite(s):
+        if isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s):
             return float(s)
+    if depth == 0 and isinstance(value, Mapping):
+        for sub in value.values():
+            if isinstance(sub, Mapping) or hasattr(sub, "ema_cos"):
+                s = _score_of(sub, 1)
+                if s is not None:
+                    return s
     return None
 
 
