@@ -55,6 +55,57 @@ def config_schema() -> None:
     typer.echo(json.dumps(config_json_schema(), indent=2))
 
 
+@app.command("demo")
+def demo(out: Path = typer.Option(Path("attnplug-demo"), help="Report folder (created)."),
+         device: str = typer.Option("cpu", help="'cpu' or 'cuda'."),
+         config: Path | None = typer.Option(None, help="Distillation config (default: the bundled demo config)."),
+         quick: bool = typer.Option(False, help="Reduced mode (a smoke test; numbers are not meaningful)."),
+         runs: int | None = typer.Option(None, help="Sampling runs to distill over."),
+         seed: int = typer.Option(0, help="Seed of prompts, noise and the distiller.")) -> None:
+    """The main job: distill ttr online on the testbed, then compare exact vs hybrid attention."""
+    from .testbed.demo import DemoPlan, describe, run_demo
+
+    plan = DemoPlan.quick() if quick else DemoPlan()
+    if runs is not None:
+        plan.runs = runs
+    metrics = run_demo(out, device=device, config=config, plan=plan, seed=seed)
+    typer.echo(describe(metrics))
+    typer.echo(f"report: {out}/ (metrics.json, ttr.safetensors, samples.png, distill.png, distill.jsonl)")
+
+
+@app.command("eval")
+def evaluate_cmd(config: Path = typer.Option(..., help="Config to evaluate (training is forced off)."),
+                 checkpoint: Path | None = typer.Option(None, help="Checkpoint to load."),
+                 prompts: int = typer.Option(16, help="Held-out prompts."),
+                 steps: int = typer.Option(20, help="Euler steps."),
+                 seed: int = typer.Option(0, help="Seed of prompts and noise."),
+                 device: str = typer.Option("cpu", help="'cpu' or 'cuda'."),
+                 json_out: Path | None = typer.Option(None, "--json", help="Write the metrics here.")) -> None:
+    """Evaluate a config/checkpoint on the testbed: adherence, fidelity, layers served, time per step."""
+    from .testbed.evaluate import evaluate, strip_images
+
+    result = strip_images(evaluate(config, checkpoint, n_prompts=prompts, steps=steps, seed=seed, device=device))
+    text = json.dumps(result, indent=2)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text)
+    typer.echo(text)
+
+
+@app.command("convert-seed-checkpoint")
+def convert_seed(src: Path = typer.Argument(..., help="The seed pack's flux2_ttr.pt (format flux2_ttr_v2)."),
+                 dst: Path = typer.Argument(..., help="attnplug checkpoint to write (.safetensors).")) -> None:
+    """Import a checkpoint of the ComfyUI node pack attnplug re-creates (read with weights_only=True)."""
+    from .plugins.ttr.seed_convert import convert_seed_checkpoint
+
+    try:
+        result = convert_seed_checkpoint(src, dst)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"convert-seed-checkpoint: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {dst}; a config that accepts it needs:\n\n{result.config_toml}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
     try:

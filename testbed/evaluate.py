@@ -1,0 +1,108 @@
+"""Evaluate an attnplug config/checkpoint on the testbed: adherence, fidelity, layers served, speed.
+
+Two copies of the trained model from the same weights: `exact` (untouched) and `approx` (its
+transformer patched by attnplug's diffusers host with the config under test). Both sample the same
+held-out prompts from the same noise; then:
+
+- adherence: share of cells the digit classifier reads as the prompted digit (both models);
+- fidelity per step: the approximate velocity against the exact one from the same x_t on the exact
+  trajectory (cosine and relative error) — isolates the approximation;
+- fidelity per trajectory: PSNR of the final approximate sample against the exact sample;
+- which layers the approximate backend served (from the session's per-layer stats), time per step.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from . import classifier, data, sampling
+from .model import TestbedModel, load_testbed
+
+
+def _timed_sample(model: TestbedModel, prompts: torch.Tensor, noise: torch.Tensor, steps: int,
+                  batch_size: int | None) -> tuple[torch.Tensor, float]:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    images = sampling.sample(model, prompts, noise, steps=steps, batch_size=batch_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return images, (time.perf_counter() - t0) / steps
+
+
+def evaluate(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path | None = None, *,
+             n_prompts: int = 16, steps: int = 20, seed: int = 0, device: str = "cpu",
+             batch_size: int | None = 8, weights: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate `config` (with `checkpoint` loaded, training forced off) on `n_prompts` held-out prompts.
+
+    Returns a JSON-able dict of metrics plus `images` ({"exact", "approx"} tensors [B, 1, 8G, 8G]),
+    which callers pop before writing JSON.
+    """
+    from ..core import Session
+    from ..core.config import load_config
+    from ..hosts.diffusers import apply
+
+    cfg = load_config(config)
+    root = cfg.root.model_copy(update={"training": False, "checkpoint": None})
+    cfg.root = root
+    session = Session(cfg)
+    if checkpoint is not None:
+        session.load(checkpoint)
+    exact = load_testbed(device, path=weights)
+    approx = load_testbed(device, path=weights)
+    prompts = data.heldout_prompts(n_prompts, seed=seed + 1234)
+    noise = sampling.initial_noise(n_prompts, prompts.shape[1], seed=seed)
+
+    handle = apply(approx.transformer, session)
+    try:
+        exact_images, exact_step_s = _timed_sample(exact, prompts, noise, steps, batch_size)
+        approx_images, approx_step_s = _timed_sample(approx, prompts, noise, steps, batch_size)
+        session.run_end()
+        served = _served_layers(session)
+        fidelity = sampling.velocity_fidelity(exact, approx, prompts, noise, steps=steps)
+    finally:
+        handle.remove()
+        session.close()
+
+    learned = session.learned_backends()
+    ready = sorted({k for b in learned.values() for k, r in b.ready.items() if r})
+    all_layers = sorted(session.stats)
+    result: dict[str, Any] = {
+        "backend": cfg.root.backend,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "n_prompts": n_prompts, "steps": steps, "seed": seed, "device": device,
+        "adherence_exact": classifier.adherence(exact_images, prompts),
+        "adherence_approx": classifier.adherence(approx_images, prompts),
+        "psnr_db": float(sampling.psnr(approx_images, exact_images).mean()),
+        "velocity_cosine": fidelity["cosine_mean"],
+        "velocity_rel_error": fidelity["rel_error_mean"],
+        "velocity_cosine_per_step": fidelity["cosine"],
+        "layers": all_layers,
+        "layers_ready": ready,
+        "layers_served": served,
+        "share_layers_served": len(served) / max(len(all_layers), 1),
+        "seconds_per_step_exact": exact_step_s,
+        "seconds_per_step_approx": approx_step_s,
+        "images": {"exact": exact_images, "approx": approx_images},
+    }
+    result["adherence_drop_points"] = 100.0 * (result["adherence_exact"] - result["adherence_approx"])
+    return result
+
+
+def _served_layers(session: Any) -> list[str]:
+    """Layers where an approximate (non-exact) backend served at least 90 % of the calls."""
+    served = []
+    for key, stats in session.stats.items():
+        approx = sum(n for name, n in stats.served.items() if not session.backends.get(name).capabilities.exact)
+        if stats.calls and approx >= 0.9 * stats.calls:
+            served.append(key)
+    return sorted(served)
+
+
+def strip_images(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The result without its image tensors (for JSON)."""
+    return {k: v for k, v in result.items() if k != "images"}
