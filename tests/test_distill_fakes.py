@@ -166,17 +166,17 @@ _VALUES = torch.randn(4, 16, generator=torch.Generator().manual_seed(4321))
 
 
 def make_qkv(gen: torch.Generator, b: int = 1, h: int = 2, n: int = 96, scale: float = 4.0,
-             noise: float = 0.3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             noise: float = 0.3, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k share cluster centres (attention stays within a cluster); v carries the cluster's value."""
     z = torch.randint(0, 4, (b, h, n), generator=gen)
     q = scale * _CENTERS[z] + noise * torch.randn(b, h, n, 16, generator=gen)
     k = scale * _CENTERS[z] + noise * torch.randn(b, h, n, 16, generator=gen)
     v = _VALUES[z] + noise * torch.randn(b, h, n, 16, generator=gen)
-    return q, k, v
+    return q.to(device), k.to(device), v.to(device)
 
 
 def run_sampling(session: Session, runs: int, steps: int, layers: list[str], gen: torch.Generator,
-                 n: int = 96) -> list[torch.Tensor]:
+                 n: int = 96, device: str = "cpu") -> list[torch.Tensor]:
     """Drive `runs` sampling runs of `steps` steps over `layers` (cond pass only); returns outputs."""
     outs = []
     for _ in range(runs):
@@ -184,13 +184,30 @@ def run_sampling(session: Session, runs: int, steps: int, layers: list[str], gen
         for step in range(steps):
             sigma = 1.0 - step / steps
             for key in layers:
-                q, k, v = make_qkv(gen, n=n)
+                q, k, v = make_qkv(gen, n=n, device=device)
                 call = AttentionCall(layer_key=key, block_type="single", block_index=int(key.split(":")[1]),
                                      sigma=sigma, step_index=step, num_steps=steps, n_cond_tokens=8,
                                      n_image_tokens=n - 8, host="test")
                 outs.append(session.attention(q, k, v, call))
         session.run_end()
     return outs
+
+
+def test_fake_backend_honours_the_training_contract():
+    """The fake itself: param groups partition the parameters; train_forward equals forward."""
+    backend = FakeBackend()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = make_qkv(gen, n=24)
+    call = AttentionCall("single:0", "single", 0, host="test")
+    module = backend.layer(LayerSpec.from_tensors("single:0", q))
+    groups = backend.param_groups("single:0")
+    assert sorted(id(p) for g in groups.values() for p in g) == sorted(id(p) for p in module.parameters())
+    with torch.no_grad():
+        expected = backend(q, k, v, call)
+    out = backend.train_forward("single:0", q, k, v, call)
+    assert out.requires_grad and torch.allclose(out, expected, atol=1e-6)
+    w = backend.attention_weights("single:0", q, k, call)
+    assert torch.allclose(w.sum(-1), torch.ones(1, 2, 24), atol=1e-5)
 
 
 def load_fakes() -> Any:

@@ -260,3 +260,35 @@ def test_settings_validation_names_the_field():
     with pytest.raises(ValueError, match="student backend 'nope'"):
         fk.make_session({"student": "nope"})
     assert DistillSettings().replay_dtype == "float16"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_flow_inference_mode_resume_oom_and_preview(tmp_path):
+    path = tmp_path / "cuda.safetensors"
+    layers = ["single:0", "single:1"]
+    with torch.inference_mode():
+        s = fk.make_session({**FAST, "min_swap_layers": 2, "log_every": 5, "layer_log_every": 5}, mode="preview")
+        gen = torch.Generator().manual_seed(0)
+        fk.run_sampling(s, runs=6, steps=8, layers=layers, gen=gen, device="cuda")
+        d, student = s.distiller, s.backends.get("fake")
+        assert not any(st.fallbacks for st in s.stats.values()), [st.fallbacks for st in s.stats.values()]
+        assert d.total_updates == 96 and all(student.ready.get(k) for k in layers)
+        assert next(student.layers["single:0"].parameters()).device.type == "cuda"
+        for q in d.replay.queues.values():
+            assert all(x.k.device.type == "cpu" and x.k.dtype == torch.float16 for x in q)
+        tr = d.trainers["single:0"]
+        assert all(t.device.type == "cuda" for st in tr.opt.state.values() for n, t in st.items() if n != "step")
+        _no_inference_tensors(s)
+        served = s.stats["single:0"].served["fake"]
+        assert served > 0, "preview served the ready layer on the GPU"
+        s.save(path)
+
+        s2 = fk.make_session({**FAST, "min_swap_layers": 2}, mode="preview")
+        s2.load(path)
+        s2.backends.get("fake").oom_budget["single:1"] = 1
+        fk.run_sampling(s2, runs=1, steps=4, layers=layers, gen=gen, device="cuda")
+        d2 = s2.distiller
+        assert d2.readiness["single:0"].updates == 48 + 4
+        assert d2.oom_events["single:1"] == 1 and d2.query_caps["single:1"] == 16
+        assert not any(st.fallbacks for st in s2.stats.values())
+        _no_inference_tensors(s2)

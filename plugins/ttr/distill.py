@@ -43,7 +43,7 @@ from .distill_metrics import attention_metrics, cross_layer_snapshot, exact_rows
 from .distill_select import LayerSelector
 from .distill_train import LayerTrainer, OptimConfig
 from .readiness import LayerReadiness, ReadinessRule
-from .replay import ReplayBuffer, ReplayCounters, ReplaySample, to_storage
+from .replay import ReplayBuffer, ReplayCounters, ReplaySample, storage_copies
 
 if TYPE_CHECKING:
     from ...core.registrar import Registrar
@@ -248,8 +248,7 @@ class OnlineDistiller:
             if self.storage_dtype == torch.float32 and store_dev == device:
                 parts = {n: live[n] for n in ("q", "k", "v", "teacher", "mask")}
             else:
-                parts = {n: None if live[n] is None else to_storage(live[n], self.storage_dtype, store_dev)
-                         for n in ("q", "k", "v", "teacher", "mask")}
+                parts = storage_copies(live, self.storage_dtype, store_dev)
         return ReplaySample(key, parts["q"], parts["k"], parts["v"], parts["teacher"], parts["mask"], call,
                             live=live)
 

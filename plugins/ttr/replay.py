@@ -57,15 +57,31 @@ class ReplaySample:
         return out
 
 
-def to_storage(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def to_storage(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str,
+               absmax: float | None = None) -> torch.Tensor:
     """A detached, cloned, non-inference copy for storage. fp16 values beyond its range go to bf16
-    instead of becoming inf."""
+    instead of becoming inf (`absmax`, when the caller knows it, saves a device sync)."""
     with torch.inference_mode(False):
         target = dtype
-        if dtype == torch.float16 and t.is_floating_point() and t.numel() and \
-                float(t.detach().abs().max()) > _FP16_MAX:
-            target = torch.bfloat16
+        if dtype == torch.float16 and t.is_floating_point() and t.numel():
+            if absmax is None:
+                absmax = float(t.detach().abs().max())
+            if absmax > _FP16_MAX:
+                target = torch.bfloat16
         return t.detach().to(device=device, dtype=target if t.is_floating_point() else t.dtype, copy=True)
+
+
+def storage_copies(tensors: dict[str, torch.Tensor | None], dtype: torch.dtype,
+                   device: torch.device | str) -> dict[str, torch.Tensor | None]:
+    """`to_storage` of several tensors with one device sync for the fp16 range check."""
+    names = [n for n, t in tensors.items() if t is not None and t.is_floating_point() and t.numel()]
+    maxes: dict[str, float] = {}
+    if dtype == torch.float16 and names:
+        with torch.inference_mode(False):
+            maxes = dict(zip(names, torch.stack([tensors[n].detach().abs().amax().float()  # type: ignore[union-attr]
+                                                 for n in names]).tolist()))
+    return {n: None if t is None else to_storage(t, dtype, device, maxes.get(n, 0.0))
+            for n, t in tensors.items()}
 
 
 @dataclass
