@@ -145,6 +145,8 @@ class Session:
             if self.config.root.mode == "passthrough" or not route.approximate:
                 return teacher
             return self._approximate(route, q, k, v, call, mask, host_attention, stats, teacher)
+        if route.approximate and self.training and self.config.root.mode == "passthrough":
+            return self._exact(q, k, v, call, mask, host_attention, stats)  # teacher passthrough while training
         if route.approximate:
             return self._approximate(route, q, k, v, call, mask, host_attention, stats, None)
         if route.backend == self.config.root.exact:

@@ -185,3 +185,50 @@ def test_inputs_must_be_4d(core_plugins, make_call):
     s = Session({"loggers": []}, core_plugins)
     with pytest.raises(ValueError, match=r"\[B, H, N, D\]"):
         s.attention(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4), make_call())
+
+
+def test_training_passthrough_returns_exact_even_for_ready_layers(core_plugins, make_call):
+    from attnplug.core import hookimpl
+    from attnplug.core.backend import LearnedBackend
+
+    class Always(LearnedBackend):
+        name = "always"
+
+        def forward(self, q, k, v, call, mask=None):
+            return torch.zeros_like(q)
+
+    class Idle:
+        name = "idle"
+
+        def wants(self, call):
+            return False
+
+        def observe(self, *a):
+            raise AssertionError("not called")
+
+        def step_start(self, *a):
+            pass
+
+        def run_start(self, run):
+            pass
+
+        def run_end(self, run):
+            pass
+
+    class P:
+        @hookimpl
+        def attnplug_register_backends(self, registrar):
+            registrar.add("always", lambda s, session: Always())
+
+        @hookimpl
+        def attnplug_register_distillers(self, registrar):
+            registrar.add("idle", lambda s, session: Idle())
+
+    core_plugins.register(P(), name="p")
+    q = torch.randn(1, 2, 6, 8)
+    for mode, expect_exact in (("passthrough", True), ("preview", False)):
+        s = Session({"backend": "always", "exact": "sdpa", "training": True, "distiller": "idle", "mode": mode,
+                     "loggers": []}, core_plugins)
+        s.backends.get("always").ready["single:0"] = True
+        out = s.attention(q, q, q, make_call())
+        assert torch.equal(out, sdpa(q, q, q)) is expect_exact, mode
