@@ -229,12 +229,14 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device) -> list[Va
                 def fn():
                     return ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit,
                                              alpha_max=st.alpha_max, gamma=st.gamma, adaptive=st.adaptive_alpha,
-                                             eps=st.eps, landmark_impl=lm_impl or "fused", strict=True)
+                                             eps=st.eps, landmark_impl=lm_impl or "auto", strict=True)
                 return fn
             return make
 
         kcost = ttr_cost(s, dtype, [], 0, 0)
         kcost = (cost[0] - 4.0 * s.b * s.h * s.n * n_l * s.d, cost[1])
+        res.append(Variant(f"ttr-{cfg} fused", "ttr", fused_maker("auto"), cost, None,
+                           check_against=torch_name, notes=notes))
         res.append(Variant(f"ttr-{cfg} fused flash-lm", "ttr", fused_maker("fused"), cost, None,
                            check_against=torch_name, notes=notes))
         res.append(Variant(f"ttr-{cfg} fused sdpa-lm", "ttr", fused_maker("sdpa"), cost, None,

@@ -248,7 +248,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     Same math and arguments as `reference.ttr_forward_reference`; additionally
     `landmark_impl` ("fused": online softmax inside the query kernel; "sdpa": torch SDPA (cuDNN) on
     the gathered landmarks, row chunk by row chunk, read by the query kernel's epilogue; "auto":
-    "sdpa" on CUDA, else "fused"), `config` (tile sizes, SDPA row chunk) and `strict` (raise instead
+    "sdpa" on CUDA beyond ~4e7 query·landmark pairs, else "fused"), `config` (tile sizes, SDPA row chunk) and `strict` (raise instead
     of falling back). Adaptive α runs two passes: pass 1 writes out_l into the output and
     d = 1 − cos(out_k, out_l); pass 2 recomputes the cheap kernel branch and blends in place, so no
     buffer the size of the output is added.
@@ -263,8 +263,8 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                                      eps, key_mask, branch_affine)
     if landmark_impl not in ("auto", "fused", "sdpa"):
         raise ValueError(f"landmark_impl: expected 'auto', 'fused' or 'sdpa', got {landmark_impl!r}")
-    if landmark_impl == "auto":
-        landmark_impl = "sdpa" if q.device.type == "cuda" else "fused"
+    if landmark_impl == "auto" and q.device.type != "cuda":
+        landmark_impl = "fused"
     from .triton_ttr import _query_kernel
 
     cfg = config or DEFAULT_CONFIG
@@ -283,15 +283,22 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         dummy = s
         wa = _kernel_args(phi_q, plan, q.dtype, q.device, dummy)
         use_lm = landmark_idx is not None and landmark_idx.numel() > 0
-        kl = vl = dummy
-        skl = (0, 0, 0)
+        if landmark_impl == "auto":
+            # measured on H200 (docs/PERFORMANCE.md): the in-kernel softmax wins up to ~2k landmarks x 17k
+            # queries, cuDNN on row chunks beyond
+            landmark_impl = "sdpa" if nq * (0 if landmark_idx is None else landmark_idx.numel()) > 4e7 else "fused"
+        idx = dummy
         n_lm = 0
         if use_lm:
-            idx = landmark_idx.to(device=q.device, dtype=torch.long)
+            idx = landmark_idx.to(device=q.device, dtype=torch.long).contiguous()
+            n_lm = int(idx.numel())
+        kl, vl = k, v  # the fused softmax gathers landmark rows in-kernel: no copy
+        if use_lm and landmark_impl == "sdpa":
             kl = k.index_select(2, idx).contiguous()
             vl = v.index_select(2, idx).contiguous()
-            n_lm = int(idx.numel())
-            skl = (kl.stride(0), kl.stride(1), kl.stride(2))
+        if kl.stride(-1) != 1 or vl.stride(-1) != 1:
+            kl, vl = kl.contiguous(), vl.contiguous()
+        skl = (kl.stride(0), kl.stride(1), kl.stride(2), vl.stride(0), vl.stride(1), vl.stride(2))
         logit = torch.as_tensor(alpha_logit, dtype=torch.float32, device=q.device).reshape(-1).contiguous()
         if logit.numel() not in (1, heads):
             raise ValueError(f"alpha_logit: expected a scalar or [{heads}] per head, got {logit.numel()} values")
@@ -311,7 +318,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         def launch(mode: int, lm_src: int, m0: int, m1: int, ol: torch.Tensor, dm: torch.Tensor) -> None:
             grid = (_cdiv(m1 - m0, cfg.q_block_m), bsz * heads)
             _query_kernel[grid](
-                q, x, s, z, kl, vl, ol, out, d_buf, dm, logit, aff,
+                q, x, s, z, kl, vl, idx, ol, out, d_buf, dm, logit, aff,
                 wa["w1"], wa["b1"], wa["w2"], wa["b2"],
                 nq, m0, m1, n_lm, heads, s_scale, eps * 1.0, float(alpha_max), float(gamma), qk_scale,
                 phi_q.norm_eps,

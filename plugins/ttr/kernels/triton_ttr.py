@@ -125,10 +125,10 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, w1_ptr, b1_ptr, w2_ptr, 
 
 
 @triton.jit
-def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, ol_ptr, out_ptr, d_ptr, dmean_ptr,
+def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, ol_ptr, out_ptr, d_ptr, dmean_ptr,
                   logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                   N, M0, M1, L, H, s_scale, eps, alpha_max, gamma, qk_scale, norm_eps,
-                  sqb, sqh, sqn, sxb, sxh, sxn, skb, skh, skn, sob, soh, son, slb, slh, sln,
+                  sqb, sqh, sqn, sxb, sxh, sxn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, sln,
                   w1h, b1h, w2h, b2h, logit_h,
                   D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
                   DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
@@ -181,18 +181,19 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, ol_ptr, out_ptr, d
             l_i = tl.zeros((BM,), dtype=tl.float32)
             acc = tl.zeros((BM, D), dtype=tl.float32)
             kl_base = kl_ptr + b * skb + h * skh
-            vl_base = vl_ptr + b * skb + h * skh
+            vl_base = vl_ptr + b * svb + h * svh
             for l0 in range(0, L, BL):
                 offs_l = l0 + tl.arange(0, BL)
                 l_ok = offs_l < L
-                kt = tl.load(kl_base + offs_l[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                rows = tl.load(idx_ptr + offs_l, mask=l_ok, other=0)  # landmark rows of k/v, gathered here
+                kt = tl.load(kl_base + rows[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
                 sc = tl.dot(q, tl.trans(kt)) * qk_scale
                 sc = tl.where(l_ok[None, :], sc, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(sc, axis=1))
                 p = tl.exp2(sc - m_new[:, None])
                 corr = tl.exp2(m_i - m_new)
                 l_i = l_i * corr + tl.sum(p, axis=1)
-                vt = tl.load(vl_base + offs_l[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                vt = tl.load(vl_base + rows[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
                 acc = tl.dot(p.to(vt.dtype), vt, acc * corr[:, None])
                 m_i = m_new
             ol = acc / l_i[:, None]

@@ -1,0 +1,47 @@
+"""`attnplug bench` at CPU smoke sizes: it runs, times the SDPA math backend and the ttr variants,
+computes ratios and floors, and writes JSON (CI speed: a few seconds)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnplug.bench.run import main, parse_shape
+from attnplug.bench.variants import exact_cost, ttr_cost
+
+
+def test_parse_shape_flux_and_custom():
+    s = parse_shape("1024", 24, 128, 512, 1)
+    assert (s.n, s.txt, s.h, s.d) == (4608, 512, 24, 128)
+    assert parse_shape("2048", 24, 128, 512, 1).n == 16896 and parse_shape("4096", 24, 128, 512, 1).n == 66048
+    c = parse_shape("n=5000:txt=256", 8, 64, 512, 2)
+    assert (c.n, c.txt, c.b) == (5000, 256, 2)
+    with pytest.raises(ValueError):
+        parse_shape("1000", 24, 128, 512, 1)
+
+
+def test_floor_counts():
+    s = parse_shape("1024", 24, 128, 512, 1)
+    flops, nbytes = exact_cost(s, torch.bfloat16)
+    assert flops == 4 * 24 * 4608 ** 2 * 128 and nbytes == 4 * 24 * 4608 * 128 * 2
+    f2, b2 = ttr_cost(s, torch.bfloat16, [(128, 128)], 128, 840)
+    assert f2 == 24 * 4608 * (2 * 128 * 128 * 2 + 2 * 128 * 128 * 2 + 4 * 840 * 128) and b2 == nbytes
+
+
+def test_smoke_run_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--device", "cpu", "--sizes", "n=64:txt=16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in report["results"]}
+    math_row = rows["sdpa[math]"]
+    assert math_row["ms"] > 0 and math_row["speedup_vs_fastest_sdpa"] == pytest.approx(1.0)
+    assert rows["sdpa[cudnn]"]["skipped"]  # CUDA-only on a CPU run
+    assert rows["ttr-default torch"]["ms"] > 0 and rows["ttr-default torch"]["floor_ms"] > 0
+    assert "backend:sdpa" in rows and "backend:host" not in rows
+    table = capsys.readouterr().out
+    assert "sdpa[math]" in table and "ceilings" in table
+
+
+def test_bad_dtype_exits_2(capsys):
+    assert main(["--smoke", "--device", "cpu", "--dtypes", "int8"]) == 2
