@@ -336,7 +336,14 @@ def build_wrapper(processor: Any, state: LayerState, kind: str) -> LayerProcesso
     else:
         state.host_sdpa = fn.__globals__["F"].scaled_dot_product_attention
         scope["F"] = make_functional(state)
-    rebound = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    # A code object of its own per layer: torch.compile caches compiled frames per code object, and a frame
+    # compiled against one layer's globals must not be reused with another layer's.
+    code = fn.__code__
+    if hasattr(code, "co_qualname"):
+        code = code.replace(co_qualname=f"{code.co_qualname}[attnplug:{state.layer_key}]")
+    else:  # Python 3.10
+        code = code.replace(co_name=code.co_name)
+    rebound = types.FunctionType(code, scope, fn.__name__, fn.__defaults__, fn.__closure__)
     rebound.__kwdefaults__ = fn.__kwdefaults__
     rebound.__qualname__ = fn.__qualname__
     names = [p.name for p in inspect.signature(fn).parameters.values()][1:]  # without self
