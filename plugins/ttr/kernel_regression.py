@@ -26,7 +26,8 @@ def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
     `hedgehog`: softmax(x) ⊕ softmax(−x) over the feature axis (F' = F / 2, output F).
     """
     if activation == "elu+1":
-        return F.elu(x) + 1.0
+        # = F.elu(x) + 1, written out: F.elu's backward breaks torch.compile's AOT autograd (torch 2.13)
+        return torch.where(x > 0, x + 1.0, torch.exp(x.clamp(max=0.0)))
     if activation == "relu":
         return F.relu(x)
     if activation == "hedgehog":
@@ -75,7 +76,7 @@ def kv_state(phi_k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = N
     for start in range(0, n, chunk):
         pk, vc = key_chunk(phi_k[:, :, start:start + chunk].float(), v[:, :, start:start + chunk].float(),
                            None if mask is None else mask[:, start:start + chunk])
-        s = s + torch.matmul(pk.transpose(-1, -2), vc)
+        s = s + torch.einsum("bhnf,bhnd->bhfd", pk, vc)
         z = z + pk.sum(dim=2)
     return s, z
 
