@@ -3,6 +3,7 @@ that implements the learned-backend training contract, a test plugin, structured
 
 Test files load this module with `load_fakes()` (tests/ is not a package).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from attnplug.core import AttentionCall, Capabilities, LearnedBackend, LayerSpec, Plugins, Session, hookimpl
+from attnplug.core import AttentionCall, Capabilities, LayerSpec, LearnedBackend, Plugins, Session, hookimpl
 from attnplug.core.config import Strict
 from attnplug.plugins.ttr.distill import DistillSettings, register_distiller
 
@@ -34,18 +34,25 @@ class FakeLayer(torch.nn.Module):
         self.alpha = torch.nn.Parameter(torch.tensor(-2.2))
         self.last_alpha = 0.0
 
-    def weights(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights(
+        self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         fq = F.elu(self.phi_q(q)) + 1
         fk = F.elu(self.phi_k(k)) + 1
         if mask is not None:
             fk = fk * mask[:, None, :, None].to(fk.dtype)
         return fq, fk
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         fq, fk = self.weights(q, k, mask)
         kv = torch.einsum("bhkf,bhkd->bhfd", fk, v)
         z = fk.sum(2)
-        out_k = torch.einsum("bhqf,bhfd->bhqd", fq, kv) / torch.einsum("bhqf,bhf->bhq", fq, z).clamp_min(1e-6)[..., None]
+        out_k = (
+            torch.einsum("bhqf,bhfd->bhqd", fq, kv)
+            / torch.einsum("bhqf,bhf->bhq", fq, z).clamp_min(1e-6)[..., None]
+        )
         if mask is None:
             mean_v = v.mean(2, keepdim=True)
         else:
@@ -115,8 +122,13 @@ class FakeBackend(LearnedBackend):
             for sj in meta["specs"]:
                 spec = LayerSpec.from_json(sj)
                 m = self.layer(spec)
-                m.load_state_dict({n.split("/", 1)[1]: t.clone() for n, t in tensors.items()
-                                   if n.split("/", 1)[0] == spec.layer_key})
+                m.load_state_dict(
+                    {
+                        n.split("/", 1)[1]: t.clone()
+                        for n, t in tensors.items()
+                        if n.split("/", 1)[0] == spec.layer_key
+                    }
+                )
         self.chunk.update(meta.get("chunk", {}))
 
 
@@ -154,19 +166,35 @@ def make_plugins() -> Plugins:
 
 
 def make_session(distill: dict[str, Any] | None = None, **root: Any) -> Session:
-    cfg: dict[str, Any] = {"backend": "fake", "exact": "sdpa", "training": True, "distiller": "fake_distill",
-                           "loggers": [], "seed": 3, "plugins": {"distill": {"student": "fake", **(distill or {})}}}
+    cfg: dict[str, Any] = {
+        "backend": "fake",
+        "exact": "sdpa",
+        "training": True,
+        "distiller": "fake_distill",
+        "loggers": [],
+        "seed": 3,
+        "plugins": {"distill": {"student": "fake", **(distill or {})}},
+    }
     cfg.update(root)
     return Session(cfg, make_plugins())
 
 
 # ---- structured synthetic data: exact softmax on clustered q/k/v ----------------------------------
-_CENTERS = torch.nn.functional.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(1234)), dim=-1)
+_CENTERS = torch.nn.functional.normalize(
+    torch.randn(4, 16, generator=torch.Generator().manual_seed(1234)), dim=-1
+)
 _VALUES = torch.randn(4, 16, generator=torch.Generator().manual_seed(4321))
 
 
-def make_qkv(gen: torch.Generator, b: int = 1, h: int = 2, n: int = 96, scale: float = 4.0,
-             noise: float = 0.3, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_qkv(
+    gen: torch.Generator,
+    b: int = 1,
+    h: int = 2,
+    n: int = 96,
+    scale: float = 4.0,
+    noise: float = 0.3,
+    device: str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k share cluster centres (attention stays within a cluster); v carries the cluster's value."""
     z = torch.randint(0, 4, (b, h, n), generator=gen)
     q = scale * _CENTERS[z] + noise * torch.randn(b, h, n, 16, generator=gen)
@@ -175,8 +203,15 @@ def make_qkv(gen: torch.Generator, b: int = 1, h: int = 2, n: int = 96, scale: f
     return q.to(device), k.to(device), v.to(device)
 
 
-def run_sampling(session: Session, runs: int, steps: int, layers: list[str], gen: torch.Generator,
-                 n: int = 96, device: str = "cpu") -> list[torch.Tensor]:
+def run_sampling(
+    session: Session,
+    runs: int,
+    steps: int,
+    layers: list[str],
+    gen: torch.Generator,
+    n: int = 96,
+    device: str = "cpu",
+) -> list[torch.Tensor]:
     """Drive `runs` sampling runs of `steps` steps over `layers` (cond pass only); returns outputs."""
     outs = []
     for _ in range(runs):
@@ -185,9 +220,17 @@ def run_sampling(session: Session, runs: int, steps: int, layers: list[str], gen
             sigma = 1.0 - step / steps
             for key in layers:
                 q, k, v = make_qkv(gen, n=n, device=device)
-                call = AttentionCall(layer_key=key, block_type="single", block_index=int(key.split(":")[1]),
-                                     sigma=sigma, step_index=step, num_steps=steps, n_cond_tokens=8,
-                                     n_image_tokens=n - 8, host="test")
+                call = AttentionCall(
+                    layer_key=key,
+                    block_type="single",
+                    block_index=int(key.split(":")[1]),
+                    sigma=sigma,
+                    step_index=step,
+                    num_steps=steps,
+                    n_cond_tokens=8,
+                    n_image_tokens=n - 8,
+                    host="test",
+                )
                 outs.append(session.attention(q, k, v, call))
         session.run_end()
     return outs

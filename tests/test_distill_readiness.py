@@ -1,4 +1,5 @@
 """Readiness of the online distiller: EMA per run, hysteresis, one flush per run, fallbacks."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -6,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from attnplug.core import AttentionCall
 from attnplug.plugins.ttr.readiness import LayerReadiness, ReadinessRule
 
-_spec = importlib.util.spec_from_file_location("distill_fakes_r", Path(__file__).with_name("test_distill_fakes.py"))
+_spec = importlib.util.spec_from_file_location(
+    "distill_fakes_r", Path(__file__).with_name("test_distill_fakes.py")
+)
 fk = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
 _spec.loader.exec_module(fk)  # type: ignore[union-attr]
 
@@ -95,8 +97,20 @@ def test_session_detected_runs_flush_once_each():
     for _run in range(3):
         for step in range(4):
             q, k, v = fk.make_qkv(gen, n=24)
-            s.attention(q, k, v, AttentionCall("single:0", "single", 0, sigma=1 - step / 4, step_index=step,
-                                               n_image_tokens=24, host="test"))
+            s.attention(
+                q,
+                k,
+                v,
+                AttentionCall(
+                    "single:0",
+                    "single",
+                    0,
+                    sigma=1 - step / 4,
+                    step_index=step,
+                    n_image_tokens=24,
+                    host="test",
+                ),
+            )
     s.close()
     assert s.distiller.flush_counts["run_end"] == 3
     assert s.distiller.readiness["single:0"].flushes == 3
@@ -111,8 +125,14 @@ def test_sigma_jump_fallback_within_one_run():
     for _image in range(3):
         for sigma in (1.0, 0.6, 0.3, 0.1):
             q, k, v = fk.make_qkv(gen, n=24)
-            s.attention(q, k, v, AttentionCall("single:0", "single", 0, sigma=sigma, step_index=step,
-                                               n_image_tokens=24, host="test"))
+            s.attention(
+                q,
+                k,
+                v,
+                AttentionCall(
+                    "single:0", "single", 0, sigma=sigma, step_index=step, n_image_tokens=24, host="test"
+                ),
+            )
             step += 1
     s.run_end()
     d = s.distiller

@@ -1,4 +1,5 @@
 """Replay of the online distiller: one global byte budget, globally-oldest eviction, storage dtype."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -6,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from attnplug.core import AttentionCall
 from attnplug.plugins.ttr.replay import ReplayBuffer, ReplaySample, to_storage
 
-_spec = importlib.util.spec_from_file_location("distill_fakes_rp", Path(__file__).with_name("test_distill_fakes.py"))
+_spec = importlib.util.spec_from_file_location(
+    "distill_fakes_rp", Path(__file__).with_name("test_distill_fakes.py")
+)
 fk = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
 _spec.loader.exec_module(fk)  # type: ignore[union-attr]
 
@@ -24,7 +26,7 @@ def _one_thread():
 
 
 def _sample(key: str, nk: int, nq: int = 4, d: int = 8, mask: bool = False) -> ReplaySample:
-    t = lambda n: torch.zeros(1, 2, n, d, dtype=torch.float16)  # noqa: E731
+    t = lambda n: torch.zeros(1, 2, n, d, dtype=torch.float16)
     m = torch.ones(1, nk, dtype=torch.bool) if mask else None
     return ReplaySample(key, t(nq), t(nk), t(nk), t(nq), m, AttentionCall(key))
 
@@ -74,7 +76,9 @@ def test_storage_copy_dtype_and_fp16_overflow():
     y = to_storage(x, torch.float16, "cpu")
     assert y.dtype == torch.float16 and y.data_ptr() != x.data_ptr()
     big = torch.tensor([1e6, 1.0])
-    assert to_storage(big, torch.float16, "cpu").dtype == torch.bfloat16, "fp16 overflow stored as bf16, not inf"
+    assert to_storage(big, torch.float16, "cpu").dtype == torch.bfloat16, (
+        "fp16 overflow stored as bf16, not inf"
+    )
     assert to_storage(torch.ones(3, dtype=torch.bool), torch.float16, "cpu").dtype == torch.bool
     with torch.inference_mode():
         z = torch.randn(3)
@@ -83,8 +87,16 @@ def test_storage_copy_dtype_and_fp16_overflow():
 
 def test_session_replay_stays_in_budget_on_cpu_fp16():
     # ~ (2*96 + 2*32) * 2 heads * 16 dims * 2 bytes ≈ 16 KiB per sample; budget holds ~6 of them
-    s = fk.make_session({"replay_max_mb": 0.1, "query_cap": 32, "replay_per_layer": 4, "log_every": 0,
-                         "layer_log_every": 0, "min_swap_layers": 3})
+    s = fk.make_session(
+        {
+            "replay_max_mb": 0.1,
+            "query_cap": 32,
+            "replay_per_layer": 4,
+            "log_every": 0,
+            "layer_log_every": 0,
+            "min_swap_layers": 3,
+        }
+    )
     gen = torch.Generator().manual_seed(1)
     fk.run_sampling(s, runs=2, steps=10, layers=["single:0", "single:1", "single:2"], gen=gen)
     buf = s.distiller.replay

@@ -1,4 +1,5 @@
 """Distiller state: resume equivalence through a checkpoint, and out-of-memory handling."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -7,17 +8,28 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from attnplug.core import AttentionCall
 from attnplug.core.checkpoint import load_checkpoint
 
-_spec = importlib.util.spec_from_file_location("distill_fakes_s", Path(__file__).with_name("test_distill_fakes.py"))
+_spec = importlib.util.spec_from_file_location(
+    "distill_fakes_s", Path(__file__).with_name("test_distill_fakes.py")
+)
 fk = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
 _spec.loader.exec_module(fk)  # type: ignore[union-attr]
 
 LAYERS = ["single:0", "single:1", "single:2"]
-CFG = {"lr": 1e-2, "lr_logvar": 1e-2, "query_cap": 24, "readiness_min_updates": 4, "readiness_threshold": 0.3,
-       "ema_decay": 0.5, "replay_per_layer": 3, "train_steps_per_call": 2, "log_every": 7, "layer_log_every": 5}
+CFG = {
+    "lr": 1e-2,
+    "lr_logvar": 1e-2,
+    "query_cap": 24,
+    "readiness_min_updates": 4,
+    "readiness_threshold": 0.3,
+    "ema_decay": 0.5,
+    "replay_per_layer": 3,
+    "train_steps_per_call": 2,
+    "log_every": 7,
+    "layer_log_every": 5,
+}
 STEPS = 6
 
 
@@ -36,8 +48,17 @@ def drive(session, gen, steps, start=True, end=True):
     for step in steps:
         for key in LAYERS:
             q, k, v = fk.make_qkv(gen, n=48)
-            call = AttentionCall(key, "single", int(key[-1]), sigma=1 - step / STEPS, step_index=step,
-                                 num_steps=STEPS, n_cond_tokens=8, n_image_tokens=40, host="test")
+            call = AttentionCall(
+                key,
+                "single",
+                int(key[-1]),
+                sigma=1 - step / STEPS,
+                step_index=step,
+                num_steps=STEPS,
+                n_cond_tokens=8,
+                n_image_tokens=40,
+                host="test",
+            )
             outs.append(session.attention(q, k, v, call))
     if end:
         session.run_end()
@@ -47,7 +68,9 @@ def drive(session, gen, steps, start=True, end=True):
 def snapshot(session):
     d = session.distiller
     student = session.backends.get("fake")
-    out = {f"w/{k}/{n}": p.detach().clone() for k, m in student.layers.items() for n, p in m.named_parameters()}
+    out = {
+        f"w/{k}/{n}": p.detach().clone() for k, m in student.layers.items() for n, p in m.named_parameters()
+    }
     for key, tr in d.trainers.items():
         out.update({f"opt/{key}/{n}": t for n, t in tr.flat_state().items()})
     ready = {k: (r.updates, r.ema_cos, r.ema_loss, r.ready, r.run_count) for k, r in d.readiness.items()}
@@ -118,7 +141,9 @@ def test_state_without_replay_keeps_counters_and_readiness(tmp_path):
     s2.load(path)
     d, d2 = s.distiller, s2.distiller
     assert len(d2.replay) == 0 and d2.replay.counters.to_json() == d.replay.counters.to_json()
-    assert {k: r.to_json() for k, r in d2.readiness.items()} == {k: r.to_json() for k, r in d.readiness.items()}
+    assert {k: r.to_json() for k, r in d2.readiness.items()} == {
+        k: r.to_json() for k, r in d.readiness.items()
+    }
     assert s2.backends.get("fake").ready == s.backends.get("fake").ready
     assert d2.selector.known == d.selector.known
 
@@ -137,8 +162,15 @@ def test_config_wins_over_checkpoint_and_says_so(tmp_path, caplog):
 
 
 def test_out_of_memory_shrinks_then_stops_training_the_layer(tmp_path):
-    cfg = {**CFG, "train_steps_per_call": 1, "query_cap": 32, "oom_min_query_cap": 8, "min_swap_layers": 3,
-           "log_every": 0, "layer_log_every": 0}
+    cfg = {
+        **CFG,
+        "train_steps_per_call": 1,
+        "query_cap": 32,
+        "oom_min_query_cap": 8,
+        "min_swap_layers": 3,
+        "log_every": 0,
+        "layer_log_every": 0,
+    }
     s = fk.make_session(cfg)
     student = s.backends.get("fake")
     d = s.distiller
@@ -163,7 +195,11 @@ def test_out_of_memory_shrinks_then_stops_training_the_layer(tmp_path):
 
     student.oom_budget["single:0"] = 100
     drive(s, gen, range(STEPS))
-    assert "single:0" in d.selector.disabled and d.query_caps["single:0"] == 8 and student.chunk["single:0"] == 16
+    assert (
+        "single:0" in d.selector.disabled
+        and d.query_caps["single:0"] == 8
+        and student.chunk["single:0"] == 16
+    )
     assert d.oom_events["single:0"] == 3  # 32->16 + chunk 64->32, 16->8 + chunk 32->16, then nothing left
     before = d.readiness["single:1"].updates
     calls_before = len(student.train_calls)
@@ -177,7 +213,11 @@ def test_out_of_memory_shrinks_then_stops_training_the_layer(tmp_path):
     s2 = fk.make_session(cfg)
     s2.load(path)
     d2 = s2.distiller
-    assert "single:0" in d2.selector.disabled and d2.query_caps["single:0"] == 8 and d2.oom_events["single:0"] == 3
+    assert (
+        "single:0" in d2.selector.disabled
+        and d2.query_caps["single:0"] == 8
+        and d2.oom_events["single:0"] == 3
+    )
     assert s2.backends.get("fake").chunk["single:0"] == 16
     s2.run_start()
     q, k, v = fk.make_qkv(gen, n=48)

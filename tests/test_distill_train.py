@@ -1,5 +1,6 @@
 """Online distillation end to end on a fake learned backend: learning, readiness, preview, query-only
 subsampling with full K/V, the optimizer contract, inference mode, metrics and layer selection."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,18 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from attnplug.core import AttentionCall, LayerSpec
 from attnplug.core.config import ConfigError
 from attnplug.plugins.ttr.distill import DistillSettings
 from attnplug.plugins.ttr.distill_train import LayerTrainer, kendall_loss
 
-_spec = importlib.util.spec_from_file_location("distill_fakes_t", Path(__file__).with_name("test_distill_fakes.py"))
+_spec = importlib.util.spec_from_file_location(
+    "distill_fakes_t", Path(__file__).with_name("test_distill_fakes.py")
+)
 fk = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
 _spec.loader.exec_module(fk)  # type: ignore[union-attr]
 
-FAST = {"lr": 1e-2, "lr_logvar": 1e-2, "query_cap": 32, "readiness_threshold": 0.1, "readiness_min_updates": 24,
-        "ema_decay": 0.5}
+FAST = {
+    "lr": 1e-2,
+    "lr_logvar": 1e-2,
+    "query_cap": 32,
+    "readiness_threshold": 0.1,
+    "readiness_min_updates": 24,
+    "ema_decay": 0.5,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -80,8 +88,22 @@ def test_loss_goes_down_layer_becomes_ready_and_preview_serves_it():
     snaps = [m for scope, _, m in cap.events if scope == "distill"]
     assert layer_recs and snaps
     rec = layer_recs[-1]
-    for key in ("loss", "nmse", "cos_mean", "cos_p5", "rel_l2_p95", "rel_l2_p99", "attn_kl", "attn_topk",
-                "attn_entropy", "alpha_mean", "ready", "ema_cos", "logvar_huber", "logvar_cos"):
+    for key in (
+        "loss",
+        "nmse",
+        "cos_mean",
+        "cos_p5",
+        "rel_l2_p95",
+        "rel_l2_p99",
+        "attn_kl",
+        "attn_topk",
+        "attn_entropy",
+        "alpha_mean",
+        "ready",
+        "ema_cos",
+        "logvar_huber",
+        "logvar_cos",
+    ):
         assert key in rec, key
     assert 0.0 <= rec["attn_topk"] <= 1.0 and rec["attn_kl"] >= 0.0
     first_loss = layer_recs[0]["loss"]
@@ -94,8 +116,9 @@ def test_loss_goes_down_layer_becomes_ready_and_preview_serves_it():
 
 
 def test_passthrough_returns_teacher_even_when_ready():
-    s = fk.make_session({**FAST, "readiness_min_updates": 0, "readiness_threshold": 1.0,
-                         "log_every": 0, "layer_log_every": 0})
+    s = fk.make_session(
+        {**FAST, "readiness_min_updates": 0, "readiness_threshold": 1.0, "log_every": 0, "layer_log_every": 0}
+    )
     gen = torch.Generator().manual_seed(1)
     fk.run_sampling(s, runs=1, steps=2, layers=["single:0"], gen=gen)
     assert s.backends.get("fake").is_ready("single:0")
@@ -110,13 +133,14 @@ def test_queries_subsampled_kv_full_and_teacher_rows_match():
     gen = torch.Generator().manual_seed(2)
     q, k, v = fk.make_qkv(gen, n=80)
     s.run_start()
-    call = AttentionCall("single:0", "single", 0, sigma=0.5, step_index=0, n_cond_tokens=8, n_image_tokens=72,
-                         host="test")
+    call = AttentionCall(
+        "single:0", "single", 0, sigma=0.5, step_index=0, n_cond_tokens=8, n_image_tokens=72, host="test"
+    )
     s.attention(q, k, v, call)
     student = s.backends.get("fake")
-    (layer, q_shape, k_shape, v_shape), = student.train_calls
+    ((_layer, q_shape, k_shape, v_shape),) = student.train_calls
     assert q_shape == (1, 2, 16, 16) and k_shape == (1, 2, 80, 16) and v_shape == (1, 2, 80, 16)
-    sample, = s.distiller.replay.layer("single:0")
+    (sample,) = s.distiller.replay.layer("single:0")
     assert torch.equal(sample.k, k) and torch.equal(sample.v, v), "K/V stored in full"
     rows = [int((q[0, 0] - row).abs().sum(-1).argmin()) for row in sample.q[0, 0]]
     assert len(set(rows)) == 16 and rows == sorted(rows)
@@ -144,7 +168,7 @@ def test_key_padding_mask_is_kept_and_full_masks_are_skipped():
     s.run_start()
     call = AttentionCall("single:0", "single", 0, sigma=0.5, step_index=0, host="test")
     s.attention(q, k, v, call, mask)
-    sample, = s.distiller.replay.layer("single:0")
+    (sample,) = s.distiller.replay.layer("single:0")
     assert torch.equal(sample.mask, mask)
     full = torch.rand(1, 1, 32, 32) > 0.2
     s.attention(q, k, v, call.with_(step_index=1), full)
@@ -172,8 +196,9 @@ def test_kendall_loss_and_optimizer_groups():
     assert trainer.logvar_opt.param_groups[0]["lr"] == pytest.approx(1e-2)
     norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in trainer.params))
     assert float(norm) <= 1e-3 * 1.001, "gradients are clipped to grad_clip"
-    assert trainer.logvars.grad is not None and float(trainer.logvars.grad.abs().max()) > 1e-3, \
+    assert trainer.logvars.grad is not None and float(trainer.logvars.grad.abs().max()) > 1e-3, (
         "log-variances are not clipped"
+    )
     assert trainer.logvars.detach().tolist() != [0.0, -1.0]
 
 
@@ -197,8 +222,10 @@ def _no_inference_tensors(session):
 
 def test_whole_flow_inside_inference_mode(tmp_path):
     with torch.inference_mode():
-        s = fk.make_session({**FAST, "min_swap_layers": 2, "log_every": 5, "layer_log_every": 5},
-                            checkpoint=str(tmp_path / "c.safetensors"))
+        s = fk.make_session(
+            {**FAST, "min_swap_layers": 2, "log_every": 5, "layer_log_every": 5},
+            checkpoint=str(tmp_path / "c.safetensors"),
+        )
         gen = torch.Generator().manual_seed(5)
         outs = fk.run_sampling(s, runs=3, steps=8, layers=["single:0", "single:1"], gen=gen)
         assert all(o.is_inference() for o in outs)
@@ -230,8 +257,15 @@ def test_inference_built_module_is_repaired():
 
 def test_layer_selection_per_step_is_seeded_and_bounded():
     layers = [f"single:{i}" for i in range(6)] + ["double:0"]
-    cfg = {"min_swap_layers": 2, "max_swap_layers": 3, "layers": ["single:*"], "exclude": ["single:5"],
-           "query_cap": 8, "log_every": 0, "layer_log_every": 0}
+    cfg = {
+        "min_swap_layers": 2,
+        "max_swap_layers": 3,
+        "layers": ["single:*"],
+        "exclude": ["single:5"],
+        "query_cap": 8,
+        "log_every": 0,
+        "layer_log_every": 0,
+    }
 
     def trained_sets(seed):
         s = fk.make_session(cfg, seed=seed)
@@ -267,7 +301,9 @@ def test_cuda_flow_inference_mode_resume_oom_and_preview(tmp_path):
     path = tmp_path / "cuda.safetensors"
     layers = ["single:0", "single:1"]
     with torch.inference_mode():
-        s = fk.make_session({**FAST, "min_swap_layers": 2, "log_every": 5, "layer_log_every": 5}, mode="preview")
+        s = fk.make_session(
+            {**FAST, "min_swap_layers": 2, "log_every": 5, "layer_log_every": 5}, mode="preview"
+        )
         gen = torch.Generator().manual_seed(0)
         fk.run_sampling(s, runs=6, steps=8, layers=layers, gen=gen, device="cuda")
         d, student = s.distiller, s.backends.get("fake")
@@ -277,7 +313,9 @@ def test_cuda_flow_inference_mode_resume_oom_and_preview(tmp_path):
         for q in d.replay.queues.values():
             assert all(x.k.device.type == "cpu" and x.k.dtype == torch.float16 for x in q)
         tr = d.trainers["single:0"]
-        assert all(t.device.type == "cuda" for st in tr.opt.state.values() for n, t in st.items() if n != "step")
+        assert all(
+            t.device.type == "cuda" for st in tr.opt.state.values() for n, t in st.items() if n != "step"
+        )
         _no_inference_tensors(s)
         served = s.stats["single:0"].served["fake"]
         assert served > 0, "preview served the ready layer on the GPU"

@@ -1,5 +1,6 @@
 """The online distiller on the real `ttr` backend (with the landmark residual): the training
 contract end to end, the chunk shrink after an out-of-memory, and a checkpoint round trip."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,10 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from attnplug.core import Plugins, Session, hookimpl
 
-from attnplug.core import AttentionCall, Plugins, Session, hookimpl
-
-_spec = importlib.util.spec_from_file_location("distill_fakes_ttr", Path(__file__).with_name("test_distill_fakes.py"))
+_spec = importlib.util.spec_from_file_location(
+    "distill_fakes_ttr", Path(__file__).with_name("test_distill_fakes.py")
+)
 fk = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
 _spec.loader.exec_module(fk)  # type: ignore[union-attr]
 
@@ -46,10 +48,26 @@ def make_session(distill: dict[str, Any], **root: Any) -> Session:
     plugins = Plugins(load_entry_points=False)
     if "ttr" not in plugins.collect("distiller").entries:
         plugins.register(DistillOnly(), name="distill_only")
-    cfg = {"backend": "ttr", "exact": "sdpa", "training": True, "distiller": "ttr", "loggers": [], "seed": 0,
-           "plugins": {"ttr": {"feature_dim": 16, "depth": 1, "key_chunk": 32, "query_chunk": 32},
-                       "distill": {"lr": 1e-2, "lr_logvar": 1e-2, "query_cap": 32, "log_every": 0,
-                                   "layer_log_every": 4, "min_swap_layers": 2, **distill}}}
+    cfg = {
+        "backend": "ttr",
+        "exact": "sdpa",
+        "training": True,
+        "distiller": "ttr",
+        "loggers": [],
+        "seed": 0,
+        "plugins": {
+            "ttr": {"feature_dim": 16, "depth": 1, "key_chunk": 32, "query_chunk": 32},
+            "distill": {
+                "lr": 1e-2,
+                "lr_logvar": 1e-2,
+                "query_cap": 32,
+                "log_every": 0,
+                "layer_log_every": 4,
+                "min_swap_layers": 2,
+                **distill,
+            },
+        },
+    }
     cfg.update(root)
     return Session(cfg, plugins)
 

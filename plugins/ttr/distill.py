@@ -24,6 +24,7 @@ Out of memory while training a layer halves its query cap and the backend's chun
 `shrink_training_memory(layer_key)`, else `layer_chunks`/`set_layer_chunks`), clears the layer's
 replay, and stops training the layer when nothing is left to shrink. Sampling never stops because of it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,7 +40,13 @@ from ...core.call import AttentionCall, LayerSpec
 from ...core.config import Strict
 from ...core.masks import key_padding
 from ...core.patterns import validate_layer_pattern
-from .distill_metrics import attention_metrics, cross_layer_snapshot, exact_rows, output_metrics, sample_queries
+from .distill_metrics import (
+    attention_metrics,
+    cross_layer_snapshot,
+    exact_rows,
+    output_metrics,
+    sample_queries,
+)
 from .distill_select import LayerSelector
 from .distill_train import LayerTrainer, OptimConfig
 from .readiness import LayerReadiness, ReadinessRule
@@ -54,57 +61,115 @@ log = logging.getLogger("attnplug")
 STATE_FORMAT = "attnplug.distill"
 STATE_VERSION = 1
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_SNAPSHOT_KEYS = ("loss", "cos_dist", "ema_cos", "ema_loss", "nmse", "cos_mean", "cos_p5", "rel_l2_p95",
-                  "rel_l2_p99", "attn_kl", "attn_topk", "alpha_mean", "logvar_huber", "logvar_cos")
+_SNAPSHOT_KEYS = (
+    "loss",
+    "cos_dist",
+    "ema_cos",
+    "ema_loss",
+    "nmse",
+    "cos_mean",
+    "cos_p5",
+    "rel_l2_p95",
+    "rel_l2_p99",
+    "attn_kl",
+    "attn_topk",
+    "alpha_mean",
+    "logvar_huber",
+    "logvar_cos",
+)
 
 
 class DistillSettings(Strict):
     """Settings of the online distiller (config section `[plugins.distill]`)."""
 
     student: str = Field("ttr", description="Name of the learned backend to train.")
-    layers: list[str] = Field(default_factory=lambda: ["*"], description="Layer patterns that may train "
-                              "('single:*', 'double:0', 'single:3-5').")
-    exclude: list[str] = Field(default_factory=list, description="Layer patterns that never train (wins over layers).")
+    layers: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Layer patterns that may train ('single:*', 'double:0', 'single:3-5').",
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="Layer patterns that never train (wins over layers)."
+    )
     min_swap_layers: int = Field(1, ge=0, description="Fewest layers trained per step.")
-    max_swap_layers: int = Field(-1, ge=-1, description="Most layers trained per step (-1: all eligible layers).")
+    max_swap_layers: int = Field(
+        -1, ge=-1, description="Most layers trained per step (-1: all eligible layers)."
+    )
     query_cap: int = Field(512, ge=1, description="Queries subsampled per training call (K/V stay full).")
     train_steps_per_call: int = Field(1, ge=1, le=32, description="Optimizer updates per training call.")
     replay_per_layer: int = Field(8, ge=1, description="Replay samples kept per layer.")
-    replay_max_mb: float = Field(768.0, gt=0, description="Global replay budget in MiB (all layers together).")
-    replay_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Replay storage dtype.")
-    replay_offload_cpu: bool = Field(True, description="Keep replay on the CPU (else on the training device).")
-    save_replay: bool = Field(False, description="Write the replay samples into checkpoints (large; makes a "
-                              "resumed run continue exactly).")
+    replay_max_mb: float = Field(
+        768.0, gt=0, description="Global replay budget in MiB (all layers together)."
+    )
+    replay_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Replay storage dtype."
+    )
+    replay_offload_cpu: bool = Field(
+        True, description="Keep replay on the CPU (else on the training device)."
+    )
+    save_replay: bool = Field(
+        False,
+        description="Write the replay samples into checkpoints (large; makes a "
+        "resumed run continue exactly).",
+    )
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the feature maps ('phi' group).")
     alpha_lr_mult: float = Field(5.0, ge=0, description="Learning rate of the 'alpha' group = lr * this.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of 'phi' ('alpha' and log-vars: none).")
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW weight decay of 'phi' ('alpha' and log-vars: none)."
+    )
     lr_logvar: float = Field(1e-3, gt=0, description="AdamW learning rate of the Kendall log-variances.")
-    grad_clip: float = Field(1.0, ge=0, description="Global-norm gradient clip of a layer's parameters (0: off).")
+    grad_clip: float = Field(
+        1.0, ge=0, description="Global-norm gradient clip of a layer's parameters (0: off)."
+    )
     huber_beta: float = Field(0.05, gt=0, description="Smooth-L1 beta.")
     logvar_init_huber: float = Field(0.0, description="Initial log-variance of the Smooth-L1 term.")
     logvar_init_cos: float = Field(-1.0, description="Initial log-variance of the cosine term.")
-    readiness_threshold: float = Field(0.12, gt=0, description="EMA cosine distance at or below which a layer "
-                                       "becomes ready.")
-    readiness_min_updates: int = Field(24, ge=0, description="Updates a layer needs before it can become ready.")
-    readiness_exit_factor: float = Field(1.2, ge=1.0, description="A ready layer stays ready until its EMA cosine "
-                                         "distance exceeds threshold * this.")
+    readiness_threshold: float = Field(
+        0.12, gt=0, description="EMA cosine distance at or below which a layer becomes ready."
+    )
+    readiness_min_updates: int = Field(
+        24, ge=0, description="Updates a layer needs before it can become ready."
+    )
+    readiness_exit_factor: float = Field(
+        1.2,
+        ge=1.0,
+        description="A ready layer stays ready until its EMA cosine distance exceeds threshold * this.",
+    )
     ema_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay per flush (per sampling run).")
-    sigma_jump: float = Field(1.5, gt=1.0, description="Fallback run boundary: flush when sigma rises above this "
-                              "factor times the previous step's sigma.")
-    flush_every: int = Field(20, ge=0, description="Fallback: flush a layer after this many updates when the run "
-                             "reports neither step indices nor sigmas (0: never).")
-    oom_min_query_cap: int = Field(32, ge=1, description="Out of memory halves a layer's query cap down to this.")
-    oom_min_key_chunk: int = Field(256, ge=1, description="Out of memory halves the backend's key chunk down to "
-                                   "this (backends with layer_chunks/set_layer_chunks).")
-    oom_min_query_chunk: int = Field(64, ge=1, description="Out of memory halves the backend's query chunk down "
-                                     "to this.")
-    log_every: int = Field(20, ge=0, description="Cross-layer snapshot every N updates (scope 'distill'; 0: off).")
-    layer_log_every: int = Field(10, ge=0, description="Per-layer metrics every N updates of a layer "
-                                 "(scope 'distill/layer'; 0: off).")
+    sigma_jump: float = Field(
+        1.5,
+        gt=1.0,
+        description="Fallback run boundary: flush when sigma rises above this "
+        "factor times the previous step's sigma.",
+    )
+    flush_every: int = Field(
+        20,
+        ge=0,
+        description="Fallback: flush a layer after this many updates when the run "
+        "reports neither step indices nor sigmas (0: never).",
+    )
+    oom_min_query_cap: int = Field(
+        32, ge=1, description="Out of memory halves a layer's query cap down to this."
+    )
+    oom_min_key_chunk: int = Field(
+        256,
+        ge=1,
+        description="Out of memory halves the backend's key chunk down to "
+        "this (backends with layer_chunks/set_layer_chunks).",
+    )
+    oom_min_query_chunk: int = Field(
+        64, ge=1, description="Out of memory halves the backend's query chunk down to this."
+    )
+    log_every: int = Field(
+        20, ge=0, description="Cross-layer snapshot every N updates (scope 'distill'; 0: off)."
+    )
+    layer_log_every: int = Field(
+        10, ge=0, description="Per-layer metrics every N updates of a layer (scope 'distill/layer'; 0: off)."
+    )
     metric_queries: int = Field(16, ge=1, description="Queries per metric tick for attention KL / top-k.")
     metric_top_k: int = Field(16, ge=1, description="k of the attention top-k overlap.")
-    seed: int | None = Field(None, description="Seed of layer sets, query subsets and replay draws "
-                             "(None: the config's root seed).")
+    seed: int | None = Field(
+        None, description="Seed of layer sets, query subsets and replay draws (None: the config's root seed)."
+    )
 
     @field_validator("layers", "exclude")
     @classmethod
@@ -112,45 +177,60 @@ class DistillSettings(Strict):
         return [validate_layer_pattern(p) for p in v]
 
     @model_validator(mode="after")
-    def _swap_order(self) -> "DistillSettings":
+    def _swap_order(self) -> DistillSettings:
         if self.max_swap_layers >= 0 and self.min_swap_layers > self.max_swap_layers:
-            raise ValueError(f"min_swap_layers ({self.min_swap_layers}) must not exceed max_swap_layers "
-                             f"({self.max_swap_layers}; -1 = all)")
+            raise ValueError(
+                f"min_swap_layers ({self.min_swap_layers}) must not exceed max_swap_layers "
+                f"({self.max_swap_layers}; -1 = all)"
+            )
         return self
 
     def rule(self) -> ReadinessRule:
-        return ReadinessRule(self.readiness_threshold, self.readiness_min_updates, self.readiness_exit_factor,
-                             self.ema_decay)
+        return ReadinessRule(
+            self.readiness_threshold, self.readiness_min_updates, self.readiness_exit_factor, self.ema_decay
+        )
 
     def optim(self) -> OptimConfig:
-        return OptimConfig(self.lr, self.alpha_lr_mult, self.weight_decay, self.lr_logvar, self.grad_clip,
-                           self.huber_beta, (self.logvar_init_huber, self.logvar_init_cos))
+        return OptimConfig(
+            self.lr,
+            self.alpha_lr_mult,
+            self.weight_decay,
+            self.lr_logvar,
+            self.grad_clip,
+            self.huber_beta,
+            (self.logvar_init_huber, self.logvar_init_cos),
+        )
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+    )
 
 
 class OnlineDistiller:
     """The `core.distiller.Distiller` of attnplug: see the module docstring for the data flow."""
 
-    def __init__(self, settings: DistillSettings, session: "Session", name: str = "ttr") -> None:
+    def __init__(self, settings: DistillSettings, session: Session, name: str = "ttr") -> None:
         self.name = name
         self.settings = settings
         self.session = session
         student = session.backends.get(settings.student) if settings.student in session.backends else None
         if student is None:
-            raise ValueError(f"distiller {name!r}: student backend {settings.student!r} is not registered "
-                             f"(backends: {session.backends.names()}); set [plugins.distill] student")
+            raise ValueError(
+                f"distiller {name!r}: student backend {settings.student!r} is not registered "
+                f"(backends: {session.backends.names()}); set [plugins.distill] student"
+            )
         if not isinstance(student, LearnedBackend):
-            raise ValueError(f"distiller {name!r}: backend {settings.student!r} is not a learned backend")
+            raise TypeError(f"distiller {name!r}: backend {settings.student!r} is not a learned backend")
         self.student: LearnedBackend = student
         seed = settings.seed if settings.seed is not None else session.config.root.seed
         self.rng = torch.Generator().manual_seed(int(seed))
         self.rule = settings.rule()
         self.optim = settings.optim()
-        self.selector = LayerSelector(settings.layers, settings.exclude, settings.min_swap_layers,
-                                      settings.max_swap_layers)
+        self.selector = LayerSelector(
+            settings.layers, settings.exclude, settings.min_swap_layers, settings.max_swap_layers
+        )
         self.replay = ReplayBuffer(int(settings.replay_max_mb * 2**20), settings.replay_per_layer)
         self.storage_dtype = _DTYPES[settings.replay_dtype]
         self.readiness: dict[str, LayerReadiness] = {}
@@ -175,23 +255,34 @@ class OnlineDistiller:
         """New step: sigma-jump fallback flush, then draw the step's training set."""
         if (step_index is not None and step_index >= 0) or sigma is not None:
             self._run_structured = True
-        if sigma is not None and self._last_sigma is not None and sigma > self.settings.sigma_jump * self._last_sigma:
+        if (
+            sigma is not None
+            and self._last_sigma is not None
+            and sigma > self.settings.sigma_jump * self._last_sigma
+        ):
             self.flush("sigma_jump")
         if sigma is not None:
             self._last_sigma = sigma
         self.selector.draw(self.rng)
 
-    def run_start(self, run: "RunInfo") -> None:
+    def run_start(self, run: RunInfo) -> None:
         self._last_sigma = None
         self._run_structured = False
 
-    def run_end(self, run: "RunInfo") -> None:
+    def run_end(self, run: RunInfo) -> None:
         """Fold this run's accumulators into the EMAs (once per run) and log a snapshot."""
         self.flush("run_end")
         self._last_sigma = None
 
-    def observe(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                teacher: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def observe(
+        self,
+        call: AttentionCall,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        teacher: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> None:
         """Store a query-subsampled sample (full K/V) and train the layer on replay."""
         key = call.layer_key
         if key in self.selector.disabled:
@@ -201,8 +292,12 @@ class OnlineDistiller:
             kp = key_padding(mask, q.shape[2], k.shape[2])
             if kp is None:
                 self.skipped["full_mask"] += 1
-                self.session.warn_once(key, "distill-mask", f"distiller: {key} has a per-query attention mask; "
-                                       "calls with such masks are not trained on")
+                self.session.warn_once(
+                    key,
+                    "distill-mask",
+                    f"distiller: {key} has a per-query attention mask; "
+                    "calls with such masks are not trained on",
+                )
                 return
         device = q.device
         fresh: ReplaySample | None = None
@@ -212,13 +307,17 @@ class OnlineDistiller:
             fresh = self._capture(call, q, k, v, teacher, kp, device)
             stored = self.replay.push(fresh)
             if not stored:
-                self.session.warn_once(key, "distill-replay-size", f"distiller: a sample of {key} "
-                                       f"({fresh.nbytes / 2**20:.1f} MiB) exceeds replay_max_mb; trained on, not kept")
+                self.session.warn_once(
+                    key,
+                    "distill-replay-size",
+                    f"distiller: a sample of {key} "
+                    f"({fresh.nbytes / 2**20:.1f} MiB) exceeds replay_max_mb; trained on, not kept",
+                )
             for _ in range(self.settings.train_steps_per_call):
                 sample = self.replay.choose(key, self.rng) if stored else fresh
                 assert sample is not None
                 self._update(key, trainer, sample, device)
-        except Exception as exc:  # noqa: BLE001 - OOM is handled here, anything else goes to the session
+        except Exception as exc:
             if not _is_oom(exc):
                 raise
             self._on_oom(key, exc)
@@ -230,8 +329,16 @@ class OnlineDistiller:
             if r is not None and r.run_count >= self.settings.flush_every:
                 self.flush("periodic", [key])
 
-    def _capture(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 teacher: torch.Tensor, kp: torch.Tensor | None, device: torch.device) -> ReplaySample:
+    def _capture(
+        self,
+        call: AttentionCall,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        teacher: torch.Tensor,
+        kp: torch.Tensor | None,
+        device: torch.device,
+    ) -> ReplaySample:
         key = call.layer_key
         nq = q.shape[2]
         cap = self.query_caps.setdefault(key, self.settings.query_cap)
@@ -242,15 +349,18 @@ class OnlineDistiller:
                 "q": (q if idx is None else q.index_select(2, idx)).to(torch.float32, copy=True),
                 "k": k.to(torch.float32, copy=True),
                 "v": v.to(torch.float32, copy=True),
-                "teacher": (teacher if idx is None else teacher.index_select(2, idx)).to(torch.float32, copy=True),
+                "teacher": (teacher if idx is None else teacher.index_select(2, idx)).to(
+                    torch.float32, copy=True
+                ),
                 "mask": None if kp is None else kp.to(device=device, copy=True),
             }
             if self.storage_dtype == torch.float32 and store_dev == device:
                 parts = {n: live[n] for n in ("q", "k", "v", "teacher", "mask")}
             else:
                 parts = storage_copies(live, self.storage_dtype, store_dev)
-        return ReplaySample(key, parts["q"], parts["k"], parts["v"], parts["teacher"], parts["mask"], call,
-                            live=live)
+        return ReplaySample(
+            key, parts["q"], parts["k"], parts["v"], parts["teacher"], parts["mask"], call, live=live
+        )
 
     def _trainer(self, key: str, device: torch.device) -> LayerTrainer:
         trainer = self.trainers.get(key)
@@ -261,8 +371,12 @@ class OnlineDistiller:
                 try:
                     trainer.load_flat_state(pending)
                 except ValueError as exc:
-                    log.warning("attnplug: distiller: optimizer state of %s from the checkpoint does not fit the "
-                                "layer (%s); starting a fresh optimizer", key, exc)
+                    log.warning(
+                        "attnplug: distiller: optimizer state of %s from the checkpoint does not fit the "
+                        "layer (%s); starting a fresh optimizer",
+                        key,
+                        exc,
+                    )
                     trainer = self.trainers[key] = LayerTrainer(key, self.student, self.optim, device)
         trainer.ensure_trainable(self.student)
         return trainer
@@ -273,7 +387,9 @@ class OnlineDistiller:
         r = self.readiness.setdefault(key, LayerReadiness())
         if not (math.isfinite(loss) and math.isfinite(cos)):
             self.skipped["non_finite_loss"] += 1
-            self.session.warn_once(key, "distill-nonfinite", f"distiller: non-finite loss on {key}; update skipped")
+            self.session.warn_once(
+                key, "distill-nonfinite", f"distiller: non-finite loss on {key}; update skipped"
+            )
             return
         r.record(loss, cos)
         self.total_updates += 1
@@ -286,8 +402,9 @@ class OnlineDistiller:
             self.snapshot()
 
     # ---- metrics ---------------------------------------------------------------------------------
-    def _layer_metrics(self, key: str, trainer: LayerTrainer, tensors: dict[str, Any], out: torch.Tensor,
-                       call: AttentionCall) -> None:
+    def _layer_metrics(
+        self, key: str, trainer: LayerTrainer, tensors: dict[str, Any], out: torch.Tensor, call: AttentionCall
+    ) -> None:
         """Full per-layer metrics on the update just made (see distill_metrics), logged to 'distill/layer'."""
         with torch.inference_mode(False), torch.no_grad():
             m = output_metrics(out, tensors["teacher"])
@@ -307,11 +424,16 @@ class OnlineDistiller:
         for name, value in (self.student.layer_metrics(key) or {}).items():
             m[name] = float(value)
         r = self.readiness[key]
-        m.update(ema_cos=r.ema_cos if r.ema_cos is not None else float("nan"),
-                 ema_loss=r.ema_loss if r.ema_loss is not None else float("nan"),
-                 ready=float(r.ready), query_cap=float(self.query_caps.get(key, self.settings.query_cap)))
+        m.update(
+            ema_cos=r.ema_cos if r.ema_cos is not None else float("nan"),
+            ema_loss=r.ema_loss if r.ema_loss is not None else float("nan"),
+            ready=float(r.ready),
+            query_cap=float(self.query_caps.get(key, self.settings.query_cap)),
+        )
         self.metrics.setdefault(key, {}).update(m)
-        self.session.loggers.log_metrics({"layer": key, **self.metrics[key]}, self.total_updates, "distill/layer")
+        self.session.loggers.log_metrics(
+            {"layer": key, **self.metrics[key]}, self.total_updates, "distill/layer"
+        )
 
     def snapshot(self, reason: str = "updates") -> dict[str, Any]:
         """Cross-layer quantiles of the latest per-layer metrics, ready-layer count; logged to 'distill'."""
@@ -384,13 +506,21 @@ class OnlineDistiller:
             shrunk = True
         self.replay.clear_layer(key)
         if shrunk:
-            self.session.warn_once(key, "distill-oom", f"distiller: out of memory training {key}; query cap "
-                                   f"{cap} -> {new_cap}, chunks shrunk, replay cleared (sticky; sampling goes on)")
+            self.session.warn_once(
+                key,
+                "distill-oom",
+                f"distiller: out of memory training {key}; query cap "
+                f"{cap} -> {new_cap}, chunks shrunk, replay cleared (sticky; sampling goes on)",
+            )
         else:
             self.selector.disabled.add(key)
             self.selector.current.discard(key)
-            self.session.warn_once(key, "distill-oom-off", f"distiller: out of memory training {key} with nothing "
-                                   f"left to shrink; training of {key} stopped (sampling goes on): {exc}")
+            self.session.warn_once(
+                key,
+                "distill-oom-off",
+                f"distiller: out of memory training {key} with nothing "
+                f"left to shrink; training of {key} stopped (sampling goes on): {exc}",
+            )
 
     def _shrink_chunks(self, key: str) -> dict[str, Any] | None:
         """Ask the backend for smaller chunks of one layer: its `shrink_training_memory(layer_key)` when
@@ -400,7 +530,10 @@ class OnlineDistiller:
         if callable(shrink):
             result = shrink(key)
             return (dict(result) if isinstance(result, dict) else {"shrunk": True}) if result else None
-        get, put = getattr(self.student, "layer_chunks", None), getattr(self.student, "set_layer_chunks", None)
+        get, put = (
+            getattr(self.student, "layer_chunks", None),
+            getattr(self.student, "set_layer_chunks", None),
+        )
         if not (callable(get) and callable(put)):
             return None
         kc, qc = (int(x) for x in get(key))
@@ -415,31 +548,46 @@ class OnlineDistiller:
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors (RNG, optimizer states, log-vars, optionally replay) and JSON meta (see module docs)."""
         tensors: dict[str, torch.Tensor] = {"rng": self.rng.get_state()}
-        layer_keys = sorted(set(self.readiness) | set(self.trainers) | set(self.query_caps)
-                            | set(self._pending_opt) | set(self.selector.disabled))
+        layer_keys = sorted(
+            set(self.readiness)
+            | set(self.trainers)
+            | set(self.query_caps)
+            | set(self._pending_opt)
+            | set(self.selector.disabled)
+        )
         layers_meta: list[dict[str, Any]] = []
         for i, key in enumerate(layer_keys):
             trainer = self.trainers.get(key)
             flat = trainer.flat_state() if trainer is not None else self._pending_opt.get(key, {})
             for name, t in flat.items():
                 tensors[f"layer{i}/{name}"] = t
-            layers_meta.append({
-                "layer_key": key,
-                "readiness": (self.readiness.get(key) or LayerReadiness()).to_json(),
-                "query_cap": self.query_caps.get(key, self.settings.query_cap),
-                "oom_events": self.oom_events.get(key, 0),
-                "shrinks": self.shrinks.get(key, []),
-                "disabled": key in self.selector.disabled,
-                "param_shapes": trainer.param_shapes() if trainer is not None else None,
-                "metrics": {k: v for k, v in self.metrics.get(key, {}).items() if math.isfinite(v)},
-            })
+            layers_meta.append(
+                {
+                    "layer_key": key,
+                    "readiness": (self.readiness.get(key) or LayerReadiness()).to_json(),
+                    "query_cap": self.query_caps.get(key, self.settings.query_cap),
+                    "oom_events": self.oom_events.get(key, 0),
+                    "shrinks": self.shrinks.get(key, []),
+                    "disabled": key in self.selector.disabled,
+                    "param_shapes": trainer.param_shapes() if trainer is not None else None,
+                    "metrics": {k: v for k, v in self.metrics.get(key, {}).items() if math.isfinite(v)},
+                }
+            )
         meta: dict[str, Any] = {
-            "format": STATE_FORMAT, "version": STATE_VERSION, "student": self.settings.student,
-            "rule": self.rule.__dict__, "optim": {**self.optim.__dict__, "logvar_init": list(self.optim.logvar_init)},
-            "total_updates": self.total_updates, "flush_counts": dict(self.flush_counts),
-            "skipped": dict(self.skipped), "known_layers": list(self.selector.known),
-            "current": sorted(self.selector.current), "layers": layers_meta,
-            "replay": self.replay.meta(), "last_sigma": self._last_sigma, "run_structured": self._run_structured,
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "student": self.settings.student,
+            "rule": self.rule.__dict__,
+            "optim": {**self.optim.__dict__, "logvar_init": list(self.optim.logvar_init)},
+            "total_updates": self.total_updates,
+            "flush_counts": dict(self.flush_counts),
+            "skipped": dict(self.skipped),
+            "known_layers": list(self.selector.known),
+            "current": sorted(self.selector.current),
+            "layers": layers_meta,
+            "replay": self.replay.meta(),
+            "last_sigma": self._last_sigma,
+            "run_structured": self._run_structured,
         }
         if self.settings.save_replay:
             rt, records = self.replay.export()
@@ -450,18 +598,30 @@ class OnlineDistiller:
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore `state()`. Settings from the config win over the file's; differences are logged."""
         if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
-            raise ValueError(f"distiller state: format {meta.get('format')!r} version {meta.get('version')!r}, "
-                             f"expected {STATE_FORMAT!r} version {STATE_VERSION}")
+            raise ValueError(
+                f"distiller state: format {meta.get('format')!r} version {meta.get('version')!r}, "
+                f"expected {STATE_FORMAT!r} version {STATE_VERSION}"
+            )
         if meta.get("student") != self.settings.student:
-            raise ValueError(f"distiller state trains backend {meta.get('student')!r}, the config's student is "
-                             f"{self.settings.student!r}")
-        for what, saved, current in (("readiness", meta.get("rule", {}), self.rule.__dict__),
-                                     ("optimizer", meta.get("optim", {}),
-                                      {**self.optim.__dict__, "logvar_init": list(self.optim.logvar_init)})):
+            raise ValueError(
+                f"distiller state trains backend {meta.get('student')!r}, the config's student is "
+                f"{self.settings.student!r}"
+            )
+        for what, saved, current in (
+            ("readiness", meta.get("rule", {}), self.rule.__dict__),
+            (
+                "optimizer",
+                meta.get("optim", {}),
+                {**self.optim.__dict__, "logvar_init": list(self.optim.logvar_init)},
+            ),
+        ):
             diff = {k: (saved.get(k), v) for k, v in current.items() if k in saved and saved.get(k) != v}
             if diff:
-                log.info("attnplug: distiller: %s settings differ from the checkpoint; the config wins: %s", what,
-                         ", ".join(f"{k}: file {a!r} -> config {b!r}" for k, (a, b) in diff.items()))
+                log.info(
+                    "attnplug: distiller: %s settings differ from the checkpoint; the config wins: %s",
+                    what,
+                    ", ".join(f"{k}: file {a!r} -> config {b!r}" for k, (a, b) in diff.items()),
+                )
         with torch.inference_mode(False):
             if "rng" not in tensors:
                 raise ValueError("distiller state: missing tensor 'rng'")
@@ -486,7 +646,9 @@ class OnlineDistiller:
                     self.selector.disabled.add(key)
                 self.metrics[key] = {k: float(v) for k, v in lm.get("metrics", {}).items()}
                 prefix = f"layer{i}/"
-                flat = {n[len(prefix):]: t.detach().clone() for n, t in tensors.items() if n.startswith(prefix)}
+                flat = {
+                    n[len(prefix) :]: t.detach().clone() for n, t in tensors.items() if n.startswith(prefix)
+                }
                 self.trainers.pop(key, None)
                 if flat:
                     self._pending_opt[key] = flat
@@ -498,7 +660,7 @@ class OnlineDistiller:
         self._mirror_readiness()
 
 
-def resolve_settings(settings: Any, session: "Session", section: str = "distill") -> DistillSettings:
+def resolve_settings(settings: Any, session: Session, section: str = "distill") -> DistillSettings:
     """The distiller's settings: the factory's argument when it is a `DistillSettings`, else the config
     section `[plugins.<section>]`, else a `<section>` field of the plugin's own section, else defaults."""
     if isinstance(settings, DistillSettings):
@@ -512,14 +674,19 @@ def resolve_settings(settings: Any, session: "Session", section: str = "distill"
     return DistillSettings()
 
 
-def register_distiller(registrar: "Registrar", name: str = "ttr", section: str = "distill") -> None:
+def register_distiller(registrar: Registrar, name: str = "ttr", section: str = "distill") -> None:
     """Register the online distiller as `name`; its settings come from `[plugins.<section>]`.
 
     Call from a plugin's `attnplug_register_distillers(registrar)` hook; the plugin also returns
     `{section: DistillSettings}` from `attnplug_config_sections` (see `resolve_settings`).
     """
-    def factory(settings: Any, session: "Session") -> OnlineDistiller:
+
+    def factory(settings: Any, session: Session) -> OnlineDistiller:
         return OnlineDistiller(resolve_settings(settings, session, section), session, name=name)
 
-    registrar.add(name, factory, DistillSettings,
-                  doc="online distillation from exact attention while sampling (replay, Kendall loss, EMA readiness)")
+    registrar.add(
+        name,
+        factory,
+        DistillSettings,
+        doc="online distillation from exact attention while sampling (replay, Kendall loss, EMA readiness)",
+    )

@@ -15,10 +15,11 @@ q and the full K with scale D^-0.5 and the key mask):
   student) and `attn_topk` = mean overlap |top-k(exact) ∩ top-k(student)| / k. Without that method
   these two are not reported (nothing else the generic distiller could compute would mean the same).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -33,14 +34,16 @@ def output_metrics(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, fl
     cos = torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-8).flatten()
     t_norm = t.norm(dim=-1).flatten()
     rel = diff.norm(dim=-1).flatten() / t_norm.clamp_min(1e-8)
-    vals = torch.stack([
-        diff.pow(2).sum() / t.pow(2).sum().clamp_min(1e-12),
-        cos.mean(),
-        torch.quantile(cos, 0.05),
-        torch.quantile(rel, 0.95),
-        torch.quantile(rel, 0.99),
-        s.norm(dim=-1).mean() / t_norm.mean().clamp_min(1e-12),
-    ]).tolist()
+    vals = torch.stack(
+        [
+            diff.pow(2).sum() / t.pow(2).sum().clamp_min(1e-12),
+            cos.mean(),
+            torch.quantile(cos, 0.05),
+            torch.quantile(rel, 0.95),
+            torch.quantile(rel, 0.99),
+            s.norm(dim=-1).mean() / t_norm.mean().clamp_min(1e-12),
+        ]
+    ).tolist()
     return dict(zip(("nmse", "cos_mean", "cos_p5", "rel_l2_p95", "rel_l2_p99", "norm_ratio"), vals))
 
 
@@ -67,7 +70,9 @@ def attention_metrics(exact: torch.Tensor, student: torch.Tensor | None, top_k: 
     out = {"attn_entropy": float(-(p * logp).sum(-1).mean())}
     if student is not None:
         if student.shape != p.shape:
-            raise ValueError(f"attention_weights returned shape {tuple(student.shape)}, expected {tuple(p.shape)}")
+            raise ValueError(
+                f"attention_weights returned shape {tuple(student.shape)}, expected {tuple(p.shape)}"
+            )
         qrow = student.float().clamp_min(1e-30)
         qrow = qrow / qrow.sum(-1, keepdim=True)
         out["attn_kl"] = float((p * (logp - torch.log(qrow))).sum(-1).mean())
@@ -79,13 +84,18 @@ def attention_metrics(exact: torch.Tensor, student: torch.Tensor | None, top_k: 
     return out
 
 
-def cross_layer_snapshot(per_layer: Mapping[str, Mapping[str, float]], keys: Iterable[str]) -> dict[str, float]:
+def cross_layer_snapshot(
+    per_layer: Mapping[str, Mapping[str, float]], keys: Iterable[str]
+) -> dict[str, float]:
     """Quantiles (min/p25/p50/p75/max) across layers of each metric in `keys`; non-finite values are
     skipped and a metric with no finite value is left out (never NaN in logs)."""
     out: dict[str, float] = {}
     for key in keys:
-        values = [float(m[key]) for m in per_layer.values()
-                  if key in m and m[key] is not None and math.isfinite(float(m[key]))]
+        values = [
+            float(m[key])
+            for m in per_layer.values()
+            if key in m and m[key] is not None and math.isfinite(float(m[key]))
+        ]
         if not values:
             continue
         t = torch.tensor(values, dtype=torch.float64)

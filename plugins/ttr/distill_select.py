@@ -9,6 +9,7 @@ at the step's start. A layer first seen during a step (the very first step, or a
 that step's set while the set is smaller than `max_layers` (all, when −1), so the first step trains
 too and no layer waits for a second run to be discovered.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,9 @@ class LayerSelector:
         """Whether the layer filter admits `layer_key` (cached)."""
         hit = self._eligible.get(layer_key)
         if hit is None:
-            hit = self._eligible[layer_key] = (any_layer_matches(self.include, layer_key)
-                                               and not any_layer_matches(self.exclude, layer_key))
+            hit = self._eligible[layer_key] = any_layer_matches(
+                self.include, layer_key
+            ) and not any_layer_matches(self.exclude, layer_key)
         return hit
 
     def _cap(self) -> int:

@@ -16,6 +16,7 @@ Everything here runs inside `torch.inference_mode(False)` + `torch.enable_grad()
 turn out to be inference tensors (a module built under the host's inference mode) are rebuilt as
 normal parameters first, and the optimizer with them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +39,9 @@ class OptimConfig:
     logvar_init: tuple[float, float]
 
 
-def kendall_loss(student: torch.Tensor, teacher: torch.Tensor, logvars: torch.Tensor,
-                 beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kendall_loss(
+    student: torch.Tensor, teacher: torch.Tensor, logvars: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, huber, cosine distance) of `[B, H, nq, D]` student vs teacher; `logvars` = [s_h, s_c]."""
     huber = F.smooth_l1_loss(student, teacher, beta=beta)
     cos_dist = 1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8).mean()
@@ -55,7 +57,9 @@ def repair_inference_params(module: torch.nn.Module) -> bool:
         for sub in module.modules():
             for name, p in list(sub._parameters.items()):
                 if p is not None and p.is_inference():
-                    sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                    sub._parameters[name] = torch.nn.Parameter(
+                        p.detach().clone(), requires_grad=p.requires_grad
+                    )
                     changed = True
             for name, b in list(sub._buffers.items()):
                 if b is not None and b.is_inference():
@@ -67,11 +71,15 @@ def repair_inference_params(module: torch.nn.Module) -> bool:
 class LayerTrainer:
     """Optimizer state and log-variances of one layer; `update` runs one training step."""
 
-    def __init__(self, layer_key: str, backend: LearnedBackend, cfg: OptimConfig, device: torch.device) -> None:
+    def __init__(
+        self, layer_key: str, backend: LearnedBackend, cfg: OptimConfig, device: torch.device
+    ) -> None:
         self.layer_key = layer_key
         self.cfg = cfg
         with torch.inference_mode(False):
-            self.logvars = torch.nn.Parameter(torch.tensor(cfg.logvar_init, dtype=torch.float32, device=device))
+            self.logvars = torch.nn.Parameter(
+                torch.tensor(cfg.logvar_init, dtype=torch.float32, device=device)
+            )
             self.logvar_opt = torch.optim.AdamW([self.logvars], lr=cfg.lr_logvar, weight_decay=0.0)
         self.build_optimizer(backend)
 
@@ -80,8 +88,10 @@ class LayerTrainer:
         groups = backend.param_groups(self.layer_key)
         unknown = set(groups) - {"phi", "alpha"}
         if unknown:
-            raise ValueError(f"layer {self.layer_key}: param_groups returned unknown groups {sorted(unknown)}; "
-                             "expected 'phi' and 'alpha'")
+            raise ValueError(
+                f"layer {self.layer_key}: param_groups returned unknown groups {sorted(unknown)}; "
+                "expected 'phi' and 'alpha'"
+            )
         self.params: list[torch.nn.Parameter] = [*groups.get("phi", []), *groups.get("alpha", [])]
         if not self.params:
             raise ValueError(f"layer {self.layer_key}: the backend has no trainable parameters")
@@ -89,11 +99,23 @@ class LayerTrainer:
             raise ValueError(f"layer {self.layer_key}: a parameter appears in more than one param group")
         spec = []
         if groups.get("phi"):
-            spec.append({"params": list(groups["phi"]), "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay,
-                         "name": "phi"})
+            spec.append(
+                {
+                    "params": list(groups["phi"]),
+                    "lr": self.cfg.lr,
+                    "weight_decay": self.cfg.weight_decay,
+                    "name": "phi",
+                }
+            )
         if groups.get("alpha"):
-            spec.append({"params": list(groups["alpha"]), "lr": self.cfg.lr * self.cfg.alpha_lr_mult,
-                         "weight_decay": 0.0, "name": "alpha"})
+            spec.append(
+                {
+                    "params": list(groups["alpha"]),
+                    "lr": self.cfg.lr * self.cfg.alpha_lr_mult,
+                    "weight_decay": 0.0,
+                    "name": "alpha",
+                }
+            )
         with torch.inference_mode(False):
             self.opt = torch.optim.AdamW(spec)
 
@@ -107,17 +129,25 @@ class LayerTrainer:
         self.build_optimizer(backend)
         self.load_flat_state(saved)
 
-    def update(self, backend: LearnedBackend, tensors: dict[str, Any], call: Any) -> tuple[float, float, torch.Tensor]:
+    def update(
+        self, backend: LearnedBackend, tensors: dict[str, Any], call: Any
+    ) -> tuple[float, float, torch.Tensor]:
         """One optimizer step on one sample; returns (loss, cosine distance, detached student output)."""
         self._sync_device()
         with torch.inference_mode(False), torch.enable_grad():
             self.opt.zero_grad(set_to_none=True)
             self.logvar_opt.zero_grad(set_to_none=True)
-            out = backend.train_forward(self.layer_key, tensors["q"], tensors["k"], tensors["v"], call, tensors["mask"])
+            out = backend.train_forward(
+                self.layer_key, tensors["q"], tensors["k"], tensors["v"], call, tensors["mask"]
+            )
             if out.shape != tensors["teacher"].shape:
-                raise ValueError(f"layer {self.layer_key}: train_forward returned {tuple(out.shape)}, "
-                                 f"expected the teacher's shape {tuple(tensors['teacher'].shape)}")
-            total, _huber, cos_dist = kendall_loss(out.float(), tensors["teacher"], self.logvars, self.cfg.huber_beta)
+                raise ValueError(
+                    f"layer {self.layer_key}: train_forward returned {tuple(out.shape)}, "
+                    f"expected the teacher's shape {tuple(tensors['teacher'].shape)}"
+                )
+            total, _huber, cos_dist = kendall_loss(
+                out.float(), tensors["teacher"], self.logvars, self.cfg.huber_beta
+            )
             if not bool(torch.isfinite(total)):
                 self.opt.zero_grad(set_to_none=True)
                 return float("nan"), float("nan"), out.detach()
@@ -154,7 +184,9 @@ class LayerTrainer:
         for prefix, opt in (("opt", self.opt), ("logvar_opt", self.logvar_opt)):
             for idx, st in opt.state_dict()["state"].items():
                 for key, val in st.items():
-                    out[f"{prefix}/{idx}/{key}"] = (val if torch.is_tensor(val) else torch.tensor(val)).detach().clone()
+                    out[f"{prefix}/{idx}/{key}"] = (
+                        (val if torch.is_tensor(val) else torch.tensor(val)).detach().clone()
+                    )
         return out
 
     def param_shapes(self) -> list[list[int]]:
@@ -166,9 +198,14 @@ class LayerTrainer:
             if "logvars" in flat:
                 lv = flat["logvars"]
                 if lv.shape != self.logvars.shape:
-                    raise ValueError(f"layer {self.layer_key}: logvars shape {tuple(lv.shape)}, expected (2,)")
+                    raise ValueError(
+                        f"layer {self.layer_key}: logvars shape {tuple(lv.shape)}, expected (2,)"
+                    )
                 self.logvars.data.copy_(lv.to(self.logvars.device))
-            for prefix, opt, params in (("opt", self.opt, self.params), ("logvar_opt", self.logvar_opt, [self.logvars])):
+            for prefix, opt, params in (
+                ("opt", self.opt, self.params),
+                ("logvar_opt", self.logvar_opt, [self.logvars]),
+            ):
                 state: dict[int, dict[str, torch.Tensor]] = {}
                 for name, val in flat.items():
                     head, _, rest = name.partition("/")
@@ -177,11 +214,15 @@ class LayerTrainer:
                     idx_s, _, key = rest.partition("/")
                     idx = int(idx_s)
                     if idx >= len(params):
-                        raise ValueError(f"layer {self.layer_key}: optimizer state {name} for parameter {idx}, but "
-                                         f"the layer has {len(params)} parameters")
+                        raise ValueError(
+                            f"layer {self.layer_key}: optimizer state {name} for parameter {idx}, but "
+                            f"the layer has {len(params)} parameters"
+                        )
                     if key != "step" and tuple(val.shape) != tuple(params[idx].shape):
-                        raise ValueError(f"layer {self.layer_key}: optimizer state {name} has shape {tuple(val.shape)}, "
-                                         f"parameter {idx} has {tuple(params[idx].shape)}")
+                        raise ValueError(
+                            f"layer {self.layer_key}: optimizer state {name} has shape {tuple(val.shape)}, "
+                            f"parameter {idx} has {tuple(params[idx].shape)}"
+                        )
                     state.setdefault(idx, {})[key] = val.detach().clone()
                 sd = opt.state_dict()
                 sd["state"] = state

@@ -11,8 +11,10 @@ Hysteresis: a layer enters the ready state at `ema_cos <= threshold` (with at le
 updates) and leaves it only when `ema_cos > exit_factor * threshold`, so a layer near the boundary
 does not flap between student and teacher from one run to the next.
 """
+
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +30,7 @@ class ReadinessRule:
 
     def next_ready(self, ready: bool, ema_cos: float | None, updates: int) -> bool:
         """The ready state after an EMA update: enter at <= threshold, leave above exit_factor * threshold."""
-        if ema_cos is None or updates < self.min_updates or ema_cos != ema_cos:  # NaN never ready
+        if ema_cos is None or updates < self.min_updates or math.isnan(ema_cos):  # NaN is never ready
             return False
         if ready:
             return ema_cos <= self.exit_factor * self.threshold
@@ -88,12 +90,21 @@ class LayerReadiness:
         return changed
 
     def to_json(self) -> dict[str, Any]:
-        return {"updates": self.updates, "ema_loss": self.ema_loss, "ema_cos": self.ema_cos, "ready": self.ready,
-                "flushes": self.flushes, "run_loss_sum": self.run_loss_sum, "run_cos_sum": self.run_cos_sum,
-                "run_count": self.run_count, "last_loss": self.last_loss, "last_cos": self.last_cos}
+        return {
+            "updates": self.updates,
+            "ema_loss": self.ema_loss,
+            "ema_cos": self.ema_cos,
+            "ready": self.ready,
+            "flushes": self.flushes,
+            "run_loss_sum": self.run_loss_sum,
+            "run_cos_sum": self.run_cos_sum,
+            "run_count": self.run_count,
+            "last_loss": self.last_loss,
+            "last_cos": self.last_cos,
+        }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "LayerReadiness":
+    def from_json(cls, data: dict[str, Any]) -> LayerReadiness:
         out = cls()
         for name in ("updates", "flushes", "run_count"):
             setattr(out, name, int(data.get(name, 0)))

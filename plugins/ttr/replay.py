@@ -11,6 +11,7 @@ oldest samples (a global sequence number; each queue is FIFO, so the oldest samp
 of some queue) until the new sample fits. A sample larger than the whole budget is not stored.
 `bytes_used` never exceeds `max_bytes`.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -52,13 +53,15 @@ class ReplaySample:
         with torch.inference_mode(False):  # never hand inference tensors to autograd
             out: dict[str, torch.Tensor | None] = {
                 name: getattr(self, name).to(device=device, dtype=torch.float32, copy=True)
-                for name in ("q", "k", "v", "teacher")}
+                for name in ("q", "k", "v", "teacher")
+            }
             out["mask"] = None if self.mask is None else self.mask.to(device, copy=True)
         return out
 
 
-def to_storage(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str,
-               absmax: float | None = None) -> torch.Tensor:
+def to_storage(
+    t: torch.Tensor, dtype: torch.dtype, device: torch.device | str, absmax: float | None = None
+) -> torch.Tensor:
     """A detached, cloned, non-inference copy for storage. fp16 values beyond its range go to bf16
     instead of becoming inf (`absmax`, when the caller knows it, saves a device sync)."""
     with torch.inference_mode(False):
@@ -71,17 +74,28 @@ def to_storage(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str,
         return t.detach().to(device=device, dtype=target if t.is_floating_point() else t.dtype, copy=True)
 
 
-def storage_copies(tensors: dict[str, torch.Tensor | None], dtype: torch.dtype,
-                   device: torch.device | str) -> dict[str, torch.Tensor | None]:
+def storage_copies(
+    tensors: dict[str, torch.Tensor | None], dtype: torch.dtype, device: torch.device | str
+) -> dict[str, torch.Tensor | None]:
     """`to_storage` of several tensors with one device sync for the fp16 range check."""
     names = [n for n, t in tensors.items() if t is not None and t.is_floating_point() and t.numel()]
     maxes: dict[str, float] = {}
     if dtype == torch.float16 and names:
         with torch.inference_mode(False):
-            maxes = dict(zip(names, torch.stack([tensors[n].detach().abs().amax().float()  # type: ignore[union-attr]
-                                                 for n in names]).tolist()))
-    return {n: None if t is None else to_storage(t, dtype, device, maxes.get(n, 0.0))
-            for n, t in tensors.items()}
+            maxes = dict(
+                zip(
+                    names,
+                    torch.stack(
+                        [
+                            tensors[n].detach().abs().amax().float()  # type: ignore[union-attr]
+                            for n in names
+                        ]
+                    ).tolist(),
+                )
+            )
+    return {
+        n: None if t is None else to_storage(t, dtype, device, maxes.get(n, 0.0)) for n, t in tensors.items()
+    }
 
 
 @dataclass
@@ -99,7 +113,7 @@ class ReplayCounters:
         return dict(self.__dict__)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ReplayCounters":
+    def from_json(cls, data: dict[str, Any]) -> ReplayCounters:
         return cls(**{k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
@@ -172,8 +186,12 @@ class ReplayBuffer:
 
     # ---- state ---------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
-        return {"counters": self.counters.to_json(), "bytes_used": self.bytes_used, "peak_bytes": self.peak_bytes,
-                "samples": {k: len(q) for k, q in self.queues.items() if q}}
+        return {
+            "counters": self.counters.to_json(),
+            "bytes_used": self.bytes_used,
+            "peak_bytes": self.peak_bytes,
+            "samples": {k: len(q) for k, q in self.queues.items() if q},
+        }
 
     def export(self) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
         """Every stored sample as tensors plus JSON records (for checkpoints that keep the replay)."""
@@ -186,12 +204,18 @@ class ReplayBuffer:
                     tensors[f"{name}/{part}"] = getattr(s, part)
                 if s.mask is not None:
                     tensors[f"{name}/mask"] = s.mask
-                records.append({"seq": s.seq, "layer_key": key, "call": _call_json(s.call),
-                                "mask": s.mask is not None})
+                records.append(
+                    {"seq": s.seq, "layer_key": key, "call": _call_json(s.call), "mask": s.mask is not None}
+                )
         return tensors, records
 
-    def restore(self, tensors: dict[str, torch.Tensor], records: list[dict[str, Any]],
-                dtype: torch.dtype, device: torch.device | str) -> None:
+    def restore(
+        self,
+        tensors: dict[str, torch.Tensor],
+        records: list[dict[str, Any]],
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         """Refill from `export()` output (in sequence order), under this buffer's own budget."""
         next_seq = self.counters.next_seq
         for rec in sorted(records, key=lambda r: int(r["seq"])):
@@ -199,12 +223,16 @@ class ReplayBuffer:
             try:
                 parts = {p: tensors[f"{name}/{p}"] for p in ("q", "k", "v", "teacher")}
             except KeyError as exc:
-                raise ValueError(f"replay sample {rec['seq']} of layer {rec['layer_key']}: missing tensor {exc}") from None
+                raise ValueError(
+                    f"replay sample {rec['seq']} of layer {rec['layer_key']}: missing tensor {exc}"
+                ) from None
             mask = tensors.get(f"{name}/mask") if rec.get("mask") else None
-            sample = ReplaySample(str(rec["layer_key"]), *(to_storage(parts[p], dtype, device)
-                                                           for p in ("q", "k", "v", "teacher")),
-                                  mask=None if mask is None else to_storage(mask, dtype, device),
-                                  call=_call_from_json(rec["call"]))
+            sample = ReplaySample(
+                str(rec["layer_key"]),
+                *(to_storage(parts[p], dtype, device) for p in ("q", "k", "v", "teacher")),
+                mask=None if mask is None else to_storage(mask, dtype, device),
+                call=_call_from_json(rec["call"]),
+            )
             seq = int(rec["seq"])
             self.counters.next_seq = seq
             self.push(sample)
