@@ -179,7 +179,7 @@ class LayerTrainer:
 
     # ---- state -----------------------------------------------------------------------------------
     def flat_state(self) -> dict[str, torch.Tensor]:
-        """Optimizer states flattened to named tensors (`opt/<i>/<key>`, `logvar_opt/0/<key>`), plus `logvars`."""
+        """Optimizer states as named tensors (`opt/<i>/<key>`, `logvar_opt/0/<key>`) plus `logvars`."""
         out: dict[str, torch.Tensor] = {"logvars": self.logvars.detach().clone()}
         for prefix, opt in (("opt", self.opt), ("logvar_opt", self.logvar_opt)):
             for idx, st in opt.state_dict()["state"].items():
