@@ -2,6 +2,7 @@
 
 Tiny random-initialised components built offline (attnplug.hosts.diffusers.testing).
 """
+
 from __future__ import annotations
 
 import gc
@@ -13,11 +14,10 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
-
-from attnplug.core import Session  # noqa: E402
-from attnplug.hosts.diffusers import LayerProcessor, apply  # noqa: E402
-from attnplug.hosts.diffusers import testing as tiny  # noqa: E402
+from attnplug.core import Session
+from attnplug.hosts.diffusers import LayerProcessor, apply
+from attnplug.hosts.diffusers import testing as tiny
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
 HOST = {"backend": "host", "exact": "host", "loggers": []}
 SDPA = {"backend": "sdpa", "exact": "sdpa", "loggers": []}
@@ -43,15 +43,28 @@ def flux2_pipe():
 
 
 def _flux(pipe, **kw):
-    args = dict(prompt="a photo of a cat", height=64, width=64, num_inference_steps=3, max_sequence_length=32,
-                output_type="np", generator=torch.Generator().manual_seed(0))
+    args = dict(
+        prompt="a photo of a cat",
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        max_sequence_length=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     args.update(kw)
     return pipe(**args).images
 
 
 def _flux2(pipe, **kw):
-    args = dict(prompt_embeds=torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(1)), height=64,
-                width=64, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0))
+    args = dict(
+        prompt_embeds=torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(1)),
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     args.update(kw)
     return pipe(**args).images
 
@@ -73,7 +86,9 @@ def test_flux_host_backend_is_bit_identical_and_remove_restores_identity(flux_pi
     assert {k: v["served"] for k, v in summary.items()} == {k: {"host": 3} for k in handle.layers}
     handle.remove()
     after = _processors(flux_pipe.transformer)
-    assert all(after[k] is before[k] for k in before), "remove() must put back the very same processor objects"
+    assert all(after[k] is before[k] for k in before), (
+        "remove() must put back the very same processor objects"
+    )
     assert type(flux_pipe).__name__ == "FluxPipeline" and "_attnplug_base" not in type(flux_pipe).__dict__
     assert "forward" not in flux_pipe.transformer.__dict__
     assert (_flux(flux_pipe) == ref).all()
@@ -117,9 +132,8 @@ def test_removed_pipeline_can_be_collected_while_the_handle_lives():
 
 
 def test_apply_twice_is_refused(flux2_pipe):
-    with apply(flux2_pipe, HOST):
-        with pytest.raises(ValueError, match="already applied"):
-            apply(flux2_pipe.transformer, HOST)
+    with apply(flux2_pipe, HOST), pytest.raises(ValueError, match="already applied"):
+        apply(flux2_pipe.transformer, HOST)
 
 
 def test_apply_rejects_what_is_not_a_model():
@@ -128,11 +142,16 @@ def test_apply_rejects_what_is_not_a_model():
 
 
 def test_set_attention_backend_still_selects_the_teacher_kernel():
-    """After apply, `set_attention_backend` reaches the original processors; the host path uses that kernel."""
+    """After apply, `set_attention_backend` reaches the original processors; the host path uses it."""
     model = tiny.tiny_flux2_transformer(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 8, 32),
-                  timestep=torch.tensor([0.5]), img_ids=torch.zeros(1, 16, 4), txt_ids=torch.zeros(1, 8, 4),
-                  guidance=torch.tensor([4.0]))
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 16),
+        encoder_hidden_states=torch.randn(1, 8, 32),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(1, 16, 4),
+        txt_ids=torch.zeros(1, 8, 4),
+        guidance=torch.tensor([4.0]),
+    )
     name = AttentionBackendName._NATIVE_MATH
     original_fn, active = _AttentionBackendRegistry._backends[name], _AttentionBackendRegistry._active_backend
     hits = []
@@ -145,7 +164,9 @@ def test_set_attention_backend_still_selects_the_teacher_kernel():
     try:
         with apply(model, HOST) as handle:
             model.set_attention_backend("_native_math")
-            originals = [m.processor._attnplug_original for m in model.modules() if hasattr(m, "set_processor")]
+            originals = [
+                m.processor._attnplug_original for m in model.modules() if hasattr(m, "set_processor")
+            ]
             assert all(p._attention_backend == name for p in originals)
             with torch.no_grad():
                 model(**inputs)
@@ -160,8 +181,13 @@ def test_qwenimage_generic_wrapper_is_bit_identical_and_passes_the_mask():
     model = tiny.tiny_qwenimage_transformer(0)
     keep = torch.ones(1, 7, dtype=torch.bool)
     keep[0, 5:] = False
-    inputs = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 7, 32),
-                  encoder_hidden_states_mask=keep, timestep=torch.tensor([0.7]), img_shapes=[(1, 4, 4)])
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 16),
+        encoder_hidden_states=torch.randn(1, 7, 32),
+        encoder_hidden_states_mask=keep,
+        timestep=torch.tensor([0.7]),
+        img_shapes=[(1, 4, 4)],
+    )
     with torch.no_grad():
         ref = model(**inputs).sample
     session = Session(HOST)
@@ -185,8 +211,12 @@ def test_qwenimage_generic_wrapper_is_bit_identical_and_passes_the_mask():
 
 def test_sd3_joint_processor_is_intercepted_text_first():
     model = tiny.tiny_sd3_transformer(0, dual_attention_layers=(0,))
-    inputs = dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 5, 32),
-                  pooled_projections=torch.randn(1, 32), timestep=torch.tensor([700.0]))
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, 8, 8),
+        encoder_hidden_states=torch.randn(1, 5, 32),
+        pooled_projections=torch.randn(1, 32),
+        timestep=torch.tensor([700.0]),
+    )
     with torch.no_grad():
         ref = model(**inputs).sample
     with apply(model, HOST) as handle, torch.no_grad():

@@ -1,4 +1,5 @@
 """diffusers host: the AttentionCall each layer reports, steps and runs, and host passthrough."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,12 +8,12 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from attnplug.core import Session  # noqa: E402
-from attnplug.hosts.diffusers import apply, layer_identity  # noqa: E402
-from attnplug.hosts.diffusers import testing as tiny  # noqa: E402
-from attnplug.hosts.diffusers.layout import layout_for  # noqa: E402
-from attnplug.hosts.diffusers.processors import LayerState, make_dispatch  # noqa: E402
-from attnplug.hosts.diffusers.tracking import StepState, grid_from_ids  # noqa: E402
+from attnplug.core import Session
+from attnplug.hosts.diffusers import apply, layer_identity
+from attnplug.hosts.diffusers import testing as tiny
+from attnplug.hosts.diffusers.layout import layout_for
+from attnplug.hosts.diffusers.processors import LayerState, make_dispatch
+from attnplug.hosts.diffusers.tracking import StepState, grid_from_ids
 
 HOST = {"backend": "host", "exact": "host", "loggers": []}
 
@@ -48,9 +49,18 @@ def _recording_session(config=HOST):
 def test_flux_true_cfg_calls(flux_pipe):
     session, seen = _recording_session()
     with apply(flux_pipe, session):
-        flux_pipe(prompt="a photo of a cat", negative_prompt="a dog", true_cfg_scale=2.0, guidance_scale=3.5,
-                  height=64, width=64, num_inference_steps=3, max_sequence_length=32, output_type="latent",
-                  generator=torch.Generator().manual_seed(0))
+        flux_pipe(
+            prompt="a photo of a cat",
+            negative_prompt="a dog",
+            true_cfg_scale=2.0,
+            guidance_scale=3.5,
+            height=64,
+            width=64,
+            num_inference_steps=3,
+            max_sequence_length=32,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        )
         assert session.run is None and session.runs_done == 1  # the run ended with the pipeline call
         sigmas = [float(s) for s in flux_pipe.scheduler.sigmas[:-1]]
     assert len(seen) == 3 * 2 * 4  # steps × (cond, uncond) × layers
@@ -64,16 +74,27 @@ def test_flux_true_cfg_calls(flux_pipe):
         assert shape == (1, 2, 48, 16) and call.host == "diffusers"
     keys = [c.layer_key for c, _, _ in seen[:4]]
     assert keys == ["double:0", "double:1", "single:0", "single:1"]
-    assert [(c.block_type, c.block_index) for c, _, _ in seen[:4]] == [("double", 0), ("double", 1), ("single", 0),
-                                                                       ("single", 1)]
+    assert [(c.block_type, c.block_index) for c, _, _ in seen[:4]] == [
+        ("double", 0),
+        ("double", 1),
+        ("single", 0),
+        ("single", 1),
+    ]
 
 
 def test_each_pipeline_call_is_one_run_with_its_step_count(flux_pipe):
     session, seen = _recording_session()
     with apply(flux_pipe, session):
         for steps in (2, 3):
-            flux_pipe(prompt="a cat", guidance_scale=3.5, height=64, width=64, num_inference_steps=steps,
-                      max_sequence_length=32, output_type="latent")
+            flux_pipe(
+                prompt="a cat",
+                guidance_scale=3.5,
+                height=64,
+                width=64,
+                num_inference_steps=steps,
+                max_sequence_length=32,
+                output_type="latent",
+            )
         assert session.runs_done == 2 and session.run is None
     assert [r for _, _, r in seen] == [(0, 2)] * 8 + [(1, 3)] * 12
     assert [c.step_index for c, _, _ in seen[::4]] == [0, 1, 0, 1, 2]
@@ -88,8 +109,15 @@ def test_run_ends_when_the_pipeline_raises(flux_pipe):
 
     with apply(flux_pipe, session) as handle:
         with pytest.raises(RuntimeError, match="interrupted"):
-            flux_pipe(prompt="a cat", height=64, width=64, num_inference_steps=3, max_sequence_length=32,
-                      output_type="latent", callback_on_step_end=boom)
+            flux_pipe(
+                prompt="a cat",
+                height=64,
+                width=64,
+                num_inference_steps=3,
+                max_sequence_length=32,
+                output_type="latent",
+                callback_on_step_end=boom,
+            )
         assert session.run is None and session.runs_done == 1
         assert handle._tracker.state.pipe_depth == 0
 
@@ -97,10 +125,15 @@ def test_run_ends_when_the_pipeline_raises(flux_pipe):
 def test_bare_transformer_counts_steps_from_the_timestep():
     model = tiny.tiny_flux2_transformer(0)
     session, seen = _recording_session()
-    inputs = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 8, 32),
-                  img_ids=torch.cartesian_prod(torch.arange(1), torch.arange(2), torch.arange(8),
-                                               torch.arange(1))[None],
-                  txt_ids=torch.zeros(1, 8, 4), guidance=torch.tensor([4.0]))
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 16),
+        encoder_hidden_states=torch.randn(1, 8, 32),
+        img_ids=torch.cartesian_prod(torch.arange(1), torch.arange(2), torch.arange(8), torch.arange(1))[
+            None
+        ],
+        txt_ids=torch.zeros(1, 8, 4),
+        guidance=torch.tensor([4.0]),
+    )
     with apply(model, session) as handle, torch.no_grad():
         for t in (1.0, 1.0, 0.75, 0.5, 1.0, 0.6):  # two runs; the second call of a step repeats its timestep
             model(timestep=torch.tensor([t]), **inputs)
@@ -112,7 +145,9 @@ def test_bare_transformer_counts_steps_from_the_timestep():
     assert [c.sigma for c in per_forward] == pytest.approx([1.0, 1.0, 0.75, 0.5, 1.0, 0.6])
     assert [r[0] for _, _, r in seen[::4]] == [0, 0, 0, 0, 1, 1]
     assert all(c.num_steps is None and c.cond is None and c.cfg_scale == 4.0 for c in per_forward)
-    assert all(c.latent_grid == (2, 8) and c.n_cond_tokens == 8 and c.n_image_tokens == 16 for c, _, _ in seen)
+    assert all(
+        c.latent_grid == (2, 8) and c.n_cond_tokens == 8 and c.n_image_tokens == 16 for c, _, _ in seen
+    )
 
 
 def test_calls_the_session_cannot_serve_go_to_the_host_and_are_counted():
@@ -123,8 +158,17 @@ def test_calls_the_session_cannot_serve_go_to_the_host_and_are_counted():
         host_calls.append((q.shape, k.shape, kw))
         return torch.zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
-    state = LayerState(session, StepState(), layout_for(tiny.tiny_flux2_transformer(0)), "transformer_blocks.0.attn",
-                       "double:0", "double", 0, host, None)
+    state = LayerState(
+        session,
+        StepState(),
+        layout_for(tiny.tiny_flux2_transformer(0)),
+        "transformer_blocks.0.attn",
+        "double:0",
+        "double",
+        0,
+        host,
+        None,
+    )
     dispatch = make_dispatch(state)
     q, kv = torch.randn(1, 4, 2, 8), torch.randn(1, 6, 2, 8)
     dispatch(q, kv, kv)  # cross-attention: 4 queries, 6 keys
@@ -159,12 +203,15 @@ def test_grid_from_flux_and_flux2_ids():
     assert grid_from_ids(flux2[:-1]) is None  # not a full rectangle: no guess
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("transformer_blocks.3.attn", ("double:3", "double", 3)),
-    ("single_transformer_blocks.12.attn", ("single:12", "single", 12)),
-    ("transformer_blocks.0.attn2", ("double:0.attn2", "double", 0)),
-    ("blocks.4.self_attn", ("blocks.4.self_attn", "other", 4)),
-    ("attn", ("attn", "other", -1)),
-])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("transformer_blocks.3.attn", ("double:3", "double", 3)),
+        ("single_transformer_blocks.12.attn", ("single:12", "single", 12)),
+        ("transformer_blocks.0.attn2", ("double:0.attn2", "double", 0)),
+        ("blocks.4.self_attn", ("blocks.4.self_attn", "other", 4)),
+        ("attn", ("attn", "other", -1)),
+    ],
+)
 def test_layer_identity(path, expected):
     assert layer_identity(path) == expected

@@ -5,6 +5,7 @@ The wrapped processors are traced by dynamo; the session call (`_route_dispatch`
 Dynamo's "eager" backend keeps this test fast on 2 CPU cores; the inductor backend was checked by hand
 (same graphs and graph breaks; outputs within 3e-6 of eager, as inductor fuses differently).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -12,12 +13,11 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import torch._dynamo  # noqa: E402
-from torch._dynamo.utils import counters  # noqa: E402
-
-from attnplug.core import Session  # noqa: E402
-from attnplug.hosts.diffusers import apply  # noqa: E402
-from attnplug.hosts.diffusers import testing as tiny  # noqa: E402
+import torch._dynamo
+from attnplug.core import Session
+from attnplug.hosts.diffusers import apply
+from attnplug.hosts.diffusers import testing as tiny
+from torch._dynamo.utils import counters
 
 HOST = {"backend": "host", "exact": "host", "loggers": []}
 
@@ -35,9 +35,14 @@ def _fresh_dynamo():
 
 def _inputs():
     g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
-                pooled_projections=torch.randn(1, 32, generator=g), img_ids=torch.zeros(16, 3),
-                txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
+    return dict(
+        hidden_states=torch.randn(1, 16, 16, generator=g),
+        encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+        pooled_projections=torch.randn(1, 32, generator=g),
+        img_ids=torch.zeros(16, 3),
+        txt_ids=torch.zeros(8, 3),
+        guidance=torch.tensor([3.5]),
+    )
 
 
 def test_patched_flux_transformer_runs_under_torch_compile():
@@ -55,14 +60,21 @@ def test_patched_flux_transformer_runs_under_torch_compile():
     breaks = counters["graph_break"]
     assert breaks, "dynamo traced nothing: the compiled path did not run"
     for reason in breaks:
-        assert "_route_dispatch" in reason or "_observe_forward" in reason, f"unexpected graph break: {reason}"
+        assert "_route_dispatch" in reason or "_observe_forward" in reason, (
+            f"unexpected graph break: {reason}"
+        )
 
 
 def test_apply_to_an_already_compiled_model_patches_the_original():
     model = tiny.tiny_flux2_transformer(0)
     compiled = torch.compile(model, backend="eager")
-    inputs = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 8, 32),
-                  img_ids=torch.zeros(1, 16, 4), txt_ids=torch.zeros(1, 8, 4), guidance=torch.tensor([4.0]))
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 16),
+        encoder_hidden_states=torch.randn(1, 8, 32),
+        img_ids=torch.zeros(1, 16, 4),
+        txt_ids=torch.zeros(1, 8, 4),
+        guidance=torch.tensor([4.0]),
+    )
     with torch.no_grad():
         ref = model(timestep=torch.tensor([0.5]), **inputs).sample
         with apply(compiled, HOST) as handle:

@@ -1,6 +1,7 @@
 """diffusers host end to end with the learned `ttr` backend: training inside `pipe(...)` calls, checkpoint
 save, reload into a fresh pipeline, serving. Skipped, with the reason, while plugins/ttr registers no `ttr`
 backend or no `ttr` distiller."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from attnplug.core import Session, get_plugins, load_checkpoint  # noqa: E402
-from attnplug.hosts.diffusers import apply  # noqa: E402
-from attnplug.hosts.diffusers import testing as tiny  # noqa: E402
+from attnplug.core import Session, get_plugins, load_checkpoint
+from attnplug.hosts.diffusers import apply
+from attnplug.hosts.diffusers import testing as tiny
 
 TINY_TTR = {"feature_dim": 16, "depth": 1, "hidden": 0, "key_chunk": 64, "query_chunk": 64}
 LAYERS = {"double:0", "double:1", "single:0", "single:1"}
@@ -42,8 +43,15 @@ def _config(**root) -> dict:
 
 
 def _run(pipe, steps: int = 3):
-    return pipe(prompt="a photo of a cat", height=64, width=64, num_inference_steps=steps, max_sequence_length=32,
-                output_type="np", generator=torch.Generator().manual_seed(0)).images
+    return pipe(
+        prompt="a photo of a cat",
+        height=64,
+        width=64,
+        num_inference_steps=steps,
+        max_sequence_length=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
 
 
 def test_training_happens_inside_pipeline_calls_and_the_checkpoint_reloads(tmp_path):
@@ -63,7 +71,9 @@ def test_training_happens_inside_pipeline_calls_and_the_checkpoint_reloads(tmp_p
         assert session.runs_done == 2
         learned = session.learned_backends()["ttr"]
         assert set(learned.layers) <= LAYERS and learned.layers
-        weights = {k: {n: p.detach().clone() for n, p in m.state_dict().items()} for k, m in learned.layers.items()}
+        weights = {
+            k: {n: p.detach().clone() for n, p in m.state_dict().items()} for k, m in learned.layers.items()
+        }
         ready = {k for k, r in learned.ready.items() if r}
         if "distill" in get_plugins().config_sections():
             assert ready, "with readiness_threshold=1.0 and min_updates=1 two runs must make layers ready"
@@ -83,7 +93,10 @@ def test_training_happens_inside_pipeline_calls_and_the_checkpoint_reloads(tmp_p
         served = {k: s.served for k, s in handle.session.stats.items()}
     assert out.shape == ref.shape and bool(torch.isfinite(torch.from_numpy(out)).all())
     for key in LAYERS:
-        assert served[key].get("ttr", 0) > 0 if key in ready else served[key].get("host", 0) > 0, (key, served)
+        assert served[key].get("ttr", 0) > 0 if key in ready else served[key].get("host", 0) > 0, (
+            key,
+            served,
+        )
 
 
 def test_ttr_without_training_serves_nothing_until_layers_are_ready():
@@ -91,6 +104,12 @@ def test_ttr_without_training_serves_nothing_until_layers_are_ready():
     pipe = tiny.tiny_flux2_pipeline(0)
     session = Session(_config())
     with apply(pipe, session):
-        pipe(prompt_embeds=torch.randn(1, 16, 32), height=64, width=64, num_inference_steps=2, output_type="latent")
+        pipe(
+            prompt_embeds=torch.randn(1, 16, 32),
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            output_type="latent",
+        )
     served = {k: dict(s.served) for k, s in session.stats.items()}
     assert served == {k: {"host": 2} for k in LAYERS}  # fail-closed: untrained layers run exact

@@ -6,12 +6,14 @@ brackets its `__call__` with run start/end (tracking.py). `Handle.remove()` puts
 processor objects that were there (identity), removes the hook, restores the pipeline's class,
 and drops every reference attnplug held to the model.
 """
+
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -31,9 +33,16 @@ class Handle:
     Use as a context manager to remove on exit (the session is also closed when `apply` built it).
     """
 
-    def __init__(self, session: Session, owns_session: bool, transformer: torch.nn.Module, pipe: Any | None,
-                 tracker: Tracker, patched: dict[str, tuple[torch.nn.Module, Any, LayerProcessor]],
-                 skipped: dict[str, str]) -> None:
+    def __init__(
+        self,
+        session: Session,
+        owns_session: bool,
+        transformer: torch.nn.Module,
+        pipe: Any | None,
+        tracker: Tracker,
+        patched: dict[str, tuple[torch.nn.Module, Any, LayerProcessor]],
+        skipped: dict[str, str],
+    ) -> None:
         self.session = session
         self.owns_session = owns_session
         self.transformer: torch.nn.Module | None = transformer
@@ -73,8 +82,11 @@ class Handle:
         for path, (module, original, wrapper) in self._patched.items():
             wrapper._attnplug_state.active = False
             if module.processor is not wrapper:
-                log.warning("attnplug: %s: its processor was replaced after apply (now %s); restoring the original",
-                            path, type(module.processor).__name__)
+                log.warning(
+                    "attnplug: %s: its processor was replaced after apply (now %s); restoring the original",
+                    path,
+                    type(module.processor).__name__,
+                )
             module.set_processor(original)
         self._patched = {}
         if self.transformer is not None:
@@ -93,7 +105,7 @@ class Handle:
         if self.owns_session:
             self.session.close()
 
-    def __enter__(self) -> "Handle":
+    def __enter__(self) -> Handle:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -113,12 +125,19 @@ def find_transformer(pipe_or_transformer: Any) -> tuple[torch.nn.Module, Any | N
         model = getattr(obj, name, None)
         if isinstance(model, torch.nn.Module):
             return getattr(model, "_orig_mod", model), obj
-    raise TypeError(f"attnplug.hosts.diffusers.apply: expected a diffusers pipeline with a `transformer` or a "
-                    f"transformer model (torch.nn.Module), got {type(obj).__name__}")
+    raise TypeError(
+        f"attnplug.hosts.diffusers.apply: expected a diffusers pipeline with a `transformer` or a "
+        f"transformer model (torch.nn.Module), got {type(obj).__name__}"
+    )
 
 
-def apply(pipe_or_transformer: Any, config_or_session: "Session | Config | str | Path | Mapping[str, Any]", *,
-          text_first: bool | None = None, timestep_divisor: float | None = None) -> Handle:
+def apply(
+    pipe_or_transformer: Any,
+    config_or_session: Session | Config | str | Path | Mapping[str, Any],
+    *,
+    text_first: bool | None = None,
+    timestep_divisor: float | None = None,
+) -> Handle:
     """Route every interceptable attention call of a diffusers pipeline or transformer through attnplug.
 
     Args:
@@ -145,16 +164,22 @@ def apply(pipe_or_transformer: Any, config_or_session: "Session | Config | str |
             continue
         proc = module.processor
         if isinstance(proc, LayerProcessor):
-            raise ValueError(f"attnplug is already applied to {path} ({proc!r}); remove the first handle first")
+            raise ValueError(
+                f"attnplug is already applied to {path} ({proc!r}); remove the first handle first"
+            )
         kind = interception_kind(proc)
         if kind is None:
-            skipped[path] = f"processor {type(proc).__name__} neither calls dispatch_attention_fn nor is a known " \
-                            "SDPA processor"
+            skipped[path] = (
+                f"processor {type(proc).__name__} neither calls dispatch_attention_fn nor is a known "
+                "SDPA processor"
+            )
             continue
         targets.append((path, module, kind))
     if not targets:
-        raise ValueError(f"attnplug.hosts.diffusers.apply: no attention processor of {type(transformer).__name__} "
-                         f"can be intercepted ({len(skipped)} skipped: {_summary(skipped)})")
+        raise ValueError(
+            f"attnplug.hosts.diffusers.apply: no attention processor of {type(transformer).__name__} "
+            f"can be intercepted ({len(skipped)} skipped: {_summary(skipped)})"
+        )
 
     install_hook(transformer, tracker)
     patched: dict[str, tuple[torch.nn.Module, Any, LayerProcessor]] = {}
@@ -174,8 +199,12 @@ def apply(pipe_or_transformer: Any, config_or_session: "Session | Config | str |
         remove_hook(transformer)
         raise
     if skipped:
-        log.warning("attnplug: %d attention modules of %s keep their own processor: %s", len(skipped),
-                    type(transformer).__name__, _summary(skipped))
+        log.warning(
+            "attnplug: %d attention modules of %s keep their own processor: %s",
+            len(skipped),
+            type(transformer).__name__,
+            _summary(skipped),
+        )
     return Handle(session, owns, transformer, pipe, tracker, patched, skipped)
 
 

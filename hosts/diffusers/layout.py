@@ -6,6 +6,7 @@ A model that is not in the table still works through the generic wrapper (any pr
 conditioning split unless the caller declares the token order (`apply(..., text_first=True)`),
 because attnplug never guesses where the text tokens are.
 """
+
 from __future__ import annotations
 
 import re
@@ -44,13 +45,16 @@ _BLOCK_TYPES = {"transformer_blocks": "double", "single_transformer_blocks": "si
 _PATH = re.compile(r"^(?P<blocks>[A-Za-z_]+)\.(?P<index>\d+)\.(?P<attn>[A-Za-z_0-9.]+)$")
 
 
-def layout_for(transformer: object, text_first: bool | None = None,
-               timestep_divisor: float | None = None) -> ModelLayout:
+def layout_for(
+    transformer: object, text_first: bool | None = None, timestep_divisor: float | None = None
+) -> ModelLayout:
     """The layout of `transformer`, with explicit caller overrides applied."""
     base = LAYOUTS.get(type(transformer).__name__, GENERIC)
-    return ModelLayout(text_first=base.text_first if text_first is None else text_first,
-                       timestep_divisor=base.timestep_divisor if timestep_divisor is None else timestep_divisor,
-                       single_stream_text=base.single_stream_text)
+    return ModelLayout(
+        text_first=base.text_first if text_first is None else text_first,
+        timestep_divisor=base.timestep_divisor if timestep_divisor is None else timestep_divisor,
+        single_stream_text=base.single_stream_text,
+    )
 
 
 def layer_identity(module_path: str) -> tuple[str, str, int]:

@@ -24,13 +24,15 @@ Calls that attnplug cannot serve faithfully go straight to the host attention, c
 causal/dropout/custom-scale calls, cross-attention (query and key lengths differ, e.g. an
 IP-adapter branch), token counts that do not add up, and masked SD3 calls.
 """
+
 from __future__ import annotations
 
 import inspect
 import math
 import types
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +55,18 @@ class LayerState:
     interceptor → state creates no reference cycle.
     """
 
-    def __init__(self, session: "Session", step: "StepState", layout: ModelLayout, module_path: str,
-                 layer_key: str, block_type: str, block_index: int, host_dispatch: Callable[..., torch.Tensor] | None,
-                 host_sdpa: Callable[..., torch.Tensor] | None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        step: StepState,
+        layout: ModelLayout,
+        module_path: str,
+        layer_key: str,
+        block_type: str,
+        block_index: int,
+        host_dispatch: Callable[..., torch.Tensor] | None,
+        host_sdpa: Callable[..., torch.Tensor] | None,
+    ) -> None:
         self.session = session
         self.step = step
         self.layout = layout
@@ -66,7 +77,9 @@ class LayerState:
         self.host_dispatch = host_dispatch
         self.host_sdpa = host_sdpa
         self.n_img_arg: int | None = None  # hidden_states length the processor received
-        self.n_txt_arg: int | None = None  # encoder_hidden_states length the processor received (None: not given)
+        self.n_txt_arg: int | None = (
+            None  # encoder_hidden_states length the processor received (None: not given)
+        )
         self.passthrough: Counter[str] = Counter()
         self.active = True
         self._cached: tuple[tuple[Any, ...], AttentionCall] | None = None
@@ -81,7 +94,9 @@ class LayerState:
             if self.n_img_arg is not None and self.n_img_arg != n_tokens:
                 return f"{n_tokens} tokens but the processor got {self.n_img_arg} hidden states and no text"
         elif self.n_txt_arg is not None and self.n_img_arg is not None and n_txt + self.n_img_arg != n_tokens:
-            return (f"{n_tokens} tokens but the processor got {n_txt} text + {self.n_img_arg} image hidden states")
+            return (
+                f"{n_tokens} tokens but the processor got {n_txt} text + {self.n_img_arg} image hidden states"
+            )
         if n_txt > n_tokens:
             return f"{n_tokens} tokens but the transformer got {n_txt} text tokens"
         if n_txt > 0 and self.layout.text_first is None:
@@ -94,63 +109,122 @@ class LayerState:
         key = (st.version, n_cond, n_image)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
-        call = AttentionCall(layer_key=self.layer_key, block_type=self.block_type,  # type: ignore[arg-type]
-                             block_index=self.block_index, sigma=st.sigma, step_index=st.step_index,
-                             num_steps=st.num_steps, cond=st.cond, cfg_scale=st.cfg_scale,
-                             n_cond_tokens=n_cond, n_image_tokens=n_image, latent_grid=st.latent_grid,
-                             host="diffusers")
+        call = AttentionCall(
+            layer_key=self.layer_key,
+            block_type=self.block_type,  # type: ignore[arg-type]
+            block_index=self.block_index,
+            sigma=st.sigma,
+            step_index=st.step_index,
+            num_steps=st.num_steps,
+            cond=st.cond,
+            cfg_scale=st.cfg_scale,
+            n_cond_tokens=n_cond,
+            n_image_tokens=n_image,
+            latent_grid=st.latent_grid,
+            host="diffusers",
+        )
         self._cached = (key, call)
         return call
 
     def skip(self, reason: str) -> None:
         self.passthrough[reason] += 1
-        self.session.warn_once(self.layer_key, f"diffusers-passthrough:{reason}",
-                               f"{self.layer_key} ({self.module_path}): host attention, not attnplug: {reason}")
+        self.session.warn_once(
+            self.layer_key,
+            f"diffusers-passthrough:{reason}",
+            f"{self.layer_key} ({self.module_path}): host attention, not attnplug: {reason}",
+        )
 
 
 # ---- the interceptors --------------------------------------------------------------------------------
 
+
 def make_dispatch(state: LayerState) -> Callable[..., torch.Tensor]:
     """This layer's stand-in for diffusers' `dispatch_attention_fn` (same signature)."""
 
-    def dispatch_attention_fn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                              attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
-                              scale: float | None = None, enable_gqa: bool = False,
-                              attention_kwargs: dict[str, Any] | None = None, *, backend: Any = None,
-                              parallel_config: Any = None) -> torch.Tensor:
-        return _route_dispatch(state, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                               attention_kwargs, backend, parallel_config)
+    def dispatch_attention_fn(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+        attention_kwargs: dict[str, Any] | None = None,
+        *,
+        backend: Any = None,
+        parallel_config: Any = None,
+    ) -> torch.Tensor:
+        return _route_dispatch(
+            state,
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            scale,
+            enable_gqa,
+            attention_kwargs,
+            backend,
+            parallel_config,
+        )
 
     return dispatch_attention_fn
 
 
 @torch.compiler.disable
-def _route_dispatch(state: LayerState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float | None,
-                    enable_gqa: bool, attention_kwargs: dict[str, Any] | None, backend: Any,
-                    parallel_config: Any) -> torch.Tensor:
+def _route_dispatch(
+    state: LayerState,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    attention_kwargs: dict[str, Any] | None,
+    backend: Any,
+    parallel_config: Any,
+) -> torch.Tensor:
     host = state.host_dispatch
     assert host is not None
 
     def host_nhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-        return host(q, k, v, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                    enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, backend=backend,
-                    parallel_config=parallel_config)
+        return host(
+            q,
+            k,
+            v,
+            attn_mask=m,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+            attention_kwargs=attention_kwargs,
+            backend=backend,
+            parallel_config=parallel_config,
+        )
 
     reason = _unsupported(state, query, key, dropout_p, is_causal, scale, enable_gqa)
     if reason is None and parallel_config is not None:
-        reason = "context/tensor parallelism (the processor sees a shard; only the host kernel is distributed)"
+        reason = (
+            "context/tensor parallelism (the processor sees a shard; only the host kernel is distributed)"
+        )
     split: tuple[int, int] | str = reason if reason is not None else state.split(int(query.shape[1]))
     if isinstance(split, str):
         state.skip(split)
         return host_nhd(query, key, value, attn_mask)
 
-    def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    def host_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor | None
+    ) -> torch.Tensor:
         return host_nhd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m).transpose(1, 2)
 
     call = state.call_for(*split)
-    out = state.session.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call,
-                                  attn_mask, host_attention)
+    out = state.session.attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call, attn_mask, host_attention
+    )
     return out.transpose(1, 2)
 
 
@@ -159,10 +233,16 @@ def make_functional(state: LayerState) -> types.ModuleType:
     shim = types.ModuleType(F.__name__, F.__doc__)
     shim.__dict__.update({k: v for k, v in vars(F).items() if not k.startswith("__")})
 
-    def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                     attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                                     is_causal: bool = False, scale: float | None = None,
-                                     enable_gqa: bool = False) -> torch.Tensor:
+    def scaled_dot_product_attention(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
         return _route_sdpa(state, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
     shim.scaled_dot_product_attention = scaled_dot_product_attention  # type: ignore[attr-defined]
@@ -170,9 +250,17 @@ def make_functional(state: LayerState) -> types.ModuleType:
 
 
 @torch.compiler.disable
-def _route_sdpa(state: LayerState, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float | None,
-                enable_gqa: bool) -> torch.Tensor:
+def _route_sdpa(
+    state: LayerState,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+) -> torch.Tensor:
     """SD3: `[B, H, N, D]` ordered [image, text] in and out; attnplug sees [text, image]."""
     sdpa = state.host_sdpa
     assert sdpa is not None
@@ -182,7 +270,9 @@ def _route_sdpa(state: LayerState, query: torch.Tensor, key: torch.Tensor, value
         return sdpa(q, k, v, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
 
     n = int(query.shape[2])
-    reason = _unsupported(state, query.transpose(1, 2), key.transpose(1, 2), dropout_p, is_causal, scale, enable_gqa)
+    reason = _unsupported(
+        state, query.transpose(1, 2), key.transpose(1, 2), dropout_p, is_causal, scale, enable_gqa
+    )
     if reason is None and attn_mask is not None:
         reason = "a mask on an [image, text] sequence"
     split: tuple[int, int] | str = reason if reason is not None else state.split(n)
@@ -192,7 +282,9 @@ def _route_sdpa(state: LayerState, query: torch.Tensor, key: torch.Tensor, value
     n_txt, n_img = split
     if n_txt == 0 and n_img == 0:  # no split known: hand the sequence over as it is
         call = state.call_for(0, 0)
-        return state.session.attention(query, key, value, call, None, lambda q, k, v, m: host_bhnd(q, k, v, m))
+        return state.session.attention(
+            query, key, value, call, None, lambda q, k, v, m: host_bhnd(q, k, v, m)
+        )
     n_img = n - n_txt
 
     def to_txt_first(t: torch.Tensor) -> torch.Tensor:
@@ -201,17 +293,27 @@ def _route_sdpa(state: LayerState, query: torch.Tensor, key: torch.Tensor, value
     def to_img_first(t: torch.Tensor) -> torch.Tensor:
         return torch.cat([t[:, :, n_txt:], t[:, :, :n_txt]], dim=2) if n_txt else t
 
-    def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    def host_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor | None
+    ) -> torch.Tensor:
         return to_txt_first(host_bhnd(to_img_first(q), to_img_first(k), to_img_first(v), m))
 
     call = state.call_for(n_txt, n_img)
-    out = state.session.attention(to_txt_first(query), to_txt_first(key), to_txt_first(value), call, None,
-                                  host_attention)
+    out = state.session.attention(
+        to_txt_first(query), to_txt_first(key), to_txt_first(value), call, None, host_attention
+    )
     return to_img_first(out)
 
 
-def _unsupported(state: LayerState, query: torch.Tensor, key: torch.Tensor, dropout_p: float, is_causal: bool,
-                 scale: float | None, enable_gqa: bool) -> str | None:
+def _unsupported(
+    state: LayerState,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+) -> str | None:
     """Why this `[B, N, H, D]` call must go to the host unchanged, or None."""
     if not state.active:
         return "the attnplug handle was removed"
@@ -232,6 +334,7 @@ def _unsupported(state: LayerState, query: torch.Tensor, key: torch.Tensor, drop
 
 # ---- the wrapper processor -------------------------------------------------------------------------------
 
+
 class LayerProcessor:
     """Stands in for one layer's original processor; runs the original's code with attention intercepted.
 
@@ -243,8 +346,14 @@ class LayerProcessor:
     _attnplug_original: Any
     _attnplug_state: LayerState
 
-    def __init__(self, original: Any, state: LayerState, fn: Callable[..., Any], hs_pos: int | None,
-                 ehs_pos: int | None) -> None:
+    def __init__(
+        self,
+        original: Any,
+        state: LayerState,
+        fn: Callable[..., Any],
+        hs_pos: int | None,
+        ehs_pos: int | None,
+    ) -> None:
         self._attnplug_original = original
         self._attnplug_state = state
         self._attnplug_fn = fn
@@ -281,8 +390,10 @@ class LayerProcessor:
         return getattr(self._attnplug_original, name)
 
     def __repr__(self) -> str:
-        return (f"attnplug.{type(self).__name__}({self._attnplug_state.layer_key}, "
-                f"original={type(self._attnplug_original).__name__})")
+        return (
+            f"attnplug.{type(self).__name__}({self._attnplug_state.layer_key}, "
+            f"original={type(self._attnplug_original).__name__})"
+        )
 
 
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], pos: int | None, name: str) -> Any:
@@ -304,12 +415,16 @@ def wrapper_class(original_cls: type) -> type:
     """
     cls = _WRAPPER_CLASSES.get(original_cls)
     if cls is None:
+
         def __call__(self: LayerProcessor, *args: Any, **kwargs: Any) -> Any:
             return self._attnplug_call(args, kwargs)
 
         __call__.__signature__ = inspect.signature(original_cls.__call__)  # type: ignore[attr-defined]
-        cls = type(f"Attnplug{original_cls.__name__}", (LayerProcessor,), {"__call__": __call__,
-                                                                           "__module__": __name__})
+        cls = type(
+            f"Attnplug{original_cls.__name__}",
+            (LayerProcessor,),
+            {"__call__": __call__, "__module__": __name__},
+        )
         _WRAPPER_CLASSES[original_cls] = cls
     return cls
 
@@ -347,8 +462,11 @@ def build_wrapper(processor: Any, state: LayerState, kind: str) -> LayerProcesso
     rebound.__kwdefaults__ = fn.__kwdefaults__
     rebound.__qualname__ = fn.__qualname__
     names = [p.name for p in inspect.signature(fn).parameters.values()][1:]  # without self
-    positional = [n for n, p in zip(names, list(inspect.signature(fn).parameters.values())[1:])
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = [
+        n
+        for n, p in zip(names, list(inspect.signature(fn).parameters.values())[1:])
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
     hs_pos = positional.index("hidden_states") if "hidden_states" in positional else None
     ehs_pos = positional.index("encoder_hidden_states") if "encoder_hidden_states" in positional else None
     return wrapper_class(type(processor))(processor, state, rebound, hs_pos, ehs_pos)

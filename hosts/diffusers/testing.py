@@ -5,6 +5,7 @@ encoders of width 32, VAEs of width 8 with 4 latent channels (×8 downsampling).
 eval mode (a freshly constructed model has dropout on) and seeded, so two builds with one seed are
 identical and two calls with one generator give bit-identical images.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,28 +33,67 @@ def _word_tokenizer(max_length: int) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, "<s>": 3}
-    for i, word in enumerate("a photo of cat dog red blue green tree house sky the an on in".split()):
+    for i, word in enumerate(
+        [
+            "a",
+            "photo",
+            "of",
+            "cat",
+            "dog",
+            "red",
+            "blue",
+            "green",
+            "tree",
+            "house",
+            "sky",
+            "the",
+            "an",
+            "on",
+            "in",
+        ]
+    ):
         vocab[word] = 4 + i
     tok = tokenizers.Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, pad_token="<pad>",
-                                   unk_token="<unk>", eos_token="</s>", bos_token="<s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=max_length,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="</s>",
+        bos_token="<s>",
+    )
 
 
 def flux_scheduler() -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                           base_image_seq_len=256, max_image_seq_len=4096)
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
 
 
 def tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True) -> Any:
     from diffusers import FluxTransformer2DModel
 
     _seeded(seed)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
-                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                  pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6)).eval()
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
 
 
 def tiny_flux_pipeline(seed: int = 0) -> Any:
@@ -67,25 +107,59 @@ def tiny_flux_pipeline(seed: int = 0) -> Any:
 
     transformer = tiny_flux_transformer(seed)
     _seeded(seed + 1)
-    clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, vocab_size=64, projection_dim=32,
-                                        max_position_embeddings=77))
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=64,
+            projection_dim=32,
+            max_position_embeddings=77,
+        )
+    )
     t5 = T5EncoderModel(T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=64))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
-                        shift_factor=0.0, scaling_factor=1.0)
-    return _eval(FluxPipeline(scheduler=flux_scheduler(), vae=vae, text_encoder=clip, tokenizer=_word_tokenizer(77),
-                              text_encoder_2=t5, tokenizer_2=_word_tokenizer(32), transformer=transformer))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+    return _eval(
+        FluxPipeline(
+            scheduler=flux_scheduler(),
+            vae=vae,
+            text_encoder=clip,
+            tokenizer=_word_tokenizer(77),
+            text_encoder_2=t5,
+            tokenizer_2=_word_tokenizer(32),
+            transformer=transformer,
+        )
+    )
 
 
 def tiny_flux2_transformer(seed: int = 0) -> Any:
     from diffusers import Flux2Transformer2DModel
 
     _seeded(seed)
-    return Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
-                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                   timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4)).eval()
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+    ).eval()
 
 
 def tiny_flux2_pipeline(seed: int = 0) -> Any:
@@ -94,27 +168,55 @@ def tiny_flux2_pipeline(seed: int = 0) -> Any:
 
     transformer = tiny_flux2_transformer(seed)
     _seeded(seed + 1)
-    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                             layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
-    return _eval(Flux2Pipeline(scheduler=flux_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                               transformer=transformer))
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    return _eval(
+        Flux2Pipeline(
+            scheduler=flux_scheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+        )
+    )
 
 
 def tiny_qwenimage_transformer(seed: int = 0) -> Any:
     from diffusers import QwenImageTransformer2DModel
 
     _seeded(seed)
-    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                       axes_dims_rope=(4, 6, 6)).eval()
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
 
 
 def tiny_sd3_transformer(seed: int = 0, dual_attention_layers: tuple[int, ...] = (0,)) -> Any:
     from diffusers import SD3Transformer2DModel
 
     _seeded(seed)
-    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
-                                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
-                                 pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16,
-                                 dual_attention_layers=dual_attention_layers).eval()
+    return SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=16,
+        dual_attention_layers=dual_attention_layers,
+    ).eval()

@@ -13,6 +13,7 @@ has already set its timesteps, so `num_steps` is known — and ends when `__call
 Without a pipeline (a bare transformer), steps are counted from timestep changes and the session
 detects new runs by itself (the step index falls back to 0 when the timestep rises).
 """
+
 from __future__ import annotations
 
 import functools
@@ -79,12 +80,14 @@ class StepHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, tracker: "Tracker") -> None:
+    def __init__(self, tracker: Tracker) -> None:
         super().__init__()
         self.tracker = tracker
         self.context = _ContextRecorder()
 
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any], dict[str, Any]]:
+    def pre_forward(
+        self, module: torch.nn.Module, *args: Any, **kwargs: Any
+    ) -> tuple[tuple[Any], dict[str, Any]]:
         _observe_forward(self.tracker, self.context.name, args, kwargs)
         return args, kwargs
 
@@ -96,8 +99,9 @@ class StepHook(ModelHook):
 class Tracker:
     """Owns the `StepState` of one `apply`: fed by the transformer hook and the pipeline wrapper."""
 
-    def __init__(self, session: "Session", transformer: torch.nn.Module, layout: ModelLayout,
-                 pipe: Any | None = None) -> None:
+    def __init__(
+        self, session: Session, transformer: torch.nn.Module, layout: ModelLayout, pipe: Any | None = None
+    ) -> None:
         self.session = session
         self.layout = layout
         self.state = StepState()
@@ -142,8 +146,11 @@ class Tracker:
         if in_pipe and not st.run_started:
             st.num_steps = _num_steps(pipe)
             st.run_started = True
-            self.session.run_start(num_steps=st.num_steps, host="diffusers",
-                                   pipeline=type(pipe).__name__ if pipe is not None else None)
+            self.session.run_start(
+                num_steps=st.num_steps,
+                host="diffusers",
+                pipeline=type(pipe).__name__ if pipe is not None else None,
+            )
         elif not in_pipe:
             st.num_steps = None
 
@@ -177,7 +184,9 @@ class Tracker:
                 return int(first[1]), int(first[2])
             return None
         hs = a.get("hidden_states")
-        if isinstance(hs, torch.Tensor) and hs.dim() == 4:  # SD3-style [B, C, H, W] latents, patchified inside
+        if (
+            isinstance(hs, torch.Tensor) and hs.dim() == 4
+        ):  # SD3-style [B, C, H, W] latents, patchified inside
             return int(hs.shape[2]) // self._patch, int(hs.shape[3]) // self._patch
         return None
 
@@ -208,8 +217,9 @@ class Tracker:
 
 
 @torch.compiler.disable
-def _observe_forward(tracker: Tracker, context_name: str | None, args: tuple[Any, ...],
-                     kwargs: dict[str, Any]) -> None:
+def _observe_forward(
+    tracker: Tracker, context_name: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
     """Eager (outside any torch.compile graph): reads Python floats from the timestep tensor."""
     tracker.observe(context_name, args, kwargs)
 
@@ -264,7 +274,7 @@ def _num_steps(pipe: Any | None) -> int | None:
         return n
     timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
     if isinstance(timesteps, torch.Tensor) and timesteps.dim() == 1 and len(timesteps) > 0:
-        return int(len(timesteps))
+        return len(timesteps)
     return None
 
 
@@ -285,11 +295,14 @@ def _pipe_info(pipe: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict
 
 # ---- installing and removing -----------------------------------------------------------------------
 
+
 def install_hook(transformer: torch.nn.Module, tracker: Tracker) -> StepHook:
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     if registry.get_hook(HOOK_NAME) is not None:
-        raise ValueError(f"attnplug is already applied to this {type(transformer).__name__} (hook {HOOK_NAME!r} "
-                         "is registered); remove the first handle before applying again")
+        raise ValueError(
+            f"attnplug is already applied to this {type(transformer).__name__} (hook {HOOK_NAME!r} "
+            "is registered); remove the first handle before applying again"
+        )
     hook = StepHook(tracker)
     registry.register_hook(hook, HOOK_NAME)
     registry.invalidate_child_registries_cache()
@@ -301,10 +314,14 @@ def remove_hook(transformer: torch.nn.Module) -> None:
     if registry is None:
         return
     registry.remove_hook(HOOK_NAME, recurse=False)
-    # HookRegistry leaves `forward` as an instance attribute (the bound method); drop it when nothing else hooks it.
+    # HookRegistry leaves `forward` as an instance attribute (the bound method);
+    # drop it when nothing else hooks the module.
     fwd = transformer.__dict__.get("forward")
-    if not registry.hooks and getattr(fwd, "__func__", None) is type(transformer).forward \
-            and getattr(fwd, "__self__", None) is transformer:
+    if (
+        not registry.hooks
+        and getattr(fwd, "__func__", None) is type(transformer).forward
+        and getattr(fwd, "__self__", None) is transformer
+    ):
         del transformer.__dict__["forward"]
 
 
@@ -329,15 +346,25 @@ def _tracked_class(cls: type) -> type:
         finally:
             tracker.pipeline_exit()
 
-    sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                      "__qualname__": cls.__qualname__, "_attnplug_base": cls})
+    sub = type(
+        cls.__name__,
+        (cls,),
+        {
+            "__call__": __call__,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "_attnplug_base": cls,
+        },
+    )
     _PIPE_CLASSES[cls] = sub
     return sub
 
 
 def install_pipeline(pipe: Any, tracker: Tracker) -> None:
     if TRACKER_ATTR in pipe.__dict__:
-        raise ValueError(f"attnplug is already applied to this {type(pipe).__name__}; remove the first handle")
+        raise ValueError(
+            f"attnplug is already applied to this {type(pipe).__name__}; remove the first handle"
+        )
     cls = type(pipe)
     object.__setattr__(pipe, "__class__", _tracked_class(cls))
     pipe.__dict__[TRACKER_ATTR] = tracker
