@@ -248,7 +248,8 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     Same math and arguments as `reference.ttr_forward_reference`; additionally
     `landmark_impl` ("fused": online softmax inside the query kernel; "sdpa": torch SDPA (cuDNN) on
     the gathered landmarks, row chunk by row chunk, read by the query kernel's epilogue; "auto":
-    "sdpa" on CUDA beyond ~4e7 query·landmark pairs, else "fused"), `config` (tile sizes, SDPA row chunk) and `strict` (raise instead
+    "sdpa" on CUDA beyond 1e7 query·landmark pairs, else "fused"; "fused" keeps peak memory within a
+    few % of SDPA's, "sdpa" is faster at large sizes), `config` (tile sizes, SDPA row chunk) and `strict` (raise instead
     of falling back). Adaptive α runs two passes: pass 1 writes out_l into the output and
     d = 1 − cos(out_k, out_l); pass 2 recomputes the cheap kernel branch and blends in place, so no
     buffer the size of the output is added.
@@ -284,9 +285,9 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         wa = _kernel_args(phi_q, plan, q.dtype, q.device, dummy)
         use_lm = landmark_idx is not None and landmark_idx.numel() > 0
         if landmark_impl == "auto":
-            # measured on H200 (docs/PERFORMANCE.md): the in-kernel softmax wins up to ~2k landmarks x 17k
-            # queries, cuDNN on row chunks beyond
-            landmark_impl = "sdpa" if nq * (0 if landmark_idx is None else landmark_idx.numel()) > 4e7 else "fused"
+            # measured on H200 (docs/PERFORMANCE.md): the in-kernel softmax wins at ~840 landmarks x 4.6k
+            # queries, cuDNN on row chunks from ~1.8k x 17k on (but it holds one row chunk of out_l)
+            landmark_impl = "sdpa" if nq * (0 if landmark_idx is None else landmark_idx.numel()) > 1e7 else "fused"
         idx = dummy
         n_lm = 0
         if use_lm:
