@@ -99,10 +99,59 @@ class TtrBackend(LearnedBackend):
         kc, qc = self.layer_chunks(call.layer_key)
         return layer(q, k, v, call, keep, mask, self.landmark_branch(), kc, qc, self.settings.eps, feature_dtype)
 
+    def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+               mask: torch.Tensor | None, layer: TtrLayer) -> torch.Tensor | None:
+        """The fused Triton path (plugins/ttr/kernels) when the config allows it and it serves the call;
+        None means "use the PyTorch path". Same math: the kernels are tested against the reference."""
+        mode = self.settings.kernel
+        if mode == "torch" or (mode == "auto" and q.device.type != "cuda"):
+            return None
+        from .kernels import PhiWeights, fused_unsupported_reasons, ttr_forward_fused  # no triton import here
+
+        eps = self.settings.eps
+        phi_q = PhiWeights.from_module(layer.phi_q, layer.activation, layer.l2_norm, eps)
+        phi_k = PhiWeights.from_module(layer.phi_k, layer.activation, layer.l2_norm, eps) \
+            if layer.phi_k is not None else phi_q
+        keep = key_padding(mask, q.shape[2], k.shape[2]) if mask is not None else None
+        if mask is not None and keep is None:
+            return None  # a full mask: the PyTorch path reports it
+        if keep is not None and bool(keep.all()):
+            keep = None
+        elif keep is not None and keep.shape[0] == 1 and k.shape[0] > 1:
+            keep = keep.expand(k.shape[0], -1)
+        branch = self.landmark_branch()
+        idx = None
+        reasons: list[str] = []
+        if branch is not None:
+            owner = getattr(branch, "__self__", None)
+            if not hasattr(owner, "indices"):
+                reasons.append(f"landmark backend {self.settings.landmark_backend!r} exposes no indices()")
+            else:
+                idx, valid = owner.indices(k, call, mask)
+                if valid is not None:
+                    reasons.append("per-batch landmark sets (key padding with landmarks)")
+        if not reasons:
+            reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, keep, idx)
+        if reasons:
+            if mode == "triton":
+                raise ValueError(f"ttr {call.layer_key}: kernel = 'triton' but the fused path cannot serve this "
+                                 "call: " + "; ".join(reasons))
+            return None
+        cond = layer.condition(call, q.device)
+        layer.last_metrics = {}  # the fused path computes no per-call statistics
+        return ttr_forward_fused(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
+                                 alpha_max=layer.alpha_max, gamma=layer.gamma, adaptive=layer.adaptive, eps=eps,
+                                 key_mask=keep, branch_affine=None if cond is None else cond.detach(),
+                                 strict=mode == "triton")
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Inference: no autograd, fp32 accumulation, output in q's dtype."""
+        """Inference: no autograd, fp32 accumulation, output in q's dtype (fused kernels where allowed)."""
         layer = self.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
+        with torch.no_grad():
+            fused = self._fused(q, k, v, call, mask, layer)  # type: ignore[arg-type]
+        if fused is not None:
+            return fused.to(q.dtype)
         fdtype = torch.float32
         if self.settings.feature_precision == "input" and q.device.type != "cpu":
             fdtype = q.dtype

@@ -56,6 +56,9 @@ class TtrSettings(Strict):
     eps: float = Field(1e-6, gt=0.0, description="ε in φ(q)·S / (φ(q)·z + ε).")
     key_chunk: int = Field(1024, ge=1, description="Keys per chunk when accumulating S and z.")
     query_chunk: int = Field(1024, ge=1, description="Queries per chunk in the query pass.")
+    kernel: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="Inference path: 'auto' (fused Triton kernels on CUDA where they serve the call, "
+                            "else PyTorch), 'torch' (always the PyTorch reference), 'triton' (fused or an error).")
     feature_precision: Literal["float32", "input"] = Field(
         "float32", description="dtype of the φ MLP at inference: 'float32', or 'input' (bf16/fp16 matmuls on "
                                "GPU; S, z and the division stay fp32). Training is always fp32.")
@@ -75,5 +78,5 @@ class TtrSettings(Strict):
 ARCHITECTURE_FIELDS = ("feature_dim", "depth", "hidden", "activation", "per_head", "split_qk", "l2_norm",
                        "conditioner", "adaptive_alpha", "alpha_max", "gamma")
 INIT_ONLY_FIELDS = ("alpha_init",)
-RUNTIME_FIELDS = ("landmark", "landmark_backend", "eps", "key_chunk", "query_chunk", "feature_precision")
+RUNTIME_FIELDS = ("landmark", "landmark_backend", "eps", "key_chunk", "query_chunk", "kernel", "feature_precision")
 assert set(ARCHITECTURE_FIELDS + INIT_ONLY_FIELDS + RUNTIME_FIELDS) == set(TtrSettings.model_fields)
