@@ -106,6 +106,15 @@ def convert_seed(src: Path = typer.Argument(..., help="The seed pack's flux2_ttr
     typer.echo(f"wrote {dst}; a config that accepts it needs:\n\n{result.config_toml}")
 
 
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                        "help_option_names": []})
+def bench(ctx: typer.Context) -> None:
+    """Time exact and approximate attention side by side (`attnplug bench --help` for its options)."""
+    from .bench.run import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
     try:
