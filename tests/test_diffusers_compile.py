@@ -49,6 +49,14 @@ def test_patched_flux_transformer_runs_under_torch_compile():
     model = tiny.tiny_flux_transformer(0)
     inputs = _inputs()
     session = Session(HOST)
+    calls = []
+    inner = session.attention
+
+    def record(q, k, v, call, mask=None, host_attention=None):
+        calls.append(call)
+        return inner(q, k, v, call, mask, host_attention)
+
+    session.attention = record
     with apply(model, session) as handle, torch.no_grad():
         eager = [model(timestep=torch.tensor([t]), **inputs).sample for t in (0.9, 0.6)]
         compiled = torch.compile(model, backend="eager")
@@ -56,6 +64,10 @@ def test_patched_flux_transformer_runs_under_torch_compile():
         summary = handle.session.summary()["layers"]
     for a, b in zip(out, eager):
         assert torch.equal(a, b)
+    # the token split the wrappers record inside the compiled region reaches the session unchanged
+    assert calls[8:] == calls[:8] and len(calls) == 16
+    assert all(c.n_cond_tokens == 8 and c.n_image_tokens == 16 for c in calls)
+    assert [c.step_index for c in calls[8::4]] == [0, 1] and session.runs_done == 2
     assert {k: v["served"] for k, v in summary.items()} == {k: {"host": 4} for k in handle.layers}
     breaks = counters["graph_break"]
     assert breaks, "dynamo traced nothing: the compiled path did not run"
