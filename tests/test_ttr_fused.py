@@ -29,7 +29,7 @@ def _pair(**kw):
 
 
 @pytest.mark.parametrize("adaptive", [True, False])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_matches_torch_path(adaptive: bool, dtype: torch.dtype) -> None:
     fused, ref = _pair(adaptive_alpha=adaptive)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -39,17 +39,26 @@ def test_fused_matches_torch_path(adaptive: bool, dtype: torch.dtype) -> None:
         a = fused(q, k, v, call)
         b = ref(q, k, v, call)
     assert a.dtype == dtype
-    tol = 2e-2 if dtype == torch.bfloat16 else 2e-4
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def test_auto_keeps_fp32_on_the_torch_path() -> None:
+    fused, ref = _pair()
+    fused.settings = fused.settings.model_copy(update={"kernel": "auto"})
+    q, k, v = (torch.randn(1, 4, 320, 64, device="cuda") for _ in range(3))
+    call = AttentionCall("single:0", n_cond_tokens=64, n_image_tokens=256, sigma=0.7)
+    assert torch.equal(fused(q, k, v, call), ref(q, k, v, call))
 
 
 def test_key_padding_without_landmarks_is_fused_and_masked_landmarks_fall_back() -> None:
     fused, ref = _pair(landmark=False)
-    q, k, v = (torch.randn(2, 4, 512, 64, device="cuda") for _ in range(3))
+    q, k, v = (torch.randn(2, 4, 512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     keep = torch.ones(2, 512, dtype=torch.bool, device="cuda")
     keep[1, 400:] = False
     call = AttentionCall("single:0", n_cond_tokens=0, n_image_tokens=512)
-    torch.testing.assert_close(fused(q, k, v, call, keep), ref(q, k, v, call, keep), atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(fused(q, k, v, call, keep).float(), ref(q, k, v, call, keep).float(), atol=2e-2,
+                               rtol=2e-2)
     hybrid, _ = _pair()
     with pytest.raises(ValueError, match="per-batch landmark sets"):
         hybrid(q, k, v, call, keep)  # kernel = 'triton' refuses; 'auto' would take the PyTorch path

@@ -41,6 +41,7 @@ class TtrBackend(LearnedBackend):
         self._landmark_resolved = landmark is not None
         #: sticky per-layer chunk sizes (e.g. shrunk after an out-of-memory), `(key_chunk, query_chunk)`.
         self.chunks: dict[str, tuple[int, int]] = {}
+        self._fused_failed: set[str] = set()  # layers whose fused kernels failed once ('auto' stops trying)
 
     # ---- landmark branch via the registry -------------------------------------------------------
     def landmark_branch(self) -> LandmarkBranch | None:
@@ -104,8 +105,9 @@ class TtrBackend(LearnedBackend):
         """The fused Triton path (plugins/ttr/kernels) when the config allows it and it serves the call;
         None means "use the PyTorch path". Same math: the kernels are tested against the reference."""
         mode = self.settings.kernel
-        if mode == "torch" or (mode == "auto" and q.device.type != "cuda"):
-            return None
+        if mode == "torch" or (mode == "auto" and (q.device.type != "cuda" or q.dtype == torch.float32
+                                                   or call.layer_key in self._fused_failed)):
+            return None  # 'auto' keeps fp32 on the PyTorch path: the kernels are tuned for bf16/fp16
         from .kernels import PhiWeights, fused_unsupported_reasons, ttr_forward_fused  # no triton import here
 
         eps = self.settings.eps
@@ -138,11 +140,20 @@ class TtrBackend(LearnedBackend):
                                  "call: " + "; ".join(reasons))
             return None
         cond = layer.condition(call, q.device)
+        try:
+            out = ttr_forward_fused(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
+                                    alpha_max=layer.alpha_max, gamma=layer.gamma, adaptive=layer.adaptive, eps=eps,
+                                    key_mask=keep, branch_affine=None if cond is None else cond.detach(),
+                                    strict=mode == "triton")
+        except Exception as exc:  # noqa: BLE001 - e.g. Triton out of resources: the PyTorch path still serves
+            if mode == "triton" or isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            self._fused_failed.add(call.layer_key)
+            log.warning("attnplug: ttr %s: fused kernels failed (%s: %s); this layer uses the PyTorch path from "
+                        "now on", call.layer_key, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return None
         layer.last_metrics = {}  # the fused path computes no per-call statistics
-        return ttr_forward_fused(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
-                                 alpha_max=layer.alpha_max, gamma=layer.gamma, adaptive=layer.adaptive, eps=eps,
-                                 key_mask=keep, branch_affine=None if cond is None else cond.detach(),
-                                 strict=mode == "triton")
+        return out
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
