@@ -52,7 +52,8 @@ class ConsoleSettings(Strict):
 
     every: int = Field(1, ge=1, description="Print one event in `every` (per scope).")
     scopes: list[str] = Field(default_factory=lambda: ["distill", "session"],
-                              description="Scopes to print (prefix match).")
+                              description="Scopes to print: exact names, or 'prefix/*' (e.g. 'distill/*' adds "
+                                          "the per-layer lines).")
 
 
 class ConsoleLogger:
@@ -64,7 +65,7 @@ class ConsoleLogger:
         self._seen: dict[str, int] = {}
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int, scope: str) -> None:
-        if not any(scope == s or scope.startswith(s + "/") for s in self.settings.scopes):
+        if not any(scope == s or (s.endswith("/*") and scope.startswith(s[:-1])) for s in self.settings.scopes):
             return
         n = self._seen[scope] = self._seen.get(scope, 0) + 1
         if (n - 1) % self.settings.every:

@@ -323,8 +323,6 @@ class Session:
         target = path or self.config.root.checkpoint
         if target is None:
             raise ValueError("Session.save: no path given and the config sets no `checkpoint`")
-        if self.run is not None and self.distiller is not None:
-            pass  # an unfinished run keeps its accumulators; they are not part of the saved state
         components: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
         for name, backend in self.learned_backends().items():
             if backend.layers or backend.specs:
