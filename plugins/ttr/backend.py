@@ -106,8 +106,11 @@ class TtrBackend(LearnedBackend):
         None means "use the PyTorch path". Same math: the kernels are tested against the reference."""
         mode = self.settings.kernel
         if mode == "torch" or (mode == "auto" and (q.device.type != "cuda" or q.dtype == torch.float32
-                                                   or call.layer_key in self._fused_failed)):
-            return None  # 'auto' keeps fp32 on the PyTorch path: the kernels are tuned for bf16/fp16
+                                                   or call.layer_key in self._fused_failed
+                                                   or torch.compiler.is_compiling())):
+            # 'auto' keeps fp32 on the PyTorch path (the kernels are tuned for bf16/fp16), and so is
+            # everything under torch.compile (dynamo traces the PyTorch path into one graph)
+            return None
         from .kernels import PhiWeights, fused_unsupported_reasons, ttr_forward_fused  # no triton import here
 
         eps = self.settings.eps
