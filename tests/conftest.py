@@ -1,8 +1,15 @@
 """Shared fixtures: a plugin manager with only the core's built-ins, and call records."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's interpreter on CPU-only machines. Set before anything (e.g.
+    # inductor in the torch.compile tests) imports triton, which reads the flag at import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from attnplug.core import AttentionCall, Plugins
 
