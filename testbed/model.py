@@ -32,6 +32,8 @@ FORMAT_VERSION = 1
 class TestbedConfig:
     """Architecture of the testbed (2 double + 6 single blocks, 4 heads x 32, joint dim 64: 2.8 M params)."""
 
+    __test__ = False  # not a pytest class
+
     grid: int = data.DEFAULT_GRID
     num_layers: int = 2  # double (joint) blocks
     num_single_layers: int = 6

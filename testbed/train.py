@@ -32,7 +32,7 @@ from . import classifier, data, sampling
 from .model import TestbedConfig, TestbedModel
 
 WEIGHTS_NAME = "testbed.safetensors"
-CPU_SUBSET_PROMPTS = 4  # the fast CPU test uses the first 4 held-out prompts, noise seed 0, 20 steps
+CPU_SUBSET_PROMPTS = 4  # card's CPU subset: first 4 held-out prompts, noise seed 0, 20 steps; the CPU test runs it
 
 
 def one_cycle_lr(step: int, total: int, lr: float, pct_start: float = 0.3, div: float = 25.0,
