@@ -39,7 +39,7 @@ class DigitSplit:
     class_start: torch.Tensor  # [10] index of the first image of each class
     class_count: torch.Tensor  # [10] images per class
 
-    def to(self, device: torch.device | str) -> "DigitSplit":
+    def to(self, device: torch.device | str) -> DigitSplit:
         return DigitSplit(*(t.to(device) for t in (self.images, self.labels, self.class_start, self.class_count)))
 
 

@@ -62,7 +62,7 @@ class TestbedConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TestbedConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TestbedConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"TestbedConfig: unknown fields {sorted(unknown)}")
@@ -153,7 +153,7 @@ class TestbedModel(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> "TestbedModel":
+             dtype: torch.dtype = torch.float32) -> TestbedModel:
         """Load weights written by `save`; refuses files of another format or architecture."""
         comps = load_checkpoint(path)
         if COMPONENT_TRANSFORMER not in comps or COMPONENT_COND not in comps:

@@ -99,7 +99,7 @@ def velocity_fidelity(reference: VelocityModel, candidate: VelocityModel, prompt
             err_steps.append(float(relative_error(vc, vr).mean()))
             return vr
 
-        def parameters(self):  # noqa: ANN202 - lets `sample` find device/dtype
+        def parameters(self):
             return reference.parameters()  # type: ignore[attr-defined]
 
     both = _Both()

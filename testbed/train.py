@@ -37,7 +37,9 @@ CPU_SUBSET_PROMPTS = 4  # card's CPU subset: first 4 held-out prompts, noise see
 
 def one_cycle_lr(step: int, total: int, lr: float, pct_start: float = 0.3, div: float = 25.0,
                  final_div: float = 1e4) -> float:
-    """torch's OneCycleLR (cosine, two phases) as a pure function of the step."""
+    """One-cycle LR as a pure function of the step: the shape of torch's OneCycleLR (cosine, two phases,
+    lr/div -> lr -> lr/div/final_div), with the phases ending at step pct*total and total (torch: one step
+    earlier), so it can follow a `total` that the time budget shortens mid-run."""
     up = max(1, int(pct_start * total))
     if step < up:
         a, b, t = lr / div, lr, step / up
@@ -55,15 +57,20 @@ def sample_sigmas(n: int, generator: torch.Generator, device: torch.device, kind
     raise ValueError(f"--sigma-sampling must be 'logit_normal' or 'uniform', got {kind!r}")
 
 
-def evaluate(model: TestbedModel, n_prompts: int = 64, steps: int = 20, seed: int = 0,
-             batch_size: int = 64) -> dict[str, Any]:
-    """Adherence of `steps`-step Euler samples on the first `n_prompts` held-out prompts (noise `seed`)."""
-    prompts = data.heldout_prompts(n_prompts, model.cfg.grid)
+def evaluate_adherence(model: sampling.VelocityModel, n_prompts: int = 64, steps: int = 20, seed: int = 0,
+                       grid: int = data.DEFAULT_GRID, batch_size: int | None = 64,
+                       prompt_seed: int = 1234) -> dict[str, Any]:
+    """Adherence of `steps`-step Euler samples on the first `n_prompts` held-out prompts (noise `seed`).
+
+    Returns prompts, cells, steps, noise_seed, adherence, min_prompt_adherence, sample_wall_s and the
+    images [n, 1, 8G, 8G] (key `images`).
+    """
+    prompts = data.heldout_prompts(n_prompts, grid, seed=prompt_seed)
     t0 = time.perf_counter()
     imgs = sampling.sample(model, prompts, steps=steps, seed=seed, batch_size=batch_size)
     wall = time.perf_counter() - t0
     per = classifier.adherence_per_prompt(imgs, prompts)
-    return {"prompts": n_prompts, "cells": n_prompts * model.cfg.grid ** 2, "steps": steps, "noise_seed": seed,
+    return {"prompts": n_prompts, "cells": n_prompts * grid * grid, "steps": steps, "noise_seed": seed,
             "adherence": float(per.mean()), "min_prompt_adherence": float(per.min()),
             "sample_wall_s": wall, "images": imgs}
 
@@ -152,15 +159,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model.save(weights, extra_meta={"training": info})
     # evaluate the artifact as it will be committed: the fp16 file, loaded in fp32
     loaded = TestbedModel.load(weights, device=device, dtype=torch.float32)
-    ev = evaluate(loaded, args.eval_prompts, args.eval_steps)
-    sub = evaluate(loaded, CPU_SUBSET_PROMPTS, 20)
+    ev = evaluate_adherence(loaded, args.eval_prompts, args.eval_steps, grid=cfg.grid)
+    sub = (evaluate_adherence(loaded, CPU_SUBSET_PROMPTS, args.eval_steps, grid=cfg.grid) if args.subset_eval
+           else {"prompts": 0, "cells": 0, "adherence": None, "min_prompt_adherence": None, "images": None})
     clf_acc = classifier.heldout_accuracy()
     imgs = ev.pop("images")
     sub.pop("images")
     print(f"[eval] held-out adherence {ev['adherence'] * 100:.2f} % on {ev['cells']} cells "
-          f"(min per prompt {ev['min_prompt_adherence'] * 100:.1f} %); CPU-test subset {sub['adherence'] * 100:.2f} %; "
+          f"(min per prompt {ev['min_prompt_adherence'] * 100:.1f} %); CPU-test subset {_pct(sub['adherence'])}; "
           f"classifier held-out accuracy {clf_acc * 100:.2f} %", flush=True)
-    record = {"command": "python -m attnplug.testbed.train " + shlex.join(sys.argv[1:]),
+    record = {"command": "python -m attnplug.testbed.train " + shlex.join(args.argv),
               "args": vars(args), "model_config": cfg.to_dict(), "training": info, "loss_curve": losses,
               "eval": ev, "eval_cpu_subset": sub, "classifier_heldout_accuracy": clf_acc,
               "environment": {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -173,6 +181,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
         save_file({"images": imgs[:16].half().contiguous()}, str(out / "samples.safetensors"))
     return record
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "not run" if x is None else f"{x * 100:.{digits}f} %"
 
 
 def _version(name: str) -> str:
@@ -208,12 +220,12 @@ A diffusers `FluxTransformer2DModel` trained by flow matching on 8x8 mosaics of 
 | file | `{weights.name}`, fp16, {size_mb:.1f} MB |
 | environment | torch {r['environment']['torch']}, diffusers {r['environment']['diffusers']}, python {r['environment']['python']} |
 
-## Evaluation (the fp16 file, loaded in fp32; 20-step Euler, shift 1)
+## Evaluation (the fp16 file, loaded in fp32; {ev['steps']}-step Euler, shift 1)
 
 | set | prompts | cells | adherence | min per prompt |
 |---|---|---|---|---|
 | held-out prompts (seed 1234), noise seed {ev['noise_seed']} | {ev['prompts']} | {ev['cells']} | **{ev['adherence'] * 100:.2f} %** | {ev['min_prompt_adherence'] * 100:.1f} % |
-| CPU-test subset (first {sub['prompts']}) | {sub['prompts']} | {sub['cells']} | {sub['adherence'] * 100:.2f} % | {sub['min_prompt_adherence'] * 100:.1f} % |
+| CPU-test subset (first {sub['prompts']}) | {sub['prompts']} | {sub['cells']} | {_pct(sub['adherence'])} | {_pct(sub['min_prompt_adherence'], 1)} |
 
 Digit classifier (SVC gamma 0.001, C 10) on held-out digit images: {r['classifier_heldout_accuracy'] * 100:.2f} %.
 
@@ -244,8 +256,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--device", default=None)
+    p.add_argument("--no-subset-eval", dest="subset_eval", action="store_false",
+                   help="skip the evaluation of the CPU-test subset (first 4 held-out prompts)")
     p.add_argument("--save-samples", action="store_true", help="also write samples.safetensors (16 held-out samples)")
-    return p.parse_args(argv)
+    ns = p.parse_args(argv)
+    ns.argv = list(sys.argv[1:] if argv is None else argv)  # for the model card's exact command
+    return ns
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from attnplug.testbed import classifier, data  # noqa: E402
+from attnplug.testbed import classifier, data
 
 
 def test_digit_split_is_stratified_disjoint_and_deterministic():

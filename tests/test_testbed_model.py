@@ -9,9 +9,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 
-from attnplug.testbed import classifier, data, sampling  # noqa: E402
-from attnplug.testbed.model import DEFAULT_WEIGHTS, TestbedConfig, TestbedModel, load_testbed  # noqa: E402
-from attnplug.core.checkpoint import CheckpointError  # noqa: E402
+from attnplug.core.checkpoint import CheckpointError
+from attnplug.testbed import classifier, data, sampling
+from attnplug.testbed.model import DEFAULT_WEIGHTS, TestbedConfig, TestbedModel, load_testbed
 
 
 def test_config_has_double_and_single_blocks_and_2_8m_params():
