@@ -61,13 +61,19 @@ def demo(out: Path = typer.Option(Path("attnplug-demo"), help="Report folder (cr
          config: Path | None = typer.Option(None, help="Distillation config (default: the bundled demo config)."),
          quick: bool = typer.Option(False, help="Reduced mode (a smoke test; numbers are not meaningful)."),
          runs: int | None = typer.Option(None, help="Sampling runs to distill over."),
+         prompts_per_run: int | None = typer.Option(None, help="Prompts sampled together in one run."),
+         steps: int | None = typer.Option(None, help="Euler steps of each distillation run."),
+         eval_prompts: int | None = typer.Option(None, help="Held-out prompts for the comparison."),
+         eval_steps: int | None = typer.Option(None, help="Euler steps of the comparison."),
          seed: int = typer.Option(0, help="Seed of prompts, noise and the distiller.")) -> None:
     """The main job: distill ttr online on the testbed, then compare exact vs hybrid attention."""
     from .testbed.demo import DemoPlan, describe, run_demo
 
     plan = DemoPlan.quick() if quick else DemoPlan()
-    if runs is not None:
-        plan.runs = runs
+    for name, value in (("runs", runs), ("prompts_per_run", prompts_per_run), ("steps", steps),
+                        ("eval_prompts", eval_prompts), ("eval_steps", eval_steps)):
+        if value is not None:
+            setattr(plan, name, value)
     metrics = run_demo(out, device=device, config=config, plan=plan, seed=seed)
     typer.echo(describe(metrics))
     typer.echo(f"report: {out}/ (metrics.json, ttr.safetensors, samples.png, distill.png, distill.jsonl)")

@@ -15,6 +15,7 @@ It says plainly what it ran: how many updates, which layers became ready, which 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,8 @@ class _History:
         return None
 
 
-def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu", config: str | Path | None = None,
+def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
+             config: "str | Path | Mapping[str, Any] | None" = None,
              plan: DemoPlan | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Run the demo and write its report folder; returns the metrics dict (also in metrics.json)."""
     from tqdm import tqdm
@@ -79,7 +81,7 @@ def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu", config: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "ttr.safetensors"
-    config_path = Path(config) if config else DEMO_CONFIG
+    config_path = config if isinstance(config, Mapping) else Path(config) if config else DEMO_CONFIG
     cfg = load_config(config_path)
     cfg.root = cfg.root.model_copy(update={"checkpoint": None, "seed": seed})
     torch.manual_seed(seed)
@@ -123,14 +125,18 @@ def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu", config: 
                       device=device)
     images = result.pop("images")
     metrics = {
-        "plan": plan.__dict__, "device": device, "config": str(config_path), "checkpoint": str(checkpoint),
+        "plan": plan.__dict__, "device": device,
+        "config": dict(config_path) if isinstance(config_path, Mapping) else str(config_path), "checkpoint": str(checkpoint),
         "distill": {"runs": plan.runs, "updates": updates, "updates_per_layer": per_layer_updates,
                     "trained_layers": trained_layers, "ready_layers": ready_after, "seconds": distill_seconds},
         "eval": strip_images(result),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _save_grid(images["exact"], images["approx"], out / "samples.png")
-    _plot_history(history, out / "distill.png")
+    try:
+        _save_grid(images["exact"], images["approx"], out / "samples.png")
+        _plot_history(history, out / "distill.png")
+    except ImportError as exc:  # matplotlib is in the `testbed` extra; the metrics are written regardless
+        print(f"attnplug demo: no PNGs ({exc}); pip install 'attnplug[testbed]'", file=sys.stderr)
     return metrics
 
 
