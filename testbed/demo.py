@@ -33,15 +33,15 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
 class DemoPlan:
     """How much the demo does. `quick()` is the reduced mode CI runs."""
 
-    runs: int = 12
-    prompts_per_run: int = 4
+    runs: int = 14
+    prompts_per_run: int = 1
     steps: int = 12
-    eval_prompts: int = 8
+    eval_prompts: int = 6
     eval_steps: int = 12
 
     @classmethod
     def quick(cls) -> "DemoPlan":
-        return cls(runs=2, prompts_per_run=2, steps=4, eval_prompts=2, eval_steps=4)
+        return cls(runs=2, prompts_per_run=1, steps=4, eval_prompts=1, eval_steps=4)
 
 
 class _History:
@@ -205,5 +205,8 @@ def describe(metrics: Mapping[str, Any]) -> str:
         f"Time per step ({e['device']}): exact {1000 * e['seconds_per_step_exact']:.0f} ms, hybrid "
         f"{1000 * e['seconds_per_step_approx']:.0f} ms (the testbed is tiny: speed claims come from "
         f"`attnplug bench` on a GPU).",
+        "A CPU demo distills for minutes; docs/QUALITY.md has the numbers of a longer GPU distillation "
+        "(`attnplug eval --config testbed/configs/serve_single.toml --checkpoint "
+        "testbed/weights/ttr_default.safetensors` reproduces them).",
     ]
     return "\n".join(lines)

@@ -1,0 +1,40 @@
+"""`attnplug eval` on the committed distilled checkpoint reproduces the numbers its card reports."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "testbed" / "weights" / "ttr_default.safetensors"
+SERVE_SINGLE = ROOT / "testbed" / "configs" / "serve_single.toml"
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_eval_reproduces_the_card_subset(tmp_path, one_thread):
+    from typer.testing import CliRunner
+
+    from attnplug.cli import app
+
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(app, ["eval", "--config", str(SERVE_SINGLE), "--checkpoint", str(CHECKPOINT),
+                                   "--prompts", "1", "--steps", "20", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    # testbed/weights/TTR_CARD.md, "CPU subset"
+    assert r["layers_served"] == [f"single:{i}" for i in range(6)]
+    assert r["layers_ready"] == ["double:0", "double:1"] + [f"single:{i}" for i in range(6)]
+    assert r["adherence_exact"] == 1.0
+    assert abs(r["adherence_approx"] - 63 / 64) <= 1 / 64
+    assert abs(r["velocity_cosine"] - 0.9389) < 3e-3
+    assert abs(r["psnr_db"] - 16.5) < 1.0
+    assert r["share_layers_served"] == 0.75
