@@ -65,7 +65,8 @@ def demo(out: Path = typer.Option(Path("attnplug-demo"), help="Report folder (cr
          steps: int | None = typer.Option(None, help="Euler steps of each distillation run."),
          eval_prompts: int | None = typer.Option(None, help="Held-out prompts for the comparison."),
          eval_steps: int | None = typer.Option(None, help="Euler steps of the comparison."),
-         seed: int = typer.Option(0, help="Seed of prompts, noise and the distiller.")) -> None:
+         seed: int = typer.Option(0, help="Seed of prompts, noise and the distiller."),
+         resume: Path | None = typer.Option(None, help="Checkpoint to continue distilling from.")) -> None:
     """The main job: distill ttr online on the testbed, then compare exact vs hybrid attention."""
     from .testbed.demo import DemoPlan, describe, run_demo
 
@@ -74,7 +75,7 @@ def demo(out: Path = typer.Option(Path("attnplug-demo"), help="Report folder (cr
                         ("eval_prompts", eval_prompts), ("eval_steps", eval_steps)):
         if value is not None:
             setattr(plan, name, value)
-    metrics = run_demo(out, device=device, config=config, plan=plan, seed=seed)
+    metrics = run_demo(out, device=device, config=config, plan=plan, seed=seed, resume=resume)
     typer.echo(describe(metrics))
     typer.echo(f"report: {out}/ (metrics.json, ttr.safetensors, samples.png, distill.png, distill.jsonl)")
 

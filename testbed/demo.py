@@ -68,8 +68,12 @@ class _History:
 
 def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
              config: "str | Path | Mapping[str, Any] | None" = None,
-             plan: DemoPlan | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Run the demo and write its report folder; returns the metrics dict (also in metrics.json)."""
+             plan: DemoPlan | None = None, seed: int = 0, progress: bool = True,
+             resume: str | Path | None = None) -> dict[str, Any]:
+    """Run the demo and write its report folder; returns the metrics dict (also in metrics.json).
+
+    `resume`: a checkpoint to continue distilling from (layers, readiness and optimizer states).
+    """
     from tqdm import tqdm
 
     from ..core import Session
@@ -83,7 +87,9 @@ def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
     checkpoint = out / "ttr.safetensors"
     config_path = config if isinstance(config, Mapping) else Path(config) if config else DEMO_CONFIG
     cfg = load_config(config_path)
-    cfg.root = cfg.root.model_copy(update={"checkpoint": None, "seed": seed})
+    if resume is not None and not Path(resume).is_file():
+        raise FileNotFoundError(f"attnplug demo --resume: no checkpoint at {resume}")
+    cfg.root = cfg.root.model_copy(update={"checkpoint": str(resume) if resume else None, "seed": seed})
     torch.manual_seed(seed)
 
     # ---- 1-2: distill while sampling --------------------------------------------------------------
@@ -125,7 +131,7 @@ def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
                       device=device)
     images = result.pop("images")
     metrics = {
-        "plan": plan.__dict__, "device": device,
+        "plan": plan.__dict__, "device": device, "resumed_from": str(resume) if resume else None,
         "config": dict(config_path) if isinstance(config_path, Mapping) else str(config_path), "checkpoint": str(checkpoint),
         "distill": {"runs": plan.runs, "updates": updates, "updates_per_layer": per_layer_updates,
                     "trained_layers": trained_layers, "ready_layers": ready_after, "seconds": distill_seconds},
