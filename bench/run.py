@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -13,9 +12,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
-from .variants import Shape, Variant, build_variants
+from .variants import Shape, build_variants
 
 #: Flux shapes: 512 text tokens + (side/16)² image tokens.
 NAMED_SIZES = {"256": 256, "512": 512, "1024": 1024, "2048": 2048, "4096": 4096}

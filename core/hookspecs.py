@@ -6,7 +6,7 @@ session resolves everything into plain objects first.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 

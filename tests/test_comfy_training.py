@@ -3,7 +3,6 @@ trained checkpoint (apply node). Needs the ttr backend and distiller; skipped wi
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest

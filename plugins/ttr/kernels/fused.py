@@ -7,7 +7,6 @@ says why a call would fall back.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Sequence

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
 import torch.nn.functional as F
 
 #: every call of a kernel body (after the wrapper), for tests: (name, skip_reshape, skip_output_reshape)
