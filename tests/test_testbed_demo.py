@@ -3,17 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_demo_quick_writes_a_complete_report(tmp_path, one_thread):
     from typer.testing import CliRunner

@@ -4,20 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "testbed" / "weights" / "ttr_default.safetensors"
 SERVE_SINGLE = ROOT / "testbed" / "configs" / "serve_single.toml"
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_eval_reproduces_the_card_subset(tmp_path, one_thread):
