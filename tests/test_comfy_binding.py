@@ -14,42 +14,11 @@ import torch
 
 from attnplug.core.exact import sdpa
 
-_spec = importlib.util.spec_from_file_location("attnplug_comfy_stub_install",
-                                               Path(__file__).parent / "comfy_stub" / "install.py")
-stub_install = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stub_install)
-
-
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    with stub_install.installed(tmp_path_factory.mktemp("models")):
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _inference(comfy):
-    with torch.inference_mode():
-        yield
-
-
-def _model(seed=0):
-    import comfy.model_base
-    import comfy.model_patcher
-
-    torch.manual_seed(seed)
-    return comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel())
-
-
-def _sample(patcher, steps=4, cfg=2.0, seed=1, txt=5, hw=8):
-    import comfy.samplers
-
-    g = torch.Generator().manual_seed(seed)
-    pos, neg = torch.randn(1, txt, 16, generator=g), torch.randn(1, txt, 16, generator=g)
-    noise = torch.randn(1, 4, hw, hw, generator=g)
-    guider = comfy.samplers.CFGGuider(patcher)
-    guider.set_conds(pos, neg)
-    guider.set_cfg(cfg)
-    return guider.sample(noise, comfy.samplers.flux_sigmas(steps))
+_helpers_spec = importlib.util.spec_from_file_location("attnplug_comfy_stub_helpers",
+                                                       Path(__file__).parent / "comfy_stub" / "helpers.py")
+stub = importlib.util.module_from_spec(_helpers_spec)
+_helpers_spec.loader.exec_module(stub)
+comfy, _inference = stub.comfy, stub.inference  # fixtures: the stand-in per module, inference_mode per test
 
 
 def _spec(**root):
@@ -118,11 +87,11 @@ def test_flux_call_path_matches_unbound_model(comfy):
 
     import comfy.ldm.modules.attention as attn
 
-    base = _model()
-    ref = _sample(base)
+    base = stub.tiny_model()
+    ref = stub.sample(base)
     bound = bind(base, _spec())
     attn.KERNEL_CALLS.clear()
-    out = _sample(bound)
+    out = stub.sample(bound)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)  # exact = host: ComfyUI's own kernel, bit for bit
     # Flux's call: [B, H, N, D] in (skip_reshape); attnplug asks the host kernel for [B, H, N, D] back
     assert attn.KERNEL_CALLS and set(attn.KERNEL_CALLS) == {("pytorch", True, True)}
@@ -141,14 +110,14 @@ def test_prior_override_is_kept_and_called_for_the_exact_path(comfy):
                      kwargs.get("_inside_attn_wrapper")))
         return func(q, k, v, heads, **kwargs) * 1.0  # e.g. a different kernel
 
-    base = _model()
+    base = stub.tiny_model()
     other = base.clone()
     other.model_options["transformer_options"]["optimized_attention_override"] = other_pack
-    ref = _sample(other)
+    ref = stub.sample(other)
     n_alone = len(seen)
     seen.clear()
     bound = bind(other, _spec())
-    out = _sample(bound)
+    out = stub.sample(bound)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     assert len(seen) == n_alone > 0  # every exact call went through the other pack, none recursed
     assert all(flag is True for _, _, flag in seen)
@@ -169,11 +138,11 @@ def test_prior_override_ignoring_skip_output_reshape_is_normalized(comfy):
         kwargs = dict(kwargs, skip_output_reshape=False)  # always [B, N, H*D], like some third-party kernels
         return func(q, k, v, heads, **kwargs)
 
-    base = _model()
-    ref = _sample(base)
+    base = stub.tiny_model()
+    ref = stub.sample(base)
     other = base.clone()
     other.model_options["transformer_options"]["optimized_attention_override"] = sloppy
-    torch.testing.assert_close(_sample(bind(other, _spec())), ref)
+    torch.testing.assert_close(stub.sample(bind(other, _spec())), ref)
 
 
 # ---- callbacks, cleanup, memory ---------------------------------------------------------------------
@@ -182,7 +151,7 @@ def test_callbacks_fire_and_cleanup_releases_the_session(comfy):
     from attnplug.hosts.comfy import bind, current_binding
     from comfy.patcher_extension import CallbacksMP
 
-    bound = bind(_model(), _spec())
+    bound = bind(stub.tiny_model(), _spec())
     binding = current_binding(bound)
     assert bound.get_callbacks(CallbacksMP.ON_PRE_RUN, "attnplug") == [binding.on_pre_run]
     assert bound.get_callbacks(CallbacksMP.ON_CLEANUP, "attnplug") == [binding.on_cleanup]
@@ -195,7 +164,7 @@ def test_callbacks_fire_and_cleanup_releases_the_session(comfy):
 
     bound.callbacks[CallbacksMP.ON_PRE_RUN]["attnplug"] = [pre]
     for _ in range(3):
-        _sample(bound)
+        stub.sample(bound)
         assert binding.handle.session is None  # cleaned up after every run
     gc.collect()
     assert len(refs) == 3 and all(r() is None for r in refs)  # no session survives its run
@@ -207,9 +176,9 @@ def test_cached_output_rebuilds_session_from_checkpoint(comfy, tmp_path):
     """A session cleaned up after its run is rebuilt (with its checkpoint) when the cached model runs again."""
     from attnplug.hosts.comfy import bind, current_binding
 
-    bound = bind(_model(), _spec())
+    bound = bind(stub.tiny_model(), _spec())
     binding = current_binding(bound)
-    _sample(bound)
+    stub.sample(bound)
     assert binding.handle.session is None
     # the override is called outside a sampler run (no pre-run): it rebuilds lazily instead of failing
     from comfy.ldm.modules.attention import attention_pytorch
@@ -226,10 +195,10 @@ def test_memory_reservation_off_by_default_and_sized_by_estimate(comfy):
     import comfy.model_management as mm
 
     mm.FREE_MEMORY_CALLS.clear()
-    _sample(bind(_model(), _spec()))
+    stub.sample(bind(stub.tiny_model(), _spec()))
     assert mm.FREE_MEMORY_CALLS == []
     spec = SessionSpec({"backend": "sdpa", "exact": "sdpa", "loggers": []}, memory_reserve=True)
-    _sample(bind(_model(), spec))
+    stub.sample(bind(stub.tiny_model(), spec))
     # sdpa's estimate: B*H*Nq*Nk*4 bytes; B=2 (cond+uncond), H=2, N=5+16 tokens; reserved once at its maximum
     need = int(2 * 2 * 21 * 21 * 4 * 1.1)
     assert mm.FREE_MEMORY_CALLS == [(need, torch.device("cpu"))]
@@ -240,9 +209,9 @@ def test_memory_reservation_off_by_default_and_sized_by_estimate(comfy):
 def test_attention_call_fields_come_from_transformer_options(comfy):
     from attnplug.hosts.comfy import bind, current_binding
 
-    bound = bind(_model(), _spec())
+    bound = bind(stub.tiny_model(), _spec())
     rec = Recorder(current_binding(bound))
-    _sample(bound, steps=4, cfg=3.5, txt=7, hw=8)
+    stub.sample(bound, steps=4, cfg=3.5, txt=7, hw=8)
     calls = [c for c, _ in rec.calls]
     assert {c.layer_key for c in calls} == {"double:0", "double:1", "single:0", "single:1"}
     assert all(c.n_cond_tokens == 7 and c.n_image_tokens == 16 for c in calls)  # 8x8 latent, 2x2 patches
@@ -258,9 +227,9 @@ def test_attention_call_fields_come_from_transformer_options(comfy):
 def test_cfg_one_is_a_cond_only_batch(comfy):
     from attnplug.hosts.comfy import bind, current_binding
 
-    bound = bind(_model(), _spec())
+    bound = bind(stub.tiny_model(), _spec())
     rec = Recorder(current_binding(bound))
-    _sample(bound, steps=2, cfg=1.0)
+    stub.sample(bound, steps=2, cfg=1.0)
     assert rec.calls and all(c.cond is True and c.cfg_scale == 1.0 for c, _ in rec.calls)
 
 
@@ -270,9 +239,9 @@ def test_builds_without_img_slice_use_the_captured_context_length(comfy, monkeyp
     import comfy.ldm.flux.layers as layers
 
     monkeypatch.setattr(layers, "IMG_SLICE", False)
-    bound = bind(_model(), _spec())
+    bound = bind(stub.tiny_model(), _spec())
     rec = Recorder(current_binding(bound))
-    _sample(bound, steps=2, txt=6)
+    stub.sample(bound, steps=2, txt=6)
     assert rec.calls and all(c.n_cond_tokens == 6 and c.n_image_tokens == 16 for c, _ in rec.calls)
 
 
@@ -280,7 +249,7 @@ def test_double_block_split_comes_from_the_attn1_patch(comfy):
     """With a context length that differs from the real split, double blocks still use img_slice."""
     from attnplug.hosts.comfy import bind, current_binding
 
-    bound = bind(_model(), _spec())
+    bound = bind(stub.tiny_model(), _spec())
     binding = current_binding(bound)
     rec = Recorder(binding)
     orig = binding.diffusion_model_wrapper
@@ -293,7 +262,7 @@ def test_double_block_split_comes_from_the_attn1_patch(comfy):
     from comfy.patcher_extension import WrappersMP
 
     bound.wrappers[WrappersMP.DIFFUSION_MODEL]["attnplug"] = [lying_wrapper]
-    _sample(bound, steps=1, txt=5)
+    stub.sample(bound, steps=1, txt=5)
     assert rec.calls and all(c.n_cond_tokens == 5 for c, _ in rec.calls)
 
 
@@ -303,14 +272,14 @@ def test_older_build_without_block_info_warns_once_and_runs_exact(comfy, monkeyp
     import comfy.ldm.flux.model as flux_model
 
     monkeypatch.setattr(flux_model, "BLOCK_INFO", False)
-    base = _model()
-    ref = _sample(base)
+    base = stub.tiny_model()
+    ref = stub.sample(base)
     bound = bind(base, _spec(backend="sdpa", exact="sdpa"))
     binding = current_binding(bound)
     rec = Recorder(binding)
     with caplog.at_level(logging.WARNING, logger="attnplug"):
-        out = _sample(bound)
-        _sample(bound)
+        out = stub.sample(bound)
+        stub.sample(bound)
     warnings = [r for r in caplog.records if "block_type/block_index" in r.getMessage()]
     assert len(warnings) == 1
     assert rec.calls == []  # never reaches the session: nothing is keyed "single:0" by guess

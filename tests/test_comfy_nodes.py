@@ -9,52 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location("attnplug_comfy_stub_install",
-                                               Path(__file__).parent / "comfy_stub" / "install.py")
-stub_install = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stub_install)
-
-
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    with stub_install.installed(tmp_path_factory.mktemp("models")):
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _inference(comfy):
-    with torch.inference_mode():
-        yield
-
-
-def _model(seed=0):
-    import comfy.model_base
-    import comfy.model_patcher
-
-    torch.manual_seed(seed)
-    return comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel())
-
-
-def _sample(patcher, steps=4, cfg=2.0, seed=1, txt=5, hw=8):
-    import comfy.samplers
-
-    g = torch.Generator().manual_seed(seed)
-    pos, neg = torch.randn(1, txt, 16, generator=g), torch.randn(1, txt, 16, generator=g)
-    noise = torch.randn(1, 4, hw, hw, generator=g)
-    guider = comfy.samplers.CFGGuider(patcher)
-    guider.set_conds(pos, neg)
-    guider.set_cfg(cfg)
-    return guider.sample(noise, comfy.samplers.flux_sigmas(steps))
-
-
-TINY_TTR = {"feature_dim": 16, "hidden": 32}
-
-
-def _all_nodes():
-    from attnplug.hosts.comfy.nodes import NODES
-    from attnplug.hosts.comfy.nodes_utils import NODES as UTILS
-
-    return [*NODES, *UTILS]
+_helpers_spec = importlib.util.spec_from_file_location("attnplug_comfy_stub_helpers",
+                                                       Path(__file__).parent / "comfy_stub" / "helpers.py")
+stub = importlib.util.module_from_spec(_helpers_spec)
+_helpers_spec.loader.exec_module(stub)
+comfy, _inference = stub.comfy, stub.inference  # fixtures: the stand-in per module, inference_mode per test
 
 
 # ---- schemas -----------------------------------------------------------------------------------------
@@ -62,7 +21,7 @@ def _all_nodes():
 def test_every_node_has_a_valid_schema_with_tooltips(comfy):
     from comfy_api.latest import io
 
-    for node in _all_nodes():
+    for node in stub.all_nodes():
         assert issubclass(node, io.ComfyNode)
         schema = node.GET_SCHEMA()  # validates unique ids, tooltips on every input, combo defaults
         assert schema.category.startswith("attnplug/"), schema.node_id
@@ -121,7 +80,7 @@ def test_schedule_node_routes_steps_and_layers(comfy):
     sched = AttnplugSchedule.execute(config=cfg, exact_first_steps=1, exact_last_steps=1, backend="sdpa", steps="",
                                      layers="single:*", otherwise="exact")[0]
     assert "gates" not in cfg  # the input config is not mutated (ComfyUI caches node outputs)
-    model = AttnplugApply.execute(model=_model(), checkpoint="", quality_speed=1.0, config=sched)[0]
+    model = AttnplugApply.execute(model=stub.tiny_model(), checkpoint="", quality_speed=1.0, config=sched)[0]
 
     per_step: list[int] = []
     orig = attn.attention_pytorch.__wrapped__
@@ -138,7 +97,7 @@ def test_schedule_node_routes_steps_and_layers(comfy):
 
     binding.handle.finish = finish
     attn.KERNEL_CALLS.clear()
-    _sample(model, steps=5)
+    stub.sample(model, steps=5)
     calls = attn.KERNEL_CALLS
     # 4 layers per step: host kernel for all 4 on steps 0 and 4, only the 2 double blocks on steps 1-3
     assert len(calls) == 4 + 3 * 2 + 4
@@ -216,7 +175,8 @@ def test_load_prompt_list_is_strict(comfy, tmp_path):
     good = tmp_path / "p.json"
     good.write_text(json.dumps(["a cat", "a dog"]))
     assert LoadPromptListFromJSON.execute(json_path=str(good))[0] == ["a cat", "a dog"]
-    for content, match in ((json.dumps({"p": "x"}), "array of strings"), (json.dumps(["ok", 3]), r"\[1\] must be a string"),
+    for content, match in ((json.dumps({"p": "x"}), "array of strings"),
+                           (json.dumps(["ok", 3]), r"\[1\] must be a string"),
                            ("[1,", "not valid JSON"), ("[]", "empty array")):
         bad = tmp_path / "bad.json"
         bad.write_text(content)
@@ -252,7 +212,7 @@ def test_apply_node_refuses_missing_checkpoint_for_learned_backend(comfy):
     if "ttr" not in learned_backends():
         pytest.skip("ttr backend not registered")
     with pytest.raises(ValueError, match="no such file"):
-        AttnplugApply.execute(model=_model(), checkpoint="never_trained", quality_speed=1.0, config=None)
+        AttnplugApply.execute(model=stub.tiny_model(), checkpoint="never_trained", quality_speed=1.0, config=None)
 
 
 def test_choose_layers_best_k_by_ema_cosine(comfy):
@@ -272,7 +232,7 @@ def _ttr_checkpoint(path, ready, scores=None):
     """A ttr checkpoint for the stand-in Flux (2 heads x 16) with the given layers marked ready."""
     from attnplug.core import LayerSpec, Session, save_checkpoint
 
-    s = Session({"backend": "ttr", "exact": "host", "loggers": [], "plugins": {"ttr": TINY_TTR}})
+    s = Session({"backend": "ttr", "exact": "host", "loggers": [], "plugins": {"ttr": stub.TINY_TTR}})
     backend = s.learned_backends()["ttr"]
     for key in ("double:0", "double:1", "single:0", "single:1"):
         backend.layer(LayerSpec(key, 2, 16))
@@ -294,9 +254,9 @@ def test_apply_node_serves_best_ready_layers_from_checkpoint(comfy):
     path = models_folder() / "apply_test.safetensors"
     _ttr_checkpoint(path, ready={"single:0", "single:1", "double:1"},
                     scores={"single:0": 0.08, "single:1": 0.03, "double:1": 0.05, "double:0": 0.01})
-    base = _model()
-    ref = _sample(base)
-    cfg = {"backend": "ttr", "exact": "host", "loggers": [], "plugins": {"ttr": TINY_TTR}}
+    base = stub.tiny_model()
+    ref = stub.sample(base)
+    cfg = {"backend": "ttr", "exact": "host", "loggers": [], "plugins": {"ttr": stub.TINY_TTR}}
 
     def served(quality_speed):
         model = AttnplugApply.execute(model=base, checkpoint="apply_test", quality_speed=quality_speed, config=cfg)[0]
@@ -309,7 +269,7 @@ def test_apply_node_serves_best_ready_layers_from_checkpoint(comfy):
             return orig()
 
         binding.handle.finish = finish
-        out = _sample(model)
+        out = stub.sample(model)
         return out, {k for k, v in seen.items() if v.get("ttr")}
 
     out, layers = served(1.0)
@@ -328,7 +288,7 @@ def test_example_workflow_uses_attnplug_nodes_as_declared(comfy):
 
     path = Path(attnplug.__file__).parent / "examples" / "comfy_workflow.json"
     workflow = json.loads(path.read_text())
-    schemas = {n.GET_SCHEMA().node_id: n.GET_SCHEMA() for n in _all_nodes()}
+    schemas = {n.GET_SCHEMA().node_id: n.GET_SCHEMA() for n in stub.all_nodes()}
     used = [n for n in workflow.values() if n["class_type"].startswith("Attnplug")]
     assert {n["class_type"] for n in used} >= {"AttnplugConfig", "AttnplugSchedule", "AttnplugDistill"}
     for node in used:

@@ -8,52 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location("attnplug_comfy_stub_install",
-                                               Path(__file__).parent / "comfy_stub" / "install.py")
-stub_install = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stub_install)
-
-
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    with stub_install.installed(tmp_path_factory.mktemp("models")):
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _inference(comfy):
-    with torch.inference_mode():
-        yield
-
-
-def _model(seed=0):
-    import comfy.model_base
-    import comfy.model_patcher
-
-    torch.manual_seed(seed)
-    return comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel())
-
-
-def _sample(patcher, steps=4, cfg=2.0, seed=1, txt=5, hw=8):
-    import comfy.samplers
-
-    g = torch.Generator().manual_seed(seed)
-    pos, neg = torch.randn(1, txt, 16, generator=g), torch.randn(1, txt, 16, generator=g)
-    noise = torch.randn(1, 4, hw, hw, generator=g)
-    guider = comfy.samplers.CFGGuider(patcher)
-    guider.set_conds(pos, neg)
-    guider.set_cfg(cfg)
-    return guider.sample(noise, comfy.samplers.flux_sigmas(steps))
-
-
-TINY_TTR = {"feature_dim": 16, "hidden": 32}
-
-
-def _all_nodes():
-    from attnplug.hosts.comfy.nodes import NODES
-    from attnplug.hosts.comfy.nodes_utils import NODES as UTILS
-
-    return [*NODES, *UTILS]
+_helpers_spec = importlib.util.spec_from_file_location("attnplug_comfy_stub_helpers",
+                                                       Path(__file__).parent / "comfy_stub" / "helpers.py")
+stub = importlib.util.module_from_spec(_helpers_spec)
+_helpers_spec.loader.exec_module(stub)
+comfy, _inference = stub.comfy, stub.inference  # fixtures: the stand-in per module, inference_mode per test
 
 
 # ---- training during sampling, apply from checkpoint (ttr + distiller) ------------------------------------------
@@ -62,7 +21,8 @@ def _need_distiller():
     from attnplug.hosts.comfy.configs import learned_backends, registered_distillers
 
     if "ttr" not in learned_backends() or "ttr" not in registered_distillers():
-        pytest.skip("needs the ttr backend and the ttr distiller registered (plugins/ttr); distiller not registered yet")
+        pytest.skip("needs the ttr backend and the ttr distiller registered (plugins/ttr); "
+                    "distiller not registered yet")
 
 
 def test_distill_node_trains_over_several_runs_and_apply_serves_ready_layers(comfy, caplog):
@@ -76,9 +36,9 @@ def test_distill_node_trains_over_several_runs_and_apply_serves_ready_layers(com
 
     progress = []
     comfy.utils.PROGRESS_BAR_HOOK = lambda value, total, preview, node_id=None: progress.append((value, total))
-    base = _model()
-    ref = _sample(base, steps=3, cfg=1.0)
-    cfg = {"backend": "ttr", "exact": "host", "loggers": [], "plugins": {"ttr": TINY_TTR}}
+    base = stub.tiny_model()
+    ref = stub.sample(base, steps=3, cfg=1.0)
+    cfg = {"backend": "ttr", "exact": "host", "loggers": [], "plugins": {"ttr": stub.TINY_TTR}}
     from attnplug.core import get_plugins
 
     if "distill" in get_plugins().config_sections():  # lenient readiness so the short run yields ready layers
@@ -88,7 +48,7 @@ def test_distill_node_trains_over_several_runs_and_apply_serves_ready_layers(com
     binding = current_binding(model)
     with caplog.at_level(logging.INFO, logger="attnplug"):
         for run in range(3):
-            out = _sample(model, steps=3, cfg=1.0)
+            out = stub.sample(model, steps=3, cfg=1.0)
             if run == 0:  # no layer is ready during the first run: every call returns the teacher
                 torch.testing.assert_close(out, ref)
             assert torch.isfinite(out).all()
@@ -110,7 +70,7 @@ def test_distill_node_trains_over_several_runs_and_apply_serves_ready_layers(com
     assert all(0.0 <= v <= 1.0 for v in scores.values())
     # apply: quality_speed 0 → no learned layer serves → bit-identical to the exact image
     exact_model = AttnplugApply.execute(model=base, checkpoint="test_distill", quality_speed=0.0, config=cfg)[0]
-    torch.testing.assert_close(_sample(exact_model, steps=3, cfg=1.0), ref, rtol=0, atol=0)
+    torch.testing.assert_close(stub.sample(exact_model, steps=3, cfg=1.0), ref, rtol=0, atol=0)
     # apply: every ready layer serves the trained student; finite, and different from the exact image
     if "distill" in cfg["plugins"]:
         fast = AttnplugApply.execute(model=base, checkpoint="test_distill", quality_speed=1.0, config=cfg)[0]
@@ -123,7 +83,7 @@ def test_distill_node_trains_over_several_runs_and_apply_serves_ready_layers(com
             return orig()
 
         fb.handle.finish = finish
-        out = _sample(fast, steps=3, cfg=1.0)
+        out = stub.sample(fast, steps=3, cfg=1.0)
         assert torch.isfinite(out).all()
         assert any(v.get("ttr") for v in served.values()), served
     comfy.utils.PROGRESS_BAR_HOOK = None
