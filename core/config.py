@@ -51,6 +51,9 @@ class SessionConfig(Strict):
         "passthrough", description="While training: return the teacher (passthrough) or let ready layers "
                                    "serve the student (preview).")
     checkpoint: str | None = Field(None, description="Checkpoint to load at start (and save to, when training).")
+    shadow_exact: bool = Field(False, description="Also compute exact attention for every approximated call and "
+                                                  "record per-layer fidelity (output cosine, relative L2). Costs an "
+                                                  "exact attention per call: for evaluation, not for speed.")
     seed: int = Field(0, description="Seed of every random choice attnplug makes (layer sets, query subsets).")
     disable_plugins: list[str] = Field(default_factory=list, description="Plugins to block by name.")
     gates: list[KindEntry] = Field(default_factory=list, description="Gates, in the order they are consulted.")

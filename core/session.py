@@ -43,10 +43,24 @@ class LayerStats:
     served: Counter = field(default_factory=Counter)
     fallbacks: Counter = field(default_factory=Counter)
     trained: int = 0
+    shadow_calls: int = 0
+    shadow_cosine_sum: float = 0.0
+    shadow_rel_l2_sum: float = 0.0
+
+    def record_shadow(self, out: torch.Tensor, exact: torch.Tensor) -> None:
+        """Fidelity of an approximate output against the exact one: mean per-token/head cosine, relative L2."""
+        o, e = out.float(), exact.float()
+        self.shadow_cosine_sum += float(torch.nn.functional.cosine_similarity(o, e, dim=-1).mean())
+        self.shadow_rel_l2_sum += float((o - e).norm() / e.norm().clamp_min(1e-12))
+        self.shadow_calls += 1
 
     def to_json(self) -> dict[str, Any]:
-        return {"calls": self.calls, "served": dict(self.served), "fallbacks": dict(self.fallbacks),
-                "trained": self.trained}
+        data: dict[str, Any] = {"calls": self.calls, "served": dict(self.served), "fallbacks": dict(self.fallbacks),
+                                "trained": self.trained}
+        if self.shadow_calls:
+            data["fidelity"] = {"calls": self.shadow_calls, "cosine": self.shadow_cosine_sum / self.shadow_calls,
+                                "rel_l2": self.shadow_rel_l2_sum / self.shadow_calls}
+        return data
 
 
 @dataclass
@@ -178,6 +192,10 @@ class Session:
         stats.served[route.backend] += 1
         assert self.run is not None
         self.run.approximate_calls += 1
+        if self.config.root.shadow_exact:
+            exact = teacher if teacher is not None else \
+                self._run_exact_named(self.config.root.exact, q, k, v, call, mask, host_attention, None)
+            stats.record_shadow(out, exact)
         return out
 
     def _fallback(self, call: AttentionCall, backend: str, reason: str, q: torch.Tensor, k: torch.Tensor,
@@ -207,18 +225,21 @@ class Session:
 
     def _run_exact_named(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                          mask: torch.Tensor | None, host_attention: HostAttention | None,
-                         stats: LayerStats) -> torch.Tensor:
+                         stats: LayerStats | None) -> torch.Tensor:
+        """Run the exact backend `name`; counts it in `stats` unless that is None (shadow computations)."""
         backend = self.backends.get(name)
         if isinstance(backend, HostBackend):
             if host_attention is None:
                 self.warn_once(call.layer_key, "no-host", f"{call.layer_key}: exact backend 'host' got no host "
                                "attention function; using 'sdpa'")
-                stats.served["sdpa"] += 1
-                return sdpa(q, k, v, mask)
-            stats.served["host"] += 1
-            return host_attention(q, k, v, mask)
-        stats.served[name] += 1
-        return backend(q, k, v, call, mask)
+                name, fn = "sdpa", lambda: sdpa(q, k, v, mask)
+            else:
+                fn = lambda: host_attention(q, k, v, mask)  # noqa: E731
+        else:
+            fn = lambda: backend(q, k, v, call, mask)  # noqa: E731
+        if stats is not None:
+            stats.served[name] += 1
+        return fn()
 
     def _distiller_wants(self, call: AttentionCall) -> bool:
         assert self.distiller is not None

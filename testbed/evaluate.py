@@ -8,6 +8,8 @@ held-out prompts from the same noise; then:
 - fidelity per step: the approximate velocity against the exact one from the same x_t on the exact
   trajectory (cosine and relative error) — isolates the approximation;
 - fidelity per trajectory: PSNR of the final approximate sample against the exact sample;
+- per layer: output cosine and relative L2 of every served attention call against exact attention on
+  the same inputs (the session's `shadow_exact`), measured during the fidelity pass;
 - which layers the approximate backend served (from the session's per-layer stats), time per step.
 """
 from __future__ import annotations
@@ -63,7 +65,10 @@ def evaluate(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path | 
         approx_images, approx_step_s = _timed_sample(approx, prompts, noise, steps, batch_size)
         session.run_end()
         served = _served_layers(session)
+        session.config.root.shadow_exact = True  # per-layer output fidelity, measured in the fidelity pass only
         fidelity = sampling.velocity_fidelity(exact, approx, prompts, noise, steps=steps)
+        session.run_end()
+        per_layer = {k: s.to_json()["fidelity"] for k, s in sorted(session.stats.items()) if s.shadow_calls}
     finally:
         handle.remove()
         session.close()
@@ -85,6 +90,7 @@ def evaluate(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path | 
         "layers_ready": ready,
         "layers_served": served,
         "share_layers_served": len(served) / max(len(all_layers), 1),
+        "per_layer_fidelity": per_layer,
         "seconds_per_step_exact": exact_step_s,
         "seconds_per_step_approx": approx_step_s,
         "images": {"exact": exact_images, "approx": approx_images},

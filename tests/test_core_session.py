@@ -232,3 +232,22 @@ def test_training_passthrough_returns_exact_even_for_ready_layers(core_plugins, 
         s.backends.get("always").ready["single:0"] = True
         out = s.attention(q, q, q, make_call())
         assert torch.equal(out, sdpa(q, q, q)) is expect_exact, mode
+
+
+def test_shadow_exact_records_per_layer_fidelity(core_plugins, make_call):
+    class Noisy(Backend):
+        name = "noisy"
+        capabilities = Capabilities(exact=False)
+
+        def forward(self, q, k, v, call, mask=None):
+            return sdpa(q, k, v) + 0.1 * torch.randn_like(q)
+
+    s = Session({"backend": "sdpa", "exact": "sdpa", "shadow_exact": True, "loggers": []}, core_plugins)
+    s.backends.add(Noisy(), "test")
+    s.router.primary = "noisy"
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    for step in range(3):
+        s.attention(q, k, v, make_call("single:0", step_index=step))
+    fid = s.summary()["layers"]["single:0"]["fidelity"]
+    assert fid["calls"] == 3 and 0.5 < fid["cosine"] < 0.999 and 0.01 < fid["rel_l2"] < 1.0
+    assert s.stats["single:0"].served == {"noisy": 3}  # the shadow exact call is not counted as served

@@ -27,3 +27,6 @@ def test_eval_reproduces_the_card_subset(tmp_path, one_thread):
     assert abs(r["velocity_cosine"] - 0.9389) < 3e-3
     assert abs(r["psnr_db"] - 16.5) < 1.0
     assert r["share_layers_served"] == 0.75
+    fid = r["per_layer_fidelity"]
+    assert sorted(fid) == [f"single:{i}" for i in range(6)]  # only served layers are measured
+    assert all(0.8 < f["cosine"] < 1.0 and 0.0 < f["rel_l2"] < 0.6 for f in fid.values())
