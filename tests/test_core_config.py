@@ -88,7 +88,7 @@ def test_schema_covers_plugins_gates_and_loggers(core_plugins):
 
 
 def test_example_configs_are_valid():
-    examples = sorted((ROOT / "examples" / "configs").glob("*.toml"))
+    examples = sorted((ROOT / "examples" / "configs").glob("*.toml")) + sorted((ROOT / "testbed" / "configs").glob("*.toml"))
     assert examples
     for path in examples:
         load_config(path)  # the full set of built-in plugins
