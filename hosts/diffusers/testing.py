@@ -26,6 +26,26 @@ def _eval(pipe: Any) -> Any:
     return pipe
 
 
+# the transformer sizes every tiny model shares: 2 (double) blocks of 2 heads of dim 16, text width 32
+_TINY_BLOCKS: dict[str, Any] = dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32)
+
+
+def _tiny_vae(vae_class: Any, **extra: Any) -> Any:
+    """A `vae_class` (AutoencoderKL or a variant) of width 8, 4 latent channels, ×8 downsampling."""
+    return vae_class(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        **extra,
+    )
+
+
 def _word_tokenizer(max_length: int) -> Any:
     import tokenizers
     from tokenizers.models import WordLevel
@@ -85,11 +105,8 @@ def tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True) -> Any:
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
-        num_layers=2,
         num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
+        **_TINY_BLOCKS,
         pooled_projection_dim=32,
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),
@@ -119,19 +136,7 @@ def tiny_flux_pipeline(seed: int = 0) -> Any:
         )
     )
     t5 = T5EncoderModel(T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=64))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        shift_factor=0.0,
-        scaling_factor=1.0,
-    )
+    vae = _tiny_vae(AutoencoderKL, shift_factor=0.0, scaling_factor=1.0)
     return _eval(
         FluxPipeline(
             scheduler=flux_scheduler(),
@@ -152,11 +157,8 @@ def tiny_flux2_transformer(seed: int = 0) -> Any:
     return Flux2Transformer2DModel(
         patch_size=1,
         in_channels=16,
-        num_layers=2,
         num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
+        **_TINY_BLOCKS,
         timestep_guidance_channels=32,
         axes_dims_rope=(4, 4, 4, 4),
     ).eval()
@@ -168,17 +170,7 @@ def tiny_flux2_pipeline(seed: int = 0) -> Any:
 
     transformer = tiny_flux2_transformer(seed)
     _seeded(seed + 1)
-    vae = AutoencoderKLFlux2(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
+    vae = _tiny_vae(AutoencoderKLFlux2)
     return _eval(
         Flux2Pipeline(
             scheduler=flux_scheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
@@ -194,10 +186,7 @@ def tiny_qwenimage_transformer(seed: int = 0) -> Any:
         patch_size=2,
         in_channels=16,
         out_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
+        **_TINY_BLOCKS,
         axes_dims_rope=(4, 6, 6),
     ).eval()
 
@@ -210,10 +199,7 @@ def tiny_sd3_transformer(seed: int = 0, dual_attention_layers: tuple[int, ...] =
         sample_size=16,
         patch_size=2,
         in_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
+        **_TINY_BLOCKS,
         caption_projection_dim=32,
         pooled_projection_dim=32,
         out_channels=4,
