@@ -23,13 +23,8 @@ HOST = {"backend": "host", "exact": "host", "loggers": []}
 SDPA = {"backend": "sdpa", "exact": "sdpa", "loggers": []}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two-thread OpenMP on a shared 2-core box makes these tiny models 40× slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread: two-thread OpenMP on a shared 2-core box makes these tiny models 40× slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

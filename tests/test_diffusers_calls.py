@@ -18,12 +18,8 @@ from attnplug.hosts.diffusers.tracking import StepState, grid_from_ids
 HOST = {"backend": "host", "exact": "host", "loggers": []}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread: two-thread OpenMP on a shared 2-core box makes these tiny models 40× slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

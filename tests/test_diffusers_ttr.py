@@ -18,12 +18,8 @@ TINY_TTR = {"feature_dim": 16, "depth": 1, "hidden": 0, "key_chunk": 64, "query_
 LAYERS = {"double:0", "double:1", "single:0", "single:1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread: two-thread OpenMP on a shared 2-core box makes these tiny models 40× slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _need_ttr() -> None:
