@@ -17,16 +17,13 @@ fk = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
 _spec.loader.exec_module(fk)  # type: ignore[union-attr]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread (conftest)
 
 
 def _sample(key: str, nk: int, nq: int = 4, d: int = 8, mask: bool = False) -> ReplaySample:
-    t = lambda n: torch.zeros(1, 2, n, d, dtype=torch.float16)
+    def t(n: int) -> torch.Tensor:
+        return torch.zeros(1, 2, n, d, dtype=torch.float16)
+
     m = torch.ones(1, nk, dtype=torch.bool) if mask else None
     return ReplaySample(key, t(nq), t(nk), t(nk), t(nq), m, AttentionCall(key))
 

@@ -33,12 +33,7 @@ CFG = {
 STEPS = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread (conftest)
 
 
 def drive(session, gen, steps, start=True, end=True):

@@ -20,12 +20,7 @@ _spec.loader.exec_module(fk)  # type: ignore[union-attr]
 ttr_backend = pytest.importorskip("attnplug.plugins.ttr.backend")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread (conftest)
 
 
 class DistillOnly:
