@@ -246,7 +246,6 @@ def _ttr_checkpoint(path, ready, scores=None):
 
 def test_apply_node_serves_best_ready_layers_from_checkpoint(comfy):
     from attnplug.hosts.comfy.configs import learned_backends, models_folder
-    from attnplug.hosts.comfy import current_binding
     from attnplug.hosts.comfy.nodes import AttnplugApply
 
     if "ttr" not in learned_backends():
@@ -260,16 +259,7 @@ def test_apply_node_serves_best_ready_layers_from_checkpoint(comfy):
 
     def served(quality_speed):
         model = AttnplugApply.execute(model=base, checkpoint="apply_test", quality_speed=quality_speed, config=cfg)[0]
-        binding = current_binding(model)
-        seen = {}
-        orig = binding.handle.finish
-
-        def finish():
-            seen.update({k: dict(s.served) for k, s in binding.handle.session.stats.items()})
-            return orig()
-
-        binding.handle.finish = finish
-        out = stub.sample(model)
+        out, seen = stub.sample_served(model)
         return out, {k for k, v in seen.items() if v.get("ttr")}
 
     out, layers = served(1.0)

@@ -74,16 +74,7 @@ def test_distill_node_trains_over_several_runs_and_apply_serves_ready_layers(com
     # apply: every ready layer serves the trained student; finite, and different from the exact image
     if "distill" in cfg["plugins"]:
         fast = AttnplugApply.execute(model=base, checkpoint="test_distill", quality_speed=1.0, config=cfg)[0]
-        fb = current_binding(fast)
-        served = {}
-        orig = fb.handle.finish
-
-        def finish():
-            served.update({k: dict(s.served) for k, s in fb.handle.session.stats.items()})
-            return orig()
-
-        fb.handle.finish = finish
-        out = stub.sample(fast, steps=3, cfg=1.0)
+        out, served = stub.sample_served(fast, steps=3, cfg=1.0)
         assert torch.isfinite(out).all()
         assert any(v.get("ttr") for v in served.values()), served
     comfy.utils.PROGRESS_BAR_HOOK = None

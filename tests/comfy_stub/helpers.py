@@ -58,6 +58,23 @@ def sample(patcher: Any, steps: int = 4, cfg: float = 2.0, seed: int = 1, txt: i
     return guider.sample(noise, comfy.samplers.flux_sigmas(steps))
 
 
+def sample_served(patcher: Any, **sample_kw: Any) -> tuple[torch.Tensor, dict[str, dict[str, Any]]]:
+    """`sample(patcher, ...)` on a bound model, and what served each layer (layer → backend → calls),
+    read from the binding's session just before the run finishes (the run's end releases it)."""
+    from attnplug.hosts.comfy import current_binding
+
+    binding = current_binding(patcher)
+    served: dict[str, dict[str, Any]] = {}
+    orig = binding.handle.finish
+
+    def finish() -> Any:
+        served.update({k: dict(s.served) for k, s in binding.handle.session.stats.items()})
+        return orig()
+
+    binding.handle.finish = finish
+    return sample(patcher, **sample_kw), served
+
+
 def all_nodes() -> list[Any]:
     """Every node class attnplug registers with ComfyUI (main and utility nodes)."""
     from attnplug.hosts.comfy.nodes import NODES
