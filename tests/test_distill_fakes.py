@@ -1,7 +1,7 @@
 """Shared fakes of the distiller tests (no tests here): a 1-layer feature-map linear-attention backend
 that implements the learned-backend training contract, a test plugin, structured synthetic data.
 
-Test files load this module with `load_fakes()` (tests/ is not a package).
+Test files load this module by path with importlib (tests/ is not a package).
 """
 
 from __future__ import annotations
@@ -251,16 +251,3 @@ def test_fake_backend_honours_the_training_contract():
     assert out.requires_grad and torch.allclose(out, expected, atol=1e-6)
     w = backend.attention_weights("single:0", q, k, call)
     assert torch.allclose(w.sum(-1), torch.ones(1, 2, 24), atol=1e-5)
-
-
-def load_fakes() -> Any:
-    """This module, importable from the test files (tests/ is not a package)."""
-    name = "attnplug_test_distill_fakes"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
