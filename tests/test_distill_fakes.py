@@ -6,9 +6,6 @@ Test files load this module by path with importlib (tests/ is not a package).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
