@@ -33,7 +33,7 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
 class DemoPlan:
     """How much the demo does. `quick()` is the reduced mode CI runs."""
 
-    runs: int = 14
+    runs: int = 36
     prompts_per_run: int = 1
     steps: int = 12
     eval_prompts: int = 6
