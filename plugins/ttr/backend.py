@@ -195,6 +195,50 @@ class TtrBackend(LearnedBackend):
         phi = [p for n, p in layer.named_parameters() if n != "alpha_logit"]
         return {"phi": phi, "alpha": alpha}
 
+    def attention_weights(self, layer_key: str, q: torch.Tensor, k: torch.Tensor, call: AttentionCall,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The student's implied attention rows `[B, H, n, Nk]` for queries `q` (for the distiller's
+        attention KL and top-k metrics; no autograd).
+
+        Kernel weights `φ(q)·φ(k) / (φ(q)·z + ε)`; with the landmark residual, its softmax weights on
+        the landmark keys blended at the base `α = α_max·σ(logit)` — the adaptive shift depends on the
+        values, which these metrics do not see. The conditioner's affine is left out. Rows are
+        renormalised to sum to 1. Exact (`weights @ v == forward`) for a non-adaptive layer without
+        conditioner.
+        """
+        layer = self._module(layer_key)
+        eps = self.settings.eps
+        with torch.inference_mode(False), torch.no_grad():
+            q32, k32 = q.float(), k.float()
+            pq = layer.phi(q32, "q", torch.float32, eps)
+            pk = layer.phi(k32, "k", torch.float32, eps)
+            keep = key_padding(mask, q.shape[2], k.shape[2]) if mask is not None else None
+            if keep is not None:
+                pk = pk * keep[:, None, :, None].to(pk.dtype)
+            num = pq @ pk.transpose(-1, -2)
+            weights = num / (num.sum(-1, keepdim=True) + eps)
+            branch = self.landmark_branch()
+            owner = getattr(branch, "__self__", None)
+            if branch is not None and hasattr(owner, "indices"):
+                weights = self._blend_landmark_rows(layer, weights, q32, k32, *owner.indices(k, call, mask))
+            return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+
+    @staticmethod
+    def _blend_landmark_rows(layer: TtrLayer, weights: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             idx: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """`(1 − α)·weights + α·(landmark softmax rows placed on their keys)`, α at its base value."""
+        b, h, _, d = k.shape
+        idx = idx.expand(b, -1) if idx.dim() == 1 else idx  # [B, L]
+        gather = idx[:, None, :, None].expand(b, h, idx.shape[1], d)
+        scores = (q @ torch.gather(k, 2, gather).transpose(-1, -2)) * d ** -0.5  # [B, H, n, L]
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        rows = torch.zeros_like(weights).scatter_add_(
+            -1, idx[:, None, None, :].expand(*scores.shape), scores.softmax(-1))
+        alpha = layer.alpha_max * torch.sigmoid(layer.alpha_logit.float().clamp(-15.0, 15.0))
+        alpha = alpha.view(1, h, 1, 1)
+        return (1 - alpha) * weights + alpha * rows
+
     def layer_metrics(self, layer_key: str) -> dict[str, float]:
         """`alpha_mean` (mean α of the last forward, when the landmark branch ran) and `den_min`
         (smallest Nadaraya–Watson denominator). Converted to floats only here (one sync)."""
