@@ -70,6 +70,7 @@ class Plugins:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
+        self._callers: dict[tuple[str, str], Any] = {}  # (hook, plugin) → caller; cleared on (un)register
         self.disabled = set(disabled) | disabled_from_env()
         blocked_essentials = self.disabled & ESSENTIAL_PLUGINS
         if blocked_essentials:
@@ -95,6 +96,7 @@ class Plugins:
         try:
             plugin = loader()
             self.pm.register(plugin, name=name)
+            self._callers.clear()
         except Exception as exc:  # noqa: BLE001 - any failure of a third-party import is reported, not raised
             hint = _install_hint(exc)
             self.infos[name] = PluginInfo(name, "failed", version, f"{type(exc).__name__}: {exc}{hint}")
@@ -118,6 +120,7 @@ class Plugins:
     def unregister(self, name: str) -> None:
         if self.pm.get_plugin(name) is not None:
             self.pm.unregister(name=name)
+            self._callers.clear()
         self.infos.pop(name, None)
 
     def active(self, blocked: Iterable[str] = ()) -> list[str]:
@@ -167,12 +170,21 @@ class Plugins:
         return sections
 
     def _caller_for(self, hook_name: str, plugin_name: str) -> Any:
-        plugin = self.pm.get_plugin(plugin_name)
-        hook = getattr(self.pm.hook, hook_name)
-        if plugin is None or not any(impl.plugin is plugin for impl in hook.get_hookimpls()):
-            return None
-        others = [p for n, p in self.pm.list_name_plugin() if n != plugin_name]
-        return self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+        """A caller of `hook_name` that reaches only `plugin_name` (None if it does not implement it).
+
+        Built once per (hook, plugin): lifecycle hooks fire every step, and a subset caller is a view
+        whose plugin set is fixed when it is made, so the cache is cleared whenever plugins change.
+        """
+        key = (hook_name, plugin_name)
+        if key not in self._callers:
+            plugin = self.pm.get_plugin(plugin_name)
+            hook = getattr(self.pm.hook, hook_name)
+            caller = None
+            if plugin is not None and any(impl.plugin is plugin for impl in hook.get_hookimpls()):
+                others = [p for n, p in self.pm.list_name_plugin() if n != plugin_name]
+                caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+            self._callers[key] = caller
+        return self._callers[key]
 
     def describe(self) -> list[PluginInfo]:
         """Every known plugin with origin, version and what it registers (for `plugins list`)."""

@@ -20,7 +20,7 @@ from .backend import Backend, BackendRegistry, HostAttention, LearnedBackend
 from .call import AttentionCall
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, load_config
-from .exact import HostBackend, sdpa
+from .exact import HostBackend
 from .gates import Route, Router
 from .loggers import LoggerFanout
 from .plugins import Plugins, get_plugins
@@ -152,20 +152,19 @@ class Session:
         assert self.run is not None
         self.run.calls += 1
         route = self.router.route(call, self.run.index)
+        # while training in passthrough mode the sampler always gets exact attention
+        serve_approximate = route.approximate and not (self.training and self.config.root.mode == "passthrough")
 
         if self.training and self.distiller is not None and self._distiller_wants(call):
             teacher = self._exact(q, k, v, call, mask, host_attention, stats)
             self._observe(call, q, k, v, teacher, mask, stats)
-            if self.config.root.mode == "passthrough" or not route.approximate:
+            if not serve_approximate:
                 return teacher
             return self._approximate(route, q, k, v, call, mask, host_attention, stats, teacher)
-        if route.approximate and self.training and self.config.root.mode == "passthrough":
-            return self._exact(q, k, v, call, mask, host_attention, stats)  # teacher passthrough while training
-        if route.approximate:
+        if serve_approximate:
             return self._approximate(route, q, k, v, call, mask, host_attention, stats, None)
-        if route.backend == self.config.root.exact:
-            return self._exact(q, k, v, call, mask, host_attention, stats)
-        return self._run_exact_named(route.backend, q, k, v, call, mask, host_attention, stats)
+        exact = self.config.root.exact if route.approximate else route.backend
+        return self._run_exact_named(exact, q, k, v, call, mask, host_attention, stats)
 
     def _approximate(self, route: Route, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                      mask: torch.Tensor | None, host_attention: HostAttention | None, stats: LayerStats,
@@ -228,18 +227,15 @@ class Session:
                          stats: LayerStats | None) -> torch.Tensor:
         """Run the exact backend `name`; counts it in `stats` unless that is None (shadow computations)."""
         backend = self.backends.get(name)
-        if isinstance(backend, HostBackend):
-            if host_attention is None:
-                self.warn_once(call.layer_key, "no-host", f"{call.layer_key}: exact backend 'host' got no host "
-                               "attention function; using 'sdpa'")
-                name, fn = "sdpa", lambda: sdpa(q, k, v, mask)
-            else:
-                fn = lambda: host_attention(q, k, v, mask)  # noqa: E731
-        else:
-            fn = lambda: backend(q, k, v, call, mask)  # noqa: E731
+        if isinstance(backend, HostBackend) and host_attention is None:
+            self.warn_once(call.layer_key, "no-host", f"{call.layer_key}: exact backend 'host' got no host "
+                           "attention function; using 'sdpa'")
+            name, backend = "sdpa", self.backends.get("sdpa")
         if stats is not None:
             stats.served[name] += 1
-        return fn()
+        if isinstance(backend, HostBackend):
+            return backend.forward(q, k, v, call, mask, host_attention=host_attention)
+        return backend(q, k, v, call, mask)
 
     def _distiller_wants(self, call: AttentionCall) -> bool:
         assert self.distiller is not None

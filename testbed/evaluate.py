@@ -49,8 +49,7 @@ def evaluate(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path | 
     from ..hosts.diffusers import apply
 
     cfg = load_config(config)
-    root = cfg.root.model_copy(update={"training": False, "checkpoint": None})
-    cfg.root = root
+    cfg.root = cfg.root.model_copy(update={"training": False, "checkpoint": None})
     session = Session(cfg)
     if checkpoint is not None:
         session.load(checkpoint)
