@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (docs/PERFORMANCE.md): install the carried wheels, make the repo
 # importable as `attnplug`, run the GPU kernel tests, the tile sweep and the bench; logs go to $OUT.
-# Usage (from the repo root, on the device): bash bench/device_run.sh [tests|tune|bench|flux|all]...
+# Usage (from the repo root, on the device): bash bench/device_run.sh [tests|tune|bench|model|quality|all]...
+# `quality` starts one testbed.quality process per variant (CPU-bound Python: they share the GPU), waits
+# up to QUALITY_WAIT_S, then merges what finished; `quality-collect` copies/merges later (the processes
+# keep running on the warm machine).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit 1
+WHEELS=${WHEELS:-.whl_testbed}; [ -d "$WHEELS" ] || WHEELS=.whl
+if ls "$WHEELS"/*.whl >/dev/null 2>&1 && [ ! -f /tmp/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    && touch /tmp/site/.done || exit 1
 fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PYTHONPATH
 mkdir -p /tmp/pkgs && ln -sfn "$PWD" /tmp/pkgs/attnplug && export PYTHONPATH=/tmp/pkgs:$PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
@@ -17,6 +22,38 @@ for step in "${@:-all}"; do
     tests|all) python3 -m pytest -q -p no:cacheprovider --import-mode=importlib tests/test_kernels_fused.py 2>&1 | tee "$OUT/tests.log" ;;&
     tune|all) python3 -m attnplug.bench.tune --sizes 1024,2048 --quick 2>&1 | tee "$OUT/tune.log" ;;&
     bench|all) python3 -m attnplug.bench.run --sizes 1024,2048,4096 --dtypes bf16 --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt" ;;&
-    flux) python3 -m attnplug.bench.flux --json "$OUT/flux.json" 2>&1 | tee "$OUT/flux.txt" ;;&
+    model) python3 -m attnplug.bench.model --json "$OUT/model.json" 2>&1 | tee "$OUT/model.txt" ;;&
+    quality)
+      Q=/tmp/quality; mkdir -p $Q; : > $Q/pids
+      IFS=';' read -ra VS <<< "${QUALITY_VARIANTS:-default;cosine lr;cosine lr 2× runs;offline fit;kernel-only;1-layer F64 hedgehog;1-layer F128 elu+1;landmarks 2 %;per-head φ;F256 + cosine lr;α_max 0.5 + cosine lr}"
+      i=0
+      for v in "${VS[@]}"; do
+        i=$((i+1)); d=$Q/v$i; mkdir -p $d
+        OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.testbed.quality --out $d --device cuda --variants "$v" \
+          --budget-s 1e9 > $d/log.txt 2>&1 &
+        echo $! >> $Q/pids
+      done
+      end=$((SECONDS + ${QUALITY_WAIT_S:-500}))
+      while [ $SECONDS -lt $end ]; do alive=0; for p in $(cat $Q/pids); do kill -0 $p 2>/dev/null && alive=1; done
+        [ $alive = 0 ] && break; sleep 10; done
+      ;;&
+    quality|quality-collect)
+      # at most 8 files come back: the table, one tarball of results, the best checkpoints (QUALITY_KEEP)
+      Q=/tmp/quality
+      python3 -m attnplug.testbed.quality --out $Q --collect > $OUT/quality_table.md 2>&1
+      (cd $Q && tar czf $OUT/quality_results.tgz --exclude='*.safetensors' --exclude=pids .)
+      python3 - "$Q" "$OUT" "${QUALITY_KEEP:-3}" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+q, out, keep = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+rows = json.loads((q / "quality.json").read_text()) if (q / "quality.json").exists() else []
+rows.sort(key=lambda r: r["serving"].get("single blocks", {}).get("adherence_drop_points", 99))
+from attnplug.testbed.quality import folder_name
+for r in rows[:keep]:
+    for ck in q.glob(f"v*/{folder_name(r['variant'])}/ttr.safetensors"):
+        shutil.copy(ck, out / f"ttr_{folder_name(r['variant'])}.safetensors"); print("kept", ck)
+PY
+      alive=0; for p in $(cat $Q/pids); do kill -0 $p 2>/dev/null && alive=$((alive+1)); done
+      echo "quality processes still running: $alive"; tail -n 2 $Q/v*/log.txt; cat $OUT/quality_table.md ;;&
   esac
 done

@@ -38,6 +38,7 @@ class DemoPlan:
     steps: int = 12
     eval_prompts: int = 6
     eval_steps: int = 12
+    fit_updates: int = 0  # after sampling, this many more updates per layer on its replay (offline fit)
 
     @classmethod
     def quick(cls) -> "DemoPlan":
@@ -115,6 +116,12 @@ def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
             distiller = session.distiller
             ready = sum(1 for r in getattr(distiller, "readiness", {}).values() if r.ready)
             bar.set_postfix(updates=getattr(distiller, "total_updates", 0), ready=ready)
+        if plan.fit_updates:
+            fit = getattr(session.distiller, "fit_replay", None)
+            if not callable(fit):
+                raise ValueError(f"attnplug demo: distiller {cfg.root.distiller!r} cannot fit on its replay "
+                                 "(fit_updates needs the ttr distiller)")
+            fit(plan.fit_updates)
         session.save(checkpoint)
         distiller = session.distiller
         updates = int(getattr(distiller, "total_updates", 0))

@@ -13,6 +13,7 @@ import copy
 import json
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +21,70 @@ from ..core.config import read_config_file
 from .demo import DEMO_CONFIG, DemoPlan, run_demo
 from .evaluate import evaluate, strip_images
 
-#: name → overrides of the base config (deep-merged). The base trains every layer; readiness decides.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "kernel-only": {"plugins": {"ttr": {"landmark": False}}},
-    "1-layer F64 hedgehog": {"plugins": {"ttr": {"depth": 1, "feature_dim": 64, "activation": "hedgehog"}}},
-    "1-layer F128 elu+1": {"plugins": {"ttr": {"depth": 1, "feature_dim": 128}}},
-    "landmarks 2 %": {"plugins": {"landmark": {"fraction": 0.02, "min": 16}}},
-    "per-head φ": {"plugins": {"ttr": {"per_head": True}}},
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` deep-merged into a copy of `base` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the sweep: config overrides (deep-merged into the base) and how its plan differs.
+
+    `decay_over_plan`: set the cosine lr schedule to decay over the layer updates the plan makes
+    (runs × steps: every layer trains on every step). `runs`: sampling runs instead of the plan's;
+    `fit_updates`: updates per layer on the replay after sampling (the offline fit)."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    runs_factor: float = 1.0
+    runs: int | None = None
+    fit_updates: int = 0
+    decay_over_plan: bool = False
+
+    def plan(self, base: DemoPlan) -> DemoPlan:
+        runs = self.runs if self.runs is not None else max(1, round(base.runs * self.runs_factor))
+        return replace(base, runs=runs, fit_updates=self.fit_updates)
+
+    def config(self, base: dict[str, Any], plan: DemoPlan) -> dict[str, Any]:
+        cfg = merge(base, self.overrides)
+        if self.decay_over_plan:
+            cfg = merge(cfg, {"plugins": {"distill": {"lr_schedule": "cosine",
+                                                      "lr_decay_updates": plan.runs * plan.steps}}})
+        return cfg
+
+
+_COSINE = {"plugins": {"distill": {"lr_schedule": "cosine", "lr_min_ratio": 0.05}}}
+#: The offline baseline of MEASUREMENTS.md: collect 32 prompts × 20 steps of attention per layer (no
+#: training while sampling), then 1500 updates per layer on it, 512 queries, cosine decay to zero.
+_OFFLINE = {"plugins": {"distill": {
+    "train_steps_per_call": 0, "replay_per_layer": 640, "replay_max_mb": 6144.0, "replay_offload_cpu": False,
+    "query_cap": 512, "lr_schedule": "cosine", "lr_decay_updates": 1500, "lr_min_ratio": 0.0}}}
+
+#: name → variant (names without commas: `--variants` is a comma list). The base trains every layer;
+#: readiness decides.
+VARIANTS: dict[str, Variant] = {
+    "default": Variant(),
+    "cosine lr": Variant(_COSINE, decay_over_plan=True),
+    "cosine lr 2× runs": Variant(_COSINE, runs_factor=2.0, decay_over_plan=True),
+    "offline fit": Variant(_OFFLINE, runs=4, fit_updates=1500),
+    "kernel-only": Variant({"plugins": {"ttr": {"landmark": False}}}),
+    "1-layer F64 hedgehog": Variant({"plugins": {"ttr": {"depth": 1, "feature_dim": 64, "activation": "hedgehog"}}}),
+    "1-layer F128 elu+1": Variant({"plugins": {"ttr": {"depth": 1, "feature_dim": 128}}}),
+    "landmarks 2 %": Variant({"plugins": {"landmark": {"fraction": 0.02, "min": 16}}}),
+    "per-head φ": Variant({"plugins": {"ttr": {"per_head": True}}}),
+    "F256 + cosine lr": Variant(merge(_COSINE, {"plugins": {"ttr": {"feature_dim": 256}}}), decay_over_plan=True),
+    "α_max 0.5 + cosine lr": Variant(merge(_COSINE, {"plugins": {"ttr": {"alpha_max": 0.5}}}), decay_over_plan=True),
 }
 
 #: Ways to serve a distilled checkpoint: name → gates (readiness always applies on top).
 SERVING: dict[str, list[dict[str, Any]]] = {
     "all ready": [],
     "single blocks": [{"kind": "layers", "include": ["single:*"]}],
+    "single blocks, exact steps 0-1": [{"kind": "layers", "include": ["single:*"]},
+                                       {"kind": "step_window", "steps": ["2:"]}],
     "all but double:0": [{"kind": "layers", "exclude": ["double:0"]}],
 }
 
@@ -48,13 +99,6 @@ def base_config() -> dict[str, Any]:
     return cfg
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: float) -> list[dict[str, Any]]:
     """Distill and evaluate each variant in turn; stops starting new ones when the budget is spent."""
     t0 = time.perf_counter()
@@ -63,12 +107,13 @@ def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: f
         if time.perf_counter() - t0 > budget_s:
             print(f"[quality] budget spent; skipping {name}", flush=True)
             continue
-        cfg = merge(base_config(), VARIANTS[name])
-        folder = out / name.replace(" ", "_").replace("%", "pct").replace("φ", "phi")
-        metrics = run_demo(folder, device=device, config=cfg, plan=plan, progress=False)
-        row = {"variant": name, "distill": metrics["distill"], "serving": {}}
+        variant = VARIANTS[name]
+        vplan = variant.plan(plan)
+        cfg = variant.config(base_config(), vplan)
+        metrics = run_demo(out / folder_name(name), device=device, config=cfg, plan=vplan, progress=False)
+        row = {"variant": name, "plan": vplan.__dict__, "distill": metrics["distill"], "serving": {}}
         for serve, gates in SERVING.items():
-            res = strip_images(evaluate(merge(cfg, {"gates": gates}), folder / "ttr.safetensors",
+            res = strip_images(evaluate(merge(cfg, {"gates": gates}), out / folder_name(name) / "ttr.safetensors",
                                         n_prompts=plan.eval_prompts, steps=plan.eval_steps, device=device))
             row["serving"][serve] = res
             print(f"[quality] {name} / {serve}: served {len(res['layers_served'])}/{len(res['layers'])} "
@@ -78,6 +123,11 @@ def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: f
         (out / "quality.json").write_text(json.dumps(rows, indent=2))
         (out / "quality.md").write_text(table(rows))
     return rows
+
+
+def folder_name(variant: str) -> str:
+    return (variant.replace(" ", "_").replace("%", "pct").replace("φ", "phi").replace("×", "x")
+            .replace("α", "alpha").replace(",", ""))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -92,6 +142,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def collect(out: Path) -> list[dict[str, Any]]:
+    """Merge the `quality.json` of every sub-folder of `out` (variants run in parallel processes) into
+    `out/quality.json` and `out/quality.md`, in the order of `VARIANTS`."""
+    rows = [row for path in sorted(out.glob("*/quality.json")) for row in json.loads(path.read_text())]
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    rows.sort(key=lambda r: order.get(r["variant"], len(order)))
+    (out / "quality.json").write_text(json.dumps(rows, indent=2))
+    (out / "quality.md").write_text(table(rows))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -103,7 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--budget-s", type=float, default=420.0, help="Start no new variant after this many seconds.")
+    ap.add_argument("--collect", action="store_true",
+                    help="Only merge OUT/*/quality.json (variants run as separate processes) into OUT.")
     a = ap.parse_args(argv)
+    if a.collect:
+        print(table(collect(a.out)))
+        return 0
+    unknown = [v for v in a.variants.split(",") if v.strip() and v.strip() not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
     plan = DemoPlan(runs=a.runs, prompts_per_run=a.prompts_per_run, steps=a.steps, eval_prompts=a.eval_prompts,
                     eval_steps=a.eval_steps)
     run(a.out, a.device, plan, [v.strip() for v in a.variants.split(",") if v.strip()], a.budget_s)

@@ -95,7 +95,13 @@ class DistillSettings(Strict):
         -1, ge=-1, description="Most layers trained per step (-1: all eligible layers)."
     )
     query_cap: int = Field(512, ge=1, description="Queries subsampled per training call (K/V stay full).")
-    train_steps_per_call: int = Field(1, ge=1, le=32, description="Optimizer updates per training call.")
+    train_steps_per_call: int = Field(
+        1,
+        ge=0,
+        le=32,
+        description="Optimizer updates per training call (0: only collect replay, for an offline "
+        "fit with `fit_replay`).",
+    )
     replay_per_layer: int = Field(8, ge=1, description="Replay samples kept per layer.")
     replay_max_mb: float = Field(
         768.0, gt=0, description="Global replay budget in MiB (all layers together)."
@@ -112,6 +118,17 @@ class DistillSettings(Strict):
         "resumed run continue exactly).",
     )
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the feature maps ('phi' group).")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="Per-layer learning-rate schedule over the layer's updates: 'constant', or "
+        "'cosine' decay from lr to lr * lr_min_ratio over lr_decay_updates, then constant.",
+    )
+    lr_decay_updates: int = Field(
+        1500, ge=1, description="Updates of a layer over which the 'cosine' schedule decays."
+    )
+    lr_min_ratio: float = Field(
+        0.05, ge=0, le=1, description="Final learning rate of the 'cosine' schedule, as a share of lr."
+    )
     alpha_lr_mult: float = Field(5.0, ge=0, description="Learning rate of the 'alpha' group = lr * this.")
     weight_decay: float = Field(
         0.01, ge=0, description="AdamW weight decay of 'phi' ('alpha' and log-vars: none)."
@@ -199,6 +216,9 @@ class DistillSettings(Strict):
             self.grad_clip,
             self.huber_beta,
             (self.logvar_init_huber, self.logvar_init_cos),
+            self.lr_schedule,
+            self.lr_decay_updates,
+            self.lr_min_ratio,
         )
 
 
@@ -400,6 +420,36 @@ class OnlineDistiller:
             self._layer_metrics(key, trainer, tensors, out, sample.call)
         if self.settings.log_every and self.total_updates % self.settings.log_every == 0:
             self.snapshot()
+
+    def fit_replay(self, updates_per_layer: int, flushes: int = 20) -> int:
+        """Offline fit: train each layer with replay samples for `updates_per_layer` more updates, each on
+        a random sample of its replay (same loss, optimizer and lr schedule as online), folding the
+        readiness EMA `flushes` times along the way. Returns the number of updates made.
+
+        With `train_steps_per_call = 0` and a replay large enough to keep every sample, sampling only
+        collects the model's attention and this fits it afterwards: the offline baseline the online
+        distiller is compared against (docs/QUALITY.md)."""
+        made = 0
+        every = max(1, updates_per_layer // max(flushes, 1))
+        for key in list(self.trainers):
+            if key in self.selector.disabled or not self.replay.layer(key):
+                continue
+            trainer = self.trainers[key]
+            device = trainer.params[0].device
+            try:
+                for i in range(updates_per_layer):
+                    sample = self.replay.choose(key, self.rng)
+                    assert sample is not None
+                    self._update(key, trainer, sample, device)
+                    made += 1
+                    if (i + 1) % every == 0:
+                        self.flush("fit_replay", [key])
+            except Exception as exc:
+                if not _is_oom(exc):
+                    raise
+                self._on_oom(key, exc)
+            self.flush("fit_replay", [key])
+        return made
 
     # ---- metrics ---------------------------------------------------------------------------------
     def _layer_metrics(

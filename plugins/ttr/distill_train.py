@@ -10,7 +10,10 @@ Optimizers (one set per layer, so layers train and resume independently):
 - AdamW over the backend's `param_groups(layer_key)`: "phi" at `lr` with weight decay, "alpha" at
   `lr * alpha_lr_mult` without weight decay (decay would pull the blend logit toward α = α_max/2);
 - a separate AdamW for the two log-variances, no weight decay, never clipped;
-- gradients of the layer parameters are clipped to `grad_clip` (global norm) before the step.
+- gradients of the layer parameters are clipped to `grad_clip` (global norm) before the step;
+- learning-rate schedule per layer, by the layer's own update count t: "constant", or "cosine" —
+  lr·(r + (1 − r)·½(1 + cos(π·min(t / T, 1)))) with T = `lr_decay_updates` and r = `lr_min_ratio`,
+  then constant at lr·r (an online distiller never knows its last update, so it anneals and stays).
 
 Everything here runs inside `torch.inference_mode(False)` + `torch.enable_grad()`; parameters that
 turn out to be inference tensors (a module built under the host's inference mode) are rebuilt as
@@ -19,6 +22,7 @@ normal parameters first, and the optimizer with them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +41,17 @@ class OptimConfig:
     grad_clip: float
     huber_beta: float
     logvar_init: tuple[float, float]
+    lr_schedule: str = "constant"
+    lr_decay_updates: int = 0
+    lr_min_ratio: float = 0.0
+
+    def lr_factor(self, updates: int) -> float:
+        """Multiplier of the base learning rates after `updates` updates of a layer (see module docs)."""
+        if self.lr_schedule == "constant" or self.lr_decay_updates <= 0:
+            return 1.0
+        t = min(updates / self.lr_decay_updates, 1.0)
+        r = self.lr_min_ratio
+        return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def kendall_loss(
@@ -76,6 +91,7 @@ class LayerTrainer:
     ) -> None:
         self.layer_key = layer_key
         self.cfg = cfg
+        self.updates = 0  # optimizer steps taken by this layer (drives the lr schedule)
         with torch.inference_mode(False):
             self.logvars = torch.nn.Parameter(
                 torch.tensor(cfg.logvar_init, dtype=torch.float32, device=device)
@@ -105,6 +121,7 @@ class LayerTrainer:
                     "lr": self.cfg.lr,
                     "weight_decay": self.cfg.weight_decay,
                     "name": "phi",
+                    "base_lr": self.cfg.lr,
                 }
             )
         if groups.get("alpha"):
@@ -114,6 +131,7 @@ class LayerTrainer:
                     "lr": self.cfg.lr * self.cfg.alpha_lr_mult,
                     "weight_decay": 0.0,
                     "name": "alpha",
+                    "base_lr": self.cfg.lr * self.cfg.alpha_lr_mult,
                 }
             )
         with torch.inference_mode(False):
@@ -134,6 +152,9 @@ class LayerTrainer:
     ) -> tuple[float, float, torch.Tensor]:
         """One optimizer step on one sample; returns (loss, cosine distance, detached student output)."""
         self._sync_device()
+        factor = self.cfg.lr_factor(self.updates)
+        for group in self.opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
         with torch.inference_mode(False), torch.enable_grad():
             self.opt.zero_grad(set_to_none=True)
             self.logvar_opt.zero_grad(set_to_none=True)
@@ -156,6 +177,7 @@ class LayerTrainer:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
             self.opt.step()
             self.logvar_opt.step()
+            self.updates += 1
             loss, cos = torch.stack([total.detach(), cos_dist.detach()]).tolist()
         return loss, cos, out.detach()
 
@@ -180,7 +202,10 @@ class LayerTrainer:
     # ---- state -----------------------------------------------------------------------------------
     def flat_state(self) -> dict[str, torch.Tensor]:
         """Optimizer states as named tensors (`opt/<i>/<key>`, `logvar_opt/0/<key>`) plus `logvars`."""
-        out: dict[str, torch.Tensor] = {"logvars": self.logvars.detach().clone()}
+        out: dict[str, torch.Tensor] = {
+            "logvars": self.logvars.detach().clone(),
+            "updates": torch.tensor(self.updates, dtype=torch.int64),
+        }
         for prefix, opt in (("opt", self.opt), ("logvar_opt", self.logvar_opt)):
             for idx, st in opt.state_dict()["state"].items():
                 for key, val in st.items():
@@ -202,6 +227,11 @@ class LayerTrainer:
                         f"layer {self.layer_key}: logvars shape {tuple(lv.shape)}, expected (2,)"
                     )
                 self.logvars.data.copy_(lv.to(self.logvars.device))
+            if "updates" in flat:
+                self.updates = int(flat["updates"])
+            else:  # checkpoints before the lr schedule: AdamW's own step count
+                steps = [v for n, v in flat.items() if n.startswith("opt/") and n.endswith("/step")]
+                self.updates = int(max((float(v) for v in steps), default=0.0))
             for prefix, opt, params in (
                 ("opt", self.opt, self.params),
                 ("logvar_opt", self.logvar_opt, [self.logvars]),
