@@ -122,6 +122,15 @@ def bench(ctx: typer.Context) -> None:
     raise typer.Exit(bench_main(list(ctx.args)))
 
 
+@app.command("bench-model", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                              "help_option_names": []})
+def bench_model(ctx: typer.Context) -> None:
+    """Time one forward of a FLUX.1-dev-shaped transformer per attention mode (`attnplug bench-model --help`)."""
+    from .bench.model import main as bench_model_main
+
+    raise typer.Exit(bench_model_main(list(ctx.args)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
     try:

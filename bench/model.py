@@ -1,0 +1,492 @@
+"""`attnplug bench-model`: one forward of a FLUX.1-dev-shaped transformer, per attention mode (issue 8's
+end-to-end number).
+
+`bench.run` times one attention layer; what a user feels is the whole denoiser step, of which attention
+is only a part (reference/MEASUREMENTS.md: ~14 % at 1024², ~38 % at 2048²). This module builds a
+diffusers `FluxTransformer2DModel` with the real FLUX.1-dev config and RANDOM weights (timing only:
+the outputs mean nothing) directly on the device in bf16 — one copy, ~24 GB for the 11.9 B
+parameters — and times one forward (batch 1, 512 text tokens, (px/16)² image tokens) in these modes:
+
+- `native`  — no attnplug (diffusers' own processors and dispatcher);
+- `host`    — attnplug applied, every call served by the `host` backend (diffusers' own kernel through
+  attnplug's processors): the plugin's overhead; bit-identical to native;
+- `sdpa`    — attnplug applied, every call served by the session's `sdpa` backend;
+- `ttr-0`, `ttr-50`, `ttr-100` — `backend = "ttr"` with a `layers` gate letting ttr serve 0 %, the
+  first half (`single:0-18` for FLUX.1-dev) or all of the single-block layers; every single-block
+  layer is marked ready; φ weights are random (fresh layers), which is fine for timing. On CUDA the
+  ttr kernel defaults to `triton` (the fused path `kernel = "auto"` picks there, but an error instead
+  of a silent PyTorch fallback) and the session is strict, so a row either measures ttr serving
+  exactly the intended layers or says why not.
+
+Per mode: warm-up forwards (they build the ttr layers and compile the kernels), then the median of
+per-forward CUDA-event timings (host clock on CPU) under `torch.inference_mode()`, synchronised before
+and after; peak device memory of the timed forwards (absolute and beyond what was allocated before
+them); relative error of the output against native (same weights, same inputs); and, from
+`session.stats`, how many attention calls each backend served per forward and which layers ttr
+served. Prints a table, writes JSON with `--json`. `--smoke` is a tiny config (1 double + 2 single
+blocks, 2 heads × 32) that runs on a CPU in seconds. Entry points: `main(argv)`, `run_bench_model`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+#: diffusers `FluxTransformer2DModel` config of black-forest-labs/FLUX.1-dev (11.9 B parameters).
+FLUX_DEV: dict[str, Any] = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56)}
+#: A tiny config of the same family for CPU smoke runs (RoPE axes sum to the head dim).
+SMOKE: dict[str, Any] = {
+    "patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 32,
+    "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": True,
+    "axes_dims_rope": (8, 12, 12)}
+
+MODES = ("native", "host", "sdpa", "ttr-0", "ttr-50", "ttr-100")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SIGMA, GUIDANCE = 0.5, 3.5  # what the transformer is told about the step (attnplug reads both)
+NOTE = ("random transformer weights and random (untrained) ttr feature maps: timings only; outputs are "
+        "not images and the ttr rows' errors say nothing about quality")
+
+
+# ---- model and inputs ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily set torch's default float dtype (so modules are born in `dtype`, no fp32 copy)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_transformer(config: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
+    """A `FluxTransformer2DModel` with diffusers' own random init, constructed directly on `device` in `dtype`.
+
+    Constructing under `torch.device(device)` with the default dtype set allocates every parameter
+    once, where it will live (no CPU copy, no fp32 copy): ~24 GB for FLUX.1-dev in bf16.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(dtype):
+        model = FluxTransformer2DModel(**config)
+    return model.eval().requires_grad_(False)
+
+
+def image_ids(side: int, device: torch.device) -> torch.Tensor:
+    """Flux image position ids `[side², 3]`, rows `(0, row, col)` (as FluxPipeline builds them)."""
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+    return ids.reshape(side * side, 3).to(device)
+
+
+def make_inputs(config: dict[str, Any], px: int, txt: int, batch: int, device: torch.device,
+                dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
+    """The keyword arguments of one transformer call, as FluxPipeline passes them (timestep = sigma).
+
+    Drawn on the CPU from a seeded generator, then moved: the same on every device.
+    """
+    if px % 16:
+        raise ValueError(f"image size {px}: must be a multiple of 16 (8x VAE, 2x2 packing)")
+    side = px // 16
+    g = torch.Generator().manual_seed(seed)
+    inputs: dict[str, Any] = {
+        "hidden_states": torch.randn(batch, side * side, config["in_channels"], generator=g),
+        "encoder_hidden_states": torch.randn(batch, txt, config["joint_attention_dim"], generator=g),
+        "pooled_projections": torch.randn(batch, config["pooled_projection_dim"], generator=g),
+    }
+    inputs = {k: v.to(device=device, dtype=dtype) for k, v in inputs.items()}
+    inputs["timestep"] = torch.full((batch,), SIGMA, device=device, dtype=dtype)
+    if config.get("guidance_embeds"):
+        inputs["guidance"] = torch.full((batch,), GUIDANCE, device=device, dtype=torch.float32)
+    inputs["img_ids"] = image_ids(side, device)
+    inputs["txt_ids"] = torch.zeros(txt, 3, device=device)
+    inputs["return_dict"] = False
+    return inputs
+
+
+# ---- modes -----------------------------------------------------------------------------------------
+def ttr_share(mode: str) -> int | None:
+    """The percentage of single-block layers a `ttr-N` mode serves, None for other modes."""
+    m = re.fullmatch(r"ttr-(\d+)", mode)
+    if m is None:
+        return None
+    pct = int(m[1])
+    if not 0 <= pct <= 100:
+        raise ValueError(f"mode {mode!r}: the ttr share must be 0..100 %")
+    return pct
+
+
+def ttr_include(pct: int, n_single: int) -> list[str]:
+    """Layer patterns of the first `pct` % of the single blocks: [] / ['single:0-18'] / ['single:*']."""
+    n = round(n_single * pct / 100)
+    if n <= 0:
+        return []
+    if n >= n_single:
+        return ["single:*"]
+    return [f"single:0-{n - 1}"]
+
+
+def mode_config(mode: str, n_single: int, ttr_kernel: str,
+                plugins: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The attnplug config (a dict for `load_config`) of a mode; None for `native`."""
+    if mode == "native":
+        return None
+    base: dict[str, Any] = {"exact": "host", "loggers": [], "plugins": {k: dict(v) for k, v in (plugins or {}).items()}}
+    if mode in ("host", "sdpa"):
+        return {**base, "backend": mode}
+    pct = ttr_share(mode)
+    if pct is None:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)} (or ttr-N for N % of "
+                         "the single blocks)")
+    base["plugins"].setdefault("ttr", {}).setdefault("kernel", ttr_kernel)
+    # strict: a ttr row measures ttr on exactly the gated layers, or fails with the reason
+    return {**base, "backend": "ttr", "strict": True,
+            "gates": [{"kind": "layers", "include": ttr_include(pct, n_single)}]}
+
+
+def compress_keys(keys: list[str]) -> str:
+    """`['single:0', 'single:1', 'single:2', 'double:4']` → `'double:4, single:0-2'`."""
+    groups: dict[str, list[int]] = {}
+    other: list[str] = []
+    for key in keys:
+        kind, _, idx = key.partition(":")
+        if idx.isdigit():
+            groups.setdefault(kind, []).append(int(idx))
+        else:
+            other.append(key)
+    parts: list[str] = []
+    for kind in sorted(groups):
+        idx = sorted(set(groups[kind]))
+        start = prev = idx[0]
+        for i in idx[1:] + [None]:  # type: ignore[list-item]
+            if i is not None and i == prev + 1:
+                prev = i
+                continue
+            parts.append(f"{kind}:{start}" if start == prev else f"{kind}:{start}-{prev}")
+            if i is not None:
+                start = prev = i
+    return ", ".join(parts + sorted(other))
+
+
+# ---- timing ----------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_forwards(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]:
+    """Milliseconds of each of `reps` calls: CUDA events around each call (host clock on CPU),
+    synchronised before the first and after the last."""
+    _sync(device)
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        _sync(device)
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+@contextlib.contextmanager
+def sdpa_kernel(name: str, device: torch.device) -> Iterator[None]:
+    """Restrict torch SDPA to one backend for everything in the block (`default`: torch's own choice)."""
+    if name == "default" or device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel as _kernel
+
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    with _kernel([backends[name]]):
+        yield
+
+
+# ---- one mode --------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    size: str
+    mode: str
+    n_image: int
+    n_txt: int
+    ms: float | None = None
+    ms_spread: tuple[float, float] | None = None  # fastest and slowest timed forward
+    times_ms: list[float] = field(default_factory=list)
+    x_native: float | None = None  # native ms / this ms (> 1: faster than native)
+    peak_mib: float | None = None  # peak allocated during the timed forwards (weights included)
+    peak_extra_mib: float | None = None  # that peak minus what was allocated before them
+    rel_err_vs_native: float | None = None
+    forwards: int = 0
+    served_per_forward: dict[str, float] = field(default_factory=dict)  # backend → attention calls per forward
+    served_layers: dict[str, str] = field(default_factory=dict)  # backend → layers it served (compressed)
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    ttr_include: list[str] | None = None
+    skipped: str | None = None  # why the mode has no time
+    warning: str | None = None
+
+
+def served_summary(session: Any, forwards: int) -> tuple[dict[str, float], dict[str, str], dict[str, int]]:
+    """From `session.stats`: calls per forward by backend, the layers each backend served, fallbacks."""
+    calls: dict[str, int] = {}
+    layers: dict[str, list[str]] = {}
+    fallbacks: dict[str, int] = {}
+    for key, st in session.stats.items():
+        for backend, n in st.served.items():
+            calls[backend] = calls.get(backend, 0) + n
+            layers.setdefault(backend, []).append(key)
+        for reason, n in st.fallbacks.items():
+            fallbacks[reason] = fallbacks.get(reason, 0) + n
+    per_forward = {b: n / max(forwards, 1) for b, n in sorted(calls.items())}
+    return per_forward, {b: compress_keys(k) for b, k in sorted(layers.items())}, fallbacks
+
+
+def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: torch.device, n_single: int,
+             reference: torch.Tensor | None, warmup: int, reps: int, ttr_kernel: str, sdpa: str,
+             plugins: dict[str, dict[str, Any]] | None = None) -> torch.Tensor | None:
+    """Time `mode` on `model` into `row`; returns the output of the first forward (on the CPU, fp32)."""
+    from ..core import Session
+    from ..hosts.diffusers import apply
+
+    cfg = mode_config(mode, n_single, ttr_kernel, plugins)
+    session = handle = None
+    forwards = 0
+
+    def forward() -> torch.Tensor:
+        nonlocal forwards
+        forwards += 1
+        return model(**inputs)[0]
+
+    try:
+        if cfg is not None:
+            session = Session(cfg)
+            if session.config.root.backend == "ttr":
+                row.ttr_include = list(cfg["gates"][0]["include"])
+                ttr = session.backends.get("ttr")
+                for i in range(n_single):  # every single block may serve; the layers gate picks which do
+                    ttr.ready[f"single:{i}"] = True  # type: ignore[attr-defined]
+            handle = apply(model, session)
+            session.run_start(num_steps=1, host="diffusers", pipeline="attnplug bench-model")
+        with torch.inference_mode(), sdpa_kernel(sdpa, device):
+            out = forward().float().cpu()  # first forward: builds ttr layers, compiles kernels
+            if not bool(torch.isfinite(out).all()):
+                row.warning = "non-finite output (random weights): the time stands, the error column does not"
+            if reference is not None:
+                row.rel_err_vs_native = float((out - reference).norm() / reference.norm().clamp_min(1e-30))
+            for _ in range(max(warmup - 1, 0)):
+                forward()
+            _sync(device)
+            if device.type == "cuda":
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            times = time_forwards(forward, device, reps)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device)
+                row.peak_mib = peak / 2 ** 20
+                row.peak_extra_mib = (peak - base) / 2 ** 20
+        row.times_ms = times
+        row.ms = statistics.median(times)
+        row.ms_spread = (min(times), max(times))
+        return out
+    except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
+        row.skipped = f"out of memory: {str(exc).splitlines()[0]}"
+        return None
+    except Exception as exc:  # noqa: BLE001 - one failing mode must not lose the other rows
+        row.skipped = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return None
+    finally:
+        row.forwards = forwards
+        if session is not None:
+            if handle is not None:
+                handle.remove()  # ends the run too
+            row.served_per_forward, row.served_layers, row.fallbacks = served_summary(session, forwards)
+            session.close()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+def run_bench_model(sizes: list[int], modes: list[str], device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                    config: dict[str, Any] | None = None, txt: int = 512, batch: int = 1, warmup: int = 3,
+                    reps: int = 10, ttr_kernel: str | None = None, sdpa: str = "default", seed: int = 0,
+                    plugins: dict[str, dict[str, Any]] | None = None,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build the model once, then time every mode at every image size; returns the JSON-able report."""
+    cfg = dict(config or FLUX_DEV)
+    for mode in modes:
+        mode_config(mode, cfg["num_single_layers"], "auto")  # reject unknown modes before the model is built
+    kernel = ttr_kernel or ("triton" if device.type == "cuda" else "torch")
+    t0 = time.perf_counter()
+    model = build_transformer(cfg, device, dtype, seed)
+    _sync(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"built FluxTransformer2DModel ({_count(n_params)} parameters, {dtype}) on {device} "
+        f"in {time.perf_counter() - t0:.1f} s")
+    ordered = sorted(modes, key=lambda m: m != "native")  # native first: the other rows' reference
+    rows: list[Row] = []
+    for px in sizes:
+        inputs = make_inputs(cfg, px, txt, batch, device, dtype, seed)
+        n_img = inputs["hidden_states"].shape[1]
+        reference: torch.Tensor | None = None
+        native_ms: float | None = None
+        for mode in ordered:
+            row = Row(f"{px}²", mode, n_img, txt)
+            out = run_mode(model, inputs, mode, row, device, cfg["num_single_layers"], reference, warmup, reps,
+                           kernel, sdpa, plugins)
+            if mode == "native":
+                reference, native_ms = out, row.ms
+            if native_ms and row.ms:
+                row.x_native = native_ms / row.ms
+            rows.append(row)
+            log(f"  {row.size:>7} {mode:<8} " + (f"{row.ms:10.2f} ms" if row.ms is not None else "") +
+                (f"  skipped: {row.skipped}" if row.skipped else ""))
+        del inputs
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"env": environment(device), "model": {**cfg, "axes_dims_rope": list(cfg["axes_dims_rope"]),
+                                                  "parameters": n_params, "dtype": str(dtype).removeprefix("torch.")},
+            "settings": {"txt_tokens": txt, "batch": batch, "warmup": warmup, "reps": reps, "ttr_kernel": kernel,
+                         "sdpa_kernel": sdpa, "sigma": SIGMA, "guidance": GUIDANCE, "plugins": plugins or {},
+                         "seed": seed},
+            "note": NOTE, "results": [asdict(r) for r in rows]}
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    for name in ("diffusers", "triton"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            env[name] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2 ** 30, 1),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Fixed-width table: ms per forward, ratio to native, peak memory, error vs native, what served."""
+    lines = [(f"{'size':>7} {'tokens':>13} {'mode':<8} {'ms':>9} {'spread':>15} {'x native':>8} {'peak GiB':>8} "
+             f"{'+act GiB':>8} {'err/nat':>8}  served per forward")]
+    for r in report["results"]:
+        tokens = f"{r['n_txt']}+{r['n_image']}"
+        served = ", ".join(f"{b} {n:g}" for b, n in r["served_per_forward"].items()) or "diffusers"
+        if r["ttr_include"] is not None:
+            served += f"; ttr layers: {r['served_layers'].get('ttr', 'none')} (gate {r['ttr_include']})"
+        if r["fallbacks"]:
+            served += f"; FALLBACKS {r['fallbacks']}"
+        if r["ms"] is None:
+            lines.append(f"{r['size']:>7} {tokens:>13} {r['mode']:<8} skipped: {r['skipped']}  [{served}]")
+            continue
+        spread = f"{r['ms_spread'][0]:.1f}-{r['ms_spread'][1]:.1f}"
+        x = f"{r['x_native']:8.3f}" if r["x_native"] is not None else f"{'-':>8}"
+        peak = f"{r['peak_mib'] / 1024:8.2f}" if r["peak_mib"] is not None else f"{'-':>8}"
+        extra = f"{r['peak_extra_mib'] / 1024:8.2f}" if r["peak_extra_mib"] is not None else f"{'-':>8}"
+        err = f"{r['rel_err_vs_native']:8.1e}" if r["rel_err_vs_native"] is not None else f"{'-':>8}"
+        flag = f"  ({r['warning']})" if r["warning"] else ""
+        lines.append(f"{r['size']:>7} {tokens:>13} {r['mode']:<8} {r['ms']:9.2f} {spread:>15} {x} {peak} {extra} "
+                     f"{err}  {served}{flag}")
+    m, s = report["model"], report["settings"]
+    lines.append(f"model: {m['num_layers']} double + {m['num_single_layers']} single blocks, "
+                 f"{m['num_attention_heads']}x{m['attention_head_dim']}, {_count(m['parameters'])} params, "
+                 f"{m['dtype']}; median of {s['reps']} forwards after {s['warmup']} warm-up; ttr kernel "
+                 f"{s['ttr_kernel']}; SDPA {s['sdpa_kernel']}")
+    lines.append(f"note: {report['note']}")
+    lines.append(f"env: {report['env']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of `attnplug bench-model`; returns the exit status."""
+    p = argparse.ArgumentParser(prog="attnplug bench-model", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=None, help="comma list of image sides in pixels (multiples of 16); "
+                                                 "default 1024,2048 (--smoke: 128,256)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)} (ttr-N: N %% of "
+                                                           "the single blocks)")
+    p.add_argument("--reps", type=int, default=None, help="timed forwards per mode, median reported (default 10; "
+                                                          "--smoke: 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed forwards per mode before timing, >= 1 "
+                                                            "(default 3; --smoke: 1)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--txt", type=int, default=None, help="text tokens (default 512; --smoke: 16)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--ttr-kernel", default=None, choices=("auto", "torch", "triton"),
+                   help="[plugins.ttr] kernel (default: triton on CUDA, torch on CPU)")
+    p.add_argument("--sdpa", default="default", choices=("default", "cudnn", "flash", "efficient", "math"),
+                   help="restrict torch SDPA to one backend in every mode (default: torch's own choice)")
+    p.add_argument("--plugins", default=None,
+                   help='JSON of [plugins.*] sections for the attnplug modes, e.g. \'{"landmark": {"max": 1024}}\'')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny config (1 double + 2 single blocks, 2 heads x 32) "
+                                                        "that runs on a CPU in seconds")
+    p.add_argument("--json", default=None, help="write the report here")
+    a = p.parse_args(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = SMOKE if a.smoke else FLUX_DEV
+    txt = a.txt if a.txt is not None else (16 if a.smoke else 512)
+    try:
+        sizes = [int(s) for s in (a.sizes or ("128,256" if a.smoke else "1024,2048")).split(",") if s.strip()]
+        for s in sizes:
+            if s <= 0 or s % 16:
+                raise ValueError(f"--sizes: {s} is not a positive multiple of 16")
+        modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+        for m in modes:
+            mode_config(m, config["num_single_layers"], "auto")
+        plugins = json.loads(a.plugins) if a.plugins else None
+        if plugins is not None and not isinstance(plugins, dict):
+            raise ValueError("--plugins: expected a JSON object of sections")
+        reps = a.reps if a.reps is not None else (3 if a.smoke else 10)
+        warmup = a.warmup if a.warmup is not None else (1 if a.smoke else 3)
+        if reps < 1 or warmup < 1:
+            raise ValueError("--reps and --warmup must be >= 1")
+    except (ValueError, json.JSONDecodeError) as exc:
+        print(f"attnplug bench-model: {exc}", file=sys.stderr)
+        return 2
+    report = run_bench_model(sizes, modes, device, DTYPES[a.dtype], config, txt, a.batch, warmup, reps,
+                             a.ttr_kernel, a.sdpa, a.seed, plugins,
+                             log=lambda s: print(s, file=sys.stderr, flush=True))
+    report["command"] = "attnplug bench-model " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(format_table(report))
+    if a.json:
+        from pathlib import Path
+
+        path = Path(a.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1, default=str))
+    return 0 if all(r["ms"] is not None for r in report["results"]) else 1
+
+
+if __name__ == "__main__":  # python -m attnplug.bench.model
+    raise SystemExit(main())

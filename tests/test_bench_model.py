@@ -1,0 +1,120 @@
+"""`attnplug bench-model` (bench/model.py): the smoke config end to end on the CPU, through the CLI.
+
+What must hold for its GPU numbers to mean anything: native and exact-attnplug forwards of the same
+weights and inputs agree, the ttr rows route exactly the gated single-block layers to ttr (counted
+by `session.stats`), and `handle.remove()` leaves a native model for the next mode.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from attnplug.bench import model as bm
+
+MODES = ["native", "host", "sdpa", "ttr-0", "ttr-50", "ttr-100"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One smoke run through the `attnplug bench-model` command (CPU, one small size, every mode)."""
+    from attnplug.cli import main
+
+    path = tmp_path_factory.mktemp("bench_model") / "model.json"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main(["bench-model", "--smoke", "--device", "cpu", "--sizes", "128", "--reps", "2",
+                   "--modes", ",".join(MODES), "--json", str(path)])
+    finally:
+        torch.set_num_threads(before)
+    assert rc == 0
+    return json.loads(path.read_text())
+
+
+def rows(report: dict) -> dict[str, dict]:
+    return {r["mode"]: r for r in report["results"]}
+
+
+def test_every_mode_is_timed(report: dict) -> None:
+    r = rows(report)
+    assert list(r) == MODES
+    for mode, row in r.items():
+        assert row["skipped"] is None, (mode, row["skipped"])
+        assert row["ms"] > 0 and len(row["times_ms"]) == 2
+        assert row["n_image"] == (128 // 16) ** 2 and row["n_txt"] == 16
+        assert row["forwards"] == 1 + 2  # one warm-up (the smoke default), two timed
+    assert r["native"]["x_native"] == pytest.approx(1.0)
+    assert report["model"]["num_layers"] == 1 and report["model"]["num_single_layers"] == 2
+    assert report["settings"]["ttr_kernel"] == "torch" and "random" in report["note"]
+
+
+def test_exact_attnplug_matches_native(report: dict) -> None:
+    r = rows(report)
+    assert r["host"]["rel_err_vs_native"] == 0.0  # the host backend is diffusers' own call: bit-identical
+    assert r["sdpa"]["rel_err_vs_native"] < 1e-2
+    assert r["host"]["served_per_forward"] == {"host": 3.0}  # 1 double + 2 single attention calls
+    assert r["sdpa"]["served_per_forward"] == {"sdpa": 3.0}
+    assert r["native"]["served_per_forward"] == {}  # no session
+
+
+def test_ttr_rows_serve_exactly_the_gated_single_layers(report: dict) -> None:
+    r = rows(report)
+    expect = {"ttr-0": ([], 0, None), "ttr-50": (["single:0-0"], 1, "single:0"),
+              "ttr-100": (["single:*"], 2, "single:0-1")}
+    for mode, (include, n_ttr, layers) in expect.items():
+        row = r[mode]
+        assert row["ttr_include"] == include
+        assert row["served_per_forward"].get("ttr", 0) == n_ttr, (mode, row["served_per_forward"])
+        assert row["served_per_forward"].get("host", 0) == 3 - n_ttr
+        assert row["served_layers"].get("ttr") == layers
+        assert "double" not in (row["served_layers"].get("ttr") or "")
+        assert row["fallbacks"] == {}
+    assert r["ttr-0"]["rel_err_vs_native"] == 0.0
+    # random φ: serving ttr really changes the output, more layers more so
+    assert 0 < r["ttr-50"]["rel_err_vs_native"] and 0 < r["ttr-100"]["rel_err_vs_native"]
+
+
+def test_flux_dev_shares_and_config() -> None:
+    n = bm.FLUX_DEV["num_single_layers"]
+    assert bm.ttr_include(0, n) == [] and bm.ttr_include(50, n) == ["single:0-18"]
+    assert bm.ttr_include(100, n) == ["single:*"]
+    assert bm.compress_keys(["single:2", "single:0", "single:1", "double:4", "single:7"]) == \
+        "double:4, single:0-2, single:7"
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        m = FluxTransformer2DModel(**bm.FLUX_DEV)
+    assert len(m.transformer_blocks) == 19 and len(m.single_transformer_blocks) == 38
+    assert 11.8e9 < sum(p.numel() for p in m.parameters()) < 12.0e9  # FLUX.1-dev's 11.9 B
+
+
+def test_model_is_built_once_in_dtype_and_left_native(one_thread: None) -> None:
+    device = torch.device("cpu")
+    model = bm.build_transformer(bm.SMOKE, device, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # restored
+    originals = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    inputs = bm.make_inputs(bm.SMOKE, 64, 8, 1, device, torch.bfloat16)
+    row = bm.Row("64²", "ttr-100", 16, 8)
+    out = bm.run_mode(model, inputs, "ttr-100", row, device, 2, None, 1, 1, "torch", "default")
+    assert out is not None and row.skipped is None and row.served_per_forward == {"host": 1.0, "ttr": 2.0}
+    assert {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")} == originals
+    assert "forward" not in model.__dict__  # the step hook is gone
+
+
+def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bm.main(["--smoke", "--modes", "native,ttr-150"]) == 2
+    assert bm.main(["--smoke", "--modes", "flash"]) == 2
+    assert bm.main(["--smoke", "--sizes", "100"]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused Triton path)")
+def test_smoke_on_cuda_serves_ttr_with_the_fused_kernels(tmp_path) -> None:
+    path = tmp_path / "model.json"
+    assert bm.main(["--smoke", "--device", "cuda", "--sizes", "256", "--reps", "2", "--json", str(path)]) == 0
+    r = rows(json.loads(path.read_text()))
+    assert r["ttr-100"]["served_per_forward"]["ttr"] == 2 and r["ttr-100"]["fallbacks"] == {}
+    assert r["host"]["rel_err_vs_native"] == 0.0
+    assert r["host"]["peak_mib"] > 0
