@@ -7,13 +7,14 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .variants import Shape, build_variants
+from .variants import TTR_CONFIGS, Shape, build_variants, unknown_configs
 
 #: Flux shapes: 512 text tokens + (side/16)² image tokens.
 NAMED_SIZES = {"256": 256, "512": 512, "1024": 1024, "2048": 2048, "4096": 4096}
@@ -109,16 +110,30 @@ class Result:
     gbyte: float | None = None
     floor_ms: float | None = None
     speedup_vs_fastest_sdpa: float | None = None
+    speedup_baseline: str | None = None  # the SDPA row that ratio is against (graph rows: the graph SDPA)
     rel_err: float | None = None
     rel_err_vs: str | None = None
     skipped: str | None = None
+    cuda_graph: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def run_bench(shapes: list[Shape], dtypes: list[torch.dtype], device: torch.device, only: list[str] | None = None,
               warmup: int = 3, min_reps: int = 10, budget_ms: float = 300.0, check: bool = True,
-              ceilings: dict[str, float] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Time every variant at every shape and dtype; returns the JSON-able report."""
+              ceilings: dict[str, float] | None = None, log: Callable[[str], None] = print,
+              configs: list[str] | None = None, graphs: bool = True) -> dict[str, Any]:
+    """Time every variant at every shape and dtype; returns the JSON-able report.
+
+    A variant with `check_against` is compared (relative L2 error) with that variant's output as soon
+    as it has run; an output is kept only while a later variant still needs it. Speed-ups are against
+    the fastest SDPA row of the same kind: non-graph rows against non-graph SDPA, CUDA-graph rows
+    against the graph-captured SDPA.
+    """
     ceil = ceilings or measure_ceilings(device)
     results: list[Result] = []
     for shape in shapes:
@@ -126,63 +141,89 @@ def run_bench(shapes: list[Shape], dtypes: list[torch.dtype], device: torch.devi
             g = torch.Generator(device="cpu").manual_seed(1234)
             q, k, v = (torch.randn(shape.b, shape.h, shape.n, shape.d, generator=g).to(device=device, dtype=dtype)
                        for _ in range(3))
-            variants = build_variants(shape, dtype, device, only)
-            wanted = {x.check_against for x in variants if x.check_against} if check else set()
+            variants = build_variants(shape, dtype, device, only, configs, graphs)
+            # how many variants still want each output as their reference
+            refs_left = Counter(x.check_against for x in variants if x.check_against and check)
             rows: list[Result] = []
             outputs: dict[str, torch.Tensor] = {}
             for var in variants:
                 r = Result(var.name, var.family, shape.label, str(dtype).replace("torch.", ""), shape.n,
-                           notes=dict(var.notes))
+                           cuda_graph=var.graph_of is not None, notes=dict(var.notes))
                 rows.append(r)
-                if var.skip:
-                    r.skipped = var.skip
-                    continue
-                try:
-                    fn = var.make(q, k, v)
-                    out = fn()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    if not torch.isfinite(out).all():
-                        r.skipped = "non-finite output"
-                        continue
-                    if check and (var.check_against or var.name in wanted):
-                        outputs[var.name] = out
-                    ts = time_ms(fn, device, warmup, min_reps, budget_ms)
-                    r.ms = statistics.median(ts)
-                    qs = statistics.quantiles(ts, n=5) if len(ts) >= 5 else [min(ts), max(ts)]
-                    r.ms_spread = (qs[0], qs[-1])
-                    peak = peak_extra_bytes(fn, device)
-                    r.peak_extra_mib = None if peak is None else peak / 2 ** 20
-                    del out
-                except torch.OutOfMemoryError as exc:  # type: ignore[attr-defined]
-                    r.skipped = f"out of memory: {str(exc).splitlines()[0]}"
-                    torch.cuda.empty_cache()
-                except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the table
-                    r.skipped = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 flops, nbytes = var.cost
                 r.gflop, r.gbyte = flops / 1e9, nbytes / 1e9
                 r.floor_ms = max(flops / (ceil["tflops"] * 1e12), nbytes / (ceil["gbps"] * 1e9)) * 1e3
+                if var.skip:
+                    r.skipped = var.skip
+                else:
+                    _run_one(var, r, q, k, v, device, warmup, min_reps, budget_ms, outputs, refs_left)
+                if var.check_against and check:
+                    refs_left[var.check_against] -= 1
+                    if refs_left[var.check_against] <= 0:
+                        outputs.pop(var.check_against, None)
                 if r.ms is not None:
-                    log(f"  {shape.label:>7} {r.dtype:<8} {r.variant:<34} {r.ms:9.3f} ms")
-            # correctness of fused variants against the PyTorch path of the same layer
-            for var in variants:
-                if var.check_against and var.name in outputs and var.check_against in outputs:
-                    a, b = outputs[var.name].float(), outputs[var.check_against].float()
-                    r = next(x for x in rows if x.variant == var.name)
-                    r.rel_err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-                    r.rel_err_vs = var.check_against
+                    log(f"  {shape.label:>7} {r.dtype:<8} {r.variant:<46} {r.ms:9.3f} ms")
             outputs.clear()
-            sdpa = [r.ms for r in rows if r.family == "sdpa" and r.ms is not None]
-            if sdpa:
-                best = min(sdpa)
-                for r in rows:
-                    if r.ms is not None:
-                        r.speedup_vs_fastest_sdpa = best / r.ms
+            _speedups(rows)
             results.extend(rows)
             del q, k, v
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return {"env": environment(device), "ceilings": ceil, "results": [asdict(r) for r in results]}
+
+
+def _run_one(var: Any, r: Result, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, device: torch.device,
+             warmup: int, min_reps: int, budget_ms: float, outputs: dict[str, torch.Tensor],
+             refs_left: Counter) -> None:
+    """Build, check and time one variant into `r`; a failure becomes `r.skipped` (one failing variant must
+    not stop the table)."""
+    try:
+        fn = var.make(q, k, v)  # a CUDA graph and its memory pool live as long as this callable
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if not torch.isfinite(out).all():
+            r.skipped = "non-finite output"
+            return
+        ref = outputs.get(var.check_against) if var.check_against else None
+        if ref is not None:
+            r.rel_err, r.rel_err_vs = _rel_err(out, ref), var.check_against
+        if refs_left.get(var.name, 0) > 0:
+            outputs[var.name] = out
+        del out
+        ts = time_ms(fn, device, warmup, min_reps, budget_ms)
+        r.ms = statistics.median(ts)
+        qs = statistics.quantiles(ts, n=5) if len(ts) >= 5 else [min(ts), max(ts)]
+        r.ms_spread = (qs[0], qs[-1])
+        peak = getattr(fn, "peak_extra_bytes", None)  # a graph replay allocates nothing: its capture's peak
+        if peak is None:
+            peak = peak_extra_bytes(fn, device)
+        r.peak_extra_mib = None if peak is None else peak / 2 ** 20
+    except torch.OutOfMemoryError as exc:  # type: ignore[attr-defined]
+        r.skipped = f"out of memory: {str(exc).splitlines()[0]}"
+        torch.cuda.empty_cache()
+    except Exception as exc:  # noqa: BLE001
+        r.skipped = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _speedups(rows: list[Result]) -> None:
+    """`speedup_vs_fastest_sdpa` of every timed row: non-graph rows against the fastest non-graph SDPA row,
+    graph rows against the fastest graph SDPA row; `notes["launch_overhead_ms"]` of a graph row is its
+    non-graph variant's time minus its own."""
+    for graph in (False, True):
+        sdpa = [r for r in rows if r.family == "sdpa" and r.cuda_graph == graph and r.ms is not None]
+        if not sdpa:
+            continue
+        best = min(sdpa, key=lambda r: r.ms)  # type: ignore[arg-type, return-value]
+        for r in rows:
+            if r.ms is not None and r.cuda_graph == graph:
+                r.speedup_vs_fastest_sdpa = best.ms / r.ms  # type: ignore[operator]
+                r.speedup_baseline = best.variant
+    by_name = {r.variant: r for r in rows}
+    for r in rows:
+        base = by_name.get(r.notes.get("graph_of", ""))
+        if r.ms is not None and base is not None and base.ms is not None:
+            r.notes["launch_overhead_ms"] = base.ms - r.ms
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -204,17 +245,20 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def format_table(report: dict[str, Any]) -> str:
     """A fixed-width table: time, spread, speed-up vs the fastest SDPA, floor, peak memory, error."""
-    lines = [f"{'shape':>7} {'dtype':<8} {'variant':<34} {'ms':>9} {'x SDPA':>7} {'floor ms':>9} "
+    lines = [f"{'shape':>7} {'dtype':<8} {'variant':<46} {'ms':>9} {'x SDPA':>7} {'floor ms':>9} "
              f"{'%floor':>6} {'peak MiB':>9} {'rel err':>8}"]
     for r in report["results"]:
         if r["skipped"]:
-            lines.append(f"{r['shape']:>7} {r['dtype']:<8} {r['variant']:<34} skipped: {r['skipped'][:70]}")
+            lines.append(f"{r['shape']:>7} {r['dtype']:<8} {r['variant']:<46} skipped: {r['skipped'][:110]}")
             continue
         pct = 100 * r["floor_ms"] / r["ms"] if r["ms"] else float("nan")
         peak = f"{r['peak_extra_mib']:9.0f}" if r["peak_extra_mib"] is not None else f"{'-':>9}"
         err = f"{r['rel_err']:8.1e}" if r["rel_err"] is not None else f"{'-':>8}"
-        lines.append(f"{r['shape']:>7} {r['dtype']:<8} {r['variant']:<34} {r['ms']:9.3f} "
+        lines.append(f"{r['shape']:>7} {r['dtype']:<8} {r['variant']:<46} {r['ms']:9.3f} "
                      f"{r['speedup_vs_fastest_sdpa'] or float('nan'):7.2f} {r['floor_ms']:9.3f} {pct:6.1f} {peak} {err}")
+    if any(r.get("cuda_graph") and r["ms"] is not None for r in report["results"]):
+        lines.append("'... graph' rows: one call captured in a CUDA graph and replayed; their x SDPA is against "
+                     "'sdpa[cudnn] graph', their peak is what the capture allocated (the graph's pool keeps it)")
     c = report["ceilings"]
     lines.append(f"ceilings: {c['tflops']:.0f} TFLOP/s, {c['gbps']:.0f} GB/s "
                  f"({'measured' if c.get('measured') else 'nominal'}); env: {report['env']}")
@@ -233,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--txt", type=int, default=512, help="conditioning (text) tokens")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--only", default=None, help="comma list of substrings; keep variants whose name has one")
+    p.add_argument("--only", default=None, help="comma list of substrings; keep variants whose name has one "
+                                                "(SDPA rows always stay)")
+    p.add_argument("--configs", default=None,
+                   help="comma list of ttr configurations to time (default all): " + ", ".join(TTR_CONFIGS))
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph replays ('... graph' rows)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--min-reps", type=int, default=10)
     p.add_argument("--budget-ms", type=float, default=300.0, help="time spent timing each variant")
@@ -253,10 +301,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attnplug bench: {exc}", file=sys.stderr)
         return 2
     only = [s for s in a.only.split(",")] if a.only else None
+    configs = [c.strip() for c in a.configs.split(",") if c.strip()] if a.configs else None
+    if configs is not None and (not configs or unknown_configs(configs)):
+        print(f"attnplug bench: --configs: unknown {unknown_configs(configs) or configs}; expected a comma list of "
+              f"{', '.join(TTR_CONFIGS)}", file=sys.stderr)
+        return 2
     if a.smoke:
         a.warmup, a.min_reps, a.budget_ms = 1, 2, 5.0
     report = run_bench(shapes, dtypes, device, only, a.warmup, a.min_reps, a.budget_ms, not a.no_check,
-                       log=lambda s: print(s, file=sys.stderr, flush=True))
+                       log=lambda s: print(s, file=sys.stderr, flush=True), configs=configs,
+                       graphs=not a.no_graphs)
     report["command"] = "attnplug bench " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(report))
     if a.json:

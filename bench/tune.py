@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from ..plugins.ttr.kernels import KernelConfig, landmark_indices, random_phi, ttr_forward_fused
+from ..plugins.landmark.selection import select_landmarks
+from ..plugins.ttr.kernels import KernelConfig, random_phi, ttr_forward_fused
 from .run import parse_shape, time_ms
 
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             g = torch.Generator().manual_seed(0)
             pq = random_phi(128, hidden, feat, depth, generator=g, device=dev)
             pk = random_phi(128, hidden, feat, depth, generator=g, device=dev)
-            idx = landmark_indices(s.n, 512, frac, 64, device=dev)
+            idx = select_landmarks(s.n, 512, frac, 64, 0)[0].to(dev)  # the landmark plugin's own positions
             rows = []
             for vals in itertools.product(*grid.values()):
                 cfg = KernelConfig(**dict(zip(grid.keys(), vals)))

@@ -1,6 +1,8 @@
 """What `attnplug bench` times: SDPA backends, registered backends, ttr/landmark layer variants
 (PyTorch path and fused Triton path), SageAttention / flash-attn when installed — each with its
-FLOP and byte count (the floor)."""
+FLOP and byte count (the floor). The fused ttr variants and SDPA cuDNN also come as `… graph`
+variants: the call captured once in a CUDA graph and replayed, which shows how much of a small
+size's time is launch overhead."""
 from __future__ import annotations
 
 import importlib.util
@@ -36,14 +38,24 @@ class Variant:
     skip: str | None = None
     check_against: str | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    graph_of: str | None = None  # a CUDA-graph replay of this variant (its ratio is against the graph SDPA)
 
 
-#: ttr layer configurations timed by default (issue 8): the project default, the seed design, a lean one.
+_LM_DEFAULT = {"fraction": 0.08, "min": 64, "max": 0}
+_TTR_DEFAULT = {"depth": 2, "hidden": 256, "feature_dim": 128}
+
+#: ttr layer configurations (issue 8), `name: (ttr settings, landmark settings)`: the project default,
+#: the seed design, a lean one, and one per row of docs/QUALITY.md's feature-map table (testbed/quality.py
+#: variants of the same names), plus the landmark cap that keeps the layer linear-time
+#: (docs/PERFORMANCE.md, "The floor"). `--configs` times a subset.
 TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    # (ttr settings, landmark settings)
-    "default": ({"depth": 2, "hidden": 256, "feature_dim": 128}, {"fraction": 0.08, "min": 64, "max": 0}),
-    "seed": ({"depth": 3, "hidden": 0, "feature_dim": 256, "l2_norm": True}, {"fraction": 0.08, "min": 64, "max": 0}),
+    "default": (_TTR_DEFAULT, _LM_DEFAULT),
+    "seed": ({"depth": 3, "hidden": 0, "feature_dim": 256, "l2_norm": True}, _LM_DEFAULT),
     "lean": ({"depth": 1, "hidden": 0, "feature_dim": 128}, {"fraction": 0.02, "min": 64, "max": 0}),
+    "hedgehog-F64": ({"depth": 1, "feature_dim": 64, "activation": "hedgehog"}, _LM_DEFAULT),
+    "1layer-F128": ({"depth": 1, "feature_dim": 128}, _LM_DEFAULT),
+    "default-lm2pct": (_TTR_DEFAULT, {"fraction": 0.02, "min": 16, "max": 0}),
+    "default-cap1024": (_TTR_DEFAULT, {"fraction": 0.08, "min": 64, "max": 1024}),
 }
 
 
@@ -77,18 +89,103 @@ def _call(s: Shape) -> Any:
                          n_image_tokens=s.n - s.txt, host="bench")
 
 
-def build_variants(s: Shape, dtype: torch.dtype, device: torch.device, only: list[str] | None = None) -> list[Variant]:
+def build_variants(s: Shape, dtype: torch.dtype, device: torch.device, only: list[str] | None = None,
+                   configs: list[str] | None = None, graphs: bool = True) -> list[Variant]:
+    """Every variant for one shape and dtype. `only`: keep variants whose name contains one of these
+    substrings, and the variants they (when not skipped) are checked against (the SDPA family always stays:
+    it is the baseline); `configs`: the TTR_CONFIGS to time
+    (default all); `graphs`: add the CUDA-graph replays."""
     out: list[Variant] = []
-    out += _sdpa_variants(s, dtype, device)
+    out += _sdpa_variants(s, dtype, device, graphs)
     out += _registered_variants(s, dtype, device)
-    out += _ttr_variants(s, dtype, device)
+    out += _ttr_variants(s, dtype, device, configs, graphs)
     out += _external_variants(s, dtype, device)
     if only:
-        out = [v for v in out if v.family == "sdpa" or any(o in v.name for o in only)]
+        keep = {v.name for v in out if v.family == "sdpa" or any(o in v.name for o in only)}
+        by_name = {v.name: v for v in out}
+        todo = list(keep)
+        while todo:  # and what they are checked against (a graph row's fused row, a fused row's PyTorch path)
+            var = by_name[todo.pop()]
+            ref = None if var.skip else var.check_against
+            if ref in by_name and ref not in keep:
+                keep.add(ref)
+                todo.append(ref)
+        out = [v for v in out if v.name in keep]
     return out
 
 
-def _sdpa_variants(s: Shape, dtype: torch.dtype, device: torch.device) -> list[Variant]:
+def unknown_configs(names: list[str]) -> list[str]:
+    """The names that are not TTR_CONFIGS keys (for the command line's error message)."""
+    return [n for n in names if n not in TTR_CONFIGS]
+
+
+# ---- CUDA graphs --------------------------------------------------------------------------------------
+class GraphCaptureError(RuntimeError):
+    """A variant could not be captured in a CUDA graph (a host sync, a CPU→GPU copy, a data-dependent
+    shape inside the call); the message names the first error raised during the capture."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def capture_graph(fn: Fn, device: torch.device, warmup: int = 3) -> Fn:
+    """Capture one call of `fn` in a `torch.cuda.CUDAGraph` and return a callable that replays it and
+    returns the captured (static) output.
+
+    As torch's docs prescribe, `fn` first runs `warmup` times on a side stream (lazy inits, Triton
+    compiles, cuDNN plans, cached weight casts happen there, not in the graph). The returned callable
+    carries `peak_extra_bytes`: device memory allocated during the capture beyond what was allocated
+    before it — what the graph's private pool keeps while the graph lives (a replay allocates nothing).
+    """
+    if device.type != "cuda":
+        raise GraphCaptureError(f"CUDA graphs need a CUDA device, got {device.type}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with torch.cuda.graph(graph):
+            static_out = fn()
+    except Exception as exc:  # report why: the bench records it as the row's skip reason
+        first: BaseException = exc
+        while first.__context__ is not None and first.__context__ is not first:
+            first = first.__context__  # the error raised inside the capture (ending it raises another)
+        why = _first_line(first) + ("" if first is exc else f" (then, ending the capture: {_first_line(exc)})")
+        raise GraphCaptureError(f"cannot capture in a CUDA graph: {why}") from exc
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return static_out
+
+    replay.peak_extra_bytes = int(peak)  # type: ignore[attr-defined]
+    replay.graph = graph  # type: ignore[attr-defined]  # keeps the graph (and its pool) alive with the callable
+    return replay
+
+
+def graph_variant(base: Variant, device: torch.device) -> Variant:
+    """`<base> graph`: `base` captured once in a CUDA graph and replayed; checked against `base`'s output."""
+    skip = base.skip
+    if device.type != "cuda":
+        skip = f"CUDA graphs need a CUDA device (this run: {device.type})"
+
+    def make(q, k, v):
+        return capture_graph(base.make(q, k, v), q.device)
+
+    return Variant(f"{base.name} graph", base.family, make, base.cost, skip, check_against=base.name,
+                   notes={**base.notes, "graph_of": base.name}, graph_of=base.name)
+
+
+def _sdpa_variants(s: Shape, dtype: torch.dtype, device: torch.device, graphs: bool = True) -> list[Variant]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cost = exact_cost(s, dtype)
@@ -108,6 +205,8 @@ def _sdpa_variants(s: Shape, dtype: torch.dtype, device: torch.device) -> list[V
                     return F.scaled_dot_product_attention(q, k, v)
             return fn
         res.append(Variant(f"sdpa[{label}]", "sdpa", make, cost, skip))
+    if graphs:  # the baseline of the fused ttr graph variants
+        res.append(graph_variant(res[0], device))
     return res
 
 
@@ -188,12 +287,23 @@ def _ttr_cost_from_settings(s: Shape, dtype: torch.dtype, backend: Any) -> tuple
     return ttr_cost(s, dtype, list(zip(dims[:-1], dims[1:])), st.feature_dim, n_l)
 
 
-def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device) -> list[Variant]:
+def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: list[str] | None = None,
+                  graphs: bool = True) -> list[Variant]:
+    """Per TTR_CONFIGS entry: the PyTorch path, the fused path (auto / in-kernel / SDPA landmarks) checked
+    against it, kernel-only (once per distinct φ: configs that differ only in landmarks share it) and,
+    with `graphs`, a CUDA-graph replay of each fused variant. Landmark indices always come from the
+    landmark backend (`indices()`), the same selection the served layer uses."""
     res: list[Variant] = []
     from ..plugins.ttr.kernels import PhiWeights, ttr_forward_fused
 
     call = _call(s)
-    for cfg, (tset, lset) in TTR_CONFIGS.items():
+    names = list(TTR_CONFIGS) if configs is None else configs
+    bad = unknown_configs(names)
+    if bad:
+        raise ValueError(f"unknown ttr configuration(s) {bad}; expected some of {list(TTR_CONFIGS)}")
+    kernel_only_done: dict[tuple, str] = {}  # φ settings -> the config whose kernel-only variant times it
+    for cfg in names:
+        tset, lset = TTR_CONFIGS[cfg]
         try:
             backend, backends = _build_backend("ttr", {**tset, "feature_precision": "input"}, lset)
         except Exception as exc:  # noqa: BLE001
@@ -223,7 +333,7 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device) -> list[Va
                 pk = PhiWeights.from_module(layer.phi_k or layer.phi_q, st.activation, st.l2_norm, st.eps)
                 idx = None
                 if lm_impl is not None and lm_backend is not None:
-                    idx, _ = lm_backend.indices(k, call)
+                    idx, _ = lm_backend.indices(k, call)  # the landmark plugin's own selection, on k's device
                 logit = layer.alpha_logit.detach()
 
                 def fn():
@@ -233,15 +343,25 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device) -> list[Va
                 return fn
             return make
 
-        kcost = ttr_cost(s, dtype, [], 0, 0)
-        kcost = (cost[0] - 4.0 * s.b * s.h * s.n * n_l * s.d, cost[1])
-        res.append(Variant(f"ttr-{cfg} fused", "ttr", fused_maker("auto"), cost, None,
-                           check_against=torch_name, notes=notes))
-        res.append(Variant(f"ttr-{cfg} fused flash-lm", "ttr", fused_maker("fused"), cost, None,
-                           check_against=torch_name, notes=notes))
-        res.append(Variant(f"ttr-{cfg} fused sdpa-lm", "ttr", fused_maker("sdpa"), cost, None,
-                           check_against=torch_name, notes=notes))
-        res.append(Variant(f"ttr-{cfg} fused kernel-only", "ttr", fused_maker(None), kcost, None, notes=notes))
+        fused = [Variant(f"ttr-{cfg} fused", "ttr", fused_maker("auto"), cost, None, check_against=torch_name,
+                         notes=notes),
+                 Variant(f"ttr-{cfg} fused flash-lm", "ttr", fused_maker("fused"), cost, None,
+                         check_against=torch_name, notes=notes),
+                 Variant(f"ttr-{cfg} fused sdpa-lm", "ttr", fused_maker("sdpa"), cost, None,
+                         check_against=torch_name, notes=notes)]
+        st = backend.settings
+        phi_key = (st.depth, st.hidden_for(s.d) if st.depth > 1 else 0, st.feature_dim, st.activation, st.l2_norm,
+                   st.per_head, st.split_qk)
+        if phi_key not in kernel_only_done:
+            kernel_only_done[phi_key] = cfg
+            kcost = (cost[0] - 4.0 * s.b * s.h * s.n * n_l * s.d, cost[1])
+            fused.append(Variant(f"ttr-{cfg} fused kernel-only", "ttr", fused_maker(None), kcost, None,
+                                 notes={**notes, "kernel_only": True}))
+        else:
+            notes["kernel_only_as"] = f"ttr-{kernel_only_done[phi_key]} fused kernel-only"
+        res += fused
+        if graphs:
+            res += [graph_variant(var, device) for var in fused]
     return res
 
 

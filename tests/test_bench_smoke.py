@@ -31,7 +31,10 @@ def test_floor_counts():
 
 def test_smoke_run_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["--smoke", "--device", "cpu", "--sizes", "n=64:txt=16", "--json", str(out)]) == 0
+    # one ttr configuration: the fused rows run in Triton's interpreter here (slow); tests/test_bench_variants.py
+    # covers every configuration
+    assert main(["--smoke", "--device", "cpu", "--sizes", "n=64:txt=16", "--configs", "default",
+                 "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["variant"]: r for r in report["results"]}
     math_row = rows["sdpa[math]"]
@@ -39,9 +42,20 @@ def test_smoke_run_writes_json(tmp_path, capsys):
     assert rows["sdpa[cudnn]"]["skipped"]  # CUDA-only on a CPU run
     assert rows["ttr-default torch"]["ms"] > 0 and rows["ttr-default torch"]["floor_ms"] > 0
     assert "backend:sdpa" in rows and "backend:host" not in rows
+    assert not any(r.startswith("ttr-seed") for r in rows)  # --configs default
+    graph_rows = [r for r in report["results"] if r["cuda_graph"]]
+    assert {r["variant"] for r in graph_rows} >= {"sdpa[cudnn] graph", "ttr-default fused graph",
+                                                   "ttr-default fused kernel-only graph"}
+    assert all("CUDA graphs need a CUDA device" in r["skipped"] for r in graph_rows)
     table = capsys.readouterr().out
     assert "sdpa[math]" in table and "ceilings" in table
 
 
 def test_bad_dtype_exits_2(capsys):
     assert main(["--smoke", "--device", "cpu", "--dtypes", "int8"]) == 2
+
+
+def test_unknown_config_exits_2(capsys):
+    assert main(["--smoke", "--device", "cpu", "--configs", "default,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "default-cap1024" in err

@@ -17,9 +17,9 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from attnplug.plugins.landmark.selection import select_landmarks
 from attnplug.plugins.ttr.kernels import (KernelConfig, PhiWeights, fused_unsupported_reasons, kv_state_fused,  # noqa: E402
-                                          kv_state_reference, landmark_indices, random_phi, ttr_forward_fused,
-                                          ttr_forward_reference)
+                                          kv_state_reference, random_phi, ttr_forward_fused, ttr_forward_reference)
 from attnplug.plugins.ttr.kernels import fused as fused_mod  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -44,6 +44,12 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(fused_mod.torch, "empty", nan_empty)
     yield
+
+
+def landmark_indices(n: int, n_cond: int, fraction: float, min_count: int = 0, device: str = "cpu") -> torch.Tensor:
+    """The landmark plugin's own selection (the positions a served layer uses), unmasked."""
+    idx, _ = select_landmarks(n, n_cond, fraction, min_count, 0)
+    return idx.to(device)
 
 
 def _inputs(b, h, n, d, dtype=torch.float32, device="cpu", seed=0):

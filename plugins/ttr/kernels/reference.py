@@ -9,8 +9,11 @@ Weights are `[D_in, D_out]` (shared by all heads) or `[H, D_in, D_out]` (one per
 
 Kernel branch: `S = Σ_k φ(k) vᵀ`, `z = Σ_k φ(k)` in fp32 (masked keys excluded),
 `out_k = φ(q)·S / (φ(q)·z + eps)`. Landmark branch: exact softmax of q against the keys at
-`landmark_idx`, scale `D^-0.5`. Hybrid: `out = out_k + α(out_l − out_k)` with
-`α = α_max·σ(logit + γ(d_norm − 0.5))`, `d = 1 − cos(out_k, out_l)`,
+`landmark_idx`, scale `D^-0.5`. Which keys are landmarks is the landmark plugin's decision
+(`LandmarkBackend.indices`, `plugins/landmark/selection.py`); callers pass the indices in, and
+this module has no selection of its own (a twin could pick other positions than the served layer).
+Hybrid: `out = out_k + α(out_l − out_k)` with `α = α_max·σ(logit + γ(d_norm − 0.5))`,
+`d = 1 − cos(out_k, out_l)`,
 `d_norm = min(d / mean_tokens(d), 3) / 3` (adaptive) or `α = α_max·σ(logit)`.
 Everything here computes in fp32 and returns the input dtype.
 """
@@ -138,26 +141,6 @@ def kernel_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     num = torch.einsum("bhnf,bhfd->bhnd", fq, s)
     den = torch.einsum("bhnf,bhf->bhn", fq, z)
     return num / (den + eps)[..., None]
-
-
-def landmark_indices(n_tokens: int, n_cond: int, fraction: float, min_count: int = 0, max_count: int = 0,
-                     device: torch.device | str | None = None) -> torch.Tensor:
-    """All conditioning tokens `[0, n_cond)` plus an evenly spaced, de-duplicated image budget.
-
-    Budget = `min(n_img, clamp(round(n_img · fraction), min_count, max_count))`, max 0 = unlimited.
-    """
-    n_cond = max(0, min(n_cond, n_tokens))
-    n_img = n_tokens - n_cond
-    budget = int(round(n_img * fraction))
-    budget = max(budget, min_count)
-    if max_count > 0:
-        budget = min(budget, max_count)
-    budget = min(budget, n_img)
-    cond = torch.arange(n_cond, dtype=torch.long)
-    if budget <= 0:
-        return cond.to(device)
-    img = torch.linspace(0, n_img - 1, budget).round().long().unique() + n_cond
-    return torch.cat([cond, img]).to(device)
 
 
 def landmark_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmark_idx: torch.Tensor) -> torch.Tensor:

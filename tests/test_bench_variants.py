@@ -1,0 +1,153 @@
+"""`attnplug bench` variants: every ttr configuration of TTR_CONFIGS, `--configs` / `--only` selection,
+the CUDA-graph variants (skipped with a reason on CPU; captured and checked on a GPU) and the speed-up
+baselines (graph rows against the graph-captured SDPA)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import attnplug.plugins.ttr.kernels as kernels
+from attnplug.bench.run import Result, _speedups, main, parse_shape
+from attnplug.bench.variants import TTR_CONFIGS, GraphCaptureError, build_variants, capture_graph
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+NEW = ("hedgehog-F64", "1layer-F128", "default-lm2pct", "default-cap1024")
+
+
+def _names(variants):
+    return [v.name for v in variants]
+
+
+def test_configs_at_flux_4096_landmarks_and_costs():
+    """Building the variants allocates no tensors: the 4096² shape is cheap to inspect on CPU."""
+    s = parse_shape("4096", 24, 128, 512, 1)
+    vs = {v.name: v for v in build_variants(s, torch.bfloat16, torch.device("cpu"))}
+    assert set(NEW) <= set(TTR_CONFIGS)
+    n_l = {cfg: vs[f"ttr-{cfg} torch"].notes["n_landmarks"] for cfg in TTR_CONFIGS}
+    n_img = 4096 ** 2 // 256
+    assert n_l["default"] == n_l["hedgehog-F64"] == n_l["1layer-F128"] == 512 + round(0.08 * n_img) == 5755
+    assert n_l["default-lm2pct"] == 512 + round(0.02 * n_img)
+    assert n_l["default-cap1024"] == 512 + 1024  # the cap that keeps the layer linear-time
+    flops = {cfg: vs[f"ttr-{cfg} torch"].cost[0] for cfg in TTR_CONFIGS}
+    assert flops["default-cap1024"] < flops["default-lm2pct"] < flops["default"]
+    assert flops["hedgehog-F64"] < flops["1layer-F128"] < flops["default"]
+    assert vs["ttr-hedgehog-F64 torch"].notes["settings"]["activation"] == "hedgehog"
+
+
+def test_kernel_only_once_per_feature_map_and_graph_twins():
+    s = parse_shape("n=64:txt=16", 2, 32, 16, 1)
+    names = _names(build_variants(s, torch.float32, torch.device("cpu")))
+    kernel_only = [n for n in names if n.endswith("kernel-only")]
+    # 1layer-F128 has lean's φ; default-lm2pct and default-cap1024 have default's: each φ is timed once
+    assert kernel_only == [f"ttr-{c} fused kernel-only" for c in ("default", "seed", "lean", "hedgehog-F64")]
+    vs = build_variants(s, torch.float32, torch.device("cpu"))
+    by = {v.name: v for v in vs}
+    fused = [v for v in vs if v.family == "ttr" and " fused" in v.name and v.graph_of is None]
+    assert len(fused) == 3 * len(TTR_CONFIGS) + 4
+    for v in fused:
+        g = by[f"{v.name} graph"]
+        assert g.graph_of == v.name and g.check_against == v.name and g.cost == v.cost
+        assert "CUDA graphs need a CUDA device" in g.skip
+        assert names.index(g.name) > names.index(v.name)  # the reference runs first
+    assert by["sdpa[cudnn] graph"].family == "sdpa" and by["sdpa[cudnn] graph"].graph_of == "sdpa[cudnn]"
+    assert not [n for n in _names(build_variants(s, torch.float32, torch.device("cpu"), graphs=False))
+                if n.endswith(" graph")]
+
+
+def test_only_and_configs_select():
+    s = parse_shape("n=64:txt=16", 2, 32, 16, 1)
+    cpu = torch.device("cpu")
+    only = _names(build_variants(s, torch.float32, cpu, only=["cap1024"]))
+    ttr = [n for n in only if n.startswith("ttr-")]
+    assert ttr and all(n.startswith("ttr-default-cap1024 ") for n in ttr)
+    assert "sdpa[math]" in only and "sdpa[cudnn] graph" in only  # the baselines stay
+    # a kept variant brings what it is checked against (fused row -> PyTorch path), unless it is skipped
+    # (on CPU a graph row is, so it needs no fused row)
+    chain = _names(build_variants(s, torch.float32, cpu, only=["hedgehog-F64 fused sdpa-lm"]))
+    assert [n for n in chain if n.startswith("ttr-")] == ["ttr-hedgehog-F64 torch", "ttr-hedgehog-F64 fused sdpa-lm",
+                                                           "ttr-hedgehog-F64 fused sdpa-lm graph"]
+    alone = _names(build_variants(s, torch.float32, cpu, only=["hedgehog-F64 fused sdpa-lm graph"]))
+    assert [n for n in alone if n.startswith("ttr-")] == ["ttr-hedgehog-F64 fused sdpa-lm graph"]
+    picked = _names(build_variants(s, torch.float32, cpu, configs=["default-cap1024", "hedgehog-F64"]))
+    assert {n.split(" ")[0] for n in picked if n.startswith("ttr-")} == {"ttr-default-cap1024", "ttr-hedgehog-F64"}
+    assert "ttr-default-cap1024 fused kernel-only" in picked  # first config with default's φ in this run
+    with pytest.raises(ValueError, match="nope"):
+        build_variants(s, torch.float32, cpu, configs=["nope"])
+
+
+def test_every_config_runs_torch_path_and_graphs_skip_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--device", "cpu", "--sizes", "n=64:txt=16", "--dtypes", "fp32",
+                 "--only", "torch,graph", "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    for cfg in TTR_CONFIGS:
+        r = rows[f"ttr-{cfg} torch"]
+        assert r["skipped"] is None and r["ms"] > 0 and r["floor_ms"] > 0, r
+    graph = [r for r in rows.values() if r["cuda_graph"]]
+    assert len(graph) == 1 + 3 * len(TTR_CONFIGS) + 4
+    assert all(r["skipped"].startswith("CUDA graphs need a CUDA device") for r in graph)
+
+
+@pytest.mark.skipif(not INTERPRETED or HAS_CUDA, reason="needs triton's interpreter (CPU-only machine)")
+def test_new_configs_fused_match_torch_path_in_interpreter(tmp_path):
+    """Hedgehog F = 64 and the capped landmarks through the fused kernels (interpreter, fp32) agree with
+    the PyTorch path of the same layer — which uses the landmark backend's own indices()."""
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--device", "cpu", "--sizes", "n=64:txt=16", "--dtypes", "fp32", "--no-graphs",
+                 "--configs", "hedgehog-F64,default-cap1024", "--only", "flash-lm,sdpa-lm,kernel-only",
+                 "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    for cfg in ("hedgehog-F64", "default-cap1024"):
+        for impl in ("flash-lm", "sdpa-lm"):
+            r = rows[f"ttr-{cfg} fused {impl}"]
+            assert r["skipped"] is None and r["ms"] > 0, r
+            assert r["rel_err_vs"] == f"ttr-{cfg} torch" and r["rel_err"] < 1e-5, r
+        assert rows[f"ttr-{cfg} fused kernel-only"]["ms"] > 0
+
+
+def test_speedups_graph_rows_against_graph_sdpa():
+    def row(name, ms, graph=False, family="ttr"):
+        return Result(name, family, "s", "bf16", 1, ms=ms, cuda_graph=graph,
+                      notes={"graph_of": name[:-len(" graph")]} if graph else {})
+    rows = [row("sdpa[cudnn]", 0.4, family="sdpa"), row("sdpa[math]", 2.0, family="sdpa"),
+            row("sdpa[cudnn] graph", 0.38, True, "sdpa"), row("ttr fused", 0.8), row("ttr fused graph", 0.5, True)]
+    _speedups(rows)
+    by = {r.variant: r for r in rows}
+    assert by["ttr fused"].speedup_vs_fastest_sdpa == pytest.approx(0.5)
+    assert by["ttr fused"].speedup_baseline == "sdpa[cudnn]"
+    assert by["ttr fused graph"].speedup_vs_fastest_sdpa == pytest.approx(0.38 / 0.5)
+    assert by["ttr fused graph"].speedup_baseline == "sdpa[cudnn] graph"
+    assert by["ttr fused graph"].notes["launch_overhead_ms"] == pytest.approx(0.3)
+    assert by["sdpa[cudnn]"].speedup_vs_fastest_sdpa == pytest.approx(1.0)
+
+
+def test_no_landmark_selection_twin_in_the_kernels():
+    """Landmark positions come from the landmark plugin only (the twin picked other positions)."""
+    assert not hasattr(kernels, "landmark_indices")
+    assert not hasattr(kernels.reference, "landmark_indices")
+
+
+def test_capture_graph_refuses_cpu():
+    with pytest.raises(GraphCaptureError, match="CUDA device"):
+        capture_graph(lambda: torch.zeros(1), torch.device("cpu"))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_capture_graph_replays_and_reports_host_syncs():
+    dev = torch.device("cuda")
+    x = torch.randn(1, 2, 256, 64, device=dev, dtype=torch.bfloat16)
+    eager = torch.nn.functional.scaled_dot_product_attention(x, x, x)
+    replay = capture_graph(lambda: torch.nn.functional.scaled_dot_product_attention(x, x, x), dev)
+    assert torch.equal(replay(), eager) and replay.peak_extra_bytes > 0
+
+    def syncs():
+        return x * x.sum().item()  # a host sync: not capturable
+
+    with pytest.raises(GraphCaptureError, match="cannot capture"):
+        capture_graph(syncs, dev)
+    assert torch.equal(replay(), eager)  # a failed capture leaves the device usable
