@@ -2,9 +2,10 @@
 # One call on a lent GPU machine (docs/PERFORMANCE.md): install the carried wheels, make the repo
 # importable as `attnplug`, run the GPU kernel tests, the tile sweep and the bench; logs go to $OUT.
 # Usage (from the repo root, on the device): bash bench/device_run.sh [tests|tune|bench|model|quality|all]...
-# `quality` starts one testbed.quality process per variant (CPU-bound Python: they share the GPU), waits
-# up to QUALITY_WAIT_S, then merges what finished; `quality-collect` copies/merges later (the processes
-# keep running on the warm machine).
+# `quality` starts one testbed.quality process per variant (CPU-bound Python: they share the GPU; layers to
+# train in QUALITY_LAYERS, servings in QUALITY_SERVING), plus `attnplug eval` of each config in QUALITY_EVALS on the committed
+# checkpoint, waits up to QUALITY_WAIT_S, then merges what finished. Everything must end inside the
+# call: the lent machine is given back ~30 s after a call returns, background processes with it.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -30,14 +31,19 @@ for step in "${@:-all}"; do
       for v in "${VS[@]}"; do
         i=$((i+1)); d=$Q/v$i; mkdir -p $d
         OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.testbed.quality --out $d --device cuda --variants "$v" \
-          --budget-s 1e9 > $d/log.txt 2>&1 &
+          --budget-s 1e9 --layers "${QUALITY_LAYERS:-}" --serving "${QUALITY_SERVING:-}" > $d/log.txt 2>&1 &
+        echo $! >> $Q/pids
+      done
+      for c in ${QUALITY_EVALS:-}; do
+        n=$(basename $c .toml); OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.cli eval --config $c \
+          --checkpoint testbed/weights/ttr_default.safetensors --prompts 64 --device cuda --json $Q/eval_$n.json > $Q/eval_$n.log 2>&1 &
         echo $! >> $Q/pids
       done
       end=$((SECONDS + ${QUALITY_WAIT_S:-500}))
       while [ $SECONDS -lt $end ]; do alive=0; for p in $(cat $Q/pids); do kill -0 $p 2>/dev/null && alive=1; done
         [ $alive = 0 ] && break; sleep 10; done
       ;;&
-    quality|quality-collect)
+    quality)
       # at most 8 files come back: the table, one tarball of results, the best checkpoints (QUALITY_KEEP)
       Q=/tmp/quality
       python3 -m attnplug.testbed.quality --out $Q --collect > $OUT/quality_table.md 2>&1

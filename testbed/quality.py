@@ -83,7 +83,7 @@ VARIANTS: dict[str, Variant] = {
 SERVING: dict[str, list[dict[str, Any]]] = {
     "all ready": [],
     "single blocks": [{"kind": "layers", "include": ["single:*"]}],
-    "single blocks, exact steps 0-1": [{"kind": "layers", "include": ["single:*"]},
+    "single blocks from step 2": [{"kind": "layers", "include": ["single:*"]},
                                        {"kind": "step_window", "steps": ["2:"]}],
     "all but double:0": [{"kind": "layers", "exclude": ["double:0"]}],
 }
@@ -99,8 +99,11 @@ def base_config() -> dict[str, Any]:
     return cfg
 
 
-def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: float) -> list[dict[str, Any]]:
-    """Distill and evaluate each variant in turn; stops starting new ones when the budget is spent."""
+def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: float,
+        layers: list[str] | None = None, serving: list[str] | None = None) -> list[dict[str, Any]]:
+    """Distill and evaluate each variant in turn; stops starting new ones when the budget is spent.
+
+    `layers`: train only these layer patterns (default: every layer); `serving`: names of `SERVING`."""
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for name in variants:
@@ -109,10 +112,16 @@ def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: f
             continue
         variant = VARIANTS[name]
         vplan = variant.plan(plan)
-        cfg = variant.config(base_config(), vplan)
+        base = base_config()
+        if layers:
+            # every eligible layer trains on every step (the selector clamps min to the eligible count)
+            base["plugins"]["distill"].update(layers=layers, min_swap_layers=10_000, max_swap_layers=-1)
+        cfg = variant.config(base, vplan)
         metrics = run_demo(out / folder_name(name), device=device, config=cfg, plan=vplan, progress=False)
         row = {"variant": name, "plan": vplan.__dict__, "distill": metrics["distill"], "serving": {}}
         for serve, gates in SERVING.items():
+            if serving and serve not in serving:
+                continue
             res = strip_images(evaluate(merge(cfg, {"gates": gates}), out / folder_name(name) / "ttr.safetensors",
                                         n_prompts=plan.eval_prompts, steps=plan.eval_steps, device=device))
             row["serving"][serve] = res
@@ -164,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--budget-s", type=float, default=420.0, help="Start no new variant after this many seconds.")
+    ap.add_argument("--layers", default="", help="Comma list of layer patterns to train (default: all).")
+    ap.add_argument("--serving", default="", help=f"Comma list of servings to evaluate (default: all of {list(SERVING)}).")
     ap.add_argument("--collect", action="store_true",
                     help="Only merge OUT/*/quality.json (variants run as separate processes) into OUT.")
     a = ap.parse_args(argv)
@@ -175,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
     plan = DemoPlan(runs=a.runs, prompts_per_run=a.prompts_per_run, steps=a.steps, eval_prompts=a.eval_prompts,
                     eval_steps=a.eval_steps)
-    run(a.out, a.device, plan, [v.strip() for v in a.variants.split(",") if v.strip()], a.budget_s)
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    bad = [x for x in split(a.serving) if x not in SERVING]
+    if bad:
+        ap.error(f"--serving: unknown {bad}; known: {list(SERVING)}")
+    run(a.out, a.device, plan, split(a.variants), a.budget_s, split(a.layers), split(a.serving))
     return 0
 
 
