@@ -305,7 +305,9 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
     for cfg in names:
         tset, lset = TTR_CONFIGS[cfg]
         try:
-            backend, backends = _build_backend("ttr", {**tset, "feature_precision": "input"}, lset)
+            # kernel="torch": the reference row is the PyTorch path even on CUDA ("auto" would serve it with
+            # the fused kernels, and the fused rows would be checked against themselves)
+            backend, backends = _build_backend("ttr", {**tset, "feature_precision": "input", "kernel": "torch"}, lset)
         except Exception as exc:  # noqa: BLE001
             res.append(Variant(f"ttr-{cfg}", "ttr", lambda q, k, v: (lambda: q), (0, 0),
                                f"cannot build ttr standalone: {type(exc).__name__}: {exc}"))

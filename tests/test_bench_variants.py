@@ -37,6 +37,9 @@ def test_configs_at_flux_4096_landmarks_and_costs():
     assert flops["default-cap1024"] < flops["default-lm2pct"] < flops["default"]
     assert flops["hedgehog-F64"] < flops["1layer-F128"] < flops["default"]
     assert vs["ttr-hedgehog-F64 torch"].notes["settings"]["activation"] == "hedgehog"
+    for cfg in TTR_CONFIGS:  # the reference rows run the PyTorch path, also where "auto" would pick the kernels
+        backend = vs[f"ttr-{cfg} torch"].make.__defaults__[0]
+        assert backend.settings.kernel == "torch", cfg
 
 
 def test_kernel_only_once_per_feature_map_and_graph_twins():
