@@ -91,7 +91,6 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     x = torch.empty(2 ** 29, device=device, dtype=torch.float16).normal_()
     y = torch.empty_like(x)
     cp = statistics.median(time_ms(lambda: y.copy_(x), device, 3, 10, 100))
-    del a, b, x, y
     return {"tflops": 2 * 8192 ** 3 / (mm * 1e-3) / 1e12, "gbps": 2 * 2 ** 30 / (cp * 1e-3) / 1e9, "measured": True}
 
 
@@ -245,8 +244,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def format_table(report: dict[str, Any]) -> str:
     """A fixed-width table: time, spread, speed-up vs the fastest SDPA, floor, peak memory, error."""
-    lines = [f"{'shape':>7} {'dtype':<8} {'variant':<46} {'ms':>9} {'x SDPA':>7} {'floor ms':>9} "
-             f"{'%floor':>6} {'peak MiB':>9} {'rel err':>8}"]
+    lines = [(f"{'shape':>7} {'dtype':<8} {'variant':<46} {'ms':>9} {'x SDPA':>7} {'floor ms':>9} "
+              f"{'%floor':>6} {'peak MiB':>9} {'rel err':>8}")]
     for r in report["results"]:
         if r["skipped"]:
             lines.append(f"{r['shape']:>7} {r['dtype']:<8} {r['variant']:<46} skipped: {r['skipped'][:110]}")

@@ -6,6 +6,7 @@ size's time is launch overhead."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -284,7 +285,7 @@ def _ttr_cost_from_settings(s: Shape, dtype: torch.dtype, backend: Any) -> tuple
     if lm is not None:
         owner = getattr(lm, "__self__", None)
         n_l = owner.count(s.n, s.txt) if owner is not None and hasattr(owner, "count") else 0
-    return ttr_cost(s, dtype, list(zip(dims[:-1], dims[1:])), st.feature_dim, n_l)
+    return ttr_cost(s, dtype, list(itertools.pairwise(dims)), st.feature_dim, n_l)
 
 
 def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: list[str] | None = None,

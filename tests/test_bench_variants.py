@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-import attnplug.plugins.ttr.kernels as kernels
 from attnplug.bench.run import Result, _speedups, main, parse_shape
 from attnplug.bench.variants import TTR_CONFIGS, GraphCaptureError, build_variants, capture_graph
+from attnplug.plugins.ttr import kernels
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
