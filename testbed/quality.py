@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import json
 import sys
 import time
@@ -77,6 +78,8 @@ VARIANTS: dict[str, Variant] = {
     "per-head φ": Variant({"plugins": {"ttr": {"per_head": True}}}),
     "F256 + cosine lr": Variant(merge(_COSINE, {"plugins": {"ttr": {"feature_dim": 256}}}), decay_over_plan=True),
     "α_max 0.5 + cosine lr": Variant(merge(_COSINE, {"plugins": {"ttr": {"alpha_max": 0.5}}}), decay_over_plan=True),
+    "α_max 0.5": Variant({"plugins": {"ttr": {"alpha_max": 0.5}}}),
+    "α_max 1 + cosine lr": Variant(merge(_COSINE, {"plugins": {"ttr": {"alpha_max": 1.0}}}), decay_over_plan=True),
 }
 
 #: Ways to serve a distilled checkpoint: name → gates (readiness always applies on top).
@@ -100,10 +103,11 @@ def base_config() -> dict[str, Any]:
 
 
 def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: float,
-        layers: list[str] | None = None, serving: list[str] | None = None) -> list[dict[str, Any]]:
+        layers: list[str] | None = None, serving: list[str] | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Distill and evaluate each variant in turn; stops starting new ones when the budget is spent.
 
-    `layers`: train only these layer patterns (default: every layer); `serving`: names of `SERVING`."""
+    `layers`: train only these layer patterns (default: every layer); `serving`: names of `SERVING`;
+    `seed`: training prompts, noise and the held-out evaluation set (another seed = an independent repeat)."""
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for name in variants:
@@ -117,13 +121,15 @@ def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: f
             # every eligible layer trains on every step (the selector clamps min to the eligible count)
             base["plugins"]["distill"].update(layers=layers, min_swap_layers=10_000, max_swap_layers=-1)
         cfg = variant.config(base, vplan)
-        metrics = run_demo(out / folder_name(name), device=device, config=cfg, plan=vplan, progress=False)
-        row = {"variant": name, "plan": vplan.__dict__, "distill": metrics["distill"], "serving": {}}
+        metrics = run_demo(out / folder_name(name), device=device, config=cfg, plan=vplan, progress=False,
+                           seed=seed)
+        row = {"variant": name, "seed": seed, "plan": vplan.__dict__, "distill": metrics["distill"], "serving": {}}
         for serve, gates in SERVING.items():
             if serving and serve not in serving:
                 continue
             res = strip_images(evaluate(merge(cfg, {"gates": gates}), out / folder_name(name) / "ttr.safetensors",
-                                        n_prompts=plan.eval_prompts, steps=plan.eval_steps, device=device))
+                                        n_prompts=plan.eval_prompts, steps=plan.eval_steps, device=device,
+                                        seed=seed))
             row["serving"][serve] = res
             print(f"[quality] {name} / {serve}: served {len(res['layers_served'])}/{len(res['layers'])} "
                   f"adherence {100 * res['adherence_exact']:.2f} -> {100 * res['adherence_approx']:.2f} "
@@ -135,16 +141,17 @@ def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: f
 
 
 def folder_name(variant: str) -> str:
-    return (variant.replace(" ", "_").replace("%", "pct").replace("φ", "phi").replace("×", "x")
-            .replace("α", "alpha").replace(",", ""))
+    """A file-system name of a variant: letters, digits, '.', '_' and '-' only."""
+    text = variant.replace("%", "pct").replace("φ", "phi").replace("×", "x").replace("α", "alpha").replace("+", "and")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| variant | serving | ready | served | adherence exact → approx | Δ points | velocity cos | PSNR dB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seed | serving | ready | served | adherence exact → approx | drop, points | velocity cos | PSNR dB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for serve, r in row["serving"].items():
-            lines.append(f"| {row['variant']} | {serve} | {len(r['layers_ready'])}/{len(r['layers'])} | "
+            lines.append(f"| {row['variant']} | {row.get('seed', 0)} | {serve} | {len(r['layers_ready'])}/{len(r['layers'])} | "
                          f"{len(r['layers_served'])}/{len(r['layers'])} ({', '.join(r['layers_served'])}) | "
                          f"{100 * r['adherence_exact']:.2f} → {100 * r['adherence_approx']:.2f} | "
                          f"{r['adherence_drop_points']:+.2f} | {r['velocity_cosine']:.3f} | {r['psnr_db']:.1f} |")
@@ -175,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=420.0, help="Start no new variant after this many seconds.")
     ap.add_argument("--layers", default="", help="Comma list of layer patterns to train (default: all).")
     ap.add_argument("--serving", default="", help=f"Comma list of servings to evaluate (default: all of {list(SERVING)}).")
+    ap.add_argument("--seed", type=int, default=0, help="Seed of training prompts, noise and held-out set.")
     ap.add_argument("--collect", action="store_true",
                     help="Only merge OUT/*/quality.json (variants run as separate processes) into OUT.")
     a = ap.parse_args(argv)
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [x for x in split(a.serving) if x not in SERVING]
     if bad:
         ap.error(f"--serving: unknown {bad}; known: {list(SERVING)}")
-    run(a.out, a.device, plan, split(a.variants), a.budget_s, split(a.layers), split(a.serving))
+    run(a.out, a.device, plan, split(a.variants), a.budget_s, split(a.layers), split(a.serving), a.seed)
     return 0
 
 
