@@ -31,7 +31,7 @@ for step in "${@:-all}"; do
       for v in "${VS[@]}"; do
         i=$((i+1)); d=$Q/v$i; mkdir -p $d
         OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.testbed.quality --out $d --device cuda --variants "$v" \
-          --budget-s 1e9 --layers "${QUALITY_LAYERS:-}" --serving "${QUALITY_SERVING:-}" > $d/log.txt 2>&1 &
+          --budget-s 1e9 --layers "${QUALITY_LAYERS:-}" --serving "${QUALITY_SERVING:-}" --seed "${QUALITY_SEED:-0}" > $d/log.txt 2>&1 &
         echo $! >> $Q/pids
       done
       for c in ${QUALITY_EVALS:-}; do
