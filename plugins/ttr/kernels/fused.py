@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .reference import PhiWeights, ttr_forward_reference
 
@@ -123,20 +124,39 @@ def fused_unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return reasons
 
 
-# ---- weight preparation (cast once per dtype, cached by storage and version) ----------------------
-_PREP_CACHE: dict[tuple, torch.Tensor] = {}
+# ---- weight preparation (cast once per dtype, cached per live source storage and version) ---------
+#: `(address, version, shape, strides, dtype, target dtype, device) -> (weak ref to the source's storage, cast)`
+_PREP_CACHE: dict[tuple, tuple[StorageWeakRef, torch.Tensor]] = {}
+_PREP_CACHE_MAX = 512
 
 
 def _prep(t: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """`t` as a contiguous `dtype` tensor on `device`; a cast is made once and cached.
+
+    An address is not an identity: once a weight is freed (a layer dropped or moved off the device, as
+    `attnplug bench` drops every layer between shapes), another weight of the same shape can be allocated at
+    the same address with the same version, and a cache keyed on the address alone served it the old
+    weight's cast (the fused path then ran another layer's φ). So each entry holds a weak reference to its
+    source's storage and counts only while that storage lives (a live storage owns its address); entries
+    of dead storages are dropped. Writes that bypass the version counter (through `.data`) are not seen.
+    """
     if t is None:
         return None
-    key = (t.data_ptr(), t._version, tuple(t.shape), t.dtype, dtype, device)
-    hit = _PREP_CACHE.get(key)
-    if hit is None:
-        if len(_PREP_CACHE) > 512:
-            _PREP_CACHE.clear()
-        hit = t.detach().to(device=device, dtype=dtype).contiguous()
-        _PREP_CACHE[key] = hit
+    t = t.detach()
+    if t.dtype == dtype and t.device == device and t.is_contiguous():
+        return t  # nothing to cast: no copy, no entry
+    if t.is_inference():  # no version counter: an in-place change could not be seen, so no caching
+        return t.to(device=device, dtype=dtype).contiguous()
+    key = (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, dtype, device)
+    entry = _PREP_CACHE.get(key)
+    if entry is not None and not entry[0].expired():
+        return entry[1]
+    for k in [k for k, (ref, _) in _PREP_CACHE.items() if ref.expired()]:
+        del _PREP_CACHE[k]  # casts of freed weights (and the stale entry at this key, if any)
+    if len(_PREP_CACHE) >= _PREP_CACHE_MAX:
+        _PREP_CACHE.clear()
+    hit = t.to(device=device, dtype=dtype).contiguous()
+    _PREP_CACHE[key] = (StorageWeakRef(t.untyped_storage()), hit)
     return hit
 
 
