@@ -211,3 +211,29 @@ def test_grid_from_flux_and_flux2_ids():
 )
 def test_layer_identity(path, expected):
     assert layer_identity(path) == expected
+
+
+def _flux_ids(h: int, w: int) -> torch.Tensor:
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] += torch.arange(h)[:, None]
+    ids[..., 2] += torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+def test_grid_cache_never_serves_a_freed_or_rewritten_ids_tensor():
+    """The latent grid is cached per img_ids tensor; a new tensor at a freed one's address (same
+    shape, version 0) or an in-place rewrite must not get the old grid back."""
+    from attnplug.hosts.diffusers.tracking import Tracker
+
+    tracker = Tracker.__new__(Tracker)  # only the grid cache is exercised
+    tracker._grid_cache, tracker._patch = None, 1
+    buf = bytearray(_flux_ids(6, 8).numpy().tobytes())
+    a = torch.frombuffer(buf, dtype=torch.float32).view(48, 3)
+    assert tracker._grid({"img_ids": a}) == (6, 8)
+    del a
+    buf[:] = _flux_ids(8, 6).numpy().tobytes()  # same memory, another grid
+    b = torch.frombuffer(buf, dtype=torch.float32).view(48, 3)
+    assert tracker._grid({"img_ids": b}) == (8, 6)
+    b.copy_(_flux_ids(4, 12))  # in place: the version changes
+    assert tracker._grid({"img_ids": b}) == (4, 12)
+    assert tracker._grid({"img_ids": b}) == (4, 12)  # and the cache serves it again

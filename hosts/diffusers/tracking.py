@@ -109,7 +109,7 @@ class Tracker:
         params = [p for p in inspect.signature(type(transformer).forward).parameters.values()][1:]
         self._positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self._patch = int(getattr(getattr(transformer, "config", None), "patch_size", 1) or 1)
-        self._grid_cache: tuple[tuple[Any, ...], tuple[int, int] | None] | None = None
+        self._grid_cache: tuple[weakref.ref[torch.Tensor], int, tuple[int, int] | None] | None = None
 
     @property
     def pipe(self) -> Any | None:
@@ -169,11 +169,13 @@ class Tracker:
     def _grid(self, a: dict[str, Any]) -> tuple[int, int] | None:
         ids = a.get("img_ids")
         if isinstance(ids, torch.Tensor):
-            key = (id(ids), ids.data_ptr(), tuple(ids.shape), ids._version)
-            if self._grid_cache is not None and self._grid_cache[0] == key:
-                return self._grid_cache[1]
+            # cached per tensor object (a weak reference: a freed tensor's id and address can come
+            # back with other ids) and version (in-place writes)
+            cached = self._grid_cache
+            if cached is not None and cached[0]() is ids and cached[1] == ids._version:
+                return cached[2]
             grid = grid_from_ids(ids)
-            self._grid_cache = (key, grid)
+            self._grid_cache = (weakref.ref(ids), ids._version, grid)
             return grid
         shapes = a.get("img_shapes")
         if isinstance(shapes, (list, tuple)) and shapes:
