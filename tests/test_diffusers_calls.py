@@ -230,9 +230,10 @@ def test_grid_cache_never_serves_a_freed_or_rewritten_ids_tensor():
     buf = bytearray(_flux_ids(6, 8).numpy().tobytes())
     a = torch.frombuffer(buf, dtype=torch.float32).view(48, 3)
     assert tracker._grid({"img_ids": a}) == (6, 8)
-    del a
     buf[:] = _flux_ids(8, 6).numpy().tobytes()  # same memory, another grid
-    b = torch.frombuffer(buf, dtype=torch.float32).view(48, 3)
+    flat = torch.frombuffer(buf, dtype=torch.float32)
+    del a
+    b = flat.view(48, 3)  # the next object: CPython usually hands it the freed one's id
     assert tracker._grid({"img_ids": b}) == (8, 6)
     b.copy_(_flux_ids(4, 12))  # in place: the version changes
     assert tracker._grid({"img_ids": b}) == (4, 12)
