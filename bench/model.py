@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import re
 import statistics
 import sys
@@ -41,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from .run import environment
 
 #: diffusers `FluxTransformer2DModel` config of black-forest-labs/FLUX.1-dev (11.9 B parameters).
 FLUX_DEV: dict[str, Any] = {
@@ -366,7 +367,7 @@ def run_bench_model(sizes: list[int], modes: list[str], device: torch.device, dt
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"env": environment(device), "model": {**cfg, "axes_dims_rope": list(cfg["axes_dims_rope"]),
+    return {"env": environment(device, ("diffusers", "triton")), "model": {**cfg, "axes_dims_rope": list(cfg["axes_dims_rope"]),
                                                   "parameters": n_params, "dtype": str(dtype).removeprefix("torch.")},
             "settings": {"txt_tokens": txt, "batch": batch, "warmup": warmup, "reps": reps, "ttr_kernel": kernel,
                          "sdpa_kernel": sdpa, "sigma": SIGMA, "guidance": GUIDANCE, "plugins": plugins or {},
@@ -376,22 +377,6 @@ def run_bench_model(sizes: list[int], modes: list[str], device: torch.device, dt
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
-    for name in ("diffusers", "triton"):
-        try:
-            env[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001
-            env[name] = None
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        env.update(gpu=p.name, sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2 ** 30, 1),
-                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -8,9 +8,10 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -225,14 +226,14 @@ def _speedups(rows: list[Result]) -> None:
             r.notes["launch_overhead_ms"] = base.ms - r.ms
 
 
-def environment(device: torch.device) -> dict[str, Any]:
+def environment(device: torch.device, packages: tuple[str, ...] = ("triton",)) -> dict[str, Any]:
+    """What a timing ran on: torch, python, the versions of `packages`, and the GPU (or CPU)."""
     env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        env["triton"] = None
+    for name in packages:
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            env[name] = None
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env.update(gpu=p.name, sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2 ** 30, 1),
