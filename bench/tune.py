@@ -1,7 +1,8 @@
 """Tile-size sweep of the fused ttr kernels on the current GPU (how `KernelConfig`'s defaults were chosen).
 
 `python -m attnplug.bench.tune [--sizes 1024,2048]` prints the median time of each config for the
-default layer (2-layer φ, F = 128, 8 % landmarks) and the lean one; the best per size is listed last.
+default layer (2-layer φ, F = 128, 8 % landmarks) and the lean one — tiles, warps and the 2-layer φ's
+hidden chunk; the best per size is listed last.
 """
 from __future__ import annotations
 
@@ -24,9 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     dev = torch.device("cuda")
     layers = {"default": (2, 256, 128, 0.08), "lean": (1, 128, 128, 0.02)}
-    grid = dict(q_block_m=[64, 128], q_warps=[4, 8], lm_block=[64, 128], kv_block_n=[64, 128], kv_warps=[4, 8])
+    # hidden_chunk (2-layer φ): 0 = the whole hidden tile in registers (the default), 64 = four steps
+    grid = dict(q_block_m=[64, 128], q_warps=[4, 8], lm_block=[64, 128], kv_block_n=[64, 128], kv_warps=[4, 8],
+                hidden_chunk=[0, 64])
     if a.quick:
-        grid = dict(q_block_m=[64, 128], q_warps=[4, 8], lm_block=[64], kv_block_n=[64], kv_warps=[8])
+        grid = dict(q_block_m=[64, 128], q_warps=[4, 8], lm_block=[64], kv_block_n=[64], kv_warps=[8],
+                    hidden_chunk=[0, 64])
     best: list[str] = []
     for size in a.sizes.split(","):
         s = parse_shape(size, 24, 128, 512, 1)

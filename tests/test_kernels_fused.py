@@ -130,10 +130,34 @@ def test_fallback_reasons_and_path():
     assert any("power of two" in r for r in fused_unsupported_reasons(q.detach(), k, v, odd, odd))
 
 
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("activation", ["elu+1", "hedgehog"])
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_interpreter_hidden_chunks_match_reference(poison, activation, chunk):
+    """A 2-layer φ computed `chunk` hidden columns at a time (KernelConfig.hidden_chunk) is the same φ."""
+    b, h, n, d = 1, 2, 77, 32
+    q, k, v = _inputs(b, h, n, d, seed=11)
+    g = torch.Generator().manual_seed(3)
+    pq = random_phi(d, 64, 32, 2, activation, h, generator=g)
+    pk = random_phi(d, 64, 32, 2, activation, h, generator=g)
+    idx = landmark_indices(n, 8, 0.1)
+    cfg = KernelConfig(hidden_chunk=chunk)
+    assert fused_mod._hidden_chunk(chunk, 64) == chunk and fused_mod._hidden_chunk(48, 64) == 64
+    s, z = kv_state_fused(k, v, pk, config=cfg)
+    s_ref, z_ref = kv_state_reference(k, v, pk)
+    assert _rel(s, s_ref) < 1e-5 and _rel(z, z_ref) < 1e-5
+    ref = ttr_forward_reference(q, k, v, pq, pk, idx, -1.0, 0.2, 2.0, True)
+    out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=-1.0, adaptive=True,
+                            landmark_impl="fused", config=cfg, strict=True)
+    assert _rel(out, ref) < 1e-5
+
+
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 @pytest.mark.parametrize("n_img", [4096, 16384])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_flux_shapes_bf16(poison, n_img, dtype):
+@pytest.mark.parametrize("hidden_chunk", [0, 64])
+def test_gpu_flux_shapes_bf16(poison, n_img, dtype, hidden_chunk):
     b, h, d, n_txt = 1, 24, 128, 512
     n = n_txt + n_img
     q, k, v = _inputs(b, h, n, d, dtype=dtype, device="cuda", seed=n)
@@ -145,5 +169,6 @@ def test_gpu_flux_shapes_bf16(poison, n_img, dtype):
         ref = ttr_forward_reference(q, k, v, pq, pk, idx, -2.2, 0.2, 2.0, adaptive)
         for lm_impl in ("fused", "sdpa"):
             out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=-2.2, adaptive=adaptive,
-                                    landmark_impl=lm_impl, strict=True)
+                                    landmark_impl=lm_impl, config=KernelConfig(hidden_chunk=hidden_chunk),
+                                    strict=True)
             assert _rel(out, ref) < 2e-2, (adaptive, lm_impl)

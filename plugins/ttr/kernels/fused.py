@@ -37,6 +37,7 @@ class KernelConfig:
     kv_programs_per_sm: int = 4
     sdpa_row_chunks: int = 8  # landmark_impl="sdpa": out_l is computed in this many row chunks …
     sdpa_min_rows: int = 2048  # … of at least this many rows (small chunks under-fill the GPU)
+    hidden_chunk: int = 0  # 2-layer φ: hidden columns per step (0: the whole hidden tile at once)
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -211,6 +212,11 @@ def _block_k(want: int, din: int) -> int:
     return 16
 
 
+def _hidden_chunk(want: int, h1: int) -> int:
+    """Hidden columns per step of a 2-layer φ: `want` when it is a power of two ≥ 16 dividing h1, else all."""
+    return want if want and _pow2(want) and want < h1 and h1 % want == 0 else h1
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -251,6 +257,7 @@ def kv_state_fused(k: torch.Tensor, v: torch.Tensor, phi_k: PhiWeights, key_mask
         D=d, DIN=plan.din, BK=_block_k(config.block_k, plan.din), H1=plan.h1, F1=plan.f1, DEPTH=plan.depth,
         ACT=_ACT[phi_k.activation], IS_HH=int(phi_k.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
         HAS_B2=wa["HAS_B2"], NORM=int(phi_k.l2_norm), HAS_MASK=int(key_mask is not None), BN=bn,
+        HC=_hidden_chunk(config.hidden_chunk, plan.h1),
         num_warps=config.kv_warps, num_stages=config.kv_stages)
     return s, z
 
@@ -349,6 +356,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 ACT=_ACT[phi_q.activation], IS_HH=int(phi_q.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
                 HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src,
                 HAS_AFF=int(branch_affine is not None), BM=cfg.q_block_m, BL=cfg.lm_block,
+                HC=_hidden_chunk(cfg.hidden_chunk, plan.h1),
                 num_warps=cfg.q_warps, num_stages=cfg.q_stages)
 
         if not use_lm:

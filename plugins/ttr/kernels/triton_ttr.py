@@ -22,10 +22,32 @@ import triton.language as tl
 def _phi_tile(x_base, offs_n, row_ok, stride_xn, w1_ptr, b1_ptr, w2_ptr, b2_ptr, norm_eps,
               DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr, DEPTH: tl.constexpr,
               ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-              NORM: tl.constexpr):
-    """φ of a tile of rows: returns (f_pos, f_neg) fp32 `[BN, F1]` (f_neg only meaningful for hedgehog)."""
+              NORM: tl.constexpr, HC: tl.constexpr):
+    """φ of a tile of rows: returns (f_pos, f_neg) fp32 `[BN, F1]` (f_neg only meaningful for hedgehog).
+
+    Two layers with HC < H1: the hidden layer is computed HC columns at a time and each chunk is folded
+    into the second layer's accumulator at once, so no `[BN, H1]` hidden tile (nor all of W2) is held in
+    registers; the input tile is re-read per chunk (from cache)."""
     offs_f = tl.arange(0, F1)
-    if DEPTH == 0:
+    if DEPTH == 2 and HC < H1:
+        a = tl.zeros((offs_n.shape[0], F1), dtype=tl.float32)
+        for hc in range(0, H1, HC):
+            offs_c = hc + tl.arange(0, HC)
+            acc = tl.zeros((offs_n.shape[0], HC), dtype=tl.float32)
+            for kk in range(0, DIN, BK):
+                offs_k = kk + tl.arange(0, BK)
+                x = tl.load(x_base + offs_n[:, None] * stride_xn + offs_k[None, :], mask=row_ok[:, None],
+                            other=0.0)
+                w = tl.load(w1_ptr + offs_k[:, None] * H1 + offs_c[None, :])
+                acc = tl.dot(x, w.to(x.dtype), acc)
+            if HAS_B1:
+                acc += tl.load(b1_ptr + offs_c)[None, :].to(tl.float32)
+            hid = acc * tl.sigmoid(acc)
+            w2 = tl.load(w2_ptr + offs_c[:, None] * F1 + offs_f[None, :])
+            a = tl.dot(hid.to(w2.dtype), w2, a)
+        if HAS_B2:
+            a += tl.load(b2_ptr + offs_f)[None, :].to(tl.float32)
+    elif DEPTH == 0:
         # pre-activations were computed outside (cuBLAS prefix): read them.
         a = tl.load(x_base + offs_n[:, None] * stride_xn + offs_f[None, :], mask=row_ok[:, None], other=0.0)
         a = a.to(tl.float32)
@@ -78,7 +100,8 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, w1_ptr, b1_ptr, w2_ptr, 
                      w1h, b1h, w2h, b2h, norm_eps,
                      D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
                      DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
-                     HAS_B2: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, BN: tl.constexpr):
+                     HAS_B2: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, BN: tl.constexpr,
+                     HC: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = pid_bh // H
@@ -101,7 +124,7 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, w1_ptr, b1_ptr, w2_ptr, 
         offs_n = n0 + tl.arange(0, BN)
         ok = offs_n < end
         f1, f2 = _phi_tile(x_base, offs_n, ok, sxn, w1, b1, w2, b2, norm_eps, DIN, BK, H1, F1, DEPTH, ACT, IS_HH,
-                           HAS_B1, HAS_B2, NORM)
+                           HAS_B1, HAS_B2, NORM, HC)
         keep = ok
         if HAS_MASK:
             mk = tl.load(m_ptr + b * smb + offs_n, mask=ok, other=0)
@@ -133,7 +156,7 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, ol_ptr, o
                   D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
                   DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
                   HAS_B2: tl.constexpr, NORM: tl.constexpr, MODE: tl.constexpr, LM_SRC: tl.constexpr,
-                  HAS_AFF: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr):
+                  HAS_AFF: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr, HC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -148,7 +171,7 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, ol_ptr, o
     if True:
         x_base = x_ptr + b * sxb + h * sxh
         f1, f2 = _phi_tile(x_base, offs_m, row_ok, sxn, w1_ptr + h * w1h, b1_ptr + h * b1h, w2_ptr + h * w2h,
-                           b2_ptr + h * b2h, norm_eps, DIN, BK, H1, F1, DEPTH, ACT, IS_HH, HAS_B1, HAS_B2, NORM)
+                           b2_ptr + h * b2h, norm_eps, DIN, BK, H1, F1, DEPTH, ACT, IS_HH, HAS_B1, HAS_B2, NORM, HC)
         FT: tl.constexpr = 2 * F1 if IS_HH else F1
         offs_f = tl.arange(0, F1)
         s_base = s_ptr + pid_bh * (FT * D)
