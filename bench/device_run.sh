@@ -25,7 +25,7 @@ for step in "${@:-all}"; do
     bench|all) python3 -m attnplug.bench.run --sizes 1024,2048,4096 --dtypes bf16 --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt" ;;&
     model) python3 -m attnplug.bench.model --json "$OUT/model.json" 2>&1 | tee "$OUT/model.txt" ;;&
     quality)
-      Q=/tmp/quality; mkdir -p $Q; : > $Q/pids
+      Q=/tmp/quality; rm -rf $Q; mkdir -p $Q; : > $Q/pids  # a warm machine keeps the last call's rows
       IFS=';' read -ra VS <<< "${QUALITY_VARIANTS:-default;cosine lr;cosine lr 2× runs;offline fit;kernel-only;1-layer F64 hedgehog;1-layer F128 elu+1;landmarks 2 %;per-head φ;F256 + cosine lr;α_max 0.5 + cosine lr}"
       i=0
       for v in "${VS[@]}"; do
