@@ -2,6 +2,7 @@
 # One call on a lent GPU machine (docs/PERFORMANCE.md): install the carried wheels, make the repo
 # importable as `attnplug`, run the GPU kernel tests, the tile sweep and the bench; logs go to $OUT.
 # Usage (from the repo root, on the device): bash bench/device_run.sh [tests|tune|bench|model|quality|all]...
+# (`all` = tests, tune, bench, model: about 8 minutes on an H200)
 # `quality` starts one testbed.quality process per variant (CPU-bound Python: they share the GPU; layers to
 # train in QUALITY_LAYERS, servings in QUALITY_SERVING), plus `attnplug eval` of each config in QUALITY_EVALS on the committed
 # checkpoint, waits up to QUALITY_WAIT_S, then merges what finished. Everything must end inside the
@@ -20,10 +21,13 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for step in "${@:-all}"; do
   case $step in
-    tests|all) python3 -m pytest -q -p no:cacheprovider --import-mode=importlib tests/test_kernels_fused.py 2>&1 | tee "$OUT/tests.log" ;;&
+    tests|all) python3 -m pytest -q -p no:cacheprovider --import-mode=importlib tests/test_kernels_fused.py \
+      tests/test_ttr_fused.py tests/test_ttr_fused_agreement.py tests/test_ttr_compile.py tests/test_distill_train.py \
+      tests/test_distill_ttr.py tests/test_diffusers_compile.py tests/test_bench_model.py tests/test_bench_variants.py \
+      2>&1 | tee "$OUT/tests.log" ;;&
     tune|all) python3 -m attnplug.bench.tune --sizes 1024,2048 --quick 2>&1 | tee "$OUT/tune.log" ;;&
     bench|all) python3 -m attnplug.bench.run --sizes 1024,2048,4096 --dtypes bf16 --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt" ;;&
-    model) python3 -m attnplug.bench.model --json "$OUT/model.json" 2>&1 | tee "$OUT/model.txt" ;;&
+    model|all) python3 -m attnplug.bench.model --sizes 1024,2048 --json "$OUT/model.json" 2>&1 | tee "$OUT/model.txt" ;;&
     quality)
       Q=/tmp/quality; rm -rf $Q; mkdir -p $Q; : > $Q/pids  # a warm machine keeps the last call's rows
       IFS=';' read -ra VS <<< "${QUALITY_VARIANTS:-default;cosine lr;cosine lr 2× runs;offline fit;kernel-only;1-layer F64 hedgehog;1-layer F128 elu+1;landmarks 2 %;per-head φ;F256 + cosine lr;α_max 0.5 + cosine lr}"
