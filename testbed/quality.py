@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -87,7 +87,7 @@ SERVING: dict[str, list[dict[str, Any]]] = {
     "all ready": [],
     "single blocks": [{"kind": "layers", "include": ["single:*"]}],
     "single blocks from step 2": [{"kind": "layers", "include": ["single:*"]},
-                                       {"kind": "step_window", "steps": ["2:"]}],
+                                  {"kind": "step_window", "steps": ["2:"]}],
     "all but double:0": [{"kind": "layers", "exclude": ["double:0"]}],
 }
 
