@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .run import environment
+from .run import environment, time_calls
 
 #: diffusers `FluxTransformer2DModel` config of black-forest-labs/FLUX.1-dev (11.9 B parameters).
 FLUX_DEV: dict[str, Any] = {
@@ -190,27 +190,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forwards(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]:
-    """Milliseconds of each of `reps` calls: CUDA events around each call (host clock on CPU),
-    synchronised before the first and after the last."""
-    _sync(device)
-    if device.type == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for s, e in zip(starts, ends):
-            s.record()
-            fn()
-            e.record()
-        _sync(device)
-        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 @contextlib.contextmanager
 def sdpa_kernel(name: str, device: torch.device) -> Iterator[None]:
     """Restrict torch SDPA to one backend for everything in the block (`default`: torch's own choice)."""
@@ -302,7 +281,7 @@ def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: to
             if device.type == "cuda":
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            times = time_forwards(forward, device, reps)
+            times = time_calls(forward, device, reps)
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device)
                 row.peak_mib = peak / 2 ** 20

@@ -38,6 +38,27 @@ def parse_shape(text: str, heads: int, head_dim: int, txt: int, batch: int) -> S
 
 
 # ---- timing -------------------------------------------------------------------------------------------
+def time_calls(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]:
+    """Milliseconds of each of `reps` calls: CUDA events around each call (host clock on CPU),
+    synchronised before the first and after the last."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, min_reps: int, budget_ms: float) -> list[float]:
     """Per-call times (ms) after `warmup` calls: CUDA events around each call, host clock on CPU."""
     for _ in range(warmup):
@@ -50,15 +71,7 @@ def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, min_reps: 
         e.record()
         torch.cuda.synchronize(device)
         est = max(s.elapsed_time(e), 1e-3)
-        reps = int(max(min_reps, min(200, budget_ms / est)))
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize(device)
-        return [a.elapsed_time(b) for a, b in zip(starts, ends)]
+        return time_calls(fn, device, int(max(min_reps, min(200, budget_ms / est))))
     times = []
     t_end = time.perf_counter() + budget_ms / 1000
     while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < 200):
