@@ -49,9 +49,9 @@ def test_trainer_follows_the_schedule_per_layer_and_resumes_its_position():
     fresh = LayerTrainer("single:1", s.backends.get("fake"), s.distiller.optim, torch.device("cpu"))
     fresh.load_flat_state(flat)
     assert fresh.updates == 6, "a resumed layer continues its schedule, not restarts it"
-    old = {k: v for k, v in flat.items() if k != "updates"}  # a checkpoint from before the schedule
+    old = {k: v for k, v in flat.items() if k != "updates"}  # checkpoints carry only optimizer states
     fresh.load_flat_state(old)
-    assert fresh.updates == 6, "falls back to AdamW's own step count"
+    assert fresh.updates == 6, "the position is AdamW's own step count"
 
 
 def test_collect_only_then_offline_fit_trains_from_replay_and_sets_readiness():

@@ -91,7 +91,6 @@ class LayerTrainer:
     ) -> None:
         self.layer_key = layer_key
         self.cfg = cfg
-        self.updates = 0  # optimizer steps taken by this layer (drives the lr schedule)
         with torch.inference_mode(False):
             self.logvars = torch.nn.Parameter(
                 torch.tensor(cfg.logvar_init, dtype=torch.float32, device=device)
@@ -177,9 +176,15 @@ class LayerTrainer:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
             self.opt.step()
             self.logvar_opt.step()
-            self.updates += 1
             loss, cos = torch.stack([total.detach(), cos_dist.detach()]).tolist()
         return loss, cos, out.detach()
+
+    @property
+    def updates(self) -> int:
+        """Optimizer steps this layer has taken (drives the lr schedule): AdamW's own step count, so it
+        is saved and restored with the optimizer state."""
+        steps = [float(st["step"]) for st in self.opt.state.values() if "step" in st]
+        return int(max(steps, default=0.0))
 
     def _sync_device(self) -> None:
         """Move optimizer state to its parameters' device (the module may have moved since)."""
@@ -202,10 +207,7 @@ class LayerTrainer:
     # ---- state -----------------------------------------------------------------------------------
     def flat_state(self) -> dict[str, torch.Tensor]:
         """Optimizer states as named tensors (`opt/<i>/<key>`, `logvar_opt/0/<key>`) plus `logvars`."""
-        out: dict[str, torch.Tensor] = {
-            "logvars": self.logvars.detach().clone(),
-            "updates": torch.tensor(self.updates, dtype=torch.int64),
-        }
+        out: dict[str, torch.Tensor] = {"logvars": self.logvars.detach().clone()}
         for prefix, opt in (("opt", self.opt), ("logvar_opt", self.logvar_opt)):
             for idx, st in opt.state_dict()["state"].items():
                 for key, val in st.items():
@@ -227,11 +229,6 @@ class LayerTrainer:
                         f"layer {self.layer_key}: logvars shape {tuple(lv.shape)}, expected (2,)"
                     )
                 self.logvars.data.copy_(lv.to(self.logvars.device))
-            if "updates" in flat:
-                self.updates = int(flat["updates"])
-            else:  # checkpoints before the lr schedule: AdamW's own step count
-                steps = [v for n, v in flat.items() if n.startswith("opt/") and n.endswith("/step")]
-                self.updates = int(max((float(v) for v in steps), default=0.0))
             for prefix, opt, params in (
                 ("opt", self.opt, self.params),
                 ("logvar_opt", self.logvar_opt, [self.logvars]),
