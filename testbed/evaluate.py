@@ -64,6 +64,7 @@ def evaluate(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path | 
         approx_images, approx_step_s = _timed_sample(approx, prompts, noise, steps, batch_size)
         session.run_end()
         served = _served_layers(session)
+        calls_share = _share_calls_served(session)
         session.config.root.shadow_exact = True  # per-layer output fidelity, measured in the fidelity pass only
         fidelity = sampling.velocity_fidelity(exact, approx, prompts, noise, steps=steps)
         session.run_end()
@@ -89,6 +90,7 @@ def evaluate(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path | 
         "layers_ready": ready,
         "layers_served": served,
         "share_layers_served": len(served) / max(len(all_layers), 1),
+        "share_calls_served": calls_share,
         "per_layer_fidelity": per_layer,
         "seconds_per_step_exact": exact_step_s,
         "seconds_per_step_approx": approx_step_s,
@@ -98,14 +100,21 @@ def evaluate(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path | 
     return result
 
 
+def _approx_calls(session: Any, stats: Any) -> int:
+    """How many of a layer's calls an approximate (non-exact) backend served."""
+    return sum(n for name, n in stats.served.items() if not session.backends.get(name).capabilities.exact)
+
+
 def _served_layers(session: Any) -> list[str]:
     """Layers where an approximate (non-exact) backend served at least 90 % of the calls."""
-    served = []
-    for key, stats in session.stats.items():
-        approx = sum(n for name, n in stats.served.items() if not session.backends.get(name).capabilities.exact)
-        if stats.calls and approx >= 0.9 * stats.calls:
-            served.append(key)
-    return sorted(served)
+    return sorted(key for key, stats in session.stats.items()
+                  if stats.calls and _approx_calls(session, stats) >= 0.9 * stats.calls)
+
+
+def _share_calls_served(session: Any) -> float:
+    """Share of all attention calls (every layer, step and batch) an approximate backend served."""
+    calls = sum(stats.calls for stats in session.stats.values())
+    return sum(_approx_calls(session, stats) for stats in session.stats.values()) / max(calls, 1)
 
 
 def strip_images(result: Mapping[str, Any]) -> dict[str, Any]:
