@@ -123,7 +123,7 @@ def make_inputs(config: dict[str, Any], px: int, txt: int, batch: int, device: t
 # ---- modes -----------------------------------------------------------------------------------------
 def ttr_share(mode: str) -> int | None:
     """The percentage of single-block layers a `ttr-N` mode serves, None for other modes."""
-    m = re.fullmatch(r"ttr-(\d+)", mode)
+    m = re.fullmatch(r"ttr-(\d+)(/per-step)?", mode)
     if m is None:
         return None
     pct = int(m[1])
@@ -153,9 +153,11 @@ def mode_config(mode: str, n_single: int, ttr_kernel: str,
     pct = ttr_share(mode)
     if pct is None:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)} (or ttr-N for N % of "
-                         "the single blocks)")
+                         "the single blocks, ttr-N/per-step with the non-finite check once per step)")
     base["plugins"].setdefault("ttr", {}).setdefault("kernel", ttr_kernel)
     # strict: a ttr row measures ttr on exactly the gated layers, or fails with the reason
+    if mode.endswith("/per-step"):  # the non-finite check once per step instead of a device sync per call
+        base["finite_check"] = "per_step"
     return {**base, "backend": "ttr", "strict": True,
             "gates": [{"kind": "layers", "include": ttr_include(pct, n_single)}]}
 
@@ -340,7 +342,7 @@ def run_bench_model(sizes: list[int], modes: list[str], device: torch.device, dt
             if native_ms and row.ms:
                 row.x_native = native_ms / row.ms
             rows.append(row)
-            log(f"  {row.size:>7} {mode:<8} " + (f"{row.ms:10.2f} ms" if row.ms is not None else "") +
+            log(f"  {row.size:>7} {mode:<16} " + (f"{row.ms:10.2f} ms" if row.ms is not None else "") +
                 (f"  skipped: {row.skipped}" if row.skipped else ""))
         del inputs
     del model
@@ -360,7 +362,7 @@ def _count(n: int) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """Fixed-width table: ms per forward, ratio to native, peak memory, error vs native, what served."""
-    lines = [(f"{'size':>7} {'tokens':>13} {'mode':<8} {'ms':>9} {'spread':>15} {'x native':>8} {'peak GiB':>8} "
+    lines = [(f"{'size':>7} {'tokens':>13} {'mode':<16} {'ms':>9} {'spread':>15} {'x native':>8} {'peak GiB':>8} "
              f"{'+act GiB':>8} {'err/nat':>8}  served per forward")]
     for r in report["results"]:
         tokens = f"{r['n_txt']}+{r['n_image']}"
@@ -370,7 +372,7 @@ def format_table(report: dict[str, Any]) -> str:
         if r["fallbacks"]:
             served += f"; FALLBACKS {r['fallbacks']}"
         if r["ms"] is None:
-            lines.append(f"{r['size']:>7} {tokens:>13} {r['mode']:<8} skipped: {r['skipped']}  [{served}]")
+            lines.append(f"{r['size']:>7} {tokens:>13} {r['mode']:<16} skipped: {r['skipped']}  [{served}]")
             continue
         spread = f"{r['ms_spread'][0]:.1f}-{r['ms_spread'][1]:.1f}"
         x = f"{r['x_native']:8.3f}" if r["x_native"] is not None else f"{'-':>8}"
@@ -378,7 +380,7 @@ def format_table(report: dict[str, Any]) -> str:
         extra = f"{r['peak_extra_mib'] / 1024:8.2f}" if r["peak_extra_mib"] is not None else f"{'-':>8}"
         err = f"{r['rel_err_vs_native']:8.1e}" if r["rel_err_vs_native"] is not None else f"{'-':>8}"
         flag = f"  ({r['warning']})" if r["warning"] else ""
-        lines.append(f"{r['size']:>7} {tokens:>13} {r['mode']:<8} {r['ms']:9.2f} {spread:>15} {x} {peak} {extra} "
+        lines.append(f"{r['size']:>7} {tokens:>13} {r['mode']:<16} {r['ms']:9.2f} {spread:>15} {x} {peak} {extra} "
                      f"{err}  {served}{flag}")
     m, s = report["model"], report["settings"]
     lines.append(f"model: {m['num_layers']} double + {m['num_single_layers']} single blocks, "
@@ -397,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default=None, help="comma list of image sides in pixels (multiples of 16); "
                                                  "default 1024,2048 (--smoke: 128,256)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)} (ttr-N: N %% of "
-                                                           "the single blocks)")
+                                                           "the single blocks; ttr-N/per-step: with "
+                                                           "finite_check = 'per_step')")
     p.add_argument("--reps", type=int, default=None, help="timed forwards per mode, median reported (default 10; "
                                                           "--smoke: 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed forwards per mode before timing, >= 1 "

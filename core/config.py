@@ -45,6 +45,12 @@ class SessionConfig(Strict):
                                            "teacher: 'host' (the host's own attention) or 'sdpa'.")
     strict: bool = Field(False, description="Raise instead of falling back to exact attention when the "
                                             "approximate backend cannot serve a call or returns non-finite values.")
+    finite_check: Literal["every_call", "per_step"] = Field(
+        "every_call", description="How a non-finite output of the approximate backend is caught. 'every_call': "
+                                  "that call gets exact attention instead (one device sync per call: the CPU "
+                                  "cannot run ahead of the GPU). 'per_step': checked once per sampler step, "
+                                  "without a sync per call; a layer that produced non-finite values is served "
+                                  "exact for the rest of the run, but the step it happened in keeps them.")
     training: bool = Field(False, description="Run the distiller while sampling.")
     distiller: str | None = Field(None, description="Registered distiller to train with (e.g. 'ttr').")
     mode: Literal["passthrough", "preview"] = Field(

@@ -98,6 +98,10 @@ class Session:
         self._last_step: int | None = None
         self._last_sigma: float | None = None
         self._warned: set[tuple[str, str]] = set()
+        # finite_check = "per_step": device-side flags of this step's approximate outputs, checked at the
+        # next step (one sync), and the layers found non-finite (served exact until the run ends)
+        self._pending_finite: list[tuple[str, str, torch.Tensor]] = []
+        self._nonfinite_layers: set[str] = set()
         self._reasons_cache: dict[tuple[Any, ...], list[str]] = {}
         self.closed = False
 
@@ -153,7 +157,8 @@ class Session:
         self.run.calls += 1
         route = self.router.route(call, self.run.index)
         # while training in passthrough mode the sampler always gets exact attention
-        serve_approximate = route.approximate and not (self.training and self.config.root.mode == "passthrough")
+        serve_approximate = route.approximate and not (self.training and self.config.root.mode == "passthrough") \
+            and call.layer_key not in self._nonfinite_layers
 
         if self.training and self.distiller is not None and self._distiller_wants(call):
             teacher = self._exact(q, k, v, call, mask, host_attention, stats)
@@ -185,7 +190,11 @@ class Session:
                 raise ApproximationError(f"backend {route.backend!r} failed on {call.layer_key}: {exc}") from exc
             return self._fallback(call, route.backend, f"error: {type(exc).__name__}: {exc}", q, k, v, mask,
                                   host_attention, stats, teacher)
-        if not bool(torch.isfinite(out).all()):
+        if self.config.root.finite_check == "per_step":
+            self._pending_finite.append((call.layer_key, route.backend, torch.isfinite(out).all()))
+            if len(self._pending_finite) >= 1024:  # a host that reports no steps: still check now and then
+                self._check_pending_finite()
+        elif not bool(torch.isfinite(out).all()):
             return self._fallback(call, route.backend, "non-finite output", q, k, v, mask, host_attention, stats,
                                   teacher)
         stats.served[route.backend] += 1
@@ -274,15 +283,36 @@ class Session:
             self.run_start(num_steps=call.num_steps)
         key = (call.step_index, call.sigma)
         if key != self._step_key:
+            self._check_pending_finite()
             self._step_key = key
             self._last_step = call.step_index if call.step_index is not None else self._last_step
             self._last_sigma = call.sigma if call.sigma is not None else self._last_sigma
             self.step(call.step_index if call.step_index is not None else -1, call.sigma)
 
+    def _check_pending_finite(self) -> None:
+        """finite_check = "per_step": read the flags of the approximate outputs since the last check (one
+        sync); a layer with non-finite output is counted, warned once, and served exact until the run ends."""
+        if not self._pending_finite:
+            return
+        pending, self._pending_finite = self._pending_finite, []
+        flags = torch.stack([f.to("cpu", non_blocking=False) for _, _, f in pending]).tolist()
+        for (layer_key, backend, _), finite in zip(pending, flags):
+            if finite:
+                continue
+            if self.strict:
+                raise ApproximationError(f"backend {backend!r} returned non-finite values on {layer_key} "
+                                         "(strict mode, finite_check = 'per_step')")
+            self.stats[layer_key].fallbacks["non-finite output (per-step check)"] += 1
+            self._nonfinite_layers.add(layer_key)
+            self.warn_once(layer_key, "fallback:non-finite per step",
+                           f"backend {backend!r} returned non-finite values on {layer_key}; that step kept them "
+                           "(finite_check = 'per_step'), the layer is served exact until the run ends")
+
     def run_start(self, num_steps: int | None = None, **host_info: Any) -> RunInfo:
         """A sampling run starts (hosts call this; the session also detects runs by itself)."""
         if self.run is not None:
             self.run_end()
+        self._nonfinite_layers.clear()
         self.run = RunInfo(index=self.runs_done, num_steps=num_steps, host=dict(host_info))
         self._step_key = None
         self._last_step = None
@@ -306,6 +336,7 @@ class Session:
         if run is None:
             return None
         run.ended = time.time()
+        self._check_pending_finite()
         if self.distiller is not None:
             self._safe(self.distiller.run_end, run)
         self.plugins.run_end(self, run)

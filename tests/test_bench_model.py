@@ -79,6 +79,9 @@ def test_flux_dev_shares_and_config() -> None:
     n = bm.FLUX_DEV["num_single_layers"]
     assert bm.ttr_include(0, n) == [] and bm.ttr_include(50, n) == ["single:0-18"]
     assert bm.ttr_include(100, n) == ["single:*"]
+    per_step = bm.mode_config("ttr-50/per-step", n, "auto")
+    assert per_step["finite_check"] == "per_step" and per_step["gates"][0]["include"] == ["single:0-18"]
+    assert "finite_check" not in bm.mode_config("ttr-50", n, "auto")
     assert bm.compress_keys(["single:2", "single:0", "single:1", "double:4", "single:7"]) == \
         "double:4, single:0-2, single:7"
     from diffusers import FluxTransformer2DModel

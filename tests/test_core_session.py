@@ -59,8 +59,9 @@ class Broken(Backend):
         return torch.zeros_like(q) + 7.0
 
 
-def _session(core_plugins, mode, strict=False):
-    s = Session({"backend": "sdpa", "exact": "sdpa", "strict": strict, "loggers": []}, core_plugins)
+def _session(core_plugins, mode, strict=False, finite_check="every_call"):
+    s = Session({"backend": "sdpa", "exact": "sdpa", "strict": strict, "loggers": [], "finite_check": finite_check},
+                core_plugins)
     s.backends.add(Broken(mode), "test")
     s.router.primary = "broken"
     return s
@@ -78,6 +79,37 @@ def test_failing_approximation_falls_back_to_exact_and_says_so(core_plugins, mak
     assert stats.fallbacks[reason] == 3 and stats.served["sdpa"] == 3
     warnings = [r for r in caplog.records if "fell back to exact" in r.getMessage()]
     assert len(warnings) == 1 and "single:0" in warnings[0].getMessage()  # once per layer
+
+
+def test_per_step_finite_check_serves_exact_after_the_step_that_went_non_finite(core_plugins, make_call, caplog):
+    """finite_check = "per_step": no sync per call; the step that produced NaN keeps it (documented), the
+    next steps of that layer get exact attention, it is counted and warned once; a new run retries."""
+    s = _session(core_plugins, "nan", finite_check="per_step")
+    q, k, v = (torch.randn(1, 2, 12, 8) for _ in range(3))
+    with caplog.at_level(logging.WARNING, logger="attnplug"):
+        first = s.attention(q, k, v, make_call("single:0", step_index=0))
+        assert torch.isnan(first).all()  # not checked within the step
+        for step in (1, 2):
+            torch.testing.assert_close(s.attention(q, k, v, make_call("single:0", step_index=step)), sdpa(q, k, v))
+    stats = s.stats["single:0"]
+    assert stats.fallbacks["non-finite output (per-step check)"] == 1
+    assert stats.served["broken"] == 1 and stats.served["sdpa"] == 2
+    warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(warnings) == 1 and "single:0" in warnings[0]
+    s.run_end()
+    assert torch.isnan(s.attention(q, k, v, make_call("single:0", step_index=0))).all()  # a new run retries
+
+
+def test_per_step_finite_check_keeps_finite_outputs_and_raises_in_strict_mode(core_plugins, make_call):
+    s = _session(core_plugins, "ok", finite_check="per_step")
+    q = torch.randn(1, 2, 6, 8)
+    for step in range(3):
+        assert float(s.attention(q, q, q, make_call(step_index=step)).mean()) == 7.0
+    assert not s.stats["single:0"].fallbacks
+    strict = _session(core_plugins, "nan", strict=True, finite_check="per_step")
+    strict.attention(q, q, q, make_call(step_index=0))
+    with pytest.raises(ApproximationError, match="single:0"):
+        strict.attention(q, q, q, make_call(step_index=1))
 
 
 def test_unsupported_mask_falls_back(core_plugins, make_call):

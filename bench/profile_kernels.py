@@ -1,0 +1,70 @@
+"""Where the fused ttr layer's time goes: device time per kernel, from torch's profiler (GPU only).
+
+`python -m attnplug.bench.profile_kernels --sizes 1024,2048` runs the default layer (2-layer φ,
+hidden 256, F = 128, 8 % landmarks, adaptive α) on the fused path and prints, per size and kernel
+configuration, the device time of each kernel per layer call — the key pass, the query passes, the
+landmark SDPA chunks, the mean of d — beside cuDNN SDPA's. Used to pick what to optimize next
+(docs/PERFORMANCE.md, "Where the time goes").
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from ..plugins.landmark.selection import select_landmarks
+from ..plugins.ttr.kernels import KernelConfig, random_phi, ttr_forward_fused
+from .run import parse_shape
+
+
+def kernel_times_us(fn, calls: int) -> dict[str, float]:
+    """Device time (µs) per call of every kernel `fn` launches, by kernel name, after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = collections.defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            times[ev.name[:70]] += ev.device_time / calls
+    return dict(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="attnplug-bench-profile")
+    p.add_argument("--sizes", default="1024,2048")
+    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--hidden-chunks", default="0,64", help="KernelConfig.hidden_chunk values to profile")
+    a = p.parse_args(argv)
+    dev = torch.device("cuda")
+    for size in a.sizes.split(","):
+        s = parse_shape(size, 24, 128, 512, 1)
+        q, k, v = (torch.randn(1, 24, s.n, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        g = torch.Generator().manual_seed(0)
+        pq = random_phi(128, 256, 128, 2, generator=g, device=dev)
+        pk = random_phi(128, 256, 128, 2, generator=g, device=dev)
+        idx = select_landmarks(s.n, 512, 0.08, 64, 0)[0].to(dev)
+        runs = {"sdpa cudnn": lambda: F.scaled_dot_product_attention(q, k, v)}
+        for hc in (int(x) for x in a.hidden_chunks.split(",")):
+            cfg = KernelConfig(hidden_chunk=hc)
+            for impl in ("fused", "sdpa"):
+                runs[f"ttr {impl}-lm hc={hc}"] = (
+                    lambda cfg=cfg, impl=impl: ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, config=cfg,
+                                                                 landmark_impl=impl, strict=True))
+            runs[f"ttr kernel-only hc={hc}"] = (
+                lambda cfg=cfg: ttr_forward_fused(q, k, v, pq, pk, config=cfg, strict=True))
+        for name, fn in runs.items():
+            times = kernel_times_us(fn, a.calls)
+            print(f"\n{size} ({s.n} tokens, {idx.numel()} landmarks) {name}: {sum(times.values()):.1f} µs device")
+            for kname, us in sorted(times.items(), key=lambda kv: -kv[1]):
+                print(f"  {us:9.1f} µs  {kname}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
