@@ -64,6 +64,18 @@ _OFFLINE = {"plugins": {"distill": {
     "train_steps_per_call": 0, "replay_per_layer": 640, "replay_max_mb": 6144.0, "replay_offload_cpu": False,
     "query_cap": 512, "lr_schedule": "cosine", "lr_decay_updates": 1500, "lr_min_ratio": 0.0}}}
 
+#: Train on every query (the testbed has 1088 tokens) instead of a subsample: the landmark window needs
+#: each query's grid position, which the distiller does not pass for a subsample (the landmark
+#: backend then drops the window for that call and warns). "all queries" is the window's control.
+_ALL_QUERIES = {"plugins": {"distill": {"query_cap": 4096}}}
+
+
+def _window(radius: int, ttr: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Overrides of a landmark-window variant: window radius `radius`, every query trained, `ttr` overrides."""
+    over = merge(_ALL_QUERIES, {"plugins": {"landmark": {"window": radius}}})
+    return merge(over, {"plugins": {"ttr": ttr}}) if ttr else over
+
+
 #: name → variant (names without commas: `--variants` is a comma list). The base trains every layer;
 #: readiness decides.
 VARIANTS: dict[str, Variant] = {
@@ -80,6 +92,12 @@ VARIANTS: dict[str, Variant] = {
     "α_max 0.5 + cosine lr": Variant(merge(_COSINE, {"plugins": {"ttr": {"alpha_max": 0.5}}}), decay_over_plan=True),
     "α_max 0.5": Variant({"plugins": {"ttr": {"alpha_max": 0.5}}}),
     "α_max 1 + cosine lr": Variant(merge(_COSINE, {"plugins": {"ttr": {"alpha_max": 1.0}}}), decay_over_plan=True),
+    # the landmark branch plus a local window (QUALITY.md: single:1/2 attend locally)
+    "all queries": Variant(_ALL_QUERIES),
+    "window r2": Variant(_window(2)),
+    "window r1": Variant(_window(1)),
+    "window r4": Variant(_window(4)),
+    "window r2 + α_max 0.5": Variant(_window(2, {"alpha_max": 0.5})),
 }
 
 #: Ways to serve a distilled checkpoint: name → gates (readiness always applies on top).
@@ -178,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--eval-steps", type=int, default=20)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="Comma list of variants (default: all, in this order): "
+                         + "; ".join(VARIANTS).replace("%", "%%"))
     ap.add_argument("--budget-s", type=float, default=420.0, help="Start no new variant after this many seconds.")
     ap.add_argument("--layers", default="", help="Comma list of layer patterns to train (default: all).")
     ap.add_argument("--serving", default="", help=f"Comma list of servings to evaluate (default: all of {list(SERVING)}).")

@@ -1,10 +1,14 @@
 """The quality sweep's variants: their configs validate, plans differ as documented, and the offline
-fit (collect while sampling, then fit on the replay) runs end to end on the testbed."""
+fit (collect while sampling, then fit on the replay) and a landmark-window variant run end to end on
+the testbed."""
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
+import pytest
 from attnplug.core.config import load_config
+from attnplug.plugins.landmark.backend import LandmarkBackend
 from attnplug.testbed.demo import DemoPlan, run_demo
 from attnplug.testbed.quality import SERVING, VARIANTS, base_config, merge
 
@@ -33,3 +37,33 @@ def test_offline_fit_collects_then_fits(tmp_path, one_thread):
     per_layer = metrics["distill"]["updates_per_layer"]
     assert len(per_layer) == 8 and set(per_layer.values()) == {3}, per_layer
     assert metrics["distill"]["updates"] == 24
+
+
+def test_window_variant_trains_through_the_window(tmp_path, one_thread, monkeypatch, caplog):
+    """The distiller trains on every query, the host reports the grid: the window is used, never dropped."""
+    windows: list[tuple[int, int]] = []
+    table = LandmarkBackend.window_table
+
+    def spy(self, grid, n_cond, device):
+        windows.append(grid)
+        return table(self, grid, n_cond, device)
+
+    monkeypatch.setattr(LandmarkBackend, "window_table", spy)
+    plan = replace(DemoPlan.quick(), runs=1, steps=2)
+    variant = VARIANTS["window r2"]
+    cfg = variant.config(base_config(), variant.plan(plan))
+    assert cfg["plugins"]["landmark"]["window"] == 2
+    cfg["plugins"]["distill"]["layers"] = ["single:1"]
+    with caplog.at_level(logging.WARNING, logger="attnplug"):
+        metrics = run_demo(tmp_path / "window", config=cfg, plan=variant.plan(plan), progress=False)
+    assert metrics["distill"]["updates_per_layer"] == {"single:1": 2}
+    assert windows and set(windows) == {(32, 32)}
+    assert not [r.getMessage() for r in caplog.records if "landmark" in r.getMessage()]
+
+
+@pytest.mark.parametrize("name", ["window r1", "window r4", "window r2 + α_max 0.5"])
+def test_window_variants_set_the_window(name):
+    cfg = VARIANTS[name].config(base_config(), DemoPlan())
+    assert cfg["plugins"]["landmark"]["window"] == int(name.split()[1][1])
+    assert cfg["plugins"]["distill"]["query_cap"] >= 1088
+    assert cfg["plugins"].get("ttr", {}).get("alpha_max", 0.2) == (0.5 if "α_max" in name else 0.2)

@@ -1,1 +1,2 @@
-"""landmark plugin: landmark selection and exact softmax against the landmarks (see plugin.py)."""
+"""landmark plugin: landmark selection and exact softmax against the landmarks, optionally plus a
+local window per image query (see plugin.py)."""

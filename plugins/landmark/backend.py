@@ -1,10 +1,12 @@
-"""The `landmark` backend: exact softmax against every conditioning token plus an image-token budget.
+"""The `landmark` backend: exact softmax against every conditioning token plus an image-token budget,
+optionally joined by a local 2-D window of image keys around each image query (`window = r`).
 
 Usable alone (approximate, not learned, always ready) and as the residual branch of the ttr hybrid
 layer, which finds it through the session's backend registry by name and calls `branch(...)`.
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import torch
@@ -12,15 +14,22 @@ import torch
 from ...core.backend import Backend, Capabilities, capability_reasons
 from ...core.call import AttentionCall
 from ...core.masks import key_padding
-from .attention import gather_landmarks, landmark_softmax
+from .attention import gather_landmarks, landmark_softmax, landmark_window_softmax, window_table
 from .selection import image_budget, select_landmarks
 from .settings import LandmarkSettings
 
 _CACHE_SIZE = 64
+log = logging.getLogger("attnplug")
 
 
 class LandmarkBackend(Backend):
-    """Landmark softmax attention. `branch` is the protocol the hybrid layer uses (fp32, differentiable)."""
+    """Landmark softmax attention. `branch` is the protocol the hybrid layer uses (fp32, differentiable).
+
+    With `settings.window = r > 0` every image query also sees the image keys within Chebyshev
+    radius r of its own grid position (one joint softmax, each key counted once); conditioning
+    queries see the landmarks only. Calls without a usable latent grid, or whose queries are a
+    subset of the sequence with unknown positions, use the landmarks only (warned once per reason).
+    """
 
     name = "landmark"
     capabilities = Capabilities(mask_kinds=("none", "key_padding"), learned=False, exact=False)
@@ -28,6 +37,8 @@ class LandmarkBackend(Backend):
     def __init__(self, settings: LandmarkSettings | None = None) -> None:
         self.settings = settings or LandmarkSettings()
         self._idx_cache: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+        self._window_cache: OrderedDict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._warned: set[str] = set()  # window fallback reasons already logged by this instance
 
     def not_supported_reasons(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                               mask: torch.Tensor | None = None) -> list[str]:
@@ -43,19 +54,29 @@ class LandmarkBackend(Backend):
         s = self.settings
         return n_cond + min(image_budget(n_keys - n_cond, s.fraction, s.min, s.max), n_keys - n_cond)
 
+    @staticmethod
+    def key_mask(k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The host mask as `[B, Nk]` key padding (True = valid), or None when no key is masked.
+
+        Raises ValueError for masks that vary per query or head (not supported here)."""
+        if mask is None:
+            return None
+        keep = key_padding(mask, 1, k.shape[2])
+        if keep is None:
+            raise ValueError("landmark: only key-padding masks are supported (the mask varies per query or head)")
+        if bool(keep.all()):
+            return None
+        if keep.shape[0] == 1 and k.shape[0] > 1:
+            keep = keep.expand(k.shape[0], -1)
+        return keep
+
     def indices(self, k: torch.Tensor, call: AttentionCall,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(idx, valid)` on k's device, see `select_landmarks`; cached per shape when there is no mask."""
         s = self.settings
         n_keys = k.shape[2]
-        keep = key_padding(mask, 1, n_keys) if mask is not None else None
-        if mask is not None and keep is None:
-            raise ValueError("landmark: only key-padding masks are supported (the mask varies per query or head)")
-        if keep is not None and bool(keep.all()):
-            keep = None
+        keep = self.key_mask(k, mask)
         if keep is not None:
-            if keep.shape[0] == 1 and k.shape[0] > 1:
-                keep = keep.expand(k.shape[0], -1)
             idx, valid = select_landmarks(n_keys, call.n_cond_tokens, s.fraction, s.min, s.max, s.layout,
                                           call.latent_grid, keep)
             return idx.to(k.device), valid.to(k.device) if valid is not None else None
@@ -72,14 +93,114 @@ class LandmarkBackend(Backend):
             self._idx_cache.move_to_end(key)
         return idx, None
 
+    # ---- local window ------------------------------------------------------------------------------
+    def window_table(self, grid: tuple[int, int], n_cond: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(idx, valid)` `[h*w, (2r+1)²]` on `device`: each image token's window as key-sequence
+        indices (conditioning tokens first) and its in-grid mask; cached per (grid, r, n_cond, device)."""
+        r = self.settings.window
+        key = (grid, r, n_cond, device)
+        hit = self._window_cache.get(key)
+        if hit is not None:
+            self._window_cache.move_to_end(key)
+            return hit
+        idx, valid = window_table(grid, r)
+        hit = ((idx + n_cond).to(device), valid.to(device))
+        self._window_cache[key] = hit
+        if len(self._window_cache) > _CACHE_SIZE:
+            self._window_cache.popitem(last=False)
+        return hit
+
+    def _warn_once(self, reason: str, message: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("attnplug: landmark: %s", message)
+
+    def _window_fallback(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall,
+                         query_index: torch.Tensor | None) -> bool:
+        """Whether a call must run without the window (warned once per reason and backend instance)."""
+        r = self.settings.window
+        n_keys = k.shape[2]
+        n_img = n_keys - max(0, min(call.n_cond_tokens, n_keys))
+        grid = call.latent_grid
+        if n_img == 0:
+            return True  # no image query: nothing to window
+        if grid is None:
+            self._warn_once("no-grid", f"window = {r} needs the latent grid, but {call.layer_key}'s call has none "
+                                       "(host did not report it); such calls use the landmarks only")
+            return True
+        if grid[0] * grid[1] != n_img:
+            self._warn_once("grid-mismatch", f"window = {r}: {call.layer_key} has {n_img} image tokens but its "
+                                             f"latent grid {grid} holds {grid[0] * grid[1]}; such calls use the "
+                                             "landmarks only")
+            return True
+        if query_index is None and q.shape[2] != n_keys:
+            self._warn_once("query-subset", f"window = {r} needs each query's grid position, but "
+                                            f"{call.layer_key} got {q.shape[2]} queries for {n_keys} keys and no "
+                                            "query_index (e.g. the distiller's query subsample: set "
+                                            "[plugins.distill] query_cap >= the token count); such calls use the "
+                                            "landmarks only, so they differ from full-sequence calls")
+            return True
+        return False
+
+    def _window_rows(self, positions: torch.Tensor, k: torch.Tensor, call: AttentionCall, idx: torch.Tensor,
+                     valid: torch.Tensor | None, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(win_idx [n, W], win_ok [Bm, n, W])` for queries at key-sequence `positions [n]`.
+
+        An entry counts when it is inside the grid, the query is an image token, the key is not
+        already a landmark (of that batch element) and not padded."""
+        n_cond = max(0, min(call.n_cond_tokens, k.shape[2]))
+        assert call.latent_grid is not None
+        table, inside = self.window_table(call.latent_grid, n_cond, k.device)
+        is_img = positions >= n_cond
+        rows = (positions - n_cond).clamp_min(0)
+        win_idx = table.index_select(0, rows)
+        ok = inside.index_select(0, rows) & is_img[:, None]
+        if idx.dim() == 1:
+            is_lm = torch.zeros(1, k.shape[2], dtype=torch.bool, device=k.device)
+            is_lm[0, idx] = True
+        else:  # per-batch landmark sets, padded with index 0 / valid False: count, never overwrite
+            assert valid is not None
+            is_lm = torch.zeros(idx.shape[0], k.shape[2], dtype=torch.int32, device=k.device)
+            is_lm = is_lm.scatter_add_(1, idx, valid.to(torch.int32)) > 0
+        allowed = ~is_lm if keep is None else keep.to(k.device) & ~is_lm
+        return win_idx, ok[None] & allowed[:, win_idx]
+
     # ---- attention --------------------------------------------------------------------------------
     def branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Landmark attention `[B, H, Nq, Dv]` in fp32 (differentiable; used by the hybrid layer)."""
+               mask: torch.Tensor | None = None, query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Landmark attention `[B, H, Nq, Dv]` in fp32 (differentiable; used by the hybrid layer).
+
+        :param query_index: `[Nq]` long key-sequence positions of q's rows, needed by the window when
+            the queries are a subset of the sequence; None means q covers the sequence (`Nq == Nk`).
+            Ignored when `window = 0`.
+        """
         idx, valid = self.indices(k, call, mask)
         k_l = gather_landmarks(k, idx)
         v_l = gather_landmarks(v, idx)
-        return landmark_softmax(q, k_l, v_l, valid, q.shape[-1] ** -0.5, self.settings.query_chunk)
+        scale = q.shape[-1] ** -0.5
+        chunk = self.settings.query_chunk
+        if self.settings.window == 0 or self._window_fallback(q, k, call, query_index):
+            return landmark_softmax(q, k_l, v_l, valid, scale, chunk)
+        keep = self.key_mask(k, mask)
+        if query_index is not None:
+            if query_index.dim() != 1 or query_index.shape[0] != q.shape[2] or query_index.is_floating_point():
+                raise ValueError(f"landmark: query_index must be [{q.shape[2]}] integer positions, "
+                                 f"got {tuple(query_index.shape)} {query_index.dtype}")
+            positions = query_index.to(device=k.device, dtype=torch.long)
+            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= k.shape[2]):
+                raise ValueError(f"landmark: query_index must lie in [0, {k.shape[2]}), got "
+                                 f"[{int(positions.min())}, {int(positions.max())}]")
+            win_idx, win_ok = self._window_rows(positions, k, call, idx, valid, keep)
+            return landmark_window_softmax(q, k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk)
+        # the whole sequence: conditioning rows see the landmarks only, image rows get their window
+        n_cond = max(0, min(call.n_cond_tokens, k.shape[2]))
+        positions = torch.arange(n_cond, k.shape[2], device=k.device)
+        win_idx, win_ok = self._window_rows(positions, k, call, idx, valid, keep)
+        out_img = landmark_window_softmax(q[:, :, n_cond:], k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk)
+        if n_cond == 0:
+            return out_img
+        return torch.cat([landmark_softmax(q[:, :, :n_cond], k_l, v_l, valid, scale, chunk), out_img], dim=2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,7 +209,9 @@ class LandmarkBackend(Backend):
     def memory_estimate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                         training: bool = False) -> int:
         """Working bytes beyond inputs and output: fp32 landmark K/V, logits and weights of one query
-        chunk, the fp32 result before the cast (all logits when training: autograd keeps them)."""
+        chunk, the fp32 result before the cast (all logits when training: autograd keeps them). With a
+        window: the gathered fp32 window K/V and window logits of one chunk (of every query when
+        training) and the `[Nq, W]` index tables."""
         b, h, nq, d = q.shape
         dv = v.shape[-1]
         n_l = self.count(k.shape[2], call.n_cond_tokens)
@@ -97,4 +220,8 @@ class LandmarkBackend(Backend):
         logits = 2 * b * h * rows * n_l * 4
         q32 = b * h * rows * d * 4
         out32 = b * h * nq * dv * 4
-        return int(gathered + logits + q32 + out32)
+        window = 0
+        if self.settings.window:
+            n_win = (2 * self.settings.window + 1) ** 2
+            window = b * h * rows * n_win * (d + dv + 2) * 4 + nq * n_win * (8 + 1 + b)
+        return int(gathered + logits + q32 + out32 + window)

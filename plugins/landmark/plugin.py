@@ -1,5 +1,8 @@
 """landmark plugin: the `landmark` backend and its `[plugins.landmark]` config section.
 
+Exact softmax against the landmarks (every conditioning token plus an image-token budget) and,
+with `window = r > 0`, also against each image query's local (2r+1)² window on the latent grid.
+
 The ttr hybrid layer uses this backend's `branch(q, k, v, call, mask)` through the session's
 backend registry (`session.backends.get("landmark")`); the plugins never import each other.
 """
@@ -30,4 +33,5 @@ _factory.capabilities = LandmarkBackend.capabilities  # type: ignore[attr-define
 @hookimpl
 def attnplug_register_backends(registrar: "Registrar") -> None:
     registrar.add("landmark", _factory, LandmarkSettings,
-                  doc="exact softmax against all conditioning tokens + a share of image tokens (approximate)")
+                  doc="exact softmax against all conditioning tokens + a share of image tokens (+ an optional local "
+                      "window per image query) (approximate)")

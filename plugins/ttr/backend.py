@@ -42,6 +42,7 @@ class TtrBackend(LearnedBackend):
         #: sticky per-layer chunk sizes (e.g. shrunk after an out-of-memory), `(key_chunk, query_chunk)`.
         self.chunks: dict[str, tuple[int, int]] = {}
         self._fused_failed: set[str] = set()  # layers whose fused kernels failed once ('auto' stops trying)
+        self._fused_declined: set[str] = set()  # reasons the fused path was declined, logged once each
 
     # ---- landmark branch via the registry -------------------------------------------------------
     def landmark_branch(self) -> LandmarkBranch | None:
@@ -131,6 +132,13 @@ class TtrBackend(LearnedBackend):
             owner = getattr(branch, "__self__", None)
             if not hasattr(owner, "indices"):
                 reasons.append(f"landmark backend {self.settings.landmark_backend!r} exposes no indices()")
+            elif getattr(getattr(owner, "settings", None), "window", 0):
+                # the kernels fuse landmarks only; serving them would differ from what was trained
+                reason = "landmark window > 0 has no fused kernel"
+                reasons.append(reason)
+                if mode == "auto" and reason not in self._fused_declined:
+                    self._fused_declined.add(reason)
+                    log.warning("attnplug: ttr: %s; ttr layers use the PyTorch path", reason)
             else:
                 idx, valid = owner.indices(k, call, mask)
                 if valid is not None:
