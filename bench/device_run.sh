@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (docs/PERFORMANCE.md): install the carried wheels, make the repo
 # importable as `attnplug`, run the GPU kernel tests, the tile sweep and the bench; logs go to $OUT.
-# Usage (from the repo root, on the device): bash bench/device_run.sh [tests|tune|bench|model|quality|all]...
-# (`all` = tests, tune, bench, model: about 8 minutes on an H200)
+# Usage (from the repo root, on the device): bash bench/device_run.sh [tests|tune|profile|bench|model|quality|all]...
+# (`all` = tests, tune, profile, bench, model: about 9 minutes on an H200)
 # `quality` starts one testbed.quality process per variant (CPU-bound Python: they share the GPU; layers to
 # train in QUALITY_LAYERS, servings in QUALITY_SERVING), plus `attnplug eval` of each config in QUALITY_EVALS on the committed
 # checkpoint, waits up to QUALITY_WAIT_S, then merges what finished. Everything must end inside the
@@ -26,6 +26,7 @@ for step in "${@:-all}"; do
       tests/test_distill_ttr.py tests/test_diffusers_compile.py tests/test_bench_model.py tests/test_bench_variants.py \
       2>&1 | tee "$OUT/tests.log" ;;&
     tune|all) python3 -m attnplug.bench.tune --sizes 1024,2048 --quick 2>&1 | tee "$OUT/tune.log" ;;&
+    profile|all) python3 -m attnplug.bench.profile_kernels --sizes 1024,2048 2>&1 | tee "$OUT/profile.log" ;;&
     bench|all) python3 -m attnplug.bench.run --sizes 1024,2048,4096 --dtypes bf16 --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt" ;;&
     model|all) python3 -m attnplug.bench.model --sizes 1024,2048 --json "$OUT/model.json" 2>&1 | tee "$OUT/model.txt" ;;&
     quality)

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnplug-bench-profile")
     p.add_argument("--sizes", default="1024,2048")
     p.add_argument("--calls", type=int, default=20)
-    p.add_argument("--hidden-chunks", default="0,64", help="KernelConfig.hidden_chunk values to profile")
+    p.add_argument("--hidden-chunks", default="0,64",
+                   help="hidden chunks of the 2-layer φ to profile (KernelConfig.kv_hidden_chunk = q_hidden_chunk)")
     a = p.parse_args(argv)
     dev = torch.device("cuda")
     for size in a.sizes.split(","):
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         idx = select_landmarks(s.n, 512, 0.08, 64, 0)[0].to(dev)
         runs = {"sdpa cudnn": lambda: F.scaled_dot_product_attention(q, k, v)}
         for hc in (int(x) for x in a.hidden_chunks.split(",")):
-            cfg = KernelConfig(hidden_chunk=hc)
+            cfg = KernelConfig(kv_hidden_chunk=hc, q_hidden_chunk=hc)
             for impl in ("fused", "sdpa"):
                 runs[f"ttr {impl}-lm hc={hc}"] = (
                     lambda cfg=cfg, impl=impl: ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, config=cfg,

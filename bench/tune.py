@@ -1,60 +1,126 @@
-"""Tile-size sweep of the fused ttr kernels on the current GPU (how `KernelConfig`'s defaults were chosen).
+"""Per-pass tile sweep of the fused ttr kernels on the current GPU (how `KernelConfig`'s defaults are chosen).
 
-`python -m attnplug.bench.tune [--sizes 1024,2048]` prints the median time of each config for the
-default layer (2-layer φ, F = 128, 8 % landmarks) and the lean one — tiles, warps and the 2-layer φ's
-hidden chunk; the best per size is listed last.
+`python -m attnplug.bench.tune [--sizes 1024,2048] [--quick]` runs the default layer (2-layer φ,
+hidden 256, F = 128, elu+1, adaptive α; landmarks: the landmark plugin's selection, all text + 8 % of
+the image tokens) in bf16 and sweeps each part over its own grid of `KernelConfig` fields, every
+other field at its default:
+
+- key: the key pass alone (`kv_state_fused`) over kv_block_n × kv_warps × kv_stages ×
+  kv_hidden_chunk × kv_programs_per_sm;
+- query: the kernel-only call (`ttr_forward_fused` without landmarks) over q_block_m × q_warps ×
+  q_stages × q_hidden_chunk. The whole call is timed: it includes the key pass at its default tiles;
+- landmark: the whole call with the in-kernel landmark softmax (landmark_impl="fused") over
+  lm_block_m × lm_warps × lm_stages × lm_block (the landmark pass, adaptive pass 1). It includes the
+  key pass and adaptive pass 2 at their default tiles;
+- whole: the default config and the one combining each part's best, as whole calls with
+  landmark_impl "fused" and "sdpa".
+
+One line per config: the median of CUDA-event timings (`bench.run.time_ms`), in ms. A config that
+fails (one that does not compile, e.g. out of shared memory) is skipped with a line on stderr. At the
+end, per size: the best config of each part, the combined `KernelConfig` and the whole-call times.
+`--quick` sweeps grids about a third the size.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 import sys
+from collections.abc import Callable
 
 import torch
 
 from ..plugins.landmark.selection import select_landmarks
-from ..plugins.ttr.kernels import KernelConfig, random_phi, ttr_forward_fused
+from ..plugins.ttr.kernels import KernelConfig, random_phi
+from ..plugins.ttr.kernels.fused import kv_state_fused, ttr_forward_fused
 from .run import parse_shape, time_ms
+
+Grid = dict[str, list[int]]  # KernelConfig field -> values to try
+#: part -> (full grid, --quick grid)
+GRIDS: dict[str, tuple[Grid, Grid]] = {
+    "key": ({"kv_block_n": [32, 64, 128], "kv_warps": [4, 8], "kv_stages": [2, 3],
+             "kv_hidden_chunk": [0, 64, 128], "kv_programs_per_sm": [1, 2, 4, 8]},
+            {"kv_block_n": [64, 128], "kv_warps": [8], "kv_stages": [2, 3], "kv_hidden_chunk": [0, 64, 128],
+             "kv_programs_per_sm": [1, 2, 4]}),
+    "query": ({"q_block_m": [64, 128], "q_warps": [4, 8], "q_stages": [1, 2, 3],
+               "q_hidden_chunk": [0, 64, 128]},
+              {"q_block_m": [64, 128], "q_warps": [4, 8], "q_stages": [2, 3], "q_hidden_chunk": [0, 64]}),
+    "landmark": ({"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [1, 2, 3],
+                  "lm_block": [32, 64, 128]},
+                 {"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [2], "lm_block": [32, 64, 128]}),
+}
+
+
+def config_text(overrides: dict[str, int]) -> str:
+    """`KernelConfig(...)` with only the overridden fields (copy-pasteable)."""
+    return "KernelConfig(" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")"
+
+
+def sweep(label: str, call: Callable[[KernelConfig], object], grid: Grid,
+          device: torch.device) -> list[tuple[float, dict[str, int]]]:
+    """Median ms of `call(config)` for every point of `grid` (overrides of the default `KernelConfig`),
+    one printed line each; a config that fails is skipped with a line on stderr. Returns (ms, overrides)."""
+    rows = []
+    for values in itertools.product(*grid.values()):
+        overrides = dict(zip(grid, values))
+        fn = functools.partial(call, KernelConfig(**overrides))
+        try:
+            ms = statistics.median(time_ms(fn, device, 2, 10, 100))
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+            print(f"{label} {config_text(overrides)}: {type(exc).__name__}: {str(exc)[:120]}",
+                  file=sys.stderr)
+            continue
+        rows.append((ms, overrides))
+        print(f"{label} {ms:8.3f} ms {config_text(overrides)}", flush=True)
+    return rows
+
+
+def tune_size(size: str, quick: bool, dev: torch.device) -> list[str]:
+    """Sweep every part at one size (lines printed as they come); returns the summary lines."""
+    s = parse_shape(size, 24, 128, 512, 1)
+    q, k, v = (torch.randn(1, 24, s.n, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    g = torch.Generator().manual_seed(0)
+    pq = random_phi(128, 256, 128, 2, generator=g, device=dev)
+    pk = random_phi(128, 256, 128, 2, generator=g, device=dev)
+    idx = select_landmarks(s.n, 512, 0.08, 64, 0)[0].to(dev)  # the landmark plugin's own positions
+
+    def layer(landmark_impl: str | None) -> Callable[[KernelConfig], torch.Tensor]:
+        """The whole layer call: kernel-only (None) or with landmarks through `landmark_impl`."""
+        lm = None if landmark_impl is None else idx
+        return lambda cfg: ttr_forward_fused(q, k, v, pq, pk, landmark_idx=lm, config=cfg, strict=True,
+                                             landmark_impl=landmark_impl or "auto")
+
+    calls = {"key": lambda cfg: kv_state_fused(k, v, pk, None, cfg), "query": layer(None),
+             "landmark": layer("fused")}
+    print(f"# {size}: {s.n} tokens, {idx.numel()} landmarks; 'query' and 'landmark' time the whole call "
+          "(key pass at default tiles; 'landmark' also adaptive pass 2)", flush=True)
+    summary: list[str] = []
+    combined: dict[str, int] = {}
+    for part, call in calls.items():
+        rows = sweep(f"{size} {part}", call, GRIDS[part][int(quick)], dev)
+        if rows:
+            ms, best = min(rows, key=lambda r: r[0])
+            combined.update(best)
+            summary.append(f"BEST {size} {part}: {ms:.3f} ms {config_text(best)}")
+    summary.append(f"COMBINED {size}: {config_text(combined)}")
+    for impl in ("fused", "sdpa"):
+        for name, overrides in (("default", {}), ("combined", combined)):
+            one_point = {f: [x] for f, x in overrides.items()}
+            rows = sweep(f"{size} whole {impl}-lm {name}", layer(impl), one_point, dev)
+            if rows:
+                summary.append(f"WHOLE {size} {impl}-lm {name}: {rows[0][0]:.3f} ms")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnplug-bench-tune")
     p.add_argument("--sizes", default="1024,2048")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="grids about a third the size")
     a = p.parse_args(argv)
     dev = torch.device("cuda")
-    layers = {"default": (2, 256, 128, 0.08), "lean": (1, 128, 128, 0.02)}
-    # hidden_chunk (2-layer φ): 0 = the whole hidden tile in registers (the default), 64 = four steps
-    grid = dict(q_block_m=[64, 128], q_warps=[4, 8], lm_block=[64, 128], kv_block_n=[64, 128], kv_warps=[4, 8],
-                hidden_chunk=[0, 64])
-    if a.quick:
-        grid = dict(q_block_m=[64, 128], q_warps=[4, 8], lm_block=[64], kv_block_n=[64], kv_warps=[8],
-                    hidden_chunk=[0, 64])
-    best: list[str] = []
-    for size in a.sizes.split(","):
-        s = parse_shape(size, 24, 128, 512, 1)
-        q, k, v = (torch.randn(1, 24, s.n, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
-        for lname, (depth, hidden, feat, frac) in layers.items():
-            g = torch.Generator().manual_seed(0)
-            pq = random_phi(128, hidden, feat, depth, generator=g, device=dev)
-            pk = random_phi(128, hidden, feat, depth, generator=g, device=dev)
-            idx = select_landmarks(s.n, 512, frac, 64, 0)[0].to(dev)  # the landmark plugin's own positions
-            rows = []
-            for vals in itertools.product(*grid.values()):
-                cfg = KernelConfig(**dict(zip(grid.keys(), vals)))
-                try:
-                    fn = lambda: ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, config=cfg, strict=True)  # noqa: E731
-                    ms = statistics.median(time_ms(fn, dev, 2, 10, 100))
-                except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                    print(f"{size} {lname} {cfg}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
-                    continue
-                rows.append((ms, cfg))
-                print(f"{size} {lname} {ms:8.3f} ms {cfg}", flush=True)
-            if rows:
-                ms, cfg = min(rows, key=lambda r: r[0])
-                best.append(f"BEST {size} {lname}: {ms:.3f} ms {cfg}")
-    print("\n".join(best))
+    summary = [line for size in a.sizes.split(",") for line in tune_size(size, a.quick, dev)]
+    print("\n".join(summary))
     return 0
 
 

@@ -57,11 +57,19 @@ def _inputs(b, h, n, d, dtype=torch.float32, device="cpu", seed=0):
     return [torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype) for _ in range(3)]
 
 
+#: SDPA landmarks in 3 row chunks; the second also tiles the landmark pass (fixed-α hybrid, adaptive
+#: pass 1) unlike the other query passes (kernel-only, adaptive pass 2), with another landmark tile.
+CHUNKED = KernelConfig(sdpa_row_chunks=3, sdpa_min_rows=16)
+SPLIT_TILES = KernelConfig(q_block_m=16, q_warps=2, q_stages=1, lm_block_m=32, lm_warps=4, lm_stages=2,
+                           lm_block=16, sdpa_row_chunks=3, sdpa_min_rows=16)
+
+
 @needs_triton
 @cpu_only
 @pytest.mark.parametrize("activation", ["elu+1", "relu", "hedgehog"])
 @pytest.mark.parametrize("depth,hidden,per_head", [(1, 32, False), (2, 64, True), (3, 32, False)])
-def test_interpreter_matches_reference(poison, activation, depth, hidden, per_head):
+@pytest.mark.parametrize("config", [CHUNKED, SPLIT_TILES], ids=["chunked", "split-tiles"])
+def test_interpreter_matches_reference(poison, activation, depth, hidden, per_head, config):
     b, h, n, d = 1, 2, 77, 32  # n not a multiple of any tile: exercises tail masking
     q, k, v = _inputs(b, h, n, d, seed=depth)
     g = torch.Generator().manual_seed(7)
@@ -71,14 +79,13 @@ def test_interpreter_matches_reference(poison, activation, depth, hidden, per_he
     idx = landmark_indices(n, 8, 0.1)
     logit = torch.tensor([-2.2, 0.3])
     aff = [0.1, 0.01, -0.1, 0.02]
-    chunked = KernelConfig(sdpa_row_chunks=3, sdpa_min_rows=16)  # SDPA landmarks in 3 row chunks
     variants = [(True, "fused"), (False, "fused")]
     if depth == 1:
         variants += [(True, "sdpa"), (False, "sdpa")]
     for adaptive, lm_impl in variants:
         ref = ttr_forward_reference(q, k, v, pq, pk, idx, logit, 0.2, 2.0, adaptive, branch_affine=aff)
         out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit, adaptive=adaptive,
-                                branch_affine=aff, landmark_impl=lm_impl, config=chunked, strict=True)
+                                branch_affine=aff, landmark_impl=lm_impl, config=config, strict=True)
         assert out.shape == ref.shape and out.dtype == q.dtype
         assert _rel(out, ref) < 1e-5, (adaptive, lm_impl)
 
@@ -133,17 +140,19 @@ def test_fallback_reasons_and_path():
 @needs_triton
 @cpu_only
 @pytest.mark.parametrize("activation", ["elu+1", "hedgehog"])
-@pytest.mark.parametrize("chunk", [16, 32])
-def test_interpreter_hidden_chunks_match_reference(poison, activation, chunk):
-    """A 2-layer φ computed `chunk` hidden columns at a time (KernelConfig.hidden_chunk) is the same φ."""
+@pytest.mark.parametrize("kv_chunk,q_chunk", [(16, 16), (32, 0), (0, 32)])
+def test_interpreter_hidden_chunks_match_reference(poison, activation, kv_chunk, q_chunk):
+    """A 2-layer φ computed a chunk of hidden columns at a time (KernelConfig.kv_hidden_chunk in the key
+    pass, q_hidden_chunk in the query passes; 0: all at once) is the same φ."""
     b, h, n, d = 1, 2, 77, 32
     q, k, v = _inputs(b, h, n, d, seed=11)
     g = torch.Generator().manual_seed(3)
     pq = random_phi(d, 64, 32, 2, activation, h, generator=g)
     pk = random_phi(d, 64, 32, 2, activation, h, generator=g)
     idx = landmark_indices(n, 8, 0.1)
-    cfg = KernelConfig(hidden_chunk=chunk)
-    assert fused_mod._hidden_chunk(chunk, 64) == chunk and fused_mod._hidden_chunk(48, 64) == 64
+    cfg = KernelConfig(kv_hidden_chunk=kv_chunk, q_hidden_chunk=q_chunk)
+    assert fused_mod._hidden_chunk(16, 64) == 16 and fused_mod._hidden_chunk(0, 64) == 64
+    assert fused_mod._hidden_chunk(48, 64) == 64 and fused_mod._hidden_chunk(64, 64) == 64
     s, z = kv_state_fused(k, v, pk, config=cfg)
     s_ref, z_ref = kv_state_reference(k, v, pk)
     assert _rel(s, s_ref) < 1e-5 and _rel(z, z_ref) < 1e-5
@@ -153,11 +162,64 @@ def test_interpreter_hidden_chunks_match_reference(poison, activation, chunk):
     assert _rel(out, ref) < 1e-5
 
 
+@needs_triton
+@cpu_only
+def test_each_pass_launches_with_its_own_tiles(poison, monkeypatch):
+    """kv_* tile the key pass, lm_* the landmark pass (modes 1, 2), q_* kernel-only and pass 2 (modes 0, 3);
+    kv_hidden_chunk / q_hidden_chunk the φ of the key / query passes."""
+    from attnplug.plugins.ttr.kernels import triton_ttr
+
+    launches: list[tuple] = []
+
+    class Spy:
+        """Records (kernel, MODE, LM_SRC, row tiles, BN, BM, HC, warps, stages) of a launch, then runs it."""
+
+        def __init__(self, name: str):
+            self.name, self.kernel = name, getattr(triton_ttr, name)
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                launches.append((self.name, kw.get("MODE"), kw.get("LM_SRC"), grid[0], kw.get("BN"),
+                                 kw.get("BM"), kw["HC"], kw["num_warps"], kw["num_stages"]))
+                return self.kernel[grid](*args, **kw)
+            return run
+
+    for name in ("_kv_state_kernel", "_query_kernel"):
+        monkeypatch.setattr(triton_ttr, name, Spy(name))
+    b, h, n, d = 1, 2, 77, 32
+    q, k, v = _inputs(b, h, n, d, seed=13)
+    g = torch.Generator().manual_seed(4)
+    pq = random_phi(d, 64, 32, 2, generator=g)
+    pk = random_phi(d, 64, 32, 2, generator=g)
+    idx = landmark_indices(n, 8, 0.1)
+    cfg = KernelConfig(kv_block_n=32, kv_warps=2, kv_stages=1, kv_hidden_chunk=16, q_block_m=16, q_warps=2,
+                       q_stages=1, q_hidden_chunk=32, lm_block_m=32, lm_warps=4, lm_stages=3, lm_block=16,
+                       sdpa_row_chunks=1, sdpa_min_rows=128)
+    # query launches: (MODE, LM_SRC, row tiles of 77 rows, BM, warps, stages)
+    for adaptive, lm_impl, want in [
+        (True, "fused", [(2, 0, 3, 32, 4, 3), (3, 0, 5, 16, 2, 1)]),
+        (False, "sdpa", [(1, 1, 3, 32, 4, 3)]),
+        (False, None, [(0, 0, 5, 16, 2, 1)]),  # kernel-only
+    ]:
+        launches.clear()
+        lm = None if lm_impl is None else idx
+        out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=lm, alpha_logit=-1.0, adaptive=adaptive,
+                                landmark_impl=lm_impl or "auto", config=cfg, strict=True)
+        ref = ttr_forward_reference(q, k, v, pq, pk, lm, -1.0, 0.2, 2.0, adaptive)
+        assert _rel(out, ref) < 1e-5, lm_impl
+        name, _, _, _, bn, _, hc, warps, stages = launches[0]
+        assert (name, bn, hc, warps, stages) == ("_kv_state_kernel", 32, 16, 2, 1)
+        got = [(mode, src, tiles, bm, w, st) for _, mode, src, tiles, _, bm, _, w, st in launches[1:]]
+        assert got == want, lm_impl
+        assert all(launch[6] == 32 for launch in launches[1:])  # q_hidden_chunk in every query pass
+
+
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 @pytest.mark.parametrize("n_img", [4096, 16384])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hidden_chunk", [0, 64])
 def test_gpu_flux_shapes_bf16(poison, n_img, dtype, hidden_chunk):
+    """Default tiles, or hidden chunks in both passes with a landmark pass of 128 rows × 8 warps."""
     b, h, d, n_txt = 1, 24, 128, 512
     n = n_txt + n_img
     q, k, v = _inputs(b, h, n, d, dtype=dtype, device="cuda", seed=n)
@@ -165,10 +227,11 @@ def test_gpu_flux_shapes_bf16(poison, n_img, dtype, hidden_chunk):
     pq = random_phi(d, 256, 128, 2, "elu+1", None, generator=g, device="cuda")
     pk = random_phi(d, 256, 128, 2, "elu+1", None, generator=g, device="cuda")
     idx = landmark_indices(n, n_txt, 0.08, 64, device="cuda")
+    cfg = (KernelConfig(kv_hidden_chunk=hidden_chunk, q_hidden_chunk=hidden_chunk, lm_block_m=128, lm_warps=8)
+           if hidden_chunk else KernelConfig())
     for adaptive in (True, False):
         ref = ttr_forward_reference(q, k, v, pq, pk, idx, -2.2, 0.2, 2.0, adaptive)
         for lm_impl in ("fused", "sdpa"):
             out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=-2.2, adaptive=adaptive,
-                                    landmark_impl=lm_impl, config=KernelConfig(hidden_chunk=hidden_chunk),
-                                    strict=True)
+                                    landmark_impl=lm_impl, config=cfg, strict=True)
             assert _rel(out, ref) < 2e-2, (adaptive, lm_impl)

@@ -24,20 +24,32 @@ _MAX_REG_WIDTH = 256  # widest hidden / feature tile the kernels keep in registe
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes. Defaults tuned on H100 (docs/PERFORMANCE.md); `None` picks per shape."""
+    """Tile sizes of each pass (docs/PERFORMANCE.md, "Tile sizes"; sweep: `python -m attnplug.bench.tune`).
 
-    kv_block_n: int = 64
-    kv_warps: int = 8
-    kv_stages: int = 2
-    q_block_m: int = 64
-    q_warps: int = 4
-    q_stages: int = 2
-    lm_block: int = 64
-    block_k: int = 64
-    kv_programs_per_sm: int = 4
+    Key pass: `kv_*`. Query passes: the landmark pass (fixed-α hybrid, adaptive pass 1; either landmark
+    impl) tiles with `lm_*`, the others (kernel-only, adaptive pass 2) with `q_*`; φ(q) in all of them
+    with `q_hidden_chunk`. A hidden chunk of 0, or one that is not a power of two ≥ 16 dividing the
+    hidden width, computes a 2-layer φ's hidden tile at once. Defaults: the per-pass best of
+    `bench.tune --quick` on an H200 at 1024² and 2048² (2026-11-27, session 3), chosen to be within a few %
+    of the best at both sizes.
+    """
+
+    kv_block_n: int = 128  # key pass: keys per tile
+    kv_warps: int = 8  # key pass: warps per program
+    kv_stages: int = 3  # key pass: software-pipelining stages
+    kv_programs_per_sm: int = 2  # key pass: split keys into chunks so that ~this many programs run per SM
+    kv_hidden_chunk: int = 64  # key pass, 2-layer φ(k): hidden columns per step (0: all at once)
+    q_block_m: int = 128  # kernel-only pass and adaptive pass 2: query rows per tile
+    q_warps: int = 8  # kernel-only pass and adaptive pass 2: warps per program
+    q_stages: int = 2  # kernel-only pass and adaptive pass 2: software-pipelining stages
+    q_hidden_chunk: int = 0  # every query pass, 2-layer φ(q): hidden columns per step (0: all at once)
+    lm_block_m: int = 128  # landmark pass (fixed-α hybrid, adaptive pass 1): query rows per tile
+    lm_warps: int = 8  # landmark pass: warps per program
+    lm_stages: int = 2  # landmark pass: software-pipelining stages
+    lm_block: int = 128  # landmark pass, in-kernel softmax (landmark_impl="fused"): landmark keys per tile
+    block_k: int = 64  # first in-kernel φ layer, every pass: input columns per step
     sdpa_row_chunks: int = 8  # landmark_impl="sdpa": out_l is computed in this many row chunks …
     sdpa_min_rows: int = 2048  # … of at least this many rows (small chunks under-fill the GPU)
-    hidden_chunk: int = 0  # 2-layer φ: hidden columns per step (0: the whole hidden tile at once)
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -257,7 +269,7 @@ def kv_state_fused(k: torch.Tensor, v: torch.Tensor, phi_k: PhiWeights, key_mask
         D=d, DIN=plan.din, BK=_block_k(config.block_k, plan.din), H1=plan.h1, F1=plan.f1, DEPTH=plan.depth,
         ACT=_ACT[phi_k.activation], IS_HH=int(phi_k.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
         HAS_B2=wa["HAS_B2"], NORM=int(phi_k.l2_norm), HAS_MASK=int(key_mask is not None), BN=bn,
-        HC=_hidden_chunk(config.hidden_chunk, plan.h1),
+        HC=_hidden_chunk(config.kv_hidden_chunk, plan.h1),
         num_warps=config.kv_warps, num_stages=config.kv_stages)
     return s, z
 
@@ -343,7 +355,10 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             d_buf = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
 
         def launch(mode: int, lm_src: int, m0: int, m1: int, ol: torch.Tensor, dm: torch.Tensor) -> None:
-            grid = (_cdiv(m1 - m0, cfg.q_block_m), bsz * heads)
+            # the landmark pass (modes 1, 2) has its own tiles; kernel-only (0) and adaptive pass 2 (3) share q_*
+            bm, warps, stages = ((cfg.lm_block_m, cfg.lm_warps, cfg.lm_stages) if mode in (1, 2)
+                                 else (cfg.q_block_m, cfg.q_warps, cfg.q_stages))
+            grid = (_cdiv(m1 - m0, bm), bsz * heads)
             _query_kernel[grid](
                 q, x, s, z, kl, vl, idx, ol, out, d_buf, dm, logit, aff,
                 wa["w1"], wa["b1"], wa["w2"], wa["b2"],
@@ -355,9 +370,8 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 D=d, DIN=plan.din, BK=_block_k(cfg.block_k, plan.din), H1=plan.h1, F1=plan.f1, DEPTH=plan.depth,
                 ACT=_ACT[phi_q.activation], IS_HH=int(phi_q.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
                 HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src,
-                HAS_AFF=int(branch_affine is not None), BM=cfg.q_block_m, BL=cfg.lm_block,
-                HC=_hidden_chunk(cfg.hidden_chunk, plan.h1),
-                num_warps=cfg.q_warps, num_stages=cfg.q_stages)
+                HAS_AFF=int(branch_affine is not None), BM=bm, BL=cfg.lm_block,
+                HC=_hidden_chunk(cfg.q_hidden_chunk, plan.h1), num_warps=warps, num_stages=stages)
 
         if not use_lm:
             launch(0, 0, 0, nq, dummy[None], dummy)

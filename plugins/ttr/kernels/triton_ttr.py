@@ -4,13 +4,16 @@ Two launches carry the layer:
 - `_kv_state_kernel`: per (batch·head, key chunk), computes φ(k) in-kernel (up to two layers:
   the first K-looped from global memory, the second from registers), the activation, the L2
   norm and the key mask, and accumulates `S = Σ φ(k) vᵀ` and `z = Σ φ(k)` in fp32 over key
-  tiles; each chunk writes a partial state (summed by the caller, deterministic).
+  tiles; each chunk adds its partial state into S and z with fp32 atomics (summation order, and so
+  the last bits, may vary from run to run).
 - `_query_kernel`: per (query tile, batch·head), computes φ(q), `out_k = φ(q)·S / (φ(q)·z + eps)`,
   the landmark branch (flash-style online softmax over gathered landmark keys, or read from an
   SDPA result of the same row chunk) and the α blend in the epilogue. MODE selects kernel-only (0),
   fixed-α hybrid (1), adaptive pass 1 (2: writes out_l into `out` and d = 1 − cos(out_k, out_l))
   and adaptive pass 2 (3: recomputes the cheap kernel branch, reads out_l back from `out` and
   blends in place with the per-(b, h) mean of d). Rows [M0, M1) are processed (row chunks).
+  (Computing out_l before out_k was tried: ptxas spilled more — out_l then lives across φ(q), while
+  out_k is only saved and reloaded around the landmark loop.)
 """
 from __future__ import annotations
 
@@ -137,14 +140,15 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, w1_ptr, b1_ptr, w2_ptr, 
             f2 = tl.where(keep[:, None], f2, 0.0)
             s2 = tl.dot(tl.trans(f2.to(vt.dtype)), vt, s2)
             z2 += tl.sum(f2, axis=0)
+    # relaxed: only the sum matters, read after the kernel ends (the default acq_rel orders every add)
     FT: tl.constexpr = 2 * F1 if IS_HH else F1
     s_base = s_ptr + pid_bh * (FT * D)
     z_base = z_ptr + pid_bh * FT
-    tl.atomic_add(s_base + offs_f[:, None] * D + offs_d[None, :], s1)
-    tl.atomic_add(z_base + offs_f, z1)
+    tl.atomic_add(s_base + offs_f[:, None] * D + offs_d[None, :], s1, sem="relaxed")
+    tl.atomic_add(z_base + offs_f, z1, sem="relaxed")
     if IS_HH:
-        tl.atomic_add(s_base + F1 * D + offs_f[:, None] * D + offs_d[None, :], s2)
-        tl.atomic_add(z_base + F1 + offs_f, z2)
+        tl.atomic_add(s_base + F1 * D + offs_f[:, None] * D + offs_d[None, :], s2, sem="relaxed")
+        tl.atomic_add(z_base + F1 + offs_f, z2, sem="relaxed")
 
 
 @triton.jit
