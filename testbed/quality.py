@@ -98,6 +98,8 @@ VARIANTS: dict[str, Variant] = {
     "window r1": Variant(_window(1)),
     "window r4": Variant(_window(4)),
     "window r2 + α_max 0.5": Variant(_window(2, {"alpha_max": 0.5})),
+    "window r2 + α_max 1": Variant(_window(2, {"alpha_max": 1.0})),
+    "window r4 + α_max 0.5": Variant(_window(4, {"alpha_max": 0.5})),
 }
 
 #: Ways to serve a distilled checkpoint: name → gates (readiness always applies on top).
