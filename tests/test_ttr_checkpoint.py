@@ -150,3 +150,16 @@ def test_runtime_fields_config_wins_and_is_logged(tmp_path: Path, caplog) -> Non
     assert tb.settings.key_chunk == 7 and tb.settings.eps == 1e-5
     assert "key_chunk is 1024 in the file and 7 in the config; the config wins" in caplog.text
     assert "eps" in caplog.text and "alpha_init" in caplog.text and "keep their learned values" in caplog.text
+
+
+def test_landmark_window_difference_is_a_warning(tmp_path: Path, caplog) -> None:
+    """A checkpoint distilled with a landmark window, loaded without one: the config wins, loudly."""
+    windowed = _session(plugins={"ttr": dict(TTR), "landmark": {"window": 2}})
+    windowed.backends.get("ttr").layer(LayerSpec("single:0", 2, 16))
+    path = tmp_path / "windowed.safetensors"
+    windowed.save(path)
+    with caplog.at_level(logging.WARNING, logger="attnplug"):
+        _session().load(path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("landmark settings differ" in m and "'window': (2, 0)" in m and "the config wins" in m
+               for m in warnings), warnings

@@ -147,8 +147,13 @@ def _log_landmark(saved: Any, current: dict[str, Any] | None) -> None:
                      "layers run kernel-only")
         return
     diffs = {k: (saved.get(k), v) for k, v in current.items() if k in saved and saved.get(k) != v}
+    if saved.get("window", 0) != current.get("window", 0):  # checkpoints older than the window lack the key
+        diffs["window"] = (saved.get("window", 0), current.get("window", 0))
     if diffs:
-        log.info("attnplug: ttr checkpoint: landmark settings differ (file, config): %s; the config wins", diffs)
+        # a warning, not info: the layers were trained against the file's residual branch (a different
+        # window, say, moves the output much more than a different fraction)
+        log.warning("attnplug: ttr checkpoint: landmark settings differ (file, config): %s; the config wins",
+                    diffs)
 
 
 def _toml(value: Any) -> str:
