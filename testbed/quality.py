@@ -64,9 +64,9 @@ _OFFLINE = {"plugins": {"distill": {
     "train_steps_per_call": 0, "replay_per_layer": 640, "replay_max_mb": 6144.0, "replay_offload_cpu": False,
     "query_cap": 512, "lr_schedule": "cosine", "lr_decay_updates": 1500, "lr_min_ratio": 0.0}}}
 
-#: Train on every query (the testbed has 1088 tokens) instead of a subsample: the landmark window needs
-#: each query's grid position, which the distiller does not pass for a subsample (the landmark
-#: backend then drops the window for that call and warns). "all queries" is the window's control.
+#: Train on every query (the testbed has 1088 tokens) instead of a subsample. The window rows of
+#: docs/QUALITY.md were measured this way, before the distiller passed a subsample's positions to the
+#: landmark branch (it does now); "all queries" is the window's control.
 _ALL_QUERIES = {"plugins": {"distill": {"query_cap": 4096}}}
 
 
@@ -100,6 +100,16 @@ VARIANTS: dict[str, Variant] = {
     "window r2 + α_max 0.5": Variant(_window(2, {"alpha_max": 0.5})),
     "window r2 + α_max 1": Variant(_window(2, {"alpha_max": 1.0})),
     "window r4 + α_max 0.5": Variant(_window(4, {"alpha_max": 0.5})),
+    # with the window carrying the local part, can the kernel branch and the landmarks get lighter (speed)?
+    "window r2 + α_max 0.5 + 1-layer F128": Variant(_window(2, {"alpha_max": 0.5, "depth": 1})),
+    "window r2 + α_max 0.5 + hidden 128": Variant(_window(2, {"alpha_max": 0.5, "hidden": 128})),
+    "window r2 + α_max 0.5 + landmarks 2 %": Variant(merge(_window(2, {"alpha_max": 0.5}),
+                                                           {"plugins": {"landmark": {"fraction": 0.02, "min": 16}}})),
+    "window r2 + α_max 0.5 + lean": Variant(merge(_window(2, {"alpha_max": 0.5, "depth": 1}),
+                                                  {"plugins": {"landmark": {"fraction": 0.02, "min": 16}}})),
+    # the default query subsample (256 of 1088), its positions handed to the window
+    "window r2 + α_max 0.5 + query subsample": Variant({"plugins": {"landmark": {"window": 2},
+                                                                   "ttr": {"alpha_max": 0.5}}}),
 }
 
 #: Ways to serve a distilled checkpoint: name → gates (readiness always applies on top).

@@ -14,6 +14,8 @@ from attnplug.testbed.quality import SERVING, VARIANTS, base_config, merge
 
 
 def test_every_variant_and_serving_config_validates():
+    # `--variants` is a comma list and the device script's QUALITY_VARIANTS a ';' list
+    assert not [n for n in VARIANTS if "," in n or ";" in n], "variant names must not contain ',' or ';'"
     plan = DemoPlan(runs=60, steps=20)
     for name, variant in VARIANTS.items():
         vplan = variant.plan(plan)
