@@ -27,6 +27,17 @@ class Shape:
     d: int
     txt: int
 
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """`(h, w)` latent grid of the image tokens: square for a Flux size (side/16 tokens per side, as
+        `bench.run.parse_shape` builds them), else the most nearly square factorisation; None without image
+        tokens. Calls carry it (the landmark window and the 'stratified' layout read it)."""
+        n_img = self.n - self.txt
+        if n_img <= 0:
+            return None
+        h = max(f for f in range(1, int(n_img ** 0.5) + 1) if n_img % f == 0)
+        return h, n_img // h
+
 
 @dataclass
 class Variant:
@@ -48,7 +59,8 @@ _TTR_DEFAULT = {"depth": 2, "hidden": 256, "feature_dim": 128}
 #: ttr layer configurations (issue 8), `name: (ttr settings, landmark settings)`: the project default,
 #: the seed design, a lean one, and one per row of docs/QUALITY.md's feature-map table (testbed/quality.py
 #: variants of the same names), plus the landmark cap that keeps the layer linear-time
-#: (docs/PERFORMANCE.md, "The floor"). `--configs` times a subset.
+#: (docs/PERFORMANCE.md, "The floor"), and the default layer with the landmark plugin's local window of
+#: radius 2 (docs/QUALITY.md: it closes the adherence gap). `--configs` times a subset.
 TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default": (_TTR_DEFAULT, _LM_DEFAULT),
     "seed": ({"depth": 3, "hidden": 0, "feature_dim": 256, "l2_norm": True}, _LM_DEFAULT),
@@ -57,6 +69,7 @@ TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "1layer-F128": ({"depth": 1, "feature_dim": 128}, _LM_DEFAULT),
     "default-lm2pct": (_TTR_DEFAULT, {"fraction": 0.02, "min": 16, "max": 0}),
     "default-cap1024": (_TTR_DEFAULT, {"fraction": 0.08, "min": 64, "max": 1024}),
+    "default-window2": (_TTR_DEFAULT, {**_LM_DEFAULT, "window": 2}),
 }
 
 
@@ -69,10 +82,11 @@ def exact_cost(s: Shape, dtype: torch.dtype) -> tuple[float, float]:
 
 
 def ttr_cost(s: Shape, dtype: torch.dtype, layer_dims: list[tuple[int, int]], feature_dim: int,
-             n_landmarks: int) -> tuple[float, float]:
-    """φ MLP on q and k, S and z, the query pass, the landmark softmax; bytes: q, k, v in, out out."""
+             n_landmarks: int, window_keys: float = 0.0) -> tuple[float, float]:
+    """φ MLP on q and k, S and z, the query pass, the landmark softmax (and `window_keys`, the mean number
+    of window keys per token of a landmark window); bytes: q, k, v in, out out."""
     phi = 2.0 * sum(a * b for a, b in layer_dims) * 2  # q and k
-    per_token = phi + 2.0 * feature_dim * s.d * 2 + 4.0 * n_landmarks * s.d
+    per_token = phi + 2.0 * feature_dim * s.d * 2 + 4.0 * (n_landmarks + window_keys) * s.d
     return s.b * s.h * s.n * per_token, 4.0 * s.b * s.h * s.n * s.d * _es(dtype)
 
 
@@ -87,7 +101,23 @@ def _call(s: Shape) -> Any:
     from ..core.call import AttentionCall
 
     return AttentionCall(layer_key="single:0", block_type="single", block_index=0, n_cond_tokens=s.txt,
-                         n_image_tokens=s.n - s.txt, host="bench")
+                         n_image_tokens=s.n - s.txt, latent_grid=s.grid, host="bench")
+
+
+def window_keys(s: Shape, radius: int) -> float:
+    """Mean number of keys in a token's local window of `radius` (image tokens; clipped at the grid's
+    borders; conditioning tokens have none), over all tokens — the window's share of the floor."""
+    if radius <= 0 or s.grid is None:
+        return 0.0
+    h, w = s.grid
+
+    def span(size: int) -> int:  # Σ over positions of the clipped window's extent along one axis
+        return sum(min(i + radius, size - 1) - max(i - radius, 0) + 1 for i in range(size))
+    return span(h) * span(w) / s.n
+
+
+def _lm_window(lm_backend: Any) -> int:
+    return int(getattr(getattr(lm_backend, "settings", None), "window", 0) or 0)
 
 
 def build_variants(s: Shape, dtype: torch.dtype, device: torch.device, only: list[str] | None = None,
@@ -281,11 +311,13 @@ def _ttr_cost_from_settings(s: Shape, dtype: torch.dtype, backend: Any) -> tuple
     out_dim = st.feature_dim // 2 if st.activation == "hedgehog" else st.feature_dim
     dims = [s.d] + [hidden] * (st.depth - 1) + [out_dim]
     n_l = 0
+    n_w = 0.0
     lm = backend.landmark_branch()
     if lm is not None:
         owner = getattr(lm, "__self__", None)
         n_l = owner.count(s.n, s.txt) if owner is not None and hasattr(owner, "count") else 0
-    return ttr_cost(s, dtype, list(itertools.pairwise(dims)), st.feature_dim, n_l)
+        n_w = window_keys(s, _lm_window(owner))
+    return ttr_cost(s, dtype, list(itertools.pairwise(dims)), st.feature_dim, n_l, n_w)
 
 
 def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: list[str] | None = None,
@@ -316,7 +348,10 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
         cost = _ttr_cost_from_settings(s, dtype, backend)
         lm_backend = backends.get("landmark") if "landmark" in backends else None
         n_l = lm_backend.count(s.n, s.txt) if lm_backend is not None else 0
+        win = _lm_window(lm_backend)
         notes = {"settings": tset, "landmarks": lset, "n_landmarks": n_l}
+        if win:
+            notes.update(window=win, latent_grid=s.grid)
         torch_name = f"ttr-{cfg} torch"
 
         def make_torch(q, k, v, backend=backend):
@@ -326,7 +361,7 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
             return fn
         res.append(Variant(torch_name, "ttr", make_torch, cost, None, notes=notes))
 
-        def fused_maker(lm_impl: str | None, backend=backend, lm_backend=lm_backend):
+        def fused_maker(lm_impl: str | None, backend=backend, lm_backend=lm_backend, win=win):
             def make(q, k, v):
                 from ..core.call import LayerSpec
 
@@ -338,11 +373,15 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
                 if lm_impl is not None and lm_backend is not None:
                     idx, _ = lm_backend.indices(k, call)  # the landmark plugin's own selection, on k's device
                 logit = layer.alpha_logit.detach()
+                # the landmark window as the served layer runs it (plugins/ttr/backend.py: grid from the call)
+                wkw = {}
+                if lm_impl is not None and win and s.grid is not None:
+                    wkw = {"window": win, "grid": s.grid, "n_cond": s.txt}
 
                 def fn():
                     return ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit,
                                              alpha_max=st.alpha_max, gamma=st.gamma, adaptive=st.adaptive_alpha,
-                                             eps=st.eps, landmark_impl=lm_impl or "auto", strict=True)
+                                             eps=st.eps, landmark_impl=lm_impl or "auto", strict=True, **wkw)
                 return fn
             return make
 
@@ -350,8 +389,9 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
                          notes=notes),
                  Variant(f"ttr-{cfg} fused flash-lm", "ttr", fused_maker("fused"), cost, None,
                          check_against=torch_name, notes=notes),
-                 Variant(f"ttr-{cfg} fused sdpa-lm", "ttr", fused_maker("sdpa"), cost, None,
-                         check_against=torch_name, notes=notes)]
+                 Variant(f"ttr-{cfg} fused sdpa-lm", "ttr", fused_maker("sdpa"), cost,
+                         "a landmark window runs the in-kernel softmax (cuDNN cannot mask per query): see flash-lm"
+                         if win else None, check_against=torch_name, notes=notes)]
         st = backend.settings
         phi_key = (st.depth, st.hidden_for(s.d) if st.depth > 1 else 0, st.feature_dim, st.activation, st.l2_norm,
                    st.per_head, st.split_qk)

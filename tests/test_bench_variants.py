@@ -113,6 +113,41 @@ def test_new_configs_fused_match_torch_path_in_interpreter(tmp_path):
         assert rows[f"ttr-{cfg} fused kernel-only"]["ms"] > 0
 
 
+def test_window_config_carries_the_grid_and_costs_its_window():
+    """default-window2: the default layer with the landmark plugin's window r = 2; calls carry the Flux grid
+    (side/16 per side), the floor counts the window keys, the SDPA-landmark row is skipped (a window needs
+    the in-kernel softmax)."""
+    from attnplug.bench.variants import _call, window_keys
+
+    assert TTR_CONFIGS["default-window2"] == (TTR_CONFIGS["default"][0], {**TTR_CONFIGS["default"][1], "window": 2})
+    s = parse_shape("1024", 24, 128, 512, 1)
+    assert s.grid == (64, 64) and _call(s).latent_grid == (64, 64)
+    assert window_keys(s, 2) == pytest.approx((64 * 5 - 6) ** 2 / s.n)  # 5 per axis, minus the clipped border
+    vs = {v.name: v for v in build_variants(s, torch.bfloat16, torch.device("cpu"),
+                                            configs=["default", "default-window2"], graphs=False)}
+    base, win = vs["ttr-default torch"], vs["ttr-default-window2 torch"]
+    assert win.notes["n_landmarks"] == base.notes["n_landmarks"] and win.notes["window"] == 2
+    assert win.cost[0] == pytest.approx(base.cost[0] + 4.0 * 24 * s.n * window_keys(s, 2) * 128)
+    assert "in-kernel softmax" in vs["ttr-default-window2 fused sdpa-lm"].skip
+    assert vs["ttr-default-window2 fused flash-lm"].skip is None and vs["ttr-default fused sdpa-lm"].skip is None
+    assert parse_shape("n=64:txt=16", 2, 32, 16, 1).grid == (6, 8)
+
+
+@pytest.mark.skipif(not INTERPRETED or HAS_CUDA, reason="needs triton's interpreter (CPU-only machine)")
+def test_window_config_fused_matches_torch_path_in_interpreter(tmp_path):
+    """`--configs default,default-window2`: the window's fused rows (in-kernel softmax with the window, fp32)
+    agree with the PyTorch row of the same layer, whose landmark branch applies the window on the call's grid."""
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--device", "cpu", "--sizes", "n=64:txt=16", "--dtypes", "fp32", "--no-graphs",
+                 "--configs", "default,default-window2", "--only", "fused", "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    for name in ("fused", "fused flash-lm"):
+        r = rows[f"ttr-default-window2 {name}"]
+        assert r["skipped"] is None and r["ms"] > 0, r
+        assert r["rel_err_vs"] == "ttr-default-window2 torch" and r["rel_err"] < 1e-5, r
+    assert "in-kernel softmax" in rows["ttr-default-window2 fused sdpa-lm"]["skipped"]
+
+
 def test_speedups_graph_rows_against_graph_sdpa():
     def row(name, ms, graph=False, family="ttr"):
         return Result(name, family, "s", "bf16", 1, ms=ms, cuda_graph=graph,

@@ -2,7 +2,8 @@
 
 `landmark_softmax`: every query sees the same landmarks. `landmark_window_softmax`: each query also
 sees its own window of keys (the local 2-D window of `window_table`), in one joint softmax.
-The Triton work (plugins/ttr/kernels) may fuse these; it must match them (it fuses only the first).
+The Triton work (plugins/ttr/kernels) fuses both into the ttr layer's landmark pass and must match them
+(tests/test_ttr_fused_window.py).
 """
 from __future__ import annotations
 

@@ -22,8 +22,9 @@ class LandmarkSettings(Strict):
     (a (2r+1)² square clipped at the borders; a key that is both counts once). Conditioning queries
     keep the landmarks only. It needs the call's latent grid (h·w = image tokens) and queries that
     cover the whole sequence (or their positions, `query_index`); otherwise the call uses the
-    landmarks only and the backend warns once per reason. The ttr fused kernels do not implement it
-    (the ttr backend then serves through its PyTorch path).
+    landmarks only and the backend warns once per reason. The ttr fused kernels implement it inside
+    their landmark pass (in-kernel softmax; plugins/ttr/kernels); calls the landmark backend would serve
+    without the window (no or mismatching grid) take the ttr PyTorch path.
     """
 
     fraction: float = Field(0.08, ge=0.0, le=1.0, description="Share of image tokens used as landmarks.")

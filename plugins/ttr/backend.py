@@ -127,24 +127,27 @@ class TtrBackend(LearnedBackend):
             keep = keep.expand(k.shape[0], -1)
         branch = self.landmark_branch()
         idx = None
+        window, grid, n_cond = 0, None, 0
         reasons: list[str] = []
         if branch is not None:
             owner = getattr(branch, "__self__", None)
             if not hasattr(owner, "indices"):
                 reasons.append(f"landmark backend {self.settings.landmark_backend!r} exposes no indices()")
-            elif getattr(getattr(owner, "settings", None), "window", 0):
-                # the kernels fuse landmarks only; serving them would differ from what was trained
-                reason = "landmark window > 0 has no fused kernel"
-                reasons.append(reason)
-                if mode == "auto" and reason not in self._fused_declined:
-                    self._fused_declined.add(reason)
-                    log.warning("attnplug: ttr: %s; ttr layers use the PyTorch path", reason)
             else:
-                idx, valid = owner.indices(k, call, mask)
-                if valid is not None:
-                    reasons.append("per-batch landmark sets (key padding with landmarks)")
+                window = int(getattr(getattr(owner, "settings", None), "window", 0) or 0)
+                if window:
+                    window, grid, n_cond, why = self._window_args(window, q, k, call)
+                    if why:
+                        reasons.append(why)
+                        if mode == "auto" and why not in self._fused_declined:
+                            self._fused_declined.add(why)
+                            log.info("attnplug: ttr %s: %s; such calls use the PyTorch path", call.layer_key, why)
+                if not reasons:
+                    idx, valid = owner.indices(k, call, mask)
+                    if valid is not None:
+                        reasons.append("per-batch landmark sets (key padding with landmarks)")
         if not reasons:
-            reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, keep, idx)
+            reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, keep, idx, window)
         if reasons:
             if mode == "triton":
                 raise ValueError(f"ttr {call.layer_key}: kernel = 'triton' but the fused path cannot serve this "
@@ -155,7 +158,7 @@ class TtrBackend(LearnedBackend):
             out = ttr_forward_fused(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                                     alpha_max=layer.alpha_max, gamma=layer.gamma, adaptive=layer.adaptive, eps=eps,
                                     key_mask=keep, branch_affine=None if cond is None else cond.detach(),
-                                    strict=mode == "triton")
+                                    strict=mode == "triton", window=window, grid=grid, n_cond=n_cond)
         except Exception as exc:  # noqa: BLE001 - e.g. Triton out of resources: the PyTorch path still serves
             if mode == "triton" or isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
@@ -165,6 +168,32 @@ class TtrBackend(LearnedBackend):
             return None
         layer.last_metrics = {}  # the fused path computes no per-call statistics
         return out
+
+    @staticmethod
+    def _window_args(window: int, q: torch.Tensor, k: torch.Tensor,
+                     call: AttentionCall) -> tuple[int, tuple[int, int] | None, int, str]:
+        """`(window, grid, n_cond, reason)` for the fused kernels when the landmark branch has a window r.
+
+        Mirrors the landmark backend's own fallback (`LandmarkBackend._window_fallback`), so the fused path
+        serves exactly what its `branch()` computes: no image token → no window (window 0, served); no
+        latent grid, a grid that does not hold the image tokens, or queries that are not the whole sequence
+        → the landmark backend uses the landmarks only and warns, so the fused path declines (`reason`) and
+        the PyTorch path (with that warning) serves the call."""
+        n_keys = k.shape[2]
+        n_cond = max(0, min(call.n_cond_tokens, n_keys))
+        n_img = n_keys - n_cond
+        grid = call.latent_grid
+        if n_img == 0:
+            return 0, None, 0, ""
+        if grid is None:
+            return 0, None, 0, f"landmark window = {window} and the call has no latent grid"
+        if grid[0] * grid[1] != n_img:
+            return 0, None, 0, (f"landmark window = {window}: latent grid {tuple(grid)} holds {grid[0] * grid[1]} "
+                                f"tokens, the call has {n_img} image tokens")
+        if q.shape[2] != n_keys:
+            return 0, None, 0, (f"landmark window = {window} needs queries covering the sequence, got "
+                                f"{q.shape[2]} queries for {n_keys} keys")
+        return window, (int(grid[0]), int(grid[1])), n_cond, ""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                 mask: torch.Tensor | None = None) -> torch.Tensor:

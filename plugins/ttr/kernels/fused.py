@@ -4,6 +4,11 @@ Uses the Triton kernels of `triton_ttr` on CUDA (or on CPU under `TRITON_INTERPR
 everywhere else — no Triton, no CUDA, autograd wanted, shapes the kernels do not cover — it runs
 `reference.ttr_forward_reference`, the same math in plain PyTorch. `fused_unsupported_reasons`
 says why a call would fall back.
+
+The landmark plugin's local window (`window = r`, `grid = (h, w)`, `n_cond`) runs inside the landmark
+pass: after the landmark tiles, the same online softmax continues over the image keys within
+Chebyshev radius r of each image query (landmarks excluded, each key once); conditioning queries keep
+the landmarks only. cuDNN cannot mask per query, so a window always uses the in-kernel softmax.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .reference import PhiWeights, ttr_forward_reference
+from .reference import PhiWeights, check_window, ttr_forward_reference
 
 __all__ = ["KernelConfig", "fused_unsupported_reasons", "triton_available", "ttr_forward_fused"]
 
@@ -47,6 +52,7 @@ class KernelConfig:
     lm_warps: int = 8  # landmark pass: warps per program
     lm_stages: int = 2  # landmark pass: software-pipelining stages
     lm_block: int = 128  # landmark pass, in-kernel softmax (landmark_impl="fused"): landmark keys per tile
+    lm_window_block: int = 64  # landmark pass with a window: window keys per tile (at most one grid row's span)
     block_k: int = 64  # first in-kernel φ layer, every pass: input columns per step
     sdpa_row_chunks: int = 8  # landmark_impl="sdpa": out_l is computed in this many row chunks …
     sdpa_min_rows: int = 2048  # … of at least this many rows (small chunks under-fill the GPU)
@@ -104,7 +110,7 @@ def _plan(phi: PhiWeights) -> _Plan | str:
 
 def fused_unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights,
                               phi_k: PhiWeights, key_mask: torch.Tensor | None = None,
-                              landmark_idx: torch.Tensor | None = None) -> list[str]:
+                              landmark_idx: torch.Tensor | None = None, window: int = 0) -> list[str]:
     """Every reason the fused path cannot serve this call (empty: it can)."""
     reasons: list[str] = []
     ok, why = triton_available(q.device)
@@ -134,6 +140,8 @@ def fused_unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         reasons.append(f"landmark_idx must be one index set [L] shared by the batch, got {tuple(landmark_idx.shape)}")
     if key_mask is not None and landmark_idx is not None and landmark_idx.numel() > 0:
         reasons.append("a key mask with landmarks (per-batch landmark sets) is served by the PyTorch path")
+    if key_mask is not None and window > 0:
+        reasons.append("a key mask with a landmark window is served by the PyTorch path")
     return reasons
 
 
@@ -229,6 +237,15 @@ def _hidden_chunk(want: int, h1: int) -> int:
     return want if want and _pow2(want) and want < h1 and h1 % want == 0 else h1
 
 
+def _window_block(want: int, grid_w: int, block_m: int, window: int) -> int:
+    """Window keys per tile: `want` (a power of two ≥ 16, else the next one), capped by the widest column span
+    a query tile visits in one key grid row (`min(w, BM + 2r)`, to the next power of two): small grids
+    waste no half-empty tiles."""
+    span = min(grid_w, block_m + 2 * window)
+    cap = max(16, 1 << (span - 1).bit_length())
+    return min(max(16, 1 << (max(1, want) - 1).bit_length()), cap)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -280,7 +297,8 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                       key_mask: torch.Tensor | None = None,
                       branch_affine: Sequence[float] | torch.Tensor | None = None,
                       landmark_impl: str = "auto", config: KernelConfig | None = None,
-                      strict: bool = False) -> torch.Tensor:
+                      strict: bool = False, window: int = 0, grid: tuple[int, int] | None = None,
+                      n_cond: int = 0) -> torch.Tensor:
     """The ttr layer's forward (inference): fused Triton kernels, else the PyTorch reference.
 
     Same math and arguments as `reference.ttr_forward_reference`; additionally
@@ -288,22 +306,29 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     the gathered landmarks, row chunk by row chunk, read by the query kernel's epilogue; "auto":
     "sdpa" on CUDA beyond 1e7 query·landmark pairs, else "fused"; "fused" keeps peak memory within a
     few % of SDPA's, "sdpa" is faster at large sizes), `config` (tile sizes, SDPA row chunk) and `strict` (raise instead
-    of falling back). Adaptive α runs two passes: pass 1 writes out_l into the output and
-    d = 1 − cos(out_k, out_l); pass 2 recomputes the cheap kernel branch and blends in place, so no
-    buffer the size of the output is added.
+    of falling back). `window = r > 0` adds the landmark plugin's local window to the landmark branch
+    (image queries also attend to the non-landmark image keys within Chebyshev radius r on the latent
+    `grid` = (h, w), which holds the Nk − `n_cond` image tokens row-major after the `n_cond` conditioning
+    tokens; queries must be the whole sequence; ValueError otherwise); it forces `landmark_impl` "fused"
+    (cuDNN cannot mask per query), runs the landmark branch even without landmarks (conditioning queries
+    then get out_l = 0, as the reference) and falls back with a key mask. Adaptive α runs two passes:
+    pass 1 writes out_l into the output and d = 1 − cos(out_k, out_l); pass 2 recomputes the cheap kernel
+    branch and blends in place, so no buffer the size of the output is added.
     `alpha_logit` is a scalar or a per-head `[H]` tensor; `branch_affine` is `[4]` or `[B, 4]`.
     Returns `[B, H, Nq, D]` in q's dtype.
     """
-    reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, key_mask, landmark_idx)
+    if q.dim() == 4 and k.dim() == 4:
+        check_window(window, grid, n_cond, q.shape[2], k.shape[2])
+    reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, key_mask, landmark_idx, window)
     if reasons:
         if strict:
             raise RuntimeError("ttr_forward_fused cannot serve this call: " + "; ".join(reasons))
         return ttr_forward_reference(q, k, v, phi_q, phi_k, landmark_idx, alpha_logit, alpha_max, gamma, adaptive,
-                                     eps, key_mask, branch_affine)
+                                     eps, key_mask, branch_affine, window=window, grid=grid, n_cond=n_cond)
     if landmark_impl not in ("auto", "fused", "sdpa"):
         raise ValueError(f"landmark_impl: expected 'auto', 'fused' or 'sdpa', got {landmark_impl!r}")
-    if landmark_impl == "auto" and q.device.type != "cuda":
-        landmark_impl = "fused"
+    if (landmark_impl == "auto" and q.device.type != "cuda") or window > 0:
+        landmark_impl = "fused"  # a window needs the in-kernel softmax (cuDNN cannot mask per query)
     from .triton_ttr import _query_kernel
 
     cfg = config or DEFAULT_CONFIG
@@ -322,6 +347,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         dummy = s
         wa = _kernel_args(phi_q, plan, q.dtype, q.device, dummy)
         use_lm = landmark_idx is not None and landmark_idx.numel() > 0
+        use_branch = use_lm or window > 0  # a window runs the landmark branch even without landmarks
         if landmark_impl == "auto":
             # measured on H200 (docs/PERFORMANCE.md): the in-kernel softmax wins at ~840 landmarks x 4.6k
             # queries, cuDNN on row chunks from ~1.8k x 17k on (but it holds one row chunk of out_l)
@@ -331,6 +357,12 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         if use_lm:
             idx = landmark_idx.to(device=q.device, dtype=torch.long).contiguous()
             n_lm = int(idx.numel())
+        lm_flag = dummy
+        grid_h, grid_w = (1, 1) if window == 0 else (int(grid[0]), int(grid[1]))  # type: ignore[index]
+        if window > 0:  # int8 per key: 1 = a landmark (the window part skips it: the landmark loop counted it)
+            lm_flag = torch.zeros(nk, dtype=torch.int8, device=q.device)
+            if use_lm:
+                lm_flag.index_fill_(0, idx, 1)
         kl, vl = k, v  # the fused softmax gathers landmark rows in-kernel: no copy
         if use_lm and landmark_impl == "sdpa":
             kl = k.index_select(2, idx).contiguous()
@@ -351,7 +383,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         s_scale = 1.0 / max(1, nk)  # keeps S and z in range for fp16 dots; cancels in the ratio
         qk_scale = d ** -0.5 * 1.4426950408889634
         d_buf = dummy
-        if use_lm and adaptive:
+        if use_branch and adaptive:
             d_buf = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
 
         def launch(mode: int, lm_src: int, m0: int, m1: int, ol: torch.Tensor, dm: torch.Tensor) -> None:
@@ -360,10 +392,10 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                                  else (cfg.q_block_m, cfg.q_warps, cfg.q_stages))
             grid = (_cdiv(m1 - m0, bm), bsz * heads)
             _query_kernel[grid](
-                q, x, s, z, kl, vl, idx, ol, out, d_buf, dm, logit, aff,
+                q, x, s, z, kl, vl, idx, lm_flag, ol, out, d_buf, dm, logit, aff,
                 wa["w1"], wa["b1"], wa["w2"], wa["b2"],
-                nq, m0, m1, n_lm, heads, s_scale, eps * 1.0, float(alpha_max), float(gamma), qk_scale,
-                phi_q.norm_eps,
+                nq, m0, m1, n_lm, heads, int(n_cond) if window else 0, grid_h, grid_w, s_scale, eps * 1.0,
+                float(alpha_max), float(gamma), qk_scale, phi_q.norm_eps,
                 q.stride(0), q.stride(1), q.stride(2), x.stride(0), x.stride(1), x.stride(2), *skl,
                 out.stride(0), out.stride(1), out.stride(2), ol.stride(0), ol.stride(1), ol.stride(2),
                 wa["w1h"], wa["b1h"], wa["w2h"], wa["b2h"], logit_h,
@@ -371,9 +403,10 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 ACT=_ACT[phi_q.activation], IS_HH=int(phi_q.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
                 HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src,
                 HAS_AFF=int(branch_affine is not None), BM=bm, BL=cfg.lm_block,
-                HC=_hidden_chunk(cfg.q_hidden_chunk, plan.h1), num_warps=warps, num_stages=stages)
+                HC=_hidden_chunk(cfg.q_hidden_chunk, plan.h1), WIN=int(window) if mode in (1, 2) else 0,
+                BLW=_window_block(cfg.lm_window_block, grid_w, bm, window), num_warps=warps, num_stages=stages)
 
-        if not use_lm:
+        if not use_branch:
             launch(0, 0, 0, nq, dummy[None], dummy)
             return out
         mode = 2 if adaptive else 1

@@ -12,6 +12,11 @@ Kernel branch: `S = Σ_k φ(k) vᵀ`, `z = Σ_k φ(k)` in fp32 (masked keys excl
 `landmark_idx`, scale `D^-0.5`. Which keys are landmarks is the landmark plugin's decision
 (`LandmarkBackend.indices`, `plugins/landmark/selection.py`); callers pass the indices in, and
 this module has no selection of its own (a twin could pick other positions than the served layer).
+Optional local window (`window = r > 0`, the landmark plugin's `[plugins.landmark] window`): with the
+latent grid `(h, w)` (image tokens row-major after `n_cond` conditioning tokens; queries are the whole
+sequence), each image query's softmax runs jointly over the landmark keys and the image keys within
+Chebyshev radius r of its own grid position that are not landmarks (each key once; padded window keys
+never count); conditioning queries see the landmarks only, and a query with no key at all gets out_l = 0.
 Hybrid: `out = out_k + α(out_l − out_k)` with `α = α_max·σ(logit + γ(d_norm − 0.5))`,
 `d = 1 − cos(out_k, out_l)`,
 `d_norm = min(d / mean_tokens(d), 3) / 3` (adaptive) or `α = α_max·σ(logit)`.
@@ -19,6 +24,7 @@ Everything here computes in fp32 and returns the input dtype.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -151,6 +157,69 @@ def landmark_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landma
     return torch.einsum("bhnl,bhld->bhnd", torch.softmax(scores, dim=-1), vl)
 
 
+def check_window(window: int, grid: tuple[int, int] | None, n_cond: int, n_queries: int, n_keys: int) -> None:
+    """Raise ValueError unless `(window, grid, n_cond)` describe a usable local window (window 0: anything)."""
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
+        raise ValueError(f"window: expected an int >= 0 (Chebyshev radius; 0 = off), got {window!r}")
+    if window == 0:
+        return
+    if grid is None or len(grid) != 2 or any(int(g) != g or g <= 0 for g in grid):
+        raise ValueError(f"grid: window = {window} needs the latent grid (h, w) of positive ints, got {grid!r}")
+    if not 0 <= n_cond <= n_keys:
+        raise ValueError(f"n_cond: expected the conditioning-token count in [0, {n_keys}], got {n_cond}")
+    h, w = grid
+    if h * w + n_cond != n_keys:
+        raise ValueError(f"grid: window = {window} needs h*w + n_cond == Nk, got {h}*{w} + {n_cond} = "
+                         f"{h * w + n_cond} for {n_keys} keys")
+    if n_queries != n_keys:
+        raise ValueError(f"window = {window} needs queries covering the whole sequence (Nq == Nk, their positions "
+                         f"are the keys'), got Nq = {n_queries}, Nk = {n_keys}")
+
+
+def landmark_window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmark_idx: torch.Tensor | None,
+                              window: int, grid: tuple[int, int], n_cond: int,
+                              key_mask: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Landmark branch with the local window, fp32 `[B, H, Nq, D]`: a joint softmax over
+    `[q·k_landmarks, q·k_all masked to the query's window]` (a dense allowed-key mask per query chunk).
+
+    Landmark keys are used as given (as `landmark_reference`: duplicates count twice); window keys count
+    when they are image keys within Chebyshev radius `window` of an image query, are not landmarks and,
+    with `key_mask` `[B, Nk]` (True = keep), are not padded. A row with no key gets zeros.
+    """
+    check_window(window, grid, n_cond, q.shape[2], k.shape[2])
+    b, _, nq, d = q.shape
+    nk = k.shape[2]
+    dev = q.device
+    w_grid = grid[1]
+    idx = torch.zeros(0, dtype=torch.long, device=dev) if landmark_idx is None else landmark_idx.to(dev).long()
+    kf, vf = k.float(), v.float()
+    kl, vl = kf.index_select(2, idx), vf.index_select(2, idx)
+    is_lm = torch.zeros(nk, dtype=torch.bool, device=dev)
+    is_lm[idx] = True
+    pos = torch.arange(nk, device=dev)
+    img = pos >= n_cond
+    p = (pos - n_cond).clamp_min(0)
+    row, col = p // w_grid, p % w_grid
+    keep = None if key_mask is None else key_mask.to(device=dev, dtype=torch.bool)
+    scale = d ** -0.5
+    outs = []
+    for start in range(0, nq, chunk):
+        qi = pos[start:start + chunk]
+        near = ((row[qi, None] - row[None, :]).abs() <= window) & ((col[qi, None] - col[None, :]).abs() <= window)
+        allowed = (near & img[qi, None] & img[None, :] & ~is_lm[None, :])[None]  # [1 or B, c, Nk]
+        if keep is not None:
+            allowed = allowed & keep[:, None, :]
+        qc = q[:, :, start:start + chunk].float()
+        logits_w = torch.matmul(qc, kf.transpose(-1, -2)) * scale
+        logits_w = logits_w.masked_fill(~allowed[:, None], float("-inf"))
+        logits = torch.cat([torch.matmul(qc, kl.transpose(-1, -2)) * scale, logits_w], dim=-1)
+        empty = torch.isneginf(logits).all(dim=-1, keepdim=True)  # no key at all: zeros, not NaN
+        weights = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+        n_l = idx.numel()
+        outs.append(torch.matmul(weights[..., :n_l], vl) + torch.matmul(weights[..., n_l:], vf))
+    return torch.cat(outs, dim=2) if outs else q.new_zeros(b, q.shape[1], 0, v.shape[-1], dtype=torch.float32)
+
+
 def blend_alpha(out_k: torch.Tensor, out_l: torch.Tensor, alpha_logit: torch.Tensor | float, alpha_max: float,
                 gamma: float, adaptive: bool) -> torch.Tensor:
     """α `[B, H, N, 1]` (fp32). `alpha_logit` is a scalar or per-head `[H]`; the mean of d is per (b, h)
@@ -174,19 +243,27 @@ def ttr_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi
                           landmark_idx: torch.Tensor | None = None, alpha_logit: torch.Tensor | float = -2.1972,
                           alpha_max: float = 0.2, gamma: float = 2.0, adaptive: bool = True, eps: float = 1e-6,
                           key_mask: torch.Tensor | None = None,
-                          branch_affine: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+                          branch_affine: Sequence[float] | torch.Tensor | None = None, *, window: int = 0,
+                          grid: tuple[int, int] | None = None, n_cond: int = 0) -> torch.Tensor:
     """The whole ttr layer (kernel branch, optional landmark branch and blend) in fp32.
 
     `branch_affine` = (s_k, b_k, s_l, b_l): each branch output becomes `o·(1+s)+b` before the blend
-    (the seed's σ/CFG conditioner). Returns q's dtype.
+    (the seed's σ/CFG conditioner). `window = r > 0` adds the local window to the landmark branch
+    (`landmark_window_reference`; needs `grid` (h, w) with h·w + n_cond == Nk and Nq == Nk); the branch
+    then runs even without landmarks (conditioning queries get out_l = 0). Returns q's dtype.
     """
+    check_window(window, grid, n_cond, q.shape[2], k.shape[2])
     out_k = kernel_branch_reference(q, k, v, phi_q, phi_k, eps, key_mask)
     aff = None if branch_affine is None else torch.as_tensor(branch_affine, dtype=torch.float32).tolist()
     if aff is not None:
         out_k = out_k * (1 + aff[0]) + aff[1]
-    if landmark_idx is None or landmark_idx.numel() == 0:
+    if window > 0:
+        assert grid is not None
+        out_l = landmark_window_reference(q, k, v, landmark_idx, window, grid, n_cond, key_mask)
+    elif landmark_idx is None or landmark_idx.numel() == 0:
         return out_k.to(q.dtype)
-    out_l = landmark_reference(q, k, v, landmark_idx)
+    else:
+        out_l = landmark_reference(q, k, v, landmark_idx)
     if aff is not None:
         out_l = out_l * (1 + aff[2]) + aff[3]
     a = blend_alpha(out_k, out_l, alpha_logit, alpha_max, gamma, adaptive)

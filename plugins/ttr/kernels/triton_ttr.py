@@ -12,6 +12,10 @@ Two launches carry the layer:
   fixed-α hybrid (1), adaptive pass 1 (2: writes out_l into `out` and d = 1 − cos(out_k, out_l))
   and adaptive pass 2 (3: recomputes the cheap kernel branch, reads out_l back from `out` and
   blends in place with the per-(b, h) mean of d). Rows [M0, M1) are processed (row chunks).
+  WIN = r > 0 (the landmark plugin's local window; in-kernel softmax only) continues the landmark
+  softmax over each image query's window of image keys (Chebyshev radius r on the latent grid, minus
+  the landmarks, flagged per key in `lmf_ptr`): the query tile visits the key grid rows and columns its
+  rows' windows cover, BLW keys at a time (`_window_softmax`). WIN = 0 compiles to the landmark-only kernel.
   (Computing out_l before out_k was tried: ptxas spilled more — out_l then lives across φ(q), while
   out_k is only saved and reloaded around the landmark loop.)
 """
@@ -152,15 +156,69 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, w1_ptr, b1_ptr, w2_ptr, 
 
 
 @triton.jit
-def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, ol_ptr, out_ptr, d_ptr, dmean_ptr,
+def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_m, row_ok, offs_d, m_i, l_i, acc, t0, M1, n_cond, grid_h,
+                    grid_w, qk_scale, skn, svn, WIN: tl.constexpr, BLW: tl.constexpr):
+    """Continue the online softmax `(m_i, l_i, acc)` of a query tile over its local windows.
+
+    Image tokens sit row-major on the `grid_h x grid_w` latent grid after `n_cond` conditioning tokens.
+    The tile visits key grid rows `[min row − WIN, max row + WIN]` of its image rows, and in each the
+    columns `[min col − WIN, max col + WIN]` (all columns when the tile spans several grid rows), clipped
+    to the grid, BLW keys at a time. A (query, key) pair counts when the query is an image token,
+    |Δrow| ≤ WIN, |Δcol| ≤ WIN and the key is not a landmark (`lmf_ptr`, int8 per key: the landmark loop
+    counted it). A row may have seen no key yet (no landmarks): its running max is then −inf, and 0 is
+    used in its place. (Flattening the box of rows × columns into BLW-key tiles wastes fewer keys when a
+    row is narrower than BLW, but per-key row and column vectors made ptxas spill twice as much at
+    BM = 128, BLW = 128, 8 warps.)
+    """
+    t1 = tl.minimum(t0 + offs_m.shape[0], M1)  # rows [t0, t1) of this tile
+    p_lo = tl.maximum(t0, n_cond) - n_cond  # first and last image position of the tile
+    p_hi = t1 - 1 - n_cond
+    has_img = p_hi >= p_lo
+    p_hi = tl.maximum(p_hi, p_lo)
+    r_lo = p_lo // grid_w
+    r_hi = p_hi // grid_w
+    kr_lo = tl.maximum(r_lo - WIN, 0)
+    kr_hi = tl.where(has_img, tl.minimum(r_hi + WIN, grid_h - 1), kr_lo - 1)  # no image row: no key row
+    one_row = r_lo == r_hi
+    c_lo = tl.where(one_row, tl.maximum(p_lo % grid_w - WIN, 0), 0)
+    c_hi = tl.where(one_row, tl.minimum(p_hi % grid_w + WIN, grid_w - 1), grid_w - 1)
+    q_img = row_ok & (offs_m >= n_cond)
+    pq = tl.maximum(offs_m - n_cond, 0)
+    q_row = pq // grid_w
+    q_col = pq % grid_w
+    for kr in range(kr_lo, kr_hi + 1):
+        row_near = q_img & (tl.abs(q_row - kr) <= WIN)
+        for c0 in range(c_lo, c_hi + 1, BLW):
+            k_col = c0 + tl.arange(0, BLW)
+            k_ok = k_col <= c_hi
+            tok = n_cond + kr * grid_w + k_col
+            k_ok_w = k_ok & (tl.load(lmf_ptr + tok, mask=k_ok, other=1) == 0)  # landmarks: counted already
+            kt = tl.load(kl_base + tok[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+            sc = tl.dot(q, tl.trans(kt)) * qk_scale
+            near = row_near[:, None] & (tl.abs(q_col[:, None] - k_col[None, :]) <= WIN) & k_ok_w[None, :]
+            sc = tl.where(near, sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(sc - m_use[:, None])
+            corr = tl.exp2(m_i - m_use)
+            l_i = l_i * corr + tl.sum(p, axis=1)
+            vt = tl.load(vl_base + tok[:, None] * svn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(p.to(vt.dtype), vt, acc * corr[:, None])
+            m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, ol_ptr, out_ptr, d_ptr, dmean_ptr,
                   logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                  N, M0, M1, L, H, s_scale, eps, alpha_max, gamma, qk_scale, norm_eps,
+                  N, M0, M1, L, H, n_cond, grid_h, grid_w, s_scale, eps, alpha_max, gamma, qk_scale, norm_eps,
                   sqb, sqh, sqn, sxb, sxh, sxn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, sln,
                   w1h, b1h, w2h, b2h, logit_h,
                   D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
                   DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
                   HAS_B2: tl.constexpr, NORM: tl.constexpr, MODE: tl.constexpr, LM_SRC: tl.constexpr,
-                  HAS_AFF: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr, HC: tl.constexpr):
+                  HAS_AFF: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr, HC: tl.constexpr,
+                  WIN: tl.constexpr, BLW: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -223,7 +281,14 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, ol_ptr, o
                 vt = tl.load(vl_base + rows[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
                 acc = tl.dot(p.to(vt.dtype), vt, acc * corr[:, None])
                 m_i = m_new
-            ol = acc / l_i[:, None]
+            if WIN == 0:
+                ol = acc / l_i[:, None]
+            else:
+                # the same online softmax goes on over the tile's local windows (see _window_softmax)
+                m_i, l_i, acc = _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_m, row_ok, offs_d, m_i, l_i, acc,
+                                                M0 + pid_m * BM, M1, n_cond, grid_h, grid_w, qk_scale, skn, svn,
+                                                WIN, BLW)
+                ol = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key at all (no landmarks, text row): 0
         if HAS_AFF:
             ol = ol * (1.0 + tl.load(aff_ptr + b * 4 + 2)) + tl.load(aff_ptr + b * 4 + 3)
     # ---- blend epilogue ----------------------------------------------------------------------
