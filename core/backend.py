@@ -116,11 +116,15 @@ class LearnedBackend(Backend):
 
     # ---- the training contract (used by distillers, generic over learned backends) -------------
     def train_forward(self, layer_key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      call: AttentionCall, mask: torch.Tensor | None = None) -> torch.Tensor:
+                      call: AttentionCall, mask: torch.Tensor | None = None,
+                      query_index: torch.Tensor | None = None) -> torch.Tensor:
         """Differentiable fp32 forward of one layer's module (autograd on, no fused kernels).
 
         The module must exist (`layer(spec)`); inputs are `[B, H, Nq|Nk, D]` fp32, already outside
-        inference mode. Returns `[B, H, Nq, D]`.
+        inference mode. `query_index` (`[Nq]` long) gives the positions of q's rows in the key sequence
+        when q is a subset of the queries (the distiller subsamples them), None when q is all of them;
+        a backend whose output depends on a query's position (a local window) needs it. Returns
+        `[B, H, Nq, D]`.
         """
         raise NotImplementedError
 

@@ -81,7 +81,7 @@ class FakeBackend(LearnedBackend):
         kp = None if mask is None else mask
         return module(q.float(), k.float(), v.float(), kp).to(q.dtype)
 
-    def train_forward(self, layer_key, q, k, v, call, mask=None):  # type: ignore[no-untyped-def]
+    def train_forward(self, layer_key, q, k, v, call, mask=None, query_index=None):  # type: ignore[no-untyped-def]
         assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
         for t in (q, k, v):
             assert t.dtype == torch.float32 and not t.is_inference()

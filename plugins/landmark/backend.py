@@ -137,8 +137,8 @@ class LandmarkBackend(Backend):
         if query_index is None and q.shape[2] != n_keys:
             self._warn_once("query-subset", f"window = {r} needs each query's grid position, but "
                                             f"{call.layer_key} got {q.shape[2]} queries for {n_keys} keys and no "
-                                            "query_index (e.g. the distiller's query subsample: set "
-                                            "[plugins.distill] query_cap >= the token count); such calls use the "
+                                            "query_index (a caller that subsamples queries must pass their "
+                                            "positions, as the ttr distiller does); such calls use the "
                                             "landmarks only, so they differ from full-sequence calls")
             return True
         return False

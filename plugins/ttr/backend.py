@@ -90,7 +90,8 @@ class TtrBackend(LearnedBackend):
         return reasons
 
     def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
-             mask: torch.Tensor | None, layer: TtrLayer, feature_dtype: torch.dtype) -> torch.Tensor:
+             mask: torch.Tensor | None, layer: TtrLayer, feature_dtype: torch.dtype,
+             query_index: torch.Tensor | None = None) -> torch.Tensor:
         keep = None
         if mask is not None:
             keep = key_padding(mask, q.shape[2], k.shape[2])
@@ -99,7 +100,8 @@ class TtrBackend(LearnedBackend):
             if keep.shape[0] == 1 and k.shape[0] > 1:
                 keep = keep.expand(k.shape[0], -1)
         kc, qc = self.layer_chunks(call.layer_key)
-        return layer(q, k, v, call, keep, mask, self.landmark_branch(), kc, qc, self.settings.eps, feature_dtype)
+        return layer(q, k, v, call, keep, mask, self.landmark_branch(), kc, qc, self.settings.eps, feature_dtype,
+                     query_index)
 
     def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                mask: torch.Tensor | None, layer: TtrLayer) -> torch.Tensor | None:
@@ -219,11 +221,13 @@ class TtrBackend(LearnedBackend):
         return module  # type: ignore[return-value]
 
     def train_forward(self, layer_key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      call: AttentionCall, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Differentiable fp32 forward of one layer (plain PyTorch, autograd on)."""
+                      call: AttentionCall, mask: torch.Tensor | None = None,
+                      query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Differentiable fp32 forward of one layer (plain PyTorch, autograd on); `query_index`: the
+        positions of q's rows when q is a query subset (the landmark window needs them)."""
         layer = self._module(layer_key)
         with torch.enable_grad():
-            return self._run(q.float(), k.float(), v.float(), call, mask, layer, torch.float32)
+            return self._run(q.float(), k.float(), v.float(), call, mask, layer, torch.float32, query_index)
 
     def param_groups(self, layer_key: str) -> dict[str, list[torch.nn.Parameter]]:
         """`phi`: both feature maps and the conditioner; `alpha`: the per-head blend logits."""

@@ -379,7 +379,8 @@ class OnlineDistiller:
             else:
                 parts = storage_copies(live, self.storage_dtype, store_dev)
         return ReplaySample(
-            key, parts["q"], parts["k"], parts["v"], parts["teacher"], parts["mask"], call, live=live
+            key, parts["q"], parts["k"], parts["v"], parts["teacher"], parts["mask"], call,
+            query_index=None if idx is None else idx.cpu(), live=live,
         )
 
     def _trainer(self, key: str, device: torch.device) -> LayerTrainer:

@@ -157,8 +157,10 @@ class LayerTrainer:
         with torch.inference_mode(False), torch.enable_grad():
             self.opt.zero_grad(set_to_none=True)
             self.logvar_opt.zero_grad(set_to_none=True)
+            positions = tensors.get("query_index")  # a query subset: where its rows sit (None: all)
+            extra = {} if positions is None else {"query_index": positions}
             out = backend.train_forward(
-                self.layer_key, tensors["q"], tensors["k"], tensors["v"], call, tensors["mask"]
+                self.layer_key, tensors["q"], tensors["k"], tensors["v"], call, tensors["mask"], **extra
             )
             if out.shape != tensors["teacher"].shape:
                 raise ValueError(

@@ -20,7 +20,8 @@ from ...core.call import AttentionCall, LayerSpec
 from .kernel_regression import feature_map, kernel_regression
 from .settings import TtrSettings
 
-#: The landmark branch as the hybrid layer sees it: `(q, k, v, call, mask) -> [B, H, Nq, Dv]` fp32.
+#: The landmark branch as the hybrid layer sees it: `(q, k, v, call, mask) -> [B, H, Nq, Dv]` fp32; when
+#: q is a subset of the queries it is also called with `query_index=` (their positions, `[Nq]` long).
 LandmarkBranch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionCall, "torch.Tensor | None"],
                           torch.Tensor]
 
@@ -124,12 +125,15 @@ class TtrLayer(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                 keep: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 landmark: LandmarkBranch | None = None, key_chunk: int = 1024, query_chunk: int = 1024,
-                eps: float = 1e-6, feature_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                eps: float = 1e-6, feature_dtype: torch.dtype = torch.float32,
+                query_index: torch.Tensor | None = None) -> torch.Tensor:
         """`[B, H, Nq, Dv]` fp32.
 
         :param keep: `[B, Nk]` bool key padding (True = valid) for the kernel branch, or None.
         :param mask: the host's mask, handed unchanged to the landmark branch.
         :param landmark: the landmark branch, or None for kernel-only.
+        :param query_index: positions of q's rows in the sequence when q is a subset (handed to the
+            landmark branch, whose local window depends on them), None when q is every query.
         """
         out_k, den = kernel_regression(q, k, v, lambda x: self.phi(x, "q", feature_dtype, eps),
                                        lambda x: self.phi(x, "k", feature_dtype, eps), keep, eps,
@@ -141,7 +145,8 @@ class TtrLayer(nn.Module):
         if landmark is None:
             self.last_metrics = metrics
             return out_k
-        out_l = landmark(q, k, v, call, mask)
+        out_l = landmark(q, k, v, call, mask) if query_index is None else \
+            landmark(q, k, v, call, mask, query_index=query_index)
         if cond is not None:
             out_l = out_l * (1.0 + cond[2]) + cond[3]
         a = self.alpha(out_k, out_l)

@@ -36,12 +36,15 @@ class ReplaySample:
     teacher: torch.Tensor  # [B, H, nq, Dv] exact output of the query subset
     mask: torch.Tensor | None  # [B, Nk] bool key padding (True = attend) or None
     call: AttentionCall
+    query_index: torch.Tensor | None = None  # [nq] long positions of the query subset (None: every query)
     seq: int = 0  # global push order (eviction key)
     live: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # fp32 device copy during its call
 
     @property
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in (self.q, self.k, self.v, self.teacher))
+        if self.query_index is not None:
+            total += self.query_index.numel() * self.query_index.element_size()
         if self.mask is not None:
             total += self.mask.numel() * self.mask.element_size()
         return total
@@ -49,14 +52,18 @@ class ReplaySample:
     def tensors(self, device: torch.device) -> dict[str, torch.Tensor | None]:
         """fp32 tensors on `device` for a training update (the live copy when there is one)."""
         if self.live is not None:
-            return dict(self.live)  # type: ignore[arg-type]
+            return {**self.live, "query_index": self._query_index(device)}  # type: ignore[dict-item]
         with torch.inference_mode(False):  # never hand inference tensors to autograd
             out: dict[str, torch.Tensor | None] = {
                 name: getattr(self, name).to(device=device, dtype=torch.float32, copy=True)
                 for name in ("q", "k", "v", "teacher")
             }
             out["mask"] = None if self.mask is None else self.mask.to(device, copy=True)
+        out["query_index"] = self._query_index(device)
         return out
+
+    def _query_index(self, device: torch.device) -> torch.Tensor | None:
+        return None if self.query_index is None else self.query_index.to(device)
 
 
 def to_storage(
@@ -204,6 +211,8 @@ class ReplayBuffer:
                     tensors[f"{name}/{part}"] = getattr(s, part)
                 if s.mask is not None:
                     tensors[f"{name}/mask"] = s.mask
+                if s.query_index is not None:
+                    tensors[f"{name}/query_index"] = s.query_index
                 records.append(
                     {"seq": s.seq, "layer_key": key, "call": _call_json(s.call), "mask": s.mask is not None}
                 )
@@ -232,6 +241,7 @@ class ReplayBuffer:
                 *(to_storage(parts[p], dtype, device) for p in ("q", "k", "v", "teacher")),
                 mask=None if mask is None else to_storage(mask, dtype, device),
                 call=_call_from_json(rec["call"]),
+                query_index=tensors.get(f"{name}/query_index"),  # absent: every query, or an older file
             )
             seq = int(rec["seq"])
             self.counters.next_seq = seq
