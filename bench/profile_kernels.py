@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,31 +36,39 @@ def kernel_times_us(fn, calls: int) -> dict[str, float]:
     return dict(times)
 
 
+def layer_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+               hidden_chunks: list[int]) -> dict[str, Callable[[], object]]:
+    """cuDNN SDPA and the default ttr layer (fused / SDPA landmarks, kernel-only) per hidden chunk."""
+    g = torch.Generator().manual_seed(0)
+    pq = random_phi(128, 256, 128, 2, generator=g, device=q.device)
+    pk = random_phi(128, 256, 128, 2, generator=g, device=q.device)
+
+    def ttr(cfg: KernelConfig, impl: str | None) -> Callable[[], object]:
+        lm = None if impl is None else idx
+        return lambda: ttr_forward_fused(q, k, v, pq, pk, landmark_idx=lm, config=cfg, strict=True,
+                                         landmark_impl=impl or "auto")
+
+    runs: dict[str, Callable[[], object]] = {"sdpa cudnn": lambda: F.scaled_dot_product_attention(q, k, v)}
+    for hc in hidden_chunks:
+        cfg = KernelConfig(kv_hidden_chunk=hc, q_hidden_chunk=hc)
+        runs[f"ttr fused-lm hc={hc}"] = ttr(cfg, "fused")
+        runs[f"ttr sdpa-lm hc={hc}"] = ttr(cfg, "sdpa")
+        runs[f"ttr kernel-only hc={hc}"] = ttr(cfg, None)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnplug-bench-profile")
     p.add_argument("--sizes", default="1024,2048")
     p.add_argument("--calls", type=int, default=20)
-    p.add_argument("--hidden-chunks", default="0,64",
-                   help="hidden chunks of the 2-layer φ to profile (KernelConfig.kv_hidden_chunk = q_hidden_chunk)")
+    p.add_argument("--hidden-chunks", default="0,64", help="kv_hidden_chunk = q_hidden_chunk values to profile")
     a = p.parse_args(argv)
     dev = torch.device("cuda")
     for size in a.sizes.split(","):
         s = parse_shape(size, 24, 128, 512, 1)
         q, k, v = (torch.randn(1, 24, s.n, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
-        g = torch.Generator().manual_seed(0)
-        pq = random_phi(128, 256, 128, 2, generator=g, device=dev)
-        pk = random_phi(128, 256, 128, 2, generator=g, device=dev)
         idx = select_landmarks(s.n, 512, 0.08, 64, 0)[0].to(dev)
-        runs = {"sdpa cudnn": lambda: F.scaled_dot_product_attention(q, k, v)}
-        for hc in (int(x) for x in a.hidden_chunks.split(",")):
-            cfg = KernelConfig(kv_hidden_chunk=hc, q_hidden_chunk=hc)
-            for impl in ("fused", "sdpa"):
-                runs[f"ttr {impl}-lm hc={hc}"] = (
-                    lambda cfg=cfg, impl=impl: ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, config=cfg,
-                                                                 landmark_impl=impl, strict=True))
-            runs[f"ttr kernel-only hc={hc}"] = (
-                lambda cfg=cfg: ttr_forward_fused(q, k, v, pq, pk, config=cfg, strict=True))
-        for name, fn in runs.items():
+        for name, fn in layer_runs(q, k, v, idx, [int(x) for x in a.hidden_chunks.split(",")]).items():
             times = kernel_times_us(fn, a.calls)
             print(f"\n{size} ({s.n} tokens, {idx.numel()} landmarks) {name}: {sum(times.values()):.1f} µs device")
             for kname, us in sorted(times.items(), key=lambda kv: -kv[1]):

@@ -11,16 +11,20 @@ WINDOW_CHECKPOINT = ROOT / "testbed" / "weights" / "ttr_window.safetensors"
 SERVE_WINDOW = ROOT / "testbed" / "configs" / "serve_single_window.toml"
 
 
-def test_eval_reproduces_the_card_subset(tmp_path, one_thread):
+def _eval_subset(config: Path, checkpoint: Path, tmp_path: Path) -> dict:
+    """`attnplug eval` on one held-out prompt, 20 steps, CPU (the cards' "CPU subset"); its JSON."""
+    from attnplug.cli import app
     from typer.testing import CliRunner
 
-    from attnplug.cli import app
-
     out = tmp_path / "eval.json"
-    res = CliRunner().invoke(app, ["eval", "--config", str(SERVE_SINGLE), "--checkpoint", str(CHECKPOINT),
+    res = CliRunner().invoke(app, ["eval", "--config", str(config), "--checkpoint", str(checkpoint),
                                    "--prompts", "1", "--steps", "20", "--json", str(out)])
     assert res.exit_code == 0, res.output
-    r = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_eval_reproduces_the_card_subset(tmp_path, one_thread):
+    r = _eval_subset(SERVE_SINGLE, CHECKPOINT, tmp_path)
     # testbed/weights/TTR_CARD.md, "CPU subset"
     assert r["layers_served"] == [f"single:{i}" for i in range(6)]
     assert r["layers_ready"] == ["double:0", "double:1"] + [f"single:{i}" for i in range(6)]
@@ -36,15 +40,7 @@ def test_eval_reproduces_the_card_subset(tmp_path, one_thread):
 
 def test_eval_of_the_window_checkpoint_reproduces_its_card_subset(tmp_path, one_thread):
     """testbed/weights/TTR_WINDOW_CARD.md, "CPU subset": the landmark window lifts the weak layers."""
-    from typer.testing import CliRunner
-
-    from attnplug.cli import app
-
-    out = tmp_path / "eval.json"
-    res = CliRunner().invoke(app, ["eval", "--config", str(SERVE_WINDOW), "--checkpoint", str(WINDOW_CHECKPOINT),
-                                   "--prompts", "1", "--steps", "20", "--json", str(out)])
-    assert res.exit_code == 0, res.output
-    r = json.loads(out.read_text())
+    r = _eval_subset(SERVE_WINDOW, WINDOW_CHECKPOINT, tmp_path)
     assert r["layers_served"] == [f"single:{i}" for i in range(6)]
     assert r["adherence_exact"] == 1.0 and r["adherence_approx"] == 1.0
     assert abs(r["velocity_cosine"] - 0.9883) < 3e-3
