@@ -243,5 +243,5 @@ def test_ttr_fused_path_declines_a_window_without_a_usable_grid(grid) -> None:
     (With a usable grid the fused kernels serve the window: tests/test_ttr_fused_window.py.)"""
     q, k, v = _qkv(1, N_COND + 24)
     ttr = _ttr("triton", _backend(2))
-    with pytest.raises(ValueError, match="no latent grid" if grid is None else "holds 30 tokens"):
+    with pytest.raises(ValueError, match="needs the latent grid" if grid is None else "holds 30"):
         ttr(q, k, v, _call(grid, 24))

@@ -116,32 +116,43 @@ class LandmarkBackend(Backend):
             self._warned.add(reason)
             log.warning("attnplug: landmark: %s", message)
 
-    def _window_fallback(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall,
-                         query_index: torch.Tensor | None) -> bool:
-        """Whether a call must run without the window (warned once per reason and backend instance)."""
+    def window_plan(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall,
+                    query_index: torch.Tensor | None = None) -> tuple[int, tuple[int, int] | None, str, str]:
+        """Whether this call gets the window: `(radius, grid, reason key, message)`.
+
+        radius > 0 with the call's grid: it does. radius 0 with an empty reason: it needs none (window off,
+        or no image query). radius 0 with a reason: the window cannot apply (no grid, a grid that does not
+        hold the image tokens, a query subset without positions) and the call uses the landmarks only.
+        The one decision for both paths: `branch()` here and the ttr fused kernels, which serve the
+        window only where this says so."""
         r = self.settings.window
         n_keys = k.shape[2]
         n_img = n_keys - max(0, min(call.n_cond_tokens, n_keys))
         grid = call.latent_grid
-        if n_img == 0:
-            return True  # no image query: nothing to window
+        if r == 0 or n_img == 0:
+            return 0, None, "", ""
         if grid is None:
-            self._warn_once("no-grid", f"window = {r} needs the latent grid, but {call.layer_key}'s call has none "
-                                       "(host did not report it); such calls use the landmarks only")
-            return True
+            return 0, None, "no-grid", (f"window = {r} needs the latent grid, but {call.layer_key}'s call has none "
+                                        "(host did not report it); such calls use the landmarks only")
         if grid[0] * grid[1] != n_img:
-            self._warn_once("grid-mismatch", f"window = {r}: {call.layer_key} has {n_img} image tokens but its "
-                                             f"latent grid {grid} holds {grid[0] * grid[1]}; such calls use the "
-                                             "landmarks only")
-            return True
+            return 0, None, "grid-mismatch", (f"window = {r}: {call.layer_key} has {n_img} image tokens but its "
+                                              f"latent grid {tuple(grid)} holds {grid[0] * grid[1]}; such calls "
+                                              "use the landmarks only")
         if query_index is None and q.shape[2] != n_keys:
-            self._warn_once("query-subset", f"window = {r} needs each query's grid position, but "
-                                            f"{call.layer_key} got {q.shape[2]} queries for {n_keys} keys and no "
-                                            "query_index (a caller that subsamples queries must pass their "
-                                            "positions, as the ttr distiller does); such calls use the "
-                                            "landmarks only, so they differ from full-sequence calls")
-            return True
-        return False
+            return 0, None, "query-subset", (f"window = {r} needs each query's grid position, but "
+                                             f"{call.layer_key} got {q.shape[2]} queries for {n_keys} keys and no "
+                                             "query_index (a caller that subsamples queries must pass their "
+                                             "positions, as the ttr distiller does); such calls use the "
+                                             "landmarks only, so they differ from full-sequence calls")
+        return r, (int(grid[0]), int(grid[1])), "", ""
+
+    def _window_fallback(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall,
+                         query_index: torch.Tensor | None) -> bool:
+        """Whether a call must run without the window (warned once per reason and backend instance)."""
+        radius, _, reason, message = self.window_plan(q, k, call, query_index)
+        if reason:
+            self._warn_once(reason, message)
+        return radius == 0
 
     def _window_rows(self, positions: torch.Tensor, k: torch.Tensor, call: AttentionCall, idx: torch.Tensor,
                      valid: torch.Tensor | None, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,10 +136,12 @@ class TtrBackend(LearnedBackend):
             if not hasattr(owner, "indices"):
                 reasons.append(f"landmark backend {self.settings.landmark_backend!r} exposes no indices()")
             else:
-                window = int(getattr(getattr(owner, "settings", None), "window", 0) or 0)
-                if window:
-                    window, grid, n_cond, why = self._window_args(window, q, k, call)
-                    if why:
+                if hasattr(owner, "window_plan"):
+                    # the landmark backend's own decision: the fused window serves exactly where its branch would
+                    window, grid, key, message = owner.window_plan(q, k, call)
+                    n_cond = max(0, min(call.n_cond_tokens, k.shape[2])) if window else 0
+                    if key:
+                        why = f"landmark {message}"
                         reasons.append(why)
                         if mode == "auto" and why not in self._fused_declined:
                             self._fused_declined.add(why)
@@ -170,32 +172,6 @@ class TtrBackend(LearnedBackend):
             return None
         layer.last_metrics = {}  # the fused path computes no per-call statistics
         return out
-
-    @staticmethod
-    def _window_args(window: int, q: torch.Tensor, k: torch.Tensor,
-                     call: AttentionCall) -> tuple[int, tuple[int, int] | None, int, str]:
-        """`(window, grid, n_cond, reason)` for the fused kernels when the landmark branch has a window r.
-
-        Mirrors the landmark backend's own fallback (`LandmarkBackend._window_fallback`), so the fused path
-        serves exactly what its `branch()` computes: no image token → no window (window 0, served); no
-        latent grid, a grid that does not hold the image tokens, or queries that are not the whole sequence
-        → the landmark backend uses the landmarks only and warns, so the fused path declines (`reason`) and
-        the PyTorch path (with that warning) serves the call."""
-        n_keys = k.shape[2]
-        n_cond = max(0, min(call.n_cond_tokens, n_keys))
-        n_img = n_keys - n_cond
-        grid = call.latent_grid
-        if n_img == 0:
-            return 0, None, 0, ""
-        if grid is None:
-            return 0, None, 0, f"landmark window = {window} and the call has no latent grid"
-        if grid[0] * grid[1] != n_img:
-            return 0, None, 0, (f"landmark window = {window}: latent grid {tuple(grid)} holds {grid[0] * grid[1]} "
-                                f"tokens, the call has {n_img} image tokens")
-        if q.shape[2] != n_keys:
-            return 0, None, 0, (f"landmark window = {window} needs queries covering the sequence, got "
-                                f"{q.shape[2]} queries for {n_keys} keys")
-        return window, (int(grid[0]), int(grid[1])), n_cond, ""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
