@@ -295,7 +295,9 @@ class Session:
         if not self._pending_finite:
             return
         pending, self._pending_finite = self._pending_finite, []
-        flags = torch.stack([f.to("cpu", non_blocking=False) for _, _, f in pending]).tolist()
+        first = pending[0][2]
+        # stacked on the device, then one transfer: one sync, not one per flag
+        flags = torch.stack([f.to(first.device) for _, _, f in pending]).tolist()
         for (layer_key, backend, _), finite in zip(pending, flags):
             if finite:
                 continue
