@@ -50,7 +50,9 @@ def sinusoidal(x: float, dim: int, device: torch.device) -> torch.Tensor:
     half = dim // 2
     i = torch.arange(half, dtype=torch.float32, device=device)
     freqs = torch.exp(-math.log(1e4) * i / max(half - 1, 1))
-    arg = torch.as_tensor(x, dtype=torch.float32, device=device) * freqs
+    # x stays a Python scalar: a tensor made from it on the CPU and copied to the GPU would be a blocking
+    # copy, i.e. a device sync on every served call (the scalar is cast to fp32 inside the kernel)
+    arg = freqs * float(x)
     return torch.cat([torch.sin(arg), torch.cos(arg)])
 
 
