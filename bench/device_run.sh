@@ -2,7 +2,8 @@
 # One call on a lent GPU machine (docs/PERFORMANCE.md): install the carried wheels, make the repo
 # importable as `attnplug`, run the GPU kernel tests, the tile sweep and the bench; logs go to $OUT.
 # Usage (from the repo root, on the device): bash bench/device_run.sh [tests|tune|profile|bench|model|quality|all]...
-# (`all` = tests, tune, profile, bench, model: about 9 minutes on an H200)
+# (`all` = tests, tune, profile, bench, model: about 9 minutes on an H200; TUNE_ARGS, BENCH_ARGS, MODEL_ARGS
+# replace each step's default arguments)
 # `quality` starts one testbed.quality process per variant (CPU-bound Python: they share the GPU; layers to
 # train in QUALITY_LAYERS, servings in QUALITY_SERVING), plus `attnplug eval` of each config in QUALITY_EVALS on the committed
 # checkpoint, waits up to QUALITY_WAIT_S, then merges what finished. Everything must end inside the
@@ -25,10 +26,10 @@ for step in "${@:-all}"; do
       tests/test_ttr_fused.py tests/test_ttr_fused_agreement.py tests/test_ttr_compile.py tests/test_distill_train.py \
       tests/test_distill_ttr.py tests/test_diffusers_compile.py tests/test_gpu_no_sync.py tests/test_ttr_fused_window.py tests/test_bench_model.py tests/test_bench_variants.py \
       2>&1 | tee "$OUT/tests.log" ;;&
-    tune|all) python3 -m attnplug.bench.tune --sizes 1024,2048 --quick 2>&1 | tee "$OUT/tune.log" ;;&
+    tune|all) python3 -m attnplug.bench.tune ${TUNE_ARGS:---sizes 1024,2048 --quick} 2>&1 | tee "$OUT/tune.log" ;;&
     profile|all) python3 -m attnplug.bench.profile_kernels --sizes 1024,2048 2>&1 | tee "$OUT/profile.log" ;;&
-    bench|all) python3 -m attnplug.bench.run --sizes 1024,2048,4096 --dtypes bf16 --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt" ;;&
-    model|all) python3 -m attnplug.bench.model --sizes 1024,2048 --json "$OUT/model.json" 2>&1 | tee "$OUT/model.txt" ;;&
+    bench|all) python3 -m attnplug.bench.run ${BENCH_ARGS:---sizes 1024,2048,4096 --dtypes bf16} --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt" ;;&
+    model|all) python3 -m attnplug.bench.model ${MODEL_ARGS:---sizes 1024,2048} --json "$OUT/model.json" 2>&1 | tee "$OUT/model.txt" ;;&
     quality)
       Q=/tmp/quality; rm -rf $Q; mkdir -p $Q; : > $Q/pids  # a warm machine keeps the last call's rows
       IFS=';' read -ra VS <<< "${QUALITY_VARIANTS:-default;cosine lr;cosine lr 2× runs;offline fit;kernel-only;1-layer F64 hedgehog;1-layer F128 elu+1;landmarks 2 %;per-head φ;F256 + cosine lr;α_max 0.5 + cosine lr}"

@@ -23,7 +23,7 @@ per-forward CUDA-event timings (host clock on CPU) under `torch.inference_mode()
 and after; peak device memory of the timed forwards (absolute and beyond what was allocated before
 them); relative error of the output against native (same weights, same inputs); and, from
 `session.stats`, how many attention calls each backend served per forward and which layers ttr
-served. Prints a table, writes JSON with `--json`. `--smoke` is a tiny config (1 double + 2 single
+served; on CUDA, the device syncs of one more forward (`count_syncs`). Prints a table, writes JSON with `--json`. `--smoke` is a tiny config (1 double + 2 single
 blocks, 2 heads × 32) that runs on a CPU in seconds. Entry points: `main(argv)`, `run_bench_model`.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import re
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -207,6 +208,21 @@ def sdpa_kernel(name: str, device: torch.device) -> Iterator[None]:
         yield
 
 
+def count_syncs(fn: Callable[[], object]) -> int:
+    """How many times `fn` makes the host wait for the GPU (torch's sync debug mode, CUDA only).
+
+    Each sync drains the queue: the GPU then idles while Python prepares the next kernels, so a sync per
+    attention call adds the host's time per layer to the forward (docs/PERFORMANCE.md)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
 # ---- one mode --------------------------------------------------------------------------------------
 @dataclass
 class Row:
@@ -220,6 +236,7 @@ class Row:
     x_native: float | None = None  # native ms / this ms (> 1: faster than native)
     peak_mib: float | None = None  # peak allocated during the timed forwards (weights included)
     peak_extra_mib: float | None = None  # that peak minus what was allocated before them
+    syncs_per_forward: int | None = None  # device syncs in one forward after the timed ones (CUDA only)
     rel_err_vs_native: float | None = None
     forwards: int = 0
     served_per_forward: dict[str, float] = field(default_factory=dict)  # backend → attention calls per forward
@@ -288,6 +305,7 @@ def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: to
                 peak = torch.cuda.max_memory_allocated(device)
                 row.peak_mib = peak / 2 ** 20
                 row.peak_extra_mib = (peak - base) / 2 ** 20
+                row.syncs_per_forward = count_syncs(forward)
         row.times_ms = times
         row.ms = statistics.median(times)
         row.ms_spread = (min(times), max(times))
@@ -380,6 +398,8 @@ def format_table(report: dict[str, Any]) -> str:
         extra = f"{r['peak_extra_mib'] / 1024:8.2f}" if r["peak_extra_mib"] is not None else f"{'-':>8}"
         err = f"{r['rel_err_vs_native']:8.1e}" if r["rel_err_vs_native"] is not None else f"{'-':>8}"
         flag = f"  ({r['warning']})" if r["warning"] else ""
+        if r.get("syncs_per_forward") is not None:
+            served += f"; {r['syncs_per_forward']} device syncs per forward"
         lines.append(f"{r['size']:>7} {tokens:>13} {r['mode']:<16} {r['ms']:9.2f} {spread:>15} {x} {peak} {extra} "
                      f"{err}  {served}{flag}")
     m, s = report["model"], report["settings"]

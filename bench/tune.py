@@ -1,6 +1,6 @@
 """Per-pass tile sweep of the fused ttr kernels on the current GPU (how `KernelConfig`'s defaults are chosen).
 
-`python -m attnplug.bench.tune [--sizes 1024,2048] [--quick]` runs the default layer (2-layer φ,
+`python -m attnplug.bench.tune [--sizes 1024,2048] [--quick] [--parts key,query,landmark]` runs the default layer (2-layer φ,
 hidden 256, F = 128, elu+1, adaptive α; landmarks: the landmark plugin's selection, all text + 8 % of
 the image tokens) in bf16 and sweeps each part over its own grid of `KernelConfig` fields, every
 other field at its default:
@@ -10,7 +10,7 @@ other field at its default:
 - query: the kernel-only call (`ttr_forward_fused` without landmarks) over q_block_m × q_warps ×
   q_stages × q_hidden_chunk. The whole call is timed: it includes the key pass at its default tiles;
 - landmark: the whole call with the in-kernel landmark softmax (landmark_impl="fused") over
-  lm_block_m × lm_warps × lm_stages × lm_block (the landmark pass, adaptive pass 1). It includes the
+  lm_block_m × lm_warps × lm_stages × lm_block × lm_stash (the landmark pass, adaptive pass 1). It includes the
   key pass and adaptive pass 2 at their default tiles;
 - whole: the default config and the one combining each part's best, as whole calls with
   landmark_impl "fused" and "sdpa".
@@ -47,8 +47,9 @@ GRIDS: dict[str, tuple[Grid, Grid]] = {
                "q_hidden_chunk": [0, 64, 128]},
               {"q_block_m": [64, 128], "q_warps": [4, 8], "q_stages": [2, 3], "q_hidden_chunk": [0, 64]}),
     "landmark": ({"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [1, 2, 3],
-                  "lm_block": [32, 64, 128]},
-                 {"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [2], "lm_block": [32, 64, 128]}),
+                  "lm_block": [32, 64, 128], "lm_stash": [0, 1]},
+                 {"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [2, 3], "lm_block": [64, 128],
+                  "lm_stash": [0, 1]}),
 }
 
 
@@ -76,8 +77,8 @@ def sweep(label: str, call: Callable[[KernelConfig], object], grid: Grid,
     return rows
 
 
-def tune_size(size: str, quick: bool, dev: torch.device) -> list[str]:
-    """Sweep every part at one size (lines printed as they come); returns the summary lines."""
+def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None = None) -> list[str]:
+    """Sweep every part (or `parts`) at one size (lines printed as they come); returns the summary lines."""
     s = parse_shape(size, 24, 128, 512, 1)
     q, k, v = (torch.randn(1, 24, s.n, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
     g = torch.Generator().manual_seed(0)
@@ -98,6 +99,8 @@ def tune_size(size: str, quick: bool, dev: torch.device) -> list[str]:
     summary: list[str] = []
     combined: dict[str, int] = {}
     for part, call in calls.items():
+        if parts is not None and part not in parts:
+            continue
         rows = sweep(f"{size} {part}", call, GRIDS[part][int(quick)], dev)
         if rows:
             ms, best = min(rows, key=lambda r: r[0])
@@ -117,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnplug-bench-tune")
     p.add_argument("--sizes", default="1024,2048")
     p.add_argument("--quick", action="store_true", help="grids about a third the size")
+    p.add_argument("--parts", default=",".join(GRIDS), help=f"comma list of the parts to sweep ({', '.join(GRIDS)})")
     a = p.parse_args(argv)
+    parts = [x.strip() for x in a.parts.split(",") if x.strip()]
+    if not parts or set(parts) - set(GRIDS):
+        p.error(f"--parts: expected some of {', '.join(GRIDS)}, got {a.parts!r}")
     dev = torch.device("cuda")
-    summary = [line for size in a.sizes.split(",") for line in tune_size(size, a.quick, dev)]
+    summary = [line for size in a.sizes.split(",") for line in tune_size(size, a.quick, dev, parts)]
     print("\n".join(summary))
     return 0
 

@@ -42,11 +42,12 @@ def _inputs(b, h, n, d, dtype=torch.float32, device="cpu", seed=0):
     return [torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype) for _ in range(3)]
 
 
-#: SDPA landmarks in 3 row chunks; the second also tiles the landmark pass (fixed-α hybrid, adaptive
-#: pass 1) unlike the other query passes (kernel-only, adaptive pass 2), with another landmark tile.
-CHUNKED = KernelConfig(sdpa_row_chunks=3, sdpa_min_rows=16)
+#: SDPA landmarks per head and in row chunks; the second also tiles the landmark pass (fixed-α hybrid, adaptive
+#: pass 1) unlike the other query passes (kernel-only, adaptive pass 2), with another landmark tile, and
+#: parks out_k in the output during the in-kernel landmark loop (lm_stash).
+CHUNKED = KernelConfig(sdpa_memory_fraction=0.5, sdpa_min_rows=16)  # 2 head groups × 2 row chunks at n = 77
 SPLIT_TILES = KernelConfig(q_block_m=16, q_warps=2, q_stages=1, lm_block_m=32, lm_warps=4, lm_stages=2,
-                           lm_block=16, sdpa_row_chunks=3, sdpa_min_rows=16)
+                           lm_block=16, sdpa_memory_fraction=0.3, sdpa_min_rows=16, lm_stash=1)
 
 
 @needs_triton
@@ -179,7 +180,7 @@ def test_each_pass_launches_with_its_own_tiles(poison, monkeypatch):
     idx = landmark_indices(n, 8, 0.1)
     cfg = KernelConfig(kv_block_n=32, kv_warps=2, kv_stages=1, kv_hidden_chunk=16, q_block_m=16, q_warps=2,
                        q_stages=1, q_hidden_chunk=32, lm_block_m=32, lm_warps=4, lm_stages=3, lm_block=16,
-                       sdpa_row_chunks=1, sdpa_min_rows=128)
+                       sdpa_memory_fraction=2.0, sdpa_min_rows=128)  # SDPA landmarks: one launch
     # query launches: (MODE, LM_SRC, row tiles of 77 rows, BM, warps, stages)
     for adaptive, lm_impl, want in [
         (True, "fused", [(2, 0, 3, 32, 4, 3), (3, 0, 5, 16, 2, 1)]),
@@ -204,7 +205,8 @@ def test_each_pass_launches_with_its_own_tiles(poison, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hidden_chunk", [0, 64])
 def test_gpu_flux_shapes_bf16(poison, n_img, dtype, hidden_chunk):
-    """Default tiles, or hidden chunks in both passes with a landmark pass of 128 rows × 8 warps."""
+    """Default tiles, or hidden chunks in both passes with a landmark pass of 128 rows × 8 warps that parks
+    out_k in the output during its loop (lm_stash)."""
     b, h, d, n_txt = 1, 24, 128, 512
     n = n_txt + n_img
     q, k, v = _inputs(b, h, n, d, dtype=dtype, device="cuda", seed=n)
@@ -212,11 +214,30 @@ def test_gpu_flux_shapes_bf16(poison, n_img, dtype, hidden_chunk):
     pq = random_phi(d, 256, 128, 2, "elu+1", None, generator=g, device="cuda")
     pk = random_phi(d, 256, 128, 2, "elu+1", None, generator=g, device="cuda")
     idx = landmark_indices(n, n_txt, 0.08, 64, device="cuda")
-    cfg = (KernelConfig(kv_hidden_chunk=hidden_chunk, q_hidden_chunk=hidden_chunk, lm_block_m=128, lm_warps=8)
-           if hidden_chunk else KernelConfig())
+    cfg = (KernelConfig(kv_hidden_chunk=hidden_chunk, q_hidden_chunk=hidden_chunk, lm_block_m=128, lm_warps=8,
+                        lm_stash=1 - KernelConfig().lm_stash) if hidden_chunk else KernelConfig())
     for adaptive in (True, False):
         ref = ttr_forward_reference(q, k, v, pq, pk, idx, -2.2, 0.2, 2.0, adaptive)
         for lm_impl in ("fused", "sdpa"):
             out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=-2.2, adaptive=adaptive,
                                     landmark_impl=lm_impl, config=cfg, strict=True)
             assert _rel(out, ref) < 2e-2, (adaptive, lm_impl)
+
+
+@pytest.mark.parametrize("nq,n_lm", [(4608, 840), (16896, 1823), (66048, 5755), (77, 15), (3000, 4000)])
+@pytest.mark.parametrize("fraction", [0.06, 0.3])
+def test_sdpa_chunks_keep_the_memory_budget(nq, n_lm, fraction):
+    """The SDPA landmark path holds one head group's landmark K/V and one row chunk of out_l: within
+    `sdpa_memory_fraction` of the output (issue 8's memory target), unless the minimum chunk alone exceeds
+    it (then one head per group); the chunks cover every row and head."""
+    heads = 24
+    cfg = KernelConfig(sdpa_memory_fraction=fraction, sdpa_min_rows=min(2048, nq))
+    group, rows = fused_mod.sdpa_chunks(nq, heads, n_lm, cfg)
+    assert 1 <= group <= heads and 1 <= rows <= nq
+    held = group * (2 * n_lm + rows)
+    if held > fraction * nq * heads:  # only where the smallest chunk allowed does not fit
+        assert group == 1 and rows <= cfg.sdpa_min_rows and 2 * n_lm + cfg.sdpa_min_rows > fraction * nq * heads
+    if 2 * n_lm + nq <= fraction * nq * heads:
+        assert rows == nq  # all rows in one launch whenever a head's whole out_l fits
+    n_chunks = -(-nq // rows)
+    assert (n_chunks - 1) * rows < nq <= n_chunks * rows

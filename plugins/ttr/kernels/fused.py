@@ -53,9 +53,13 @@ class KernelConfig:
     lm_stages: int = 2  # landmark pass: software-pipelining stages
     lm_block: int = 128  # landmark pass, in-kernel softmax (landmark_impl="fused"): landmark keys per tile
     lm_window_block: int = 64  # landmark pass with a window: window keys per tile (at most one grid row's span)
+    lm_stash: int = 0  # in-kernel landmark softmax: 1 parks out_k in the output rows during the loop (not registers)
     block_k: int = 64  # first in-kernel φ layer, every pass: input columns per step
-    sdpa_row_chunks: int = 8  # landmark_impl="sdpa": out_l is computed in this many row chunks …
-    sdpa_min_rows: int = 2048  # … of at least this many rows (small chunks under-fill the GPU)
+    # landmark_impl="sdpa": out_l comes from cuDNN per head group and row chunk, sized so that the landmark
+    # K/V copies and one chunk of out_l stay within this fraction of the output's bytes (issue 8's memory
+    # target: SDPA's peak + 10 %; the rest of the fused path adds ~2 %) …
+    sdpa_memory_fraction: float = 0.06
+    sdpa_min_rows: int = 2048  # … with chunks of at least this many rows (small chunks under-fill the GPU)
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -250,6 +254,20 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def sdpa_chunks(nq: int, heads: int, n_lm: int, config: KernelConfig) -> tuple[int, int]:
+    """`(heads per group, rows per chunk)` of the SDPA landmark path.
+
+    Per group of g heads it holds the gathered landmark K and V (2·L rows) and one chunk of r rows of
+    out_l, g·(2L + r) rows of D values against the output's nq·heads: the largest g and then the most
+    rows (the fewest, fullest cuDNN launches) within `sdpa_memory_fraction` of that, never fewer than
+    `sdpa_min_rows` rows (one head per group then, whatever the budget), chunks balanced."""
+    budget = config.sdpa_memory_fraction * nq * heads
+    group = max(1, min(heads, int(budget // (2 * n_lm + nq))))
+    rows = int(budget // group) - 2 * n_lm
+    rows = min(nq, max(config.sdpa_min_rows, rows, 1))
+    return group, _cdiv(nq, _cdiv(nq, rows))
+
+
 def kv_state_fused(k: torch.Tensor, v: torch.Tensor, phi_k: PhiWeights, key_mask: torch.Tensor | None = None,
                    config: KernelConfig = DEFAULT_CONFIG) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `S` `[B, H, F, D]` and `z` `[B, H, F]` (fp32) — the key pass alone."""
@@ -303,9 +321,10 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
 
     Same math and arguments as `reference.ttr_forward_reference`; additionally
     `landmark_impl` ("fused": online softmax inside the query kernel; "sdpa": torch SDPA (cuDNN) on
-    the gathered landmarks, row chunk by row chunk, read by the query kernel's epilogue; "auto":
+    the gathered landmarks, per head group and row chunk (`sdpa_chunks`), read by the query kernel's epilogue; "auto":
     "sdpa" on CUDA beyond 1e7 query·landmark pairs, else "fused"; "fused" keeps peak memory within a
-    few % of SDPA's, "sdpa" is faster at large sizes), `config` (tile sizes, SDPA row chunk) and `strict` (raise instead
+    few % of SDPA's, "sdpa" is faster at large sizes and stays within `sdpa_memory_fraction`), `config` (tile
+    sizes, SDPA chunking) and `strict` (raise instead
     of falling back). `window = r > 0` adds the landmark plugin's local window to the landmark branch
     (image queries also attend to the non-landmark image keys within Chebyshev radius r on the latent
     `grid` = (h, w), which holds the Nk − `n_cond` image tokens row-major after the `n_cond` conditioning
@@ -350,7 +369,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         use_branch = use_lm or window > 0  # a window runs the landmark branch even without landmarks
         if landmark_impl == "auto":
             # measured on H200 (docs/PERFORMANCE.md): the in-kernel softmax wins at ~840 landmarks x 4.6k
-            # queries, cuDNN on row chunks from ~1.8k x 17k on (but it holds one row chunk of out_l)
+            # queries, cuDNN per head group and row chunk from ~1.8k x 17k on (within sdpa_memory_fraction)
             landmark_impl = "sdpa" if nq * (0 if landmark_idx is None else landmark_idx.numel()) > 1e7 else "fused"
         idx = dummy
         n_lm = 0
@@ -363,10 +382,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             lm_flag = torch.zeros(nk, dtype=torch.int8, device=q.device)
             if use_lm:
                 lm_flag.index_fill_(0, idx, 1)
-        kl, vl = k, v  # the fused softmax gathers landmark rows in-kernel: no copy
-        if use_lm and landmark_impl == "sdpa":
-            kl = k.index_select(2, idx).contiguous()
-            vl = v.index_select(2, idx).contiguous()
+        kl, vl = k, v  # the fused softmax gathers landmark rows in-kernel: no copy (SDPA: per head group below)
         if kl.stride(-1) != 1 or vl.stride(-1) != 1:
             kl, vl = kl.contiguous(), vl.contiguous()
         skl = (kl.stride(0), kl.stride(1), kl.stride(2), vl.stride(0), vl.stride(1), vl.stride(2))
@@ -386,15 +402,16 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         if use_branch and adaptive:
             d_buf = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
 
-        def launch(mode: int, lm_src: int, m0: int, m1: int, ol: torch.Tensor, dm: torch.Tensor) -> None:
+        def launch(mode: int, lm_src: int, m0: int, m1: int, ol: torch.Tensor, dm: torch.Tensor,
+                   h0: int = 0, h1: int = heads) -> None:
             # the landmark pass (modes 1, 2) has its own tiles; kernel-only (0) and adaptive pass 2 (3) share q_*
             bm, warps, stages = ((cfg.lm_block_m, cfg.lm_warps, cfg.lm_stages) if mode in (1, 2)
                                  else (cfg.q_block_m, cfg.q_warps, cfg.q_stages))
-            grid = (_cdiv(m1 - m0, bm), bsz * heads)
+            grid = (_cdiv(m1 - m0, bm), bsz * (h1 - h0))
             _query_kernel[grid](
                 q, x, s, z, kl, vl, idx, lm_flag, ol, out, d_buf, dm, logit, aff,
                 wa["w1"], wa["b1"], wa["w2"], wa["b2"],
-                nq, m0, m1, n_lm, heads, int(n_cond) if window else 0, grid_h, grid_w, s_scale, eps * 1.0,
+                nq, m0, m1, n_lm, heads, h0, h1 - h0, int(n_cond) if window else 0, grid_h, grid_w, s_scale, eps * 1.0,
                 float(alpha_max), float(gamma), qk_scale, phi_q.norm_eps,
                 q.stride(0), q.stride(1), q.stride(2), x.stride(0), x.stride(1), x.stride(2), *skl,
                 out.stride(0), out.stride(1), out.stride(2), ol.stride(0), ol.stride(1), ol.stride(2),
@@ -404,20 +421,28 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src,
                 HAS_AFF=int(branch_affine is not None), BM=bm, BL=cfg.lm_block,
                 HC=_hidden_chunk(cfg.q_hidden_chunk, plan.h1), WIN=int(window) if mode in (1, 2) else 0,
-                BLW=_window_block(cfg.lm_window_block, grid_w, bm, window), num_warps=warps, num_stages=stages)
+                BLW=_window_block(cfg.lm_window_block, grid_w, bm, window),
+                STASH=int(bool(cfg.lm_stash)) if mode in (1, 2) and lm_src == 0 else 0,
+                num_warps=warps, num_stages=stages)
 
         if not use_branch:
             launch(0, 0, 0, nq, dummy[None], dummy)
             return out
         mode = 2 if adaptive else 1
         if landmark_impl == "sdpa":
-            # out_l by cuDNN on row chunks: the extra memory is one chunk, not an output-sized buffer
-            rows = max(cfg.sdpa_min_rows, _cdiv(_cdiv(nq, cfg.sdpa_row_chunks), 128) * 128)
-            for m0 in range(0, nq, rows):
-                m1 = min(nq, m0 + rows)
-                ol = F.scaled_dot_product_attention(q[:, :, m0:m1], kl, vl)
-                launch(mode, 1, m0, m1, ol, dummy)
-                del ol
+            # out_l by cuDNN per head group and row chunk: the extra memory is one group's landmark K/V and
+            # one chunk of out_l (sdpa_chunks), not an output-sized buffer
+            group, rows = sdpa_chunks(nq, heads, n_lm, cfg)
+            for h0 in range(0, heads, group):
+                h1 = min(heads, h0 + group)
+                kg = k[:, h0:h1].index_select(2, idx)
+                vg = v[:, h0:h1].index_select(2, idx)
+                for m0 in range(0, nq, rows):
+                    m1 = min(nq, m0 + rows)
+                    ol = F.scaled_dot_product_attention(q[:, h0:h1, m0:m1], kg, vg)
+                    launch(mode, 1, m0, m1, ol, dummy, h0, h1)
+                    del ol
+                del kg, vg
         else:
             launch(mode, 0, 0, nq, dummy[None], dummy)
         if adaptive:
