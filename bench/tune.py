@@ -10,7 +10,7 @@ other field at its default:
 - query: the kernel-only call (`ttr_forward_fused` without landmarks) over q_block_m × q_warps ×
   q_stages × q_hidden_chunk. The whole call is timed: it includes the key pass at its default tiles;
 - landmark: the whole call with the in-kernel landmark softmax (landmark_impl="fused") over
-  lm_block_m × lm_warps × lm_stages × lm_block × lm_stash (the landmark pass, adaptive pass 1). It includes the
+  lm_block_m × lm_warps × lm_stages × lm_block (the landmark pass, adaptive pass 1). It includes the
   key pass and adaptive pass 2 at their default tiles;
 - whole: the default config and the one combining each part's best, as whole calls with
   landmark_impl "fused" and "sdpa".
@@ -47,9 +47,8 @@ GRIDS: dict[str, tuple[Grid, Grid]] = {
                "q_hidden_chunk": [0, 64, 128]},
               {"q_block_m": [64, 128], "q_warps": [4, 8], "q_stages": [2, 3], "q_hidden_chunk": [0, 64]}),
     "landmark": ({"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [1, 2, 3],
-                  "lm_block": [32, 64, 128], "lm_stash": [0, 1]},
-                 {"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [2, 3], "lm_block": [64, 128],
-                  "lm_stash": [0, 1]}),
+                  "lm_block": [32, 64, 128]},
+                 {"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [2], "lm_block": [32, 64, 128]}),
 }
 
 

@@ -48,8 +48,7 @@ GRIDS = [(4, 8), (8, 4), (6, 6), (3, 10), (3, 24)]
 #: (a grid row's span takes several) or the default (capped to the span: 16 or 32 here).
 SMALL_TILES = KernelConfig(lm_block_m=16, lm_warps=2, lm_stages=1, lm_block=16, lm_window_block=16, q_block_m=16,
                            q_warps=2, q_stages=1)
-LARGE_TILES = KernelConfig(lm_block_m=64, lm_warps=4, lm_stages=2, lm_block=16, q_block_m=32, q_warps=4,
-                           lm_stash=1)  # and out_k parked in the output during the landmark loop
+LARGE_TILES = KernelConfig(lm_block_m=64, lm_warps=4, lm_stages=2, lm_block=16, q_block_m=32, q_warps=4)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -53,7 +53,6 @@ class KernelConfig:
     lm_stages: int = 2  # landmark pass: software-pipelining stages
     lm_block: int = 128  # landmark pass, in-kernel softmax (landmark_impl="fused"): landmark keys per tile
     lm_window_block: int = 64  # landmark pass with a window: window keys per tile (at most one grid row's span)
-    lm_stash: int = 0  # in-kernel landmark softmax: 1 parks out_k in the output rows during the loop (not registers)
     block_k: int = 64  # first in-kernel φ layer, every pass: input columns per step
     # landmark_impl="sdpa": out_l comes from cuDNN per head group and row chunk, sized so that the landmark
     # K/V copies and one chunk of out_l stay within this fraction of the output's bytes (issue 8's memory
@@ -402,36 +401,34 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         if use_branch and adaptive:
             d_buf = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
 
-        def launch(mode: int, lm_src: int, m0: int, m1: int, ol: torch.Tensor, dm: torch.Tensor,
-                   h0: int = 0, h1: int = heads) -> None:
+        def launch(mode: int, lm_src: int, dm: torch.Tensor) -> None:
             # the landmark pass (modes 1, 2) has its own tiles; kernel-only (0) and adaptive pass 2 (3) share q_*
             bm, warps, stages = ((cfg.lm_block_m, cfg.lm_warps, cfg.lm_stages) if mode in (1, 2)
                                  else (cfg.q_block_m, cfg.q_warps, cfg.q_stages))
-            grid = (_cdiv(m1 - m0, bm), bsz * (h1 - h0))
+            grid = (_cdiv(nq, bm), bsz * heads)
             _query_kernel[grid](
-                q, x, s, z, kl, vl, idx, lm_flag, ol, out, d_buf, dm, logit, aff,
+                q, x, s, z, kl, vl, idx, lm_flag, out, d_buf, dm, logit, aff,
                 wa["w1"], wa["b1"], wa["w2"], wa["b2"],
-                nq, m0, m1, n_lm, heads, h0, h1 - h0, int(n_cond) if window else 0, grid_h, grid_w, s_scale, eps * 1.0,
+                nq, 0, nq, n_lm, heads, int(n_cond) if window else 0, grid_h, grid_w, s_scale, eps * 1.0,
                 float(alpha_max), float(gamma), qk_scale, phi_q.norm_eps,
                 q.stride(0), q.stride(1), q.stride(2), x.stride(0), x.stride(1), x.stride(2), *skl,
-                out.stride(0), out.stride(1), out.stride(2), ol.stride(0), ol.stride(1), ol.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
                 wa["w1h"], wa["b1h"], wa["w2h"], wa["b2h"], logit_h,
                 D=d, DIN=plan.din, BK=_block_k(cfg.block_k, plan.din), H1=plan.h1, F1=plan.f1, DEPTH=plan.depth,
                 ACT=_ACT[phi_q.activation], IS_HH=int(phi_q.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
                 HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src,
                 HAS_AFF=int(branch_affine is not None), BM=bm, BL=cfg.lm_block,
                 HC=_hidden_chunk(cfg.q_hidden_chunk, plan.h1), WIN=int(window) if mode in (1, 2) else 0,
-                BLW=_window_block(cfg.lm_window_block, grid_w, bm, window),
-                STASH=int(bool(cfg.lm_stash)) if mode in (1, 2) and lm_src == 0 else 0,
-                num_warps=warps, num_stages=stages)
+                BLW=_window_block(cfg.lm_window_block, grid_w, bm, window), num_warps=warps, num_stages=stages)
 
         if not use_branch:
-            launch(0, 0, 0, nq, dummy[None], dummy)
+            launch(0, 0, dummy)
             return out
         mode = 2 if adaptive else 1
         if landmark_impl == "sdpa":
-            # out_l by cuDNN per head group and row chunk: the extra memory is one group's landmark K/V and
-            # one chunk of out_l (sdpa_chunks), not an output-sized buffer
+            # out_l by cuDNN per head group and row chunk, written into `out` (the landmark pass reads it there):
+            # the extra memory is one group's landmark K/V and one chunk's result (sdpa_chunks), no
+            # output-sized buffer; one landmark-pass launch for the whole call
             group, rows = sdpa_chunks(nq, heads, n_lm, cfg)
             for h0 in range(0, heads, group):
                 h1 = min(heads, h0 + group)
@@ -439,13 +436,12 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 vg = v[:, h0:h1].index_select(2, idx)
                 for m0 in range(0, nq, rows):
                     m1 = min(nq, m0 + rows)
-                    ol = F.scaled_dot_product_attention(q[:, h0:h1, m0:m1], kg, vg)
-                    launch(mode, 1, m0, m1, ol, dummy, h0, h1)
-                    del ol
+                    out[:, h0:h1, m0:m1] = F.scaled_dot_product_attention(q[:, h0:h1, m0:m1], kg, vg)
                 del kg, vg
+            launch(mode, 1, dummy)
         else:
-            launch(mode, 0, 0, nq, dummy[None], dummy)
+            launch(mode, 0, dummy)
         if adaptive:
             dmean = d_buf.mean(dim=-1).clamp_min(1e-12).contiguous()
-            launch(3, 0, 0, nq, dummy[None], dmean)
+            launch(3, 0, dmean)
         return out

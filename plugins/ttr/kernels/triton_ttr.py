@@ -7,19 +7,17 @@ Two launches carry the layer:
   tiles; each chunk adds its partial state into S and z with fp32 atomics (summation order, and so
   the last bits, may vary from run to run).
 - `_query_kernel`: per (query tile, batch·head), computes φ(q), `out_k = φ(q)·S / (φ(q)·z + eps)`,
-  the landmark branch (flash-style online softmax over gathered landmark keys, or read from an
-  SDPA result of the same row chunk) and the α blend in the epilogue. MODE selects kernel-only (0),
+  the landmark branch (flash-style online softmax over gathered landmark keys, or an SDPA result
+  that the host wrote into `out` beforehand) and the α blend in the epilogue. MODE selects kernel-only (0),
   fixed-α hybrid (1), adaptive pass 1 (2: writes out_l into `out` and d = 1 − cos(out_k, out_l))
   and adaptive pass 2 (3: recomputes the cheap kernel branch, reads out_l back from `out` and
-  blends in place with the per-(b, h) mean of d). Rows [M0, M1) of heads [H0, H0 + HG) are processed
-  (row chunks and head groups of the SDPA landmark path; one launch covers everything otherwise).
+  blends in place with the per-(b, h) mean of d). Rows [M0, M1) are processed (row chunks).
   WIN = r > 0 (the landmark plugin's local window; in-kernel softmax only) continues the landmark
   softmax over each image query's window of image keys (Chebyshev radius r on the latent grid, minus
   the landmarks, flagged per key in `lmf_ptr`): the query tile visits the key grid rows and columns its
   rows' windows cover, BLW keys at a time (`_window_softmax`). WIN = 0 compiles to the landmark-only kernel.
   (Computing out_l before out_k was tried: ptxas spilled more — out_l then lives across φ(q), while
-  out_k is only saved and reloaded around the landmark loop.) STASH = 1 parks out_k in the output rows
-  of the tile (in the output's dtype) during the in-kernel landmark loop instead of in registers.
+  out_k is only saved and reloaded around the landmark loop.)
 """
 from __future__ import annotations
 
@@ -211,21 +209,20 @@ def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_m, row_ok, offs_d, m_i, l
 
 
 @triton.jit
-def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, ol_ptr, out_ptr, d_ptr, dmean_ptr,
+def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, out_ptr, d_ptr, dmean_ptr,
                   logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                  N, M0, M1, L, H, H0, HG, n_cond, grid_h, grid_w, s_scale, eps, alpha_max, gamma, qk_scale, norm_eps,
-                  sqb, sqh, sqn, sxb, sxh, sxn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, sln,
+                  N, M0, M1, L, H, n_cond, grid_h, grid_w, s_scale, eps, alpha_max, gamma, qk_scale, norm_eps,
+                  sqb, sqh, sqn, sxb, sxh, sxn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                   w1h, b1h, w2h, b2h, logit_h,
                   D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
                   DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
                   HAS_B2: tl.constexpr, NORM: tl.constexpr, MODE: tl.constexpr, LM_SRC: tl.constexpr,
                   HAS_AFF: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr, HC: tl.constexpr,
-                  WIN: tl.constexpr, BLW: tl.constexpr, STASH: tl.constexpr):
+                  WIN: tl.constexpr, BLW: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_g = tl.program_id(1)  # (batch, head) of the launched head group [H0, H0 + HG)
-    b = pid_g // HG
-    h = H0 + pid_g % HG
-    pid_bh = b * H + h
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
     offs_m = M0 + pid_m * BM + tl.arange(0, BM)
     row_ok = offs_m < M1
     offs_d = tl.arange(0, D)
@@ -259,15 +256,9 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         ol = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
     elif MODE != 0:
         if LM_SRC == 1:
-            # SDPA result of this row chunk and head group: rows [M0, M1) and heads [H0, H0 + HG) stored from 0
-            ol = tl.load(ol_ptr + b * slb + (h - H0) * slh + (offs_m - M0)[:, None] * sln + offs_d[None, :],
-                         mask=row_ok[:, None], other=0.0).to(tl.float32)
+            # the SDPA landmark softmax was written into `out` before this launch (before its affine)
+            ol = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
         else:
-            if STASH:
-                # park out_k in this tile's rows of `out` (bf16/fp16) during the softmax loop and read it back
-                # after it: 64 fp32 registers per thread that the loop needs for its own tiles (else ptxas
-                # spills); the output is written at the end anyway
-                tl.store(o_ptrs, ok.to(out_dtype), mask=row_ok[:, None])
             q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
                         mask=row_ok[:, None], other=0.0)
             m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
@@ -297,9 +288,6 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
                                                 M0 + pid_m * BM, M1, n_cond, grid_h, grid_w, qk_scale, skn, svn,
                                                 WIN, BLW)
                 ol = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key at all (no landmarks, text row): 0
-            if STASH:
-                tl.debug_barrier()  # the parked rows were stored by other threads of this program
-                ok = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
         if HAS_AFF:
             ol = ol * (1.0 + tl.load(aff_ptr + b * 4 + 2)) + tl.load(aff_ptr + b * 4 + 3)
     # ---- blend epilogue ----------------------------------------------------------------------
