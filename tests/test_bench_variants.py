@@ -51,7 +51,7 @@ def test_kernel_only_once_per_feature_map_and_graph_twins():
     vs = build_variants(s, torch.float32, torch.device("cpu"))
     by = {v.name: v for v in vs}
     fused = [v for v in vs if v.family == "ttr" and " fused" in v.name and v.graph_of is None]
-    assert len(fused) == 4 * len(TTR_CONFIGS) + 4  # auto, flash-lm, split-lm, sdpa-lm per config; 4 kernel-only
+    assert len(fused) == 3 * len(TTR_CONFIGS) + 4
     for v in fused:
         g = by[f"{v.name} graph"]
         assert g.graph_of == v.name and g.check_against == v.name and g.cost == v.cost
@@ -92,7 +92,7 @@ def test_every_config_runs_torch_path_and_graphs_skip_on_cpu(tmp_path):
         r = rows[f"ttr-{cfg} torch"]
         assert r["skipped"] is None and r["ms"] > 0 and r["floor_ms"] > 0, r
     graph = [r for r in rows.values() if r["cuda_graph"]]
-    assert len(graph) == 1 + 4 * len(TTR_CONFIGS) + 4
+    assert len(graph) == 1 + 3 * len(TTR_CONFIGS) + 4
     assert all(r["skipped"].startswith("CUDA graphs need a CUDA device") for r in graph)
 
 
