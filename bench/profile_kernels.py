@@ -38,7 +38,7 @@ def kernel_times_us(fn, calls: int) -> dict[str, float]:
 
 def layer_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
                hidden_chunks: list[int]) -> dict[str, Callable[[], object]]:
-    """cuDNN SDPA and the default ttr layer (fused / split / SDPA landmarks, kernel-only) per hidden chunk."""
+    """cuDNN SDPA and the default ttr layer (fused / SDPA landmarks, kernel-only) per hidden chunk."""
     g = torch.Generator().manual_seed(0)
     pq = random_phi(128, 256, 128, 2, generator=g, device=q.device)
     pk = random_phi(128, 256, 128, 2, generator=g, device=q.device)
@@ -52,7 +52,6 @@ def layer_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
     for hc in hidden_chunks:
         cfg = KernelConfig(kv_hidden_chunk=hc, q_hidden_chunk=hc)
         runs[f"ttr fused-lm hc={hc}"] = ttr(cfg, "fused")
-        runs[f"ttr split-lm hc={hc}"] = ttr(cfg, "split")
         runs[f"ttr sdpa-lm hc={hc}"] = ttr(cfg, "sdpa")
         runs[f"ttr kernel-only hc={hc}"] = ttr(cfg, None)
     return runs

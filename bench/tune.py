@@ -12,7 +12,6 @@ other field at its default:
 - landmark: the whole call with the in-kernel landmark softmax (landmark_impl="fused") over
   lm_block_m × lm_warps × lm_stages × lm_block (the landmark pass, adaptive pass 1). It includes the
   key pass and adaptive pass 2 at their default tiles;
-- split: the same lm_* grid with landmark_impl="split" (the softmax as its own launch);
 - whole: the default config and the one combining each part's best, as whole calls with
   landmark_impl "fused" and "sdpa".
 
@@ -50,8 +49,6 @@ GRIDS: dict[str, tuple[Grid, Grid]] = {
     "landmark": ({"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [1, 2, 3],
                   "lm_block": [32, 64, 128]},
                  {"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [2], "lm_block": [32, 64, 128]}),
-    "split": ({"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [1, 2, 3], "lm_block": [32, 64, 128]},
-              {"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [2, 3], "lm_block": [64, 128]}),
 }
 
 
@@ -95,9 +92,9 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
                                              landmark_impl=landmark_impl or "auto")
 
     calls = {"key": lambda cfg: kv_state_fused(k, v, pk, None, cfg), "query": layer(None),
-             "landmark": layer("fused"), "split": layer("split")}
-    print(f"# {size}: {s.n} tokens, {idx.numel()} landmarks; 'query', 'landmark' and 'split' time the whole "
-          "call (key pass at default tiles; 'landmark' and 'split' also adaptive pass 2)", flush=True)
+             "landmark": layer("fused")}
+    print(f"# {size}: {s.n} tokens, {idx.numel()} landmarks; 'query' and 'landmark' time the whole call "
+          "(key pass at default tiles; 'landmark' also adaptive pass 2)", flush=True)
     summary: list[str] = []
     combined: dict[str, int] = {}
     for part, call in calls.items():
@@ -109,7 +106,7 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
             combined.update(best)
             summary.append(f"BEST {size} {part}: {ms:.3f} ms {config_text(best)}")
     summary.append(f"COMBINED {size}: {config_text(combined)}")
-    for impl in ("fused", "split", "sdpa"):
+    for impl in ("fused", "sdpa"):
         for name, overrides in (("default", {}), ("combined", combined)):
             one_point = {f: [x] for f, x in overrides.items()}
             rows = sweep(f"{size} whole {impl}-lm {name}", layer(impl), one_point, dev)

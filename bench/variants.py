@@ -322,8 +322,7 @@ def _ttr_cost_from_settings(s: Shape, dtype: torch.dtype, backend: Any) -> tuple
 
 def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: list[str] | None = None,
                   graphs: bool = True) -> list[Variant]:
-    """Per TTR_CONFIGS entry: the PyTorch path, the fused path (auto / in-kernel / in-kernel as its own launch /
-    SDPA landmarks) checked
+    """Per TTR_CONFIGS entry: the PyTorch path, the fused path (auto / in-kernel / SDPA landmarks) checked
     against it, kernel-only (once per distinct φ: configs that differ only in landmarks share it) and,
     with `graphs`, a CUDA-graph replay of each fused variant. Landmark indices always come from the
     landmark backend (`indices()`), the same selection the served layer uses."""
@@ -389,8 +388,6 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
         fused = [Variant(f"ttr-{cfg} fused", "ttr", fused_maker("auto"), cost, None, check_against=torch_name,
                          notes=notes),
                  Variant(f"ttr-{cfg} fused flash-lm", "ttr", fused_maker("fused"), cost, None,
-                         check_against=torch_name, notes=notes),
-                 Variant(f"ttr-{cfg} fused split-lm", "ttr", fused_maker("split"), cost, None,
                          check_against=torch_name, notes=notes),
                  Variant(f"ttr-{cfg} fused sdpa-lm", "ttr", fused_maker("sdpa"), cost,
                          "a landmark window runs the in-kernel softmax (cuDNN cannot mask per query): see flash-lm"

@@ -64,7 +64,7 @@ def test_interpreter_matches_reference(poison, activation, depth, hidden, per_he
     idx = landmark_indices(n, 8, 0.1)
     logit = torch.tensor([-2.2, 0.3])
     aff = [0.1, 0.01, -0.1, 0.02]
-    variants = [(True, "fused"), (False, "fused"), (True, "split"), (False, "split")]
+    variants = [(True, "fused"), (False, "fused")]
     if depth == 1:
         variants += [(True, "sdpa"), (False, "sdpa")]
     for adaptive, lm_impl in variants:
@@ -150,9 +150,8 @@ def test_interpreter_hidden_chunks_match_reference(poison, activation, kv_chunk,
 @needs_triton
 @cpu_only
 def test_each_pass_launches_with_its_own_tiles(poison, monkeypatch):
-    """kv_* tile the key pass, lm_* the passes running the in-kernel softmax (modes 1, 2 with LM_SRC 0, and
-    mode 4), q_* the others (kernel-only, pass 2, a landmark pass reading out_l back); kv_hidden_chunk /
-    q_hidden_chunk the φ of the key / query passes; "split" is softmax (4), landmark pass (2), pass 2 (3)."""
+    """kv_* tile the key pass, lm_* the landmark pass (modes 1, 2), q_* kernel-only and pass 2 (modes 0, 3);
+    kv_hidden_chunk / q_hidden_chunk the φ of the key / query passes."""
     from attnplug.plugins.ttr.kernels import triton_ttr
 
     launches: list[tuple] = []
@@ -184,8 +183,7 @@ def test_each_pass_launches_with_its_own_tiles(poison, monkeypatch):
     # query launches: (MODE, LM_SRC, row tiles of 77 rows, BM, warps, stages)
     for adaptive, lm_impl, want in [
         (True, "fused", [(2, 0, 3, 32, 4, 3), (3, 0, 5, 16, 2, 1)]),
-        (False, "sdpa", [(1, 1, 5, 16, 2, 1)]),  # out_l from cuDNN: a φ-only pass
-        (True, "split", [(4, 0, 3, 32, 4, 3), (2, 1, 5, 16, 2, 1), (3, 0, 5, 16, 2, 1)]),
+        (False, "sdpa", [(1, 1, 3, 32, 4, 3)]),
         (False, None, [(0, 0, 5, 16, 2, 1)]),  # kernel-only
     ]:
         launches.clear()
@@ -218,7 +216,7 @@ def test_gpu_flux_shapes_bf16(poison, n_img, dtype, hidden_chunk):
            if hidden_chunk else KernelConfig())
     for adaptive in (True, False):
         ref = ttr_forward_reference(q, k, v, pq, pk, idx, -2.2, 0.2, 2.0, adaptive)
-        for lm_impl in ("fused", "split", "sdpa"):
+        for lm_impl in ("fused", "sdpa"):
             out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=-2.2, adaptive=adaptive,
                                     landmark_impl=lm_impl, config=cfg, strict=True)
             assert _rel(out, ref) < 2e-2, (adaptive, lm_impl)
@@ -244,7 +242,7 @@ def test_sdpa_chunks_keep_the_memory_budget(nq, n_lm, fraction):
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
-@pytest.mark.parametrize("lm_impl", ["fused", "split", "sdpa"])
+@pytest.mark.parametrize("lm_impl", ["fused", "sdpa"])
 def test_gpu_peak_memory_within_sdpas_plus_10_percent(lm_impl):
     """Issue 8's memory target at 2048² (Flux shapes, default layer, bf16): the memory one call allocates
     beyond its inputs stays within cuDNN SDPA's + 10 %, with either landmark path."""

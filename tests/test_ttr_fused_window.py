@@ -162,14 +162,14 @@ def test_fused_window_matches_reference(poison, grid, radius, config, dtype):
     logit = torch.tensor([-1.0, 0.5])
     aff = [0.1, 0.01, -0.1, 0.02]
     tol = 1e-5 if dtype == torch.float32 else 3e-3
-    for adaptive, impl in [(True, "fused"), (False, "fused"), (True, "split")]:  # MODE 2 + 3, MODE 1, 4 + 2 + 3
+    for adaptive in (True, False):  # MODE 2 + 3, and MODE 1
         ref = ttr_forward_reference(q, k, v, pq, pk, idx, logit, 0.9, 2.0, adaptive, branch_affine=aff,
                                     window=radius, grid=grid, n_cond=N_COND)
         out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit, alpha_max=0.9,
                                 adaptive=adaptive, branch_affine=aff, config=config, strict=True, window=radius,
-                                grid=grid, n_cond=N_COND, landmark_impl=impl)
+                                grid=grid, n_cond=N_COND)
         assert out.shape == ref.shape and out.dtype == dtype
-        assert _rel(out, ref) < tol, (adaptive, impl, _rel(out, ref))
+        assert _rel(out, ref) < tol, (adaptive, _rel(out, ref))
         no_window = ttr_forward_reference(q, k, v, pq, pk, idx, logit, 0.9, 2.0, adaptive, branch_affine=aff)
         assert _rel(no_window, ref) > 20 * tol  # the window matters at this α: the check can fail
 
@@ -178,8 +178,7 @@ def test_fused_window_matches_reference(poison, grid, radius, config, dtype):
 @pytest.mark.parametrize("n_cond", [0, N_COND])
 def test_fused_window_without_landmarks(poison, n_cond):
     """Window only: image queries over their windows, conditioning queries out_l = 0 (no key at all) —
-    the landmark pass runs although there is no landmark; 'sdpa' is overridden (cuDNN cannot mask per query);
-    'split' runs the window in its softmax launch."""
+    the landmark pass runs although there is no landmark; 'sdpa' is overridden (cuDNN cannot mask per query)."""
     grid, radius = (3, 10), 2
     n = n_cond + 30
     q, k, v = _qkv(1, 2, n, 16, seed=9)
@@ -188,7 +187,7 @@ def test_fused_window_without_landmarks(poison, n_cond):
     for adaptive in (True, False):
         ref = ttr_forward_reference(q, k, v, phi, phi, None, 0.0, 1.0, 2.0, adaptive, window=radius, grid=grid,
                                     n_cond=n_cond)
-        for impl in ("fused", "split", "sdpa", "auto"):
+        for impl in ("fused", "sdpa", "auto"):
             out = ttr_forward_fused(q, k, v, phi, phi, landmark_idx=torch.zeros(0, dtype=torch.long),
                                     alpha_logit=0.0, alpha_max=1.0, adaptive=adaptive, landmark_impl=impl,
                                     config=SMALL_TILES, strict=True, window=radius, grid=grid, n_cond=n_cond)

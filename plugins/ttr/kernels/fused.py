@@ -31,10 +31,9 @@ _MAX_REG_WIDTH = 256  # widest hidden / feature tile the kernels keep in registe
 class KernelConfig:
     """Tile sizes of each pass (docs/PERFORMANCE.md, "Tile sizes"; sweep: `python -m attnplug.bench.tune`).
 
-    Key pass: `kv_*`. Query passes: those running the in-kernel landmark softmax (the landmark pass of
-    landmark_impl "fused", the softmax launch of "split") tile with `lm_*`, the others (kernel-only,
-    adaptive pass 2, a landmark pass reading out_l back) with `q_*`; φ(q) in all of them with
-    `q_hidden_chunk`. A hidden chunk of 0, or one that is not a power of two ≥ 16 dividing the
+    Key pass: `kv_*`. Query passes: the landmark pass (fixed-α hybrid, adaptive pass 1; either landmark
+    impl) tiles with `lm_*`, the others (kernel-only, adaptive pass 2) with `q_*`; φ(q) in all of them
+    with `q_hidden_chunk`. A hidden chunk of 0, or one that is not a power of two ≥ 16 dividing the
     hidden width, computes a 2-layer φ's hidden tile at once. Defaults: the per-pass best of
     `bench.tune --quick` on an H200 at 1024² and 2048² (2026-11-27, session 3), chosen to be within a few %
     of the best at both sizes.
@@ -49,10 +48,10 @@ class KernelConfig:
     q_warps: int = 8  # kernel-only pass and adaptive pass 2: warps per program
     q_stages: int = 2  # kernel-only pass and adaptive pass 2: software-pipelining stages
     q_hidden_chunk: int = 0  # every query pass, 2-layer φ(q): hidden columns per step (0: all at once)
-    lm_block_m: int = 128  # in-kernel landmark softmax: query rows per tile
-    lm_warps: int = 8  # in-kernel landmark softmax: warps per program
-    lm_stages: int = 2  # in-kernel landmark softmax: software-pipelining stages
-    lm_block: int = 128  # in-kernel softmax (landmark_impl "fused" / "split"): landmark keys per tile
+    lm_block_m: int = 128  # landmark pass (fixed-α hybrid, adaptive pass 1): query rows per tile
+    lm_warps: int = 8  # landmark pass: warps per program
+    lm_stages: int = 2  # landmark pass: software-pipelining stages
+    lm_block: int = 128  # landmark pass, in-kernel softmax (landmark_impl="fused"): landmark keys per tile
     lm_window_block: int = 64  # landmark pass with a window: window keys per tile (at most one grid row's span)
     block_k: int = 64  # first in-kernel φ layer, every pass: input columns per step
     # landmark_impl="sdpa": out_l comes from cuDNN per head group and row chunk, sized so that the landmark
@@ -63,8 +62,6 @@ class KernelConfig:
 
 
 DEFAULT_CONFIG = KernelConfig()
-#: where the landmark softmax runs (`ttr_forward_fused`'s `landmark_impl`)
-LANDMARK_IMPLS = ("auto", "fused", "split", "sdpa")
 
 
 def triton_available(device: torch.device) -> tuple[bool, str]:
@@ -322,9 +319,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     """The ttr layer's forward (inference): fused Triton kernels, else the PyTorch reference.
 
     Same math and arguments as `reference.ttr_forward_reference`; additionally
-    `landmark_impl` ("fused": online softmax inside the query kernel; "split": the same online softmax
-    as a launch of its own, without the kernel branch's registers, whose result the landmark pass
-    reads back from the output; "sdpa": torch SDPA (cuDNN) on
+    `landmark_impl` ("fused": online softmax inside the query kernel; "sdpa": torch SDPA (cuDNN) on
     the gathered landmarks, per head group and row chunk (`sdpa_chunks`), read by the query kernel's epilogue; "auto":
     "sdpa" on CUDA beyond 1e7 query·landmark pairs, else "fused"; "fused" keeps peak memory within a
     few % of SDPA's, "sdpa" is faster at large sizes and stays within `sdpa_memory_fraction`), `config` (tile
@@ -332,8 +327,8 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     of falling back). `window = r > 0` adds the landmark plugin's local window to the landmark branch
     (image queries also attend to the non-landmark image keys within Chebyshev radius r on the latent
     `grid` = (h, w), which holds the Nk − `n_cond` image tokens row-major after the `n_cond` conditioning
-    tokens; queries must be the whole sequence; ValueError otherwise); it turns "sdpa" and "auto" into
-    "fused" (cuDNN cannot mask per query), runs the landmark branch even without landmarks (conditioning queries
+    tokens; queries must be the whole sequence; ValueError otherwise); it forces `landmark_impl` "fused"
+    (cuDNN cannot mask per query), runs the landmark branch even without landmarks (conditioning queries
     then get out_l = 0, as the reference) and falls back with a key mask. Adaptive α runs two passes:
     pass 1 writes out_l into the output and d = 1 − cos(out_k, out_l); pass 2 recomputes the cheap kernel
     branch and blends in place, so no buffer the size of the output is added.
@@ -348,11 +343,9 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             raise RuntimeError("ttr_forward_fused cannot serve this call: " + "; ".join(reasons))
         return ttr_forward_reference(q, k, v, phi_q, phi_k, landmark_idx, alpha_logit, alpha_max, gamma, adaptive,
                                      eps, key_mask, branch_affine, window=window, grid=grid, n_cond=n_cond)
-    if landmark_impl not in LANDMARK_IMPLS:
-        raise ValueError(f"landmark_impl: expected one of {', '.join(LANDMARK_IMPLS)}, got {landmark_impl!r}")
-    if landmark_impl == "auto" and q.device.type != "cuda":
-        landmark_impl = "fused"
-    if window > 0 and landmark_impl in ("auto", "sdpa"):
+    if landmark_impl not in ("auto", "fused", "sdpa"):
+        raise ValueError(f"landmark_impl: expected 'auto', 'fused' or 'sdpa', got {landmark_impl!r}")
+    if (landmark_impl == "auto" and q.device.type != "cuda") or window > 0:
         landmark_impl = "fused"  # a window needs the in-kernel softmax (cuDNN cannot mask per query)
     from .triton_ttr import _query_kernel
 
@@ -409,10 +402,8 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             d_buf = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
 
         def launch(mode: int, lm_src: int, dm: torch.Tensor) -> None:
-            # passes running the in-kernel softmax (modes 1, 2 with lm_src 0, and 4) have their own tiles; the
-            # others (kernel-only 0, adaptive pass 2, a landmark pass reading out_l from `out`) share q_*
-            softmax = mode == 4 or (mode in (1, 2) and lm_src == 0)
-            bm, warps, stages = ((cfg.lm_block_m, cfg.lm_warps, cfg.lm_stages) if softmax
+            # the landmark pass (modes 1, 2) has its own tiles; kernel-only (0) and adaptive pass 2 (3) share q_*
+            bm, warps, stages = ((cfg.lm_block_m, cfg.lm_warps, cfg.lm_stages) if mode in (1, 2)
                                  else (cfg.q_block_m, cfg.q_warps, cfg.q_stages))
             grid = (_cdiv(nq, bm), bsz * heads)
             _query_kernel[grid](
@@ -427,7 +418,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 ACT=_ACT[phi_q.activation], IS_HH=int(phi_q.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
                 HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src,
                 HAS_AFF=int(branch_affine is not None), BM=bm, BL=cfg.lm_block,
-                HC=_hidden_chunk(cfg.q_hidden_chunk, plan.h1), WIN=int(window) if softmax else 0,
+                HC=_hidden_chunk(cfg.q_hidden_chunk, plan.h1), WIN=int(window) if mode in (1, 2) else 0,
                 BLW=_window_block(cfg.lm_window_block, grid_w, bm, window), num_warps=warps, num_stages=stages)
 
         if not use_branch:
@@ -447,9 +438,6 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                     m1 = min(nq, m0 + rows)
                     out[:, h0:h1, m0:m1] = F.scaled_dot_product_attention(q[:, h0:h1, m0:m1], kg, vg)
                 del kg, vg
-            launch(mode, 1, dummy)
-        elif landmark_impl == "split":
-            launch(4, 0, dummy)  # the softmax alone writes out_l into `out`; the landmark pass reads it there
             launch(mode, 1, dummy)
         else:
             launch(mode, 0, dummy)

@@ -7,13 +7,11 @@ Two launches carry the layer:
   tiles; each chunk adds its partial state into S and z with fp32 atomics (summation order, and so
   the last bits, may vary from run to run).
 - `_query_kernel`: per (query tile, batch·head), computes φ(q), `out_k = φ(q)·S / (φ(q)·z + eps)`,
-  the landmark branch (flash-style online softmax over gathered landmark keys, LM_SRC = 0, or a
-  result already in `out`, LM_SRC = 1: cuDNN's, or mode 4's) and the α blend in the epilogue. MODE selects
-  kernel-only (0), fixed-α hybrid (1), adaptive pass 1 (2: writes out_l into `out` and
-  d = 1 − cos(out_k, out_l)), adaptive pass 2 (3: recomputes the cheap kernel branch, reads out_l back
-  from `out` and blends in place with the per-(b, h) mean of d) and the landmark softmax alone (4: no
-  φ, writes out_l into `out` for a following LM_SRC = 1 pass — the softmax loop then runs without the
-  kernel branch's registers). Rows [M0, M1) are processed (row chunks).
+  the landmark branch (flash-style online softmax over gathered landmark keys, or an SDPA result
+  that the host wrote into `out` beforehand) and the α blend in the epilogue. MODE selects kernel-only (0),
+  fixed-α hybrid (1), adaptive pass 1 (2: writes out_l into `out` and d = 1 − cos(out_k, out_l))
+  and adaptive pass 2 (3: recomputes the cheap kernel branch, reads out_l back from `out` and
+  blends in place with the per-(b, h) mean of d). Rows [M0, M1) are processed (row chunks).
   WIN = r > 0 (the landmark plugin's local window; in-kernel softmax only) continues the landmark
   softmax over each image query's window of image keys (Chebyshev radius r on the latent grid, minus
   the landmarks, flagged per key in `lmf_ptr`): the query tile visits the key grid rows and columns its
@@ -231,8 +229,8 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
     o_ptrs = out_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :]
     t_ptrs = offs_m + pid_bh * N  # d is contiguous [B, H, N]
     out_dtype = out_ptr.dtype.element_ty
-    # ---- kernel branch (every mode but the softmax-only one: pass 2 recomputes it, it is the cheap branch) ----
-    if MODE != 4:
+    # ---- kernel branch (every mode: pass 2 recomputes it, it is the cheap branch) --------------
+    if True:
         x_base = x_ptr + b * sxb + h * sxh
         f1, f2 = _phi_tile(x_base, offs_m, row_ok, sxn, w1_ptr + h * w1h, b1_ptr + h * b1h, w2_ptr + h * w2h,
                            b2_ptr + h * b2h, norm_eps, DIN, BK, H1, F1, DEPTH, ACT, IS_HH, HAS_B1, HAS_B2, NORM, HC)
@@ -290,7 +288,7 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
                                                 M0 + pid_m * BM, M1, n_cond, grid_h, grid_w, qk_scale, skn, svn,
                                                 WIN, BLW)
                 ol = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key at all (no landmarks, text row): 0
-        if HAS_AFF and MODE != 4:  # mode 4 leaves out_l raw: the pass that reads it applies the affine
+        if HAS_AFF:
             ol = ol * (1.0 + tl.load(aff_ptr + b * 4 + 2)) + tl.load(aff_ptr + b * 4 + 3)
     # ---- blend epilogue ----------------------------------------------------------------------
     if MODE == 0:
@@ -304,9 +302,6 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         nrm = tl.sqrt(tl.sum(ok * ok, axis=1)) * tl.sqrt(tl.sum(ol * ol, axis=1))
         dd = 1.0 - dot / tl.maximum(nrm, 1e-8)
         tl.store(d_ptr + t_ptrs, dd, mask=row_ok)
-        if LM_SRC == 0 or HAS_AFF:  # else `out` holds out_l already
-            tl.store(o_ptrs, ol.to(out_dtype), mask=row_ok[:, None])
-    elif MODE == 4:
         tl.store(o_ptrs, ol.to(out_dtype), mask=row_ok[:, None])
     else:
         dd = tl.load(d_ptr + t_ptrs, mask=row_ok, other=0.0)
