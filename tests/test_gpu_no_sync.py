@@ -42,3 +42,25 @@ def test_served_fused_call_does_not_synchronize(window: int) -> None:
     assert torch.equal(out, first) or torch.allclose(out.float(), first.float(), atol=2e-2)
     session.run_end()  # the per-step finite check reads its flags here (one sync, outside the call)
     assert not session.stats["single:0"].fallbacks
+
+
+def test_fused_call_with_python_numbers_does_not_synchronize() -> None:
+    """Library use: α logit and branch affine given as Python numbers reach the GPU without a sync."""
+    from attnplug.plugins.ttr.kernels import random_phi, ttr_forward_fused
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 320, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    pq = random_phi(64, 64, 64, 2, generator=torch.Generator().manual_seed(0), device="cuda")
+    idx = torch.arange(0, 320, 8, device="cuda")
+
+    def call() -> torch.Tensor:
+        return ttr_forward_fused(q, k, v, pq, pq, landmark_idx=idx, alpha_logit=-2.2,
+                                 branch_affine=[0.1, 0.0, -0.1, 0.0], landmark_impl="fused", strict=True)
+    first = call()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.allclose(out.float(), first.float(), atol=2e-2)  # the key pass's atomics may reorder sums

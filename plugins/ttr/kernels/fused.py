@@ -249,6 +249,14 @@ def _window_block(want: int, grid_w: int, block_m: int, window: int) -> int:
     return min(max(16, 1 << (max(1, want) - 1).bit_length()), cap)
 
 
+def _on_device(x: torch.Tensor | float | Sequence[float], device: torch.device) -> torch.Tensor:
+    """`x` as fp32 on `device` without a device sync: Python numbers are copied with `non_blocking` (a
+    blocking copy from CPU memory waits for everything queued on the GPU first)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32)
+    return torch.tensor(x, dtype=torch.float32).to(device, non_blocking=True)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -385,13 +393,13 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         if kl.stride(-1) != 1 or vl.stride(-1) != 1:
             kl, vl = kl.contiguous(), vl.contiguous()
         skl = (kl.stride(0), kl.stride(1), kl.stride(2), vl.stride(0), vl.stride(1), vl.stride(2))
-        logit = torch.as_tensor(alpha_logit, dtype=torch.float32, device=q.device).reshape(-1).contiguous()
+        logit = _on_device(alpha_logit, q.device).reshape(-1).contiguous()
         if logit.numel() not in (1, heads):
             raise ValueError(f"alpha_logit: expected a scalar or [{heads}] per head, got {logit.numel()} values")
         logit_h = 1 if logit.numel() == heads else 0
         aff = dummy
         if branch_affine is not None:
-            aff = torch.as_tensor(branch_affine, dtype=torch.float32, device=q.device).reshape(-1, 4)
+            aff = _on_device(branch_affine, q.device).reshape(-1, 4)
             if aff.shape[0] not in (1, bsz):
                 raise ValueError(f"branch_affine: expected [4] or [{bsz}, 4], got {tuple(aff.shape)}")
             aff = aff.expand(bsz, 4).contiguous()
