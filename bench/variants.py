@@ -59,8 +59,9 @@ _TTR_DEFAULT = {"depth": 2, "hidden": 256, "feature_dim": 128}
 #: ttr layer configurations (issue 8), `name: (ttr settings, landmark settings)`: the project default,
 #: the seed design, a lean one, and one per row of docs/QUALITY.md's feature-map table (testbed/quality.py
 #: variants of the same names), plus the landmark cap that keeps the layer linear-time
-#: (docs/PERFORMANCE.md, "The floor"), and the default layer with the landmark plugin's local window of
-#: radius 2 (docs/QUALITY.md: it closes the adherence gap). `--configs` times a subset.
+#: (docs/PERFORMANCE.md, "The floor"), and the default and the lean layer with the landmark plugin's local
+#: window of radius 2 (docs/QUALITY.md: it closes the adherence gap, for the lean map too). `--configs` times
+#: a subset.
 TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default": (_TTR_DEFAULT, _LM_DEFAULT),
     "seed": ({"depth": 3, "hidden": 0, "feature_dim": 256, "l2_norm": True}, _LM_DEFAULT),
@@ -70,6 +71,7 @@ TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default-lm2pct": (_TTR_DEFAULT, {"fraction": 0.02, "min": 16, "max": 0}),
     "default-cap1024": (_TTR_DEFAULT, {"fraction": 0.08, "min": 64, "max": 1024}),
     "default-window2": (_TTR_DEFAULT, {**_LM_DEFAULT, "window": 2}),
+    "lean-window2": ({"depth": 1, "hidden": 0, "feature_dim": 128}, {"fraction": 0.02, "min": 16, "max": 0, "window": 2}),
 }
 
 
