@@ -62,6 +62,11 @@ class KernelConfig:
 
 
 DEFAULT_CONFIG = KernelConfig()
+#: landmark_impl "auto" takes cuDNN beyond this many query·landmark pairs. Its per-head-group launches cost
+#: ~40 µs of host time each, so it pays only when each launch is large: on the H200 (session 4) the default
+#: layer at 2048² (3.1e7 pairs) is faster with cuDNN on device time (2.03 vs 2.60 ms), the lean one at
+#: 2048² (1.4e7) is not (2.1 vs 1.26 ms), and 1024² (3.9e6) never is.
+_SDPA_MIN_PAIRS = 2.5e7
 
 
 def triton_available(device: torch.device) -> tuple[bool, str]:
@@ -329,7 +334,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     Same math and arguments as `reference.ttr_forward_reference`; additionally
     `landmark_impl` ("fused": online softmax inside the query kernel; "sdpa": torch SDPA (cuDNN) on
     the gathered landmarks, per head group and row chunk (`sdpa_chunks`), read by the query kernel's epilogue; "auto":
-    "sdpa" on CUDA beyond 1e7 query·landmark pairs, else "fused"; "fused" keeps peak memory within a
+    "sdpa" on CUDA beyond 2.5e7 query·landmark pairs, else "fused"; "fused" keeps peak memory within a
     few % of SDPA's, "sdpa" is faster at large sizes and stays within `sdpa_memory_fraction`), `config` (tile
     sizes, SDPA chunking) and `strict` (raise instead
     of falling back). `window = r > 0` adds the landmark plugin's local window to the landmark branch
@@ -377,7 +382,8 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         if landmark_impl == "auto":
             # measured on H200 (docs/PERFORMANCE.md): the in-kernel softmax wins at ~840 landmarks x 4.6k
             # queries, cuDNN per head group and row chunk from ~1.8k x 17k on (within sdpa_memory_fraction)
-            landmark_impl = "sdpa" if nq * (0 if landmark_idx is None else landmark_idx.numel()) > 1e7 else "fused"
+            landmark_impl = "sdpa" if nq * (0 if landmark_idx is None else landmark_idx.numel()) > _SDPA_MIN_PAIRS \
+                else "fused"
         idx = dummy
         n_lm = 0
         if use_lm:
