@@ -62,11 +62,12 @@ class KernelConfig:
 
 
 DEFAULT_CONFIG = KernelConfig()
-#: landmark_impl "auto" takes cuDNN beyond this many query·landmark pairs. Its per-head-group launches cost
-#: ~40 µs of host time each, so it pays only when each launch is large: on the H200 (session 4) the default
-#: layer at 2048² (3.1e7 pairs) is faster with cuDNN on device time (2.03 vs 2.60 ms), the lean one at
-#: 2048² (1.4e7) is not (2.1 vs 1.26 ms), and 1024² (3.9e6) never is.
-_SDPA_MIN_PAIRS = 2.5e7
+#: landmark_impl "auto" takes cuDNN beyond this many query·landmark pairs. Its per-head-group launches (~100
+#: host operations per call at 2048²) make it host-bound below: on the H200 (session 4) the default layer at
+#: 2048² (3.1e7 pairs) was faster with cuDNN on device time (2.03 vs 2.60 ms) but its wall time swung from
+#: 2.2 to 4.0 ms with the host's load, against a steady 2.35 ms in-kernel; the lean one at 2048² (1.4e7) is
+#: slower with it (2.1 vs 1.26 ms); at 4096² (3.8e8) cuDNN wins clearly (12.4 vs 16.4 ms).
+_SDPA_MIN_PAIRS = 1e8
 
 
 def triton_available(device: torch.device) -> tuple[bool, str]:
@@ -334,7 +335,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     Same math and arguments as `reference.ttr_forward_reference`; additionally
     `landmark_impl` ("fused": online softmax inside the query kernel; "sdpa": torch SDPA (cuDNN) on
     the gathered landmarks, per head group and row chunk (`sdpa_chunks`), read by the query kernel's epilogue; "auto":
-    "sdpa" on CUDA beyond 2.5e7 query·landmark pairs, else "fused"; "fused" keeps peak memory within a
+    "sdpa" on CUDA beyond 1e8 query·landmark pairs, else "fused"; "fused" keeps peak memory within a
     few % of SDPA's, "sdpa" is faster at large sizes and stays within `sdpa_memory_fraction`), `config` (tile
     sizes, SDPA chunking) and `strict` (raise instead
     of falling back). `window = r > 0` adds the landmark plugin's local window to the landmark branch
