@@ -23,8 +23,9 @@ per-forward CUDA-event timings (host clock on CPU) under `torch.inference_mode()
 and after; peak device memory of the timed forwards (absolute and beyond what was allocated before
 them); relative error of the output against native (same weights, same inputs); and, from
 `session.stats`, how many attention calls each backend served per forward and which layers ttr
-served; on CUDA, the device syncs of one more forward (`count_syncs`). Prints a table, writes JSON with `--json`. `--smoke` is a tiny config (1 double + 2 single
-blocks, 2 heads × 32) that runs on a CPU in seconds. Entry points: `main(argv)`, `run_bench_model`.
+served; on CUDA, the device syncs of one more forward (`count_syncs`). Prints a table, writes JSON
+with `--json`. `--smoke` is a tiny config (1 double + 2 single blocks, 2 heads × 32) that runs on a CPU
+in seconds. Entry points: `main(argv)`, `run_bench_model`.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Per-pass tile sweep of the fused ttr kernels on the current GPU (how `KernelConfig`'s defaults are chosen).
 
-`python -m attnplug.bench.tune [--sizes 1024,2048] [--quick] [--parts key,query,landmark]` runs the default layer (2-layer φ,
-hidden 256, F = 128, elu+1, adaptive α; landmarks: the landmark plugin's selection, all text + 8 % of
-the image tokens) in bf16 and sweeps each part over its own grid of `KernelConfig` fields, every
+`python -m attnplug.bench.tune [--sizes 1024,2048] [--quick] [--parts key,query,landmark]` runs the
+default layer (2-layer φ, hidden 256, F = 128, elu+1, adaptive α; landmarks: the landmark plugin's
+selection, all text + 8 % of the image tokens) in bf16 and sweeps each part over its own grid of `KernelConfig` fields, every
 other field at its default:
 
 - key: the key pass alone (`kv_state_fused`) over kv_block_n × kv_warps × kv_stages ×

@@ -71,7 +71,8 @@ TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default-lm2pct": (_TTR_DEFAULT, {"fraction": 0.02, "min": 16, "max": 0}),
     "default-cap1024": (_TTR_DEFAULT, {"fraction": 0.08, "min": 64, "max": 1024}),
     "default-window2": (_TTR_DEFAULT, {**_LM_DEFAULT, "window": 2}),
-    "lean-window2": ({"depth": 1, "hidden": 0, "feature_dim": 128}, {"fraction": 0.02, "min": 16, "max": 0, "window": 2}),
+    "lean-window2": ({"depth": 1, "hidden": 0, "feature_dim": 128},
+                     {"fraction": 0.02, "min": 16, "max": 0, "window": 2}),
 }
 
 

@@ -11,7 +11,8 @@ Two launches carry the layer:
   that the host wrote into `out` beforehand) and the α blend in the epilogue. MODE selects kernel-only (0),
   fixed-α hybrid (1), adaptive pass 1 (2: writes out_l into `out` and d = 1 − cos(out_k, out_l))
   and adaptive pass 2 (3: recomputes the cheap kernel branch, reads out_l back from `out` and
-  blends in place with the per-(b, h) mean of d). Rows [M0, M1) are processed (row chunks).
+  blends in place with the per-(b, h) mean of d). Rows [M0, M1) are processed (the host passes the
+  whole sequence).
   WIN = r > 0 (the landmark plugin's local window; in-kernel softmax only) continues the landmark
   softmax over each image query's window of image keys (Chebyshev radius r on the latent grid, minus
   the landmarks, flagged per key in `lmf_ptr`): the query tile visits the key grid rows and columns its
