@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Any
 
 from .exact import HostBackend, SdpaBackend
 from .gates import (LayerFilterGate, LayerFilterSettings, ScheduleGate, ScheduleSettings, SigmaWindowGate,
-                    SigmaWindowSettings, StepWindowGate, StepWindowSettings)
+                    SigmaWindowSettings, StepWindowGate, StepWindowSettings, TokensGate, TokensSettings)
 from .hookspecs import hookimpl
 from .loggers import ConsoleLogger, ConsoleSettings, JsonlLogger, JsonlSettings
 
@@ -38,6 +38,8 @@ def attnplug_register_gates(registrar: "Registrar") -> None:
                   doc="approximate only on listed step ranges")
     registrar.add("schedule", lambda s, session: ScheduleGate(s, session.router_is_exact), ScheduleSettings,
                   doc="force a backend per step/sigma range and layer pattern (first matching rule wins)")
+    registrar.add("tokens", lambda s, session: TokensGate(s), TokensSettings,
+                  doc="approximate only while min_image_tokens <= image tokens <= max_image_tokens")
 
 
 @hookimpl

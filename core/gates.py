@@ -10,7 +10,7 @@ backend). The router combines them in config order:
 4. a learned backend additionally needs `is_ready(layer)`; a non-ready layer goes exact.
 
 So an approximate backend runs only when every gate allows it. Decisions are cached per
-(run, step, layer) and recomputed when the step changes.
+(run, step, layer, cond, image tokens) and recomputed when the step changes.
 """
 from __future__ import annotations
 
@@ -80,12 +80,12 @@ class Router:
         return self.backends.get(name).capabilities.exact
 
     def route(self, call: AttentionCall, run_index: int = 0) -> Route:
-        """The backend for `call`, cached per (run, step, layer)."""
+        """The backend for `call`, cached per (run, step, layer, cond, image tokens)."""
         step = (run_index, call.step_index, call.sigma if call.step_index is None else None)
         if step != self._cache_step:
             self._cache.clear()
             self._cache_step = step
-        key = (call.layer_key, call.cond)
+        key = (call.layer_key, call.cond, call.n_image_tokens)  # a gate may decide by the image size
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = self.decide(call)
@@ -173,6 +173,39 @@ class SigmaWindowGate:
             return veto("sigma unknown (fail-closed)")
         if not self.settings.min <= s <= self.settings.max:
             return veto(f"sigma {s:.4g} outside [{self.settings.min}, {self.settings.max}]")
+        return ALLOW
+
+
+class TokensSettings(Strict):
+    """`kind = "tokens"`: approximate only for image sizes where it pays (min ≤ image tokens ≤ max).
+
+    An approximate layer slower than exact attention is pointless: on an H200 the default ttr layer is
+    slower than cuDNN at 1024² (4096 image tokens) and faster from 2048² (docs/PERFORMANCE.md), so a
+    Flux config that serves ttr at every size would set `min_image_tokens` between the two."""
+
+    min_image_tokens: int = Field(0, ge=0, description="Fewest image tokens of a call that may run approximate.")
+    max_image_tokens: int | None = Field(None, ge=0, description="Most image tokens (none: no upper bound).")
+
+    @model_validator(mode="after")
+    def _order(self) -> "TokensSettings":
+        if self.max_image_tokens is not None and self.min_image_tokens > self.max_image_tokens:
+            raise ValueError(f"min_image_tokens ({self.min_image_tokens}) must not exceed max_image_tokens "
+                             f"({self.max_image_tokens})")
+        return self
+
+
+class TokensGate:
+    name = "tokens"
+
+    def __init__(self, settings: TokensSettings) -> None:
+        self.settings = settings
+
+    def decide(self, call: AttentionCall) -> GateDecision:
+        n, s = call.n_image_tokens, self.settings
+        if n < s.min_image_tokens:
+            return veto(f"{n} image tokens < min_image_tokens {s.min_image_tokens}")
+        if s.max_image_tokens is not None and n > s.max_image_tokens:
+            return veto(f"{n} image tokens > max_image_tokens {s.max_image_tokens}")
         return ALLOW
 
 

@@ -83,7 +83,7 @@ def test_schema_covers_plugins_gates_and_loggers(core_plugins):
     props = schema["properties"]
     assert schema["additionalProperties"] is False
     gate_kinds = {item["properties"]["kind"]["const"] for item in props["gates"]["items"]["oneOf"]}
-    assert gate_kinds == {"layers", "sigma_window", "step_window", "schedule"}
+    assert gate_kinds == {"layers", "sigma_window", "step_window", "schedule", "tokens"}
     assert {"console", "jsonl"} <= {i["properties"]["kind"]["const"] for i in props["loggers"]["items"]["oneOf"]}
 
 

@@ -130,3 +130,24 @@ def test_bad_gate_settings_are_config_errors(core_plugins):
     assert "[gates[0] (kind 'sigma_window')]" in text and "must not exceed max" in text
     assert "[gates[1] (kind 'schedule')] rules.0.steps" in text and "step range 'x-y'" in text
     assert "[gates[2]] kind: unknown gate kind 'nope'" in text
+
+
+def test_tokens_gate_serves_approximate_only_within_the_image_size_range(core_plugins, make_call, session):
+    """`kind = "tokens"`: a Flux config can keep exact attention at sizes where the approximation is slower."""
+    s = Session({"backend": "sdpa", "exact": "sdpa", "loggers": [],
+                 "gates": [{"kind": "tokens", "min_image_tokens": 8192, "max_image_tokens": 65536}]}, core_plugins)
+    (gate,) = s.router.gates
+    assert gate.decide(make_call(n_image_tokens=4096)).verdict == "veto"  # 1024²: exact
+    assert gate.decide(make_call(n_image_tokens=16384)).verdict == "allow"  # 2048²
+    assert gate.decide(make_call(n_image_tokens=65536)).verdict == "allow"  # the bound is inclusive
+    assert gate.decide(make_call(n_image_tokens=65537)).verdict == "veto"
+    # routes are cached per image size too: the same layer and step at two sizes get two decisions
+    router = _router(session, [gate])
+    assert router.route(make_call("single:0", n_image_tokens=4096)).backend == "sdpa"
+    assert router.route(make_call("single:0", n_image_tokens=16384)).backend == "approx"
+
+
+def test_tokens_gate_rejects_an_empty_range(core_plugins):
+    with pytest.raises(ConfigError, match="min_image_tokens"):
+        Session({"backend": "sdpa", "exact": "sdpa", "loggers": [],
+                 "gates": [{"kind": "tokens", "min_image_tokens": 10, "max_image_tokens": 5}]}, core_plugins)
