@@ -121,6 +121,12 @@ class Router:
 
 # ---- built-in gates ---------------------------------------------------------------------------
 
+def _check_order(lo_name: str, lo: float, hi_name: str, hi: float | None) -> None:
+    """A range setting's bounds must be ordered (`hi` None: no upper bound)."""
+    if hi is not None and lo > hi:
+        raise ValueError(f"{lo_name} ({lo}) must not exceed {hi_name} ({hi})")
+
+
 class LayerFilterSettings(Strict):
     """`kind = "layers"`: the approximate backend only runs on matching layers."""
 
@@ -156,8 +162,7 @@ class SigmaWindowSettings(Strict):
 
     @model_validator(mode="after")
     def _order(self) -> "SigmaWindowSettings":
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        _check_order("min", self.min, "max", self.max)
         return self
 
 
@@ -188,9 +193,7 @@ class TokensSettings(Strict):
 
     @model_validator(mode="after")
     def _order(self) -> "TokensSettings":
-        if self.max_image_tokens is not None and self.min_image_tokens > self.max_image_tokens:
-            raise ValueError(f"min_image_tokens ({self.min_image_tokens}) must not exceed max_image_tokens "
-                             f"({self.max_image_tokens})")
+        _check_order("min_image_tokens", self.min_image_tokens, "max_image_tokens", self.max_image_tokens)
         return self
 
 
@@ -201,11 +204,9 @@ class TokensGate:
         self.settings = settings
 
     def decide(self, call: AttentionCall) -> GateDecision:
-        n, s = call.n_image_tokens, self.settings
-        if n < s.min_image_tokens:
-            return veto(f"{n} image tokens < min_image_tokens {s.min_image_tokens}")
-        if s.max_image_tokens is not None and n > s.max_image_tokens:
-            return veto(f"{n} image tokens > max_image_tokens {s.max_image_tokens}")
+        n, lo, hi = call.n_image_tokens, self.settings.min_image_tokens, self.settings.max_image_tokens
+        if n < lo or (hi is not None and n > hi):
+            return veto(f"{n} image tokens outside [{lo}, {'∞' if hi is None else hi}]")
         return ALLOW
 
 
