@@ -12,7 +12,6 @@ import importlib.util
 
 import pytest
 import torch
-
 from attnplug.core import AttentionCall
 from attnplug.core.session import Session
 
