@@ -222,6 +222,27 @@ def test_gpu_flux_shapes_bf16(poison, n_img, dtype, hidden_chunk):
             assert _rel(out, ref) < 2e-2, (adaptive, lm_impl)
 
 
+@needs_triton
+@cpu_only
+def test_interpreter_sdpa_landmarks_per_head_group_with_a_batch(poison):
+    """cuDNN's (here: torch's) landmark softmax written into the output per head group and row chunk, then
+    read back by one landmark pass: every (batch, head, row) lands where it belongs."""
+    b, h, n, d = 2, 3, 70, 32
+    q, k, v = _inputs(b, h, n, d, seed=21)
+    g = torch.Generator().manual_seed(2)
+    pq = random_phi(d, 64, 32, 2, generator=g)
+    pk = random_phi(d, 64, 32, 2, generator=g)
+    idx = torch.tensor([0, 1, 2, 3, 10, 25, 40, 55, 69])
+    logit, aff = torch.tensor([-1.0, 0.3, 0.0]), [0.1, 0.0, -0.1, 0.02]
+    cfg = KernelConfig(sdpa_memory_fraction=0.4, sdpa_min_rows=16)
+    assert fused_mod.sdpa_chunks(n, h, idx.numel(), cfg) == (1, 35)  # 3 head groups × 2 row chunks
+    for adaptive in (True, False):
+        ref = ttr_forward_reference(q, k, v, pq, pk, idx, logit, 0.2, 2.0, adaptive, branch_affine=aff)
+        out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit, adaptive=adaptive,
+                                branch_affine=aff, landmark_impl="sdpa", config=cfg, strict=True)
+        assert _rel(out, ref) < 1e-5, adaptive
+
+
 @pytest.mark.parametrize("nq,n_lm", [(4608, 840), (16896, 1823), (66048, 5755), (77, 15), (3000, 4000)])
 @pytest.mark.parametrize("fraction", [0.06, 0.3])
 def test_sdpa_chunks_keep_the_memory_budget(nq, n_lm, fraction):
