@@ -52,6 +52,11 @@ class AttentionCall:
         """Total tokens the host declared (conditioning + image)."""
         return self.n_cond_tokens + self.n_image_tokens
 
+    def cond_in(self, n_keys: int) -> int:
+        """The conditioning tokens at the front of a sequence of `n_keys` keys (the declared count,
+        clamped to the sequence)."""
+        return max(0, min(self.n_cond_tokens, n_keys))
+
     def with_(self, **changes: object) -> "AttentionCall":
         """A copy with some fields changed (the record itself is frozen)."""
         return replace(self, **changes)  # type: ignore[arg-type]

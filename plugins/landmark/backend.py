@@ -127,7 +127,7 @@ class LandmarkBackend(Backend):
         window only where this says so."""
         r = self.settings.window
         n_keys = k.shape[2]
-        n_img = n_keys - max(0, min(call.n_cond_tokens, n_keys))
+        n_img = n_keys - call.cond_in(n_keys)
         grid = call.latent_grid
         if r == 0 or n_img == 0:
             return 0, None, "", ""
@@ -160,7 +160,7 @@ class LandmarkBackend(Backend):
 
         An entry counts when it is inside the grid, the query is an image token, the key is not
         already a landmark (of that batch element) and not padded."""
-        n_cond = max(0, min(call.n_cond_tokens, k.shape[2]))
+        n_cond = call.cond_in(k.shape[2])
         assert call.latent_grid is not None
         table, inside = self.window_table(call.latent_grid, n_cond, k.device)
         is_img = positions >= n_cond
@@ -205,7 +205,7 @@ class LandmarkBackend(Backend):
             win_idx, win_ok = self._window_rows(positions, k, call, idx, valid, keep)
             return landmark_window_softmax(q, k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk)
         # the whole sequence: conditioning rows see the landmarks only, image rows get their window
-        n_cond = max(0, min(call.n_cond_tokens, k.shape[2]))
+        n_cond = call.cond_in(k.shape[2])
         positions = torch.arange(n_cond, k.shape[2], device=k.device)
         win_idx, win_ok = self._window_rows(positions, k, call, idx, valid, keep)
         out_img = landmark_window_softmax(q[:, :, n_cond:], k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk)

@@ -139,7 +139,7 @@ class TtrBackend(LearnedBackend):
                 if hasattr(owner, "window_plan"):
                     # the landmark backend's own decision: the fused window serves exactly where its branch would
                     window, grid, key, message = owner.window_plan(q, k, call)
-                    n_cond = max(0, min(call.n_cond_tokens, k.shape[2])) if window else 0
+                    n_cond = call.cond_in(k.shape[2]) if window else 0
                     if key:
                         why = f"landmark {message}"
                         reasons.append(why)
