@@ -43,6 +43,14 @@ def key_padding(mask: torch.Tensor | None, n_queries: int, n_keys: int) -> torch
     return None
 
 
+def served_key_padding(keep: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """A `key_padding` result as a backend serves it: None when it masks no key (nothing to do),
+    else `[batch, Nk]` (a `[1, Nk]` mask broadcast over the batch)."""
+    if keep is None or bool(keep.all()):
+        return None
+    return keep.expand(batch, -1) if keep.shape[0] == 1 and batch > 1 else keep
+
+
 def to_sdpa_mask(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     """Broadcastable 4-D mask for `scaled_dot_product_attention` (bool stays bool, float stays additive)."""
     if mask is None:

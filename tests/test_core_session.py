@@ -42,6 +42,19 @@ def test_additive_mask_equals_bool_mask():
     torch.testing.assert_close(sdpa(q, k, v, keep), sdpa(q, k, v, additive))
 
 
+def test_served_key_padding_drops_an_all_valid_mask_and_broadcasts_one_row():
+    from attnplug.core.masks import key_padding, served_key_padding
+
+    assert served_key_padding(None, 3) is None
+    assert served_key_padding(torch.ones(1, 10, dtype=torch.bool), 3) is None  # masks nothing
+    keep = torch.ones(1, 10, dtype=torch.bool)
+    keep[0, 7:] = False
+    got = served_key_padding(key_padding(keep[:, None, None, :], 4, 10), 3)
+    assert got.shape == (3, 10) and torch.equal(got, keep.expand(3, -1))
+    per_batch = torch.stack([keep[0], torch.ones(10, dtype=torch.bool)])
+    assert torch.equal(served_key_padding(per_batch, 2), per_batch)
+
+
 class Broken(Backend):
     """An approximate backend whose behaviour each test picks."""
 

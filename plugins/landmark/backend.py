@@ -13,7 +13,7 @@ import torch
 
 from ...core.backend import Backend, Capabilities, capability_reasons
 from ...core.call import AttentionCall
-from ...core.masks import key_padding
+from ...core.masks import key_padding, served_key_padding
 from .attention import gather_landmarks, landmark_softmax, landmark_window_softmax, window_table
 from .selection import image_budget, select_landmarks
 from .settings import LandmarkSettings
@@ -64,18 +64,18 @@ class LandmarkBackend(Backend):
         keep = key_padding(mask, 1, k.shape[2])
         if keep is None:
             raise ValueError("landmark: only key-padding masks are supported (the mask varies per query or head)")
-        if bool(keep.all()):
-            return None
-        if keep.shape[0] == 1 and k.shape[0] > 1:
-            keep = keep.expand(k.shape[0], -1)
-        return keep
+        return served_key_padding(keep, k.shape[0])
 
     def indices(self, k: torch.Tensor, call: AttentionCall,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(idx, valid)` on k's device, see `select_landmarks`; cached per shape when there is no mask."""
+        return self._indices(k, call, self.key_mask(k, mask))
+
+    def _indices(self, k: torch.Tensor, call: AttentionCall,
+                 keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`indices` for a mask already reduced by `key_mask`."""
         s = self.settings
         n_keys = k.shape[2]
-        keep = self.key_mask(k, mask)
         if keep is not None:
             idx, valid = select_landmarks(n_keys, call.n_cond_tokens, s.fraction, s.min, s.max, s.layout,
                                           call.latent_grid, keep)
@@ -186,14 +186,14 @@ class LandmarkBackend(Backend):
             the queries are a subset of the sequence; None means q covers the sequence (`Nq == Nk`).
             Ignored when `window = 0`.
         """
-        idx, valid = self.indices(k, call, mask)
+        keep = self.key_mask(k, mask)  # reduced once: the landmarks and the window both use it
+        idx, valid = self._indices(k, call, keep)
         k_l = gather_landmarks(k, idx)
         v_l = gather_landmarks(v, idx)
         scale = q.shape[-1] ** -0.5
         chunk = self.settings.query_chunk
         if self.settings.window == 0 or self._window_fallback(q, k, call, query_index):
             return landmark_softmax(q, k_l, v_l, valid, scale, chunk)
-        keep = self.key_mask(k, mask)
         if query_index is not None:
             if query_index.dim() != 1 or query_index.shape[0] != q.shape[2] or query_index.is_floating_point():
                 raise ValueError(f"landmark: query_index must be [{q.shape[2]}] integer positions, "

@@ -13,7 +13,7 @@ import torch
 
 from ...core.backend import Capabilities, LearnedBackend, capability_reasons
 from ...core.call import AttentionCall, LayerSpec
-from ...core.masks import key_padding
+from ...core.masks import key_padding, served_key_padding
 from .layer import LandmarkBranch, TtrLayer
 from .settings import TtrSettings
 from . import state as _state
@@ -123,10 +123,7 @@ class TtrBackend(LearnedBackend):
         keep = key_padding(mask, q.shape[2], k.shape[2]) if mask is not None else None
         if mask is not None and keep is None:
             return None  # a full mask: the PyTorch path reports it
-        if keep is not None and bool(keep.all()):
-            keep = None
-        elif keep is not None and keep.shape[0] == 1 and k.shape[0] > 1:
-            keep = keep.expand(k.shape[0], -1)
+        keep = served_key_padding(keep, k.shape[0])
         branch = self.landmark_branch()
         idx = None
         window, grid, n_cond = 0, None, 0
