@@ -114,7 +114,7 @@ class TtrBackend(LearnedBackend):
             # 'auto' keeps fp32 on the PyTorch path (the kernels are tuned for bf16/fp16), and so is
             # everything under torch.compile (dynamo traces the PyTorch path into one graph)
             return None
-        from .kernels import PhiWeights, fused_unsupported_reasons, ttr_forward_fused  # no triton import here
+        from .kernels import PhiWeights, fused_unsupported_reasons, run_fused_kernels  # no triton import here
 
         eps = self.settings.eps
         phi_q = PhiWeights.from_module(layer.phi_q, layer.activation, layer.l2_norm, eps)
@@ -156,10 +156,11 @@ class TtrBackend(LearnedBackend):
             return None
         cond = layer.condition(call, q.device)
         try:
-            out = ttr_forward_fused(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
+            # checked above (reasons empty): the kernels directly, not ttr_forward_fused's second check
+            out = run_fused_kernels(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                                     alpha_max=layer.alpha_max, gamma=layer.gamma, adaptive=layer.adaptive, eps=eps,
                                     key_mask=keep, branch_affine=None if cond is None else cond.detach(),
-                                    strict=mode == "triton", window=window, grid=grid, n_cond=n_cond)
+                                    window=window, grid=grid, n_cond=n_cond)
         except Exception as exc:  # noqa: BLE001 - e.g. Triton out of resources: the PyTorch path still serves
             if mode == "triton" or isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise

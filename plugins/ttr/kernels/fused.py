@@ -22,7 +22,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from .reference import PhiWeights, check_window, ttr_forward_reference
 
-__all__ = ["KernelConfig", "fused_unsupported_reasons", "triton_available", "ttr_forward_fused"]
+__all__ = ["KernelConfig", "fused_unsupported_reasons", "run_fused_kernels", "triton_available", "ttr_forward_fused"]
 
 _MAX_REG_WIDTH = 256  # widest hidden / feature tile the kernels keep in registers
 
@@ -356,6 +356,22 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             raise RuntimeError("ttr_forward_fused cannot serve this call: " + "; ".join(reasons))
         return ttr_forward_reference(q, k, v, phi_q, phi_k, landmark_idx, alpha_logit, alpha_max, gamma, adaptive,
                                      eps, key_mask, branch_affine, window=window, grid=grid, n_cond=n_cond)
+    return run_fused_kernels(q, k, v, phi_q, phi_k, landmark_idx=landmark_idx, alpha_logit=alpha_logit,
+                             alpha_max=alpha_max, gamma=gamma, adaptive=adaptive, eps=eps, key_mask=key_mask,
+                             branch_affine=branch_affine, landmark_impl=landmark_impl, config=config, window=window,
+                             grid=grid, n_cond=n_cond)
+
+
+def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights, phi_k: PhiWeights, *,
+                      landmark_idx: torch.Tensor | None = None, alpha_logit: torch.Tensor | float = -2.1972,
+                      alpha_max: float = 0.2, gamma: float = 2.0, adaptive: bool = True, eps: float = 1e-6,
+                      key_mask: torch.Tensor | None = None,
+                      branch_affine: Sequence[float] | torch.Tensor | None = None,
+                      landmark_impl: str = "auto", config: KernelConfig | None = None, window: int = 0,
+                      grid: tuple[int, int] | None = None, n_cond: int = 0) -> torch.Tensor:
+    """`ttr_forward_fused` without its checks, for a caller that ran them (the ttr backend decides between
+    this and its own PyTorch path with `fused_unsupported_reasons`; checking twice cost every served call).
+    The arguments must pass `check_window` and `fused_unsupported_reasons`."""
     if landmark_impl not in ("auto", "fused", "sdpa"):
         raise ValueError(f"landmark_impl: expected 'auto', 'fused' or 'sdpa', got {landmark_impl!r}")
     if (landmark_impl == "auto" and q.device.type != "cuda") or window > 0:
