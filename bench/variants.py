@@ -54,7 +54,9 @@ class Variant:
 
 
 _LM_DEFAULT = {"fraction": 0.08, "min": 64, "max": 0}
+_LM_2PCT = {"fraction": 0.02, "min": 16, "max": 0}
 _TTR_DEFAULT = {"depth": 2, "hidden": 256, "feature_dim": 128}
+_TTR_LEAN = {"depth": 1, "hidden": 0, "feature_dim": 128}
 
 #: ttr layer configurations (issue 8), `name: (ttr settings, landmark settings)`: the project default,
 #: the seed design, a lean one, and one per row of docs/QUALITY.md's feature-map table (testbed/quality.py
@@ -65,14 +67,13 @@ _TTR_DEFAULT = {"depth": 2, "hidden": 256, "feature_dim": 128}
 TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default": (_TTR_DEFAULT, _LM_DEFAULT),
     "seed": ({"depth": 3, "hidden": 0, "feature_dim": 256, "l2_norm": True}, _LM_DEFAULT),
-    "lean": ({"depth": 1, "hidden": 0, "feature_dim": 128}, {"fraction": 0.02, "min": 64, "max": 0}),
+    "lean": (_TTR_LEAN, {"fraction": 0.02, "min": 64, "max": 0}),
     "hedgehog-F64": ({"depth": 1, "feature_dim": 64, "activation": "hedgehog"}, _LM_DEFAULT),
     "1layer-F128": ({"depth": 1, "feature_dim": 128}, _LM_DEFAULT),
-    "default-lm2pct": (_TTR_DEFAULT, {"fraction": 0.02, "min": 16, "max": 0}),
+    "default-lm2pct": (_TTR_DEFAULT, _LM_2PCT),
     "default-cap1024": (_TTR_DEFAULT, {"fraction": 0.08, "min": 64, "max": 1024}),
     "default-window2": (_TTR_DEFAULT, {**_LM_DEFAULT, "window": 2}),
-    "lean-window2": ({"depth": 1, "hidden": 0, "feature_dim": 128},
-                     {"fraction": 0.02, "min": 16, "max": 0, "window": 2}),
+    "lean-window2": (_TTR_LEAN, {**_LM_2PCT, "window": 2}),
 }
 
 

@@ -70,6 +70,10 @@ _OFFLINE = {"plugins": {"distill": {
 _ALL_QUERIES = {"plugins": {"distill": {"query_cap": 4096}}}
 
 
+#: 2 % of the image tokens as landmarks (at least 16) instead of 8 % (at least 64).
+_LM_2PCT = {"plugins": {"landmark": {"fraction": 0.02, "min": 16}}}
+
+
 def _window(radius: int, ttr: dict[str, Any] | None = None) -> dict[str, Any]:
     """Overrides of a landmark-window variant: window radius `radius`, every query trained, `ttr` overrides."""
     over = merge(_ALL_QUERIES, {"plugins": {"landmark": {"window": radius}}})
@@ -86,7 +90,7 @@ VARIANTS: dict[str, Variant] = {
     "kernel-only": Variant({"plugins": {"ttr": {"landmark": False}}}),
     "1-layer F64 hedgehog": Variant({"plugins": {"ttr": {"depth": 1, "feature_dim": 64, "activation": "hedgehog"}}}),
     "1-layer F128 elu+1": Variant({"plugins": {"ttr": {"depth": 1, "feature_dim": 128}}}),
-    "landmarks 2 %": Variant({"plugins": {"landmark": {"fraction": 0.02, "min": 16}}}),
+    "landmarks 2 %": Variant(_LM_2PCT),
     "per-head φ": Variant({"plugins": {"ttr": {"per_head": True}}}),
     "F256 + cosine lr": Variant(merge(_COSINE, {"plugins": {"ttr": {"feature_dim": 256}}}), decay_over_plan=True),
     "α_max 0.5 + cosine lr": Variant(merge(_COSINE, {"plugins": {"ttr": {"alpha_max": 0.5}}}), decay_over_plan=True),
@@ -103,10 +107,8 @@ VARIANTS: dict[str, Variant] = {
     # with the window carrying the local part, can the kernel branch and the landmarks get lighter (speed)?
     "window r2 + α_max 0.5 + 1-layer F128": Variant(_window(2, {"alpha_max": 0.5, "depth": 1})),
     "window r2 + α_max 0.5 + hidden 128": Variant(_window(2, {"alpha_max": 0.5, "hidden": 128})),
-    "window r2 + α_max 0.5 + landmarks 2 %": Variant(merge(_window(2, {"alpha_max": 0.5}),
-                                                           {"plugins": {"landmark": {"fraction": 0.02, "min": 16}}})),
-    "window r2 + α_max 0.5 + lean": Variant(merge(_window(2, {"alpha_max": 0.5, "depth": 1}),
-                                                  {"plugins": {"landmark": {"fraction": 0.02, "min": 16}}})),
+    "window r2 + α_max 0.5 + landmarks 2 %": Variant(merge(_window(2, {"alpha_max": 0.5}), _LM_2PCT)),
+    "window r2 + α_max 0.5 + lean": Variant(merge(_window(2, {"alpha_max": 0.5, "depth": 1}), _LM_2PCT)),
     # the default query subsample (256 of 1088), its positions handed to the window
     "window r2 + α_max 0.5 + query subsample": Variant({"plugins": {"landmark": {"window": 2},
                                                                    "ttr": {"alpha_max": 0.5}}}),
