@@ -132,8 +132,12 @@ class LandmarkBackend(Backend):
         if r == 0 or n_img == 0:
             return 0, None, "", ""
         if grid is None:
+            s = self.settings
             return 0, None, "no-grid", (f"window = {r} needs the latent grid, but {call.layer_key}'s call has none "
-                                        "(host did not report it); such calls use the landmarks only")
+                                        f"(host did not report it); such calls use the landmarks only ({s.fraction:g} "
+                                        f"of the image tokens, at least {s.min}; where the host never reports a "
+                                        "grid, window = 0 with fraction = 0.08, min = 64 is the measured "
+                                        "landmarks-only setting, docs/QUALITY.md)")
         if grid[0] * grid[1] != n_img:
             return 0, None, "grid-mismatch", (f"window = {r}: {call.layer_key} has {n_img} image tokens but its "
                                               f"latent grid {tuple(grid)} holds {grid[0] * grid[1]}; such calls "
