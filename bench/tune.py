@@ -1,17 +1,17 @@
 """Per-pass tile sweep of the fused ttr kernels on the current GPU (how `KernelConfig`'s defaults are chosen).
 
 `python -m attnplug.bench.tune [--sizes 1024,2048] [--quick] [--parts key,query,landmark]` runs the
-default layer (2-layer φ, hidden 256, F = 128, elu+1, adaptive α; landmarks: the landmark plugin's
-selection, all text + 8 % of the image tokens) in bf16 and sweeps each part over its own grid of `KernelConfig` fields, every
-other field at its default:
+product's default layer (`bench.default_layer`: φ, landmarks and window from the settings' defaults, adaptive
+α) in bf16 and sweeps each part over its own grid of `KernelConfig` fields, every other field at its default:
 
 - key: the key pass alone (`kv_state_fused`) over kv_block_n × kv_warps × kv_stages ×
   kv_hidden_chunk × kv_programs_per_sm;
 - query: the kernel-only call (`ttr_forward_fused` without landmarks) over q_block_m × q_warps ×
   q_stages × q_hidden_chunk. The whole call is timed: it includes the key pass at its default tiles;
 - landmark: the whole call with the in-kernel landmark softmax (landmark_impl="fused") over
-  lm_block_m × lm_warps × lm_stages × lm_block (the landmark pass, adaptive pass 1). It includes the
-  key pass and adaptive pass 2 at their default tiles;
+  lm_block_m × lm_warps × lm_stages × lm_block × lm_window_block × lm_patch_w (the landmark pass, adaptive
+  pass 1; the last two only matter with a window). It includes the key pass and adaptive pass 2 at their
+  default tiles;
 - whole: the default config and the one combining each part's best, as whole calls with
   landmark_impl "fused" and "sdpa".
 
@@ -31,10 +31,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..plugins.landmark.selection import select_landmarks
-from ..plugins.ttr.kernels import KernelConfig, random_phi
-from ..plugins.ttr.kernels.fused import kv_state_fused, ttr_forward_fused
-from .run import parse_shape, time_ms
+from ..plugins.ttr.kernels import KernelConfig
+from ..plugins.ttr.kernels.fused import kv_state_fused
+from .default_layer import default_layer
+from .run import time_ms
 
 Grid = dict[str, list[int]]  # KernelConfig field -> values to try
 #: part -> (full grid, --quick grid)
@@ -47,8 +47,9 @@ GRIDS: dict[str, tuple[Grid, Grid]] = {
                "q_hidden_chunk": [0, 64, 128]},
               {"q_block_m": [64, 128], "q_warps": [4, 8], "q_stages": [2, 3], "q_hidden_chunk": [0, 64]}),
     "landmark": ({"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [1, 2, 3],
-                  "lm_block": [32, 64, 128]},
-                 {"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [2], "lm_block": [32, 64, 128]}),
+                  "lm_block": [32, 64, 128], "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32]},
+                 {"lm_block_m": [128], "lm_warps": [8], "lm_stages": [2, 3], "lm_block": [64, 128],
+                  "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32]}),
 }
 
 
@@ -78,22 +79,15 @@ def sweep(label: str, call: Callable[[KernelConfig], object], grid: Grid,
 
 def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None = None) -> list[str]:
     """Sweep every part (or `parts`) at one size (lines printed as they come); returns the summary lines."""
-    s = parse_shape(size, 24, 128, 512, 1)
-    q, k, v = (torch.randn(1, 24, s.n, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    g = torch.Generator().manual_seed(0)
-    pq = random_phi(128, 256, 128, 2, generator=g, device=dev)
-    pk = random_phi(128, 256, 128, 2, generator=g, device=dev)
-    idx = select_landmarks(s.n, 512, 0.08, 64, 0)[0].to(dev)  # the landmark plugin's own positions
+    layer = default_layer(size, dev)
 
-    def layer(landmark_impl: str | None) -> Callable[[KernelConfig], torch.Tensor]:
-        """The whole layer call: kernel-only (None) or with landmarks through `landmark_impl`."""
-        lm = None if landmark_impl is None else idx
-        return lambda cfg: ttr_forward_fused(q, k, v, pq, pk, landmark_idx=lm, config=cfg, strict=True,
-                                             landmark_impl=landmark_impl or "auto")
+    def call(landmark_impl: str | None) -> Callable[[KernelConfig], torch.Tensor]:
+        """The whole layer call: kernel-only (None) or with landmarks (and the window) through `landmark_impl`."""
+        return lambda cfg: layer.fused(cfg, landmark_impl)()
 
-    calls = {"key": lambda cfg: kv_state_fused(k, v, pk, None, cfg), "query": layer(None),
-             "landmark": layer("fused")}
-    print(f"# {size}: {s.n} tokens, {idx.numel()} landmarks; 'query' and 'landmark' time the whole call "
+    calls = {"key": lambda cfg: kv_state_fused(layer.k, layer.v, layer.phi_k, None, cfg), "query": call(None),
+             "landmark": call("fused")}
+    print(f"# {layer.description}; 'query' and 'landmark' time the whole call "
           "(key pass at default tiles; 'landmark' also adaptive pass 2)", flush=True)
     summary: list[str] = []
     combined: dict[str, int] = {}
@@ -106,10 +100,10 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
             combined.update(best)
             summary.append(f"BEST {size} {part}: {ms:.3f} ms {config_text(best)}")
     summary.append(f"COMBINED {size}: {config_text(combined)}")
-    for impl in ("fused", "sdpa"):
+    for impl in ("fused",) if layer.window else ("fused", "sdpa"):  # a window runs the in-kernel softmax
         for name, overrides in (("default", {}), ("combined", combined)):
             one_point = {f: [x] for f, x in overrides.items()}
-            rows = sweep(f"{size} whole {impl}-lm {name}", layer(impl), one_point, dev)
+            rows = sweep(f"{size} whole {impl}-lm {name}", call(impl), one_point, dev)
             if rows:
                 summary.append(f"WHOLE {size} {impl}-lm {name}: {rows[0][0]:.3f} ms")
     return summary

@@ -167,7 +167,7 @@ def test_fused_window_matches_reference(poison, grid, radius, config, dtype):
                                     window=radius, grid=grid, n_cond=N_COND)
         out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit, alpha_max=0.9,
                                 adaptive=adaptive, branch_affine=aff, config=config, strict=True, window=radius,
-                                grid=grid, n_cond=N_COND)
+                                grid=grid, n_cond=N_COND, landmark_lead=N_COND if adaptive else 0)
         assert out.shape == ref.shape and out.dtype == dtype
         assert _rel(out, ref) < tol, (adaptive, _rel(out, ref))
         no_window = ttr_forward_reference(q, k, v, pq, pk, idx, logit, 0.9, 2.0, adaptive, branch_affine=aff)
@@ -273,7 +273,7 @@ def test_gpu_flux_shape_window(poison, side, dtype):
         ref = ttr_forward_reference(q, k, v, pq, pk, idx, -2.2, 0.2, 2.0, adaptive, window=radius, grid=grid,
                                     n_cond=n_txt)
         out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=-2.2, adaptive=adaptive,
-                                strict=True, window=radius, grid=grid, n_cond=n_txt)
+                                strict=True, window=radius, grid=grid, n_cond=n_txt, landmark_lead=n_txt)
         assert _rel(out, ref) < 2e-2, adaptive
         lm_ref = landmark_window_reference(q, k, v, idx, radius, grid, n_txt)
         out_l = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=15.0, alpha_max=1.0,

@@ -52,7 +52,9 @@ class KernelConfig:
     lm_warps: int = 8  # landmark pass: warps per program
     lm_stages: int = 2  # landmark pass: software-pipelining stages
     lm_block: int = 128  # landmark pass, in-kernel softmax (landmark_impl="fused"): landmark keys per tile
-    lm_window_block: int = 64  # landmark pass with a window: window keys per tile (at most one grid row's span)
+    lm_window_block: int = 64  # landmark pass with a window: window keys per tile (capped at the patch's key box)
+    lm_patch_w: int = 16  # landmark pass with a window: image queries per tile as (lm_block_m / this) x this patches
+    lm_contiguous_cond: bool = True  # read the leading conditioning landmarks as contiguous rows (not gathered)
     block_k: int = 64  # first in-kernel φ layer, every pass: input columns per step
     # landmark_impl="sdpa": out_l comes from cuDNN per head group and row chunk, sized so that the landmark
     # K/V copies and one chunk of out_l stay within this fraction of the output's bytes (issue 8's memory
@@ -246,13 +248,28 @@ def _hidden_chunk(want: int, h1: int) -> int:
     return want if want and _pow2(want) and want < h1 and h1 % want == 0 else h1
 
 
-def _window_block(want: int, grid_w: int, block_m: int, window: int) -> int:
-    """Window keys per tile: `want` (a power of two ≥ 16, else the next one), capped by the widest column span
-    a query tile visits in one key grid row (`min(w, BM + 2r)`, to the next power of two): small grids
-    waste no half-empty tiles."""
-    span = min(grid_w, block_m + 2 * window)
-    cap = max(16, 1 << (span - 1).bit_length())
+def _patch_width(want: int, grid_w: int, block_m: int) -> int:
+    """Columns of a query patch with a window: `want` (a power of two, ≤ the tile's rows), at most the grid's
+    width to the next power of two (a narrow grid gets taller patches, not half-empty ones)."""
+    pw = 1 << (max(1, min(want, block_m)) - 1).bit_length()
+    return max(1, min(pw, 1 << (max(1, grid_w) - 1).bit_length(), block_m))
+
+
+def _window_block(want: int, block_m: int, patch_w: int, window: int) -> int:
+    """Window keys per tile: `want` (a power of two ≥ 16, else the next one), capped at the key box of one
+    query patch (`(BM/PW + 2r)(PW + 2r)`, to the next power of two): no half-empty tiles on small windows."""
+    box = (block_m // patch_w + 2 * window) * (patch_w + 2 * window)
+    cap = max(16, 1 << (box - 1).bit_length())
     return min(max(16, 1 << (max(1, want) - 1).bit_length()), cap)
+
+
+def _landmark_lead(idx: torch.Tensor, lead: int) -> int:
+    """`lead` checked against the index where that costs no device sync (a CPU index): the first `lead`
+    entries must be 0 … lead − 1."""
+    lead = max(0, min(int(lead), idx.numel()))
+    if idx.device.type == "cpu" and lead and not torch.equal(idx[:lead], torch.arange(lead, dtype=idx.dtype)):
+        raise ValueError(f"landmark_lead = {lead}: the first {lead} landmark indices must be 0 … {lead - 1}")
+    return lead
 
 
 def _on_device(x: torch.Tensor | float | Sequence[float], device: torch.device) -> torch.Tensor:
@@ -329,7 +346,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                       branch_affine: Sequence[float] | torch.Tensor | None = None,
                       landmark_impl: str = "auto", config: KernelConfig | None = None,
                       strict: bool = False, window: int = 0, grid: tuple[int, int] | None = None,
-                      n_cond: int = 0) -> torch.Tensor:
+                      n_cond: int = 0, landmark_lead: int = 0) -> torch.Tensor:
     """The ttr layer's forward (inference): fused Triton kernels, else the PyTorch reference.
 
     Same math and arguments as `reference.ttr_forward_reference`; additionally
@@ -346,6 +363,9 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     pass 1 writes out_l into the output and d = 1 − cos(out_k, out_l); pass 2 recomputes the cheap kernel
     branch and blends in place, so no buffer the size of the output is added.
     `alpha_logit` is a scalar or a per-head `[H]` tensor; `branch_affine` is `[4]` or `[B, 4]`.
+    `landmark_lead` = n says that the first n landmark indices are keys 0 … n − 1 (the landmark plugin puts
+    every conditioning token first): the kernel reads those as contiguous rows. Checked when the index is on
+    the CPU; on the GPU it is trusted (a check would cost a device sync); 0 gathers every landmark row.
     Returns `[B, H, Nq, D]` in q's dtype.
     """
     if q.dim() == 4 and k.dim() == 4:
@@ -359,7 +379,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     return run_fused_kernels(q, k, v, phi_q, phi_k, landmark_idx=landmark_idx, alpha_logit=alpha_logit,
                              alpha_max=alpha_max, gamma=gamma, adaptive=adaptive, eps=eps, key_mask=key_mask,
                              branch_affine=branch_affine, landmark_impl=landmark_impl, config=config, window=window,
-                             grid=grid, n_cond=n_cond)
+                             grid=grid, n_cond=n_cond, landmark_lead=landmark_lead)
 
 
 def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights, phi_k: PhiWeights, *,
@@ -368,7 +388,7 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                       key_mask: torch.Tensor | None = None,
                       branch_affine: Sequence[float] | torch.Tensor | None = None,
                       landmark_impl: str = "auto", config: KernelConfig | None = None, window: int = 0,
-                      grid: tuple[int, int] | None = None, n_cond: int = 0) -> torch.Tensor:
+                      grid: tuple[int, int] | None = None, n_cond: int = 0, landmark_lead: int = 0) -> torch.Tensor:
     """`ttr_forward_fused` without its checks, for a caller that ran them (the ttr backend decides between
     this and its own PyTorch path with `fused_unsupported_reasons`; checking twice cost every served call).
     The arguments must pass `check_window` and `fused_unsupported_reasons`."""
@@ -401,8 +421,9 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             landmark_impl = "sdpa" if nq * (0 if landmark_idx is None else landmark_idx.numel()) > _SDPA_MIN_PAIRS \
                 else "fused"
         idx = dummy
-        n_lm = 0
+        n_lm = lead = 0
         if use_lm:
+            lead = _landmark_lead(landmark_idx, landmark_lead) if cfg.lm_contiguous_cond else 0
             idx = landmark_idx.to(device=q.device, dtype=torch.long).contiguous()
             n_lm = int(idx.numel())
         lm_flag = dummy
@@ -427,20 +448,25 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             aff = aff.expand(bsz, 4).contiguous()
         s_scale = 1.0 / max(1, nk)  # keeps S and z in range for fp16 dots; cancels in the ratio
         qk_scale = d ** -0.5 * 1.4426950408889634
-        d_buf = dummy
+        d_buf = d_sum = dummy
         if use_branch and adaptive:
             d_buf = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
+            d_sum = torch.zeros(bsz * heads, device=q.device, dtype=torch.float32)  # pass 1 adds into it
 
-        def launch(mode: int, lm_src: int, dm: torch.Tensor) -> None:
+        def launch(mode: int, lm_src: int) -> None:
             # the landmark pass (modes 1, 2) has its own tiles; kernel-only (0) and adaptive pass 2 (3) share q_*
             bm, warps, stages = ((cfg.lm_block_m, cfg.lm_warps, cfg.lm_stages) if mode in (1, 2)
                                  else (cfg.q_block_m, cfg.q_warps, cfg.q_stages))
-            grid = (_cdiv(nq, bm), bsz * heads)
-            _query_kernel[grid](
-                q, x, s, z, kl, vl, idx, lm_flag, out, d_buf, dm, logit, aff,
+            win = int(window) if mode in (1, 2) else 0
+            pw = _patch_width(cfg.lm_patch_w, grid_w, bm) if win else 0
+            n_text_tiles = _cdiv(int(n_cond), bm) if win else 0
+            # with a window: the conditioning rows, then (BM/PW x PW) patches of the latent grid
+            tiles = n_text_tiles + _cdiv(grid_h, bm // pw) * _cdiv(grid_w, pw) if win else _cdiv(nq, bm)
+            _query_kernel[(tiles, bsz * heads)](
+                q, x, s, z, kl, vl, idx, lm_flag, out, d_buf, d_sum, logit, aff,
                 wa["w1"], wa["b1"], wa["w2"], wa["b2"],
-                nq, 0, nq, n_lm, heads, int(n_cond) if window else 0, grid_h, grid_w, s_scale, eps * 1.0,
-                float(alpha_max), float(gamma), qk_scale, phi_q.norm_eps,
+                nq, n_lm, lead, heads, int(n_cond) if window else 0, n_text_tiles, grid_h, grid_w, s_scale,
+                eps * 1.0, float(alpha_max), float(gamma), qk_scale, phi_q.norm_eps,
                 q.stride(0), q.stride(1), q.stride(2), x.stride(0), x.stride(1), x.stride(2), *skl,
                 out.stride(0), out.stride(1), out.stride(2),
                 wa["w1h"], wa["b1h"], wa["w2h"], wa["b2h"], logit_h,
@@ -448,11 +474,12 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 ACT=_ACT[phi_q.activation], IS_HH=int(phi_q.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
                 HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src,
                 HAS_AFF=int(branch_affine is not None), BM=bm, BL=cfg.lm_block,
-                HC=_hidden_chunk(cfg.q_hidden_chunk, plan.h1), WIN=int(window) if mode in (1, 2) else 0,
-                BLW=_window_block(cfg.lm_window_block, grid_w, bm, window), num_warps=warps, num_stages=stages)
+                HC=_hidden_chunk(cfg.q_hidden_chunk, plan.h1), WIN=win,
+                BLW=_window_block(cfg.lm_window_block, bm, pw, win) if win else 16, PW=pw, num_warps=warps,
+                num_stages=stages)
 
         if not use_branch:
-            launch(0, 0, dummy)
+            launch(0, 0)
             return out
         mode = 2 if adaptive else 1
         if landmark_impl == "sdpa":
@@ -468,10 +495,9 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                     m1 = min(nq, m0 + rows)
                     out[:, h0:h1, m0:m1] = F.scaled_dot_product_attention(q[:, h0:h1, m0:m1], kg, vg)
                 del kg, vg
-            launch(mode, 1, dummy)
+            launch(mode, 1)
         else:
-            launch(mode, 0, dummy)
+            launch(mode, 0)
         if adaptive:
-            dmean = d_buf.mean(dim=-1).clamp_min(1e-12).contiguous()
-            launch(3, 0, dmean)
+            launch(3, 0)  # the mean of d: d_sum / Nq (pass 1 summed it)
         return out

@@ -7,16 +7,17 @@ Two launches carry the layer:
   tiles; each chunk adds its partial state into S and z with fp32 atomics (summation order, and so
   the last bits, may vary from run to run).
 - `_query_kernel`: per (query tile, batch·head), computes φ(q), `out_k = φ(q)·S / (φ(q)·z + eps)`,
-  the landmark branch (flash-style online softmax over gathered landmark keys, or an SDPA result
-  that the host wrote into `out` beforehand) and the α blend in the epilogue. MODE selects kernel-only (0),
-  fixed-α hybrid (1), adaptive pass 1 (2: writes out_l into `out` and d = 1 − cos(out_k, out_l))
-  and adaptive pass 2 (3: recomputes the cheap kernel branch, reads out_l back from `out` and
-  blends in place with the per-(b, h) mean of d). Rows [M0, M1) are processed (the host passes the
-  whole sequence).
+  the landmark branch (flash-style online softmax over the landmark keys — the leading conditioning
+  tokens as contiguous rows, the rest gathered by index — or an SDPA result that the host wrote into `out`
+  beforehand) and the α blend in the epilogue. MODE selects kernel-only (0), fixed-α hybrid (1), adaptive
+  pass 1 (2: writes out_l into `out`, d = 1 − cos(out_k, out_l), and adds each tile's sum of d into a
+  per-(b, h) total) and adaptive pass 2 (3: recomputes the cheap kernel branch, reads out_l back from `out`
+  and blends in place with the per-(b, h) mean of d). Every query row of the sequence is processed.
   WIN = r > 0 (the landmark plugin's local window; in-kernel softmax only) continues the landmark
   softmax over each image query's window of image keys (Chebyshev radius r on the latent grid, minus
-  the landmarks, flagged per key in `lmf_ptr`): the query tile visits the key grid rows and columns its
-  rows' windows cover, BLW keys at a time (`_window_softmax`). WIN = 0 compiles to the landmark-only kernel.
+  the landmarks, flagged per key in `lmf_ptr`); the landmark pass then tiles the conditioning rows first
+  and the image queries as `BM/PW x PW` patches of the grid (`_patch_rows`), whose windows share one box of
+  keys (`_window_softmax`). WIN = 0 compiles to the landmark-only kernel.
   (Computing out_l before out_k was tried: ptxas spilled more — out_l then lives across φ(q), while
   out_k is only saved and reloaded around the landmark loop.)
 """
@@ -157,75 +158,104 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, w1_ptr, b1_ptr, w2_ptr, 
 
 
 @triton.jit
-def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_m, row_ok, offs_d, m_i, l_i, acc, t0, M1, n_cond, grid_h,
-                    grid_w, qk_scale, skn, svn, WIN: tl.constexpr, BLW: tl.constexpr):
-    """Continue the online softmax `(m_i, l_i, acc)` of a query tile over its local windows.
+def _softmax_step(q, kt, vt, keep, m_i, l_i, acc, qk_scale):
+    """One tile of a flash-style online softmax: fold keys `kt` / values `vt` (`[BK, D]`, where `keep`, a mask
+    broadcastable to `[BM, BK]`) into the running max `m_i`, sum `l_i` and output `acc` of the query tile `q`.
+    A row that has seen no key yet keeps max −inf; 0 is used in its place (no NaN from −inf − −inf)."""
+    sc = tl.dot(q, tl.trans(kt)) * qk_scale
+    sc = tl.where(keep, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(sc - m_use[:, None])
+    corr = tl.exp2(m_i - m_use)
+    l_i = l_i * corr + tl.sum(p, axis=1)
+    acc = tl.dot(p.to(vt.dtype), vt, acc * corr[:, None])
+    return m_new, l_i, acc
 
-    Image tokens sit row-major on the `grid_h x grid_w` latent grid after `n_cond` conditioning tokens.
-    The tile visits key grid rows `[min row − WIN, max row + WIN]` of its image rows, and in each the
-    columns `[min col − WIN, max col + WIN]` (all columns when the tile spans several grid rows), clipped
-    to the grid, BLW keys at a time. A (query, key) pair counts when the query is an image token,
-    |Δrow| ≤ WIN, |Δcol| ≤ WIN and the key is not a landmark (`lmf_ptr`, int8 per key: the landmark loop
-    counted it). A row may have seen no key yet (no landmarks): its running max is then −inf, and 0 is
-    used in its place. (Flattening the box of rows × columns into BLW-key tiles wastes fewer keys when a
-    row is narrower than BLW, but per-key row and column vectors made ptxas spill twice as much at
-    BM = 128, BLW = 128, 8 warps.)
+
+@triton.jit
+def _patch_rows(pid_m, n_text_tiles, n_cond, grid_h, grid_w, BM: tl.constexpr, PW: tl.constexpr):
+    """Rows of landmark-pass tile `pid_m` when a window runs: the first `n_text_tiles` tiles hold the conditioning
+    rows (BM at a time), every later one a `BM/PW x PW` patch of the latent grid (row-major patches). Returns
+    `(rows, row_ok, patch row, patch column)`; the patch indices are −1 for a conditioning tile."""
+    PH: tl.constexpr = BM // PW
+    i = tl.arange(0, BM)
+    is_txt = pid_m < n_text_tiles
+    pid_p = tl.maximum(pid_m - n_text_tiles, 0)
+    n_pc = (grid_w + PW - 1) // PW
+    pr = pid_p // n_pc
+    pc = pid_p % n_pc
+    gr = pr * PH + i // PW
+    gc = pc * PW + i % PW
+    txt_rows = pid_m * BM + i
+    rows = tl.where(is_txt, txt_rows, n_cond + gr * grid_w + gc)
+    row_ok = tl.where(is_txt, txt_rows < n_cond, (gr < grid_h) & (gc < grid_w))
+    return rows, row_ok, tl.where(is_txt, -1, pr), tl.where(is_txt, -1, pc)
+
+
+@triton.jit
+def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_m, row_ok, offs_d, m_i, l_i, acc, pr, pc, n_cond, grid_h,
+                    grid_w, qk_scale, skn, svn, WIN: tl.constexpr, BLW: tl.constexpr, PH: tl.constexpr,
+                    PW: tl.constexpr):
+    """Continue the online softmax `(m_i, l_i, acc)` of a query patch over its local windows.
+
+    Image tokens sit row-major on the `grid_h x grid_w` latent grid after `n_cond` conditioning tokens; the
+    tile is the `PH x PW` patch (`pr`, `pc`) of that grid (`_patch_rows`; −1: a conditioning tile, no window).
+    Its windows together cover the box of grid rows `[pr·PH − WIN, pr·PH + PH − 1 + WIN]` and columns
+    `[pc·PW − WIN, pc·PW + PW − 1 + WIN]`, clipped to the grid: `(PH + 2r)(PW + 2r)` keys (240 for a 8 x 16
+    patch at r = 2), visited BLW at a time in row-major order. (Tiles of consecutive rows visited whole grid
+    rows: 5 x 128 keys per tile at 2048², 5 x 192 at 4096².) A (query, key) pair counts when the query is an
+    image token, |Δrow| ≤ WIN, |Δcol| ≤ WIN and the key is not a landmark (`lmf_ptr`, int8 per key: the
+    landmark loop counted it).
     """
-    t1 = tl.minimum(t0 + offs_m.shape[0], M1)  # rows [t0, t1) of this tile
-    p_lo = tl.maximum(t0, n_cond) - n_cond  # first and last image position of the tile
-    p_hi = t1 - 1 - n_cond
-    has_img = p_hi >= p_lo
-    p_hi = tl.maximum(p_hi, p_lo)
-    r_lo = p_lo // grid_w
-    r_hi = p_hi // grid_w
-    kr_lo = tl.maximum(r_lo - WIN, 0)
-    kr_hi = tl.where(has_img, tl.minimum(r_hi + WIN, grid_h - 1), kr_lo - 1)  # no image row: no key row
-    one_row = r_lo == r_hi
-    c_lo = tl.where(one_row, tl.maximum(p_lo % grid_w - WIN, 0), 0)
-    c_hi = tl.where(one_row, tl.minimum(p_hi % grid_w + WIN, grid_w - 1), grid_w - 1)
+    has_img = pr >= 0
+    kr_lo = tl.maximum(pr * PH - WIN, 0)
+    kr_hi = tl.minimum(pr * PH + PH - 1 + WIN, grid_h - 1)
+    c_lo = tl.maximum(pc * PW - WIN, 0)
+    c_hi = tl.minimum(pc * PW + PW - 1 + WIN, grid_w - 1)
+    box_w = tl.maximum(c_hi - c_lo + 1, 1)
+    n_box = tl.where(has_img, (kr_hi - kr_lo + 1) * (c_hi - c_lo + 1), 0)
     q_img = row_ok & (offs_m >= n_cond)
     pq = tl.maximum(offs_m - n_cond, 0)
     q_row = pq // grid_w
     q_col = pq % grid_w
-    for kr in range(kr_lo, kr_hi + 1):
-        row_near = q_img & (tl.abs(q_row - kr) <= WIN)
-        for c0 in range(c_lo, c_hi + 1, BLW):
-            k_col = c0 + tl.arange(0, BLW)
-            k_ok = k_col <= c_hi
-            tok = n_cond + kr * grid_w + k_col
-            k_ok_w = k_ok & (tl.load(lmf_ptr + tok, mask=k_ok, other=1) == 0)  # landmarks: counted already
-            kt = tl.load(kl_base + tok[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-            sc = tl.dot(q, tl.trans(kt)) * qk_scale
-            near = row_near[:, None] & (tl.abs(q_col[:, None] - k_col[None, :]) <= WIN) & k_ok_w[None, :]
-            sc = tl.where(near, sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(sc - m_use[:, None])
-            corr = tl.exp2(m_i - m_use)
-            l_i = l_i * corr + tl.sum(p, axis=1)
-            vt = tl.load(vl_base + tok[:, None] * svn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-            acc = tl.dot(p.to(vt.dtype), vt, acc * corr[:, None])
-            m_i = m_new
+    for f0 in range(0, n_box, BLW):
+        f = f0 + tl.arange(0, BLW)
+        k_ok = f < n_box
+        k_row = kr_lo + f // box_w
+        k_col = c_lo + f % box_w
+        tok = n_cond + k_row * grid_w + k_col
+        k_ok_w = k_ok & (tl.load(lmf_ptr + tok, mask=k_ok, other=1) == 0)  # landmarks: counted already
+        kt = tl.load(kl_base + tok[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        vt = tl.load(vl_base + tok[:, None] * svn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        near = (q_img[:, None] & (tl.abs(q_row[:, None] - k_row[None, :]) <= WIN)
+                & (tl.abs(q_col[:, None] - k_col[None, :]) <= WIN) & k_ok_w[None, :])
+        m_i, l_i, acc = _softmax_step(q, kt, vt, near, m_i, l_i, acc, qk_scale)
     return m_i, l_i, acc
 
 
 @triton.jit
-def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, out_ptr, d_ptr, dmean_ptr,
+def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, out_ptr, d_ptr, dsum_ptr,
                   logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                  N, M0, M1, L, H, n_cond, grid_h, grid_w, s_scale, eps, alpha_max, gamma, qk_scale, norm_eps,
+                  N, L, L_TXT, H, n_cond, n_text_tiles, grid_h, grid_w, s_scale, eps, alpha_max, gamma, qk_scale,
+                  norm_eps,
                   sqb, sqh, sqn, sxb, sxh, sxn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                   w1h, b1h, w2h, b2h, logit_h,
                   D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
                   DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
                   HAS_B2: tl.constexpr, NORM: tl.constexpr, MODE: tl.constexpr, LM_SRC: tl.constexpr,
                   HAS_AFF: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr, HC: tl.constexpr,
-                  WIN: tl.constexpr, BLW: tl.constexpr):
+                  WIN: tl.constexpr, BLW: tl.constexpr, PW: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = M0 + pid_m * BM + tl.arange(0, BM)
-    row_ok = offs_m < M1
+    if WIN > 0:
+        # the landmark pass with a window tiles image queries as 2-D patches of the grid (_patch_rows)
+        offs_m, row_ok, pr, pc = _patch_rows(pid_m, n_text_tiles, n_cond, grid_h, grid_w, BM, PW)
+    else:
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        row_ok = offs_m < N
     offs_d = tl.arange(0, D)
     o_ptrs = out_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :]
     t_ptrs = offs_m + pid_bh * N  # d is contiguous [B, H, N]
@@ -267,27 +297,27 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
             acc = tl.zeros((BM, D), dtype=tl.float32)
             kl_base = kl_ptr + b * skb + h * skh
             vl_base = vl_ptr + b * svb + h * svh
-            for l0 in range(0, L, BL):
+            # the first L_TXT landmarks are keys 0 … L_TXT − 1 (the conditioning tokens): contiguous rows
+            for l0 in range(0, L_TXT, BL):
+                offs_l = l0 + tl.arange(0, BL)
+                l_ok = offs_l < L_TXT
+                kt = tl.load(kl_base + offs_l[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                vt = tl.load(vl_base + offs_l[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                m_i, l_i, acc = _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale)
+            for l0 in range(L_TXT, L, BL):
                 offs_l = l0 + tl.arange(0, BL)
                 l_ok = offs_l < L
-                rows = tl.load(idx_ptr + offs_l, mask=l_ok, other=0)  # landmark rows of k/v, gathered here
+                rows = tl.load(idx_ptr + offs_l, mask=l_ok, other=0)  # the other landmark rows, gathered here
                 kt = tl.load(kl_base + rows[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-                sc = tl.dot(q, tl.trans(kt)) * qk_scale
-                sc = tl.where(l_ok[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-                p = tl.exp2(sc - m_new[:, None])
-                corr = tl.exp2(m_i - m_new)
-                l_i = l_i * corr + tl.sum(p, axis=1)
                 vt = tl.load(vl_base + rows[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-                acc = tl.dot(p.to(vt.dtype), vt, acc * corr[:, None])
-                m_i = m_new
+                m_i, l_i, acc = _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale)
             if WIN == 0:
-                ol = acc / l_i[:, None]
+                ol = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             else:
-                # the same online softmax goes on over the tile's local windows (see _window_softmax)
+                # the same online softmax goes on over the patch's local windows (see _window_softmax)
                 m_i, l_i, acc = _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_m, row_ok, offs_d, m_i, l_i, acc,
-                                                M0 + pid_m * BM, M1, n_cond, grid_h, grid_w, qk_scale, skn, svn,
-                                                WIN, BLW)
+                                                pr, pc, n_cond, grid_h, grid_w, qk_scale, skn, svn, WIN, BLW,
+                                                BM // PW, PW)
                 ol = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key at all (no landmarks, text row): 0
         if HAS_AFF:
             ol = ol * (1.0 + tl.load(aff_ptr + b * 4 + 2)) + tl.load(aff_ptr + b * 4 + 3)
@@ -303,10 +333,12 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         nrm = tl.sqrt(tl.sum(ok * ok, axis=1)) * tl.sqrt(tl.sum(ol * ol, axis=1))
         dd = 1.0 - dot / tl.maximum(nrm, 1e-8)
         tl.store(d_ptr + t_ptrs, dd, mask=row_ok)
+        # the per-(b, h) sum of d for pass 2's mean: one relaxed add per tile (no reduce launch in between)
+        tl.atomic_add(dsum_ptr + pid_bh, tl.sum(tl.where(row_ok, dd, 0.0), axis=0), sem="relaxed")
         tl.store(o_ptrs, ol.to(out_dtype), mask=row_ok[:, None])
     else:
         dd = tl.load(d_ptr + t_ptrs, mask=row_ok, other=0.0)
-        mean = tl.load(dmean_ptr + pid_bh)
+        mean = tl.maximum(tl.load(dsum_ptr + pid_bh) / N, 1e-12)
         dn = tl.minimum(dd / mean, 3.0) / 3.0
         lg = tl.load(logit_ptr + h * logit_h)
         arg = tl.minimum(tl.maximum(lg + gamma * (dn - 0.5), -15.0), 15.0)

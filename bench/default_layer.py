@@ -1,0 +1,65 @@
+"""The product's default ttr layer at a Flux size, as the kernel tools (`profile_kernels`, `tune`) run it.
+
+Its φ comes from `TtrSettings()` (depth, hidden width, feature dim, activation; random weights) and its
+landmarks and window from `LandmarkSettings()` through the landmark plugin's own selection, so these tools
+always time what a user gets by default. `LayerInputs.fused(...)` is one fused layer call.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..plugins.landmark.selection import select_landmarks
+from ..plugins.landmark.settings import LandmarkSettings
+from ..plugins.ttr.kernels import KernelConfig, PhiWeights, random_phi, ttr_forward_fused
+from ..plugins.ttr.settings import TtrSettings
+from .run import parse_shape
+
+TEXT_TOKENS = 512  # Flux's T5 tokens, first in the sequence
+
+
+@dataclass
+class LayerInputs:
+    """q, k, v `[1, 24, N, 128]` bf16 at one size, the default φ pair, landmark indices and window."""
+
+    size: str
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    phi_q: PhiWeights
+    phi_k: PhiWeights
+    landmarks: torch.Tensor
+    window: int
+    grid: tuple[int, int]
+
+    @property
+    def description(self) -> str:
+        return (f"{self.size}: {self.q.shape[2]} tokens, {self.landmarks.numel()} landmarks, window {self.window}, "
+                f"φ {self.phi_q.depth} layer(s) → F {self.phi_q.feature_dim}")
+
+    def fused(self, config: KernelConfig | None = None, landmark_impl: str | None = "auto",
+              window: bool = True) -> Callable[[], torch.Tensor]:
+        """One fused layer call: with landmarks through `landmark_impl` (None: kernel-only, no window)."""
+        lm = None if landmark_impl is None else self.landmarks
+        kw = {"window": self.window, "grid": self.grid, "n_cond": TEXT_TOKENS} \
+            if window and landmark_impl is not None and self.window else {}
+        return lambda: ttr_forward_fused(self.q, self.k, self.v, self.phi_q, self.phi_k, landmark_idx=lm,
+                                         config=config, strict=True, landmark_impl=landmark_impl or "auto",
+                                         landmark_lead=TEXT_TOKENS, **kw)
+
+
+def default_layer(size: str, device: torch.device, ttr: TtrSettings | None = None,
+                  landmark: LandmarkSettings | None = None) -> LayerInputs:
+    """Random bf16 inputs and the default layer (or the given settings) at `size` (e.g. "1024")."""
+    ttr = ttr or TtrSettings()
+    lm = landmark or LandmarkSettings()
+    s = parse_shape(size, 24, 128, TEXT_TOKENS, 1)
+    q, k, v = (torch.randn(1, 24, s.n, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
+    g = torch.Generator().manual_seed(0)
+    phis = [random_phi(128, ttr.hidden_for(128), ttr.feature_dim, ttr.depth, ttr.activation, None, ttr.l2_norm,
+                       generator=g, device=device) for _ in range(2)]
+    assert s.grid is not None
+    idx, _ = select_landmarks(s.n, TEXT_TOKENS, lm.fraction, lm.min, lm.max, lm.layout, s.grid)
+    return LayerInputs(size, q, k, v, phis[0], phis[1], idx.to(device), lm.window, s.grid)
