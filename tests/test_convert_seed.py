@@ -71,7 +71,7 @@ def _seed_file(path: Path, alpha_format: str | None = "logit", **extra) -> dict[
 def _session(result, checkpoint: Path) -> Session:
     cfg = {"backend": "ttr", "exact": "sdpa", "loggers": [], "checkpoint": str(checkpoint),
            "plugins": {"ttr": {k: result.ttr_settings[k] for k in ("feature_dim", "depth", "hidden", "l2_norm",
-                                                                   "split_qk", "conditioner")},
+                                                                   "split_qk", "conditioner", "alpha_max")},
                        "landmark": result.landmark_settings}}
     return Session(cfg, Plugins(builtins=BUILTINS, load_entry_points=False))
 
@@ -83,10 +83,11 @@ def test_converts_and_reproduces_the_seed_kernel_branch(tmp_path: Path) -> None:
     assert result.layers == ["double:1", "single:0"] and result.ready == ["single:0"]
     assert result.ttr_settings["depth"] == 3 and result.ttr_settings["hidden"] == 0
     assert result.ttr_settings["l2_norm"] is True and result.ttr_settings["activation"] == "elu+1"
-    assert result.landmark_settings == {"fraction": 0.1, "min": 32, "max": 256}
+    assert result.landmark_settings == {"fraction": 0.1, "min": 32, "max": 256, "window": 0}  # the seed: no window
+    assert result.ttr_settings["alpha_max"] == 0.2 and "alpha_max = 0.2" in result.config_toml
     assert "[plugins.ttr]" in result.config_toml and "feature_dim = 32" in result.config_toml
     meta = load_checkpoint(out)["backend.ttr"][1]
-    assert meta["landmark"] == {"fraction": 0.1, "min": 32, "max": 256}
+    assert meta["landmark"] == {"fraction": 0.1, "min": 32, "max": 256, "window": 0}
 
     session = _session(result, out)
     ttr = session.backends.get("ttr")

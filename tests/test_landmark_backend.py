@@ -27,7 +27,8 @@ def test_matches_naive_softmax_over_selected_keys() -> None:
     b, h, n_cond, n_img, d = 2, 3, 5, 300, 16
     q, k, v = (torch.randn(b, h, n_cond + n_img, d) for _ in range(3))
     call = AttentionCall("single:0", n_cond_tokens=n_cond, n_image_tokens=n_img)
-    backend = LandmarkBackend(LandmarkSettings(query_chunk=37))
+    # pinned: at least 64 image landmarks (more than 8 % of 300), no window (the reference is landmarks-only)
+    backend = LandmarkBackend(LandmarkSettings(fraction=0.08, min=64, window=0, query_chunk=37))
     out = backend(q, k, v, call)
     idx, _ = backend.indices(k, call)
     assert idx.numel() == n_cond + 64

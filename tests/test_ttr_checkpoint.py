@@ -159,7 +159,7 @@ def test_landmark_window_difference_is_a_warning(tmp_path: Path, caplog) -> None
     path = tmp_path / "windowed.safetensors"
     windowed.save(path)
     with caplog.at_level(logging.WARNING, logger="attnplug"):
-        _session().load(path)
+        _session(plugins={"ttr": dict(TTR), "landmark": {"window": 0}}).load(path)  # explicitly without a window
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("landmark settings differ" in m and "'window': (2, 0)" in m and "the config wins" in m
                for m in warnings), warnings

@@ -14,29 +14,46 @@ class LandmarkSettings(Strict):
 
     Every conditioning token is a landmark; image tokens get a budget
     `clamp(round(n_img * fraction), min, max)` (max = 0: unlimited), never more than the image
-    tokens present. Defaults are the seed's (0.08 / 64 / 0), which its authors tuned so that low
-    resolutions are not over-provisioned while high ones keep enough softmax anchors.
+    tokens present.
+
+    Defaults (session 5, docs/QUALITY.md "The default (session 5)"): 2 % of the image tokens (at
+    least 16), unlimited, plus the local window r = 2, with the ttr layer's `alpha_max = 0.5`. On the
+    testbed (six single blocks served, 64 held-out prompts) that layer loses 0.22 / 0.27 adherence
+    points (seeds 0 / 1) against 1.46 / 1.66 for the previous default (the seed's 0.08 / 64, no
+    window) trained the same way; the window carries the sharp, local attention the landmarks miss,
+    and fewer landmarks make the exact softmax, which dominates the layer's time at 2048² and up,
+    much cheaper. Checkpoints distilled on the previous defaults (testbed/weights/ttr_default.safetensors)
+    were trained against 0.08 / 64 / no window (`PREVIOUS_DEFAULTS`): their configs pin those values
+    (loading one with other values works, the config wins, and the difference is logged as a warning).
 
     `window = r > 0` adds a local 2-D window: each *image* query's exact softmax runs over the
     landmarks ∪ the image keys within Chebyshev radius r of its own position on the latent grid
     (a (2r+1)² square clipped at the borders; a key that is both counts once). Conditioning queries
     keep the landmarks only. It needs the call's latent grid (h·w = image tokens) and queries that
     cover the whole sequence (or their positions, `query_index`); otherwise the call uses the
-    landmarks only and the backend warns once per reason. The ttr fused kernels implement it inside
-    their landmark pass (in-kernel softmax; plugins/ttr/kernels); calls the landmark backend would serve
-    without the window (no or mismatching grid) take the ttr PyTorch path.
+    landmarks only and the backend warns once per reason. The diffusers and ComfyUI hosts report the
+    grid for Flux-style models (from `img_ids` / the latent's shape); a host or model without one
+    (or with extra reference-image tokens, e.g. Kontext-style edits, whose grid does not cover every
+    image token) gets the 2 % landmarks alone, which the testbed measured without a window at −1.54
+    points against −1.12 for 8 % (docs/QUALITY.md, "The sweep", seed 0); there `fraction = 0.08,
+    min = 64` is the safer setting. The ttr fused kernels implement the window inside their landmark
+    pass (in-kernel softmax; plugins/ttr/kernels); calls the landmark backend would serve without the
+    window (no or mismatching grid) take the ttr PyTorch path.
     """
 
-    fraction: float = Field(0.08, ge=0.0, le=1.0, description="Share of image tokens used as landmarks.")
-    min: int = Field(64, ge=0, description="Fewest image landmarks (before capping at the image tokens present).")
+    fraction: float = Field(0.02, ge=0.0, le=1.0, description="Share of image tokens used as landmarks (0.02 "
+                                                              "since session 5, with the window; was 0.08).")
+    min: int = Field(16, ge=0, description="Fewest image landmarks (before capping at the image tokens present; 16 "
+                                           "since session 5, was 64).")
     max: int = Field(0, ge=0, description="Most image landmarks; 0 = unlimited.")
     layout: Literal["even", "stratified"] = Field(
         "even", description="'even': evenly spaced along the token sequence; 'stratified': one landmark per "
                             "cell of a 2-D partition of the latent grid (falls back to 'even' without a grid).")
-    window: int = Field(0, ge=0, description="Chebyshev radius r of a local window on the latent grid: image "
+    window: int = Field(2, ge=0, description="Chebyshev radius r of a local window on the latent grid: image "
                                              "queries also attend exactly to the image keys within r rows and "
                                              "columns of their own token ((2r+1)² keys, clipped at the borders); "
-                                             "0 = off.")
+                                             "0 = off. 2 since session 5 (docs/QUALITY.md); calls without a "
+                                             "latent grid use the landmarks only (warned once).")
     query_chunk: int = Field(1024, ge=1, description="Queries per softmax chunk (bounds the [B, H, chunk, L] "
                                                      "fp32 logits).")
 
@@ -45,3 +62,9 @@ class LandmarkSettings(Strict):
         if self.max and self.min > self.max:
             raise ValueError(f"min {self.min} > max {self.max} (max = 0 means unlimited)")
         return self
+
+
+#: The `[plugins.landmark]` values of the product default before session 5 that differ from today's
+#: (the seed's budget, no window; with the ttr plugin's `PREVIOUS_DEFAULTS`): what
+#: testbed/weights/ttr_default.safetensors was trained with. Configs that serve such a checkpoint pin them.
+PREVIOUS_DEFAULTS: dict[str, float | int] = {"fraction": 0.08, "min": 64, "window": 0}

@@ -15,7 +15,8 @@ what is missing or unexpected:
       phi_k.net.{0,2,4}.{weight,bias}*   (split_qk; a single shared map is `phi.net.*`*)
       alpha*: scalar (logit or raw, see alpha_format)
       conditioner.net.{0,2}.{weight,bias}*  Linear(64→128) · SiLU · Linear(128→4) (optional)
-    landmark_fraction*, landmark_min*, landmark_max* (legacy landmark_count is ignored: 0.08/64/0)
+    landmark_fraction*, landmark_min*, landmark_max* (legacy landmark_count is ignored: 0.08/64/0; the
+                  seed had no local window, so the converted settings say window = 0)
     qk_norm* (default true), alpha_max* (0.2), gamma* (2.0), adaptive_alpha* (true)
     layer_readiness*: {layer_key: {"ready": bool, ...}} (optional; readiness is carried over)
 
@@ -154,8 +155,10 @@ def _convert(raw: dict[str, Any], in_path: Path, out_path: Path) -> ConversionRe
         entry = readiness.get(key) if isinstance(readiness, dict) else None
         backend.ready[key] = bool(entry.get("ready", False)) if isinstance(entry, dict) else False
 
+    # the seed had no local window: window 0 is recorded (and goes into config_toml) explicitly, since
+    # attnplug's default has the window on since session 5
     landmark = {"fraction": float(raw.get("landmark_fraction", 0.08)), "min": int(raw.get("landmark_min", 64)),
-                "max": int(raw.get("landmark_max", 0))}
+                "max": int(raw.get("landmark_max", 0)), "window": 0}
     if "landmark_count" in raw and "landmark_fraction" not in raw:
         log.info("attnplug: %s: legacy landmark_count %r ignored in favour of fraction 0.08, min 64, max 0 "
                  "(as the seed did)", in_path, raw["landmark_count"])

@@ -13,8 +13,15 @@ Defaults follow reference/MEASUREMENTS.md (digit-mosaic testbed, feature maps fi
 attention): a 2-layer φ (hidden 256, SiLU) with F = 128 and elu+1 gave 99.8 % prompt adherence
 with 75 % of the layers replaced — better than 1-layer F = 64 maps (98.1 % elu+1, 99.0 % hedgehog)
 and cheaper than the seed's 3-layer, F = 256, h = 512 map, which issue 8's speed targets cannot
-afford. The learned-α hybrid with α = 0.2·σ(logit), logit from −2.2, matched kernel-only quality on
-single blocks and helped on the double block; a fixed large α hurt.
+afford. The learned-α hybrid with α = α_max·σ(logit), logit from −2.2, matched kernel-only quality
+on single blocks and helped on the double block; a fixed large α hurt.
+
+α_max is 0.5 since session 5, together with the landmark plugin's local window (docs/QUALITY.md,
+"The default (session 5)"): with the window the exact branch carries much of what the weak layers
+need, so it must be allowed more than 20 % of the blend (testbed, six single blocks served: −0.02 /
+−0.20 points with α_max 0.5 against −0.17 / −0.42 with 0.2). Checkpoints trained before then (e.g.
+testbed/weights/ttr_default.safetensors) have α_max 0.2 recorded: α_max is an architecture field, so
+their configs must pin `alpha_max = 0.2` (`PREVIOUS_DEFAULTS`), else loading is refused naming it.
 """
 from __future__ import annotations
 
@@ -44,11 +51,14 @@ class TtrSettings(Strict):
     conditioner: bool = Field(True, description="σ/CFG conditioner (scale/bias per branch), identity at init.")
     adaptive_alpha: bool = Field(True, description="α per token and head from branch disagreement "
                                                    "(α_max·σ(logit + γ·(d_norm − 0.5))); else α_max·σ(logit).")
-    alpha_max: float = Field(0.2, gt=0.0, le=1.0, description="Upper bound of the blend weight α.")
+    alpha_max: float = Field(0.5, gt=0.0, le=1.0, description="Upper bound of the blend weight α. 0.5 since "
+                                                            "session 5, for the landmark window on by default "
+                                                            "(docs/QUALITY.md, 'The default (session 5)'); "
+                                                            "checkpoints trained before then need 0.2.")
     gamma: float = Field(2.0, ge=0.0, description="How strongly branch disagreement shifts the α logit.")
     # ---- init-only ----
     alpha_init: float = Field(0.1, gt=0.0, lt=1.0, description="Initial σ(logit) of a fresh layer (α starts "
-                                                               "at alpha_max·alpha_init = 0.02 by default).")
+                                                               "at alpha_max·alpha_init = 0.05 by default).")
     # ---- runtime (the config wins over a checkpoint) ----
     landmark: bool = Field(True, description="Blend in the landmark branch when a landmark backend is "
                                              "registered; without one the layer runs kernel-only.")
@@ -80,3 +90,9 @@ ARCHITECTURE_FIELDS = ("feature_dim", "depth", "hidden", "activation", "per_head
 INIT_ONLY_FIELDS = ("alpha_init",)
 RUNTIME_FIELDS = ("landmark", "landmark_backend", "eps", "key_chunk", "query_chunk", "kernel", "feature_precision")
 assert set(ARCHITECTURE_FIELDS + INIT_ONLY_FIELDS + RUNTIME_FIELDS) == set(TtrSettings.model_fields)
+
+#: The `[plugins.ttr]` values of the product default before session 5 that differ from today's (with
+#: the landmark plugin's `PREVIOUS_DEFAULTS`): what testbed/weights/ttr_default.safetensors and every
+#: checkpoint distilled on the defaults before then were trained with. Configs that serve such a
+#: checkpoint pin them; `bench` times this layer as `previous-default`.
+PREVIOUS_DEFAULTS: dict[str, float] = {"alpha_max": 0.2}

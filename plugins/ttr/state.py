@@ -83,7 +83,8 @@ def load_backend_state(backend: "TtrBackend", tensors: dict[str, torch.Tensor], 
         raise ValueError("meta needs 'settings' and 'layers' objects")
     refusals = check_settings(saved, backend.settings.model_dump())
     if refusals:
-        raise ValueError("checkpoint does not match the config: " + "; ".join(refusals))
+        hint = _landmark_hint(meta.get("landmark"), backend.landmark_settings())
+        raise ValueError("checkpoint does not match the config: " + "; ".join(refusals) + hint)
 
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
@@ -140,15 +141,35 @@ def load_backend_state(backend: "TtrBackend", tensors: dict[str, torch.Tensor], 
             backend.chunks.pop(key, None)
 
 
+def _landmark_diffs(saved: Any, current: dict[str, Any] | None) -> dict[str, tuple[Any, Any]]:
+    """`{field: (file's value, config's value)}` of the landmark settings recorded in a checkpoint."""
+    if not isinstance(saved, dict) or current is None:
+        return {}
+    diffs = {k: (saved.get(k), v) for k, v in current.items() if k in saved and saved.get(k) != v}
+    if saved.get("window", 0) != current.get("window", 0):  # checkpoints older than the window lack the key
+        diffs["window"] = (saved.get("window", 0), current.get("window", 0))
+    return diffs
+
+
+def _landmark_hint(saved: Any, current: dict[str, Any] | None) -> str:
+    """For a refusal: the landmark settings the file was trained with that the config does not have (the
+    config would win for those, so a user fixing the refusal should pin them too), or ''."""
+    diffs = {k: v for k, v in _landmark_diffs(saved, current).items() if k != "query_chunk"}  # runtime only
+    if not diffs:
+        return ""
+    want = ", ".join(f"{k} = {_toml(f)}" for k, (f, _) in diffs.items())
+    have = ", ".join(f"{k} = {_toml(c)}" for k, (_, c) in diffs.items())
+    return (f". The file was also trained with [plugins.landmark] {want} (the config has {have}); for those "
+            "the config wins, so set them too to serve the file as it was trained")
+
+
 def _log_landmark(saved: Any, current: dict[str, Any] | None) -> None:
     if saved is None or current is None:
         if saved is not None and current is None:
             log.info("attnplug: ttr checkpoint was saved with a landmark branch; none is active now, so ttr "
                      "layers run kernel-only")
         return
-    diffs = {k: (saved.get(k), v) for k, v in current.items() if k in saved and saved.get(k) != v}
-    if saved.get("window", 0) != current.get("window", 0):  # checkpoints older than the window lack the key
-        diffs["window"] = (saved.get("window", 0), current.get("window", 0))
+    diffs = _landmark_diffs(saved, current)
     if diffs:
         # a warning, not info: the layers were trained against the file's residual branch (a different
         # window, say, moves the output much more than a different fraction)
