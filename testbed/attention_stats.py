@@ -13,8 +13,9 @@ averaged over batch, heads and image-token queries:
   (r = 1, 2, 4: 3×3, 5×5, 9×9 windows, clipped at the border), `cell_mass`: mass inside the query's
   own 4×4-token cell;
 - `landmark_mass`: mass on the landmark keys, chosen by `plugins.landmark.selection.select_landmarks`
-  with the landmark plugin's default settings (every text token + 8 % of the image tokens, even
-  layout: 64 + 82 keys here), i.e. what the exact residual branch of the ttr layer sees;
+  with the landmark settings of the layer these statistics were measured for (`STATS_LANDMARKS`: the
+  default before session 5 — every text token + 8 % of the image tokens, even layout: 64 + 82 keys here),
+  i.e. what the exact residual branch of that ttr layer sees;
 - `landmark_local_r{r}`: mass on the union of the landmarks and the local window of radius r (what an
   extra exact local-window branch would add to the landmarks);
 - `top{k}`: mass of the k largest attention weights of each query (k = 16, 64).
@@ -38,7 +39,7 @@ import torch
 
 from ..core import AttentionCall, Session
 from ..plugins.landmark.selection import select_landmarks
-from ..plugins.landmark.settings import LandmarkSettings
+from ..plugins.landmark.settings import PREVIOUS_DEFAULTS, LandmarkSettings
 from . import data, sampling
 from .model import load_testbed
 
@@ -56,14 +57,20 @@ def metric_names(radii: Sequence[int] = DEFAULT_RADII, topk: Sequence[int] = DEF
             + [f"landmark_local_r{r}" for r in radii] + [f"top{k}" for k in topk])
 
 
+#: The landmarks the statistics are measured against: those of the layer docs/QUALITY.md's table explains
+#: (the product default before session 5, which testbed/weights/ttr_default.safetensors was trained with),
+#: pinned so that the table stays reproducible when the plugin's defaults move.
+STATS_LANDMARKS = LandmarkSettings(**PREVIOUS_DEFAULTS)
+
+
 def landmark_indices(n_keys: int, n_cond: int, grid: tuple[int, int] | None = None,
                      settings: LandmarkSettings | None = None) -> torch.Tensor:
     """Landmark key indices `[L]` exactly as the landmark backend picks them for an unmasked call.
 
     `LandmarkBackend.indices` calls `select_landmarks(n_keys, n_cond, s.fraction, s.min, s.max, s.layout,
-    call.latent_grid)`; defaults (0.08, 64, 0, "even") give all 64 text tokens + 82 image tokens here.
+    call.latent_grid)`; `STATS_LANDMARKS` (0.08, 64, 0, "even") gives all 64 text tokens + 82 image tokens here.
     """
-    s = settings or LandmarkSettings()
+    s = settings or STATS_LANDMARKS
     idx, _ = select_landmarks(n_keys, n_cond, s.fraction, s.min, s.max, s.layout, grid)
     return idx
 

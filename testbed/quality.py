@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import read_config_file
+from ..plugins.landmark.settings import PREVIOUS_DEFAULTS as LANDMARK_PREVIOUS
+from ..plugins.landmark.settings import LandmarkSettings
+from ..plugins.ttr.settings import PREVIOUS_DEFAULTS as TTR_PREVIOUS
+from ..plugins.ttr.settings import TtrSettings
 from .demo import DEMO_CONFIG, DemoPlan, run_demo
 from .evaluate import evaluate, strip_images
 
@@ -56,6 +60,17 @@ class Variant:
                                                       "lr_decay_updates": plan.runs * plan.steps}}})
         return cfg
 
+
+#: The layer every variant is a delta from: the product default before session 5 (α_max 0.2, landmarks 8 %
+#: / at least 64, no window), pinned, so that "default", "all queries", "window r2 + α_max 0.5", … keep
+#: meaning the layers docs/QUALITY.md measured under those names.
+BASELINE = {"plugins": {"ttr": dict(TTR_PREVIOUS), "landmark": dict(LANDMARK_PREVIOUS)}}
+
+#: The product default (session 5) as overrides of the baseline, read from the settings' own defaults so
+#: that it cannot drift from them (every field the baseline pins).
+PRODUCT_DEFAULT = {"plugins": {
+    "ttr": {k: TtrSettings.model_fields[k].default for k in TTR_PREVIOUS},
+    "landmark": {k: LandmarkSettings.model_fields[k].default for k in LANDMARK_PREVIOUS}}}
 
 _COSINE = {"plugins": {"distill": {"lr_schedule": "cosine", "lr_min_ratio": 0.05}}}
 #: The offline baseline of MEASUREMENTS.md: collect 32 prompts × 20 steps of attention per layer (no
@@ -112,6 +127,9 @@ VARIANTS: dict[str, Variant] = {
     # the default query subsample (256 of 1088), its positions handed to the window
     "window r2 + α_max 0.5 + query subsample": Variant({"plugins": {"landmark": {"window": 2},
                                                                    "ttr": {"alpha_max": 0.5}}}),
+    # the product default since session 5 (window r2, α_max 0.5, 2 % landmarks), trained like "default"
+    # (the demo's query subsample, its positions handed to the window)
+    "product default": Variant(PRODUCT_DEFAULT),
 }
 
 #: Ways to serve a distilled checkpoint: name → gates (readiness always applies on top).
@@ -125,8 +143,8 @@ SERVING: dict[str, list[dict[str, Any]]] = {
 
 
 def base_config() -> dict[str, Any]:
-    """The demo config, widened to train every layer (double and single blocks)."""
-    cfg = read_config_file(DEMO_CONFIG)
+    """The demo config, widened to train every layer (double and single blocks), on the `BASELINE` layer."""
+    cfg = merge(read_config_file(DEMO_CONFIG), BASELINE)
     cfg["gates"] = []
     cfg["plugins"]["distill"]["layers"] = ["*"]
     cfg["plugins"]["distill"]["min_swap_layers"] = 8

@@ -69,3 +69,40 @@ def test_window_variants_set_the_window(name):
     assert cfg["plugins"]["landmark"]["window"] == int(name.split()[1][1])
     assert cfg["plugins"]["distill"]["query_cap"] >= 1088
     assert cfg["plugins"].get("ttr", {}).get("alpha_max", 0.2) == (0.5 if "α_max" in name else 0.2)
+
+
+#: Effective settings of some variants, as docs/QUALITY.md measured them — (α_max, depth, landmark on),
+#: (fraction, min, window), query_cap. The names are deltas from the baseline, the default before session 5;
+#: a new product default must not move them.
+EFFECTIVE = {
+    "default": ((0.2, 2, True), (0.08, 64, 0), 256),
+    "all queries": ((0.2, 2, True), (0.08, 64, 0), 4096),
+    "kernel-only": ((0.2, 2, False), (0.08, 64, 0), 256),
+    "landmarks 2 %": ((0.2, 2, True), (0.02, 16, 0), 256),
+    "α_max 0.5": ((0.5, 2, True), (0.08, 64, 0), 256),
+    "window r2": ((0.2, 2, True), (0.08, 64, 2), 4096),
+    "window r2 + α_max 0.5": ((0.5, 2, True), (0.08, 64, 2), 4096),
+    "window r2 + α_max 0.5 + landmarks 2 %": ((0.5, 2, True), (0.02, 16, 2), 4096),
+    "window r2 + α_max 0.5 + lean": ((0.5, 1, True), (0.02, 16, 2), 4096),
+    "window r2 + α_max 0.5 + query subsample": ((0.5, 2, True), (0.08, 64, 2), 256),
+    # the product default (session 5), trained like "default"
+    "product default": ((0.5, 2, True), (0.02, 16, 2), 256),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EFFECTIVE))
+def test_variants_keep_their_effective_settings(name):
+    cfg = load_config(VARIANTS[name].config(base_config(), DemoPlan()))
+    t, lm, d = cfg.section("ttr"), cfg.section("landmark"), cfg.section("distill")
+    got = ((t.alpha_max, t.depth, t.landmark), (lm.fraction, lm.min, lm.window), d.query_cap)
+    assert got == EFFECTIVE[name]
+    assert (t.hidden, t.feature_dim, t.activation, lm.max, lm.layout) == (256, 128, "elu+1", 0, "even")
+
+
+def test_product_default_variant_follows_the_settings_defaults():
+    from attnplug.plugins.landmark.settings import LandmarkSettings
+    from attnplug.plugins.ttr.settings import TtrSettings
+
+    cfg = load_config(VARIANTS["product default"].config(base_config(), DemoPlan()))
+    assert cfg.section("ttr").alpha_max == TtrSettings().alpha_max
+    assert cfg.section("landmark") == LandmarkSettings()
