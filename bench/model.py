@@ -164,6 +164,17 @@ def mode_config(mode: str, n_single: int, ttr_kernel: str,
             "gates": [{"kind": "layers", "include": ttr_include(pct, n_single)}]}
 
 
+def ttr_layer(plugins: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The layer the `ttr-N` modes serve: the product default (`[plugins.ttr]` / `[plugins.landmark]`
+    defaults) with `plugins`' overrides — the settings that define it, recorded in the report."""
+    from ..core.config import load_config
+
+    cfg = load_config({"backend": "ttr", "loggers": [], "plugins": {k: dict(v) for k, v in (plugins or {}).items()}})
+    t, lm = cfg.section("ttr"), cfg.section("landmark")
+    return {"ttr": {k: getattr(t, k) for k in ("depth", "hidden", "feature_dim", "activation", "alpha_max")},
+            "landmark": None if lm is None else {k: getattr(lm, k) for k in ("fraction", "min", "max", "window")}}
+
+
 def compress_keys(keys: list[str]) -> str:
     """`['single:0', 'single:1', 'single:2', 'double:4']` → `'double:4, single:0-2'`."""
     groups: dict[str, list[int]] = {}
@@ -371,7 +382,7 @@ def run_bench_model(sizes: list[int], modes: list[str], device: torch.device, dt
                                                   "parameters": n_params, "dtype": str(dtype).removeprefix("torch.")},
             "settings": {"txt_tokens": txt, "batch": batch, "warmup": warmup, "reps": reps, "ttr_kernel": kernel,
                          "sdpa_kernel": sdpa, "sigma": SIGMA, "guidance": GUIDANCE, "plugins": plugins or {},
-                         "seed": seed},
+                         "seed": seed, "ttr_layer": ttr_layer(plugins)},
             "note": NOTE, "results": [asdict(r) for r in rows]}
 
 
@@ -408,6 +419,8 @@ def format_table(report: dict[str, Any]) -> str:
                  f"{m['num_attention_heads']}x{m['attention_head_dim']}, {_count(m['parameters'])} params, "
                  f"{m['dtype']}; median of {s['reps']} forwards after {s['warmup']} warm-up; ttr kernel "
                  f"{s['ttr_kernel']}; SDPA {s['sdpa_kernel']}")
+    if s.get("ttr_layer"):
+        lines.append(f"ttr layer: {s['ttr_layer']['ttr']}, landmarks {s['ttr_layer']['landmark']}")
     lines.append(f"note: {report['note']}")
     lines.append(f"env: {report['env']}")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .variants import TTR_CONFIGS, Shape, build_variants, unknown_configs
+from .variants import TTR_CONFIGS, Shape, build_variants, renamed_hint, unknown_configs
 
 #: Flux shapes: 512 text tokens + (side/16)² image tokens.
 NAMED_SIZES = {"256": 256, "512": 512, "1024": 1024, "2048": 2048, "4096": 4096}
@@ -316,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     only = [s for s in a.only.split(",")] if a.only else None
     configs = [c.strip() for c in a.configs.split(",") if c.strip()] if a.configs else None
     if configs is not None and (not configs or unknown_configs(configs)):
-        print(f"attnplug bench: --configs: unknown {unknown_configs(configs) or configs}; expected a comma list of "
-              f"{', '.join(TTR_CONFIGS)}", file=sys.stderr)
+        print(f"attnplug bench: --configs: unknown {unknown_configs(configs) or configs}"
+              f"{renamed_hint(unknown_configs(configs))}; expected a comma list of {', '.join(TTR_CONFIGS)}",
+              file=sys.stderr)
         return 2
     if a.smoke:
         a.warmup, a.min_reps, a.budget_ms = 1, 2, 5.0

@@ -13,6 +13,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..plugins.landmark.settings import LandmarkSettings
+from ..plugins.ttr.settings import TtrSettings
+
 Fn = Callable[[], torch.Tensor]
 
 
@@ -53,28 +56,56 @@ class Variant:
     graph_of: str | None = None  # a CUDA-graph replay of this variant (its ratio is against the graph SDPA)
 
 
-_LM_DEFAULT = {"fraction": 0.08, "min": 64, "max": 0}
-_LM_2PCT = {"fraction": 0.02, "min": 16, "max": 0}
-_TTR_DEFAULT = {"depth": 2, "hidden": 256, "feature_dim": 128}
-_TTR_LEAN = {"depth": 1, "hidden": 0, "feature_dim": 128}
+def _defaults(model: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    """`{field: model's default}`: a configuration read from the settings themselves (it cannot drift)."""
+    return {f: model.model_fields[f].default for f in fields}
 
-#: ttr layer configurations (issue 8), `name: (ttr settings, landmark settings)`: the project default,
-#: the seed design, a lean one, and one per row of docs/QUALITY.md's feature-map table (testbed/quality.py
-#: variants of the same names), plus the landmark cap that keeps the layer linear-time
-#: (docs/PERFORMANCE.md, "The floor"), and the default and the lean layer with the landmark plugin's local
-#: window of radius 2 (docs/QUALITY.md: it closes the adherence gap, for the lean map too). `--configs` times
-#: a subset.
-TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+
+#: The product default layer, from the settings' own defaults: φ, α_max and the landmark branch.
+_TTR_DEFAULT = _defaults(TtrSettings, ("depth", "hidden", "feature_dim", "alpha_max"))
+_LM_DEFAULT = _defaults(LandmarkSettings, ("fraction", "min", "max", "window"))
+#: The configurations defined before session 5 pin what was the default then (α_max 0.2, no window, and
+#: the landmark budgets they name), so each keeps timing the layer its docs/PERFORMANCE.md rows measured.
+_A_PREV = {"alpha_max": 0.2}
+_PHI_PREV = {"depth": 2, "hidden": 256, "feature_dim": 128, **_A_PREV}  # the 2-layer map
+_PHI_LEAN = {"depth": 1, "hidden": 0, "feature_dim": 128, **_A_PREV}
+_LM_PREV = {"fraction": 0.08, "min": 64, "max": 0, "window": 0}
+_LM_2PCT = {"fraction": 0.02, "min": 16, "max": 0, "window": 0}
+
+#: ttr layer configurations (issue 8), `name: (ttr settings, landmark settings)`: the product default
+#: (session 5: window r = 2, α_max 0.5, 2 % landmarks; docs/QUALITY.md "The default (session 5)"), the
+#: previous default (8 % landmarks, no window, α_max 0.2), the seed design, a lean one, one per row of
+#: docs/QUALITY.md's feature-map table (testbed/quality.py variants of the same names), the previous
+#: default with 2 % landmarks, with the landmark cap that keeps the layer linear-time (docs/PERFORMANCE.md,
+#: "The floor") and with the local window of radius 2, and the lean layer with the window. `--configs`
+#: times a subset.
+class _Configs(dict):
+    """`TTR_CONFIGS`: a dict whose lookup also takes a name of `RENAMED` (transitional: code written before
+    session 5 — tests/test_ttr_fused_agreement.py — indexes `default-cap1024`). Iteration, `in` and the
+    command line know the current names only."""
+
+    def __missing__(self, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        if key in RENAMED:
+            return self[RENAMED[key]]
+        raise KeyError(key)
+
+
+TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = _Configs({
     "default": (_TTR_DEFAULT, _LM_DEFAULT),
-    "seed": ({"depth": 3, "hidden": 0, "feature_dim": 256, "l2_norm": True}, _LM_DEFAULT),
-    "lean": (_TTR_LEAN, {"fraction": 0.02, "min": 64, "max": 0}),
-    "hedgehog-F64": ({"depth": 1, "feature_dim": 64, "activation": "hedgehog"}, _LM_DEFAULT),
-    "1layer-F128": ({"depth": 1, "feature_dim": 128}, _LM_DEFAULT),
-    "default-lm2pct": (_TTR_DEFAULT, _LM_2PCT),
-    "default-cap1024": (_TTR_DEFAULT, {"fraction": 0.08, "min": 64, "max": 1024}),
-    "default-window2": (_TTR_DEFAULT, {**_LM_DEFAULT, "window": 2}),
-    "lean-window2": (_TTR_LEAN, {**_LM_2PCT, "window": 2}),
-}
+    "previous-default": (_PHI_PREV, _LM_PREV),
+    "seed": ({"depth": 3, "hidden": 0, "feature_dim": 256, "l2_norm": True, **_A_PREV}, _LM_PREV),
+    "lean": (_PHI_LEAN, {"fraction": 0.02, "min": 64, "max": 0, "window": 0}),
+    "hedgehog-F64": ({"depth": 1, "feature_dim": 64, "activation": "hedgehog", **_A_PREV}, _LM_PREV),
+    "1layer-F128": ({"depth": 1, "feature_dim": 128, **_A_PREV}, _LM_PREV),
+    "previous-default-lm2pct": (_PHI_PREV, _LM_2PCT),
+    "previous-default-cap1024": (_PHI_PREV, {**_LM_PREV, "max": 1024}),
+    "previous-default-window2": (_PHI_PREV, {**_LM_PREV, "window": 2}),
+    "lean-window2": (_PHI_LEAN, {**_LM_2PCT, "window": 2}),
+})
+#: Configuration names of earlier sessions that would now describe another layer (they were deltas from
+#: the previous default): old name → current name, for the error message.
+RENAMED: dict[str, str] = {"default-lm2pct": "previous-default-lm2pct", "default-cap1024": "previous-default-cap1024",
+                           "default-window2": "previous-default-window2"}
 
 
 def _es(dtype: torch.dtype) -> int:
@@ -152,6 +183,15 @@ def build_variants(s: Shape, dtype: torch.dtype, device: torch.device, only: lis
 def unknown_configs(names: list[str]) -> list[str]:
     """The names that are not TTR_CONFIGS keys (for the command line's error message)."""
     return [n for n in names if n not in TTR_CONFIGS]
+
+
+def renamed_hint(names: list[str]) -> str:
+    """'' or a sentence naming the current names of renamed configurations among `names`."""
+    old = [n for n in names if n in RENAMED]
+    if not old:
+        return ""
+    return " (renamed in session 5, when the default layer changed: " + ", ".join(
+        f"{n} → {RENAMED[n]}" for n in old) + ")"
 
 
 # ---- CUDA graphs --------------------------------------------------------------------------------------
@@ -337,7 +377,8 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
     names = list(TTR_CONFIGS) if configs is None else configs
     bad = unknown_configs(names)
     if bad:
-        raise ValueError(f"unknown ttr configuration(s) {bad}; expected some of {list(TTR_CONFIGS)}")
+        raise ValueError(f"unknown ttr configuration(s) {bad}{renamed_hint(bad)}; expected some of "
+                         f"{list(TTR_CONFIGS)}")
     kernel_only_done: dict[tuple, str] = {}  # φ settings -> the config whose kernel-only variant times it
     for cfg in names:
         tset, lset = TTR_CONFIGS[cfg]

@@ -106,6 +106,35 @@ def test_model_is_built_once_in_dtype_and_left_native(one_thread: None) -> None:
     assert "forward" not in model.__dict__  # the step hook is gone
 
 
+def test_ttr_modes_serve_the_product_default_with_its_window(report: dict, one_thread: None, monkeypatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """The ttr rows time the product default layer (recorded in the report), and on the Flux model the host
+    reports the latent grid, so its window is used, never dropped to landmarks-only."""
+    import logging
+
+    from attnplug.plugins.landmark.backend import LandmarkBackend
+    from attnplug.plugins.landmark.settings import LandmarkSettings
+    from attnplug.plugins.ttr.settings import TtrSettings
+
+    layer = report["settings"]["ttr_layer"]
+    assert layer["ttr"]["alpha_max"] == TtrSettings().alpha_max and layer["ttr"]["depth"] == TtrSettings().depth
+    lm = LandmarkSettings()
+    assert layer["landmark"] == {"fraction": lm.fraction, "min": lm.min, "max": lm.max, "window": lm.window}
+    grids: list[tuple[int, int]] = []
+    table = LandmarkBackend.window_table
+    monkeypatch.setattr(LandmarkBackend, "window_table",
+                        lambda self, grid, n_cond, device: grids.append(grid) or table(self, grid, n_cond, device))
+    device = torch.device("cpu")
+    model = bm.build_transformer(bm.SMOKE, device, torch.float32)
+    inputs = bm.make_inputs(bm.SMOKE, 128, 8, 1, device, torch.float32)
+    row = bm.Row("128²", "ttr-100", 64, 8)
+    with caplog.at_level(logging.WARNING, logger="attnplug"):
+        bm.run_mode(model, inputs, "ttr-100", row, device, 2, None, 1, 1, "torch", "default")
+    assert row.skipped is None and row.served_per_forward == {"host": 1.0, "ttr": 2.0}
+    assert grids and set(grids) == {(8, 8)}
+    assert not [r.getMessage() for r in caplog.records if "landmark" in r.getMessage()]
+
+
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert bm.main(["--smoke", "--modes", "native,ttr-150"]) == 2
     assert bm.main(["--smoke", "--modes", "flash"]) == 2

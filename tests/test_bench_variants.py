@@ -16,7 +16,7 @@ from attnplug.plugins.ttr import kernels
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
-NEW = ("hedgehog-F64", "1layer-F128", "default-lm2pct", "default-cap1024")
+NEW = ("hedgehog-F64", "1layer-F128", "previous-default-lm2pct", "previous-default-cap1024")
 
 
 def _names(variants):
@@ -30,23 +30,79 @@ def test_configs_at_flux_4096_landmarks_and_costs():
     assert set(NEW) <= set(TTR_CONFIGS)
     n_l = {cfg: vs[f"ttr-{cfg} torch"].notes["n_landmarks"] for cfg in TTR_CONFIGS}
     n_img = 4096 ** 2 // 256
-    assert n_l["default"] == n_l["hedgehog-F64"] == n_l["1layer-F128"] == 512 + round(0.08 * n_img) == 5755
-    assert n_l["default-lm2pct"] == 512 + round(0.02 * n_img)
-    assert n_l["default-cap1024"] == 512 + 1024  # the cap that keeps the layer linear-time
+    prev = ("previous-default", "seed", "hedgehog-F64", "1layer-F128", "previous-default-window2")
+    assert {n_l[c] for c in prev} == {512 + round(0.08 * n_img)} == {5755}
+    assert n_l["previous-default-lm2pct"] == n_l["default"] == 512 + round(0.02 * n_img)  # the product default: 2 %
+    assert n_l["previous-default-cap1024"] == 512 + 1024  # the cap that keeps the layer linear-time
     flops = {cfg: vs[f"ttr-{cfg} torch"].cost[0] for cfg in TTR_CONFIGS}
-    assert flops["default-cap1024"] < flops["default-lm2pct"] < flops["default"]
-    assert flops["hedgehog-F64"] < flops["1layer-F128"] < flops["default"]
+    assert flops["previous-default-cap1024"] < flops["previous-default-lm2pct"] < flops["previous-default"]
+    assert flops["previous-default-lm2pct"] < flops["default"] < flops["previous-default"]  # 2 % + the window
+    assert flops["hedgehog-F64"] < flops["1layer-F128"] < flops["previous-default"]
     assert vs["ttr-hedgehog-F64 torch"].notes["settings"]["activation"] == "hedgehog"
     for cfg in TTR_CONFIGS:  # the reference rows run the PyTorch path, also where "auto" would pick the kernels
         backend = vs[f"ttr-{cfg} torch"].make.__defaults__[0]
         assert backend.settings.kernel == "torch", cfg
 
 
+#: What each configuration times — (depth, hidden, F, activation, l2_norm, α_max), (fraction, min, max, window) —
+#: as it did before session 5 for every name but "default" (renamed ones under their new names): a changed
+#: product default must not move them.
+EFFECTIVE = {
+    "previous-default": ((2, 256, 128, "elu+1", False, 0.2), (0.08, 64, 0, 0)),
+    "seed": ((3, 0, 256, "elu+1", True, 0.2), (0.08, 64, 0, 0)),
+    "lean": ((1, 0, 128, "elu+1", False, 0.2), (0.02, 64, 0, 0)),
+    "hedgehog-F64": ((1, 256, 64, "hedgehog", False, 0.2), (0.08, 64, 0, 0)),
+    "1layer-F128": ((1, 256, 128, "elu+1", False, 0.2), (0.08, 64, 0, 0)),
+    "previous-default-lm2pct": ((2, 256, 128, "elu+1", False, 0.2), (0.02, 16, 0, 0)),
+    "previous-default-cap1024": ((2, 256, 128, "elu+1", False, 0.2), (0.08, 64, 1024, 0)),
+    "previous-default-window2": ((2, 256, 128, "elu+1", False, 0.2), (0.08, 64, 0, 2)),
+    "lean-window2": ((1, 0, 128, "elu+1", False, 0.2), (0.02, 16, 0, 2)),
+}
+
+
+def _effective(cfg: str):
+    s = parse_shape("n=64:txt=16", 2, 32, 16, 1)
+    vs = {v.name: v for v in build_variants(s, torch.float32, torch.device("cpu"), configs=[cfg], graphs=False)}
+    backend = vs[f"ttr-{cfg} torch"].make.__defaults__[0]
+    return backend.settings, backend.landmark_branch().__self__.settings
+
+
+def test_default_is_the_product_default_and_the_others_keep_their_layers():
+    from attnplug.plugins.landmark.settings import LandmarkSettings
+    from attnplug.plugins.ttr.settings import ARCHITECTURE_FIELDS, TtrSettings
+
+    assert set(TTR_CONFIGS) == set(EFFECTIVE) | {"default"}
+    t, lm = _effective("default")  # built from the settings' own defaults: it follows them
+    assert {f: getattr(t, f) for f in ARCHITECTURE_FIELDS} == {f: getattr(TtrSettings(), f) for f in ARCHITECTURE_FIELDS}
+    assert lm == LandmarkSettings()
+    assert (t.alpha_max, lm.fraction, lm.min, lm.max, lm.window) == (0.5, 0.02, 16, 0, 2)  # session 5's decision
+    for cfg, (want_t, want_l) in EFFECTIVE.items():
+        t, lm = _effective(cfg)
+        got = ((t.depth, t.hidden, t.feature_dim, t.activation, t.l2_norm, t.alpha_max),
+               (lm.fraction, lm.min, lm.max, lm.window))
+        assert got == (want_t, want_l), cfg
+        assert (t.gamma, t.adaptive_alpha, t.per_head, t.split_qk, lm.layout) == (2.0, True, False, True, "even"), cfg
+
+
+def test_renamed_configs_name_their_new_name():
+    from attnplug.bench.variants import RENAMED
+
+    s = parse_shape("n=64:txt=16", 2, 32, 16, 1)
+    assert set(RENAMED.values()) <= set(TTR_CONFIGS) and not set(RENAMED) & set(TTR_CONFIGS)
+    with pytest.raises(ValueError, match="default-window2 → previous-default-window2"):
+        build_variants(s, torch.float32, torch.device("cpu"), configs=["default-window2"])
+    # indexing by an old name still finds the renamed configuration (code written before the rename)
+    assert TTR_CONFIGS["default-cap1024"] == TTR_CONFIGS["previous-default-cap1024"]
+    assert "default-cap1024" not in TTR_CONFIGS and "default-cap1024" not in list(TTR_CONFIGS)
+    with pytest.raises(KeyError):
+        TTR_CONFIGS["nope"]
+
+
 def test_kernel_only_once_per_feature_map_and_graph_twins():
     s = parse_shape("n=64:txt=16", 2, 32, 16, 1)
     names = _names(build_variants(s, torch.float32, torch.device("cpu")))
     kernel_only = [n for n in names if n.endswith("kernel-only")]
-    # 1layer-F128 has lean's φ; default-lm2pct and default-cap1024 have default's: each φ is timed once
+    # 1layer-F128 has lean's φ; previous-default(-lm2pct, -cap1024, -window2) have default's: each φ is timed once
     assert kernel_only == [f"ttr-{c} fused kernel-only" for c in ("default", "seed", "lean", "hedgehog-F64")]
     vs = build_variants(s, torch.float32, torch.device("cpu"))
     by = {v.name: v for v in vs}
@@ -67,7 +123,7 @@ def test_only_and_configs_select():
     cpu = torch.device("cpu")
     only = _names(build_variants(s, torch.float32, cpu, only=["cap1024"]))
     ttr = [n for n in only if n.startswith("ttr-")]
-    assert ttr and all(n.startswith("ttr-default-cap1024 ") for n in ttr)
+    assert ttr and all(n.startswith("ttr-previous-default-cap1024 ") for n in ttr)
     assert "sdpa[math]" in only and "sdpa[cudnn] graph" in only  # the baselines stay
     # a kept variant brings what it is checked against (fused row -> PyTorch path), unless it is skipped
     # (on CPU a graph row is, so it needs no fused row)
@@ -76,9 +132,10 @@ def test_only_and_configs_select():
                                                            "ttr-hedgehog-F64 fused sdpa-lm graph"]
     alone = _names(build_variants(s, torch.float32, cpu, only=["hedgehog-F64 fused sdpa-lm graph"]))
     assert [n for n in alone if n.startswith("ttr-")] == ["ttr-hedgehog-F64 fused sdpa-lm graph"]
-    picked = _names(build_variants(s, torch.float32, cpu, configs=["default-cap1024", "hedgehog-F64"]))
-    assert {n.split(" ")[0] for n in picked if n.startswith("ttr-")} == {"ttr-default-cap1024", "ttr-hedgehog-F64"}
-    assert "ttr-default-cap1024 fused kernel-only" in picked  # first config with default's φ in this run
+    picked = _names(build_variants(s, torch.float32, cpu, configs=["previous-default-cap1024", "hedgehog-F64"]))
+    assert {n.split(" ")[0] for n in picked if n.startswith("ttr-")} == {"ttr-previous-default-cap1024",
+                                                                         "ttr-hedgehog-F64"}
+    assert "ttr-previous-default-cap1024 fused kernel-only" in picked  # first config with default's φ in this run
     with pytest.raises(ValueError, match="nope"):
         build_variants(s, torch.float32, cpu, configs=["nope"])
 
@@ -102,10 +159,10 @@ def test_new_configs_fused_match_torch_path_in_interpreter(tmp_path):
     the PyTorch path of the same layer — which uses the landmark backend's own indices()."""
     out = tmp_path / "bench.json"
     assert main(["--smoke", "--device", "cpu", "--sizes", "n=64:txt=16", "--dtypes", "fp32", "--no-graphs",
-                 "--configs", "hedgehog-F64,default-cap1024", "--only", "flash-lm,sdpa-lm,kernel-only",
+                 "--configs", "hedgehog-F64,previous-default-cap1024", "--only", "flash-lm,sdpa-lm,kernel-only",
                  "--json", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
-    for cfg in ("hedgehog-F64", "default-cap1024"):
+    for cfg in ("hedgehog-F64", "previous-default-cap1024"):
         for impl in ("flash-lm", "sdpa-lm"):
             r = rows[f"ttr-{cfg} fused {impl}"]
             assert r["skipped"] is None and r["ms"] > 0, r
@@ -114,38 +171,44 @@ def test_new_configs_fused_match_torch_path_in_interpreter(tmp_path):
 
 
 def test_window_config_carries_the_grid_and_costs_its_window():
-    """default-window2: the default layer with the landmark plugin's window r = 2; calls carry the Flux grid
-    (side/16 per side), the floor counts the window keys, the SDPA-landmark row is skipped (a window needs
-    the in-kernel softmax)."""
+    """previous-default-window2: the previous default layer with the landmark plugin's window r = 2; calls carry
+    the Flux grid (side/16 per side), the floor counts the window keys, the SDPA-landmark row is skipped (a window
+    needs the in-kernel softmax) — also for the product default, which has the window."""
     from attnplug.bench.variants import _call, window_keys
 
-    assert TTR_CONFIGS["default-window2"] == (TTR_CONFIGS["default"][0], {**TTR_CONFIGS["default"][1], "window": 2})
+    prev_t, prev_l = TTR_CONFIGS["previous-default"]
+    assert TTR_CONFIGS["previous-default-window2"] == (prev_t, {**prev_l, "window": 2})
     s = parse_shape("1024", 24, 128, 512, 1)
     assert s.grid == (64, 64) and _call(s).latent_grid == (64, 64)
     assert window_keys(s, 2) == pytest.approx((64 * 5 - 6) ** 2 / s.n)  # 5 per axis, minus the clipped border
     vs = {v.name: v for v in build_variants(s, torch.bfloat16, torch.device("cpu"),
-                                            configs=["default", "default-window2"], graphs=False)}
-    base, win = vs["ttr-default torch"], vs["ttr-default-window2 torch"]
+                                            configs=["default", "previous-default", "previous-default-window2"],
+                                            graphs=False)}
+    base, win = vs["ttr-previous-default torch"], vs["ttr-previous-default-window2 torch"]
     assert win.notes["n_landmarks"] == base.notes["n_landmarks"] and win.notes["window"] == 2
     assert win.cost[0] == pytest.approx(base.cost[0] + 4.0 * 24 * s.n * window_keys(s, 2) * 128)
-    assert "in-kernel softmax" in vs["ttr-default-window2 fused sdpa-lm"].skip
-    assert vs["ttr-default-window2 fused flash-lm"].skip is None and vs["ttr-default fused sdpa-lm"].skip is None
+    assert "in-kernel softmax" in vs["ttr-previous-default-window2 fused sdpa-lm"].skip
+    assert "in-kernel softmax" in vs["ttr-default fused sdpa-lm"].skip and vs["ttr-default torch"].notes["window"] == 2
+    assert vs["ttr-previous-default-window2 fused flash-lm"].skip is None
+    assert vs["ttr-previous-default fused sdpa-lm"].skip is None
     assert parse_shape("n=64:txt=16", 2, 32, 16, 1).grid == (6, 8)
 
 
 @pytest.mark.skipif(not INTERPRETED or HAS_CUDA, reason="needs triton's interpreter (CPU-only machine)")
 def test_window_config_fused_matches_torch_path_in_interpreter(tmp_path):
-    """`--configs default,default-window2`: the window's fused rows (in-kernel softmax with the window, fp32)
-    agree with the PyTorch row of the same layer, whose landmark branch applies the window on the call's grid."""
+    """`--configs default,previous-default-window2`: the window's fused rows (in-kernel softmax with the window,
+    fp32) agree with the PyTorch row of the same layer, whose landmark branch applies the window on the call's
+    grid — for the product default (window r = 2, 2 % landmarks) and the previous default with the window."""
     out = tmp_path / "bench.json"
     assert main(["--smoke", "--device", "cpu", "--sizes", "n=64:txt=16", "--dtypes", "fp32", "--no-graphs",
-                 "--configs", "default,default-window2", "--only", "fused", "--json", str(out)]) == 0
+                 "--configs", "default,previous-default-window2", "--only", "fused", "--json", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
-    for name in ("fused", "fused flash-lm"):
-        r = rows[f"ttr-default-window2 {name}"]
-        assert r["skipped"] is None and r["ms"] > 0, r
-        assert r["rel_err_vs"] == "ttr-default-window2 torch" and r["rel_err"] < 1e-5, r
-    assert "in-kernel softmax" in rows["ttr-default-window2 fused sdpa-lm"]["skipped"]
+    for cfg in ("default", "previous-default-window2"):
+        for name in ("fused", "fused flash-lm"):
+            r = rows[f"ttr-{cfg} {name}"]
+            assert r["skipped"] is None and r["ms"] > 0, r
+            assert r["rel_err_vs"] == f"ttr-{cfg} torch" and r["rel_err"] < 1e-5, r
+        assert "in-kernel softmax" in rows[f"ttr-{cfg} fused sdpa-lm"]["skipped"]
 
 
 def test_speedups_graph_rows_against_graph_sdpa():
