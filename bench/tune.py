@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import json
 import statistics
 import sys
 from collections.abc import Callable
@@ -77,7 +78,8 @@ def sweep(label: str, call: Callable[[KernelConfig], object], grid: Grid,
     return rows
 
 
-def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None = None) -> list[str]:
+def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None = None,
+              grids: dict[str, Grid] | None = None) -> list[str]:
     """Sweep every part (or `parts`) at one size (lines printed as they come); returns the summary lines."""
     layer = default_layer(size, dev)
 
@@ -94,7 +96,8 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
     for part, call in calls.items():
         if parts is not None and part not in parts:
             continue
-        rows = sweep(f"{size} {part}", call, GRIDS[part][int(quick)], dev)
+        grid = (grids or {}).get(part) or GRIDS[part][int(quick)]
+        rows = sweep(f"{size} {part}", call, grid, dev)
         if rows:
             ms, best = min(rows, key=lambda r: r[0])
             combined.update(best)
@@ -114,12 +117,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1024,2048")
     p.add_argument("--quick", action="store_true", help="grids about a third the size")
     p.add_argument("--parts", default=",".join(GRIDS), help=f"comma list of the parts to sweep ({', '.join(GRIDS)})")
+    p.add_argument("--grid", default=None,
+                   help='JSON {part: {KernelConfig field: [values]}} replacing those parts\' grids, e.g. '
+                        '\'{"landmark": {"lm_patch_w": [8, 16, 32]}}\'')
     a = p.parse_args(argv)
     parts = [x.strip() for x in a.parts.split(",") if x.strip()]
     if not parts or set(parts) - set(GRIDS):
         p.error(f"--parts: expected some of {', '.join(GRIDS)}, got {a.parts!r}")
+    grids = None
+    if a.grid:
+        try:
+            grids = json.loads(a.grid)
+            for part, grid in grids.items():
+                if part not in GRIDS:
+                    raise ValueError(f"unknown part {part!r}")
+                KernelConfig(**{f: vals[0] for f, vals in grid.items()})  # unknown fields raise TypeError
+        except (ValueError, TypeError, AttributeError, IndexError) as exc:
+            p.error(f"--grid: expected JSON {{part: {{KernelConfig field: [values]}}}}, got {a.grid!r} ({exc})")
     dev = torch.device("cuda")
-    summary = [line for size in a.sizes.split(",") for line in tune_size(size, a.quick, dev, parts)]
+    summary = [line for size in a.sizes.split(",") for line in tune_size(size, a.quick, dev, parts, grids)]
     print("\n".join(summary))
     return 0
 
