@@ -417,13 +417,11 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
                 idx = None
                 if lm_impl is not None and lm_backend is not None:
                     idx, _ = lm_backend.indices(k, call)  # the landmark plugin's own selection, on k's device
-                    # as the ttr backend serves it: the conditioning landmarks read as contiguous rows
-                    lead = lm_backend.leading_keys(s.n, call)
                 logit = layer.alpha_logit.detach()
                 # the landmark window as the served layer runs it (plugins/ttr/backend.py: grid from the call)
-                wkw = {"landmark_lead": lead} if idx is not None else {}
+                wkw = {}
                 if lm_impl is not None and win and s.grid is not None:
-                    wkw.update(window=win, grid=s.grid, n_cond=s.txt)
+                    wkw = {"window": win, "grid": s.grid, "n_cond": s.txt}
 
                 def fn():
                     return ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit,
