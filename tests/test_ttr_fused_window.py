@@ -279,19 +279,3 @@ def test_gpu_flux_shape_window(poison, side, dtype):
         out_l = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=15.0, alpha_max=1.0,
                                   adaptive=False, strict=True, window=radius, grid=grid, n_cond=n_txt)
         assert _rel(out_l, lm_ref) < 2e-2  # α ≈ 1: the landmark branch alone
-
-
-@pytest.mark.parametrize("layout", ["even", "stratified"])
-@pytest.mark.parametrize("n_cond,grid", [(0, (4, 6)), (5, (4, 6)), (12, (3, 10)), (40, (2, 2))])
-def test_landmark_backend_leading_keys_are_its_first_indices(layout, n_cond, grid):
-    """The ttr backend passes `leading_keys` to the kernels as `landmark_lead` (read as contiguous rows, trusted
-    on the GPU): it must be exactly the run of keys 0, 1, … at the front of `indices()`."""
-    lm = _landmarks(0, layout=layout, fraction=0.3)
-    n = n_cond + grid[0] * grid[1]
-    k = torch.zeros(1, 1, n, 4)
-    call = _call(grid, n - n_cond, n_cond)
-    idx, valid = lm.indices(k, call)
-    lead = lm.leading_keys(n, call)
-    assert valid is None and lead == n_cond
-    assert torch.equal(idx[:lead], torch.arange(lead))
-    assert lead == idx.numel() or idx[lead] >= n_cond  # the next landmark is an image token

@@ -55,12 +55,6 @@ class LandmarkBackend(Backend):
         return n_cond + min(image_budget(n_keys - n_cond, s.fraction, s.min, s.max), n_keys - n_cond)
 
     @staticmethod
-    def leading_keys(n_keys: int, call: AttentionCall) -> int:
-        """How many of `indices()`' first entries are the keys 0, 1, … in order, for a call without a mask:
-        every conditioning token, first (`select_landmarks`). The ttr kernels read those as contiguous rows."""
-        return call.cond_in(n_keys)
-
-    @staticmethod
     def key_mask(k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The host mask as `[B, Nk]` key padding (True = valid), or None when no key is masked.
 
