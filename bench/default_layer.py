@@ -47,7 +47,7 @@ class LayerInputs:
             if window and landmark_impl is not None and self.window else {}
         return lambda: ttr_forward_fused(self.q, self.k, self.v, self.phi_q, self.phi_k, landmark_idx=lm,
                                          config=config, strict=True, landmark_impl=landmark_impl or "auto",
-                                         landmark_lead=TEXT_TOKENS, **kw)
+                                         **kw)
 
 
 def default_layer(size: str, device: torch.device, ttr: TtrSettings | None = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import collections
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -37,16 +36,13 @@ def kernel_times_us(fn, calls: int) -> dict[str, float]:
 
 
 def layer_runs(layer: LayerInputs, hidden_chunks: list[int]) -> dict[str, Callable[[], object]]:
-    """cuDNN SDPA and the default ttr layer per hidden chunk: in-kernel landmarks (conditioning rows contiguous,
-    and all gathered), cuDNN landmarks (without a window: cuDNN cannot mask per query), kernel-only."""
+    """cuDNN SDPA and the default ttr layer per hidden chunk: in-kernel landmarks, cuDNN landmarks, kernel-only."""
     runs: dict[str, Callable[[], object]] = {
         "sdpa cudnn": lambda: F.scaled_dot_product_attention(layer.q, layer.k, layer.v)}
     for hc in hidden_chunks:
         cfg = KernelConfig(kv_hidden_chunk=hc, q_hidden_chunk=hc)
         runs[f"ttr fused-lm hc={hc}"] = layer.fused(cfg, "fused")
-        runs[f"ttr fused-lm gathered hc={hc}"] = layer.fused(replace(cfg, lm_contiguous_cond=False), "fused")
-        if not layer.window:
-            runs[f"ttr sdpa-lm hc={hc}"] = layer.fused(cfg, "sdpa")
+        runs[f"ttr sdpa-lm hc={hc}"] = layer.fused(cfg, "sdpa")
         runs[f"ttr kernel-only hc={hc}"] = layer.fused(cfg, None)
     return runs
 

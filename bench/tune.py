@@ -103,7 +103,7 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
             combined.update(best)
             summary.append(f"BEST {size} {part}: {ms:.3f} ms {config_text(best)}")
     summary.append(f"COMBINED {size}: {config_text(combined)}")
-    for impl in ("fused",) if layer.window else ("fused", "sdpa"):  # a window runs the in-kernel softmax
+    for impl in ("fused", "sdpa"):
         for name, overrides in (("default", {}), ("combined", combined)):
             one_point = {f: [x] for f, x in overrides.items()}
             rows = sweep(f"{size} whole {impl}-lm {name}", call(impl), one_point, dev)

@@ -434,9 +434,8 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
                          notes=notes),
                  Variant(f"ttr-{cfg} fused flash-lm", "ttr", fused_maker("fused"), cost, None,
                          check_against=torch_name, notes=notes),
-                 Variant(f"ttr-{cfg} fused sdpa-lm", "ttr", fused_maker("sdpa"), cost,
-                         "a landmark window runs the in-kernel softmax (cuDNN cannot mask per query): see flash-lm"
-                         if win else None, check_against=torch_name, notes=notes)]
+                 Variant(f"ttr-{cfg} fused sdpa-lm", "ttr", fused_maker("sdpa"), cost, None,
+                         check_against=torch_name, notes=notes)]
         st = backend.settings
         phi_key = (st.depth, st.hidden_for(s.d) if st.depth > 1 else 0, st.feature_dim, st.activation, st.l2_norm,
                    st.per_head, st.split_qk)

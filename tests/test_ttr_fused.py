@@ -8,6 +8,7 @@ import torch
 
 from attnplug.core import AttentionCall, LayerSpec
 from attnplug.plugins.landmark.backend import LandmarkBackend
+from attnplug.plugins.landmark.settings import LandmarkSettings
 from attnplug.plugins.ttr.backend import TtrBackend
 from attnplug.plugins.ttr.settings import TtrSettings
 
@@ -15,8 +16,8 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and importlib.uti
                                 reason="needs CUDA and triton")
 
 
-def _pair(**kw):
-    lm = LandmarkBackend()
+def _pair(landmarks: LandmarkSettings | None = None, **kw):
+    lm = LandmarkBackend(landmarks or LandmarkSettings())
     fused = TtrBackend(TtrSettings(kernel="triton", **kw), landmark=lm.branch)
     ref = TtrBackend(TtrSettings(kernel="torch", **kw), landmark=lm.branch)
     spec = LayerSpec("single:0", 4, 64)
@@ -30,11 +31,14 @@ def _pair(**kw):
 
 @pytest.mark.parametrize("adaptive", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_matches_torch_path(adaptive: bool, dtype: torch.dtype) -> None:
-    fused, ref = _pair(adaptive_alpha=adaptive)
+@pytest.mark.parametrize("window", [2, 0], ids=["default-window", "no-window"])
+def test_fused_matches_torch_path(adaptive: bool, dtype: torch.dtype, window: int) -> None:
+    """The default landmark settings (window r = 2 on the call's 32 x 32 grid) and the landmarks alone."""
+    fused, ref = _pair(LandmarkSettings(window=window), adaptive_alpha=adaptive)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, 4, 1088, 64, device="cuda", generator=g).to(dtype) for _ in range(3))
-    call = AttentionCall("single:0", n_cond_tokens=64, n_image_tokens=1024, sigma=0.7, cfg_scale=3.0)
+    call = AttentionCall("single:0", n_cond_tokens=64, n_image_tokens=1024, latent_grid=(32, 32), sigma=0.7,
+                         cfg_scale=3.0)
     with torch.inference_mode():
         a = fused(q, k, v, call)
         b = ref(q, k, v, call)
@@ -59,7 +63,7 @@ def test_key_padding_without_landmarks_is_fused_and_masked_landmarks_fall_back()
     call = AttentionCall("single:0", n_cond_tokens=0, n_image_tokens=512)
     torch.testing.assert_close(fused(q, k, v, call, keep).float(), ref(q, k, v, call, keep).float(), atol=2e-2,
                                rtol=2e-2)
-    hybrid, _ = _pair()
+    hybrid, _ = _pair(LandmarkSettings(window=0))  # (a window with a key mask is declined for its own reason)
     with pytest.raises(ValueError, match="per-batch landmark sets"):
         hybrid(q, k, v, call, keep)  # kernel = 'triton' refuses; 'auto' would take the PyTorch path
     hybrid.settings = hybrid.settings.model_copy(update={"kernel": "auto"})

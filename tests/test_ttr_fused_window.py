@@ -167,7 +167,7 @@ def test_fused_window_matches_reference(poison, grid, radius, config, dtype):
                                     window=radius, grid=grid, n_cond=N_COND)
         out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit, alpha_max=0.9,
                                 adaptive=adaptive, branch_affine=aff, config=config, strict=True, window=radius,
-                                grid=grid, n_cond=N_COND, landmark_lead=N_COND if adaptive else 0)
+                                grid=grid, n_cond=N_COND)
         assert out.shape == ref.shape and out.dtype == dtype
         assert _rel(out, ref) < tol, (adaptive, _rel(out, ref))
         no_window = ttr_forward_reference(q, k, v, pq, pk, idx, logit, 0.9, 2.0, adaptive, branch_affine=aff)
@@ -175,10 +175,37 @@ def test_fused_window_matches_reference(poison, grid, radius, config, dtype):
 
 
 @interpreted
+@pytest.mark.parametrize("grid", [(6, 6), (3, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_sdpa_landmarks_continue_over_the_window(poison, grid, dtype):
+    """landmark_impl "sdpa" with a window: the landmark softmax by SDPA (here plain PyTorch; cuDNN on a GPU) per
+    head group and row chunk, its log-sum-exp handed to the landmark pass, which goes on over the window."""
+    b, h, d, radius = 2, 2, 16, 2
+    n_img = grid[0] * grid[1]
+    q, k, v = _qkv(b, h, N_COND + n_img, d, dtype, seed=n_img)
+    g = torch.Generator().manual_seed(1)
+    pq = random_phi(d, 32, 16, 2, "elu+1", h, generator=g)
+    pk = random_phi(d, 32, 16, 2, "elu+1", h, generator=g)
+    idx = _landmarks(radius).indices(k, _call(grid, n_img))[0]
+    chunked = KernelConfig(lm_block_m=16, lm_warps=2, lm_stages=1, lm_block=16, lm_window_block=16, q_block_m=16,
+                           q_warps=2, q_stages=1, sdpa_memory_fraction=0.5, sdpa_min_rows=8)  # heads and rows chunked
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    for adaptive in (True, False):
+        ref = ttr_forward_reference(q, k, v, pq, pk, idx, 0.5, 0.9, 2.0, adaptive, window=radius, grid=grid,
+                                    n_cond=N_COND)
+        out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=0.5, alpha_max=0.9, adaptive=adaptive,
+                                landmark_impl="sdpa", config=chunked, strict=True, window=radius, grid=grid,
+                                n_cond=N_COND)
+        assert _rel(out, ref) < tol, (adaptive, _rel(out, ref))
+    no_window = ttr_forward_reference(q, k, v, pq, pk, idx, 0.5, 0.9, 2.0, False)
+    assert _rel(no_window, ref) > 20 * tol  # the window part is there: the check can fail
+
+
+@interpreted
 @pytest.mark.parametrize("n_cond", [0, N_COND])
 def test_fused_window_without_landmarks(poison, n_cond):
     """Window only: image queries over their windows, conditioning queries out_l = 0 (no key at all) —
-    the landmark pass runs although there is no landmark; 'sdpa' is overridden (cuDNN cannot mask per query)."""
+    the landmark pass runs although there is no landmark; 'sdpa' is overridden (no landmark softmax to continue from)."""
     grid, radius = (3, 10), 2
     n = n_cond + 30
     q, k, v = _qkv(1, 2, n, 16, seed=9)
@@ -260,7 +287,8 @@ def test_backend_without_image_tokens_serves_fused_without_window(poison):
 @pytest.mark.parametrize("side", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_flux_shape_window(poison, side, dtype):
-    """Flux 1024² (64×64 grid) and 2048² (128×128), 512 text tokens, 24 heads × 128, r = 2, default tiles."""
+    """Flux 1024² (64×64 grid) and 2048² (128×128), 512 text tokens, 24 heads × 128, r = 2, default tiles; the
+    landmark softmax in-kernel and by cuDNN (whose log-sum-exp the window part continues from)."""
     b, h, d, n_txt, radius = 1, 24, 128, 512, 2
     grid = (side, side)
     n = n_txt + side * side
@@ -272,10 +300,12 @@ def test_gpu_flux_shape_window(poison, side, dtype):
     for adaptive in (True, False):
         ref = ttr_forward_reference(q, k, v, pq, pk, idx, -2.2, 0.2, 2.0, adaptive, window=radius, grid=grid,
                                     n_cond=n_txt)
-        out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=-2.2, adaptive=adaptive,
-                                strict=True, window=radius, grid=grid, n_cond=n_txt, landmark_lead=n_txt)
-        assert _rel(out, ref) < 2e-2, adaptive
         lm_ref = landmark_window_reference(q, k, v, idx, radius, grid, n_txt)
-        out_l = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=15.0, alpha_max=1.0,
-                                  adaptive=False, strict=True, window=radius, grid=grid, n_cond=n_txt)
-        assert _rel(out_l, lm_ref) < 2e-2  # α ≈ 1: the landmark branch alone
+        for impl in ("fused", "sdpa"):  # in-kernel landmarks, or cuDNN's result and log-sum-exp
+            out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=-2.2, adaptive=adaptive,
+                                    strict=True, window=radius, grid=grid, n_cond=n_txt, landmark_impl=impl)
+            assert _rel(out, ref) < 2e-2, (adaptive, impl)
+            out_l = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=15.0, alpha_max=1.0,
+                                      adaptive=False, strict=True, window=radius, grid=grid, n_cond=n_txt,
+                                      landmark_impl=impl)
+            assert _rel(out_l, lm_ref) < 2e-2, impl  # α ≈ 1: the landmark branch alone

@@ -126,7 +126,7 @@ class TtrBackend(LearnedBackend):
         keep = served_key_padding(keep, k.shape[0])
         branch = self.landmark_branch()
         idx = None
-        window, grid, n_cond, lead = 0, None, 0, 0
+        window, grid, n_cond = 0, None, 0
         reasons: list[str] = []
         if branch is not None:
             owner = getattr(branch, "__self__", None)
@@ -147,8 +147,6 @@ class TtrBackend(LearnedBackend):
                     idx, valid = owner.indices(k, call, mask)
                     if valid is not None:
                         reasons.append("per-batch landmark sets (key padding with landmarks)")
-                    elif hasattr(owner, "leading_keys"):
-                        lead = owner.leading_keys(k.shape[2], call)  # read as contiguous rows by the kernel
         if not reasons:
             reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, keep, idx, window)
         if reasons:
@@ -162,7 +160,7 @@ class TtrBackend(LearnedBackend):
             out = run_fused_kernels(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                                     alpha_max=layer.alpha_max, gamma=layer.gamma, adaptive=layer.adaptive, eps=eps,
                                     key_mask=keep, branch_affine=None if cond is None else cond.detach(),
-                                    window=window, grid=grid, n_cond=n_cond, landmark_lead=lead)
+                                    window=window, grid=grid, n_cond=n_cond)
         except Exception as exc:  # noqa: BLE001 - e.g. Triton out of resources: the PyTorch path still serves
             if mode == "triton" or isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise

@@ -8,7 +8,8 @@ says why a call would fall back.
 The landmark plugin's local window (`window = r`, `grid = (h, w)`, `n_cond`) runs inside the landmark
 pass: after the landmark tiles, the same online softmax continues over the image keys within
 Chebyshev radius r of each image query (landmarks excluded, each key once); conditioning queries keep
-the landmarks only. cuDNN cannot mask per query, so a window always uses the in-kernel softmax.
+the landmarks only. With cuDNN landmarks ("sdpa", bf16/fp16) cuDNN also returns each row's log-sum-exp,
+and the landmark pass continues that softmax over the window (cuDNN cannot mask per query itself).
 """
 from __future__ import annotations
 
@@ -54,7 +55,6 @@ class KernelConfig:
     lm_block: int = 128  # landmark pass, in-kernel softmax (landmark_impl="fused"): landmark keys per tile
     lm_window_block: int = 64  # landmark pass with a window: window keys per tile (capped at the patch's key box)
     lm_patch_w: int = 16  # landmark pass with a window: image queries per tile as (lm_block_m / this) x this patches
-    lm_contiguous_cond: bool = True  # read the leading conditioning landmarks as contiguous rows (not gathered)
     block_k: int = 64  # first in-kernel φ layer, every pass: input columns per step
     # landmark_impl="sdpa": out_l comes from cuDNN per head group and row chunk, sized so that the landmark
     # K/V copies and one chunk of out_l stay within this fraction of the output's bytes (issue 8's memory
@@ -263,15 +263,6 @@ def _window_block(want: int, block_m: int, patch_w: int, window: int) -> int:
     return min(max(16, 1 << (max(1, want) - 1).bit_length()), cap)
 
 
-def _landmark_lead(idx: torch.Tensor, lead: int) -> int:
-    """`lead` checked against the index where that costs no device sync (a CPU index): the first `lead`
-    entries must be 0 … lead − 1."""
-    lead = max(0, min(int(lead), idx.numel()))
-    if idx.device.type == "cpu" and lead and not torch.equal(idx[:lead], torch.arange(lead, dtype=idx.dtype)):
-        raise ValueError(f"landmark_lead = {lead}: the first {lead} landmark indices must be 0 … {lead - 1}")
-    return lead
-
-
 def _on_device(x: torch.Tensor | float | Sequence[float], device: torch.device) -> torch.Tensor:
     """`x` as fp32 on `device` without a device sync: Python numbers are copied with `non_blocking` (a
     blocking copy from CPU memory waits for everything queued on the GPU first)."""
@@ -282,6 +273,21 @@ def _on_device(x: torch.Tensor | float | Sequence[float], device: torch.device) 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _lse_ok(q: torch.Tensor) -> bool:
+    """Whether `_attention_with_lse` serves q: cuDNN on CUDA in bf16/fp16; plain PyTorch on CPU (tests)."""
+    return q.device.type == "cpu" or (q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16))
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`softmax(q kᵀ / √D) v` in q's dtype and its log-sum-exp `[B, H, N]` (fp32, natural log): cuDNN's
+    attention on CUDA (torch's SDPA op that also returns it), plain PyTorch on CPU (interpreter tests)."""
+    if q.device.type == "cuda":
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)
+        return res[0], res[1].reshape(q.shape[:-1])
+    sc = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.matmul(torch.softmax(sc, dim=-1), v.float()).to(q.dtype), torch.logsumexp(sc, dim=-1)
 
 
 def sdpa_chunks(nq: int, heads: int, n_lm: int, config: KernelConfig) -> tuple[int, int]:
@@ -346,7 +352,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                       branch_affine: Sequence[float] | torch.Tensor | None = None,
                       landmark_impl: str = "auto", config: KernelConfig | None = None,
                       strict: bool = False, window: int = 0, grid: tuple[int, int] | None = None,
-                      n_cond: int = 0, landmark_lead: int = 0) -> torch.Tensor:
+                      n_cond: int = 0) -> torch.Tensor:
     """The ttr layer's forward (inference): fused Triton kernels, else the PyTorch reference.
 
     Same math and arguments as `reference.ttr_forward_reference`; additionally
@@ -357,15 +363,13 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     sizes, SDPA chunking) and `strict` (raise instead of falling back). `window = r > 0` adds the landmark plugin's local window to the landmark branch
     (image queries also attend to the non-landmark image keys within Chebyshev radius r on the latent
     `grid` = (h, w), which holds the Nk − `n_cond` image tokens row-major after the `n_cond` conditioning
-    tokens; queries must be the whole sequence; ValueError otherwise); it forces `landmark_impl` "fused"
-    (cuDNN cannot mask per query), runs the landmark branch even without landmarks (conditioning queries
-    then get out_l = 0, as the reference) and falls back with a key mask. Adaptive α runs two passes:
+    tokens; queries must be the whole sequence; ValueError otherwise): with "sdpa" cuDNN also returns each
+    row's log-sum-exp and the landmark pass continues that softmax over the window (bf16/fp16 on CUDA; other
+    dtypes, and a window without landmarks, take "fused"); the landmark branch runs even without landmarks
+    (conditioning queries then get out_l = 0, as the reference); a key mask falls back. Adaptive α runs two passes:
     pass 1 writes out_l into the output and d = 1 − cos(out_k, out_l); pass 2 recomputes the cheap kernel
     branch and blends in place, so no buffer the size of the output is added.
     `alpha_logit` is a scalar or a per-head `[H]` tensor; `branch_affine` is `[4]` or `[B, 4]`.
-    `landmark_lead` = n says that the first n landmark indices are keys 0 … n − 1 (the landmark plugin puts
-    every conditioning token first): the kernel reads those as contiguous rows. Checked when the index is on
-    the CPU; on the GPU it is trusted (a check would cost a device sync); 0 gathers every landmark row.
     Returns `[B, H, Nq, D]` in q's dtype.
     """
     if q.dim() == 4 and k.dim() == 4:
@@ -379,7 +383,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     return run_fused_kernels(q, k, v, phi_q, phi_k, landmark_idx=landmark_idx, alpha_logit=alpha_logit,
                              alpha_max=alpha_max, gamma=gamma, adaptive=adaptive, eps=eps, key_mask=key_mask,
                              branch_affine=branch_affine, landmark_impl=landmark_impl, config=config, window=window,
-                             grid=grid, n_cond=n_cond, landmark_lead=landmark_lead)
+                             grid=grid, n_cond=n_cond)
 
 
 def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights, phi_k: PhiWeights, *,
@@ -388,14 +392,15 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                       key_mask: torch.Tensor | None = None,
                       branch_affine: Sequence[float] | torch.Tensor | None = None,
                       landmark_impl: str = "auto", config: KernelConfig | None = None, window: int = 0,
-                      grid: tuple[int, int] | None = None, n_cond: int = 0, landmark_lead: int = 0) -> torch.Tensor:
+                      grid: tuple[int, int] | None = None, n_cond: int = 0) -> torch.Tensor:
     """`ttr_forward_fused` without its checks, for a caller that ran them (the ttr backend decides between
     this and its own PyTorch path with `fused_unsupported_reasons`; checking twice cost every served call).
     The arguments must pass `check_window` and `fused_unsupported_reasons`."""
     if landmark_impl not in ("auto", "fused", "sdpa"):
         raise ValueError(f"landmark_impl: expected 'auto', 'fused' or 'sdpa', got {landmark_impl!r}")
-    if (landmark_impl == "auto" and q.device.type != "cuda") or window > 0:
-        landmark_impl = "fused"  # a window needs the in-kernel softmax (cuDNN cannot mask per query)
+    no_lm = landmark_idx is None or landmark_idx.numel() == 0
+    if (landmark_impl == "auto" and q.device.type != "cuda") or (window > 0 and (no_lm or not _lse_ok(q))):
+        landmark_impl = "fused"  # a window goes on from cuDNN's log-sum-exp, which only cuDNN (bf16/fp16) gives
     from .triton_ttr import _query_kernel
 
     cfg = config or DEFAULT_CONFIG
@@ -421,9 +426,8 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             landmark_impl = "sdpa" if nq * (0 if landmark_idx is None else landmark_idx.numel()) > _SDPA_MIN_PAIRS \
                 else "fused"
         idx = dummy
-        n_lm = lead = 0
+        n_lm = 0
         if use_lm:
-            lead = _landmark_lead(landmark_idx, landmark_lead) if cfg.lm_contiguous_cond else 0
             idx = landmark_idx.to(device=q.device, dtype=torch.long).contiguous()
             n_lm = int(idx.numel())
         lm_flag = dummy
@@ -448,7 +452,7 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             aff = aff.expand(bsz, 4).contiguous()
         s_scale = 1.0 / max(1, nk)  # keeps S and z in range for fp16 dots; cancels in the ratio
         qk_scale = d ** -0.5 * 1.4426950408889634
-        d_buf = d_sum = dummy
+        d_buf = d_sum = lse = dummy
         if use_branch and adaptive:
             d_buf = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
             d_sum = torch.zeros(bsz * heads, device=q.device, dtype=torch.float32)  # pass 1 adds into it
@@ -463,9 +467,9 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             # with a window: the conditioning rows, then (BM/PW x PW) patches of the latent grid
             tiles = n_text_tiles + _cdiv(grid_h, bm // pw) * _cdiv(grid_w, pw) if win else _cdiv(nq, bm)
             _query_kernel[(tiles, bsz * heads)](
-                q, x, s, z, kl, vl, idx, lm_flag, out, d_buf, d_sum, logit, aff,
+                q, x, s, z, kl, vl, idx, lm_flag, out, d_buf, d_sum, lse, logit, aff,
                 wa["w1"], wa["b1"], wa["w2"], wa["b2"],
-                nq, n_lm, lead, heads, int(n_cond) if window else 0, n_text_tiles, grid_h, grid_w, s_scale,
+                nq, n_lm, heads, int(n_cond) if window else 0, n_text_tiles, grid_h, grid_w, s_scale,
                 eps * 1.0, float(alpha_max), float(gamma), qk_scale, phi_q.norm_eps,
                 q.stride(0), q.stride(1), q.stride(2), x.stride(0), x.stride(1), x.stride(2), *skl,
                 out.stride(0), out.stride(1), out.stride(2),
@@ -486,14 +490,21 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             # out_l by cuDNN per head group and row chunk, written into `out` (the landmark pass reads it there):
             # the extra memory is one group's landmark K/V and one chunk's result (sdpa_chunks), no
             # output-sized buffer; one landmark-pass launch for the whole call
+            # a window also needs each row's log-sum-exp (fp32, 1/64 of a bf16 output at D = 128): the landmark
+            # pass continues cuDNN's softmax over the window from it
             group, rows = sdpa_chunks(nq, heads, n_lm, cfg)
+            if window > 0:
+                lse = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
             for h0 in range(0, heads, group):
                 h1 = min(heads, h0 + group)
                 kg = k[:, h0:h1].index_select(2, idx)
                 vg = v[:, h0:h1].index_select(2, idx)
                 for m0 in range(0, nq, rows):
                     m1 = min(nq, m0 + rows)
-                    out[:, h0:h1, m0:m1] = F.scaled_dot_product_attention(q[:, h0:h1, m0:m1], kg, vg)
+                    if window > 0:
+                        out[:, h0:h1, m0:m1], lse[:, h0:h1, m0:m1] = _attention_with_lse(q[:, h0:h1, m0:m1], kg, vg)
+                    else:
+                        out[:, h0:h1, m0:m1] = F.scaled_dot_product_attention(q[:, h0:h1, m0:m1], kg, vg)
                 del kg, vg
             launch(mode, 1)
         else:

@@ -7,13 +7,13 @@ Two launches carry the layer:
   tiles; each chunk adds its partial state into S and z with fp32 atomics (summation order, and so
   the last bits, may vary from run to run).
 - `_query_kernel`: per (query tile, batch·head), computes φ(q), `out_k = φ(q)·S / (φ(q)·z + eps)`,
-  the landmark branch (flash-style online softmax over the landmark keys — the leading conditioning
-  tokens as contiguous rows, the rest gathered by index — or an SDPA result that the host wrote into `out`
-  beforehand) and the α blend in the epilogue. MODE selects kernel-only (0), fixed-α hybrid (1), adaptive
+  the landmark branch (flash-style online softmax over the landmark keys, gathered by index, or an SDPA
+  result that the host wrote into `out` beforehand — with a window, also its log-sum-exp, from which the
+  online softmax goes on over the window) and the α blend in the epilogue. MODE selects kernel-only (0), fixed-α hybrid (1), adaptive
   pass 1 (2: writes out_l into `out`, d = 1 − cos(out_k, out_l), and adds each tile's sum of d into a
   per-(b, h) total) and adaptive pass 2 (3: recomputes the cheap kernel branch, reads out_l back from `out`
   and blends in place with the per-(b, h) mean of d). Every query row of the sequence is processed.
-  WIN = r > 0 (the landmark plugin's local window; in-kernel softmax only) continues the landmark
+  WIN = r > 0 (the landmark plugin's local window) continues the landmark
   softmax over each image query's window of image keys (Chebyshev radius r on the latent grid, minus
   the landmarks, flagged per key in `lmf_ptr`); the landmark pass then tiles the conditioning rows first
   and the image queries as `BM/PW x PW` patches of the grid (`_patch_rows`), whose windows share one box of
@@ -235,9 +235,9 @@ def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_m, row_ok, offs_d, m_i, l
 
 
 @triton.jit
-def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, out_ptr, d_ptr, dsum_ptr,
+def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, out_ptr, d_ptr, dsum_ptr, lse_ptr,
                   logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                  N, L, L_TXT, H, n_cond, n_text_tiles, grid_h, grid_w, s_scale, eps, alpha_max, gamma, qk_scale,
+                  N, L, H, n_cond, n_text_tiles, grid_h, grid_w, s_scale, eps, alpha_max, gamma, qk_scale,
                   norm_eps,
                   sqb, sqh, sqn, sxb, sxh, sxn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                   w1h, b1h, w2h, b2h, logit_h,
@@ -286,28 +286,32 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         # pass 2: pass 1 left out_l (after its affine) in `out`
         ol = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
     elif MODE != 0:
+        kl_base = kl_ptr + b * skb + h * skh
+        vl_base = vl_ptr + b * svb + h * svh
         if LM_SRC == 1:
             # the SDPA landmark softmax was written into `out` before this launch (before its affine)
             ol = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            if WIN > 0:
+                # … and its log-sum-exp (natural log, scale 1/√D) into `lse`: (normalised output, max = lse, sum =
+                # 1) is the online softmax's state after the landmarks, which goes on over the windows
+                q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                            mask=row_ok[:, None], other=0.0)
+                m_i = tl.load(lse_ptr + t_ptrs, mask=row_ok, other=0.0) * 1.4426950408889634  # to the exp2 domain
+                l_i = tl.full((BM,), 1.0, dtype=tl.float32)
+                m_i, l_i, ol = _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_m, row_ok, offs_d, m_i, l_i, ol,
+                                               pr, pc, n_cond, grid_h, grid_w, qk_scale, skn, svn, WIN, BLW,
+                                               BM // PW, PW)
+                ol = ol / l_i[:, None]
         else:
             q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
                         mask=row_ok[:, None], other=0.0)
             m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((BM,), dtype=tl.float32)
             acc = tl.zeros((BM, D), dtype=tl.float32)
-            kl_base = kl_ptr + b * skb + h * skh
-            vl_base = vl_ptr + b * svb + h * svh
-            # the first L_TXT landmarks are keys 0 … L_TXT − 1 (the conditioning tokens): contiguous rows
-            for l0 in range(0, L_TXT, BL):
-                offs_l = l0 + tl.arange(0, BL)
-                l_ok = offs_l < L_TXT
-                kt = tl.load(kl_base + offs_l[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-                vt = tl.load(vl_base + offs_l[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-                m_i, l_i, acc = _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale)
-            for l0 in range(L_TXT, L, BL):
+            for l0 in range(0, L, BL):
                 offs_l = l0 + tl.arange(0, BL)
                 l_ok = offs_l < L
-                rows = tl.load(idx_ptr + offs_l, mask=l_ok, other=0)  # the other landmark rows, gathered here
+                rows = tl.load(idx_ptr + offs_l, mask=l_ok, other=0)  # landmark rows of k/v, gathered here
                 kt = tl.load(kl_base + rows[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
                 vt = tl.load(vl_base + rows[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
                 m_i, l_i, acc = _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale)
