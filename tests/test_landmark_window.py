@@ -234,14 +234,3 @@ def test_ttr_serves_the_windowed_branch_through_the_pytorch_path() -> None:
     out = ttr.train_forward("single:1", q, k, v, call)  # the distiller's differentiable path
     out.square().mean().backward()
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in layer.parameters())
-
-
-@pytest.mark.parametrize("grid", [None, (5, 6)])
-def test_ttr_fused_path_declines_a_window_without_a_usable_grid(grid) -> None:
-    """As the landmark backend falls back to the landmarks only (no grid, or one that does not hold the image
-    tokens), the fused decision declines and names why: 'triton' (fused or an error) refuses the call.
-    (With a usable grid the fused kernels serve the window: tests/test_ttr_fused_window.py.)"""
-    q, k, v = _qkv(1, N_COND + 24)
-    ttr = _ttr("triton", _backend(2))
-    with pytest.raises(ValueError, match="needs the latent grid" if grid is None else "holds 30"):
-        ttr(q, k, v, _call(grid, 24))

@@ -273,6 +273,25 @@ def test_backend_serves_the_window_fused_as_its_pytorch_path(poison, adaptive, d
 
 
 @interpreted
+@pytest.mark.parametrize("grid", [None, (5, 6)])
+def test_backend_without_a_usable_grid_serves_the_landmarks_fused(poison, grid, caplog):
+    """No grid, or one that does not hold the image tokens: the landmark branch uses the landmarks only, and so does
+    the fused path (window 0; 'triton' serves it, no error, no PyTorch fallback), warned once per reason."""
+    fused, ref = _pair(2)
+    q, k, v = _qkv(1, 2, N_COND + 24, 16, seed=7)
+    call = _call(grid, 24)
+    with caplog.at_level("WARNING"), torch.inference_mode():
+        a = fused(q, k, v, call)
+        fused(q, k, v, call)
+        b = ref(q, k, v, call)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    why = "needs the latent grid" if grid is None else "holds 30"
+    assert sum(why in r.getMessage() and "ttr single:0" in r.getMessage() for r in caplog.records) == 1
+    with torch.inference_mode():  # the window matters where it applies: the check above can fail
+        assert _rel(ref(q, k, v, _call((4, 6), 24)), b) > 1e-2
+
+
+@interpreted
 def test_backend_without_image_tokens_serves_fused_without_window(poison):
     """All queries are conditioning tokens: the landmark backend needs no window, neither do the kernels."""
     fused, ref = _pair(1)
