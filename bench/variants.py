@@ -79,18 +79,7 @@ _LM_2PCT = {"fraction": 0.02, "min": 16, "max": 0, "window": 0}
 #: default with 2 % landmarks, with the landmark cap that keeps the layer linear-time (docs/PERFORMANCE.md,
 #: "The floor") and with the local window of radius 2, and the lean layer with the window. `--configs`
 #: times a subset.
-class _Configs(dict):
-    """`TTR_CONFIGS`: a dict whose lookup also takes a name of `RENAMED` (transitional: code written before
-    session 5 — tests/test_ttr_fused_agreement.py — indexes `default-cap1024`). Iteration, `in` and the
-    command line know the current names only."""
-
-    def __missing__(self, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        if key in RENAMED:
-            return self[RENAMED[key]]
-        raise KeyError(key)
-
-
-TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = _Configs({
+TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default": (_TTR_DEFAULT, _LM_DEFAULT),
     "previous-default": (_PHI_PREV, _LM_PREV),
     "seed": ({"depth": 3, "hidden": 0, "feature_dim": 256, "l2_norm": True, **_A_PREV}, _LM_PREV),
@@ -101,7 +90,7 @@ TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = _Configs({
     "previous-default-cap1024": (_PHI_PREV, {**_LM_PREV, "max": 1024}),
     "previous-default-window2": (_PHI_PREV, {**_LM_PREV, "window": 2}),
     "lean-window2": (_PHI_LEAN, {**_LM_2PCT, "window": 2}),
-})
+}
 #: Configuration names of earlier sessions that would now describe another layer (they were deltas from
 #: the previous default): old name → current name, for the error message.
 RENAMED: dict[str, str] = {"default-lm2pct": "previous-default-lm2pct", "default-cap1024": "previous-default-cap1024",

@@ -101,11 +101,11 @@ def test_bench_rows_agree_when_layers_are_rebuilt_per_shape():
 
 
 def test_capped_landmarks_come_from_the_landmark_backend_on_both_paths():
-    """default-cap1024 at 2048² (16384 image tokens): 1311 image landmarks capped to 1024, and the PyTorch
+    """previous-default-cap1024 at 2048² (16384 image tokens): 1311 image landmarks capped to 1024, and the PyTorch
     row's landmark branch is the very backend whose indices() the fused rows use."""
     reg_backend, backends = bench_variants._build_backend(
-        "ttr", {**bench_variants.TTR_CONFIGS["default-cap1024"][0], "kernel": "torch"},
-        bench_variants.TTR_CONFIGS["default-cap1024"][1])
+        "ttr", {**bench_variants.TTR_CONFIGS["previous-default-cap1024"][0], "kernel": "torch"},
+        bench_variants.TTR_CONFIGS["previous-default-cap1024"][1])
     lm = backends.get("landmark")
     assert reg_backend.landmark_branch().__self__ is lm
     call = bench_variants._call(Shape("2048²", 1, 24, 512 + 16384, 128, 512))
@@ -120,7 +120,8 @@ def test_capped_landmarks_fused_rows_match_the_torch_row_in_fp32(monkeypatch):
     """A binding cap (256 image tokens, 25 % → 64, max 16) through the bench's fused rows (in-kernel and
     SDPA landmark softmax) against its PyTorch row, fp32: the same math to rounding."""
     monkeypatch.setitem(bench_variants.TTR_CONFIGS, "capped",
-                        ({"depth": 2, "hidden": 64, "feature_dim": 32}, {"fraction": 0.25, "min": 8, "max": 16}))
+                        ({"depth": 2, "hidden": 64, "feature_dim": 32, "alpha_max": 0.2},
+                         {"fraction": 0.25, "min": 8, "max": 16, "window": 0}))  # landmarks only (no grid here)
     s = Shape("n=272", 1, 2, 272, 32, 16)
     vs = {x.name: x for x in build_variants(s, torch.float32, torch.device("cpu"), only=["capped fused flash-lm",
                                             "capped fused sdpa-lm"], configs=["capped"], graphs=False)}
