@@ -205,7 +205,8 @@ def test_sdpa_landmarks_continue_over_the_window(poison, grid, dtype):
 @pytest.mark.parametrize("n_cond", [0, N_COND])
 def test_fused_window_without_landmarks(poison, n_cond):
     """Window only: image queries over their windows, conditioning queries out_l = 0 (no key at all) —
-    the landmark pass runs although there is no landmark; 'sdpa' is overridden (no landmark softmax to continue from)."""
+    the landmark pass runs although there is no landmark; 'sdpa' is overridden (no landmark softmax to continue
+    from)."""
     grid, radius = (3, 10), 2
     n = n_cond + 30
     q, k, v = _qkv(1, 2, n, 16, seed=9)

@@ -360,7 +360,8 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     the gathered landmarks per head group and row chunk (`sdpa_chunks`), written into the output and
     read back by the landmark pass; "auto": "sdpa" on CUDA beyond 1e8 query·landmark pairs, else
     "fused"; both keep peak memory within SDPA's + 10 %, "sdpa" is faster at 4096²), `config` (tile
-    sizes, SDPA chunking) and `strict` (raise instead of falling back). `window = r > 0` adds the landmark plugin's local window to the landmark branch
+    sizes, SDPA chunking) and `strict` (raise instead of falling back). `window = r > 0` adds the landmark
+    plugin's local window to the landmark branch
     (image queries also attend to the non-landmark image keys within Chebyshev radius r on the latent
     `grid` = (h, w), which holds the Nk − `n_cond` image tokens row-major after the `n_cond` conditioning
     tokens; queries must be the whole sequence; ValueError otherwise): with "sdpa" cuDNN also returns each

@@ -9,15 +9,16 @@ Two launches carry the layer:
 - `_query_kernel`: per (query tile, batch·head), computes φ(q), `out_k = φ(q)·S / (φ(q)·z + eps)`,
   the landmark branch (flash-style online softmax over the landmark keys, gathered by index, or an SDPA
   result that the host wrote into `out` beforehand — with a window, also its log-sum-exp, from which the
-  online softmax goes on over the window) and the α blend in the epilogue. MODE selects kernel-only (0), fixed-α hybrid (1), adaptive
-  pass 1 (2: writes out_l into `out`, d = 1 − cos(out_k, out_l), and adds each tile's sum of d into a
-  per-(b, h) total) and adaptive pass 2 (3: recomputes the cheap kernel branch, reads out_l back from `out`
-  and blends in place with the per-(b, h) mean of d). Every query row of the sequence is processed.
-  WIN = r > 0 (the landmark plugin's local window) continues the landmark
-  softmax over each image query's window of image keys (Chebyshev radius r on the latent grid, minus
-  the landmarks, flagged per key in `lmf_ptr`); the landmark pass then tiles the conditioning rows first
-  and the image queries as `BM/PW x PW` patches of the grid (`_patch_rows`), whose windows share one box of
-  keys (`_window_softmax`). WIN = 0 compiles to the landmark-only kernel.
+  online softmax goes on over the window) and the α blend in the epilogue. MODE selects kernel-only (0),
+  fixed-α hybrid (1), adaptive pass 1 (2: writes out_l into `out`, d = 1 − cos(out_k, out_l), and adds
+  each tile's sum of d into a per-(b, h) total) and adaptive pass 2 (3: recomputes the cheap kernel
+  branch, reads out_l back from `out` and blends in place with the per-(b, h) mean of d). Every query row
+  of the sequence is processed.
+  WIN = r > 0 (the landmark plugin's local window) continues the landmark softmax over each image
+  query's window of image keys (Chebyshev radius r on the latent grid, minus the landmarks, flagged per
+  key in `lmf_ptr`); the landmark pass then tiles the conditioning rows first and the image queries as
+  `BM/PW x PW` patches of the grid (`_patch_rows`), whose windows share one box of keys
+  (`_window_softmax`). WIN = 0 compiles to the landmark-only kernel.
   (Computing out_l before out_k was tried: ptxas spilled more — out_l then lives across φ(q), while
   out_k is only saved and reloaded around the landmark loop.)
 """
