@@ -202,6 +202,36 @@ def test_sdpa_landmarks_continue_over_the_window(poison, grid, dtype):
 
 
 @interpreted
+def test_sdpa_window_without_a_log_sum_exp_falls_back_to_the_in_kernel_softmax(poison, monkeypatch, caplog):
+    """Where SDPA cannot return its log-sum-exp (torch < 2.5's cuDNN op), a windowed call is served by the
+    in-kernel softmax — same output, warned once — and later calls on that device and dtype go there directly."""
+    from attnplug.plugins.ttr.kernels import fused
+
+    grid, radius = (6, 6), 2
+    q, k, v = _qkv(1, 2, N_COND + 36, 16, seed=4)
+    g = torch.Generator().manual_seed(2)
+    phi = random_phi(16, 16, 16, 1, generator=g)
+    idx = _landmarks(radius).indices(k, _call(grid, 36))[0]
+    kw = dict(landmark_idx=idx, alpha_logit=0.5, alpha_max=0.9, config=SMALL_TILES, strict=True, window=radius,
+              grid=grid, n_cond=N_COND)
+    want = ttr_forward_fused(q, k, v, phi, phi, landmark_impl="sdpa", **kw)
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise TypeError("_scaled_dot_product_cudnn_attention(): argument 'dropout_p' must be float, not NoneType")
+
+    monkeypatch.setattr(fused, "_attention_with_lse", broken)
+    monkeypatch.setattr(fused, "_LSE_FAILED", set())
+    with caplog.at_level("WARNING"):
+        first = ttr_forward_fused(q, k, v, phi, phi, landmark_impl="sdpa", **kw)
+        second = ttr_forward_fused(q, k, v, phi, phi, landmark_impl="sdpa", **kw)
+    assert _rel(first, want) < 1e-5 and torch.equal(first, second)
+    assert len(calls) == 1  # the second call went to the in-kernel softmax at once
+    assert sum("log-sum-exp failed" in r.getMessage() for r in caplog.records) == 1
+
+
+@interpreted
 @pytest.mark.parametrize("n_cond", [0, N_COND])
 def test_fused_window_without_landmarks(poison, n_cond):
     """Window only: image queries over their windows, conditioning queries out_l = 0 (no key at all) —

@@ -13,6 +13,7 @@ and the landmark pass continues that softmax over the window (cuDNN cannot mask 
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .reference import PhiWeights, check_window, ttr_forward_reference
+
+log = logging.getLogger("attnplug")
 
 __all__ = ["KernelConfig", "fused_unsupported_reasons", "run_fused_kernels", "triton_available", "ttr_forward_fused"]
 
@@ -275,8 +278,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+#: (device, dtype) where `_attention_with_lse` failed (e.g. torch < 2.5, whose cuDNN op returns no log-sum-exp):
+#: windowed calls there keep the in-kernel landmark softmax
+_LSE_FAILED: set[tuple[torch.device, torch.dtype]] = set()
+
+
 def _lse_ok(q: torch.Tensor) -> bool:
     """Whether `_attention_with_lse` serves q: cuDNN on CUDA in bf16/fp16; plain PyTorch on CPU (tests)."""
+    if (q.device, q.dtype) in _LSE_FAILED:
+        return False
     return q.device.type == "cpu" or (q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16))
 
 
@@ -496,18 +506,32 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             group, rows = sdpa_chunks(nq, heads, n_lm, cfg)
             if window > 0:
                 lse = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
-            for h0 in range(0, heads, group):
-                h1 = min(heads, h0 + group)
-                kg = k[:, h0:h1].index_select(2, idx)
-                vg = v[:, h0:h1].index_select(2, idx)
-                for m0 in range(0, nq, rows):
-                    m1 = min(nq, m0 + rows)
-                    if window > 0:
-                        out[:, h0:h1, m0:m1], lse[:, h0:h1, m0:m1] = _attention_with_lse(q[:, h0:h1, m0:m1], kg, vg)
-                    else:
-                        out[:, h0:h1, m0:m1] = F.scaled_dot_product_attention(q[:, h0:h1, m0:m1], kg, vg)
-                del kg, vg
-            launch(mode, 1)
+            try:
+                for h0 in range(0, heads, group):
+                    h1 = min(heads, h0 + group)
+                    kg = k[:, h0:h1].index_select(2, idx)
+                    vg = v[:, h0:h1].index_select(2, idx)
+                    for m0 in range(0, nq, rows):
+                        m1 = min(nq, m0 + rows)
+                        qc = q[:, h0:h1, m0:m1]
+                        if window > 0:
+                            out[:, h0:h1, m0:m1], lse[:, h0:h1, m0:m1] = _attention_with_lse(qc, kg, vg)
+                        else:
+                            out[:, h0:h1, m0:m1] = F.scaled_dot_product_attention(qc, kg, vg)
+                    del kg, vg
+            except (RuntimeError, TypeError) as exc:  # torch < 2.5: the op has no log-sum-exp argument (TypeError)
+                if window == 0 or isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                # no log-sum-exp from this torch / device: the in-kernel softmax serves the window (it rewrites
+                # every row of `out`), here and in every later call on this device and dtype
+                _LSE_FAILED.add((q.device, q.dtype))
+                log.warning("attnplug: ttr kernels: SDPA with its log-sum-exp failed on %s %s (%s: %s); windowed "
+                            "calls there use the in-kernel landmark softmax", q.device, q.dtype, type(exc).__name__,
+                            str(exc).splitlines()[0] if str(exc) else "")
+                lm_src = 0
+            else:
+                lm_src = 1
+            launch(mode, lm_src)
         else:
             launch(mode, 0)
         if adaptive:
