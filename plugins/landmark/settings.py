@@ -20,7 +20,7 @@ class LandmarkSettings(Strict):
     least 16), unlimited, plus the local window r = 2, with the ttr layer's `alpha_max = 0.5`. On the
     testbed (six single blocks served, 64 held-out prompts) that layer loses 0.22 / 0.27 adherence
     points (seeds 0 / 1) against 1.46 / 1.66 for the previous default (the seed's 0.08 / 64, no
-    window) trained the same way; the window carries the sharp, local attention the landmarks miss,
+    window) trained the same way (0.17 / 0.19 with the distiller's own query subsample); the window carries the sharp, local attention the landmarks miss,
     and fewer landmarks make the exact softmax, which dominates the layer's time at 2048² and up,
     much cheaper. Checkpoints distilled on the previous defaults (testbed/weights/ttr_default.safetensors)
     were trained against 0.08 / 64 / no window (`PREVIOUS_DEFAULTS`): their configs pin those values
@@ -37,8 +37,9 @@ class LandmarkSettings(Strict):
     image token) gets the 2 % landmarks alone, which the testbed measured without a window at −1.54
     points against −1.12 for 8 % (docs/QUALITY.md, "The sweep", seed 0); there `fraction = 0.08,
     min = 64` is the safer setting. The ttr fused kernels implement the window inside their landmark
-    pass (in-kernel softmax; plugins/ttr/kernels); calls the landmark backend would serve without the
-    window (no or mismatching grid) take the ttr PyTorch path.
+    pass (after the in-kernel landmark softmax, or from cuDNN's result and log-sum-exp; plugins/ttr/kernels);
+    calls the landmark backend serves without the window (no or mismatching grid) run the kernels with
+    the landmarks only, as its branch does.
     """
 
     fraction: float = Field(0.02, ge=0.0, le=1.0, description="Share of image tokens used as landmarks (0.02 "
