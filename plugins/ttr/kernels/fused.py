@@ -300,6 +300,40 @@ def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tu
     return torch.matmul(torch.softmax(sc, dim=-1), v.float()).to(q.dtype), torch.logsumexp(sc, dim=-1)
 
 
+def _sdpa_landmarks(out: torch.Tensor, lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    idx: torch.Tensor, config: KernelConfig) -> bool:
+    """out_l by SDPA (cuDNN) over the landmarks `idx`, written into `out` per head group and row chunk
+    (`sdpa_chunks`: one group's landmark K/V and one chunk's result are the extra memory, no output-sized
+    buffer), with each row's log-sum-exp into `lse` when given (a window continues the softmax from it).
+
+    Returns False where SDPA cannot give the log-sum-exp (torch < 2.5's cuDNN op; warned once per device and
+    dtype, which `_lse_ok` then declines): the caller runs the in-kernel softmax, which rewrites every row."""
+    nq, heads = q.shape[2], q.shape[1]
+    group, rows = sdpa_chunks(nq, heads, idx.numel(), config)
+    try:
+        for h0 in range(0, heads, group):
+            h1 = min(heads, h0 + group)
+            kg = k[:, h0:h1].index_select(2, idx)
+            vg = v[:, h0:h1].index_select(2, idx)
+            for m0 in range(0, nq, rows):
+                m1 = min(nq, m0 + rows)
+                qc = q[:, h0:h1, m0:m1]
+                if lse is not None:
+                    out[:, h0:h1, m0:m1], lse[:, h0:h1, m0:m1] = _attention_with_lse(qc, kg, vg)
+                else:
+                    out[:, h0:h1, m0:m1] = F.scaled_dot_product_attention(qc, kg, vg)
+            del kg, vg
+    except (RuntimeError, TypeError) as exc:  # torch < 2.5: the op has no log-sum-exp argument (TypeError)
+        if lse is None or isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        _LSE_FAILED.add((q.device, q.dtype))
+        log.warning("attnplug: ttr kernels: SDPA with its log-sum-exp failed on %s %s (%s: %s); windowed calls "
+                    "there use the in-kernel landmark softmax", q.device, q.dtype, type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "")
+        return False
+    return True
+
+
 def sdpa_chunks(nq: int, heads: int, n_lm: int, config: KernelConfig) -> tuple[int, int]:
     """`(heads per group, rows per chunk)` of the SDPA landmark path.
 
@@ -498,39 +532,9 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             return out
         mode = 2 if adaptive else 1
         if landmark_impl == "sdpa":
-            # out_l by cuDNN per head group and row chunk, written into `out` (the landmark pass reads it there):
-            # the extra memory is one group's landmark K/V and one chunk's result (sdpa_chunks), no
-            # output-sized buffer; one landmark-pass launch for the whole call
-            # a window also needs each row's log-sum-exp (fp32, 1/64 of a bf16 output at D = 128): the landmark
-            # pass continues cuDNN's softmax over the window from it
-            group, rows = sdpa_chunks(nq, heads, n_lm, cfg)
-            if window > 0:
+            if window > 0:  # the landmark pass continues cuDNN's softmax over the window from its log-sum-exp
                 lse = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
-            try:
-                for h0 in range(0, heads, group):
-                    h1 = min(heads, h0 + group)
-                    kg = k[:, h0:h1].index_select(2, idx)
-                    vg = v[:, h0:h1].index_select(2, idx)
-                    for m0 in range(0, nq, rows):
-                        m1 = min(nq, m0 + rows)
-                        qc = q[:, h0:h1, m0:m1]
-                        if window > 0:
-                            out[:, h0:h1, m0:m1], lse[:, h0:h1, m0:m1] = _attention_with_lse(qc, kg, vg)
-                        else:
-                            out[:, h0:h1, m0:m1] = F.scaled_dot_product_attention(qc, kg, vg)
-                    del kg, vg
-            except (RuntimeError, TypeError) as exc:  # torch < 2.5: the op has no log-sum-exp argument (TypeError)
-                if window == 0 or isinstance(exc, torch.cuda.OutOfMemoryError):
-                    raise
-                # no log-sum-exp from this torch / device: the in-kernel softmax serves the window (it rewrites
-                # every row of `out`), here and in every later call on this device and dtype
-                _LSE_FAILED.add((q.device, q.dtype))
-                log.warning("attnplug: ttr kernels: SDPA with its log-sum-exp failed on %s %s (%s: %s); windowed "
-                            "calls there use the in-kernel landmark softmax", q.device, q.dtype, type(exc).__name__,
-                            str(exc).splitlines()[0] if str(exc) else "")
-                lm_src = 0
-            else:
-                lm_src = 1
+            lm_src = int(_sdpa_landmarks(out, None if window == 0 else lse, q, k, v, idx, cfg))
             launch(mode, lm_src)
         else:
             launch(mode, 0)
