@@ -313,3 +313,21 @@ def test_entrypoint_loads_like_comfyui_under_a_folder_name(comfy):
         assert sys.modules[name] is sys.modules["attnplug"]  # one package, one registry
     finally:
         sys.modules.pop(name, None)
+
+
+def test_call_keeps_the_latent_grid_when_reference_tokens_follow():
+    """Kontext-style edits append reference-image tokens: the call keeps the generated latent's grid, so the
+    landmark plugin's window plan reports the mismatch (not "the host did not report a grid")."""
+    import torch
+
+    from attnplug.hosts.comfy.calls import CallBuilder, CallState
+    from attnplug.plugins.landmark.backend import LandmarkBackend
+
+    st = CallState()
+    st.latent_grid = (4, 4)
+    to = {"block_type": "single", "block_index": 0, "img_slice": [7, 7 + 16 + 16]}  # 16 target + 16 reference
+    call = CallBuilder(st).build(to, 7 + 32)
+    assert call.latent_grid == (4, 4) and call.n_cond_tokens == 7 and call.n_image_tokens == 32
+    k = torch.zeros(1, 1, 39, 4)
+    radius, grid, reason, message = LandmarkBackend().window_plan(k, k, call)
+    assert (radius, grid, reason) == (0, None, "grid-mismatch") and "32 image tokens" in message

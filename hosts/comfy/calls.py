@@ -119,9 +119,9 @@ class CallBuilder:
             elif all(c == 1 for c in cu):
                 cond = False
         n_img = n - n_cond
+        # the generated latent's grid, also when the image tokens are more (reference-image tokens of a
+        # Kontext-style edit): the landmark plugin then says so and uses the landmarks only
         grid = self.state.latent_grid
-        if grid is not None and grid[0] * grid[1] != n_img:
-            grid = None
         return AttentionCall(layer_key=f"{bt}:{bi}", block_type=bt if bt in ("double", "single") else "other",
                              block_index=int(bi), sigma=sigma, step_index=step, num_steps=num_steps, cond=cond,
                              cfg_scale=self.cfg, n_cond_tokens=n_cond, n_image_tokens=n_img, latent_grid=grid,
