@@ -2,7 +2,7 @@
 # One call on a lent GPU machine (docs/PERFORMANCE.md): install the carried wheels, make the repo
 # importable as `attnplug`, run the GPU kernel tests, the tile sweep and the bench; logs go to $OUT.
 # Usage (from the repo root, on the device): bash bench/device_run.sh [tests|tune|profile|bench|model|quality|all]...
-# (`all` = tests, tune, profile, bench, model: about 9 minutes on an H200; TUNE_ARGS, BENCH_ARGS, MODEL_ARGS
+# (`all` = tests, tune, profile, bench, model: about 9 minutes on an H200; TUNE_ARGS, PROFILE_ARGS, BENCH_ARGS, MODEL_ARGS
 # replace each step's default arguments)
 # `quality` starts one testbed.quality process per variant (CPU-bound Python: they share the GPU; layers to
 # train in QUALITY_LAYERS, servings in QUALITY_SERVING), plus `attnplug eval` of each config in QUALITY_EVALS on the committed
@@ -27,7 +27,7 @@ for step in "${@:-all}"; do
       tests/test_distill_ttr.py tests/test_diffusers_compile.py tests/test_gpu_no_sync.py tests/test_ttr_fused_window.py tests/test_bench_model.py tests/test_bench_variants.py \
       2>&1 | tee "$OUT/tests.log" ;;&
     tune|all) python3 -m attnplug.bench.tune ${TUNE_ARGS:---sizes 1024,2048 --quick} 2>&1 | tee "$OUT/tune.log" ;;&
-    profile|all) python3 -m attnplug.bench.profile_kernels --sizes 1024,2048 2>&1 | tee "$OUT/profile.log" ;;&
+    profile|all) python3 -m attnplug.bench.profile_kernels ${PROFILE_ARGS:---sizes 1024,2048} 2>&1 | tee "$OUT/profile.log" ;;&
     bench|all) python3 -m attnplug.bench.run ${BENCH_ARGS:---sizes 1024,2048,4096 --dtypes bf16} --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt" ;;&
     model|all) python3 -m attnplug.bench.model ${MODEL_ARGS:---sizes 1024,2048} --json "$OUT/model.json" 2>&1 | tee "$OUT/model.txt" ;;&
     quality)
