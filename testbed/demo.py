@@ -218,8 +218,9 @@ def describe(metrics: Mapping[str, Any]) -> str:
         f"Time per step ({e['device']}): exact {1000 * e['seconds_per_step_exact']:.0f} ms, hybrid "
         f"{1000 * e['seconds_per_step_approx']:.0f} ms (the testbed is tiny: speed claims come from "
         f"`attnplug bench` on a GPU).",
-        "A CPU demo distills for minutes; docs/QUALITY.md has the numbers of a longer GPU distillation "
-        "(`attnplug eval --config testbed/configs/serve_single.toml --checkpoint "
-        "testbed/weights/ttr_default.safetensors` reproduces them).",
+        "A CPU demo distills for minutes; docs/QUALITY.md has the numbers of longer GPU distillations "
+        "(\"The default (session 5)\" for the default layer; `attnplug eval --config "
+        "testbed/configs/serve_single_window.toml --checkpoint testbed/weights/ttr_window.safetensors` "
+        "reproduces a committed one).",
     ]
     return "\n".join(lines)
