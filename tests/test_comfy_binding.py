@@ -315,7 +315,7 @@ def test_entrypoint_loads_like_comfyui_under_a_folder_name(comfy):
         sys.modules.pop(name, None)
 
 
-def test_call_keeps_the_latent_grid_when_reference_tokens_follow():
+def test_call_keeps_the_latent_grid_when_reference_tokens_follow(caplog):
     """Kontext-style edits append reference-image tokens: the call keeps the generated latent's grid, so the
     landmark plugin's window plan reports the mismatch (not "the host did not report a grid")."""
     import torch
@@ -329,5 +329,7 @@ def test_call_keeps_the_latent_grid_when_reference_tokens_follow():
     call = CallBuilder(st).build(to, 7 + 32)
     assert call.latent_grid == (4, 4) and call.n_cond_tokens == 7 and call.n_image_tokens == 32
     k = torch.zeros(1, 1, 39, 4)
-    radius, grid, reason, message = LandmarkBackend().window_plan(k, k, call)
-    assert (radius, grid, reason) == (0, None, "grid-mismatch") and "32 image tokens" in message
+    with caplog.at_level("WARNING", logger="attnplug"):
+        assert LandmarkBackend().window_plan(k, k, call) == (0, None)
+    assert [r.getMessage() for r in caplog.records if "32 image tokens but its latent grid (4, 4) holds 16"
+            in r.getMessage()]

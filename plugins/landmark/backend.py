@@ -117,46 +117,40 @@ class LandmarkBackend(Backend):
             log.warning("attnplug: landmark: %s", message)
 
     def window_plan(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall,
-                    query_index: torch.Tensor | None = None) -> tuple[int, tuple[int, int] | None, str, str]:
-        """Whether this call gets the window: `(radius, grid, reason key, message)`.
+                    query_index: torch.Tensor | None = None) -> tuple[int, tuple[int, int] | None]:
+        """Whether this call gets the window: `(radius, grid)`, `(0, None)` when it does not.
 
-        radius > 0 with the call's grid: it does. radius 0 with an empty reason: it needs none (window off,
-        or no image query). radius 0 with a reason: the window cannot apply (no grid, a grid that does not
-        hold the image tokens, a query subset without positions) and the call uses the landmarks only.
-        The one decision for both paths: `branch()` here and the ttr fused kernels, which serve the
-        window only where this says so."""
+        It does not when the window is off or there is no image query, and when the window cannot apply
+        (no grid, a grid that does not hold the image tokens, a query subset without positions): the call
+        then uses the landmarks only, warned once per reason and backend instance. The one decision (and
+        warning) for both paths: `branch()` here and the ttr fused kernels, which serve the window only
+        where this says so."""
         r = self.settings.window
         n_keys = k.shape[2]
         n_img = n_keys - call.cond_in(n_keys)
         grid = call.latent_grid
         if r == 0 or n_img == 0:
-            return 0, None, "", ""
+            return 0, None
         if grid is None:
             s = self.settings
-            return 0, None, "no-grid", (f"window = {r} needs the latent grid, but {call.layer_key}'s call has none "
-                                        f"(host did not report it); such calls use the landmarks only ({s.fraction:g} "
-                                        f"of the image tokens, at least {s.min}; where the host never reports a "
-                                        "grid, window = 0 with fraction = 0.08, min = 64 is the measured "
-                                        "landmarks-only setting, docs/QUALITY.md)")
-        if grid[0] * grid[1] != n_img:
-            return 0, None, "grid-mismatch", (f"window = {r}: {call.layer_key} has {n_img} image tokens but its "
-                                              f"latent grid {tuple(grid)} holds {grid[0] * grid[1]}; such calls "
-                                              "use the landmarks only")
-        if query_index is None and q.shape[2] != n_keys:
-            return 0, None, "query-subset", (f"window = {r} needs each query's grid position, but "
-                                             f"{call.layer_key} got {q.shape[2]} queries for {n_keys} keys and no "
-                                             "query_index (a caller that subsamples queries must pass their "
-                                             "positions, as the ttr distiller does); such calls use the "
-                                             "landmarks only, so they differ from full-sequence calls")
-        return r, (int(grid[0]), int(grid[1])), "", ""
-
-    def _window_fallback(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall,
-                         query_index: torch.Tensor | None) -> bool:
-        """Whether a call must run without the window (warned once per reason and backend instance)."""
-        radius, _, reason, message = self.window_plan(q, k, call, query_index)
-        if reason:
-            self._warn_once(reason, message)
-        return radius == 0
+            self._warn_once("no-grid", f"window = {r} needs the latent grid, but {call.layer_key}'s call has none "
+                                       f"(host did not report it); such calls use the landmarks only ({s.fraction:g} "
+                                       f"of the image tokens, at least {s.min}; where the host never reports a "
+                                       "grid, window = 0 with fraction = 0.08, min = 64 is the measured "
+                                       "landmarks-only setting, docs/QUALITY.md)")
+        elif grid[0] * grid[1] != n_img:
+            self._warn_once("grid-mismatch", f"window = {r}: {call.layer_key} has {n_img} image tokens but its "
+                                             f"latent grid {tuple(grid)} holds {grid[0] * grid[1]}; such calls "
+                                             "use the landmarks only")
+        elif query_index is None and q.shape[2] != n_keys:
+            self._warn_once("query-subset", f"window = {r} needs each query's grid position, but "
+                                            f"{call.layer_key} got {q.shape[2]} queries for {n_keys} keys and no "
+                                            "query_index (a caller that subsamples queries must pass their "
+                                            "positions, as the ttr distiller does); such calls use the "
+                                            "landmarks only, so they differ from full-sequence calls")
+        else:
+            return r, (int(grid[0]), int(grid[1]))
+        return 0, None
 
     def _window_rows(self, positions: torch.Tensor, k: torch.Tensor, call: AttentionCall, idx: torch.Tensor,
                      valid: torch.Tensor | None, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +190,7 @@ class LandmarkBackend(Backend):
         v_l = gather_landmarks(v, idx)
         scale = q.shape[-1] ** -0.5
         chunk = self.settings.query_chunk
-        if self.settings.window == 0 or self._window_fallback(q, k, call, query_index):
+        if self.window_plan(q, k, call, query_index)[0] == 0:
             return landmark_softmax(q, k_l, v_l, valid, scale, chunk)
         if query_index is not None:
             if query_index.dim() != 1 or query_index.shape[0] != q.shape[2] or query_index.is_floating_point():

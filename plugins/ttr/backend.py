@@ -42,7 +42,6 @@ class TtrBackend(LearnedBackend):
         #: sticky per-layer chunk sizes (e.g. shrunk after an out-of-memory), `(key_chunk, query_chunk)`.
         self.chunks: dict[str, tuple[int, int]] = {}
         self._fused_failed: set[str] = set()  # layers whose fused kernels failed once ('auto' stops trying)
-        self._window_fallbacks_logged: set[str] = set()  # window fallbacks of the landmark plan, logged once each
 
     # ---- landmark branch via the registry -------------------------------------------------------
     def landmark_branch(self) -> LandmarkBranch | None:
@@ -134,14 +133,11 @@ class TtrBackend(LearnedBackend):
                 reasons.append(f"landmark backend {self.settings.landmark_backend!r} exposes no indices()")
             else:
                 if hasattr(owner, "window_plan"):
-                    # the landmark backend's own decision: the fused window serves exactly where its branch would;
-                    # where the window cannot apply (no grid, a grid that does not hold the image tokens) its branch
-                    # uses the landmarks only, and so do the kernels (window 0): the same math, warned once
-                    window, grid, key, message = owner.window_plan(q, k, call)
+                    # the landmark backend's own decision (and its warning, once): the fused window serves exactly
+                    # where its branch would; where the window cannot apply (no grid, a grid that does not hold
+                    # the image tokens) its branch uses the landmarks only, and so do the kernels (window 0)
+                    window, grid = owner.window_plan(q, k, call)
                     n_cond = call.cond_in(k.shape[2]) if window else 0
-                    if key and key not in self._window_fallbacks_logged:
-                        self._window_fallbacks_logged.add(key)
-                        log.warning("attnplug: ttr %s: landmark %s", call.layer_key, message)
                 if not reasons:
                     idx, valid = owner.indices(k, call, mask)
                     if valid is not None:
