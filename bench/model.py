@@ -171,8 +171,8 @@ def ttr_layer(plugins: dict[str, dict[str, Any]] | None = None) -> dict[str, Any
 
     cfg = load_config({"backend": "ttr", "loggers": [], "plugins": {k: dict(v) for k, v in (plugins or {}).items()}})
     t, lm = cfg.section("ttr"), cfg.section("landmark")
-    return {"ttr": {k: getattr(t, k) for k in ("depth", "hidden", "feature_dim", "activation", "alpha_max")},
-            "landmark": None if lm is None else {k: getattr(lm, k) for k in ("fraction", "min", "max", "window")}}
+    return {"ttr": t.model_dump(include={"depth", "hidden", "feature_dim", "activation", "alpha_max"}),
+            "landmark": None if lm is None else lm.model_dump(include={"fraction", "min", "max", "window"})}
 
 
 def compress_keys(keys: list[str]) -> str:

@@ -56,14 +56,10 @@ class Variant:
     graph_of: str | None = None  # a CUDA-graph replay of this variant (its ratio is against the graph SDPA)
 
 
-def _defaults(model: Any, fields: tuple[str, ...]) -> dict[str, Any]:
-    """`{field: model's default}`: a configuration read from the settings themselves (it cannot drift)."""
-    return {f: model.model_fields[f].default for f in fields}
-
-
-#: The product default layer, from the settings' own defaults: φ, α_max and the landmark branch.
-_TTR_DEFAULT = _defaults(TtrSettings, ("depth", "hidden", "feature_dim", "alpha_max"))
-_LM_DEFAULT = _defaults(LandmarkSettings, ("fraction", "min", "max", "window"))
+#: The product default layer, read from the settings' own defaults (it cannot drift): φ, α_max and the
+#: landmark branch.
+_TTR_DEFAULT = TtrSettings().model_dump(include={"depth", "hidden", "feature_dim", "alpha_max"})
+_LM_DEFAULT = LandmarkSettings().model_dump(include={"fraction", "min", "max", "window"})
 #: The configurations defined before session 5 pin what was the default then (α_max 0.2, no window, and
 #: the landmark budgets they name), so each keeps timing the layer its docs/PERFORMANCE.md rows measured.
 _A_PREV = {"alpha_max": 0.2}

@@ -69,8 +69,8 @@ BASELINE = {"plugins": {"ttr": dict(TTR_PREVIOUS), "landmark": dict(LANDMARK_PRE
 #: The product default (session 5) as overrides of the baseline, read from the settings' own defaults so
 #: that it cannot drift from them (every field the baseline pins).
 PRODUCT_DEFAULT = {"plugins": {
-    "ttr": {k: TtrSettings.model_fields[k].default for k in TTR_PREVIOUS},
-    "landmark": {k: LandmarkSettings.model_fields[k].default for k in LANDMARK_PREVIOUS}}}
+    "ttr": TtrSettings().model_dump(include=set(TTR_PREVIOUS)),
+    "landmark": LandmarkSettings().model_dump(include=set(LANDMARK_PREVIOUS))}}
 
 _COSINE = {"plugins": {"distill": {"lr_schedule": "cosine", "lr_min_ratio": 0.05}}}
 #: The offline baseline of MEASUREMENTS.md: collect 32 prompts × 20 steps of attention per layer (no
