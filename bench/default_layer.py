@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plugins.landmark.selection import select_landmarks
+from ..plugins.landmark.backend import LandmarkBackend
 from ..plugins.landmark.settings import LandmarkSettings
 from ..plugins.ttr.kernels import KernelConfig, PhiWeights, random_phi, ttr_forward_fused
 from ..plugins.ttr.settings import TtrSettings
 from .run import parse_shape
+from .variants import _call
 
 TEXT_TOKENS = 512  # Flux's T5 tokens, first in the sequence
 
@@ -61,5 +62,5 @@ def default_layer(size: str, device: torch.device, ttr: TtrSettings | None = Non
     phis = [random_phi(128, ttr.hidden_for(128), ttr.feature_dim, ttr.depth, ttr.activation, None, ttr.l2_norm,
                        generator=g, device=device) for _ in range(2)]
     assert s.grid is not None
-    idx, _ = select_landmarks(s.n, TEXT_TOKENS, lm.fraction, lm.min, lm.max, lm.layout, s.grid)
-    return LayerInputs(size, q, k, v, phis[0], phis[1], idx.to(device), lm.window, s.grid)
+    idx, _ = LandmarkBackend(lm).indices(k, _call(s))  # the landmark plugin's own selection, as a served call
+    return LayerInputs(size, q, k, v, phis[0], phis[1], idx, lm.window, s.grid)
