@@ -443,8 +443,13 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     The arguments must pass `check_window` and `fused_unsupported_reasons`."""
     if landmark_impl not in ("auto", "fused", "sdpa"):
         raise ValueError(f"landmark_impl: expected 'auto', 'fused' or 'sdpa', got {landmark_impl!r}")
-    no_lm = landmark_idx is None or landmark_idx.numel() == 0
-    if (landmark_impl == "auto" and q.device.type != "cuda") or (window > 0 and (no_lm or not _lse_ok(q))):
+    use_lm = landmark_idx is not None and landmark_idx.numel() > 0
+    n_lm = int(landmark_idx.numel()) if use_lm else 0
+    if landmark_impl == "auto":
+        # measured on H200 (docs/PERFORMANCE.md): the in-kernel softmax wins at ~840 landmarks x 4.6k
+        # queries, cuDNN per head group and row chunk from ~1.8k x 66k on (within sdpa_memory_fraction)
+        landmark_impl = "sdpa" if q.device.type == "cuda" and q.shape[2] * n_lm > _SDPA_MIN_PAIRS else "fused"
+    if window > 0 and (not use_lm or not _lse_ok(q)):
         landmark_impl = "fused"  # a window goes on from cuDNN's log-sum-exp, which only cuDNN (bf16/fp16) gives
     from .triton_ttr import _query_kernel
 
@@ -463,18 +468,8 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         out = torch.empty(bsz, heads, nq, d, device=q.device, dtype=q.dtype)
         dummy = s
         wa = _kernel_args(phi_q, plan, q.dtype, q.device, dummy)
-        use_lm = landmark_idx is not None and landmark_idx.numel() > 0
         use_branch = use_lm or window > 0  # a window runs the landmark branch even without landmarks
-        if landmark_impl == "auto":
-            # measured on H200 (docs/PERFORMANCE.md): the in-kernel softmax wins at ~840 landmarks x 4.6k
-            # queries, cuDNN per head group and row chunk from ~1.8k x 17k on (within sdpa_memory_fraction)
-            landmark_impl = "sdpa" if nq * (0 if landmark_idx is None else landmark_idx.numel()) > _SDPA_MIN_PAIRS \
-                else "fused"
-        idx = dummy
-        n_lm = 0
-        if use_lm:
-            idx = landmark_idx.to(device=q.device, dtype=torch.long).contiguous()
-            n_lm = int(idx.numel())
+        idx = landmark_idx.to(device=q.device, dtype=torch.long).contiguous() if use_lm else dummy
         lm_flag = dummy
         grid_h, grid_w = (1, 1) if window == 0 else (int(grid[0]), int(grid[1]))  # type: ignore[index]
         if window > 0:  # int8 per key: 1 = a landmark (the window part skips it: the landmark loop counted it)
