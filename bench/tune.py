@@ -12,6 +12,9 @@ product's default layer (`bench.default_layer`: φ, landmarks and window from th
   lm_block_m × lm_warps × lm_stages × lm_block × lm_window_block × lm_patch_w (the landmark pass, adaptive
   pass 1; the last two only matter with a window). It includes the key pass and adaptive pass 2 at their
   default tiles;
+- landmark-sdpa (only when named in `--parts`): the same sweep with cuDNN landmarks (landmark_impl="sdpa"),
+  whose softmax the landmark pass continues over the window — the path `auto` takes at 4096²; its best
+  overrides landmark's in the combined config;
 - whole: the default config and the one combining each part's best, as whole calls with
   landmark_impl "fused" and "sdpa".
 
@@ -52,6 +55,7 @@ GRIDS: dict[str, tuple[Grid, Grid]] = {
                  {"lm_block_m": [128], "lm_warps": [8], "lm_stages": [2, 3], "lm_block": [64, 128],
                   "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32]}),
 }
+GRIDS["landmark-sdpa"] = GRIDS["landmark"]  # the same pass, its landmark softmax read from cuDNN's result
 
 
 def config_text(overrides: dict[str, int]) -> str:
@@ -88,7 +92,7 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
         return lambda cfg: layer.fused(cfg, landmark_impl)()
 
     calls = {"key": lambda cfg: kv_state_fused(layer.k, layer.v, layer.phi_k, None, cfg), "query": call(None),
-             "landmark": call("fused")}
+             "landmark": call("fused"), "landmark-sdpa": call("sdpa")}
     print(f"# {layer.description}; 'query' and 'landmark' time the whole call "
           "(key pass at default tiles; 'landmark' also adaptive pass 2)", flush=True)
     summary: list[str] = []
@@ -116,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnplug-bench-tune")
     p.add_argument("--sizes", default="1024,2048")
     p.add_argument("--quick", action="store_true", help="grids about a third the size")
-    p.add_argument("--parts", default=",".join(GRIDS), help=f"comma list of the parts to sweep ({', '.join(GRIDS)})")
+    p.add_argument("--parts", default="key,query,landmark",
+                   help=f"comma list of the parts to sweep ({', '.join(GRIDS)})")
     p.add_argument("--grid", default=None,
                    help='JSON {part: {KernelConfig field: [values]}} replacing those parts\' grids, e.g. '
                         '\'{"landmark": {"lm_patch_w": [8, 16, 32]}}\'')
