@@ -87,21 +87,21 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
     """Sweep every part (or `parts`) at one size (lines printed as they come); returns the summary lines."""
     layer = default_layer(size, dev)
 
-    def call(landmark_impl: str | None) -> Callable[[KernelConfig], torch.Tensor]:
+    def whole_call(landmark_impl: str | None) -> Callable[[KernelConfig], torch.Tensor]:
         """The whole layer call: kernel-only (None) or with landmarks (and the window) through `landmark_impl`."""
         return lambda cfg: layer.fused(cfg, landmark_impl)()
 
-    calls = {"key": lambda cfg: kv_state_fused(layer.k, layer.v, layer.phi_k, None, cfg), "query": call(None),
-             "landmark": call("fused"), "landmark-sdpa": call("sdpa")}
+    calls = {"key": lambda cfg: kv_state_fused(layer.k, layer.v, layer.phi_k, None, cfg), "query": whole_call(None),
+             "landmark": whole_call("fused"), "landmark-sdpa": whole_call("sdpa")}
     print(f"# {layer.description}; 'query' and 'landmark' time the whole call "
           "(key pass at default tiles; 'landmark' also adaptive pass 2)", flush=True)
     summary: list[str] = []
     combined: dict[str, int] = {}
-    for part, call in calls.items():
+    for part, part_call in calls.items():
         if parts is not None and part not in parts:
             continue
         grid = (grids or {}).get(part) or GRIDS[part][int(quick)]
-        rows = sweep(f"{size} {part}", call, grid, dev)
+        rows = sweep(f"{size} {part}", part_call, grid, dev)
         if rows:
             ms, best = min(rows, key=lambda r: r[0])
             combined.update(best)
@@ -110,7 +110,7 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
     for impl in ("fused", "sdpa"):
         for name, overrides in (("default", {}), ("combined", combined)):
             one_point = {f: [x] for f, x in overrides.items()}
-            rows = sweep(f"{size} whole {impl}-lm {name}", call(impl), one_point, dev)
+            rows = sweep(f"{size} whole {impl}-lm {name}", whole_call(impl), one_point, dev)
             if rows:
                 summary.append(f"WHOLE {size} {impl}-lm {name}: {rows[0][0]:.3f} ms")
     return summary

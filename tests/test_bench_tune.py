@@ -1,0 +1,44 @@
+"""`bench.tune`: each part's sweep and the closing whole-call comparison run the calls they name (CPU, no kernels).
+
+The sweep's timing and the layer are replaced by stand-ins: what is checked is the plumbing (which call each
+part times with which config), which a GPU run would otherwise be the first to exercise."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from attnplug.bench import tune
+from attnplug.plugins.ttr.kernels import KernelConfig
+
+
+class FakeLayer:
+    """Records every whole-layer call `tune_size` makes: (landmark_impl, config)."""
+
+    description = "fake layer"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str | None, KernelConfig]] = []
+        self.k = self.v = torch.zeros(1)
+        self.phi_k = SimpleNamespace()
+
+    def fused(self, config: KernelConfig, landmark_impl: str | None):
+        assert isinstance(config, KernelConfig), config
+        return lambda: self.calls.append((landmark_impl, config))
+
+
+def test_tune_size_sweeps_the_named_part_then_times_default_and_combined_whole_calls(monkeypatch, capsys):
+    layer = FakeLayer()
+    monkeypatch.setattr(tune, "default_layer", lambda size, dev: layer)
+    # faster with a wider window block: the sweep must pick 128 as the part's best
+    monkeypatch.setattr(tune, "time_ms", lambda fn, dev, *a: (fn(), [1.0 / layer.calls[-1][1].lm_window_block])[1])
+    grid = {"landmark-sdpa": {"lm_window_block": [32, 128]}}
+    summary = tune.tune_size("1024", False, torch.device("cpu"), ["landmark-sdpa"], grid)
+    swept = [(impl, cfg.lm_window_block) for impl, cfg in layer.calls[:2]]
+    assert swept == [("sdpa", 32), ("sdpa", 128)]
+    whole = [(impl, cfg.lm_window_block) for impl, cfg in layer.calls[2:]]
+    default_block = KernelConfig().lm_window_block
+    assert whole == [("fused", default_block), ("fused", 128), ("sdpa", default_block), ("sdpa", 128)]
+    assert "BEST 1024 landmark-sdpa: 0.008 ms KernelConfig(lm_window_block=128)" in summary
+    assert "COMBINED 1024: KernelConfig(lm_window_block=128)" in summary
+    assert any(line.startswith("WHOLE 1024 sdpa-lm combined") for line in summary)
