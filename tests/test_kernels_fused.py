@@ -243,6 +243,26 @@ def test_interpreter_sdpa_landmarks_per_head_group_with_a_batch(poison):
         assert _rel(out, ref) < 1e-5, adaptive
 
 
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("n_lm", [5, 16, 32, 33])
+def test_interpreter_landmark_loop_whole_and_partial_tiles(poison, n_lm):
+    """The landmark loop runs its whole tiles unmasked and the partial one masked: fewer landmarks than a tile,
+    exactly one and two tiles, and two tiles and one landmark all match the reference."""
+    b, h, n, d = 1, 2, 70, 32
+    q, k, v = _inputs(b, h, n, d, seed=n_lm)
+    g = torch.Generator().manual_seed(3)
+    pq = random_phi(d, 64, 32, 2, generator=g)
+    pk = random_phi(d, 64, 32, 2, generator=g)
+    idx = torch.randperm(n, generator=g)[:n_lm].sort().values
+    cfg = KernelConfig(lm_block_m=32, lm_warps=4, lm_stages=1, lm_block=16, q_block_m=16, q_warps=2)
+    for adaptive in (True, False):
+        ref = ttr_forward_reference(q, k, v, pq, pk, idx, -0.5, 0.5, 2.0, adaptive)
+        out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=-0.5, alpha_max=0.5,
+                                adaptive=adaptive, landmark_impl="fused", config=cfg, strict=True)
+        assert _rel(out, ref) < 1e-5, adaptive
+
+
 @pytest.mark.parametrize("nq,n_lm", [(4608, 840), (16896, 1823), (66048, 5755), (77, 15), (3000, 4000)])
 @pytest.mark.parametrize("fraction", [0.06, 0.3])
 def test_sdpa_chunks_keep_the_memory_budget(nq, n_lm, fraction):

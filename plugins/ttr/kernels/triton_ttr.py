@@ -159,19 +159,39 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, w1_ptr, b1_ptr, w2_ptr, 
 
 
 @triton.jit
-def _softmax_step(q, kt, vt, keep, m_i, l_i, acc, qk_scale):
-    """One tile of a flash-style online softmax: fold keys `kt` / values `vt` (`[BK, D]`, where `keep`, a mask
-    broadcastable to `[BM, BK]`) into the running max `m_i`, sum `l_i` and output `acc` of the query tile `q`.
-    A row that has seen no key yet keeps max −inf; 0 is used in its place (no NaN from −inf − −inf)."""
-    sc = tl.dot(q, tl.trans(kt)) * qk_scale
-    sc = tl.where(keep, sc, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+def _softmax_step(q, kt, vt, keep, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr):
+    """One tile of a flash-style online softmax: fold keys `kt` / values `vt` (`[BK, D]`; with MASKED only where
+    `keep`, a mask broadcastable to `[BM, BK]`) into the running max `m_i`, sum `l_i` and output `acc` of the
+    query tile `q` (max in the exp2 domain: scores times `qk_scale`, folded into the exponent's FMA). A row that
+    has seen no key yet keeps max −inf; 0 is used in its place (no NaN from −inf − −inf)."""
+    sc = tl.dot(q, tl.trans(kt))
+    if MASKED:
+        sc = tl.where(keep, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(sc - m_use[:, None])
+    p = tl.exp2(sc * qk_scale - m_use[:, None])
     corr = tl.exp2(m_i - m_use)
     l_i = l_i * corr + tl.sum(p, axis=1)
     acc = tl.dot(p.to(vt.dtype), vt, acc * corr[:, None])
     return m_new, l_i, acc
+
+
+@triton.jit
+def _landmark_tile(q, kl_base, vl_base, idx_ptr, l0, L, offs_d, skn, svn, m_i, l_i, acc, qk_scale,
+                   BL: tl.constexpr, MASKED: tl.constexpr):
+    """Fold landmarks `l0 … l0 + BL` (rows of k/v gathered by `idx_ptr`; MASKED: the last, partial tile) into
+    the online softmax of the query tile `q`."""
+    offs_l = l0 + tl.arange(0, BL)
+    l_ok = offs_l < L
+    if MASKED:
+        rows = tl.load(idx_ptr + offs_l, mask=l_ok, other=0)
+        kt = tl.load(kl_base + rows[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+        vt = tl.load(vl_base + rows[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+    else:
+        rows = tl.load(idx_ptr + offs_l)
+        kt = tl.load(kl_base + rows[:, None] * skn + offs_d[None, :])
+        vt = tl.load(vl_base + rows[:, None] * svn + offs_d[None, :])
+    return _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale, MASKED)
 
 
 @triton.jit
@@ -195,43 +215,44 @@ def _patch_rows(pid_m, n_text_tiles, n_cond, grid_h, grid_w, BM: tl.constexpr, P
 
 
 @triton.jit
-def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_m, row_ok, offs_d, m_i, l_i, acc, pr, pc, n_cond, grid_h,
-                    grid_w, qk_scale, skn, svn, WIN: tl.constexpr, BLW: tl.constexpr, PH: tl.constexpr,
-                    PW: tl.constexpr):
+def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, acc, pr, pc, n_cond, grid_h, grid_w, qk_scale,
+                    skn, svn, WIN: tl.constexpr, BLW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
     """Continue the online softmax `(m_i, l_i, acc)` of a query patch over its local windows.
 
     Image tokens sit row-major on the `grid_h x grid_w` latent grid after `n_cond` conditioning tokens; the
     tile is the `PH x PW` patch (`pr`, `pc`) of that grid (`_patch_rows`; −1: a conditioning tile, no window).
-    Its windows together cover the box of grid rows `[pr·PH − WIN, pr·PH + PH − 1 + WIN]` and columns
-    `[pc·PW − WIN, pc·PW + PW − 1 + WIN]`, clipped to the grid: `(PH + 2r)(PW + 2r)` keys (240 for a 8 x 16
-    patch at r = 2), visited BLW at a time in row-major order. (Tiles of consecutive rows visited whole grid
-    rows: 5 x 128 keys per tile at 2048², 5 x 192 at 4096².) A (query, key) pair counts when the query is an
-    image token, |Δrow| ≤ WIN, |Δcol| ≤ WIN and the key is not a landmark (`lmf_ptr`, int8 per key: the
-    landmark loop counted it).
+    Its windows together cover the box of `(PH + 2r) x (PW + 2r)` grid cells whose corner is `(pr·PH − r,
+    pc·PW − r)` (240 keys for a 8 x 16 patch at r = 2), visited BLW at a time in row-major order; cells off the
+    grid count as missing keys. Every box has the same shape, so a key's place in it and a query's in the patch
+    are compile-time divisions, and "within the window" is two range checks per (query, key): |box row −
+    (patch row + r)| ≤ r, and the same for columns (fp32: the compare takes |·| for free). A key counts when it
+    is on the grid and not a landmark (`lmf_ptr`, int8 per key: the landmark loop counted it). Rows of the
+    patch off the grid are never stored, so their masks need no check.
+    (Offline sm_90 compile: a box clipped to the grid, of runtime width, cost ~1440 instructions per 64-key
+    step — divisions by that width and integer checks per pair; this one ~1000.)
     """
-    has_img = pr >= 0
-    kr_lo = tl.maximum(pr * PH - WIN, 0)
-    kr_hi = tl.minimum(pr * PH + PH - 1 + WIN, grid_h - 1)
-    c_lo = tl.maximum(pc * PW - WIN, 0)
-    c_hi = tl.minimum(pc * PW + PW - 1 + WIN, grid_w - 1)
-    box_w = tl.maximum(c_hi - c_lo + 1, 1)
-    n_box = tl.where(has_img, (kr_hi - kr_lo + 1) * (c_hi - c_lo + 1), 0)
-    q_img = row_ok & (offs_m >= n_cond)
-    pq = tl.maximum(offs_m - n_cond, 0)
-    q_row = pq // grid_w
-    q_col = pq % grid_w
-    for f0 in range(0, n_box, BLW):
+    BW: tl.constexpr = PW + 2 * WIN
+    NBOX: tl.constexpr = (PH + 2 * WIN) * BW
+    i = tl.arange(0, PH * PW)
+    q_r = (i // PW + WIN).to(tl.float32)  # the box row of the query's window centre
+    q_c = (i % PW + WIN).to(tl.float32)
+    r0 = pr * PH - WIN
+    c0 = pc * PW - WIN
+    for f0 in range(0, tl.where(pr >= 0, NBOX, 0), BLW):
         f = f0 + tl.arange(0, BLW)
-        k_ok = f < n_box
-        k_row = kr_lo + f // box_w
-        k_col = c_lo + f % box_w
-        tok = n_cond + k_row * grid_w + k_col
-        k_ok_w = k_ok & (tl.load(lmf_ptr + tok, mask=k_ok, other=1) == 0)  # landmarks: counted already
+        k_r = f // BW
+        k_c = f % BW
+        g_r = r0 + k_r
+        g_c = c0 + k_c
+        k_ok = (f < NBOX) & (g_r >= 0) & (g_r < grid_h) & (g_c >= 0) & (g_c < grid_w)
+        tok = n_cond + g_r * grid_w + g_c
+        k_ok = k_ok & (tl.load(lmf_ptr + tok, mask=k_ok, other=1) == 0)  # landmarks: counted already
         kt = tl.load(kl_base + tok[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
         vt = tl.load(vl_base + tok[:, None] * svn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        near = (q_img[:, None] & (tl.abs(q_row[:, None] - k_row[None, :]) <= WIN)
-                & (tl.abs(q_col[:, None] - k_col[None, :]) <= WIN) & k_ok_w[None, :])
-        m_i, l_i, acc = _softmax_step(q, kt, vt, near, m_i, l_i, acc, qk_scale)
+        k_rf = tl.where(k_ok, k_r.to(tl.float32), 1e4)  # a missing key is out of every window
+        near = ((tl.abs(k_rf[None, :] - q_r[:, None]) <= WIN)
+                & (tl.abs(k_c.to(tl.float32)[None, :] - q_c[:, None]) <= WIN))
+        m_i, l_i, acc = _softmax_step(q, kt, vt, near, m_i, l_i, acc, qk_scale, True)
     return m_i, l_i, acc
 
 
@@ -299,9 +320,8 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
                             mask=row_ok[:, None], other=0.0)
                 m_i = tl.load(lse_ptr + t_ptrs, mask=row_ok, other=0.0) * 1.4426950408889634  # to the exp2 domain
                 l_i = tl.full((BM,), 1.0, dtype=tl.float32)
-                m_i, l_i, ol = _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_m, row_ok, offs_d, m_i, l_i, ol,
-                                               pr, pc, n_cond, grid_h, grid_w, qk_scale, skn, svn, WIN, BLW,
-                                               BM // PW, PW)
+                m_i, l_i, ol = _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, ol, pr, pc, n_cond,
+                                               grid_h, grid_w, qk_scale, skn, svn, WIN, BLW, BM // PW, PW)
                 ol = ol / l_i[:, None]
         else:
             q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
@@ -309,20 +329,19 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
             m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((BM,), dtype=tl.float32)
             acc = tl.zeros((BM, D), dtype=tl.float32)
-            for l0 in range(0, L, BL):
-                offs_l = l0 + tl.arange(0, BL)
-                l_ok = offs_l < L
-                rows = tl.load(idx_ptr + offs_l, mask=l_ok, other=0)  # landmark rows of k/v, gathered here
-                kt = tl.load(kl_base + rows[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-                vt = tl.load(vl_base + rows[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-                m_i, l_i, acc = _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale)
+            l_full = (L // BL) * BL  # whole tiles unmasked, then the partial one
+            for l0 in range(0, l_full, BL):
+                m_i, l_i, acc = _landmark_tile(q, kl_base, vl_base, idx_ptr, l0, L, offs_d, skn, svn, m_i, l_i, acc,
+                                               qk_scale, BL, False)
+            if l_full < L:
+                m_i, l_i, acc = _landmark_tile(q, kl_base, vl_base, idx_ptr, l_full, L, offs_d, skn, svn, m_i, l_i,
+                                               acc, qk_scale, BL, True)
             if WIN == 0:
                 ol = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             else:
                 # the same online softmax goes on over the patch's local windows (see _window_softmax)
-                m_i, l_i, acc = _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_m, row_ok, offs_d, m_i, l_i, acc,
-                                                pr, pc, n_cond, grid_h, grid_w, qk_scale, skn, svn, WIN, BLW,
-                                                BM // PW, PW)
+                m_i, l_i, acc = _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, acc, pr, pc, n_cond,
+                                                grid_h, grid_w, qk_scale, skn, svn, WIN, BLW, BM // PW, PW)
                 ol = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key at all (no landmarks, text row): 0
         if HAS_AFF:
             ol = ol * (1.0 + tl.load(aff_ptr + b * 4 + 2)) + tl.load(aff_ptr + b * 4 + 3)
