@@ -7,6 +7,7 @@ poisoned (NaN) before each check, so an element the kernels fail to write fails 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 
 import pytest
@@ -44,7 +45,7 @@ def _inputs(b, h, n, d, dtype=torch.float32, device="cpu", seed=0):
 
 #: SDPA landmarks per head group and in row chunks; the second also tiles the landmark pass (fixed-α hybrid,
 #: adaptive pass 1) unlike the other query passes (kernel-only, adaptive pass 2), with another landmark tile.
-CHUNKED = KernelConfig(sdpa_memory_fraction=0.5, sdpa_min_rows=16)  # 2 head groups × 2 row chunks at n = 77
+CHUNKED = KernelConfig(sdpa_memory_fraction=0.5, sdpa_min_rows=16, sdpa_whole=False)  # 2 head groups × 2 row chunks
 SPLIT_TILES = KernelConfig(q_block_m=16, q_warps=2, q_stages=1, lm_block_m=32, lm_warps=4, lm_stages=2,
                            lm_block=16, sdpa_memory_fraction=0.3, sdpa_min_rows=16)
 
@@ -225,8 +226,9 @@ def test_gpu_flux_shapes_bf16(poison, n_img, dtype, hidden_chunk):
 @needs_triton
 @cpu_only
 def test_interpreter_sdpa_landmarks_per_head_group_with_a_batch(poison):
-    """cuDNN's (here: torch's) landmark softmax written into the output per head group and row chunk, then
-    read back by one landmark pass: every (batch, head, row) lands where it belongs."""
+    """cuDNN's (here: torch's) landmark softmax written into the output per head group and row chunk (or in one
+    call over all heads, its result the output), then read back by one landmark pass: every (batch, head, row)
+    lands where it belongs."""
     b, h, n, d = 2, 3, 70, 32
     q, k, v = _inputs(b, h, n, d, seed=21)
     g = torch.Generator().manual_seed(2)
@@ -234,13 +236,14 @@ def test_interpreter_sdpa_landmarks_per_head_group_with_a_batch(poison):
     pk = random_phi(d, 64, 32, 2, generator=g)
     idx = torch.tensor([0, 1, 2, 3, 10, 25, 40, 55, 69])
     logit, aff = torch.tensor([-1.0, 0.3, 0.0]), [0.1, 0.0, -0.1, 0.02]
-    cfg = KernelConfig(sdpa_memory_fraction=0.4, sdpa_min_rows=16)
-    assert fused_mod.sdpa_chunks(n, h, idx.numel(), cfg) == (1, 35)  # 3 head groups × 2 row chunks
-    for adaptive in (True, False):
+    chunked = KernelConfig(sdpa_memory_fraction=0.4, sdpa_min_rows=16, sdpa_whole=False)
+    assert fused_mod.sdpa_chunks(n, h, idx.numel(), chunked) == (1, 35)  # 3 head groups × 2 row chunks
+    whole = KernelConfig(sdpa_memory_fraction=0.4)  # all heads' landmark K/V fit: one call, its result the output
+    for adaptive, config in itertools.product((True, False), (chunked, whole)):
         ref = ttr_forward_reference(q, k, v, pq, pk, idx, logit, 0.2, 2.0, adaptive, branch_affine=aff)
         out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit, adaptive=adaptive,
-                                branch_affine=aff, landmark_impl="sdpa", config=cfg, strict=True)
-        assert _rel(out, ref) < 1e-5, adaptive
+                                branch_affine=aff, landmark_impl="sdpa", config=config, strict=True)
+        assert _rel(out, ref) < 1e-5, (adaptive, config.sdpa_whole)
 
 
 @needs_triton

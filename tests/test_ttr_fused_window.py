@@ -177,9 +177,11 @@ def test_fused_window_matches_reference(poison, grid, radius, config, dtype):
 @interpreted
 @pytest.mark.parametrize("grid", [(6, 6), (3, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_sdpa_landmarks_continue_over_the_window(poison, grid, dtype):
+@pytest.mark.parametrize("whole", [False, True], ids=["chunked", "whole"])
+def test_sdpa_landmarks_continue_over_the_window(poison, grid, dtype, whole):
     """landmark_impl "sdpa" with a window: the landmark softmax by SDPA (here plain PyTorch; cuDNN on a GPU) per
-    head group and row chunk, its log-sum-exp handed to the landmark pass, which goes on over the window."""
+    head group and row chunk — or in one call over all heads whose result becomes the output — its log-sum-exp
+    handed to the landmark pass, which goes on over the window."""
     b, h, d, radius = 2, 2, 16, 2
     n_img = grid[0] * grid[1]
     q, k, v = _qkv(b, h, N_COND + n_img, d, dtype, seed=n_img)
@@ -188,7 +190,9 @@ def test_sdpa_landmarks_continue_over_the_window(poison, grid, dtype):
     pk = random_phi(d, 32, 16, 2, "elu+1", h, generator=g)
     idx = _landmarks(radius).indices(k, _call(grid, n_img))[0]
     chunked = KernelConfig(lm_block_m=16, lm_warps=2, lm_stages=1, lm_block=16, lm_window_block=16, q_block_m=16,
-                           q_warps=2, q_stages=1, sdpa_memory_fraction=0.5, sdpa_min_rows=8)  # heads and rows chunked
+                           q_warps=2, q_stages=1, sdpa_memory_fraction=0.5, sdpa_min_rows=8,
+                           sdpa_whole=whole)  # heads and rows chunked, unless whole (its landmarks fit the fraction)
+    assert 2 * idx.numel() <= chunked.sdpa_memory_fraction * q.shape[2]
     tol = 1e-5 if dtype == torch.float32 else 3e-3
     for adaptive in (True, False):
         ref = ttr_forward_reference(q, k, v, pq, pk, idx, 0.5, 0.9, 2.0, adaptive, window=radius, grid=grid,

@@ -63,7 +63,9 @@ class KernelConfig:
     # K/V copies and one chunk of out_l stay within this fraction of the output's bytes (issue 8's memory
     # target: SDPA's peak + 10 %; the rest of the fused path adds ~2 %) …
     sdpa_memory_fraction: float = 0.06
-    sdpa_min_rows: int = 2048  # … with chunks of at least this many rows (small chunks under-fill the GPU)
+    sdpa_min_rows: int = 2048  # … with chunks of at least this many rows (small chunks under-fill the GPU),
+    # … or in one call over all heads, whose result is the output, where all heads' landmark K/V fit that fraction
+    sdpa_whole: bool = True
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -266,6 +268,12 @@ def _window_block(want: int, block_m: int, patch_w: int, window: int) -> int:
     return min(max(16, 1 << (max(1, want) - 1).bit_length()), cap)
 
 
+def _fast_silu(x: torch.Tensor) -> int:
+    """Whether φ's in-kernel SiLU takes the hardware tanh (`triton_ttr._silu`): 16-bit inputs on a GPU, whose
+    rounding before the next layer is coarser than its error; fp32 and the interpreter keep the exact form."""
+    return int(x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16))
+
+
 def _on_device(x: torch.Tensor | float | Sequence[float], device: torch.device) -> torch.Tensor:
     """`x` as fp32 on `device` without a device sync: Python numbers are copied with `non_blocking` (a
     blocking copy from CPU memory waits for everything queued on the GPU first)."""
@@ -300,17 +308,30 @@ def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tu
     return torch.matmul(torch.softmax(sc, dim=-1), v.float()).to(q.dtype), torch.logsumexp(sc, dim=-1)
 
 
-def _sdpa_landmarks(out: torch.Tensor, lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    idx: torch.Tensor, config: KernelConfig) -> bool:
-    """out_l by SDPA (cuDNN) over the landmarks `idx`, written into `out` per head group and row chunk
-    (`sdpa_chunks`: one group's landmark K/V and one chunk's result are the extra memory, no output-sized
-    buffer), with each row's log-sum-exp into `lse` when given (a window continues the softmax from it).
+def _sdpa_landmarks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, config: KernelConfig,
+                    with_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`(out, lse)`: out_l by SDPA (cuDNN) over the landmarks `idx`, in the buffer that becomes the layer's
+    output (the landmark pass and adaptive pass 2 then write into it), and with `with_lse` each row's
+    log-sum-exp `[B, H, N]` (a window continues the softmax from it).
 
-    Returns False where SDPA cannot give the log-sum-exp (torch < 2.5's cuDNN op; warned once per device and
-    dtype, which `_lse_ok` then declines): the caller runs the in-kernel softmax, which rewrites every row."""
-    nq, heads = q.shape[2], q.shape[1]
-    group, rows = sdpa_chunks(nq, heads, idx.numel(), config)
+    Where every head's landmark K/V fit within `sdpa_memory_fraction` of the output (`config.sdpa_whole`;
+    4096²-class sizes at the 2 % default), one call over all heads, whose own result is the output: no copy
+    and no second buffer. Else per head group and row chunk into a fresh output (`sdpa_chunks`: one group's
+    landmark K/V and one chunk's result are the extra memory). Returns None where SDPA cannot give the
+    log-sum-exp (torch < 2.5's cuDNN op; warned once per device and dtype, which `_lse_ok` then declines):
+    the caller runs the in-kernel softmax."""
+    bsz, heads, nq, d = q.shape
+    n_lm = idx.numel()
     try:
+        if config.sdpa_whole and 2 * n_lm <= config.sdpa_memory_fraction * nq:
+            kg, vg = k.index_select(2, idx), v.index_select(2, idx)
+            if not with_lse:
+                return F.scaled_dot_product_attention(q, kg, vg), None
+            out, lse = _attention_with_lse(q, kg, vg)
+            return out, lse.contiguous()
+        out = torch.empty(bsz, heads, nq, d, device=q.device, dtype=q.dtype)
+        lse = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32) if with_lse else None
+        group, rows = sdpa_chunks(nq, heads, n_lm, config)
         for h0 in range(0, heads, group):
             h1 = min(heads, h0 + group)
             kg = k[:, h0:h1].index_select(2, idx)
@@ -323,15 +344,15 @@ def _sdpa_landmarks(out: torch.Tensor, lse: torch.Tensor | None, q: torch.Tensor
                 else:
                     out[:, h0:h1, m0:m1] = F.scaled_dot_product_attention(qc, kg, vg)
             del kg, vg
+        return out, lse
     except (RuntimeError, TypeError) as exc:  # torch < 2.5: the op has no log-sum-exp argument (TypeError)
-        if lse is None or isinstance(exc, torch.cuda.OutOfMemoryError):
+        if not with_lse or isinstance(exc, torch.cuda.OutOfMemoryError):
             raise
         _LSE_FAILED.add((q.device, q.dtype))
         log.warning("attnplug: ttr kernels: SDPA with its log-sum-exp failed on %s %s (%s: %s); windowed calls "
                     "there use the in-kernel landmark softmax", q.device, q.dtype, type(exc).__name__,
                     str(exc).splitlines()[0] if str(exc) else "")
-        return False
-    return True
+        return None
 
 
 def sdpa_chunks(nq: int, heads: int, n_lm: int, config: KernelConfig) -> tuple[int, int]:
@@ -384,7 +405,7 @@ def kv_state_fused(k: torch.Tensor, v: torch.Tensor, phi_k: PhiWeights, key_mask
         D=d, DIN=plan.din, BK=_block_k(config.block_k, plan.din), H1=plan.h1, F1=plan.f1, DEPTH=plan.depth,
         ACT=_ACT[phi_k.activation], IS_HH=int(phi_k.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
         HAS_B2=wa["HAS_B2"], NORM=int(phi_k.l2_norm), HAS_MASK=int(key_mask is not None), BN=bn,
-        HC=_hidden_chunk(config.kv_hidden_chunk, plan.h1),
+        HC=_hidden_chunk(config.kv_hidden_chunk, plan.h1), FAST_SILU=_fast_silu(x),
         num_warps=config.kv_warps, num_stages=config.kv_stages)
     return s, z
 
@@ -465,7 +486,6 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             x = x.contiguous()
         if q.stride(-1) != 1:
             q = q.contiguous()
-        out = torch.empty(bsz, heads, nq, d, device=q.device, dtype=q.dtype)
         dummy = s
         wa = _kernel_args(phi_q, plan, q.dtype, q.device, dummy)
         use_branch = use_lm or window > 0  # a window runs the landmark branch even without landmarks
@@ -519,20 +539,22 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src,
                 HAS_AFF=int(branch_affine is not None), BM=bm, BL=cfg.lm_block,
                 HC=_hidden_chunk(cfg.q_hidden_chunk, plan.h1), WIN=win,
-                BLW=_window_block(cfg.lm_window_block, bm, pw, win) if win else 16, PW=pw, num_warps=warps,
-                num_stages=stages)
+                BLW=_window_block(cfg.lm_window_block, bm, pw, win) if win else 16, PW=pw, FAST_SILU=_fast_silu(x),
+                num_warps=warps, num_stages=stages)
 
         if not use_branch:
+            out = torch.empty(bsz, heads, nq, d, device=q.device, dtype=q.dtype)
             launch(0, 0)
             return out
         mode = 2 if adaptive else 1
-        if landmark_impl == "sdpa":
-            if window > 0:  # the landmark pass continues cuDNN's softmax over the window from its log-sum-exp
-                lse = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
-            lm_src = int(_sdpa_landmarks(out, None if window == 0 else lse, q, k, v, idx, cfg))
-            launch(mode, lm_src)
+        # with a window the landmark pass continues cuDNN's softmax over the window from its log-sum-exp
+        res = _sdpa_landmarks(q, k, v, idx, cfg, window > 0) if landmark_impl == "sdpa" else None
+        if res is not None:
+            out, lse = res
+            lse = dummy if lse is None else lse
         else:
-            launch(mode, 0)
+            out = torch.empty(bsz, heads, nq, d, device=q.device, dtype=q.dtype)
+        launch(mode, int(res is not None))
         if adaptive:
             launch(3, 0)  # the mean of d: d_sum / Nq (pass 1 summed it)
         return out
