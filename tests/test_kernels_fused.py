@@ -250,8 +250,8 @@ def test_interpreter_sdpa_landmarks_per_head_group_with_a_batch(poison):
 @cpu_only
 @pytest.mark.parametrize("n_lm", [5, 16, 32, 33])
 def test_interpreter_landmark_loop_whole_and_partial_tiles(poison, n_lm):
-    """The landmark loop runs its whole tiles unmasked and the partial one masked: fewer landmarks than a tile,
-    exactly one and two tiles, and two tiles and one landmark all match the reference."""
+    """The landmark loop's tiles against the landmark count: fewer landmarks than a tile, exactly one and two
+    tiles, and two tiles and one landmark all match the reference."""
     b, h, n, d = 1, 2, 70, 32
     q, k, v = _inputs(b, h, n, d, seed=n_lm)
     g = torch.Generator().manual_seed(3)

@@ -486,7 +486,7 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             x = x.contiguous()
         if q.stride(-1) != 1:
             q = q.contiguous()
-        dummy = s
+        dummy = z  # stands in for pointer arguments a pass does not read
         wa = _kernel_args(phi_q, plan, q.dtype, q.device, dummy)
         use_branch = use_lm or window > 0  # a window runs the landmark branch even without landmarks
         idx = landmark_idx.to(device=q.device, dtype=torch.long).contiguous() if use_lm else dummy
@@ -511,6 +511,10 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 raise ValueError(f"branch_affine: expected [4] or [{bsz}, 4], got {tuple(aff.shape)}")
             aff = aff.expand(bsz, 4).contiguous()
         s_scale = 1.0 / max(1, nk)  # keeps S and z in range for fp16 dots; cancels in the ratio
+        # S as the query passes' dot reads it: scaled and in q's dtype once here, not per query tile (fp32 S was
+        # 64 KiB of reads and a cast per tile)
+        s_q = (s * s_scale).to(q.dtype)
+        del s  # the fp32 state is not read again: freed before the passes (peak memory)
         qk_scale = d ** -0.5 * 1.4426950408889634
         d_buf = d_sum = lse = dummy
         if use_branch and adaptive:
@@ -527,7 +531,7 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             # with a window: the conditioning rows, then (BM/PW x PW) patches of the latent grid
             tiles = n_text_tiles + _cdiv(grid_h, bm // pw) * _cdiv(grid_w, pw) if win else _cdiv(nq, bm)
             _query_kernel[(tiles, bsz * heads)](
-                q, x, s, z, kl, vl, idx, lm_flag, out, d_buf, d_sum, lse, logit, aff,
+                q, x, s_q, z, kl, vl, idx, lm_flag, out, d_buf, d_sum, lse, logit, aff,
                 wa["w1"], wa["b1"], wa["w2"], wa["b2"],
                 nq, n_lm, heads, int(n_cond) if window else 0, n_text_tiles, grid_h, grid_w, s_scale,
                 eps * 1.0, float(alpha_max), float(gamma), qk_scale, phi_q.norm_eps,

@@ -172,14 +172,13 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, w1_ptr, b1_ptr, w2_ptr, 
 
 
 @triton.jit
-def _softmax_step(q, kt, vt, keep, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr):
-    """One tile of a flash-style online softmax: fold keys `kt` / values `vt` (`[BK, D]`; with MASKED only where
-    `keep`, a mask broadcastable to `[BM, BK]`) into the running max `m_i`, sum `l_i` and output `acc` of the
-    query tile `q` (max in the exp2 domain: scores times `qk_scale`, folded into the exponent's FMA). A row that
-    has seen no key yet keeps max −inf; 0 is used in its place (no NaN from −inf − −inf)."""
+def _softmax_step(q, kt, vt, keep, m_i, l_i, acc, qk_scale):
+    """One tile of a flash-style online softmax: fold keys `kt` / values `vt` (`[BK, D]`, where `keep`, a mask
+    broadcastable to `[BM, BK]`) into the running max `m_i`, sum `l_i` and output `acc` of the query tile `q`
+    (max in the exp2 domain: scores times `qk_scale`, folded into the exponent's FMA). A row that has seen no
+    key yet keeps max −inf; 0 is used in its place (no NaN from −inf − −inf)."""
     sc = tl.dot(q, tl.trans(kt))
-    if MASKED:
-        sc = tl.where(keep, sc, float("-inf"))
+    sc = tl.where(keep, sc, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sc, axis=1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(sc * qk_scale - m_use[:, None])
@@ -187,24 +186,6 @@ def _softmax_step(q, kt, vt, keep, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr
     l_i = l_i * corr + tl.sum(p, axis=1)
     acc = tl.dot(p.to(vt.dtype), vt, acc * corr[:, None])
     return m_new, l_i, acc
-
-
-@triton.jit
-def _landmark_tile(q, kl_base, vl_base, idx_ptr, l0, L, offs_d, skn, svn, m_i, l_i, acc, qk_scale,
-                   BL: tl.constexpr, MASKED: tl.constexpr):
-    """Fold landmarks `l0 … l0 + BL` (rows of k/v gathered by `idx_ptr`; MASKED: the last, partial tile) into
-    the online softmax of the query tile `q`."""
-    offs_l = l0 + tl.arange(0, BL)
-    l_ok = offs_l < L
-    if MASKED:
-        rows = tl.load(idx_ptr + offs_l, mask=l_ok, other=0)
-        kt = tl.load(kl_base + rows[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-        vt = tl.load(vl_base + rows[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-    else:
-        rows = tl.load(idx_ptr + offs_l)
-        kt = tl.load(kl_base + rows[:, None] * skn + offs_d[None, :])
-        vt = tl.load(vl_base + rows[:, None] * svn + offs_d[None, :])
-    return _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale, MASKED)
 
 
 @triton.jit
@@ -265,7 +246,7 @@ def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, acc, pr, pc,
         k_rf = tl.where(k_ok, k_r.to(tl.float32), 1e4)  # a missing key is out of every window
         near = ((tl.abs(k_rf[None, :] - q_r[:, None]) <= WIN)
                 & (tl.abs(k_c.to(tl.float32)[None, :] - q_c[:, None]) <= WIN))
-        m_i, l_i, acc = _softmax_step(q, kt, vt, near, m_i, l_i, acc, qk_scale, True)
+        m_i, l_i, acc = _softmax_step(q, kt, vt, near, m_i, l_i, acc, qk_scale)
     return m_i, l_i, acc
 
 
@@ -305,14 +286,15 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         offs_f = tl.arange(0, F1)
         s_base = s_ptr + pid_bh * (FT * D)
         z_base = z_ptr + pid_bh * FT
-        st = tl.load(s_base + offs_f[:, None] * D + offs_d[None, :]) * s_scale
+        # S comes scaled by s_scale and in the output's dtype (`run_fused_kernels`: once per call, not per tile)
+        st = tl.load(s_base + offs_f[:, None] * D + offs_d[None, :])
         zt = tl.load(z_base + offs_f) * s_scale
-        num = tl.dot(f1.to(out_dtype), st.to(out_dtype))
+        num = tl.dot(f1.to(out_dtype), st)
         den = tl.sum(f1 * zt[None, :], axis=1)
         if IS_HH:
-            st2 = tl.load(s_base + F1 * D + offs_f[:, None] * D + offs_d[None, :]) * s_scale
+            st2 = tl.load(s_base + F1 * D + offs_f[:, None] * D + offs_d[None, :])
             zt2 = tl.load(z_base + F1 + offs_f) * s_scale
-            num = tl.dot(f2.to(out_dtype), st2.to(out_dtype), num)
+            num = tl.dot(f2.to(out_dtype), st2, num)
             den += tl.sum(f2 * zt2[None, :], axis=1)
         ok = num / (den + eps * s_scale)[:, None]
         if HAS_AFF:
@@ -343,13 +325,16 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
             m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((BM,), dtype=tl.float32)
             acc = tl.zeros((BM, D), dtype=tl.float32)
-            l_full = (L // BL) * BL  # whole tiles unmasked, then the partial one
-            for l0 in range(0, l_full, BL):
-                m_i, l_i, acc = _landmark_tile(q, kl_base, vl_base, idx_ptr, l0, L, offs_d, skn, svn, m_i, l_i, acc,
-                                               qk_scale, BL, False)
-            if l_full < L:
-                m_i, l_i, acc = _landmark_tile(q, kl_base, vl_base, idx_ptr, l_full, L, offs_d, skn, svn, m_i, l_i,
-                                               acc, qk_scale, BL, True)
+            # every tile masked: running whole tiles unmasked and the partial one apart cut ~120 instructions
+            # per tile (offline sm_90) but doubled the spills inside the loop, and was slower on the H200 (2048²,
+            # no window: 1429 vs 1272 µs device time, docs/PERFORMANCE.md)
+            for l0 in range(0, L, BL):
+                offs_l = l0 + tl.arange(0, BL)
+                l_ok = offs_l < L
+                rows = tl.load(idx_ptr + offs_l, mask=l_ok, other=0)  # landmark rows of k/v, gathered here
+                kt = tl.load(kl_base + rows[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                vt = tl.load(vl_base + rows[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                m_i, l_i, acc = _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale)
             if WIN == 0:
                 ol = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             else:
