@@ -47,7 +47,7 @@ class KernelConfig:
     kv_warps: int = 8  # key pass: warps per program
     kv_stages: int = 3  # key pass: software-pipelining stages
     kv_programs_per_sm: int = 2  # key pass: split keys into chunks so that ~this many programs run per SM
-    kv_hidden_chunk: int = 64  # key pass, 2-layer φ(k): hidden columns per step (0: all at once)
+    kv_hidden_chunk: int = 128  # key pass, 2-layer φ(k): hidden columns per step (0: all at once)
     q_block_m: int = 128  # kernel-only pass and adaptive pass 2: query rows per tile
     q_warps: int = 8  # kernel-only pass and adaptive pass 2: warps per program
     q_stages: int = 2  # kernel-only pass and adaptive pass 2: software-pipelining stages
