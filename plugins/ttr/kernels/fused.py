@@ -54,7 +54,7 @@ class KernelConfig:
     q_hidden_chunk: int = 0  # every query pass, 2-layer φ(q): hidden columns per step (0: all at once)
     lm_block_m: int = 128  # landmark pass (fixed-α hybrid, adaptive pass 1): query rows per tile
     lm_warps: int = 8  # landmark pass: warps per program
-    lm_stages: int = 2  # landmark pass: software-pipelining stages
+    lm_stages: int = 3  # landmark pass: software-pipelining stages
     lm_block: int = 128  # landmark pass, in-kernel softmax (landmark_impl="fused"): landmark keys per tile
     lm_window_block: int = 64  # landmark pass with a window: window keys per tile (capped at the patch's key box)
     lm_patch_w: int = 16  # landmark pass with a window: image queries per tile as (lm_block_m / this) x this patches
