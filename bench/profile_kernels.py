@@ -35,19 +35,22 @@ def kernel_times_us(fn, calls: int) -> dict[str, float]:
     return dict(times)
 
 
-def layer_runs(layer: LayerInputs, hidden_chunks: list[int], breakdown: bool = False) -> dict[str, Callable[[], object]]:
-    """cuDNN SDPA and the default ttr layer per hidden chunk: in-kernel landmarks, cuDNN landmarks, kernel-only
-    (`breakdown`: also both landmark paths without the window, whose difference is the window's cost)."""
+def layer_runs(layer: LayerInputs, hidden_chunks: list[int | None],
+               breakdown: bool = False) -> dict[str, Callable[[], object]]:
+    """cuDNN SDPA and the default ttr layer per hidden chunk (None: `KernelConfig`'s own defaults, else that
+    chunk for both φ passes): in-kernel landmarks, cuDNN landmarks, kernel-only (`breakdown`: also both landmark
+    paths without the window, whose difference is the window's cost)."""
     runs: dict[str, Callable[[], object]] = {
         "sdpa cudnn": lambda: F.scaled_dot_product_attention(layer.q, layer.k, layer.v)}
     for hc in hidden_chunks:
-        cfg = KernelConfig(kv_hidden_chunk=hc, q_hidden_chunk=hc)
-        runs[f"ttr fused-lm hc={hc}"] = layer.fused(cfg, "fused")
-        runs[f"ttr sdpa-lm hc={hc}"] = layer.fused(cfg, "sdpa")
-        runs[f"ttr kernel-only hc={hc}"] = layer.fused(cfg, None)
+        cfg = KernelConfig() if hc is None else KernelConfig(kv_hidden_chunk=hc, q_hidden_chunk=hc)
+        tag = "default tiles" if hc is None else f"hc={hc}"
+        runs[f"ttr fused-lm {tag}"] = layer.fused(cfg, "fused")
+        runs[f"ttr sdpa-lm {tag}"] = layer.fused(cfg, "sdpa")
+        runs[f"ttr kernel-only {tag}"] = layer.fused(cfg, None)
         if breakdown and layer.window:
-            runs[f"ttr fused-lm no-window hc={hc}"] = layer.fused(cfg, "fused", window=False)
-            runs[f"ttr sdpa-lm no-window hc={hc}"] = layer.fused(cfg, "sdpa", window=False)
+            runs[f"ttr fused-lm no-window {tag}"] = layer.fused(cfg, "fused", window=False)
+            runs[f"ttr sdpa-lm no-window {tag}"] = layer.fused(cfg, "sdpa", window=False)
     return runs
 
 
@@ -55,13 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnplug-bench-profile")
     p.add_argument("--sizes", default="1024,2048")
     p.add_argument("--calls", type=int, default=20)
-    p.add_argument("--hidden-chunks", default="0,64", help="kv_hidden_chunk = q_hidden_chunk values to profile")
+    p.add_argument("--hidden-chunks", default="default",
+                   help="comma list: 'default' (KernelConfig's tiles) or a kv_hidden_chunk = q_hidden_chunk value")
     p.add_argument("--breakdown", action="store_true", help="also time the landmark paths without the window")
     a = p.parse_args(argv)
     dev = torch.device("cuda")
     for size in a.sizes.split(","):
         layer = default_layer(size, dev)
-        for name, fn in layer_runs(layer, [int(x) for x in a.hidden_chunks.split(",")], a.breakdown).items():
+        for name, fn in layer_runs(layer, [None if x == "default" else int(x) for x in a.hidden_chunks.split(",")],
+                                          a.breakdown).items():
             times = kernel_times_us(fn, a.calls)
             print(f"\n{layer.description} {name}: {sum(times.values()):.1f} µs device")
             for kname, us in sorted(times.items(), key=lambda kv: -kv[1]):
