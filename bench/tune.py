@@ -9,7 +9,7 @@ product's default layer (`bench.default_layer`: φ, landmarks and window from th
 - query: the kernel-only call (`ttr_forward_fused` without landmarks) over q_block_m × q_warps ×
   q_stages × q_hidden_chunk. The whole call is timed: it includes the key pass at its default tiles;
 - landmark: the whole call with the in-kernel landmark softmax (landmark_impl="fused") over
-  lm_block_m × lm_warps × lm_stages × lm_block × lm_window_block × lm_patch_w (the landmark pass, adaptive
+  lm_block_m × lm_warps × lm_stages × lm_block × lm_window_block × lm_patch_w × lm_hidden_chunk (the landmark pass, adaptive
   pass 1; the last two only matter with a window). It includes the key pass and adaptive pass 2 at their
   default tiles;
 - landmark-sdpa (only when named in `--parts`): the same sweep with cuDNN landmarks (landmark_impl="sdpa"),
@@ -51,7 +51,8 @@ GRIDS: dict[str, tuple[Grid, Grid]] = {
                "q_hidden_chunk": [0, 64, 128]},
               {"q_block_m": [64, 128], "q_warps": [4, 8], "q_stages": [2, 3], "q_hidden_chunk": [0, 64]}),
     "landmark": ({"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [1, 2, 3],
-                  "lm_block": [32, 64, 128], "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32]},
+                  "lm_block": [32, 64, 128], "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32],
+                  "lm_hidden_chunk": [0, 64, 128]},
                  {"lm_block_m": [128], "lm_warps": [8], "lm_stages": [2, 3], "lm_block": [64, 128],
                   "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32]}),
 }

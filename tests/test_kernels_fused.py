@@ -129,14 +129,14 @@ def test_fallback_reasons_and_path():
 @pytest.mark.parametrize("kv_chunk,q_chunk", [(16, 16), (32, 0), (0, 32)])
 def test_interpreter_hidden_chunks_match_reference(poison, activation, kv_chunk, q_chunk):
     """A 2-layer φ computed a chunk of hidden columns at a time (KernelConfig.kv_hidden_chunk in the key
-    pass, q_hidden_chunk in the query passes; 0: all at once) is the same φ."""
+    pass, q_ / lm_hidden_chunk in the query passes; 0: all at once) is the same φ."""
     b, h, n, d = 1, 2, 77, 32
     q, k, v = _inputs(b, h, n, d, seed=11)
     g = torch.Generator().manual_seed(3)
     pq = random_phi(d, 64, 32, 2, activation, h, generator=g)
     pk = random_phi(d, 64, 32, 2, activation, h, generator=g)
     idx = landmark_indices(n, 8, 0.1)
-    cfg = KernelConfig(kv_hidden_chunk=kv_chunk, q_hidden_chunk=q_chunk)
+    cfg = KernelConfig(kv_hidden_chunk=kv_chunk, q_hidden_chunk=q_chunk, lm_hidden_chunk=q_chunk)
     assert fused_mod._hidden_chunk(16, 64) == 16 and fused_mod._hidden_chunk(0, 64) == 64
     assert fused_mod._hidden_chunk(48, 64) == 64 and fused_mod._hidden_chunk(64, 64) == 64
     s, z = kv_state_fused(k, v, pk, config=cfg)
@@ -152,7 +152,7 @@ def test_interpreter_hidden_chunks_match_reference(poison, activation, kv_chunk,
 @cpu_only
 def test_each_pass_launches_with_its_own_tiles(poison, monkeypatch):
     """kv_* tile the key pass, lm_* the landmark pass (modes 1, 2), q_* kernel-only and pass 2 (modes 0, 3);
-    kv_hidden_chunk / q_hidden_chunk the φ of the key / query passes."""
+    kv_hidden_chunk / lm_hidden_chunk / q_hidden_chunk the φ of the key / landmark / other query passes."""
     from attnplug.plugins.ttr.kernels import triton_ttr
 
     launches: list[tuple] = []
@@ -180,7 +180,7 @@ def test_each_pass_launches_with_its_own_tiles(poison, monkeypatch):
     idx = landmark_indices(n, 8, 0.1)
     cfg = KernelConfig(kv_block_n=32, kv_warps=2, kv_stages=1, kv_hidden_chunk=16, q_block_m=16, q_warps=2,
                        q_stages=1, q_hidden_chunk=32, lm_block_m=32, lm_warps=4, lm_stages=3, lm_block=16,
-                       sdpa_min_rows=128)
+                       lm_hidden_chunk=16, sdpa_min_rows=128)
     # query launches: (MODE, LM_SRC, row tiles of 77 rows, BM, warps, stages)
     for adaptive, lm_impl, want in [
         (True, "fused", [(2, 0, 3, 32, 4, 3), (3, 0, 5, 16, 2, 1)]),
@@ -197,7 +197,8 @@ def test_each_pass_launches_with_its_own_tiles(poison, monkeypatch):
         assert (name, bn, hc, warps, stages) == ("_kv_state_kernel", 32, 16, 2, 1)
         got = [(mode, src, tiles, bm, w, st) for _, mode, src, tiles, _, bm, _, w, st in launches[1:]]
         assert got == want, lm_impl
-        assert all(launch[6] == 32 for launch in launches[1:])  # q_hidden_chunk in every query pass
+        # lm_hidden_chunk in the landmark pass (modes 1, 2), q_hidden_chunk in the others
+        assert [launch[6] for launch in launches[1:]] == [16 if m in (1, 2) else 32 for m, *_ in want], lm_impl
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")

@@ -36,8 +36,8 @@ class KernelConfig:
     """Tile sizes of each pass (docs/PERFORMANCE.md, "Tile sizes"; sweep: `python -m attnplug.bench.tune`).
 
     Key pass: `kv_*`. Query passes: the landmark pass (fixed-α hybrid, adaptive pass 1; either landmark
-    impl) tiles with `lm_*`, the others (kernel-only, adaptive pass 2) with `q_*`; φ(q) in all of them
-    with `q_hidden_chunk`. A hidden chunk of 0, or one that is not a power of two ≥ 16 dividing the
+    impl) tiles with `lm_*`, the others (kernel-only, adaptive pass 2) with `q_*` (φ(q) chunked by
+    `lm_hidden_chunk` / `q_hidden_chunk`). A hidden chunk of 0, or one that is not a power of two ≥ 16 dividing the
     hidden width, computes a 2-layer φ's hidden tile at once. Defaults: the per-pass best of
     `bench.tune --quick` on an H200 at 1024² and 2048² (2026-11-27, session 3), chosen to be within a few %
     of the best at both sizes.
@@ -51,8 +51,10 @@ class KernelConfig:
     q_block_m: int = 128  # kernel-only pass and adaptive pass 2: query rows per tile
     q_warps: int = 8  # kernel-only pass and adaptive pass 2: warps per program
     q_stages: int = 2  # kernel-only pass and adaptive pass 2: software-pipelining stages
-    q_hidden_chunk: int = 0  # every query pass, 2-layer φ(q): hidden columns per step (0: all at once)
+    q_hidden_chunk: int = 0  # kernel-only pass and adaptive pass 2, 2-layer φ(q): hidden columns per step (0: all)
     lm_block_m: int = 128  # landmark pass (fixed-α hybrid, adaptive pass 1): query rows per tile
+    lm_hidden_chunk: int = 128  # landmark pass, 2-layer φ(q): hidden columns per step (fewer registers live
+    # beside the landmark loops' state: 1572 vs 1677 µs at 2048², H200 session 6; pass 2 is faster whole)
     lm_warps: int = 8  # landmark pass: warps per program
     lm_stages: int = 3  # landmark pass: software-pipelining stages
     lm_block: int = 128  # landmark pass, in-kernel softmax (landmark_impl="fused"): landmark keys per tile
@@ -542,7 +544,7 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 ACT=_ACT[phi_q.activation], IS_HH=int(phi_q.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
                 HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src,
                 HAS_AFF=int(branch_affine is not None), BM=bm, BL=cfg.lm_block,
-                HC=_hidden_chunk(cfg.q_hidden_chunk, plan.h1), WIN=win,
+                HC=_hidden_chunk(cfg.lm_hidden_chunk if mode in (1, 2) else cfg.q_hidden_chunk, plan.h1), WIN=win,
                 BLW=_window_block(cfg.lm_window_block, bm, pw, win) if win else 16, PW=pw, FAST_SILU=_fast_silu(x),
                 num_warps=warps, num_stages=stages)
 
