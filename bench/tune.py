@@ -9,9 +9,9 @@ product's default layer (`bench.default_layer`: φ, landmarks and window from th
 - query: the kernel-only call (`ttr_forward_fused` without landmarks) over q_block_m × q_warps ×
   q_stages × q_hidden_chunk. The whole call is timed: it includes the key pass at its default tiles;
 - landmark: the whole call with the in-kernel landmark softmax (landmark_impl="fused") over
-  lm_block_m × lm_warps × lm_stages × lm_block × lm_window_block × lm_patch_w × lm_hidden_chunk (the landmark pass, adaptive
-  pass 1; the last two only matter with a window). It includes the key pass and adaptive pass 2 at their
-  default tiles;
+  lm_block_m × lm_warps × lm_stages × lm_block × lm_window_block × lm_patch_w × lm_hidden_chunk (the
+  landmark pass, adaptive pass 1; lm_window_block and lm_patch_w only matter with a window). It includes the
+  key pass and adaptive pass 2 at their default tiles;
 - landmark-sdpa (only when named in `--parts`): the same sweep with cuDNN landmarks (landmark_impl="sdpa"),
   whose softmax the landmark pass continues over the window — the path `auto` takes at 4096²; its best
   overrides landmark's in the combined config;
