@@ -12,9 +12,10 @@ product's default layer (`bench.default_layer`: φ, landmarks and window from th
   lm_block_m × lm_warps × lm_stages × lm_block × lm_window_block × lm_patch_w × lm_hidden_chunk (the
   landmark pass, adaptive pass 1; lm_window_block and lm_patch_w only matter with a window). It includes the
   key pass and adaptive pass 2 at their default tiles;
-- landmark-sdpa (only when named in `--parts`): the same sweep with cuDNN landmarks (landmark_impl="sdpa"),
-  whose softmax the landmark pass continues over the window — the path `auto` takes at 4096²; its best
-  overrides landmark's in the combined config;
+- landmark-sdpa (only when named in `--parts`): the landmark pass with cuDNN landmarks (landmark_impl="sdpa"),
+  whose softmax it continues over the window — the path `auto` takes at 4096² — over sdpa_lm_block_m ×
+  sdpa_lm_warps and the window's and φ's lm_* fields; its best overrides landmark's shared fields in the
+  combined config;
 - whole: the default config and the one combining each part's best, as whole calls with
   landmark_impl "fused" and "sdpa".
 
@@ -56,7 +57,11 @@ GRIDS: dict[str, tuple[Grid, Grid]] = {
                  {"lm_block_m": [128], "lm_warps": [8], "lm_stages": [2, 3], "lm_block": [64, 128],
                   "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32]}),
 }
-GRIDS["landmark-sdpa"] = GRIDS["landmark"]  # the same pass, its landmark softmax read from cuDNN's result
+#: the same pass, its landmark softmax read from cuDNN's result: its own rows and warps (sdpa_lm_*)
+GRIDS["landmark-sdpa"] = (
+    {"sdpa_lm_block_m": [64, 128], "sdpa_lm_warps": [4, 8], "lm_stages": [2, 3], "lm_window_block": [32, 64, 128],
+     "lm_patch_w": [8, 16, 32], "lm_hidden_chunk": [0, 64, 128]},
+    {"sdpa_lm_block_m": [64, 128], "sdpa_lm_warps": [4, 8], "lm_window_block": [32, 64], "lm_hidden_chunk": [64, 128]})
 
 
 def config_text(overrides: dict[str, int]) -> str:

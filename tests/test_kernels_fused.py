@@ -151,7 +151,8 @@ def test_interpreter_hidden_chunks_match_reference(poison, activation, kv_chunk,
 @needs_triton
 @cpu_only
 def test_each_pass_launches_with_its_own_tiles(poison, monkeypatch):
-    """kv_* tile the key pass, lm_* the landmark pass (modes 1, 2), q_* kernel-only and pass 2 (modes 0, 3);
+    """kv_* tile the key pass, lm_* the landmark pass (modes 1, 2; rows and warps sdpa_lm_* after cuDNN's
+    landmark softmax), q_* kernel-only and pass 2 (modes 0, 3);
     kv_hidden_chunk / lm_hidden_chunk / q_hidden_chunk the φ of the key / landmark / other query passes."""
     from attnplug.plugins.ttr.kernels import triton_ttr
 
@@ -180,11 +181,11 @@ def test_each_pass_launches_with_its_own_tiles(poison, monkeypatch):
     idx = landmark_indices(n, 8, 0.1)
     cfg = KernelConfig(kv_block_n=32, kv_warps=2, kv_stages=1, kv_hidden_chunk=16, q_block_m=16, q_warps=2,
                        q_stages=1, q_hidden_chunk=32, lm_block_m=32, lm_warps=4, lm_stages=3, lm_block=16,
-                       lm_hidden_chunk=16, sdpa_min_rows=128)
+                       lm_hidden_chunk=16, sdpa_lm_block_m=16, sdpa_lm_warps=2, sdpa_min_rows=128)
     # query launches: (MODE, LM_SRC, row tiles of 77 rows, BM, warps, stages)
     for adaptive, lm_impl, want in [
         (True, "fused", [(2, 0, 3, 32, 4, 3), (3, 0, 5, 16, 2, 1)]),
-        (False, "sdpa", [(1, 1, 3, 32, 4, 3)]),
+        (False, "sdpa", [(1, 1, 5, 16, 2, 3)]),  # the landmark pass after cuDNN: sdpa_lm_* rows and warps
         (False, None, [(0, 0, 5, 16, 2, 1)]),  # kernel-only
     ]:
         launches.clear()

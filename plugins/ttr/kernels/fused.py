@@ -35,12 +35,12 @@ _MAX_REG_WIDTH = 256  # widest hidden / feature tile the kernels keep in registe
 class KernelConfig:
     """Tile sizes of each pass (docs/PERFORMANCE.md, "Tile sizes"; sweep: `python -m attnplug.bench.tune`).
 
-    Key pass: `kv_*`. Query passes: the landmark pass (fixed-α hybrid, adaptive pass 1; either landmark
-    impl) tiles with `lm_*`, the others (kernel-only, adaptive pass 2) with `q_*` (φ(q) chunked by
-    `lm_hidden_chunk` / `q_hidden_chunk`). A hidden chunk of 0, or one that is not a power of two ≥ 16 dividing the
-    hidden width, computes a 2-layer φ's hidden tile at once. Defaults: the per-pass best of
-    `bench.tune --quick` on an H200 at 1024² and 2048² (2026-11-27, session 3), chosen to be within a few %
-    of the best at both sizes.
+    Key pass: `kv_*`. Query passes: the landmark pass (fixed-α hybrid, adaptive pass 1) tiles with `lm_*`
+    (rows and warps from `sdpa_lm_*` when cuDNN gave the landmark softmax), the others (kernel-only,
+    adaptive pass 2) with `q_*`; φ(q) is chunked by `lm_hidden_chunk` / `q_hidden_chunk`. A hidden chunk of 0,
+    or one that is not a power of two ≥ 16 dividing the hidden width, computes a 2-layer φ's hidden tile at
+    once. Defaults: sweeps of `bench.tune` on an H200 at 1024², 2048² and 4096² (sessions 3 and 6,
+    docs/PERFORMANCE.md), each within a few % of the best at every size it applies to.
     """
 
     kv_block_n: int = 128  # key pass: keys per tile
@@ -60,6 +60,10 @@ class KernelConfig:
     lm_block: int = 128  # landmark pass, in-kernel softmax (landmark_impl="fused"): landmark keys per tile
     lm_window_block: int = 64  # landmark pass with a window: window keys per tile (capped at the patch's key box)
     lm_patch_w: int = 16  # landmark pass with a window: image queries per tile as (lm_block_m / this) x this patches
+    # the landmark pass when cuDNN gave the landmark softmax (it only reads that and goes on over the window): rows
+    # per tile and warps — smaller tiles, two programs per SM (4096², H200 session 6: 6.98 vs 7.41 ms the call)
+    sdpa_lm_block_m: int = 64
+    sdpa_lm_warps: int = 4
     block_k: int = 64  # first in-kernel φ layer, every pass: input columns per step
     # landmark_impl="sdpa": out_l comes from cuDNN per head group and row chunk, sized so that the landmark
     # K/V copies and one chunk of out_l stay within this fraction of the output's bytes (issue 8's memory
@@ -524,9 +528,13 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             d_sum = torch.zeros(bsz * heads, device=q.device, dtype=torch.float32)  # pass 1 adds into it
 
         def launch(mode: int, lm_src: int) -> None:
-            # the landmark pass (modes 1, 2) has its own tiles; kernel-only (0) and adaptive pass 2 (3) share q_*
-            bm, warps, stages = ((cfg.lm_block_m, cfg.lm_warps, cfg.lm_stages) if mode in (1, 2)
-                                 else (cfg.q_block_m, cfg.q_warps, cfg.q_stages))
+            # the landmark pass (modes 1, 2) has its own tiles (from cuDNN's softmax: sdpa_lm_*); kernel-only (0)
+            # and adaptive pass 2 (3) share q_*
+            if mode in (1, 2):
+                bm, warps = (cfg.sdpa_lm_block_m, cfg.sdpa_lm_warps) if lm_src else (cfg.lm_block_m, cfg.lm_warps)
+                stages = cfg.lm_stages
+            else:
+                bm, warps, stages = cfg.q_block_m, cfg.q_warps, cfg.q_stages
             win = int(window) if mode in (1, 2) else 0
             pw = _patch_width(cfg.lm_patch_w, grid_w, bm) if win else 0
             n_text_tiles = _cdiv(int(n_cond), bm) if win else 0
