@@ -65,13 +65,13 @@ class KernelConfig:
     sdpa_lm_block_m: int = 64
     sdpa_lm_warps: int = 4
     block_k: int = 64  # first in-kernel φ layer, every pass: input columns per step
-    # landmark_impl="sdpa": out_l comes from cuDNN per head group and row chunk, sized so that the landmark
-    # K/V copies and one chunk of out_l stay within this fraction of the output's bytes (issue 8's memory
-    # target: SDPA's peak + 10 %; the rest of the fused path adds ~2 %) …
+    # landmark_impl="sdpa": out_l comes from cuDNN in one call over all heads, whose result is the output, where
+    # all heads' landmark K/V copies fit within this fraction of the output's bytes (issue 8's memory target:
+    # SDPA's peak + 10 %; the rest of the fused path adds ~3 %); else per head group and row chunk, the copies
+    # and one chunk of out_l within it …
     sdpa_memory_fraction: float = 0.06
-    sdpa_min_rows: int = 2048  # … with chunks of at least this many rows (small chunks under-fill the GPU),
-    # … or in one call over all heads, whose result is the output, where all heads' landmark K/V fit that fraction
-    sdpa_whole: bool = True
+    sdpa_min_rows: int = 2048  # … with chunks of at least this many rows (small chunks under-fill the GPU)
+    sdpa_whole: bool = True  # False: always per head group and row chunk (tests of that path)
 
 
 DEFAULT_CONFIG = KernelConfig()
