@@ -428,7 +428,8 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
 
     Same math and arguments as `reference.ttr_forward_reference`; additionally
     `landmark_impl` ("fused": online softmax inside the query kernel; "sdpa": torch SDPA (cuDNN) on
-    the gathered landmarks per head group and row chunk (`sdpa_chunks`), written into the output and
+    the gathered landmarks — in one call over all heads whose result becomes the output where their K/V copies
+    fit `sdpa_memory_fraction`, else per head group and row chunk (`sdpa_chunks`) written into the output —
     read back by the landmark pass; "auto": "sdpa" on CUDA beyond 1e8 query·landmark pairs, else
     "fused"; both keep peak memory within SDPA's + 10 %, "sdpa" is faster at 4096²), `config` (tile
     sizes, SDPA chunking) and `strict` (raise instead of falling back). `window = r > 0` adds the landmark
@@ -474,7 +475,7 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     n_lm = int(landmark_idx.numel()) if use_lm else 0
     if landmark_impl == "auto":
         # measured on H200 (docs/PERFORMANCE.md): the in-kernel softmax wins at ~840 landmarks x 4.6k
-        # queries, cuDNN per head group and row chunk from ~1.8k x 66k on (within sdpa_memory_fraction)
+        # queries, cuDNN from ~1.8k x 66k on (one call over all heads there, within sdpa_memory_fraction)
         landmark_impl = "sdpa" if q.device.type == "cuda" and q.shape[2] * n_lm > _SDPA_MIN_PAIRS else "fused"
     if window > 0 and (not use_lm or not _lse_ok(q)):
         landmark_impl = "fused"  # a window goes on from cuDNN's log-sum-exp, which only cuDNN (bf16/fp16) gives
@@ -502,7 +503,7 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             lm_flag = torch.zeros(nk, dtype=torch.int8, device=q.device)
             if use_lm:
                 lm_flag.index_fill_(0, idx, 1)
-        kl, vl = k, v  # the fused softmax gathers landmark rows in-kernel: no copy (SDPA: per head group below)
+        kl, vl = k, v  # the fused softmax gathers landmark rows in-kernel: no copy (SDPA: `_sdpa_landmarks`)
         if kl.stride(-1) != 1 or vl.stride(-1) != 1:
             kl, vl = kl.contiguous(), vl.contiguous()
         skl = (kl.stride(0), kl.stride(1), kl.stride(2), vl.stride(0), vl.stride(1), vl.stride(2))
