@@ -38,12 +38,13 @@ def kernel_times_us(fn, calls: int) -> dict[str, float]:
 def layer_runs(layer: LayerInputs, hidden_chunks: list[int | None],
                breakdown: bool = False) -> dict[str, Callable[[], object]]:
     """cuDNN SDPA and the default ttr layer per hidden chunk (None: `KernelConfig`'s own defaults, else that
-    chunk for both φ passes): in-kernel landmarks, cuDNN landmarks, kernel-only (`breakdown`: also both landmark
+    chunk for every φ pass — key, landmark and the other query passes): in-kernel landmarks, cuDNN landmarks, kernel-only (`breakdown`: also both landmark
     paths without the window, whose difference is the window's cost)."""
     runs: dict[str, Callable[[], object]] = {
         "sdpa cudnn": lambda: F.scaled_dot_product_attention(layer.q, layer.k, layer.v)}
     for hc in hidden_chunks:
-        cfg = KernelConfig() if hc is None else KernelConfig(kv_hidden_chunk=hc, q_hidden_chunk=hc)
+        cfg = KernelConfig() if hc is None else KernelConfig(kv_hidden_chunk=hc, q_hidden_chunk=hc,
+                                                             lm_hidden_chunk=hc)
         tag = "default tiles" if hc is None else f"hc={hc}"
         runs[f"ttr fused-lm {tag}"] = layer.fused(cfg, "fused")
         runs[f"ttr sdpa-lm {tag}"] = layer.fused(cfg, "sdpa")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1024,2048")
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--hidden-chunks", default="default",
-                   help="comma list: 'default' (KernelConfig's tiles) or a kv_hidden_chunk = q_hidden_chunk value")
+                   help="comma list: 'default' (KernelConfig's tiles) or one hidden chunk for every φ pass")
     p.add_argument("--breakdown", action="store_true", help="also time the landmark paths without the window")
     a = p.parse_args(argv)
     dev = torch.device("cuda")
