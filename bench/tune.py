@@ -56,12 +56,12 @@ GRIDS: dict[str, tuple[Grid, Grid]] = {
                   "lm_hidden_chunk": [0, 64, 128]},
                  {"lm_block_m": [128], "lm_warps": [8], "lm_stages": [2, 3], "lm_block": [64, 128],
                   "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32]}),
+    # the same pass, its landmark softmax read from cuDNN's result: its own rows and warps (sdpa_lm_*)
+    "landmark-sdpa": ({"sdpa_lm_block_m": [64, 128], "sdpa_lm_warps": [4, 8], "lm_stages": [2, 3],
+                       "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32], "lm_hidden_chunk": [0, 64, 128]},
+                      {"sdpa_lm_block_m": [64, 128], "sdpa_lm_warps": [4, 8], "lm_window_block": [32, 64],
+                       "lm_hidden_chunk": [64, 128]}),
 }
-#: the same pass, its landmark softmax read from cuDNN's result: its own rows and warps (sdpa_lm_*)
-GRIDS["landmark-sdpa"] = (
-    {"sdpa_lm_block_m": [64, 128], "sdpa_lm_warps": [4, 8], "lm_stages": [2, 3], "lm_window_block": [32, 64, 128],
-     "lm_patch_w": [8, 16, 32], "lm_hidden_chunk": [0, 64, 128]},
-    {"sdpa_lm_block_m": [64, 128], "sdpa_lm_warps": [4, 8], "lm_window_block": [32, 64], "lm_hidden_chunk": [64, 128]})
 
 
 def config_text(overrides: dict[str, int]) -> str:
