@@ -557,19 +557,17 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 BLW=_window_block(cfg.lm_window_block, bm, pw, win) if win else 16, PW=pw, FAST_SILU=_fast_silu(x),
                 num_warps=warps, num_stages=stages)
 
-        if not use_branch:
+        # cuDNN's landmark softmax (with a window also its log-sum-exp, from which the landmark pass goes on) in the
+        # buffer that becomes the output; else a fresh output
+        res = _sdpa_landmarks(q, k, v, idx, cfg, window > 0) if use_branch and landmark_impl == "sdpa" else None
+        if res is None:
             out = torch.empty(bsz, heads, nq, d, device=q.device, dtype=q.dtype)
+        else:
+            out, lse = res[0], dummy if res[1] is None else res[1]
+        if not use_branch:
             launch(0, 0)
             return out
-        mode = 2 if adaptive else 1
-        # with a window the landmark pass continues cuDNN's softmax over the window from its log-sum-exp
-        res = _sdpa_landmarks(q, k, v, idx, cfg, window > 0) if landmark_impl == "sdpa" else None
-        if res is not None:
-            out, lse = res
-            lse = dummy if lse is None else lse
-        else:
-            out = torch.empty(bsz, heads, nq, d, device=q.device, dtype=q.dtype)
-        launch(mode, int(res is not None))
+        launch(2 if adaptive else 1, int(res is not None))
         if adaptive:
             launch(3, 0)  # the mean of d: d_sum / Nq (pass 1 summed it)
         return out
