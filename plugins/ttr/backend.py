@@ -90,7 +90,7 @@ class TtrBackend(LearnedBackend):
 
     def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
              mask: torch.Tensor | None, layer: TtrLayer, feature_dtype: torch.dtype,
-             query_index: torch.Tensor | None = None) -> torch.Tensor:
+             query_index: torch.Tensor | None = None, training: bool = False) -> torch.Tensor:
         keep = None
         if mask is not None:
             keep = key_padding(mask, q.shape[2], k.shape[2])
@@ -100,7 +100,7 @@ class TtrBackend(LearnedBackend):
                 keep = keep.expand(k.shape[0], -1)
         kc, qc = self.layer_chunks(call.layer_key)
         return layer(q, k, v, call, keep, mask, self.landmark_branch(), kc, qc, self.settings.eps, feature_dtype,
-                     query_index)
+                     query_index, track_reference=training)
 
     def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                mask: torch.Tensor | None, layer: TtrLayer) -> torch.Tensor | None:
@@ -155,7 +155,7 @@ class TtrBackend(LearnedBackend):
             out = run_fused_kernels(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                                     alpha_max=layer.alpha_max, gamma=layer.gamma, adaptive=layer.adaptive, eps=eps,
                                     key_mask=keep, branch_affine=None if cond is None else cond.detach(),
-                                    window=window, grid=grid, n_cond=n_cond)
+                                    window=window, grid=grid, n_cond=n_cond, d_reference=layer.running_reference())
         except Exception as exc:  # noqa: BLE001 - e.g. Triton out of resources: the PyTorch path still serves
             if mode == "triton" or isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
@@ -193,10 +193,12 @@ class TtrBackend(LearnedBackend):
                       call: AttentionCall, mask: torch.Tensor | None = None,
                       query_index: torch.Tensor | None = None) -> torch.Tensor:
         """Differentiable fp32 forward of one layer (plain PyTorch, autograd on); `query_index`: the
-        positions of q's rows when q is a query subset (the landmark window needs them)."""
+        positions of q's rows when q is a query subset (the landmark window needs them). Also keeps the layer's
+        running mean of d (`alpha_reference`)."""
         layer = self._module(layer_key)
         with torch.enable_grad():
-            return self._run(q.float(), k.float(), v.float(), call, mask, layer, torch.float32, query_index)
+            return self._run(q.float(), k.float(), v.float(), call, mask, layer, torch.float32, query_index,
+                             training=True)
 
     def param_groups(self, layer_key: str) -> dict[str, list[torch.nn.Parameter]]:
         """`phi`: both feature maps and the conditioner; `alpha`: the per-head blend logits."""

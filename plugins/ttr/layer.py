@@ -3,9 +3,14 @@
     out = out_kernel + α · (out_landmark − out_kernel),
     α   = α_max · σ(logit + γ · (d_norm − 0.5))   (adaptive, per token and head)  or  α_max · σ(logit)
 
-with d = 1 − cos(out_kernel, out_landmark) per token and head, d_norm = min(d / mean_tokens(d), 3) / 3
+with d = 1 − cos(out_kernel, out_landmark) per token and head, d_norm = min(d / d_ref, 3) / 3
 (no gradient). The logit is stored per head. α stays in (0, α_max) by construction (the argument
 of σ is clamped to ±15, where fp32 σ is still strictly inside (0, 1)).
+
+d_ref is the mean of d over the call's queries while training, and at inference either that too
+(`alpha_reference = "call"`) or the per-head running mean of those call means kept while training
+(`"running"`, the buffer `d_reference`, saved in checkpoints) — BatchNorm's batch-vs-running statistics.
+With a reference known before the call, the fused kernels blend in one pass over the queries instead of two.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ LandmarkBranch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionCa
                           torch.Tensor]
 
 _LOGIT_CLAMP = 15.0
+#: Weight of each training call's mean of d in the running reference (an EMA over ~50 updates).
+REFERENCE_MOMENTUM = 0.02
 
 
 class FeatureMapNet(nn.Module):
@@ -95,7 +102,43 @@ class TtrLayer(nn.Module):
         init = math.log(s.alpha_init / (1.0 - s.alpha_init))
         self.alpha_logit = nn.Parameter(torch.full((heads,), init, dtype=torch.float32))
         self.conditioner = Conditioner() if s.conditioner else None
+        self.alpha_reference = s.alpha_reference
+        # running mean of d per head (0 = none kept yet); whether it holds one is known without reading it
+        # (a device sync): set by training and by loading a state dict
+        self.register_buffer("d_reference", torch.zeros(heads, dtype=torch.float32))
+        self.reference_tracked = False
+        self.register_load_state_dict_post_hook(TtrLayer._after_load)
         self.last_metrics: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _after_load(module: "TtrLayer", incompatible: object) -> None:
+        # a file without a running reference (older checkpoints: `state.py` fills the buffer with zeros) keeps none
+        module.reference_tracked = bool((module.d_reference > 0).all())
+
+    def running_reference(self) -> torch.Tensor | None:
+        """The `[H]` reference of d to serve with, or None for the call's own mean (`alpha_reference = "call"`,
+        a fixed α, or no running mean kept yet)."""
+        if self.adaptive and self.alpha_reference == "running" and self.reference_tracked:
+            return self.d_reference
+        return None
+
+    def set_d_reference(self, mean: torch.Tensor) -> None:
+        """Set the running reference of d (`[H]`, > 0): what training keeps; tools without training use it."""
+        mean = mean.detach().to(device=self.d_reference.device, dtype=torch.float32).reshape(-1)
+        if mean.numel() != self.heads:
+            raise ValueError(f"d_reference: expected {self.heads} values (one per head), got {mean.numel()}")
+        self.d_reference.copy_(mean)
+        self.reference_tracked = True
+
+    def _track_reference(self, call_mean: torch.Tensor) -> None:
+        """Fold one training call's mean of d (`[B, H, 1]`) into the running reference (no sync: a non-finite
+        mean leaves it unchanged)."""
+        new = call_mean.detach().float().mean(dim=0).reshape(-1).clamp_min(1e-12)
+        with torch.no_grad():
+            if self.reference_tracked:
+                new = torch.lerp(self.d_reference, new, REFERENCE_MOMENTUM)
+            self.d_reference.copy_(torch.where(torch.isfinite(new), new, self.d_reference))
+        self.reference_tracked = True
 
     # ---- pieces -----------------------------------------------------------------------------------
     def phi(self, x: torch.Tensor, which: str, dtype: torch.dtype, eps: float) -> torch.Tensor:
@@ -103,14 +146,22 @@ class TtrLayer(nn.Module):
         net = self.phi_q if which == "q" or self.phi_k is None else self.phi_k
         return net(x.to(dtype), self.activation, self.l2_norm, eps)
 
-    def alpha(self, out_k: torch.Tensor, out_l: torch.Tensor) -> torch.Tensor:
-        """Blend weight, broadcastable to `[B, H, Nq, 1]`, strictly inside (0, α_max)."""
+    def alpha(self, out_k: torch.Tensor, out_l: torch.Tensor, track_reference: bool = False) -> torch.Tensor:
+        """Blend weight, broadcastable to `[B, H, Nq, 1]`, strictly inside (0, α_max).
+
+        :param track_reference: training: normalise d by this call's mean and fold it into the running reference.
+        """
         logit = self.alpha_logit.float().view(1, self.heads, 1)
         if self.adaptive:
             ok, ol = out_k.detach(), out_l.detach()
             d = 1.0 - F.cosine_similarity(ok, ol, dim=-1, eps=1e-8)  # [B, H, Nq]
-            mean = d.mean(dim=-1, keepdim=True).clamp_min(1e-12)
-            d_norm = (d / mean).clamp(max=3.0) / 3.0
+            mean = d.mean(dim=-1, keepdim=True)
+            running = None if track_reference else self.running_reference()
+            if track_reference:
+                self._track_reference(mean)
+            elif running is not None:
+                mean = running.view(1, self.heads, 1)
+            d_norm = (d / mean.clamp_min(1e-12)).clamp(max=3.0) / 3.0
             arg = logit + self.gamma * (d_norm - 0.5)
         else:
             arg = logit
@@ -128,7 +179,7 @@ class TtrLayer(nn.Module):
                 keep: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 landmark: LandmarkBranch | None = None, key_chunk: int = 1024, query_chunk: int = 1024,
                 eps: float = 1e-6, feature_dtype: torch.dtype = torch.float32,
-                query_index: torch.Tensor | None = None) -> torch.Tensor:
+                query_index: torch.Tensor | None = None, track_reference: bool = False) -> torch.Tensor:
         """`[B, H, Nq, Dv]` fp32.
 
         :param keep: `[B, Nk]` bool key padding (True = valid) for the kernel branch, or None.
@@ -136,6 +187,7 @@ class TtrLayer(nn.Module):
         :param landmark: the landmark branch, or None for kernel-only.
         :param query_index: positions of q's rows in the sequence when q is a subset (handed to the
             landmark branch, whose local window depends on them), None when q is every query.
+        :param track_reference: a training forward: keep the running reference of d (see `alpha`).
         """
         out_k, den = kernel_regression(q, k, v, lambda x: self.phi(x, "q", feature_dtype, eps),
                                        lambda x: self.phi(x, "k", feature_dtype, eps), keep, eps,
@@ -151,7 +203,7 @@ class TtrLayer(nn.Module):
             landmark(q, k, v, call, mask, query_index=query_index)
         if cond is not None:
             out_l = out_l * (1.0 + cond[2]) + cond[3]
-        a = self.alpha(out_k, out_l)
+        a = self.alpha(out_k, out_l, track_reference)
         metrics["alpha_mean"] = a.detach().mean()
         self.last_metrics = metrics
         return out_k + a * (out_l - out_k)

@@ -69,6 +69,12 @@ class TtrSettings(Strict):
     kernel: Literal["auto", "torch", "triton"] = Field(
         "auto", description="Inference path: 'auto' (fused Triton kernels on CUDA where they serve the call, "
                             "else PyTorch), 'torch' (always the PyTorch reference), 'triton' (fused or an error).")
+    alpha_reference: Literal["call", "running"] = Field(
+        "call", description="What adaptive α measures each token's branch disagreement d against: 'call' (the "
+                            "mean of d over this call's queries: the fused kernels need a second pass over the "
+                            "queries for it) or 'running' (a per-head running mean of d kept while distilling, "
+                            "like BatchNorm's running statistics: one pass; a layer without one, e.g. from an "
+                            "older checkpoint, uses 'call').")
     feature_precision: Literal["float32", "input"] = Field(
         "float32", description="dtype of the φ MLP at inference: 'float32', or 'input' (bf16/fp16 matmuls on "
                                "GPU; S, z and the division stay fp32). Training is always fp32.")
@@ -88,7 +94,8 @@ class TtrSettings(Strict):
 ARCHITECTURE_FIELDS = ("feature_dim", "depth", "hidden", "activation", "per_head", "split_qk", "l2_norm",
                        "conditioner", "adaptive_alpha", "alpha_max", "gamma")
 INIT_ONLY_FIELDS = ("alpha_init",)
-RUNTIME_FIELDS = ("landmark", "landmark_backend", "eps", "key_chunk", "query_chunk", "kernel", "feature_precision")
+RUNTIME_FIELDS = ("landmark", "landmark_backend", "eps", "key_chunk", "query_chunk", "kernel", "alpha_reference",
+                  "feature_precision")
 assert set(ARCHITECTURE_FIELDS + INIT_ONLY_FIELDS + RUNTIME_FIELDS) == set(TtrSettings.model_fields)
 
 #: The `[plugins.ttr]` values of the product default before session 5 that differ from today's (with

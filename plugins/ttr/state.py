@@ -33,6 +33,9 @@ log = logging.getLogger("attnplug")
 
 FORMAT = "attnplug.ttr"
 VERSION = 1
+#: Tensors a layer has that files written before them lack; loading keeps the fresh layer's value (the running
+#: reference of d: zeros = none kept, so such a layer serves with the call's own mean).
+ADDED_TENSORS = ("d_reference",)
 
 
 def backend_state(backend: "TtrBackend") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -106,7 +109,10 @@ def load_backend_state(backend: "TtrBackend", tensors: dict[str, torch.Tensor], 
         with torch.inference_mode(False):
             module = backend.build_layer(spec)
             expected = module.state_dict()
-            got = by_layer.get(key, {})
+            got = dict(by_layer.get(key, {}))
+            for name in ADDED_TENSORS:
+                if name in expected and name not in got:
+                    got[name] = expected[name]
             missing = sorted(set(expected) - set(got))
             unexpected = sorted(set(got) - set(expected))
             if missing or unexpected:

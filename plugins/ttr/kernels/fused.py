@@ -35,7 +35,7 @@ _MAX_REG_WIDTH = 256  # widest hidden / feature tile the kernels keep in registe
 class KernelConfig:
     """Tile sizes of each pass (docs/PERFORMANCE.md, "Tile sizes"; sweep: `python -m attnplug.bench.tune`).
 
-    Key pass: `kv_*`. Query passes: the landmark pass (fixed-α hybrid, adaptive pass 1) tiles with `lm_*`
+    Key pass: `kv_*`. Query passes: the landmark pass (fixed-α hybrid, adaptive pass 1 or one pass) tiles with `lm_*`
     (rows and warps from `sdpa_lm_*` when cuDNN gave the landmark softmax), the others (kernel-only,
     adaptive pass 2) with `q_*`; φ(q) is chunked by `lm_hidden_chunk` / `q_hidden_chunk`. A hidden chunk of 0,
     or one that is not a power of two ≥ 16 dividing the hidden width, computes a 2-layer φ's hidden tile at
@@ -52,7 +52,7 @@ class KernelConfig:
     q_warps: int = 8  # kernel-only pass and adaptive pass 2: warps per program
     q_stages: int = 2  # kernel-only pass and adaptive pass 2: software-pipelining stages
     q_hidden_chunk: int = 0  # kernel-only pass and adaptive pass 2, 2-layer φ(q): hidden columns per step (0: all)
-    lm_block_m: int = 128  # landmark pass (fixed-α hybrid, adaptive pass 1): query rows per tile
+    lm_block_m: int = 128  # landmark pass (fixed-α hybrid, adaptive pass 1 or one pass): query rows per tile
     lm_hidden_chunk: int = 128  # landmark pass, 2-layer φ(q): hidden columns per step (fewer registers live
     # beside the landmark loops' state: 1572 vs 1677 µs at 2048², H200 session 6; pass 2 is faster whole)
     lm_warps: int = 8  # landmark pass: warps per program
@@ -423,7 +423,7 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                       branch_affine: Sequence[float] | torch.Tensor | None = None,
                       landmark_impl: str = "auto", config: KernelConfig | None = None,
                       strict: bool = False, window: int = 0, grid: tuple[int, int] | None = None,
-                      n_cond: int = 0) -> torch.Tensor:
+                      n_cond: int = 0, d_reference: torch.Tensor | None = None) -> torch.Tensor:
     """The ttr layer's forward (inference): fused Triton kernels, else the PyTorch reference.
 
     Same math and arguments as `reference.ttr_forward_reference`; additionally
@@ -441,7 +441,9 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     dtypes, and a window without landmarks, take "fused"); the landmark branch runs even without landmarks
     (conditioning queries then get out_l = 0, as the reference); a key mask falls back. Adaptive α runs two passes:
     pass 1 writes out_l into the output and d = 1 − cos(out_k, out_l); pass 2 recomputes the cheap kernel
-    branch and blends in place, so no buffer the size of the output is added.
+    branch and blends in place, so no buffer the size of the output is added — unless `d_reference` (`[H]`, the
+    layer's running mean of d, `alpha_reference = "running"`) replaces the mean of d over this call's queries:
+    then the landmark pass blends in its epilogue, one pass.
     `alpha_logit` is a scalar or a per-head `[H]` tensor; `branch_affine` is `[4]` or `[B, 4]`.
     Returns `[B, H, Nq, D]` in q's dtype.
     """
@@ -452,11 +454,12 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         if strict:
             raise RuntimeError("ttr_forward_fused cannot serve this call: " + "; ".join(reasons))
         return ttr_forward_reference(q, k, v, phi_q, phi_k, landmark_idx, alpha_logit, alpha_max, gamma, adaptive,
-                                     eps, key_mask, branch_affine, window=window, grid=grid, n_cond=n_cond)
+                                     eps, key_mask, branch_affine, window=window, grid=grid, n_cond=n_cond,
+                                     d_reference=d_reference)
     return run_fused_kernels(q, k, v, phi_q, phi_k, landmark_idx=landmark_idx, alpha_logit=alpha_logit,
                              alpha_max=alpha_max, gamma=gamma, adaptive=adaptive, eps=eps, key_mask=key_mask,
                              branch_affine=branch_affine, landmark_impl=landmark_impl, config=config, window=window,
-                             grid=grid, n_cond=n_cond)
+                             grid=grid, n_cond=n_cond, d_reference=d_reference)
 
 
 def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights, phi_k: PhiWeights, *,
@@ -465,7 +468,8 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                       key_mask: torch.Tensor | None = None,
                       branch_affine: Sequence[float] | torch.Tensor | None = None,
                       landmark_impl: str = "auto", config: KernelConfig | None = None, window: int = 0,
-                      grid: tuple[int, int] | None = None, n_cond: int = 0) -> torch.Tensor:
+                      grid: tuple[int, int] | None = None, n_cond: int = 0,
+                      d_reference: torch.Tensor | None = None) -> torch.Tensor:
     """`ttr_forward_fused` without its checks, for a caller that ran them (the ttr backend decides between
     this and its own PyTorch path with `fused_unsupported_reasons`; checking twice cost every served call).
     The arguments must pass `check_window` and `fused_unsupported_reasons`."""
@@ -524,19 +528,28 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
         del s  # the fp32 state is not read again: freed before the passes (peak memory)
         qk_scale = d ** -0.5 * 1.4426950408889634
         d_buf = d_sum = lse = dummy
-        if use_branch and adaptive:
+        one_pass = use_branch and adaptive and d_reference is not None
+        if one_pass:
+            d_ref = d_reference.reshape(-1)
+            if d_ref.numel() != heads:
+                raise ValueError(f"d_reference: expected [{heads}] (one mean of d per head), got "
+                                 f"{tuple(d_reference.shape)}")
+            # per (b, h), where pass 1 would have left the sum of d (the kernel reads it as the mean)
+            d_sum = d_ref.to(device=q.device, dtype=torch.float32).repeat(bsz).contiguous()
+        elif use_branch and adaptive:
             d_buf = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
             d_sum = torch.zeros(bsz * heads, device=q.device, dtype=torch.float32)  # pass 1 adds into it
 
         def launch(mode: int, lm_src: int) -> None:
             # the landmark pass (modes 1, 2) has its own tiles (from cuDNN's softmax: sdpa_lm_*); kernel-only (0)
             # and adaptive pass 2 (3) share q_*
-            if mode in (1, 2):
+            landmark_pass = mode in (1, 2, 4)
+            if landmark_pass:
                 bm, warps = (cfg.sdpa_lm_block_m, cfg.sdpa_lm_warps) if lm_src else (cfg.lm_block_m, cfg.lm_warps)
                 stages = cfg.lm_stages
             else:
                 bm, warps, stages = cfg.q_block_m, cfg.q_warps, cfg.q_stages
-            win = int(window) if mode in (1, 2) else 0
+            win = int(window) if landmark_pass else 0
             pw = _patch_width(cfg.lm_patch_w, grid_w, bm) if win else 0
             n_text_tiles = _cdiv(int(n_cond), bm) if win else 0
             # with a window: the conditioning rows, then (BM/PW x PW) patches of the latent grid
@@ -553,7 +566,7 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 ACT=_ACT[phi_q.activation], IS_HH=int(phi_q.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
                 HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src,
                 HAS_AFF=int(branch_affine is not None), BM=bm, BL=cfg.lm_block,
-                HC=_hidden_chunk(cfg.lm_hidden_chunk if mode in (1, 2) else cfg.q_hidden_chunk, plan.h1), WIN=win,
+                HC=_hidden_chunk(cfg.lm_hidden_chunk if landmark_pass else cfg.q_hidden_chunk, plan.h1), WIN=win,
                 BLW=_window_block(cfg.lm_window_block, bm, pw, win) if win else 16, PW=pw, FAST_SILU=_fast_silu(x),
                 num_warps=warps, num_stages=stages)
 
@@ -566,6 +579,9 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             out, lse = res[0], dummy if res[1] is None else res[1]
         if not use_branch:
             launch(0, 0)
+            return out
+        if one_pass:
+            launch(4, int(res is not None))
             return out
         launch(2 if adaptive else 1, int(res is not None))
         if adaptive:

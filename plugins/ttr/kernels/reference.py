@@ -221,16 +221,19 @@ def landmark_window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def blend_alpha(out_k: torch.Tensor, out_l: torch.Tensor, alpha_logit: torch.Tensor | float, alpha_max: float,
-                gamma: float, adaptive: bool) -> torch.Tensor:
-    """α `[B, H, N, 1]` (fp32). `alpha_logit` is a scalar or per-head `[H]`; the mean of d is per (b, h)
-    over tokens; the σ argument is clamped to ±15 (as plugins/ttr/layer.py)."""
+                gamma: float, adaptive: bool, d_reference: torch.Tensor | None = None) -> torch.Tensor:
+    """α `[B, H, N, 1]` (fp32). `alpha_logit` is a scalar or per-head `[H]`; d is normalised by its mean per
+    (b, h) over tokens, or by `d_reference` (`[H]`, the layer's running mean) when given; the σ argument is
+    clamped to ±15 (as plugins/ttr/layer.py)."""
     logit = torch.as_tensor(alpha_logit, dtype=torch.float32, device=out_k.device)
     logit = logit.reshape(1, -1, 1) if logit.dim() == 1 else logit.reshape(1, 1, 1)
     if adaptive:
         dot = (out_k * out_l).sum(-1)
         cos = dot / (out_k.norm(dim=-1) * out_l.norm(dim=-1)).clamp_min(1e-8)
         d = 1.0 - cos
-        d_norm = torch.clamp(d / d.mean(dim=-1, keepdim=True).clamp_min(1e-12), max=3.0) / 3.0
+        mean = d.mean(dim=-1, keepdim=True) if d_reference is None else \
+            d_reference.to(device=d.device, dtype=torch.float32).reshape(1, -1, 1)
+        d_norm = torch.clamp(d / mean.clamp_min(1e-12), max=3.0) / 3.0
         arg = (logit + gamma * (d_norm - 0.5)).clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP)
         a = alpha_max * torch.sigmoid(arg)
     else:
@@ -244,13 +247,15 @@ def ttr_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi
                           alpha_max: float = 0.2, gamma: float = 2.0, adaptive: bool = True, eps: float = 1e-6,
                           key_mask: torch.Tensor | None = None,
                           branch_affine: Sequence[float] | torch.Tensor | None = None, *, window: int = 0,
-                          grid: tuple[int, int] | None = None, n_cond: int = 0) -> torch.Tensor:
+                          grid: tuple[int, int] | None = None, n_cond: int = 0,
+                          d_reference: torch.Tensor | None = None) -> torch.Tensor:
     """The whole ttr layer (kernel branch, optional landmark branch and blend) in fp32.
 
     `branch_affine` = (s_k, b_k, s_l, b_l): each branch output becomes `o·(1+s)+b` before the blend
     (the seed's σ/CFG conditioner). `window = r > 0` adds the local window to the landmark branch
     (`landmark_window_reference`; needs `grid` (h, w) with h·w + n_cond == Nk and Nq == Nk); the branch
-    then runs even without landmarks (conditioning queries get out_l = 0). Returns q's dtype.
+    then runs even without landmarks (conditioning queries get out_l = 0). `d_reference`: see `blend_alpha`.
+    Returns q's dtype.
     """
     check_window(window, grid, n_cond, q.shape[2], k.shape[2])
     out_k = kernel_branch_reference(q, k, v, phi_q, phi_k, eps, key_mask)
@@ -266,7 +271,7 @@ def ttr_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi
         out_l = landmark_reference(q, k, v, landmark_idx)
     if aff is not None:
         out_l = out_l * (1 + aff[2]) + aff[3]
-    a = blend_alpha(out_k, out_l, alpha_logit, alpha_max, gamma, adaptive)
+    a = blend_alpha(out_k, out_l, alpha_logit, alpha_max, gamma, adaptive, d_reference)
     return (out_k + a * (out_l - out_k)).to(q.dtype)
 
 

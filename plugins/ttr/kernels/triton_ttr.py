@@ -12,8 +12,10 @@ Two launches carry the layer:
   online softmax goes on over the window) and the α blend in the epilogue. MODE selects kernel-only (0),
   fixed-α hybrid (1), adaptive pass 1 (2: writes out_l into `out`, d = 1 − cos(out_k, out_l), and adds
   each tile's sum of d into a per-(b, h) total) and adaptive pass 2 (3: recomputes the cheap kernel
-  branch, reads out_l back from `out` and blends in place with the per-(b, h) mean of d). Every query row
-  of the sequence is processed.
+  branch, reads out_l back from `out` and blends in place with the per-(b, h) mean of d) and adaptive in one
+  pass (4: the mean of d is replaced by a reference known before the call — the layer's running mean of d,
+  `alpha_reference = "running"` — so the landmark pass blends in its epilogue). Every query row of the
+  sequence is processed.
   WIN = r > 0 (the landmark plugin's local window) continues the landmark softmax over each image
   query's window of image keys (Chebyshev radius r on the latent grid, minus the landmarks, flagged per
   key in `lmf_ptr`); the landmark pass then tiles the conditioning rows first and the image queries as
@@ -251,6 +253,23 @@ def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, acc, pr, pc,
 
 
 @triton.jit
+def _disagreement(ok, ol):
+    """d = 1 − cos(out_k, out_l) per row (as plugins/ttr/layer.py)."""
+    dot = tl.sum(ok * ol, axis=1)
+    nrm = tl.sqrt(tl.sum(ok * ok, axis=1)) * tl.sqrt(tl.sum(ol * ol, axis=1))
+    return 1.0 - dot / tl.maximum(nrm, 1e-8)
+
+
+@triton.jit
+def _adaptive_blend(ok, ol, dd, mean, logit, gamma, alpha_max):
+    """out_k + α·(out_l − out_k), α = α_max·σ(logit + γ·(min(d / mean, 3) / 3 − 0.5)), the argument clamped to ±15."""
+    dn = tl.minimum(dd / tl.maximum(mean, 1e-12), 3.0) / 3.0
+    arg = tl.minimum(tl.maximum(logit + gamma * (dn - 0.5), -15.0), 15.0)
+    a = alpha_max / (1.0 + tl.exp(-arg))
+    return ok + a[:, None] * (ol - ok)
+
+
+@triton.jit
 def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, out_ptr, d_ptr, dsum_ptr, lse_ptr,
                   logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                   N, L, H, n_cond, n_text_tiles, grid_h, grid_w, s_scale, eps, alpha_max, gamma, qk_scale,
@@ -352,18 +371,20 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         a = alpha_max / (1.0 + tl.exp(-lg))
         tl.store(o_ptrs, (ok + a * (ol - ok)).to(out_dtype), mask=row_ok[:, None])
     elif MODE == 2:
-        dot = tl.sum(ok * ol, axis=1)
-        nrm = tl.sqrt(tl.sum(ok * ok, axis=1)) * tl.sqrt(tl.sum(ol * ol, axis=1))
-        dd = 1.0 - dot / tl.maximum(nrm, 1e-8)
+        dd = _disagreement(ok, ol)
         tl.store(d_ptr + t_ptrs, dd, mask=row_ok)
         # the per-(b, h) sum of d for pass 2's mean: one relaxed add per tile (no reduce launch in between)
         tl.atomic_add(dsum_ptr + pid_bh, tl.sum(tl.where(row_ok, dd, 0.0), axis=0), sem="relaxed")
         tl.store(o_ptrs, ol.to(out_dtype), mask=row_ok[:, None])
-    else:
+    elif MODE == 3:
+        # adaptive pass 2: d from pass 1, its mean over this call's queries from pass 1's sum
         dd = tl.load(d_ptr + t_ptrs, mask=row_ok, other=0.0)
-        mean = tl.maximum(tl.load(dsum_ptr + pid_bh) / N, 1e-12)
-        dn = tl.minimum(dd / mean, 3.0) / 3.0
-        lg = tl.load(logit_ptr + h * logit_h)
-        arg = tl.minimum(tl.maximum(lg + gamma * (dn - 0.5), -15.0), 15.0)
-        a = alpha_max / (1.0 + tl.exp(-arg))
-        tl.store(o_ptrs, (ok + a[:, None] * (ol - ok)).to(out_dtype), mask=row_ok[:, None])
+        mean = tl.load(dsum_ptr + pid_bh) / N
+        out = _adaptive_blend(ok, ol, dd, mean, tl.load(logit_ptr + h * logit_h), gamma, alpha_max)
+        tl.store(o_ptrs, out.to(out_dtype), mask=row_ok[:, None])
+    else:
+        # MODE 4, adaptive in one pass: the reference of d (the layer's running mean, per (b, h) in `dsum`) is
+        # known before the call, so the blend needs no second pass over the queries
+        out = _adaptive_blend(ok, ol, _disagreement(ok, ol), tl.load(dsum_ptr + pid_bh),
+                              tl.load(logit_ptr + h * logit_h), gamma, alpha_max)
+        tl.store(o_ptrs, out.to(out_dtype), mask=row_ok[:, None])
