@@ -16,7 +16,7 @@ from ..plugins.landmark.settings import LandmarkSettings
 from ..plugins.ttr.kernels import KernelConfig, PhiWeights, random_phi, ttr_forward_fused
 from ..plugins.ttr.settings import TtrSettings
 from .run import parse_shape
-from .variants import _call
+from .variants import _call, stand_in_reference
 
 TEXT_TOKENS = 512  # Flux's T5 tokens, first in the sequence
 
@@ -34,11 +34,13 @@ class LayerInputs:
     landmarks: torch.Tensor
     window: int
     grid: tuple[int, int]
+    d_reference: torch.Tensor | None = None  # adaptive α against a running mean of d: one pass (else two)
 
     @property
     def description(self) -> str:
         return (f"{self.size}: {self.q.shape[2]} tokens, {self.landmarks.numel()} landmarks, window {self.window}, "
-                f"φ {self.phi_q.depth} layer(s) → F {self.phi_q.feature_dim}")
+                f"φ {self.phi_q.depth} layer(s) → F {self.phi_q.feature_dim}, α's d against "
+                f"{'the call mean' if self.d_reference is None else 'a running mean'}")
 
     def fused(self, config: KernelConfig | None = None, landmark_impl: str | None = "auto",
               window: bool = True) -> Callable[[], torch.Tensor]:
@@ -48,7 +50,7 @@ class LayerInputs:
             if window and landmark_impl is not None and self.window else {}
         return lambda: ttr_forward_fused(self.q, self.k, self.v, self.phi_q, self.phi_k, landmark_idx=lm,
                                          config=config, strict=True, landmark_impl=landmark_impl or "auto",
-                                         **kw)
+                                         d_reference=self.d_reference, **kw)
 
 
 def default_layer(size: str, device: torch.device, ttr: TtrSettings | None = None,
@@ -63,4 +65,5 @@ def default_layer(size: str, device: torch.device, ttr: TtrSettings | None = Non
                        generator=g, device=device) for _ in range(2)]
     assert s.grid is not None
     idx, _ = LandmarkBackend(lm).indices(k, _call(s))  # the landmark plugin's own selection, as a served call
-    return LayerInputs(size, q, k, v, phis[0], phis[1], idx, lm.window, s.grid)
+    return LayerInputs(size, q, k, v, phis[0], phis[1], idx, lm.window, s.grid,
+                       stand_in_reference(ttr, q.shape[1], device))

@@ -5,7 +5,7 @@
 # (`all` = tests, tune, profile, bench, model: about 9 minutes on an H200; TUNE_ARGS, PROFILE_ARGS, BENCH_ARGS, MODEL_ARGS
 # replace each step's default arguments)
 # `quality` starts one testbed.quality process per variant (CPU-bound Python: they share the GPU; layers to
-# train in QUALITY_LAYERS, servings in QUALITY_SERVING), plus `attnplug eval` of each config in QUALITY_EVALS on the committed
+# train in QUALITY_LAYERS, servings in QUALITY_SERVING, seeds in QUALITY_SEEDS = "0 1" or QUALITY_SEED), plus `attnplug eval` of each config in QUALITY_EVALS on the committed
 # checkpoint, waits up to QUALITY_WAIT_S, then merges what finished. Everything must end inside the
 # call: the lent machine is given back ~30 s after a call returns, background processes with it.
 set -o pipefail
@@ -34,12 +34,12 @@ for step in "${@:-all}"; do
       Q=/tmp/quality; rm -rf $Q; mkdir -p $Q; : > $Q/pids  # a warm machine keeps the last call's rows
       IFS=';' read -ra VS <<< "${QUALITY_VARIANTS:-default;cosine lr;cosine lr 2× runs;offline fit;kernel-only;1-layer F64 hedgehog;1-layer F128 elu+1;landmarks 2 %;per-head φ;F256 + cosine lr;α_max 0.5 + cosine lr}"
       i=0
-      for v in "${VS[@]}"; do
+      for seed in ${QUALITY_SEEDS:-${QUALITY_SEED:-0}}; do for v in "${VS[@]}"; do
         i=$((i+1)); d=$Q/v$i; mkdir -p $d
         OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.testbed.quality --out $d --device cuda --variants "$v" \
-          --budget-s 1e9 --layers "${QUALITY_LAYERS:-}" --serving "${QUALITY_SERVING:-}" --seed "${QUALITY_SEED:-0}" > $d/log.txt 2>&1 &
+          --budget-s 1e9 --layers "${QUALITY_LAYERS:-}" --serving "${QUALITY_SERVING:-}" --seed "$seed" > $d/log.txt 2>&1 &
         echo $! >> $Q/pids
-      done
+      done; done
       for c in ${QUALITY_EVALS:-}; do
         n=$(basename $c .toml); OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.cli eval --config $c \
           --checkpoint testbed/weights/ttr_default.safetensors --prompts 64 --device cuda --json $Q/eval_$n.json > $Q/eval_$n.log 2>&1 &

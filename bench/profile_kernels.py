@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from ..plugins.ttr.kernels import KernelConfig
+from ..plugins.ttr.settings import TtrSettings
 from .default_layer import LayerInputs, default_layer
 
 
@@ -62,10 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-chunks", default="default",
                    help="comma list: 'default' (KernelConfig's tiles) or one hidden chunk for every φ pass")
     p.add_argument("--breakdown", action="store_true", help="also time the landmark paths without the window")
+    p.add_argument("--alpha-reference", default="default",
+                   help="comma list of what adaptive α's d is normalised by: 'default' (the settings' default), "
+                        "'call' (the call's mean: two query passes) or 'running' (a running mean: one pass)")
     a = p.parse_args(argv)
     dev = torch.device("cuda")
-    for size in a.sizes.split(","):
-        layer = default_layer(size, dev)
+    refs = a.alpha_reference.split(",")
+    bad = [r for r in refs if r not in ("default", "call", "running")]
+    if bad:
+        p.error(f"--alpha-reference: unknown {bad}; expected 'default', 'call' or 'running'")
+    for size, ref in ((s, r) for s in a.sizes.split(",") for r in refs):
+        layer = default_layer(size, dev, TtrSettings() if ref == "default" else TtrSettings(alpha_reference=ref))
         for name, fn in layer_runs(layer, [None if x == "default" else int(x) for x in a.hidden_chunks.split(",")],
                                           a.breakdown).items():
             times = kernel_times_us(fn, a.calls)

@@ -58,11 +58,11 @@ class Variant:
 
 #: The product default layer, read from the settings' own defaults (it cannot drift): φ, α_max and the
 #: landmark branch.
-_TTR_DEFAULT = TtrSettings().model_dump(include={"depth", "hidden", "feature_dim", "alpha_max"})
+_TTR_DEFAULT = TtrSettings().model_dump(include={"depth", "hidden", "feature_dim", "alpha_max", "alpha_reference"})
 _LM_DEFAULT = LandmarkSettings().model_dump(include={"fraction", "min", "max", "window"})
 #: The configurations defined before session 5 pin what was the default then (α_max 0.2, no window, and
 #: the landmark budgets they name), so each keeps timing the layer its docs/PERFORMANCE.md rows measured.
-_A_PREV = {"alpha_max": 0.2}
+_A_PREV = {"alpha_max": 0.2, "alpha_reference": "call"}
 _PHI_PREV = {"depth": 2, "hidden": 256, "feature_dim": 128, **_A_PREV}  # the 2-layer map
 _PHI_LEAN = {"depth": 1, "hidden": 0, "feature_dim": 128, **_A_PREV}
 _LM_PREV = {"fraction": 0.08, "min": 64, "max": 0, "window": 0}
@@ -77,6 +77,9 @@ _LM_2PCT = {"fraction": 0.02, "min": 16, "max": 0, "window": 0}
 #: times a subset.
 TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default": (_TTR_DEFAULT, _LM_DEFAULT),
+    # adaptive α's d against the call's mean (two query passes) or a running mean (one pass)
+    "default-call-alpha": ({**_TTR_DEFAULT, "alpha_reference": "call"}, _LM_DEFAULT),
+    "default-running-alpha": ({**_TTR_DEFAULT, "alpha_reference": "running"}, _LM_DEFAULT),
     "previous-default": (_PHI_PREV, _LM_PREV),
     "seed": ({"depth": 3, "hidden": 0, "feature_dim": 256, "l2_norm": True, **_A_PREV}, _LM_PREV),
     "lean": (_PHI_LEAN, {"fraction": 0.02, "min": 64, "max": 0, "window": 0}),
@@ -349,6 +352,29 @@ def _ttr_cost_from_settings(s: Shape, dtype: torch.dtype, backend: Any) -> tuple
     return ttr_cost(s, dtype, list(itertools.pairwise(dims)), st.feature_dim, n_l, n_w)
 
 
+#: The running mean of d a layer with random weights stands in with (`alpha_reference = "running"`): a distilled
+#: layer has its own; the kernels' time does not depend on the value.
+STAND_IN_D_REFERENCE = 0.1
+
+
+def stand_in_reference(ttr: TtrSettings, heads: int, device: torch.device) -> torch.Tensor | None:
+    """`[heads]` stand-in running reference of d for `ttr` (adaptive α, "running"), else None (the call's mean)."""
+    if ttr.adaptive_alpha and ttr.alpha_reference == "running":
+        return torch.full((heads,), STAND_IN_D_REFERENCE, device=device)
+    return None
+
+
+def _bench_layer(backend: Any, call: Any, q: torch.Tensor) -> Any:
+    """The backend's layer for q's shape; with a running α reference, the stand-in (random weights keep none)."""
+    from ..core.call import LayerSpec
+
+    layer = backend.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
+    ref = stand_in_reference(backend.settings, q.shape[1], q.device)
+    if ref is not None and not layer.reference_tracked:
+        layer.set_d_reference(ref)
+    return layer
+
+
 def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: list[str] | None = None,
                   graphs: bool = True) -> list[Variant]:
     """Per TTR_CONFIGS entry: the PyTorch path, the fused path (auto / in-kernel / SDPA landmarks) checked
@@ -385,6 +411,8 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
         torch_name = f"ttr-{cfg} torch"
 
         def make_torch(q, k, v, backend=backend):
+            _bench_layer(backend, call, q)
+
             def fn():
                 with torch.inference_mode():
                     return backend.forward(q, k, v, call)
@@ -393,9 +421,7 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
 
         def fused_maker(lm_impl: str | None, backend=backend, lm_backend=lm_backend, win=win):
             def make(q, k, v):
-                from ..core.call import LayerSpec
-
-                layer = backend.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
+                layer = _bench_layer(backend, call, q)
                 st = backend.settings
                 pq = PhiWeights.from_module(layer.phi_q, st.activation, st.l2_norm, st.eps)
                 pk = PhiWeights.from_module(layer.phi_k or layer.phi_q, st.activation, st.l2_norm, st.eps)
@@ -411,7 +437,8 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
                 def fn():
                     return ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit,
                                              alpha_max=st.alpha_max, gamma=st.gamma, adaptive=st.adaptive_alpha,
-                                             eps=st.eps, landmark_impl=lm_impl or "auto", strict=True, **wkw)
+                                             eps=st.eps, landmark_impl=lm_impl or "auto", strict=True,
+                                             d_reference=layer.running_reference(), **wkw)
                 return fn
             return make
 

@@ -132,13 +132,16 @@ VARIANTS: dict[str, Variant] = {
     "product default": Variant(PRODUCT_DEFAULT),
 }
 
-#: Ways to serve a distilled checkpoint: name → gates (readiness always applies on top).
-SERVING: dict[str, list[dict[str, Any]]] = {
-    "all ready": [],
-    "single blocks": [{"kind": "layers", "include": ["single:*"]}],
-    "single blocks from step 2": [{"kind": "layers", "include": ["single:*"]},
-                                  {"kind": "step_window", "steps": ["2:"]}],
-    "all but double:0": [{"kind": "layers", "exclude": ["double:0"]}],
+#: Ways to serve a distilled checkpoint: name → config overlay (its gates, and runtime settings such as how
+#: adaptive α normalises d); readiness always applies on top.
+_SINGLE = {"kind": "layers", "include": ["single:*"]}
+SERVING: dict[str, dict[str, Any]] = {
+    "all ready": {"gates": []},
+    "single blocks": {"gates": [_SINGLE]},
+    "single blocks from step 2": {"gates": [_SINGLE, {"kind": "step_window", "steps": ["2:"]}]},
+    "all but double:0": {"gates": [{"kind": "layers", "exclude": ["double:0"]}]},
+    # the same checkpoint, α's d normalised by the running mean kept while distilling (one fused pass)
+    "single blocks + running α": {"gates": [_SINGLE], "plugins": {"ttr": {"alpha_reference": "running"}}},
 }
 
 
@@ -174,10 +177,10 @@ def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: f
         metrics = run_demo(out / folder_name(name), device=device, config=cfg, plan=vplan, progress=False,
                            seed=seed)
         row = {"variant": name, "seed": seed, "plan": vplan.__dict__, "distill": metrics["distill"], "serving": {}}
-        for serve, gates in SERVING.items():
+        for serve, overlay in SERVING.items():
             if serving and serve not in serving:
                 continue
-            res = strip_images(evaluate(merge(cfg, {"gates": gates}), out / folder_name(name) / "ttr.safetensors",
+            res = strip_images(evaluate(merge(cfg, overlay), out / folder_name(name) / "ttr.safetensors",
                                         n_prompts=plan.eval_prompts, steps=plan.eval_steps, device=device,
                                         seed=seed))
             row["serving"][serve] = res

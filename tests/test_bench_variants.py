@@ -44,20 +44,22 @@ def test_configs_at_flux_4096_landmarks_and_costs():
         assert backend.settings.kernel == "torch", cfg
 
 
-#: What each configuration times — (depth, hidden, F, activation, l2_norm, α_max), (fraction, min, max, window) —
-#: as it did before session 5 for every name but "default" (renamed ones under their new names): a changed
-#: product default must not move them.
+#: What each configuration times — (depth, hidden, F, activation, l2_norm, α_max, α's reference of d), (fraction,
+#: min, max, window) — as it did before session 5 for every name but the "default" ones (renamed ones under their
+#: new names): a changed product default must not move them.
 EFFECTIVE = {
-    "previous-default": ((2, 256, 128, "elu+1", False, 0.2), (0.08, 64, 0, 0)),
-    "seed": ((3, 0, 256, "elu+1", True, 0.2), (0.08, 64, 0, 0)),
-    "lean": ((1, 0, 128, "elu+1", False, 0.2), (0.02, 64, 0, 0)),
-    "hedgehog-F64": ((1, 256, 64, "hedgehog", False, 0.2), (0.08, 64, 0, 0)),
-    "1layer-F128": ((1, 256, 128, "elu+1", False, 0.2), (0.08, 64, 0, 0)),
-    "previous-default-lm2pct": ((2, 256, 128, "elu+1", False, 0.2), (0.02, 16, 0, 0)),
-    "previous-default-cap1024": ((2, 256, 128, "elu+1", False, 0.2), (0.08, 64, 1024, 0)),
-    "previous-default-window2": ((2, 256, 128, "elu+1", False, 0.2), (0.08, 64, 0, 2)),
-    "lean-window2": ((1, 0, 128, "elu+1", False, 0.2), (0.02, 16, 0, 2)),
+    "previous-default": ((2, 256, 128, "elu+1", False, 0.2, "call"), (0.08, 64, 0, 0)),
+    "seed": ((3, 0, 256, "elu+1", True, 0.2, "call"), (0.08, 64, 0, 0)),
+    "lean": ((1, 0, 128, "elu+1", False, 0.2, "call"), (0.02, 64, 0, 0)),
+    "hedgehog-F64": ((1, 256, 64, "hedgehog", False, 0.2, "call"), (0.08, 64, 0, 0)),
+    "1layer-F128": ((1, 256, 128, "elu+1", False, 0.2, "call"), (0.08, 64, 0, 0)),
+    "previous-default-lm2pct": ((2, 256, 128, "elu+1", False, 0.2, "call"), (0.02, 16, 0, 0)),
+    "previous-default-cap1024": ((2, 256, 128, "elu+1", False, 0.2, "call"), (0.08, 64, 1024, 0)),
+    "previous-default-window2": ((2, 256, 128, "elu+1", False, 0.2, "call"), (0.08, 64, 0, 2)),
+    "lean-window2": ((1, 0, 128, "elu+1", False, 0.2, "call"), (0.02, 16, 0, 2)),
 }
+#: The product default with adaptive α's reference of d pinned either way (the rest follows the settings).
+DEFAULT_PINNED = {"default-call-alpha": "call", "default-running-alpha": "running"}
 
 
 def _effective(cfg: str):
@@ -71,14 +73,19 @@ def test_default_is_the_product_default_and_the_others_keep_their_layers():
     from attnplug.plugins.landmark.settings import LandmarkSettings
     from attnplug.plugins.ttr.settings import ARCHITECTURE_FIELDS, TtrSettings
 
-    assert set(TTR_CONFIGS) == set(EFFECTIVE) | {"default"}
+    assert set(TTR_CONFIGS) == set(EFFECTIVE) | {"default"} | set(DEFAULT_PINNED)
     t, lm = _effective("default")  # built from the settings' own defaults: it follows them
-    assert {f: getattr(t, f) for f in ARCHITECTURE_FIELDS} == {f: getattr(TtrSettings(), f) for f in ARCHITECTURE_FIELDS}
+    fields = (*ARCHITECTURE_FIELDS, "alpha_reference")
+    assert {f: getattr(t, f) for f in fields} == {f: getattr(TtrSettings(), f) for f in fields}
     assert lm == LandmarkSettings()
+    for cfg, ref in DEFAULT_PINNED.items():
+        tp, lp = _effective(cfg)
+        assert tp.alpha_reference == ref and lp == lm, cfg
+        assert {f: getattr(tp, f) for f in ARCHITECTURE_FIELDS} == {f: getattr(t, f) for f in ARCHITECTURE_FIELDS}
     assert (t.alpha_max, lm.fraction, lm.min, lm.max, lm.window) == (0.5, 0.02, 16, 0, 2)  # session 5's decision
     for cfg, (want_t, want_l) in EFFECTIVE.items():
         t, lm = _effective(cfg)
-        got = ((t.depth, t.hidden, t.feature_dim, t.activation, t.l2_norm, t.alpha_max),
+        got = ((t.depth, t.hidden, t.feature_dim, t.activation, t.l2_norm, t.alpha_max, t.alpha_reference),
                (lm.fraction, lm.min, lm.max, lm.window))
         assert got == (want_t, want_l), cfg
         assert (t.gamma, t.adaptive_alpha, t.per_head, t.split_qk, lm.layout) == (2.0, True, False, True, "even"), cfg

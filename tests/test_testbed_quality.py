@@ -15,13 +15,13 @@ from attnplug.testbed.quality import SERVING, VARIANTS, base_config, merge
 
 def test_every_variant_and_serving_config_validates():
     # `--variants` is a comma list and the device script's QUALITY_VARIANTS a ';' list
-    assert not [n for n in VARIANTS if "," in n or ";" in n], "variant names must not contain ',' or ';'"
+    assert not [n for n in [*VARIANTS, *SERVING] if "," in n or ";" in n], "names must not contain ',' or ';'"
     plan = DemoPlan(runs=60, steps=20)
     for name, variant in VARIANTS.items():
         vplan = variant.plan(plan)
         cfg = variant.config(base_config(), vplan)
-        for gates in SERVING.values():
-            load_config(merge(cfg, {"gates": gates}))  # raises ConfigError naming the field
+        for overlay in SERVING.values():
+            load_config(merge(cfg, overlay))  # raises ConfigError naming the field
     cos = VARIANTS["cosine lr"].config(base_config(), plan)["plugins"]["distill"]
     assert cos["lr_schedule"] == "cosine" and cos["lr_decay_updates"] == 60 * 20
     longer = VARIANTS["cosine lr 2× runs"]
