@@ -24,7 +24,7 @@ for step in "${@:-all}"; do
   case $step in
     tests|all) python3 -m pytest -q -p no:cacheprovider --import-mode=importlib tests/test_kernels_fused.py \
       tests/test_ttr_fused.py tests/test_ttr_fused_agreement.py tests/test_ttr_compile.py tests/test_distill_train.py \
-      tests/test_distill_ttr.py tests/test_diffusers_compile.py tests/test_gpu_no_sync.py tests/test_ttr_fused_window.py tests/test_bench_model.py tests/test_bench_variants.py \
+      tests/test_distill_ttr.py tests/test_diffusers_compile.py tests/test_gpu_no_sync.py tests/test_ttr_fused_window.py tests/test_ttr_alpha_reference.py tests/test_bench_model.py tests/test_bench_variants.py \
       2>&1 | tee "$OUT/tests.log" ;;&
     tune|all) python3 -m attnplug.bench.tune ${TUNE_ARGS:---sizes 1024,2048 --quick} 2>&1 | tee "$OUT/tune.log" ;;&
     profile|all) python3 -m attnplug.bench.profile_kernels ${PROFILE_ARGS:---sizes 1024,2048} 2>&1 | tee "$OUT/profile.log" ;;&
