@@ -171,8 +171,19 @@ def ttr_layer(plugins: dict[str, dict[str, Any]] | None = None) -> dict[str, Any
 
     cfg = load_config({"backend": "ttr", "loggers": [], "plugins": {k: dict(v) for k, v in (plugins or {}).items()}})
     t, lm = cfg.section("ttr"), cfg.section("landmark")
-    return {"ttr": t.model_dump(include={"depth", "hidden", "feature_dim", "activation", "alpha_max"}),
+    return {"ttr": t.model_dump(include={"depth", "hidden", "feature_dim", "activation", "alpha_max", "alpha_reference"}),
             "landmark": None if lm is None else lm.model_dump(include={"fraction", "min", "max", "window"})}
+
+
+def stand_in_references(ttr: Any, device: torch.device) -> None:
+    """Give every built ttr layer the stand-in running mean of d where its settings serve with one (random
+    layers keep none; a distilled one has its own), so the rows time the kernels a distilled layer runs."""
+    from .variants import stand_in_reference
+
+    for layer in ttr.layers.values():
+        ref = stand_in_reference(ttr.settings, layer.heads, device)
+        if ref is not None and not layer.reference_tracked:
+            layer.set_d_reference(ref)
 
 
 def compress_keys(keys: list[str]) -> str:
@@ -302,6 +313,8 @@ def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: to
             session.run_start(num_steps=1, host="diffusers", pipeline="attnplug bench-model")
         with torch.inference_mode(), sdpa_kernel(sdpa, device):
             out = forward().float().cpu()  # first forward: builds ttr layers, compiles kernels
+            if session is not None and session.config.root.backend == "ttr":
+                stand_in_references(session.backends.get("ttr"), device)
             if not bool(torch.isfinite(out).all()):
                 row.warning = "non-finite output (random weights): the time stands, the error column does not"
             if reference is not None:

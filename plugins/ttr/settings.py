@@ -70,11 +70,12 @@ class TtrSettings(Strict):
         "auto", description="Inference path: 'auto' (fused Triton kernels on CUDA where they serve the call, "
                             "else PyTorch), 'torch' (always the PyTorch reference), 'triton' (fused or an error).")
     alpha_reference: Literal["call", "running"] = Field(
-        "call", description="What adaptive α measures each token's branch disagreement d against: 'call' (the "
-                            "mean of d over this call's queries: the fused kernels need a second pass over the "
-                            "queries for it) or 'running' (a per-head running mean of d kept while distilling, "
-                            "like BatchNorm's running statistics: one pass; a layer without one, e.g. from an "
-                            "older checkpoint, uses 'call').")
+        "running", description="What adaptive α measures each token's branch disagreement d against at inference: "
+                               "'running' (a per-head running mean of d kept while distilling, like BatchNorm's "
+                               "running statistics: the fused kernels blend in one pass; a layer without one, e.g. "
+                               "from a checkpoint written before session 7, uses 'call') or 'call' (the mean of d "
+                               "over this call's queries: a second pass over the queries). Training always uses "
+                               "the call's mean. Same quality on the testbed (docs/QUALITY.md).")
     feature_precision: Literal["float32", "input"] = Field(
         "float32", description="dtype of the φ MLP at inference: 'float32', or 'input' (bf16/fp16 matmuls on "
                                "GPU; S, z and the division stay fp32). Training is always fp32.")

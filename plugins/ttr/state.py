@@ -131,6 +131,12 @@ def load_backend_state(backend: "TtrBackend", tensors: dict[str, torch.Tensor], 
         built[key] = (spec, module, info)
 
     _log_landmark(meta.get("landmark"), backend.landmark_settings())
+    without = sorted(k for k, (_, m, _) in built.items() if getattr(m, "adaptive", False)
+                     and getattr(m, "alpha_reference", "call") == "running" and not m.reference_tracked)
+    if without:
+        log.info("attnplug: ttr checkpoint: %d layer(s) (%s) have no running mean of d (a file written before "
+                 "attnplug kept one, or never trained): adaptive α uses each call's own mean there (the fused "
+                 "kernels take two passes over the queries)", len(without), ", ".join(without))
     # validated: commit
     for key, (spec, module, info) in built.items():
         old = backend.layers.get(key)
