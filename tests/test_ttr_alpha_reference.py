@@ -128,7 +128,9 @@ def test_reference_is_saved_and_older_checkpoints_still_load(tmp_path: Path):
     assert got.running_reference() is not None
     # a file from before the reference existed: no `d_reference` tensor; it loads and serves with the call's mean
     tensors, meta = backend.state()
+    assert meta["version"] == 2
     tensors = {n: t for n, t in tensors.items() if not n.endswith("/d_reference")}
+    meta = {**meta, "version": 1}  # as written before session 7
     old = tmp_path / "old.safetensors"
     save_checkpoint(old, {"backend.ttr": (tensors, meta)})
     loaded = _backend("running")
@@ -136,6 +138,8 @@ def test_reference_is_saved_and_older_checkpoints_still_load(tmp_path: Path):
     got = loaded.layers["single:0"]
     assert not got.reference_tracked and got.running_reference() is None
     torch.testing.assert_close(got.alpha_logit, layer.alpha_logit)
+    with pytest.raises(ValueError, match="version 3, this attnplug reads 1 and 2"):
+        _backend("running").load_state(tensors, {**meta, "version": 3})
 
 
 # ---- the fused kernels in one pass (interpreter) -----------------------------------------------------------------

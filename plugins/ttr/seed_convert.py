@@ -40,6 +40,7 @@ from ...core.call import LayerSpec
 from ...core.checkpoint import save_checkpoint
 from .backend import TtrBackend
 from .settings import ARCHITECTURE_FIELDS, TtrSettings
+from .state import ADDED_TENSORS
 
 log = logging.getLogger("attnplug")
 
@@ -151,7 +152,8 @@ def _convert(raw: dict[str, Any], in_path: Path, out_path: Path) -> ConversionRe
         for name, t in mapped.items():
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise bad(f"layer {key}: {name} maps to shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
-        module.load_state_dict(mapped, strict=True)
+        # tensors the seed never had (the running mean of d) keep the fresh layer's value: none kept
+        module.load_state_dict({**{n: expected[n] for n in ADDED_TENSORS if n in expected}, **mapped}, strict=True)
         entry = readiness.get(key) if isinstance(readiness, dict) else None
         backend.ready[key] = bool(entry.get("ready", False)) if isinstance(entry, dict) else False
 

@@ -2,7 +2,7 @@
 
 Tensors: `<layer_key>/<parameter name>` (fp32). Meta (JSON):
 
-    {"format": "attnplug.ttr", "version": 1,
+    {"format": "attnplug.ttr", "version": 2,
      "settings": {every [plugins.ttr] field},
      "layers": {layer_key: {"heads": H, "head_dim": D, "ready": bool, "chunks": [kc, qc] | null}},
      "landmark": {the landmark settings in use when saved} | null}
@@ -32,7 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("attnplug")
 
 FORMAT = "attnplug.ttr"
-VERSION = 1
+#: 2 (session 7): layers carry `d_reference`, the running mean of d; an attnplug that reads only 1 refuses such
+#: files by version instead of by an unexpected tensor.
+VERSION = 2
+READS = (1, 2)
 #: Tensors a layer has that files written before them lack; loading keeps the fresh layer's value (the running
 #: reference of d: zeros = none kept, so such a layer serves with the call's own mean).
 ADDED_TENSORS = ("d_reference",)
@@ -78,8 +81,8 @@ def load_backend_state(backend: "TtrBackend", tensors: dict[str, torch.Tensor], 
     """Restore `backend_state`; raise ValueError naming the mismatch (nothing changes on error)."""
     if meta.get("format") != FORMAT:
         raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"ttr state version {meta.get('version')!r}, this attnplug reads {VERSION}")
+    if meta.get("version") not in READS:
+        raise ValueError(f"ttr state version {meta.get('version')!r}, this attnplug reads {' and '.join(map(str, READS))}")
     saved = meta.get("settings")
     layers_meta = meta.get("layers")
     if not isinstance(saved, dict) or not isinstance(layers_meta, dict):
