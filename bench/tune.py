@@ -10,8 +10,8 @@ product's default layer (`bench.default_layer`: φ, landmarks and window from th
   q_stages × q_hidden_chunk. The whole call is timed: it includes the key pass at its default tiles;
 - landmark: the whole call with the in-kernel landmark softmax (landmark_impl="fused") over
   lm_block_m × lm_warps × lm_stages × lm_block × lm_window_block × lm_patch_w × lm_hidden_chunk (the
-  landmark pass, adaptive pass 1; lm_window_block and lm_patch_w only matter with a window). It includes the
-  key pass and adaptive pass 2 at their default tiles;
+  landmark pass; lm_window_block and lm_patch_w only matter with a window). It includes the key pass at its
+  default tiles (and adaptive pass 2 where the layer normalises d by the call's mean, `alpha_reference = "call"`);
 - landmark-sdpa (only when named in `--parts`): the landmark pass with cuDNN landmarks (landmark_impl="sdpa"),
   whose softmax it continues over the window — the path `auto` takes at 4096² — over sdpa_lm_block_m ×
   sdpa_lm_warps and the window's and φ's lm_* fields; its best overrides landmark's shared fields in the
@@ -100,7 +100,8 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
     calls = {"key": lambda cfg: kv_state_fused(layer.k, layer.v, layer.phi_k, None, cfg), "query": whole_call(None),
              "landmark": whole_call("fused"), "landmark-sdpa": whole_call("sdpa")}
     print(f"# {layer.description}; 'query' and 'landmark' time the whole call "
-          "(key pass at default tiles; 'landmark' also adaptive pass 2)", flush=True)
+          "(key pass at default tiles; 'landmark' also adaptive pass 2 if α's d is against the call mean)",
+          flush=True)
     summary: list[str] = []
     combined: dict[str, int] = {}
     for part, part_call in calls.items():
