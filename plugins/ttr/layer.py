@@ -156,10 +156,9 @@ class TtrLayer(nn.Module):
             ok, ol = out_k.detach(), out_l.detach()
             d = 1.0 - F.cosine_similarity(ok, ol, dim=-1, eps=1e-8)  # [B, H, Nq]
             mean = d.mean(dim=-1, keepdim=True)
-            running = None if track_reference else self.running_reference()
             if track_reference:
                 self._track_reference(mean)
-            elif running is not None:
+            elif (running := self.running_reference()) is not None:
                 mean = running.view(1, self.heads, 1)
             d_norm = (d / mean.clamp_min(1e-12)).clamp(max=3.0) / 3.0
             arg = logit + self.gamma * (d_norm - 0.5)

@@ -134,8 +134,8 @@ def load_backend_state(backend: "TtrBackend", tensors: dict[str, torch.Tensor], 
         built[key] = (spec, module, info)
 
     _log_landmark(meta.get("landmark"), backend.landmark_settings())
-    without = sorted(k for k, (_, m, _) in built.items() if getattr(m, "adaptive", False)
-                     and getattr(m, "alpha_reference", "call") == "running" and not m.reference_tracked)
+    without = sorted(k for k, (_, m, _) in built.items()
+                     if m.adaptive and m.alpha_reference == "running" and not m.reference_tracked)
     if without:
         log.info("attnplug: ttr checkpoint: %d layer(s) (%s) have no running mean of d (a file written before "
                  "attnplug kept one, or never trained): adaptive α uses each call's own mean there (the fused "
