@@ -185,8 +185,9 @@ class TokensSettings(Strict):
     """`kind = "tokens"`: approximate only for image sizes where it pays (min ≤ image tokens ≤ max).
 
     An approximate layer slower than exact attention is pointless: on an H200 the default ttr layer is
-    slower than cuDNN at 1024² (4096 image tokens) and faster from 2048² (docs/PERFORMANCE.md), so a
-    Flux config that serves ttr at every size would set `min_image_tokens` between the two."""
+    slightly slower than cuDNN at 1024² (4096 image tokens) and 1.66× faster at 1280² (6400; docs/PERFORMANCE.md,
+    "Session 7"), so a Flux config that serves ttr at every size sets `min_image_tokens` between the two
+    (examples/configs/flux_ttr_large_images.toml: 6144)."""
 
     min_image_tokens: int = Field(0, ge=0, description="Fewest image tokens of a call that may run approximate.")
     max_image_tokens: int | None = Field(None, ge=0, description="Most image tokens (none: no upper bound).")
