@@ -139,7 +139,8 @@ def load_backend_state(backend: "TtrBackend", tensors: dict[str, torch.Tensor], 
     if without:
         log.info("attnplug: ttr checkpoint: %d layer(s) (%s) have no running mean of d (a file written before "
                  "attnplug kept one, or never trained): adaptive α uses each call's own mean there (the fused "
-                 "kernels take two passes over the queries)", len(without), ", ".join(without))
+                 "kernels take two passes over the queries); distilling a layer again, even briefly, keeps one",
+                 len(without), ", ".join(without))
     # validated: commit
     for key, (spec, module, info) in built.items():
         old = backend.layers.get(key)
