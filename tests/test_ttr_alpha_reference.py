@@ -91,8 +91,13 @@ def test_training_keeps_a_running_mean_of_d_and_serving_uses_it():
     assert layer.reference_tracked and layer.running_reference() is layer.d_reference
     q2, k2, v2 = _qkv(2, N_COND + 36, seed=2)
     second = _call_mean_of_d(layer, q2, k2, v2, backend)
-    torch.testing.assert_close(layer.d_reference, first + REFERENCE_MOMENTUM * (second - first))
-    assert not torch.allclose(first, second)  # the EMA step is visible: the check above can fail
+    torch.testing.assert_close(layer.d_reference, (first + second) / 2)  # the first calls: their plain average
+    assert not torch.allclose(first, second)  # the step is visible: the check above can fail
+    for _ in range(int(1 / REFERENCE_MOMENTUM)):  # later calls: an EMA with weight REFERENCE_MOMENTUM
+        layer._track_reference(second.view(1, HEADS, 1))
+    before_last = layer.d_reference.clone()
+    layer._track_reference(first.view(1, HEADS, 1))
+    torch.testing.assert_close(layer.d_reference, before_last + REFERENCE_MOMENTUM * (first - before_last))
     # serving with the running mean differs from serving with the call's mean; "call" ignores the reference
     other = _backend("call")
     other.layer(LayerSpec("single:0", HEADS, DIM), torch.device("cpu")).load_state_dict(layer.state_dict())
@@ -107,7 +112,7 @@ def test_training_keeps_a_running_mean_of_d_and_serving_uses_it():
 def test_a_non_finite_training_call_leaves_the_reference_unchanged():
     backend = _backend("running")
     layer = backend.layer(LayerSpec("single:0", HEADS, DIM), torch.device("cpu"))
-    layer.set_d_reference(torch.tensor([0.2, 0.3]))
+    layer.set_d_reference(torch.tensor([0.2, 0.3]))  # a set (or loaded) reference counts as settled: EMA steps
     layer._track_reference(torch.tensor([[[float("nan")], [0.5]]]))  # [B=1, H=2, 1]
     torch.testing.assert_close(layer.d_reference, torch.tensor([0.2, 0.3 + REFERENCE_MOMENTUM * 0.2]))
     with pytest.raises(ValueError, match="expected 2 values"):

@@ -31,7 +31,8 @@ LandmarkBranch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionCa
                           torch.Tensor]
 
 _LOGIT_CLAMP = 15.0
-#: Weight of each training call's mean of d in the running reference (an EMA over ~50 updates).
+#: Weight of each training call's mean of d in the running reference: an EMA over ~50 updates, the plain average
+#: of the calls seen before that (so a brief distillation already gives the mean of its calls, not its first one).
 REFERENCE_MOMENTUM = 0.02
 
 
@@ -106,6 +107,9 @@ class TtrLayer(nn.Module):
         # running mean of d per head (0 = none kept yet); whether it holds one is known without reading it
         # (a device sync): set by training and by loading a state dict
         self.register_buffer("d_reference", torch.zeros(heads, dtype=torch.float32))
+        # training calls folded in (a tensor: no Python state for torch.compile to specialise on); not saved — a
+        # loaded reference counts as settled
+        self.register_buffer("d_reference_calls", torch.zeros((), dtype=torch.float32), persistent=False)
         self.reference_tracked = False
         self.register_load_state_dict_post_hook(TtrLayer._after_load)
         self.last_metrics: dict[str, torch.Tensor] = {}
@@ -114,6 +118,7 @@ class TtrLayer(nn.Module):
     def _after_load(module: "TtrLayer", incompatible: object) -> None:
         # a file without a running reference (older checkpoints: `state.py` fills the buffer with zeros) keeps none
         module.reference_tracked = bool((module.d_reference > 0).all())
+        module.d_reference_calls.fill_(1.0 / REFERENCE_MOMENTUM if module.reference_tracked else 0.0)
 
     def running_reference(self) -> torch.Tensor | None:
         """The `[H]` reference of d to serve with, or None for the call's own mean (`alpha_reference = "call"`,
@@ -128,6 +133,7 @@ class TtrLayer(nn.Module):
         if mean.numel() != self.heads:
             raise ValueError(f"d_reference: expected {self.heads} values (one per head), got {mean.numel()}")
         self.d_reference.copy_(mean)
+        self.d_reference_calls.fill_(1.0 / REFERENCE_MOMENTUM)
         self.reference_tracked = True
 
     def _track_reference(self, call_mean: torch.Tensor) -> None:
@@ -135,9 +141,10 @@ class TtrLayer(nn.Module):
         mean leaves it unchanged)."""
         new = call_mean.detach().float().mean(dim=0).reshape(-1).clamp_min(1e-12)
         with torch.no_grad():
-            if self.reference_tracked:
-                new = torch.lerp(self.d_reference, new, REFERENCE_MOMENTUM)
-            self.d_reference.copy_(torch.where(torch.isfinite(new), new, self.d_reference))
+            ok = torch.isfinite(new)
+            weight = (1.0 / (self.d_reference_calls + 1.0)).clamp_min(REFERENCE_MOMENTUM)  # 1 for the first call
+            self.d_reference.copy_(torch.where(ok, torch.lerp(self.d_reference, new, weight), self.d_reference))
+            self.d_reference_calls.add_(ok.all().float())
         self.reference_tracked = True
 
     # ---- pieces -----------------------------------------------------------------------------------
