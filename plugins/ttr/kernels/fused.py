@@ -534,15 +534,16 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
             if d_ref.numel() != heads:
                 raise ValueError(f"d_reference: expected [{heads}] (one mean of d per head), got "
                                  f"{tuple(d_reference.shape)}")
-            # per (b, h), where pass 1 would have left the sum of d (the kernel reads it as the mean)
-            d_sum = d_ref.to(device=q.device, dtype=torch.float32).repeat(bsz).contiguous()
+            # in the sum-of-d argument, per head (the kernel reads it as the mean; no copy when it is the layer's
+            # fp32 buffer on q's device)
+            d_sum = d_ref.to(device=q.device, dtype=torch.float32).contiguous()
         elif use_branch and adaptive:
             d_buf = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
             d_sum = torch.zeros(bsz * heads, device=q.device, dtype=torch.float32)  # pass 1 adds into it
 
         def launch(mode: int, lm_src: int) -> None:
-            # the landmark pass (modes 1, 2) has its own tiles (from cuDNN's softmax: sdpa_lm_*); kernel-only (0)
-            # and adaptive pass 2 (3) share q_*
+            # the landmark pass (modes 1, 2, 4) has its own tiles (from cuDNN's softmax: sdpa_lm_*); kernel-only
+            # (0) and adaptive pass 2 (3) share q_*
             landmark_pass = mode in (1, 2, 4)
             if landmark_pass:
                 bm, warps = (cfg.sdpa_lm_block_m, cfg.sdpa_lm_warps) if lm_src else (cfg.lm_block_m, cfg.lm_warps)

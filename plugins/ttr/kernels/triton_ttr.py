@@ -383,8 +383,8 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         out = _adaptive_blend(ok, ol, dd, mean, tl.load(logit_ptr + h * logit_h), gamma, alpha_max)
         tl.store(o_ptrs, out.to(out_dtype), mask=row_ok[:, None])
     else:
-        # MODE 4, adaptive in one pass: the reference of d (the layer's running mean, per (b, h) in `dsum`) is
+        # MODE 4, adaptive in one pass: the reference of d (the layer's running mean, per head in `dsum`) is
         # known before the call, so the blend needs no second pass over the queries
-        out = _adaptive_blend(ok, ol, _disagreement(ok, ol), tl.load(dsum_ptr + pid_bh),
+        out = _adaptive_blend(ok, ol, _disagreement(ok, ol), tl.load(dsum_ptr + h),
                               tl.load(logit_ptr + h * logit_h), gamma, alpha_max)
         tl.store(o_ptrs, out.to(out_dtype), mask=row_ok[:, None])
