@@ -40,7 +40,7 @@ from ...core.call import LayerSpec
 from ...core.checkpoint import save_checkpoint
 from .backend import TtrBackend
 from .settings import ARCHITECTURE_FIELDS, TtrSettings
-from .state import ADDED_TENSORS
+from .state import with_added_tensors
 
 log = logging.getLogger("attnplug")
 
@@ -153,7 +153,7 @@ def _convert(raw: dict[str, Any], in_path: Path, out_path: Path) -> ConversionRe
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise bad(f"layer {key}: {name} maps to shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
         # tensors the seed never had (the running mean of d) keep the fresh layer's value: none kept
-        module.load_state_dict({**{n: expected[n] for n in ADDED_TENSORS if n in expected}, **mapped}, strict=True)
+        module.load_state_dict(with_added_tensors(mapped, expected), strict=True)
         entry = readiness.get(key) if isinstance(readiness, dict) else None
         backend.ready[key] = bool(entry.get("ready", False)) if isinstance(entry, dict) else False
 

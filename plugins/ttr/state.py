@@ -41,6 +41,11 @@ READS = (1, 2)
 ADDED_TENSORS = ("d_reference",)
 
 
+def with_added_tensors(got: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`got` (a layer's tensors from a file) plus the fresh layer's `ADDED_TENSORS` it lacks."""
+    return {**{n: fresh[n] for n in ADDED_TENSORS if n in fresh and n not in got}, **got}
+
+
 def backend_state(backend: "TtrBackend") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and JSON meta of every built layer."""
     tensors: dict[str, torch.Tensor] = {}
@@ -112,10 +117,7 @@ def load_backend_state(backend: "TtrBackend", tensors: dict[str, torch.Tensor], 
         with torch.inference_mode(False):
             module = backend.build_layer(spec)
             expected = module.state_dict()
-            got = dict(by_layer.get(key, {}))
-            for name in ADDED_TENSORS:
-                if name in expected and name not in got:
-                    got[name] = expected[name]
+            got = with_added_tensors(by_layer.get(key, {}), expected)
             missing = sorted(set(expected) - set(got))
             unexpected = sorted(set(got) - set(expected))
             if missing or unexpected:
