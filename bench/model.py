@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from .run import environment, time_calls
+from .variants import give_stand_in_reference
 
 #: diffusers `FluxTransformer2DModel` config of black-forest-labs/FLUX.1-dev (11.9 B parameters).
 FLUX_DEV: dict[str, Any] = {
@@ -175,17 +176,6 @@ def ttr_layer(plugins: dict[str, dict[str, Any]] | None = None) -> dict[str, Any
             "landmark": None if lm is None else lm.model_dump(include={"fraction", "min", "max", "window"})}
 
 
-def stand_in_references(ttr: Any, device: torch.device) -> None:
-    """Give every built ttr layer the stand-in running mean of d where its settings serve with one (random
-    layers keep none; a distilled one has its own), so the rows time the kernels a distilled layer runs."""
-    from .variants import stand_in_reference
-
-    for layer in ttr.layers.values():
-        ref = stand_in_reference(ttr.settings, layer.heads, device)
-        if ref is not None and not layer.reference_tracked:
-            layer.set_d_reference(ref)
-
-
 def compress_keys(keys: list[str]) -> str:
     """`['single:0', 'single:1', 'single:2', 'double:4']` → `'double:4, single:0-2'`."""
     groups: dict[str, list[int]] = {}
@@ -314,7 +304,9 @@ def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: to
         with torch.inference_mode(), sdpa_kernel(sdpa, device):
             out = forward().float().cpu()  # first forward: builds ttr layers, compiles kernels
             if session is not None and session.config.root.backend == "ttr":
-                stand_in_references(session.backends.get("ttr"), device)
+                ttr = session.backends.get("ttr")
+                for layer in ttr.layers.values():  # built by that forward
+                    give_stand_in_reference(layer, ttr.settings, device)
             if not bool(torch.isfinite(out).all()):
                 row.warning = "non-finite output (random weights): the time stands, the error column does not"
             if reference is not None:

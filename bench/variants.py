@@ -364,14 +364,20 @@ def stand_in_reference(ttr: TtrSettings, heads: int, device: torch.device) -> to
     return None
 
 
+def give_stand_in_reference(layer: Any, ttr: TtrSettings, device: torch.device) -> None:
+    """Give a ttr layer without a running mean of d the stand-in, where `ttr` serves with one (random layers keep
+    none; a distilled one has its own), so that timings run the kernels a distilled layer runs."""
+    ref = stand_in_reference(ttr, layer.heads, device)
+    if ref is not None and not layer.reference_tracked:
+        layer.set_d_reference(ref)
+
+
 def _bench_layer(backend: Any, call: Any, q: torch.Tensor) -> Any:
-    """The backend's layer for q's shape; with a running α reference, the stand-in (random weights keep none)."""
+    """The backend's layer for q's shape, with the stand-in reference where its settings want one."""
     from ..core.call import LayerSpec
 
     layer = backend.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
-    ref = stand_in_reference(backend.settings, q.shape[1], q.device)
-    if ref is not None and not layer.reference_tracked:
-        layer.set_d_reference(ref)
+    give_stand_in_reference(layer, backend.settings, q.device)
     return layer
 
 
