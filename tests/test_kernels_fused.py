@@ -317,3 +317,17 @@ def test_gpu_peak_memory_within_sdpas_plus_10_percent(lm_impl):
     ttr = peak(lambda: ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=-2.2,
                                          landmark_impl=lm_impl, strict=True))
     assert ttr <= 1.10 * sdpa, (ttr / 2 ** 20, sdpa / 2 ** 20)
+
+
+def test_pass_2_chunks_phi_where_triton_miscompiles_the_whole_hidden_tile():
+    """Adaptive pass 2 with a whole hidden tile and head_dim 32 faults on Hopper (Triton 3.6 miscompile, found
+    with compute-sanitizer): that pass alone is chunked by 128 there; every other pass and head_dim keeps its tile."""
+    from attnplug.plugins.ttr.kernels.fused import _plan, _query_hidden_chunk
+
+    cfg = KernelConfig(q_hidden_chunk=0, lm_hidden_chunk=0)
+    narrow = _plan(random_phi(32, 256, 128, 2, generator=torch.Generator().manual_seed(0)))
+    wide = _plan(random_phi(128, 256, 128, 2, generator=torch.Generator().manual_seed(0)))
+    assert _query_hidden_chunk(cfg, narrow, False, 3) == 128
+    assert [_query_hidden_chunk(cfg, narrow, m in (1, 2, 4), m) for m in (0, 1, 2, 4)] == [256] * 4
+    assert _query_hidden_chunk(cfg, wide, False, 3) == 256
+    assert _query_hidden_chunk(KernelConfig(q_hidden_chunk=64), narrow, False, 3) == 64  # a chunk already: kept

@@ -259,6 +259,19 @@ def _hidden_chunk(want: int, h1: int) -> int:
     return want if want and _pow2(want) and want < h1 and h1 % want == 0 else h1
 
 
+def _query_hidden_chunk(cfg: KernelConfig, plan: _Plan, landmark_pass: bool, mode: int) -> int:
+    """Hidden columns per step of φ(q) in one query pass (`_hidden_chunk` of the pass's field).
+
+    Adaptive pass 2 (mode 3) with the whole hidden tile and an input narrower than 64 (one K step of the first
+    layer: head_dim 32) is miscompiled by Triton 3.6 on Hopper — compute-sanitizer reports out-of-range shared
+    addresses in the first layer's dot and the launch faults (session 7; kernel-only, the landmark pass and a
+    chunked pass 2 are clean) — so that pass is chunked there (by 128, the landmark pass's default chunk)."""
+    hc = _hidden_chunk(cfg.lm_hidden_chunk if landmark_pass else cfg.q_hidden_chunk, plan.h1)
+    if mode == 3 and plan.din < 64 and hc == plan.h1:
+        return _hidden_chunk(128, plan.h1)
+    return hc
+
+
 def _patch_width(want: int, grid_w: int, block_m: int) -> int:
     """Columns of a query patch with a window: `want` (a power of two, ≤ the tile's rows), at most the grid's
     width to the next power of two (a narrow grid gets taller patches, not half-empty ones)."""
@@ -567,7 +580,7 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                 ACT=_ACT[phi_q.activation], IS_HH=int(phi_q.activation == "hedgehog"), HAS_B1=wa["HAS_B1"],
                 HAS_B2=wa["HAS_B2"], NORM=int(phi_q.l2_norm), MODE=mode, LM_SRC=lm_src,
                 HAS_AFF=int(branch_affine is not None), BM=bm, BL=cfg.lm_block,
-                HC=_hidden_chunk(cfg.lm_hidden_chunk if landmark_pass else cfg.q_hidden_chunk, plan.h1), WIN=win,
+                HC=_query_hidden_chunk(cfg, plan, landmark_pass, mode), WIN=win,
                 BLW=_window_block(cfg.lm_window_block, bm, pw, win) if win else 16, PW=pw, FAST_SILU=_fast_silu(x),
                 num_warps=warps, num_stages=stages)
 
