@@ -1,9 +1,17 @@
-"""The `attnplug` command line: plugins, config, and the jobs later modules add (demo, eval, bench)."""
+"""The `attnplug` command line: plugins, config, and the jobs later modules add (demo, eval, bench).
+
+Expected errors (a bad config or checkpoint, a bad argument, no GPU for `--device cuda`, an output path that
+cannot be written) exit with status 2 and one line naming the problem, before any work starts; a traceback
+means a bug. Results are printed before they are written to a file, so a finished run is never lost.
+"""
 from __future__ import annotations
 
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import typer
 
@@ -13,6 +21,87 @@ plugins_app = typer.Typer(help="Inspect plugins.", no_args_is_help=True)
 config_app = typer.Typer(help="Validate configs and print their schema.", no_args_is_help=True)
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(config_app, name="config")
+
+
+#: Seeds of the testbed jobs (prompts, noise and the distiller derive their own seeds from it).
+MAX_SEED = 2**32 - 1
+
+
+class UsageProblem(Exception):
+    """A bad argument of a command; reported as one line, exit status 2."""
+
+
+def fail(command: str, message: str) -> "typer.Exit":
+    """Print `attnplug <command>: <message>` on stderr; return the exit (status 2) to raise."""
+    typer.echo(f"attnplug {command}: {message}", err=True)
+    return typer.Exit(2)
+
+
+@contextmanager
+def expected_errors(command: str) -> Iterator[None]:
+    """Turn the errors a user can cause (config, checkpoint, arguments, files) into one line and exit 2."""
+    from .core.checkpoint import CheckpointError
+    from .core.config import ConfigError
+
+    try:
+        yield
+    except (ConfigError, CheckpointError, UsageProblem) as exc:
+        raise fail(command, str(exc)) from None
+    except OSError as exc:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        raise fail(command, f"{where}{exc.strerror or exc}") from None
+
+
+def check_device(device: str) -> None:
+    """`--device`: 'cpu', 'cuda' or 'cuda:N', and a GPU must be there for 'cuda'."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageProblem(f"--device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageProblem(f"--device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no GPU visible"
+            raise UsageProblem(f"--device {device}: CUDA is not available here ({build}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageProblem(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+
+
+def check_range(option: str, value: int | None, lo: int, hi: int | None = None) -> None:
+    """An integer option within [lo, hi] (None: not given)."""
+    if value is not None and (value < lo or (hi is not None and value > hi)):
+        raise UsageProblem(f"{option} {value}: expected an integer " + (f"in [{lo}, {hi}]" if hi is not None
+                                                                          else f">= {lo}"))
+
+
+def output_file_problem(path: Path) -> str | None:
+    """Why a result could not be written to `path` (checked before the run), or None. Creates its folder."""
+    if path.exists() and not path.is_file():
+        return f"{path} is a folder or not a regular file; give a file path (e.g. {path / 'result.json'})"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create the folder {path.parent}: {exc.strerror or exc}"
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{path} cannot be written (permissions)"
+    return None
+
+
+def check_output(option: str, path: Path | None) -> None:
+    if path is not None:
+        problem = output_file_problem(path)
+        if problem:
+            raise UsageProblem(f"{option}: {problem}")
+
+
+def testbed_layer_keys() -> list[str]:
+    """The attention layers of the committed testbed model (from its architecture; no weights loaded)."""
+    from .testbed.model import TestbedConfig
+
+    return TestbedConfig().layer_keys()
 
 
 @plugins_app.command("list")
@@ -34,15 +123,23 @@ def plugins_list(as_json: bool = typer.Option(False, "--json", help="Machine-rea
 
 
 @config_app.command("validate")
-def config_validate(path: Path = typer.Argument(..., help="Config file (.toml or .json).")) -> None:
-    """Validate a config file; exit 0 when valid, 2 with every problem named when not."""
+def config_validate(path: Path = typer.Argument(..., help="Config file (.toml or .json)."),
+                    layers: str | None = typer.Option(
+                        None, help="The model's attention layers, to warn about layer patterns that match none: "
+                                   "'testbed', or a comma list of layer keys ('double:0,single:0,...').")) -> None:
+    """Validate a config file; exit 0 when valid (warnings on stderr), 2 with every problem named when not."""
     from .core.config import ConfigError, load_config
 
+    keys = None
+    if layers is not None:
+        keys = testbed_layer_keys() if layers == "testbed" else [k.strip() for k in layers.split(",") if k.strip()]
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, layers=keys)
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+    for warning in cfg.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"{path}: valid (backend={cfg.root.backend}, exact={cfg.root.exact}, gates="
                f"{[g.kind for g in cfg.gates]}, sections={sorted(cfg.sections)})")
 
@@ -68,14 +165,20 @@ def demo(out: Path = typer.Option(Path("attnplug-demo"), help="Report folder (cr
          seed: int = typer.Option(0, help="Seed of prompts, noise and the distiller."),
          resume: Path | None = typer.Option(None, help="Checkpoint to continue distilling from.")) -> None:
     """The main job: distill ttr online on the testbed, then compare exact vs hybrid attention."""
-    from .testbed.demo import DemoPlan, describe, run_demo
+    with expected_errors("demo"):
+        from .testbed.demo import DemoPlan, describe, run_demo
 
-    plan = DemoPlan.quick() if quick else DemoPlan()
-    for name, value in (("runs", runs), ("prompts_per_run", prompts_per_run), ("steps", steps),
-                        ("eval_prompts", eval_prompts), ("eval_steps", eval_steps)):
-        if value is not None:
-            setattr(plan, name, value)
-    metrics = run_demo(out, device=device, config=config, plan=plan, seed=seed, resume=resume)
+        plan = DemoPlan.quick() if quick else DemoPlan()
+        for name, value in (("runs", runs), ("prompts_per_run", prompts_per_run), ("steps", steps),
+                            ("eval_prompts", eval_prompts), ("eval_steps", eval_steps)):
+            check_range(f"--{name.replace('_', '-')}", value, 1)
+            if value is not None:
+                setattr(plan, name, value)
+        check_range("--seed", seed, 0, MAX_SEED)
+        check_device(device)
+        if resume is not None and not resume.is_file():
+            raise UsageProblem(f"--resume {resume}: no checkpoint file there")
+        metrics = run_demo(out, device=device, config=config, plan=plan, seed=seed, resume=resume)
     typer.echo(describe(metrics))
     typer.echo(f"report: {out}/ (metrics.json, ttr.safetensors, samples.png, distill.png, distill.jsonl)")
 
@@ -89,14 +192,64 @@ def evaluate_cmd(config: Path = typer.Option(..., help="Config to evaluate (trai
                  device: str = typer.Option("cpu", help="'cpu' or 'cuda'."),
                  json_out: Path | None = typer.Option(None, "--json", help="Write the metrics here.")) -> None:
     """Evaluate a config/checkpoint on the testbed: adherence, fidelity, layers served, time per step."""
-    from .testbed.evaluate import evaluate, strip_images
+    with expected_errors("eval"):
+        from .testbed.evaluate import evaluate, strip_images
 
-    result = strip_images(evaluate(config, checkpoint, n_prompts=prompts, steps=steps, seed=seed, device=device))
+        check_range("--prompts", prompts, 1)
+        check_range("--steps", steps, 1)
+        check_range("--seed", seed, 0, MAX_SEED)
+        check_device(device)
+        check_output("--json", json_out)
+        result = strip_images(evaluate(config, checkpoint, n_prompts=prompts, steps=steps, seed=seed,
+                                       device=device))
     text = json.dumps(result, indent=2)
+    typer.echo(text)  # printed first: a failing write below loses nothing
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(text)
-    typer.echo(text)
+        with expected_errors("eval"):
+            json_out.write_text(text)
+
+
+@app.command("calibrate")
+def calibrate_cmd(config: Path = typer.Option(..., help="Serving config of the checkpoint; its "
+                                              "[plugins.controller.calibration] section sets prompts, σ bands, terms."),
+                  checkpoint: Path = typer.Option(..., help="Checkpoint to calibrate (the plan is stored in it)."),
+                  out: Path = typer.Option(Path("attnplug-calibration"), help="Report folder (created)."),
+                  pipeline: str | None = typer.Option(None, help="A diffusers pipeline (local folder or hub id in "
+                                                                 "the local cache) instead of the testbed."),
+                  prompts_file: Path | None = typer.Option(None, help="JSON list of prompt strings (with --pipeline)."),
+                  prompts: int | None = typer.Option(None, help="Calibration prompts (default: the config's)."),
+                  steps: int = typer.Option(20, help="Sampler steps."),
+                  device: str = typer.Option("cpu", help="'cpu' or 'cuda'."),
+                  dtype: str = typer.Option("bfloat16", help="Pipeline dtype (with --pipeline)."),
+                  height: int = typer.Option(1024, help="Image height (with --pipeline)."),
+                  width: int = typer.Option(1024, help="Image width (with --pipeline)."),
+                  plan_out: Path | None = typer.Option(None, help="Also write the plan as a JSON file here."),
+                  write_checkpoint: bool = typer.Option(True, help="Store the plan in the checkpoint.")) -> None:
+    """Measure which (layer, σ band) cells keep the samples within budget and store that serving plan."""
+    from .core.checkpoint import CheckpointError
+    from .core.config import ConfigError
+    from .core.quality import QualityError
+    from .plugins.controller.calibrate import CalibrationError
+    from .plugins.controller.report import format_report
+
+    try:
+        if pipeline is None:
+            from .testbed.calibration import calibrate_testbed
+
+            report = calibrate_testbed(config, checkpoint, out=out, device=device, steps=steps, prompts=prompts,
+                                       write_checkpoint=write_checkpoint, plan_out=plan_out)
+        else:
+            from .hosts.diffusers.calibration import calibrate_pipeline
+
+            report = calibrate_pipeline(pipeline, config, checkpoint, out=out, prompts_file=prompts_file,
+                                        n_prompts=prompts, steps=steps, device=device, dtype=dtype, height=height,
+                                        width=width, write_checkpoint=write_checkpoint, plan_out=plan_out)
+    except (CalibrationError, QualityError, CheckpointError, ConfigError, OSError, ValueError) as exc:
+        typer.echo(f"calibrate: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_report(report))
+    where = f"stored in {checkpoint}" if write_checkpoint else "not stored in the checkpoint"
+    typer.echo(f"plan {where}; report: {out}/ (calibration.txt, calibration.json, calibration.png)")
 
 
 @app.command("convert-seed-checkpoint")

@@ -13,7 +13,7 @@ import torch
 
 from ..plugins.landmark.backend import LandmarkBackend
 from ..plugins.landmark.settings import LandmarkSettings
-from ..plugins.ttr.kernels import KernelConfig, PhiWeights, random_phi, ttr_forward_fused
+from ..plugins.ttr.kernels import KernelConfig, PhiWeights, ServePlan, fused_unsupported_reasons, random_phi
 from ..plugins.ttr.settings import TtrSettings
 from .run import parse_shape
 from .variants import _call, stand_in_reference
@@ -44,13 +44,23 @@ class LayerInputs:
 
     def fused(self, config: KernelConfig | None = None, landmark_impl: str | None = "auto",
               window: bool = True) -> Callable[[], torch.Tensor]:
-        """One fused layer call: with landmarks through `landmark_impl` (None: kernel-only, no window)."""
+        """One fused layer call: with landmarks through `landmark_impl` (None: kernel-only, no window), from a serve
+        plan built at the first call (as a served layer keeps it: the calls time the launches alone)."""
         lm = None if landmark_impl is None else self.landmarks
         kw = {"window": self.window, "grid": self.grid, "n_cond": TEXT_TOKENS} \
             if window and landmark_impl is not None and self.window else {}
-        return lambda: ttr_forward_fused(self.q, self.k, self.v, self.phi_q, self.phi_k, landmark_idx=lm,
-                                         config=config, strict=True, landmark_impl=landmark_impl or "auto",
-                                         d_reference=self.d_reference, **kw)
+        plans: list[ServePlan] = []
+
+        def call() -> torch.Tensor:
+            if not plans:
+                reasons = fused_unsupported_reasons(self.q, self.k, self.v, self.phi_q, self.phi_k, None, lm,
+                                                    kw.get("window", 0))
+                if reasons:
+                    raise RuntimeError("the fused path cannot serve this layer: " + "; ".join(reasons))
+                plans.append(ServePlan(self.q, self.k, self.v, self.phi_q, self.phi_k, landmark_idx=lm, config=config,
+                                       landmark_impl=landmark_impl or "auto", d_reference=self.d_reference, **kw))
+            return plans[0](self.q, self.k, self.v)
+        return call
 
 
 def default_layer(size: str, device: torch.device, ttr: TtrSettings | None = None,

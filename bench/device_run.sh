@@ -8,18 +8,15 @@
 # train in QUALITY_LAYERS, servings in QUALITY_SERVING, seeds in QUALITY_SEEDS = "0 1" or QUALITY_SEED), plus `attnplug eval` of each config in QUALITY_EVALS on the committed
 # checkpoint, waits up to QUALITY_WAIT_S, then merges what finished. Everything must end inside the
 # call: the lent machine is given back ~30 s after a call returns, background processes with it.
+# QUALITY_DIR (/tmp/quality), QUALITY_DEVICE (cuda), QUALITY_PLAN (extra testbed.quality arguments, e.g. "--runs 1 --steps 4" for a smoke run) and
+# QUALITY_EVAL_WORKERS (processes that evaluate one checkpoint's servings side by side, 1) apply to both.
+# `joint` is `quality` with the joint-layer sweep's defaults: every layer distilled online, the hybrid layer everywhere
+# vs the joint layer on the double blocks (both combinations), seeds 0 and 1, each variant's own servings (the per-layer
+# effect table for "hybrid everywhere" and "joint shared"), 3 evaluation workers per process; it also writes
+# effects.md and copies the best joint variant's checkpoint and serving config to $OUT (ttr_all_layers.safetensors,
+# serve_all_layers.toml). About 7 minutes on one H200 (docs/QUALITY.md, "The joint layer").
 set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-WHEELS=${WHEELS:-.whl_testbed}; [ -d "$WHEELS" ] || WHEELS=.whl
-if ls "$WHEELS"/*.whl >/dev/null 2>&1 && [ ! -f /tmp/site/.done ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
-    && touch /tmp/site/.done || exit 1
-fi
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PYTHONPATH
-mkdir -p /tmp/pkgs && ln -sfn "$PWD" /tmp/pkgs/attnplug && export PYTHONPATH=/tmp/pkgs:$PYTHONPATH
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+source bench/device_env.sh
 for step in "${@:-all}"; do
   case $step in
     tests|all) python3 -m pytest -q -p no:cacheprovider --import-mode=importlib tests/test_kernels_fused.py \
@@ -30,29 +27,35 @@ for step in "${@:-all}"; do
     profile|all) python3 -m attnplug.bench.profile_kernels ${PROFILE_ARGS:---sizes 1024,2048} 2>&1 | tee "$OUT/profile.log" ;;&
     bench|all) python3 -m attnplug.bench.run ${BENCH_ARGS:---sizes 1024,2048,4096 --dtypes bf16} --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt" ;;&
     model|all) python3 -m attnplug.bench.model ${MODEL_ARGS:---sizes 1024,2048} --json "$OUT/model.json" 2>&1 | tee "$OUT/model.txt" ;;&
-    quality)
-      Q=/tmp/quality; rm -rf $Q; mkdir -p $Q; : > $Q/pids  # a warm machine keeps the last call's rows
+    joint)
+      export QUALITY_VARIANTS="${QUALITY_VARIANTS:-hybrid everywhere;joint shared;joint blend}" \
+        QUALITY_SEEDS="${QUALITY_SEEDS:-0 1}" QUALITY_EVAL_WORKERS="${QUALITY_EVAL_WORKERS:-3}" \
+        QUALITY_WAIT_S="${QUALITY_WAIT_S:-480}" QUALITY_KEEP="${QUALITY_KEEP:-0}" QUALITY_KEEP_BEST=1 ;;&
+    quality|joint)
+      Q=${QUALITY_DIR:-/tmp/quality}; rm -rf $Q; mkdir -p $Q; : > $Q/pids  # a warm machine keeps the last call's rows
       IFS=';' read -ra VS <<< "${QUALITY_VARIANTS:-default;cosine lr;cosine lr 2× runs;offline fit;kernel-only;1-layer F64 hedgehog;1-layer F128 elu+1;landmarks 2 %;per-head φ;F256 + cosine lr;α_max 0.5 + cosine lr}"
       i=0
       for seed in ${QUALITY_SEEDS:-${QUALITY_SEED:-0}}; do for v in "${VS[@]}"; do
         i=$((i+1)); d=$Q/v$i; mkdir -p $d
-        OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.testbed.quality --out $d --device cuda --variants "$v" \
-          --budget-s 1e9 --layers "${QUALITY_LAYERS:-}" --serving "${QUALITY_SERVING:-}" --seed "$seed" > $d/log.txt 2>&1 &
+        OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.testbed.quality --out $d --device "${QUALITY_DEVICE:-cuda}" \
+          --variants "$v" --budget-s 1e9 --layers "${QUALITY_LAYERS:-}" --serving "${QUALITY_SERVING:-}" --seed "$seed" \
+          --eval-workers "${QUALITY_EVAL_WORKERS:-1}" ${QUALITY_PLAN:-} > $d/log.txt 2>&1 &
         echo $! >> $Q/pids
       done; done
       for c in ${QUALITY_EVALS:-}; do
         n=$(basename $c .toml); OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.cli eval --config $c \
-          --checkpoint testbed/weights/ttr_default.safetensors --prompts 64 --device cuda --json $Q/eval_$n.json > $Q/eval_$n.log 2>&1 &
+          --checkpoint testbed/weights/ttr_default.safetensors --prompts 64 --device "${QUALITY_DEVICE:-cuda}" --json $Q/eval_$n.json > $Q/eval_$n.log 2>&1 &
         echo $! >> $Q/pids
       done
       end=$((SECONDS + ${QUALITY_WAIT_S:-500}))
       while [ $SECONDS -lt $end ]; do alive=0; for p in $(cat $Q/pids); do kill -0 $p 2>/dev/null && alive=1; done
         [ $alive = 0 ] && break; sleep 10; done
       ;;&
-    quality)
+    quality|joint)
       # at most 8 files come back: the table, one tarball of results, the best checkpoints (QUALITY_KEEP)
-      Q=/tmp/quality
-      python3 -m attnplug.testbed.quality --out $Q --collect > $OUT/quality_table.md 2>&1
+      Q=${QUALITY_DIR:-/tmp/quality}
+      python3 -m attnplug.testbed.quality --out $Q --collect ${QUALITY_KEEP_BEST:+--keep-best $OUT} > $OUT/quality_table.md 2>&1
+      [ -f $Q/effects.md ] && cp $Q/effects.md $OUT/effects.md
       (cd $Q && tar czf $OUT/quality_results.tgz --exclude='*.safetensors' --exclude=pids .)
       python3 - "$Q" "$OUT" "${QUALITY_KEEP:-3}" <<'PY'
 import json, shutil, sys

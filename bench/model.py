@@ -18,12 +18,19 @@ parameters — and times one forward (batch 1, 512 text tokens, (px/16)² image 
   of a silent PyTorch fallback) and the session is strict, so a row either measures ttr serving
   exactly the intended layers or says why not.
 
+Options after a mode, `/`-separated (e.g. `ttr-100/graph`, `native/compile`): `every-call` — the non-finite
+check with a device sync per call (`finite_check = "every_call"`; the default reads device flags once per step);
+`compile` — the model under `torch.compile(mode="reduce-overhead")` (graph breaks at the attention calls, the
+pieces between them in CUDA graphs; the warm-up forwards compile); `graph` — after the warm-up forwards, one whole
+forward captured in a CUDA graph (`torch.cuda.graph`) and replayed (CUDA only; a capture fails on any sync).
+
 Per mode: warm-up forwards (they build the ttr layers and compile the kernels), then the median of
 per-forward CUDA-event timings (host clock on CPU) under `torch.inference_mode()`, synchronised before
 and after; peak device memory of the timed forwards (absolute and beyond what was allocated before
 them); relative error of the output against native (same weights, same inputs); and, from
 `session.stats`, how many attention calls each backend served per forward and which layers ttr
-served; on CUDA, the device syncs of one more forward (`count_syncs`). Prints a table, writes JSON
+served; the host time to enqueue one forward (wall time of the Python call, the GPU running behind it); on CUDA,
+the device syncs of one more forward, in all and inside `Session.attention` (`count_syncs`). Prints a table, writes JSON
 with `--json`. `--smoke` is a tiny config (1 double + 2 single blocks, 2 heads × 32) that runs on a CPU
 in seconds. Entry points: `main(argv)`, `run_bench_model`.
 """
@@ -44,7 +51,7 @@ from typing import Any
 import torch
 
 from .run import environment, time_calls
-from .variants import give_stand_in_reference
+from .variants import capture_graph, give_stand_in_reference
 
 #: diffusers `FluxTransformer2DModel` config of black-forest-labs/FLUX.1-dev (11.9 B parameters).
 FLUX_DEV: dict[str, Any] = {
@@ -124,9 +131,28 @@ def make_inputs(config: dict[str, Any], px: int, txt: int, batch: int, device: t
 
 
 # ---- modes -----------------------------------------------------------------------------------------
+OPTIONS = ("every-call", "compile", "graph")
+
+
+def parse_mode(mode: str) -> tuple[str, frozenset[str]]:
+    """`'ttr-100/graph'` → `('ttr-100', {'graph'})`; ValueError naming what is expected."""
+    base, *opts = mode.split("/")
+    bad = [o for o in opts if o not in OPTIONS]
+    if bad or (base not in MODES and ttr_share(base) is None) or ("compile" in opts and "graph" in opts):
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)} (or ttr-N for N % of the single "
+                         f"blocks), optionally followed by /every-call and one of /compile, /graph")
+    return base, frozenset(opts)
+
+
+def native_of(mode: str) -> str:
+    """The native row a mode is compared with: `native` with the same /compile or /graph."""
+    _, options = parse_mode(mode)
+    return "/".join(["native", *sorted(options & {"compile", "graph"})])
+
+
 def ttr_share(mode: str) -> int | None:
     """The percentage of single-block layers a `ttr-N` mode serves, None for other modes."""
-    m = re.fullmatch(r"ttr-(\d+)(/per-step)?", mode)
+    m = re.fullmatch(r"ttr-(\d+)(/.*)?", mode)
     if m is None:
         return None
     pct = int(m[1])
@@ -148,19 +174,18 @@ def ttr_include(pct: int, n_single: int) -> list[str]:
 def mode_config(mode: str, n_single: int, ttr_kernel: str,
                 plugins: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """The attnplug config (a dict for `load_config`) of a mode; None for `native`."""
-    if mode == "native":
+    name, options = parse_mode(mode)
+    if name == "native":
         return None
     base: dict[str, Any] = {"exact": "host", "loggers": [], "plugins": {k: dict(v) for k, v in (plugins or {}).items()}}
-    if mode in ("host", "sdpa"):
-        return {**base, "backend": mode}
-    pct = ttr_share(mode)
-    if pct is None:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)} (or ttr-N for N % of "
-                         "the single blocks, ttr-N/per-step with the non-finite check once per step)")
+    if "every-call" in options:  # the non-finite check with a device sync per call (the default: flags per step)
+        base["finite_check"] = "every_call"
+    if name in ("host", "sdpa"):
+        return {**base, "backend": name}
+    pct = ttr_share(name)
+    assert pct is not None
     base["plugins"].setdefault("ttr", {}).setdefault("kernel", ttr_kernel)
     # strict: a ttr row measures ttr on exactly the gated layers, or fails with the reason
-    if mode.endswith("/per-step"):  # the non-finite check once per step instead of a device sync per call
-        base["finite_check"] = "per_step"
     return {**base, "backend": "ttr", "strict": True,
             "gates": [{"kind": "layers", "include": ttr_include(pct, n_single)}]}
 
@@ -221,19 +246,34 @@ def sdpa_kernel(name: str, device: torch.device) -> Iterator[None]:
         yield
 
 
-def count_syncs(fn: Callable[[], object]) -> int:
-    """How many times `fn` makes the host wait for the GPU (torch's sync debug mode, CUDA only).
+def count_syncs(fn: Callable[[], object], session: Any = None) -> tuple[int, int]:
+    """How many times `fn` makes the host wait for the GPU (torch's sync debug mode, CUDA only): in all, and inside
+    `session.attention` (the served calls; 0 without a session).
 
     Each sync drains the queue: the GPU then idles while Python prepares the next kernels, so a sync per
     attention call adds the host's time per layer to the forward (docs/PERFORMANCE.md)."""
+    spans: list[tuple[int, int]] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        if session is not None:
+            real = session.attention
+
+            def attention(*args: Any, **kwargs: Any) -> Any:
+                start = len(caught)
+                try:
+                    return real(*args, **kwargs)
+                finally:
+                    spans.append((start, len(caught)))
+            session.attention = attention  # the processors call `session.attention` at every call
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(w.message) for w in caught)
+            if session is not None:
+                del session.attention
+    syncs = [("synchronizing" in str(w.message)) for w in caught]
+    return sum(syncs), sum(sum(syncs[a:b]) for a, b in spans)
 
 
 # ---- one mode --------------------------------------------------------------------------------------
@@ -247,10 +287,15 @@ class Row:
     ms_spread: tuple[float, float] | None = None  # fastest and slowest timed forward
     times_ms: list[float] = field(default_factory=list)
     x_native: float | None = None  # native ms / this ms (> 1: faster than native)
+    x_native_of: str | None = None  # the native row of that ratio: with the same /compile or /graph, where timed
     peak_mib: float | None = None  # peak allocated during the timed forwards (weights included)
     peak_extra_mib: float | None = None  # that peak minus what was allocated before them
     syncs_per_forward: int | None = None  # device syncs in one forward after the timed ones (CUDA only)
+    syncs_in_attention: int | None = None  # … of them inside Session.attention (the served calls)
+    host_ms: float | None = None  # median wall time of the Python call of one forward (the GPU running behind it)
+    warmup_s: float | None = None  # the warm-up forwards (and, for /compile and /graph, compiling or capturing)
     rel_err_vs_native: float | None = None
+    rel_err_vs_eager: float | None = None  # /graph: the replayed forward against the eager one of the same mode
     forwards: int = 0
     served_per_forward: dict[str, float] = field(default_factory=dict)  # backend → attention calls per forward
     served_layers: dict[str, str] = field(default_factory=dict)  # backend → layers it served (compressed)
@@ -282,16 +327,20 @@ def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: to
     from ..core import Session
     from ..hosts.diffusers import apply
 
+    _, options = parse_mode(mode)
     cfg = mode_config(mode, n_single, ttr_kernel, plugins)
     session = handle = None
     forwards = 0
+    target = model
 
     def forward() -> torch.Tensor:
         nonlocal forwards
         forwards += 1
-        return model(**inputs)[0]
+        return target(**inputs)[0]
 
     try:
+        if ("compile" in options or "graph" in options) and device.type != "cuda":
+            raise RuntimeError(f"mode {mode!r} needs CUDA (CUDA graphs)")
         if cfg is not None:
             session = Session(cfg)
             if session.config.root.backend == "ttr":
@@ -301,7 +350,14 @@ def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: to
                     ttr.ready[f"single:{i}"] = True  # type: ignore[attr-defined]
             handle = apply(model, session)
             session.run_start(num_steps=1, host="diffusers", pipeline="attnplug bench-model")
+        if "compile" in options:
+            import torch._dynamo as dynamo
+
+            # one frame per block kind, each re-entered after every attention call: room for all of them
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 256)
+            target = torch.compile(model, mode="reduce-overhead")
         with torch.inference_mode(), sdpa_kernel(sdpa, device):
+            t0 = time.perf_counter()
             out = forward().float().cpu()  # first forward: builds ttr layers, compiles kernels
             if session is not None and session.config.root.backend == "ttr":
                 ttr = session.backends.get("ttr")
@@ -313,16 +369,25 @@ def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: to
                 row.rel_err_vs_native = float((out - reference).norm() / reference.norm().clamp_min(1e-30))
             for _ in range(max(warmup - 1, 0)):
                 forward()
+            timed: Callable[[], object] = forward
+            if "graph" in options:
+                _sync(device)
+                torch.cuda.empty_cache()
+                timed = capture_graph(forward, device, warmup=1)
+                replayed = timed().float().cpu()  # type: ignore[union-attr]
+                row.rel_err_vs_eager = float((replayed - out).norm() / out.norm().clamp_min(1e-30))
             _sync(device)
+            row.warmup_s = time.perf_counter() - t0
             if device.type == "cuda":
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            times = time_calls(forward, device, reps)
+            times = time_calls(timed, device, reps)
+            row.host_ms = host_ms(timed, device, reps)
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device)
                 row.peak_mib = peak / 2 ** 20
                 row.peak_extra_mib = (peak - base) / 2 ** 20
-                row.syncs_per_forward = count_syncs(forward)
+                row.syncs_per_forward, row.syncs_in_attention = count_syncs(timed, session)
         row.times_ms = times
         row.ms = statistics.median(times)
         row.ms_spread = (min(times), max(times))
@@ -340,8 +405,25 @@ def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: to
                 handle.remove()  # ends the run too
             row.served_per_forward, row.served_layers, row.fallbacks = served_summary(session, forwards)
             session.close()
+        if "compile" in options:
+            import torch._dynamo as dynamo
+
+            dynamo.reset()  # the next mode runs the model as it is
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def host_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median wall time (ms) of the Python call `fn()` — what the host spends to enqueue it — each call started on
+    an idle GPU (synchronised before, not after: the GPU runs behind the host)."""
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    _sync(device)
+    return statistics.median(times)
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -361,24 +443,27 @@ def run_bench_model(sizes: list[int], modes: list[str], device: torch.device, dt
     n_params = sum(p.numel() for p in model.parameters())
     log(f"built FluxTransformer2DModel ({_count(n_params)} parameters, {dtype}) on {device} "
         f"in {time.perf_counter() - t0:.1f} s")
-    ordered = sorted(modes, key=lambda m: m != "native")  # native first: the other rows' reference
+    ordered = sorted(modes, key=lambda m: m != "native")  # native first: the other rows' error reference
     rows: list[Row] = []
     for px in sizes:
         inputs = make_inputs(cfg, px, txt, batch, device, dtype, seed)
         n_img = inputs["hidden_states"].shape[1]
         reference: torch.Tensor | None = None
-        native_ms: float | None = None
+        size_rows: dict[str, Row] = {}
         for mode in ordered:
             row = Row(f"{px}²", mode, n_img, txt)
             out = run_mode(model, inputs, mode, row, device, cfg["num_single_layers"], reference, warmup, reps,
                            kernel, sdpa, plugins)
             if mode == "native":
-                reference, native_ms = out, row.ms
-            if native_ms and row.ms:
-                row.x_native = native_ms / row.ms
-            rows.append(row)
-            log(f"  {row.size:>7} {mode:<16} " + (f"{row.ms:10.2f} ms" if row.ms is not None else "") +
+                reference = out
+            size_rows[mode] = row
+            log(f"  {row.size:>7} {mode:<22} " + (f"{row.ms:10.2f} ms" if row.ms is not None else "") +
                 (f"  skipped: {row.skipped}" if row.skipped else ""))
+        for row in size_rows.values():
+            base = size_rows.get(native_of(row.mode))
+            if base is not None and base.ms and row.ms:
+                row.x_native, row.x_native_of = base.ms / row.ms, base.mode
+        rows += size_rows.values()
         del inputs
     del model
     if device.type == "cuda":
@@ -397,7 +482,7 @@ def _count(n: int) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """Fixed-width table: ms per forward, ratio to native, peak memory, error vs native, what served."""
-    lines = [(f"{'size':>7} {'tokens':>13} {'mode':<16} {'ms':>9} {'spread':>15} {'x native':>8} {'peak GiB':>8} "
+    lines = [(f"{'size':>7} {'tokens':>13} {'mode':<22} {'ms':>9} {'spread':>15} {'x native':>8} {'peak GiB':>8} "
              f"{'+act GiB':>8} {'err/nat':>8}  served per forward")]
     for r in report["results"]:
         tokens = f"{r['n_txt']}+{r['n_image']}"
@@ -407,7 +492,7 @@ def format_table(report: dict[str, Any]) -> str:
         if r["fallbacks"]:
             served += f"; FALLBACKS {r['fallbacks']}"
         if r["ms"] is None:
-            lines.append(f"{r['size']:>7} {tokens:>13} {r['mode']:<16} skipped: {r['skipped']}  [{served}]")
+            lines.append(f"{r['size']:>7} {tokens:>13} {r['mode']:<22} skipped: {r['skipped']}  [{served}]")
             continue
         spread = f"{r['ms_spread'][0]:.1f}-{r['ms_spread'][1]:.1f}"
         x = f"{r['x_native']:8.3f}" if r["x_native"] is not None else f"{'-':>8}"
@@ -416,8 +501,13 @@ def format_table(report: dict[str, Any]) -> str:
         err = f"{r['rel_err_vs_native']:8.1e}" if r["rel_err_vs_native"] is not None else f"{'-':>8}"
         flag = f"  ({r['warning']})" if r["warning"] else ""
         if r.get("syncs_per_forward") is not None:
-            served += f"; {r['syncs_per_forward']} device syncs per forward"
-        lines.append(f"{r['size']:>7} {tokens:>13} {r['mode']:<16} {r['ms']:9.2f} {spread:>15} {x} {peak} {extra} "
+            served += (f"; {r['syncs_per_forward']} device syncs per forward, {r.get('syncs_in_attention')} in "
+                       "Session.attention")
+        if r.get("host_ms") is not None:
+            served += f"; host {r['host_ms']:.1f} ms per forward"
+        if r.get("x_native_of") not in (None, "native"):
+            served += f"; x vs {r['x_native_of']}"
+        lines.append(f"{r['size']:>7} {tokens:>13} {r['mode']:<22} {r['ms']:9.2f} {spread:>15} {x} {peak} {extra} "
                      f"{err}  {served}{flag}")
     m, s = report["model"], report["settings"]
     lines.append(f"model: {m['num_layers']} double + {m['num_single_layers']} single blocks, "
@@ -438,8 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default=None, help="comma list of image sides in pixels (multiples of 16); "
                                                  "default 1024,2048 (--smoke: 128,256)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)} (ttr-N: N %% of "
-                                                           "the single blocks; ttr-N/per-step: with "
-                                                           "finite_check = 'per_step')")
+                                                           "the single blocks), each optionally followed by "
+                                                           "/every-call (a device sync per call for the non-finite "
+                                                           "check) and /compile or /graph")
     p.add_argument("--reps", type=int, default=None, help="timed forwards per mode, median reported (default 10; "
                                                           "--smoke: 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed forwards per mode before timing, >= 1 "

@@ -193,6 +193,9 @@ def _run_one(var: Any, r: Result, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     try:
         fn = var.make(q, k, v)  # a CUDA graph and its memory pool live as long as this callable
         out = fn()
+        describe = getattr(fn, "describe", None)  # a variant that can say what served it (the session rows)
+        if describe is not None:
+            r.notes.update(describe())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if not torch.isfinite(out).all():
@@ -272,10 +275,34 @@ def format_table(report: dict[str, Any]) -> str:
     if any(r.get("cuda_graph") and r["ms"] is not None for r in report["results"]):
         lines.append("'... graph' rows: one call captured in a CUDA graph and replayed; their x SDPA is against "
                      "'sdpa[cudnn] graph', their peak is what the capture allocated (the graph's pool keeps it)")
+    lines += headline(report)
     c = report["ceilings"]
     lines.append(f"ceilings: {c['tflops']:.0f} TFLOP/s, {c['gbps']:.0f} GB/s "
                  f"({'measured' if c.get('measured') else 'nominal'}); env: {report['env']}")
     return "\n".join(lines)
+
+
+def headline(report: dict[str, Any]) -> list[str]:
+    """The product path per shape: each `session ttr-<config>` row (what a user's call runs) beside its bare kernels
+    (`ttr-<config> fused`, a plan built once) and their ratio to the fastest SDPA; empty without session rows."""
+    rows = [r for r in report["results"] if r["variant"].startswith("session ") and not r["cuda_graph"]]
+    if not rows:
+        return []
+    by = {(r["shape"], r["dtype"], r["variant"]): r for r in report["results"]}
+    out = ["product path (Session.attention, a ready layer, the configuration's defaults) vs bare kernels:"]
+    for r in rows:
+        if r["ms"] is None:
+            out.append(f"  {r['shape']:>7} {r['dtype']:<8} {r['variant']:<40} skipped: {r['skipped'][:80]}")
+            continue
+        bare = by.get((r["shape"], r["dtype"], r["variant"].removeprefix("session ").split(" ")[0] + " fused"))
+        text = f"  {r['shape']:>7} {r['dtype']:<8} {r['variant']:<40} {r['ms']:8.3f} ms = " \
+               f"{r['speedup_vs_fastest_sdpa'] or float('nan'):5.2f}x {r['speedup_baseline'] or 'SDPA'}"
+        if bare is not None and bare["ms"] is not None:
+            text += f"; bare kernels {bare['ms']:.3f} ms = {bare['speedup_vs_fastest_sdpa'] or float('nan'):.2f}x"
+        if r["notes"].get("served_by"):
+            text += f" [{r['notes']['served_by']} path]"
+        out.append(text)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,6 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny CPU-speed shapes (CI)")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     a = p.parse_args(argv)
+    from ..cli import UsageProblem, check_device, check_output
+
+    try:  # before the run: a bench that cannot write its report, or has no GPU, fails now, not after it
+        check_output("--json", a.json)
+        if a.device:
+            check_device(a.device)
+    except UsageProblem as exc:
+        print(f"attnplug bench: {exc}", file=sys.stderr)
+        return 2
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     heads, hd, txt = a.heads, a.head_dim, a.txt
     if a.smoke:
@@ -328,8 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     report["command"] = "attnplug bench " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(report))
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(report, indent=1, default=str))
+        try:
+            a.json.write_text(json.dumps(report, indent=1, default=str))
+        except OSError as exc:  # the table above is printed: the numbers are not lost
+            print(f"attnplug bench: --json {a.json}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -4,7 +4,7 @@
 product's default layer (`bench.default_layer`: φ, landmarks and window from the settings' defaults, adaptive
 α) in bf16 and sweeps each part over its own grid of `KernelConfig` fields, every other field at its default:
 
-- key: the key pass alone (`kv_state_fused`) over kv_block_n × kv_warps × kv_stages ×
+- key: the key pass alone (`ServePlan.key_state`) over kv_block_n × kv_warps × kv_stages ×
   kv_hidden_chunk × kv_programs_per_sm;
 - query: the kernel-only call (`ttr_forward_fused` without landmarks) over q_block_m × q_warps ×
   q_stages × q_hidden_chunk. The whole call is timed: it includes the key pass at its default tiles;
@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 
 from ..plugins.ttr.kernels import KernelConfig
-from ..plugins.ttr.kernels.fused import kv_state_fused
+from ..plugins.ttr.kernels import ServePlan
 from .default_layer import default_layer
 from .run import time_ms
 
@@ -94,10 +94,25 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
     layer = default_layer(size, dev)
 
     def whole_call(landmark_impl: str | None) -> Callable[[KernelConfig], torch.Tensor]:
-        """The whole layer call: kernel-only (None) or with landmarks (and the window) through `landmark_impl`."""
-        return lambda cfg: layer.fused(cfg, landmark_impl)()
+        """The whole layer call: kernel-only (None) or with landmarks (and the window) through `landmark_impl`,
+        one serve plan per config (built at its first call: the timed calls are the launches)."""
+        made: dict[KernelConfig, Callable[[], torch.Tensor]] = {}
 
-    calls = {"key": lambda cfg: kv_state_fused(layer.k, layer.v, layer.phi_k, None, cfg), "query": whole_call(None),
+        def call(cfg: KernelConfig) -> torch.Tensor:
+            if cfg not in made:
+                made[cfg] = layer.fused(cfg, landmark_impl)
+            return made[cfg]()
+        return call
+
+    key_plans: dict[KernelConfig, ServePlan] = {}
+
+    def key_call(cfg: KernelConfig) -> object:
+        """The key pass alone, from one plan per config."""
+        if cfg not in key_plans:
+            key_plans[cfg] = ServePlan(layer.k, layer.k, layer.v, layer.phi_k, layer.phi_k, config=cfg)
+        return key_plans[cfg].key_state(layer.k, layer.v)
+
+    calls = {"key": key_call, "query": whole_call(None),
              "landmark": whole_call("fused"), "landmark-sdpa": whole_call("sdpa")}
     print(f"# {layer.description}; 'query' and 'landmark' time the whole call "
           "(key pass at default tiles; 'landmark' also adaptive pass 2 if α's d is against the call mean)",

@@ -344,11 +344,10 @@ def _ttr_cost_from_settings(s: Shape, dtype: torch.dtype, backend: Any) -> tuple
     dims = [s.d] + [hidden] * (st.depth - 1) + [out_dim]
     n_l = 0
     n_w = 0.0
-    lm = backend.landmark_branch()
-    if lm is not None:
-        owner = getattr(lm, "__self__", None)
-        n_l = owner.count(s.n, s.txt) if owner is not None and hasattr(owner, "count") else 0
-        n_w = window_keys(s, _lm_window(owner))
+    residual = backend.residual()
+    if residual is not None:
+        n_l = residual.count(s.n, s.txt)
+        n_w = window_keys(s, _lm_window(residual))
     return ttr_cost(s, dtype, list(itertools.pairwise(dims)), st.feature_dim, n_l, n_w)
 
 
@@ -381,15 +380,55 @@ def _bench_layer(backend: Any, call: Any, q: torch.Tensor) -> Any:
     return layer
 
 
+#: What the product-path rows tell the session about their call: a sampler step (the σ/CFG conditioner runs).
+SESSION_CALL = {"sigma": 0.5, "cfg_scale": 3.5, "step_index": 0, "num_steps": 20}
+
+
+def _session_maker(tset: dict[str, Any], lset: dict[str, Any], reference: Any, call: Any,
+                   finite_check: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Fn]:
+    """`session ttr-<config>`: what a user's call runs — `Session.attention` with a ready layer of this configuration
+    (its own defaults: kernel, feature precision), a sampler step's `AttentionCall`, the configured non-finite
+    check; the layer holds the weights of `reference`'s layer (the PyTorch row it is checked against)."""
+    def make(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Fn:
+        from ..core.call import LayerSpec
+        from ..core.session import Session
+
+        session = Session({"backend": "ttr", "exact": "sdpa", "loggers": [], "strict": True,
+                           "finite_check": finite_check, "plugins": {"ttr": dict(tset), "landmark": dict(lset)}})
+        ttr = session.backends.get("ttr")
+        source = _bench_layer(reference, call, q)
+        ttr.layer(LayerSpec.from_tensors(call.layer_key, q), q.device).load_state_dict(source.state_dict())
+        ttr.ready[call.layer_key] = True  # type: ignore[attr-defined]
+        session.run_start(num_steps=SESSION_CALL["num_steps"], host="bench")
+        served = call.with_(**SESSION_CALL)
+
+        def fn() -> torch.Tensor:
+            with torch.inference_mode():
+                return session.attention(q, k, v, served)
+
+        def describe() -> dict[str, Any]:
+            """What served the row: the fused plan or the PyTorch path (and why), the session's fallbacks."""
+            layer = ttr.layers[call.layer_key]
+            entries = list(layer.serve_cache.entries.values())  # type: ignore[union-attr]
+            path = "fused" if entries and entries[-1].plan is not None else "pytorch"
+            info: dict[str, Any] = {"served_by": path, "fallbacks": dict(session.stats[call.layer_key].fallbacks)}
+            if entries and entries[-1].reasons:
+                info["pytorch_because"] = "; ".join(entries[-1].reasons)
+            return info
+        fn.describe = describe  # type: ignore[attr-defined]
+        return fn
+    return make
+
+
 def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: list[str] | None = None,
                   graphs: bool = True) -> list[Variant]:
-    """Per TTR_CONFIGS entry: the PyTorch path, the fused path (auto / in-kernel / SDPA landmarks) checked
-    against it, kernel-only (once per distinct φ: configs that differ only in landmarks share it) and,
-    with `graphs`, a CUDA-graph replay of each fused variant. Landmark indices always come from the
-    landmark backend (`indices()`), the same selection the served layer uses."""
+    """Per TTR_CONFIGS entry: the PyTorch path; the product path through the session (`session ttr-<config>`, the
+    headline, and with a device sync per call for the non-finite check, `… every-call`) checked against it; the
+    bare kernels from a plan built once (auto / in-kernel / SDPA landmarks, the same with the device-side finite
+    guard) checked against it; kernel-only (once per distinct φ: configs that differ only in landmarks share it)
+    and, with `graphs`, a CUDA-graph replay of each fused and session variant. Landmark indices always come from
+    the landmark backend (`indices()`), the same selection the served layer uses."""
     res: list[Variant] = []
-    from ..plugins.ttr.kernels import PhiWeights, ttr_forward_fused
-
     call = _call(s)
     names = list(TTR_CONFIGS) if configs is None else configs
     bad = unknown_configs(names)
@@ -424,9 +463,17 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
                     return backend.forward(q, k, v, call)
             return fn
         res.append(Variant(torch_name, "ttr", make_torch, cost, None, notes=notes))
+        served = [Variant(f"session ttr-{cfg}", "ttr", _session_maker(tset, lset, backend, call, "per_step"), cost,
+                          None, check_against=torch_name, notes={**notes, "product_path": True}),
+                  Variant(f"session ttr-{cfg} every-call", "ttr",
+                          _session_maker(tset, lset, backend, call, "every_call"), cost, None,
+                          check_against=torch_name, notes={**notes, "product_path": True})]
+        res += served
 
-        def fused_maker(lm_impl: str | None, backend=backend, lm_backend=lm_backend, win=win):
+        def fused_maker(lm_impl: str | None, guarded: bool = False, backend=backend, lm_backend=lm_backend, win=win):
             def make(q, k, v):
+                from ..plugins.ttr.kernels import PhiWeights, ServePlan, fused_unsupported_reasons
+
                 layer = _bench_layer(backend, call, q)
                 st = backend.settings
                 pq = PhiWeights.from_module(layer.phi_q, st.activation, st.l2_norm, st.eps)
@@ -434,22 +481,26 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
                 idx = None
                 if lm_impl is not None and lm_backend is not None:
                     idx, _ = lm_backend.indices(k, call)  # the landmark plugin's own selection, on k's device
-                logit = layer.alpha_logit.detach()
                 # the landmark window as the served layer runs it (plugins/ttr/backend.py: grid from the call)
                 wkw = {}
                 if lm_impl is not None and win and s.grid is not None:
                     wkw = {"window": win, "grid": s.grid, "n_cond": s.txt}
-
-                def fn():
-                    return ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=logit,
-                                             alpha_max=st.alpha_max, gamma=st.gamma, adaptive=st.adaptive_alpha,
-                                             eps=st.eps, landmark_impl=lm_impl or "auto", strict=True,
-                                             d_reference=layer.running_reference(), **wkw)
-                return fn
+                with torch.no_grad():
+                    reasons = fused_unsupported_reasons(q, k, v, pq, pk, None, idx, wkw.get("window", 0))
+                    if reasons:
+                        raise RuntimeError("the fused path cannot serve this call: " + "; ".join(reasons))
+                    # built once, as the served layer keeps it: the row times the launches alone
+                    plan = ServePlan(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
+                                     alpha_max=st.alpha_max, gamma=st.gamma, adaptive=st.adaptive_alpha, eps=st.eps,
+                                     landmark_impl=lm_impl or "auto", d_reference=layer.running_reference(), **wkw)
+                flag = torch.zeros(1, dtype=torch.int32, device=q.device) if guarded else None
+                return lambda: plan(q, k, v, finite_flag=flag)
             return make
 
         fused = [Variant(f"ttr-{cfg} fused", "ttr", fused_maker("auto"), cost, None, check_against=torch_name,
                          notes=notes),
+                 Variant(f"ttr-{cfg} fused guarded", "ttr", fused_maker("auto", guarded=True), cost, None,
+                         check_against=torch_name, notes={**notes, "finite_guard": True}),
                  Variant(f"ttr-{cfg} fused flash-lm", "ttr", fused_maker("fused"), cost, None,
                          check_against=torch_name, notes=notes),
                  Variant(f"ttr-{cfg} fused sdpa-lm", "ttr", fused_maker("sdpa"), cost, None,
@@ -466,7 +517,7 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
             notes["kernel_only_as"] = f"ttr-{kernel_only_done[phi_key]} fused kernel-only"
         res += fused
         if graphs:
-            res += [graph_variant(var, device) for var in fused]
+            res += [graph_variant(var, device) for var in served[:1] + fused]
     return res
 
 

@@ -7,11 +7,12 @@ created lazily from a `LayerSpec`, and report per-layer readiness.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
 from .call import AttentionCall, LayerSpec
+from .finite import guard_rows
 from .masks import MaskKind, mask_kind
 
 if TYPE_CHECKING:
@@ -19,6 +20,16 @@ if TYPE_CHECKING:
 
 #: The host's own attention, converted to the attnplug convention: `(q, k, v, mask) -> out`, `[B, H, N, D]`.
 HostAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StagedState:
+    """A checkpoint component validated against the live object, not yet applied (`Session.load` stages every
+    component, then commits them all, so a refused file changes nothing). `commit()` applies it and must not
+    fail on the file's content; `layers` are the layer keys it holds (learned backends; None: not known)."""
+
+    commit: Callable[[], None]
+    layers: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,14 @@ class Backend:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward(q, k, v, call, mask)
+
+    def forward_guarded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                        mask: torch.Tensor | None, finite_flag: torch.Tensor) -> torch.Tensor:
+        """`forward`, with every output row that is not finite replaced on the device and `finite_flag` (a
+        one-element int32 tensor on q's device) raised — no device sync (`core.finite`). This default replaces by
+        zeros after `forward` (`guard_rows`); a backend that can do better (the ttr kernels replace by their exact
+        branch's row, in their last pass) overrides it."""
+        return guard_rows(checked_output(self.forward(q, k, v, call, mask), q, v), finite_flag)
 
     # ---- learned backends override these -------------------------------------------------------
     def is_ready(self, layer_key: str) -> bool:
@@ -145,6 +164,13 @@ class LearnedBackend(Backend):
         """Restore `state()`; raise ValueError naming the mismatch when specs or hyperparameters differ."""
         raise NotImplementedError
 
+    def prepare_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, object]) -> StagedState:
+        """Validate `state()` output against this backend without changing it; the returned stage applies it.
+
+        Raise ValueError (or `CheckpointError`) naming the tensor or field that does not fit. Override it for
+        atomic loads: this default validates nothing, loads at commit and cannot tell which layers it holds."""
+        return StagedState(lambda: self.load_state(tensors, meta))
+
     def release(self) -> None:
         with torch.inference_mode(False):
             for module in self.layers.values():
@@ -213,3 +239,12 @@ class BackendRegistry:
 
     def items(self) -> Iterable[tuple[str, BackendEntry]]:
         return self.entries.items()
+
+
+def checked_output(out: Any, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """An approximate backend's output, or ValueError when it is not the `[B, H, Nq, Dv]` the host expects."""
+    expected = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"returned {got}, expected an output of shape {expected}")
+    return out

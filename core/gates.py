@@ -11,6 +11,11 @@ backend). The router combines them in config order:
 
 So an approximate backend runs only when every gate allows it. Decisions are cached per
 (run, step, layer, cond, image tokens) and recomputed when the step changes.
+
+A gate whose `decide` raises (or returns something that is not a `GateDecision`, or forces a backend
+that is not registered) vetoes, and a learned backend whose `is_ready` raises is not ready: the route
+goes exact and carries the failure in `Route.failures`, which the session counts, warns about once,
+and raises in strict mode.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 from pydantic import Field, field_validator, model_validator
 
 from .call import AttentionCall
-from .config import Strict
+from .config import CheckContext, Strict, reject_nan
 from .patterns import any_layer_matches, step_in_range, validate_layer_pattern, validate_step_range
 
 if TYPE_CHECKING:
@@ -58,11 +63,28 @@ class Gate(Protocol):
 
 @dataclass(frozen=True)
 class Route:
-    """The router's answer for one (step, layer): which backend runs and why."""
+    """The router's answer for one (step, layer): which backend runs and why; `failures` are the
+    `(kind, message)` of gates or readiness checks that raised (each counted a veto)."""
 
     backend: str
     approximate: bool
     reason: str
+    failures: tuple[tuple[str, str], ...] = ()
+
+
+def _name(obj: object) -> str:
+    """`obj.name` for messages, never raising (a plugin's `name` may be a property that fails)."""
+    try:
+        return str(getattr(obj, "name"))
+    except Exception:  # noqa: BLE001
+        return type(obj).__name__
+
+
+def _error(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:  # noqa: BLE001 - an exception whose text raises
+        return type(exc).__name__
 
 
 class Router:
@@ -96,25 +118,40 @@ class Router:
         self._cache.clear()
 
     def decide(self, call: AttentionCall) -> Route:
-        """Combine every gate's decision for `call` (uncached)."""
+        """Combine every gate's decision for `call` (uncached). Fail-closed: a gate or readiness check that
+        raises is a veto, recorded in `Route.failures`."""
         vetoes: list[str] = []
+        failures: list[tuple[str, str]] = []
         forced_approx: GateDecision | None = None
         for gate in self.gates:
-            d = gate.decide(call)
+            try:
+                d = gate.decide(call)
+                if not isinstance(d, GateDecision):
+                    raise TypeError(f"decide returned {type(d).__name__}, expected a GateDecision")
+                forced_exact = d.verdict == "force" and d.backend is not None and self.is_exact(d.backend)
+            except Exception as exc:  # noqa: BLE001 - a failing gate must never abort sampling: it vetoes
+                message = f"gate {_name(gate)!r} failed on {call.layer_key}: {_error(exc)}"
+                failures.append(("gate error", message))
+                vetoes.append(message)
+                continue
+            if forced_exact:
+                return Route(d.backend, False, f"{_name(gate)}: {d.reason}", tuple(failures))  # type: ignore[arg-type]
             if d.verdict == "force" and d.backend is not None:
-                if self.is_exact(d.backend):
-                    return Route(d.backend, False, f"{gate.name}: {d.reason}")
                 if forced_approx is None:
                     forced_approx = d
             elif d.verdict == "veto":
-                vetoes.append(f"{gate.name}: {d.reason}")
+                vetoes.append(f"{_name(gate)}: {d.reason}")
         if vetoes:
-            return Route(self.exact, False, "; ".join(vetoes))
+            return Route(self.exact, False, "; ".join(vetoes), tuple(failures))
         name = forced_approx.backend if forced_approx and forced_approx.backend else self.primary
-        if self.is_exact(name):
-            return Route(name, False, "configured exact backend")
-        backend = self.backends.get(name)
-        if not backend.is_ready(call.layer_key):
+        try:
+            if self.is_exact(name):
+                return Route(name, False, "configured exact backend")
+            ready = bool(self.backends.get(name).is_ready(call.layer_key))
+        except Exception as exc:  # noqa: BLE001 - a readiness check that raises means "not ready"
+            message = f"readiness check of {name!r} failed on {call.layer_key}: {_error(exc)}"
+            return Route(self.exact, False, message, (("readiness error", message),))
+        if not ready:
             return Route(self.exact, False, f"readiness: layer {call.layer_key} is not ready for {name!r}")
         return Route(name, True, forced_approx.reason if forced_approx else "all gates allow")
 
@@ -139,6 +176,10 @@ class LayerFilterSettings(Strict):
     def _patterns(cls, v: list[str]) -> list[str]:
         return [validate_layer_pattern(p) for p in v]
 
+    def check_semantics(self, ctx: CheckContext, section: str) -> None:
+        ctx.layer_patterns(section, "include", self.include)
+        ctx.layer_patterns(section, "exclude", self.exclude)
+
 
 class LayerFilterGate:
     name = "layers"
@@ -158,7 +199,13 @@ class SigmaWindowSettings(Strict):
     """`kind = "sigma_window"`: approximate only while min <= sigma <= max."""
 
     min: float = Field(0.0, ge=0.0, description="Lowest sigma at which approximation is allowed.")
-    max: float = Field(float("inf"), ge=0.0, description="Highest sigma at which approximation is allowed.")
+    max: float = Field(float("inf"), ge=0.0, allow_inf_nan=True,
+                       description="Highest sigma at which approximation is allowed (inf: no upper bound).")
+
+    @field_validator("max")
+    @classmethod
+    def _not_nan(cls, v: float) -> float:
+        return reject_nan(v)  # type: ignore[return-value]
 
     @model_validator(mode="after")
     def _order(self) -> "SigmaWindowSettings":
@@ -260,6 +307,11 @@ class ScheduleSettings(Strict):
     """`kind = "schedule"`: force a backend by step/sigma range and layer pattern; first matching rule wins."""
 
     rules: list[ScheduleRule] = Field(..., description="Rules in priority order.")
+
+    def check_semantics(self, ctx: CheckContext, section: str) -> None:
+        for i, rule in enumerate(self.rules):
+            ctx.backend(section, f"rules.{i}.backend", rule.backend)
+            ctx.layer_patterns(section, f"rules.{i}.layers", rule.layers)
 
 
 class ScheduleGate:

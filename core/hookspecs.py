@@ -71,8 +71,23 @@ def attnplug_register_loggers(registrar: "Registrar") -> None:
     Called once per session build and by `attnplug plugins list`.
 
     :param registrar: `registrar.add(kind, factory, settings_model, doc)`; the factory gets the
-        validated `[[loggers]]` entry and the session, and returns a `Logger`.
+        validated `[[loggers]]` entry and the session, and returns a `Logger` (one that also has
+        `log_image` receives the images hosts hand to `session.loggers.log_image`).
     :return: nothing; registrations are collected, duplicates raise.
+    """
+
+
+@hookspec
+def attnplug_register_quality_terms(registrar: "Registrar") -> None:
+    """Register quality terms, which score a candidate sample against the exact sample of the same prompt
+    and noise (`attnplug.core.quality.QualityTerm`); calibration budgets and controller rewards name them.
+
+    Called when a calibration or controller run builds its terms, and by `attnplug plugins list`.
+
+    :param registrar: `registrar.add(name, factory, settings_model, doc)`; the factory gets the term's
+        validated options (an instance of `settings_model`, or None) and the session, and returns a
+        `QualityTerm` whose `name` is the registered name.
+    :return: nothing; registrations from all plugins are collected, duplicates raise naming both plugins.
     """
 
 

@@ -77,3 +77,29 @@ def step_in_range(spec: str, step_index: int | None, num_steps: int | None) -> b
     if num_steps is None:
         return None
     return step_index >= num_steps - a
+
+
+def describe_layers(layer_keys: "list[str] | tuple[str, ...]", limit: int = 12) -> str:
+    """A short list of layer keys for messages: `double:0-1, single:0-5` (consecutive indices collapsed)."""
+    groups: dict[str, list[int]] = {}
+    others: list[str] = []
+    for key in layer_keys:
+        kind, sep, idx = key.partition(":")
+        if sep and idx.isdigit():
+            groups.setdefault(kind, []).append(int(idx))
+        else:
+            others.append(key)
+    parts: list[str] = []
+    for kind, idxs in groups.items():
+        idxs = sorted(set(idxs))
+        start = prev = idxs[0]
+        for i in idxs[1:] + [None]:  # type: ignore[list-item]
+            if i is not None and i == prev + 1:
+                prev = i
+                continue
+            parts.append(f"{kind}:{start}" if start == prev else f"{kind}:{start}-{prev}")
+            if i is not None:
+                start = prev = i
+    parts += others
+    shown = ", ".join(parts[:limit])
+    return shown + (f", … ({len(parts) - limit} more)" if len(parts) > limit else "") if parts else "none"

@@ -33,15 +33,18 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "core": "attnplug.core.builtin",
     "landmark": "attnplug.plugins.landmark.plugin",
     "ttr": "attnplug.plugins.ttr.plugin",
+    "controller": "attnplug.plugins.controller.plugin",
+    "logging_comet": "attnplug.plugins.logging_comet.plugin",
 }
 ESSENTIAL_PLUGINS = frozenset({"core"})
 
-FAMILIES = ("backend", "gate", "distiller", "logger")
+FAMILIES = ("backend", "gate", "distiller", "logger", "quality_term")
 _REGISTER_HOOKS = {
     "backend": "attnplug_register_backends",
     "gate": "attnplug_register_gates",
     "distiller": "attnplug_register_distillers",
     "logger": "attnplug_register_loggers",
+    "quality_term": "attnplug_register_quality_terms",
 }
 
 
@@ -71,6 +74,7 @@ class Plugins:
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
         self._callers: dict[tuple[str, str], Any] = {}  # (hook, plugin) → caller; cleared on (un)register
+        self.hook_failures: dict[tuple[str, str], int] = {}  # (plugin, hook) → failures (warned the first time)
         self.disabled = set(disabled) | disabled_from_env()
         blocked_essentials = self.disabled & ESSENTIAL_PLUGINS
         if blocked_essentials:
@@ -226,7 +230,8 @@ class Plugins:
     def _call_only(self, session: "Session", hook_name: str, raise_errors: bool = False, **kwargs: Any) -> None:
         """Call a lifecycle hook on the session's active plugins, one plugin at a time.
 
-        Failures are logged with the plugin's name; only `session_start` re-raises them.
+        Failures are logged with the plugin's name, warned once per (plugin, hook) and counted in
+        `hook_failures`; only `session_start` re-raises them.
         """
         for name in session.active_plugins:
             caller = self._caller_for(hook_name, name)
@@ -237,8 +242,11 @@ class Plugins:
             except Exception as exc:  # noqa: BLE001
                 if raise_errors:
                     raise RuntimeError(f"plugin {name!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
-                log.warning("attnplug: plugin %r failed in %s: %s: %s (ignored, sampling goes on)",
-                            name, hook_name, type(exc).__name__, exc)
+                n = self.hook_failures[(name, hook_name)] = self.hook_failures.get((name, hook_name), 0) + 1
+                log.log(logging.WARNING if n == 1 else logging.DEBUG,
+                        "attnplug: plugin %r failed in %s: %s: %s (ignored, sampling goes on%s)", name, hook_name,
+                        type(exc).__name__, exc, "; later failures of this hook are logged at debug level"
+                        if n == 1 else f"; failure {n}")
 
 
 _PLUGINS: Plugins | None = None

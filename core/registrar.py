@@ -1,6 +1,6 @@
 """Typed registrars handed to the registration hooks: plugins add named kinds of things through them.
 
-One generic registrar serves the four families (backends, gates, distillers, loggers). Each
+One generic registrar serves the five families (backends, gates, distillers, loggers, quality terms). Each
 registration is a factory plus the pydantic model of its settings; nothing is built until a session
 needs it, so `attnplug plugins list` can show what every plugin registers without running it.
 """
@@ -68,3 +68,4 @@ BackendRegistrar = Registrar  # Registrar[Backend]
 GateRegistrar = Registrar  # Registrar[Gate]
 DistillerRegistrar = Registrar  # Registrar[Distiller]
 LoggerRegistrar = Registrar  # Registrar[Logger]
+QualityTermRegistrar = Registrar  # Registrar[QualityTerm]

@@ -12,15 +12,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from .backend import Backend, BackendRegistry, HostAttention, LearnedBackend
+from .backend import Backend, BackendRegistry, HostAttention, LearnedBackend, StagedState, checked_output
 from .call import AttentionCall
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import Config, load_config
+from .checkpoint import CheckpointError, checkpoint_path_problem, load_checkpoint, save_checkpoint
+from .config import Config, check_semantics, load_config
 from .exact import HostBackend
+from .finite import FiniteFlags
 from .gates import Route, Router
 from .loggers import LoggerFanout
 from .plugins import Plugins, get_plugins
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from .distiller import Distiller
 
 log = logging.getLogger("attnplug")
+
+#: finite_check = "per_step": approximate calls between two polls of the non-finite flags when no step starts
+POLL_CALLS = 64
 
 
 class ApproximationError(RuntimeError):
@@ -54,6 +58,13 @@ class LayerStats:
         self.shadow_rel_l2_sum += float((o - e).norm() / e.norm().clamp_min(1e-12))
         self.shadow_calls += 1
 
+    def counts(self) -> Counter:
+        """Flat counters `calls`, `served/<backend>`, `fallback/<reason>`: their differences are a run's stats."""
+        flat = Counter({"calls": self.calls})
+        flat.update({f"served/{b}": n for b, n in self.served.items()})
+        flat.update({f"fallback/{r}": n for r, n in self.fallbacks.items()})
+        return flat
+
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"calls": self.calls, "served": dict(self.served), "fallbacks": dict(self.fallbacks),
                                 "trained": self.trained}
@@ -74,6 +85,8 @@ class RunInfo:
     host: dict[str, Any] = field(default_factory=dict)
     calls: int = 0
     approximate_calls: int = 0
+    #: the σ of each step, in order (None where the host gave none)
+    sigmas: list[float | None] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "num_steps": self.num_steps, "started": self.started, "ended": self.ended,
@@ -93,17 +106,29 @@ class Session:
         self.generator = torch.Generator().manual_seed(root.seed)
         self.stats: dict[str, LayerStats] = {}
         self.run: RunInfo | None = None
+        self.last_run: RunInfo | None = None
         self.runs_done = 0
+        #: checkpoint components of other kinds than backend/distiller (e.g. a serving plan), kept from the
+        #: loaded checkpoint and written back by `save`; plugins read their own by name
+        self.components: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+        self.checkpoint_path: Path | None = None
         self._step_key: tuple[Any, ...] | None = None
         self._last_step: int | None = None
         self._last_sigma: float | None = None
         self._warned: set[tuple[str, str]] = set()
-        # finite_check = "per_step": device-side flags of this step's approximate outputs, checked at the
-        # next step (one sync), and the layers found non-finite (served exact until the run ends)
-        self._pending_finite: list[tuple[str, str, torch.Tensor]] = []
+        # finite_check = "per_step": a device flag per layer that the backend raises where it replaced non-finite
+        # rows, polled without waiting for the GPU once per step (and every POLL_CALLS approximate calls), and
+        # the layers found non-finite: served exact for the rest of the session
+        self._finite = FiniteFlags()
+        self._finite_backend: dict[str, str] = {}  # layer -> the backend whose output raised its flag
+        self._calls_since_poll = 0
         self._nonfinite_layers: set[str] = set()
         self._reasons_cache: dict[tuple[Any, ...], list[str]] = {}
+        self._run_base: dict[str, Counter] = {}  # LayerStats.counts() at run start (per-run serving stats)
         self.closed = False
+        problem = checkpoint_path_problem(root.checkpoint) if root.checkpoint else None
+        if problem:  # before anything is built or trained: a save there would fail at the end
+            raise CheckpointError(f"config {self.config.source}: checkpoint: {problem}")
 
         blocked = root.disable_plugins
         self.backends = BackendRegistry()
@@ -120,8 +145,21 @@ class Session:
             reg = self.plugins.collect("distiller", blocked).get(root.distiller)
             self.distiller = reg.factory(self.config.sections.get(reg.plugin), self)
         self.plugins.session_start(self)
-        if root.checkpoint and Path(root.checkpoint).is_file():
-            self.load(root.checkpoint)
+        if root.checkpoint:
+            self._load_configured_checkpoint(root.checkpoint)
+
+    def _load_configured_checkpoint(self, path: str) -> None:
+        """Load `config.checkpoint`. Missing: a training session starts fresh (and saves there); a serving one
+        warns that its learned layers stay exact (`strict`: an error, also raised by config validation)."""
+        if Path(path).exists():
+            self.load(path)
+        elif self.training:
+            log.info("attnplug: checkpoint %s does not exist yet: training starts fresh and saves there", path)
+        elif self.strict:
+            raise CheckpointError(f"checkpoint {path}: no such file (strict mode; the config serves from it)")
+        else:
+            log.warning("attnplug: checkpoint %s does not exist: serving without it (learned layers stay exact "
+                        "until trained)", path)
 
     # ---- helpers for plugins ----------------------------------------------------------------
     def router_is_exact(self, name: str) -> bool:
@@ -134,6 +172,14 @@ class Session:
 
     def learned_backends(self) -> dict[str, LearnedBackend]:
         return {n: e.backend for n, e in self.backends.items() if isinstance(e.backend, LearnedBackend)}
+
+    def check_layers(self, layer_keys: Sequence[str]) -> list[str]:
+        """Warn (once each) about config layer patterns that match none of `layer_keys`, the model's attention
+        layers; hosts call this when they know them. Returns the warnings."""
+        ctx = check_semantics(self.config, {n: e.backend.capabilities for n, e in self.backends.items()}, layer_keys)
+        for message in ctx.pattern_warnings:
+            self.warn_once("-", f"config:{message}", f"config {self.config.source}: {message}")
+        return ctx.pattern_warnings
 
     def warn_once(self, layer_key: str, what: str, message: str) -> None:
         """Log `message` once per (layer, kind of event)."""
@@ -156,6 +202,8 @@ class Session:
         assert self.run is not None
         self.run.calls += 1
         route = self.router.route(call, self.run.index)
+        if route.failures:
+            self._route_failed(call, route, stats)
         # while training in passthrough mode the sampler always gets exact attention
         serve_approximate = route.approximate and not (self.training and self.config.root.mode == "passthrough") \
             and call.layer_key not in self._nonfinite_layers
@@ -179,8 +227,13 @@ class Session:
         if reasons:
             return self._fallback(call, route.backend, "unsupported: " + "; ".join(reasons), q, k, v, mask,
                                   host_attention, stats, teacher)
+        per_step = self.config.root.finite_check == "per_step"
         try:
-            out = backend(q, k, v, call, mask)
+            if per_step:  # non-finite rows replaced on the device, the layer's flag raised: no sync
+                out = backend.forward_guarded(q, k, v, call, mask, self._finite.flag(call.layer_key, q.device))
+            else:
+                out = backend(q, k, v, call, mask)
+            out = checked_output(out, q, v)
         except torch.cuda.OutOfMemoryError:
             if self.strict:
                 raise
@@ -190,9 +243,10 @@ class Session:
                 raise ApproximationError(f"backend {route.backend!r} failed on {call.layer_key}: {exc}") from exc
             return self._fallback(call, route.backend, f"error: {type(exc).__name__}: {exc}", q, k, v, mask,
                                   host_attention, stats, teacher)
-        if self.config.root.finite_check == "per_step":
-            self._pending_finite.append((call.layer_key, route.backend, torch.isfinite(out).all()))
-            if len(self._pending_finite) >= 1024:  # a host that reports no steps: still check now and then
+        if per_step:
+            self._finite_backend[call.layer_key] = route.backend
+            self._calls_since_poll += 1
+            if self._calls_since_poll >= POLL_CALLS:  # a host that reports no steps still gets checked
                 self._check_pending_finite()
         elif not bool(torch.isfinite(out).all()):
             return self._fallback(call, route.backend, "non-finite output", q, k, v, mask, host_attention, stats,
@@ -224,8 +278,20 @@ class Session:
                None if mask is None else (tuple(mask.shape), mask.dtype), call.n_cond_tokens)
         reasons = self._reasons_cache.get(key)
         if reasons is None:
-            reasons = self._reasons_cache[key] = backend.not_supported_reasons(q, k, v, call, mask)
+            try:
+                reasons = list(backend.not_supported_reasons(q, k, v, call, mask))
+            except Exception as exc:  # noqa: BLE001 - a capability check that raises cannot vouch for the call
+                reasons = [f"capability check raised {type(exc).__name__}: {exc}"]
+            self._reasons_cache[key] = reasons
         return reasons
+
+    def _route_failed(self, call: AttentionCall, route: Route, stats: LayerStats) -> None:
+        """A gate or readiness check raised (the router vetoed): counted, warned once per layer, strict raises."""
+        for kind, message in route.failures:
+            if self.strict:
+                raise ApproximationError(f"{message} (strict mode)")
+            stats.fallbacks[kind] += 1
+            self.warn_once(call.layer_key, f"{kind}:{message[:60]}", f"{message}; exact attention instead")
 
     def _exact(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                mask: torch.Tensor | None, host_attention: HostAttention | None, stats: LayerStats) -> torch.Tensor:
@@ -289,37 +355,33 @@ class Session:
             self._last_sigma = call.sigma if call.sigma is not None else self._last_sigma
             self.step(call.step_index if call.step_index is not None else -1, call.sigma)
 
-    def _check_pending_finite(self) -> None:
-        """finite_check = "per_step": read the flags of the approximate outputs since the last check (one
-        sync); a layer with non-finite output is counted, warned once, and served exact until the run ends."""
-        if not self._pending_finite:
-            return
-        pending, self._pending_finite = self._pending_finite, []
-        first = pending[0][2]
-        # stacked on the device, then one transfer: one sync, not one per flag
-        flags = torch.stack([f.to(first.device) for _, _, f in pending]).tolist()
-        for (layer_key, backend, _), finite in zip(pending, flags):
-            if finite:
-                continue
+    def _check_pending_finite(self, wait: bool = False) -> None:
+        """finite_check = "per_step": poll the layers' device flags (without waiting for the GPU; `wait`: every
+        flag as of now, one sync); a layer whose output had non-finite rows — replaced on the device, so they never
+        reached the image — is counted, warned once, and served exact for the rest of the session."""
+        self._calls_since_poll = 0
+        for layer_key in self._finite.poll(wait):
+            backend = self._finite_backend.get(layer_key, self.config.root.backend)
             if self.strict:
                 raise ApproximationError(f"backend {backend!r} returned non-finite values on {layer_key} "
                                          "(strict mode, finite_check = 'per_step')")
-            self.stats[layer_key].fallbacks["non-finite output (per-step check)"] += 1
+            self.stats.setdefault(layer_key, LayerStats()).fallbacks["non-finite output (replaced on the device)"] += 1
             self._nonfinite_layers.add(layer_key)
             self.warn_once(layer_key, "fallback:non-finite per step",
-                           f"backend {backend!r} returned non-finite values on {layer_key}; that step kept them "
-                           "(finite_check = 'per_step'), the layer is served exact until the run ends")
+                           f"backend {backend!r} returned non-finite values on {layer_key}; those rows were replaced "
+                           "on the device (finite_check = 'per_step'), and the layer is served exact for the rest "
+                           "of the session")
 
     def run_start(self, num_steps: int | None = None, **host_info: Any) -> RunInfo:
         """A sampling run starts (hosts call this; the session also detects runs by itself)."""
         if self.run is not None:
             self.run_end()
-        self._nonfinite_layers.clear()
         self.run = RunInfo(index=self.runs_done, num_steps=num_steps, host=dict(host_info))
         self._step_key = None
         self._last_step = None
         self._last_sigma = None
         self.router.invalidate()
+        self._run_base = {k: s.counts() for k, s in self.stats.items()}
         if self.distiller is not None:
             self._safe(self.distiller.run_start, self.run)
         self.plugins.run_start(self, self.run)
@@ -328,6 +390,8 @@ class Session:
 
     def step(self, step_index: int, sigma: float | None) -> None:
         """A sampler step starts; fired once per step."""
+        if self.run is not None:
+            self.run.sigmas.append(sigma)
         if self.distiller is not None:
             self._safe(self.distiller.step_start, step_index, sigma)
         self.plugins.step_start(self, step_index, sigma)
@@ -338,27 +402,56 @@ class Session:
         if run is None:
             return None
         run.ended = time.time()
-        self._check_pending_finite()
+        self._check_pending_finite(wait=True)
         if self.distiller is not None:
             self._safe(self.distiller.run_end, run)
         self.plugins.run_end(self, run)
         self.loggers.run_event("run_end", run.to_json())
-        self.loggers.log_metrics({"calls": run.calls, "approximate_calls": run.approximate_calls,
-                                  "approximate_share": run.approximate_calls / max(run.calls, 1)},
-                                 run.index, "session")
+        self._log_serving(run)
+        self.last_run = run
         self.run = None
         self.runs_done += 1
         self.router.invalidate()
         return run
 
+    def _log_serving(self, run: RunInfo) -> None:
+        """This run's serving statistics: per layer (scope `session/layer`: calls, served/<backend>,
+        fallback/<reason>), then the run's totals (scope `session`), both at step = run index."""
+        totals: Counter = Counter()
+        for key, stats in sorted(self.stats.items()):
+            delta = stats.counts() - self._run_base.get(key, Counter())
+            if delta:
+                totals.update(delta)
+                fallbacks = sum(n for k, n in delta.items() if k.startswith("fallback/"))
+                self.loggers.log_metrics({"layer": key, **delta, "fallbacks": fallbacks}, run.index, "session/layer")
+        totals.pop("calls", None)
+        self.loggers.log_metrics({"calls": run.calls, "approximate_calls": run.approximate_calls,
+                                  "approximate_share": run.approximate_calls / max(run.calls, 1),
+                                  "fallbacks": sum(n for k, n in totals.items() if k.startswith("fallback/")),
+                                  **dict(sorted(totals.items()))}, run.index, "session")
+
     def _safe(self, fn: Any, *args: Any) -> None:
+        """Call a lifecycle method of a plugin object; a failure is warned once per method and ignored."""
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001
             if self.strict:
                 raise
-            log.warning("attnplug: %s failed: %s: %s (ignored)", getattr(fn, "__qualname__", fn),
-                        type(exc).__name__, exc)
+            name = getattr(fn, "__qualname__", None) or repr(fn)
+            self.warn_once("-", f"safe:{name}", f"{name} failed: {type(exc).__name__}: {exc} (ignored; later "
+                           "failures of it are not logged again)")
+
+    def serving_notes(self) -> list[str]:
+        """One line from each gate that describes what it serves (e.g. the serving plan), for hosts to report."""
+        notes = []
+        for gate in self.router.gates:
+            describe = getattr(gate, "describe", None)
+            if callable(describe):
+                try:
+                    notes.append(str(describe()))
+                except Exception as exc:  # noqa: BLE001 - a report never breaks serving
+                    notes.append(f"{getattr(gate, 'name', gate)}: cannot describe itself ({exc})")
+        return notes
 
     # ---- state -----------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -379,30 +472,53 @@ class Session:
                 components[f"backend.{name}"] = backend.state()  # type: ignore[attr-defined]
         if self.distiller is not None:
             components[f"distiller.{self.distiller.name}"] = self.distiller.state()
+        for comp, value in self.components.items():
+            components.setdefault(comp, value)
         return save_checkpoint(target, components)
 
     def load(self, path: str | Path) -> None:
-        """Load a checkpoint into the learned backends and distiller; refuses mismatches with the reason."""
+        """Load a checkpoint into the learned backends and distiller; refuses mismatches with the reason.
+
+        Atomic: every component is validated and staged first (`prepare_state`), and only when all of them are
+        accepted are they committed — a refused component leaves every live weight and state unchanged."""
         comps = load_checkpoint(path)
         learned = self.learned_backends()
-        for comp, (tensors, meta) in comps.items():
+        staged: list[StagedState] = []
+        held: dict[str, frozenset[str] | None] = {}  # learned backend → the layers this file holds (None: unknown)
+        others: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+        for comp in sorted(comps, key=lambda c: not c.startswith("backend.")):  # backends before the distiller
+            tensors, meta = comps[comp]
             kind, _, name = comp.partition(".")
             try:
                 if kind == "backend":
                     if name not in learned:
                         raise CheckpointError(f"it holds learned backend {name!r}, which this session does not have "
                                               f"(learned backends: {sorted(learned)})")
-                    learned[name].load_state(tensors, meta)  # type: ignore[attr-defined]
+                    stage = learned[name].prepare_state(tensors, meta)
+                    held[name] = stage.layers
+                    staged.append(stage)
                 elif kind == "distiller":
                     if self.distiller is not None and self.distiller.name == name:
-                        self.distiller.load_state(tensors, meta)
+                        prepare = getattr(self.distiller, "prepare_state", None)
+                        distiller = self.distiller
+                        staged.append(prepare(tensors, meta, held) if callable(prepare) else
+                                      StagedState(lambda t=tensors, m=meta: distiller.load_state(t, m)))
                     else:
                         log.info("attnplug: checkpoint %s: distiller %r state not loaded (no such distiller active)",
                                  path, name)
+                else:
+                    others[comp] = (tensors, meta)  # read by plugins (a serving plan), kept for the next save
             except CheckpointError as exc:
                 raise CheckpointError(f"checkpoint {path}, component {comp}: {exc}") from None
-            except (ValueError, KeyError, RuntimeError) as exc:
+            except (ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"checkpoint {path}, component {comp}: {exc}") from exc
+            except (KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as exc:
+                raise CheckpointError(f"checkpoint {path}, component {comp}: malformed metadata "
+                                      f"({type(exc).__name__}: {exc})") from exc
+        for stage in staged:
+            stage.commit()
+        self.components.update(others)
+        self.checkpoint_path = Path(path)
         self.router.invalidate()
 
     def close(self) -> None:

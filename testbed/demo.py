@@ -70,12 +70,15 @@ class _History:
 def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
              config: "str | Path | Mapping[str, Any] | None" = None,
              plan: DemoPlan | None = None, seed: int = 0, progress: bool = True,
-             resume: str | Path | None = None) -> dict[str, Any]:
+             resume: str | Path | None = None, evaluate_after: bool = True) -> dict[str, Any]:
     """Run the demo and write its report folder; returns the metrics dict (also in metrics.json).
 
     `resume`: a checkpoint to continue distilling from (layers, readiness and optimizer states).
+    `evaluate_after`: step 3 (exact vs hybrid on held-out prompts) and the PNGs; off for callers that evaluate
+    the checkpoint their own way (the quality sweep): the metrics then have no "eval".
     """
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from ..core import Session
     from ..core.config import load_config
@@ -107,15 +110,18 @@ def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
     generator = torch.Generator().manual_seed(seed)
     try:
         bar = tqdm(range(plan.runs), desc="distilling", unit="run", disable=not progress)
-        for run in bar:
-            prompts = data.train_prompts(plan.prompts_per_run, generator=generator)
-            noise = sampling.initial_noise(plan.prompts_per_run, seed=seed * 1000 + run)
-            session.run_start(num_steps=plan.steps)
-            sampling.sample(model, prompts, noise, steps=plan.steps)
-            session.run_end()
-            distiller = session.distiller
-            ready = sum(1 for r in getattr(distiller, "readiness", {}).values() if r.ready)
-            bar.set_postfix(updates=getattr(distiller, "total_updates", 0), ready=ready)
+        with logging_redirect_tqdm():  # warnings are written above the bar, not into it
+            for run in bar:
+                prompts = data.train_prompts(plan.prompts_per_run, generator=generator)
+                noise = sampling.initial_noise(plan.prompts_per_run, seed=seed * 1000 + run)
+                session.run_start(num_steps=plan.steps)
+                images = sampling.sample(model, prompts, noise, steps=plan.steps)
+                # [B, 1, H, W] in about [-1, 1] → the loggers' [B, H, W, C] in [0, 1] (e.g. Comet's image panel)
+                session.loggers.log_image("distill", ((images + 1) / 2).permute(0, 2, 3, 1), run, "samples")
+                session.run_end()
+                distiller = session.distiller
+                ready = sum(1 for r in getattr(distiller, "readiness", {}).values() if r.ready)
+                bar.set_postfix(updates=getattr(distiller, "total_updates", 0), ready=ready)
         if plan.fit_updates:
             fit = getattr(session.distiller, "fit_replay", None)
             if not callable(fit):
@@ -133,17 +139,20 @@ def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
         session.close()
     distill_seconds = time.perf_counter() - t0
 
-    # ---- 3: exact vs hybrid on held-out prompts ---------------------------------------------------
-    result = evaluate(cfg, checkpoint, n_prompts=plan.eval_prompts, steps=plan.eval_steps, seed=seed,
-                      device=device)
-    images = result.pop("images")
-    metrics = {
+    metrics: dict[str, Any] = {
         "plan": plan.__dict__, "device": device, "resumed_from": str(resume) if resume else None,
         "config": dict(config_path) if isinstance(config_path, Mapping) else str(config_path), "checkpoint": str(checkpoint),
         "distill": {"runs": plan.runs, "updates": updates, "updates_per_layer": per_layer_updates,
                     "trained_layers": trained_layers, "ready_layers": ready_after, "seconds": distill_seconds},
-        "eval": strip_images(result),
     }
+    if not evaluate_after:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
+    # ---- 3: exact vs hybrid on held-out prompts ---------------------------------------------------
+    result = evaluate(cfg, checkpoint, n_prompts=plan.eval_prompts, steps=plan.eval_steps, seed=seed,
+                      device=device)
+    images = result.pop("images")
+    metrics["eval"] = strip_images(result)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     try:
         _save_grid(images["exact"], images["approx"], out / "samples.png")

@@ -38,11 +38,15 @@ def _timed_sample(model: TestbedModel, prompts: torch.Tensor, noise: torch.Tenso
 
 def evaluate(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path | None = None, *,
              n_prompts: int = 16, steps: int = 20, seed: int = 0, device: str = "cpu",
-             batch_size: int | None = 8, weights: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate `config` (with `checkpoint` loaded, training forced off) on `n_prompts` held-out prompts.
+             batch_size: int | None = 8, weights: str | Path | None = None,
+             dtype: torch.dtype = torch.float32, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate `config` (with `checkpoint` loaded, training forced off) on `n_prompts` held-out prompts, both models
+    in `dtype` (bf16 on a GPU: the attention calls a served layer sees are bf16, as in a real model).
 
     Returns a JSON-able dict of metrics plus `images` ({"exact", "approx"} tensors [B, 1, 8G, 8G]),
-    which callers pop before writing JSON.
+    which callers pop before writing JSON. `reference`: a dict the caller keeps between evaluations of the
+    same prompts, steps, seed, device and weights; the exact model's samples and trajectory are computed into
+    it once and reused (several servings of one checkpoint then cost one exact pass, not one each).
     """
     from ..core import Session
     from ..core.config import load_config
@@ -53,20 +57,31 @@ def evaluate(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path | 
     session = Session(cfg)
     if checkpoint is not None:
         session.load(checkpoint)
-    exact = load_testbed(device, path=weights)
-    approx = load_testbed(device, path=weights)
+    reference = {} if reference is None else reference
+    key = (n_prompts, steps, seed, device, batch_size, str(weights), str(dtype))
+    if reference.get("key") not in (None, key):
+        raise ValueError(f"evaluate: the reference was computed for (prompts, steps, seed, device, batch, weights, "
+                         f"dtype) {reference['key']}, this evaluation is {key}")
+    exact = reference.get("model") or load_testbed(device, dtype=dtype, path=weights)
+    approx = load_testbed(device, dtype=dtype, path=weights)
     prompts = data.heldout_prompts(n_prompts, seed=seed + 1234)
     noise = sampling.initial_noise(n_prompts, prompts.shape[1], seed=seed)
 
     handle = apply(approx.transformer, session)
     try:
-        exact_images, exact_step_s = _timed_sample(exact, prompts, noise, steps, batch_size)
+        if "images" not in reference:
+            reference.update(key=key, model=exact)
+            reference["images"], reference["step_s"] = _timed_sample(exact, prompts, noise, steps, batch_size)
+        exact_images, exact_step_s = reference["images"], reference["step_s"]
         approx_images, approx_step_s = _timed_sample(approx, prompts, noise, steps, batch_size)
         session.run_end()
         served = _served_layers(session)
         calls_share = _share_calls_served(session)
         session.config.root.shadow_exact = True  # per-layer output fidelity, measured in the fidelity pass only
-        fidelity = sampling.velocity_fidelity(exact, approx, prompts, noise, steps=steps)
+        if "trajectory" not in reference:
+            reference["trajectory"] = sampling.reference_trajectory(exact, prompts, noise, steps=steps)
+        fidelity = sampling.velocity_fidelity(exact, approx, prompts, noise, steps=steps,
+                                              trajectory=reference["trajectory"])
         session.run_end()
         per_layer = {k: s.to_json()["fidelity"] for k, s in sorted(session.stats.items()) if s.shadow_calls}
     finally:
@@ -80,6 +95,7 @@ def evaluate(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path | 
         "backend": cfg.root.backend,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "n_prompts": n_prompts, "steps": steps, "seed": seed, "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
         "adherence_exact": classifier.adherence(exact_images, prompts),
         "adherence_approx": classifier.adherence(approx_images, prompts),
         "psnr_db": float(sampling.psnr(approx_images, exact_images).mean()),

@@ -48,6 +48,10 @@ class TestbedConfig:
             raise ValueError(f"TestbedConfig.axes_dims_rope {self.axes_dims_rope} must sum to "
                              f"attention_head_dim {self.attention_head_dim}")
 
+    def layer_keys(self) -> list[str]:
+        """The attnplug layer keys of this architecture's attention layers (as the diffusers host names them)."""
+        return [f"double:{i}" for i in range(self.num_layers)] + [f"single:{i}" for i in range(self.num_single_layers)]
+
     def transformer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for diffusers' `FluxTransformer2DModel`."""
         return dict(patch_size=1, in_channels=data.PATCH * data.PATCH, out_channels=None,

@@ -5,6 +5,12 @@ with the same plan (prompts, noise, seed), then evaluates the resulting checkpoi
 prompts several ways (every ready layer; single blocks only; all but the first double block), and
 writes `DIR/<variant>/metrics.json` plus `DIR/quality.json` and `DIR/quality.md` (the table).
 Variants run in order until the time budget is spent, so the first ones are the most important.
+
+The layer-effect servings (`--serving "layer effects"`: each layer served alone, and cumulatively in
+`EFFECT_ORDER`) give the per-layer table (`effects.md`); servings with the same config overlay are
+evaluated once, and every serving of one checkpoint shares one exact pass (`evaluate(reference=)`).
+`--collect --keep-best DIR` merges parallel processes' rows and copies the all-layer checkpoint of the
+best joint variant with its serving config into DIR.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import argparse
 import copy
 import json
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -22,6 +29,7 @@ from ..core.config import read_config_file
 from ..plugins.landmark.settings import PREVIOUS_DEFAULTS as LANDMARK_PREVIOUS
 from ..plugins.landmark.settings import LandmarkSettings
 from ..plugins.ttr.settings import PREVIOUS_DEFAULTS as TTR_PREVIOUS
+from ..plugins.ttr.joint_settings import JointSettings
 from ..plugins.ttr.settings import TtrSettings
 from .demo import DEMO_CONFIG, DemoPlan, run_demo
 from .evaluate import evaluate, strip_images
@@ -48,6 +56,8 @@ class Variant:
     runs: int | None = None
     fit_updates: int = 0
     decay_over_plan: bool = False
+    #: the servings evaluated when `--serving` names none (None: `DEFAULT_SERVING`)
+    servings: tuple[str, ...] | None = None
 
     def plan(self, base: DemoPlan) -> DemoPlan:
         runs = self.runs if self.runs is not None else max(1, round(base.runs * self.runs_factor))
@@ -95,6 +105,11 @@ def _window(radius: int, ttr: dict[str, Any] | None = None) -> dict[str, Any]:
     return merge(over, {"plugins": {"ttr": ttr}}) if ttr else over
 
 
+def _joint(joint: dict[str, Any]) -> dict[str, Any]:
+    """The product default with the joint layer (settings `joint`) on the double blocks."""
+    return merge(PRODUCT_DEFAULT, {"plugins": {"ttr": {"joint_layers": ["double:*"], "joint": joint}}})
+
+
 #: name → variant (names without commas: `--variants` is a comma list). The base trains every layer;
 #: readiness decides.
 VARIANTS: dict[str, Variant] = {
@@ -130,6 +145,16 @@ VARIANTS: dict[str, Variant] = {
     # the product default since session 5 (window r2, α_max 0.5, 2 % landmarks), trained like "default"
     # (the demo's query subsample, its positions handed to the window)
     "product default": Variant(PRODUCT_DEFAULT),
+    # every layer distilled and served, with the per-layer effect table: the hybrid layer everywhere (today), or the
+    # joint layer on the double blocks (plugins/ttr/joint.py) and the hybrid layer on the single blocks
+    "hybrid everywhere": Variant(PRODUCT_DEFAULT, servings=("all ready", "double blocks", "single blocks",
+                                                             "layer effects")),
+    "joint shared": Variant(_joint({"combine": "shared"}), servings=("all ready", "double blocks", "single blocks",
+                                                                      "layer effects")),
+    "joint blend": Variant(_joint({"combine": "blend"}), servings=("all ready", "double blocks", "only double:0",
+                                                                    "only double:1")),
+    "joint shared + mlp log-scale": Variant(_joint({"combine": "shared", "log_scale": "mlp"}),
+                                            servings=("all ready", "double blocks", "only double:0", "only double:1")),
 }
 
 #: Ways to serve a distilled checkpoint: name → config overlay (its gates, and runtime settings such as how
@@ -142,7 +167,48 @@ SERVING: dict[str, dict[str, Any]] = {
     "all but double:0": {"gates": [{"kind": "layers", "exclude": ["double:0"]}]},
     # the same checkpoint, α's d normalised by the running mean kept while distilling (one fused pass)
     "single blocks + running α": {"gates": [_SINGLE], "plugins": {"ttr": {"alpha_reference": "running"}}},
+    "double blocks": {"gates": [{"kind": "layers", "include": ["double:*"]}]},
 }
+#: The servings a variant without its own list evaluates (when `--serving` names none).
+DEFAULT_SERVING = ("all ready", "single blocks", "single blocks from step 2", "all but double:0",
+                   "single blocks + running α")
+
+#: The testbed's layers in the order of the cumulative rows of the layer-effect table: the double blocks first, so
+#: that the second cumulative row is "double blocks" and the last "all ready".
+EFFECT_ORDER = ("double:0", "double:1", *(f"single:{i}" for i in range(6)))
+
+
+def _layer_effect_servings() -> dict[str, dict[str, Any]]:
+    """`only <layer>` (that layer alone) and `cumulative to <layer>` (every layer of `EFFECT_ORDER` up to it); the
+    cumulative rows that are other servings share their overlay (so they are evaluated once)."""
+    out: dict[str, dict[str, Any]] = {}
+    for i, key in enumerate(EFFECT_ORDER):
+        out[f"only {key}"] = {"gates": [{"kind": "layers", "include": [key]}]}
+        if i == 0:
+            out[f"cumulative to {key}"] = out[f"only {key}"]
+        elif EFFECT_ORDER[:i + 1] == ("double:0", "double:1"):
+            out[f"cumulative to {key}"] = SERVING["double blocks"]
+        elif i == len(EFFECT_ORDER) - 1:
+            out[f"cumulative to {key}"] = SERVING["all ready"]
+        else:
+            out[f"cumulative to {key}"] = {"gates": [{"kind": "layers", "include": list(EFFECT_ORDER[:i + 1])}]}
+    return out
+
+
+SERVING.update(_layer_effect_servings())
+#: Names `--serving` (and a variant's `servings`) may use for several servings at once.
+SERVING_GROUPS: dict[str, tuple[str, ...]] = {
+    "layer effects": tuple(f"{what} {key}" for what in ("only", "cumulative to") for key in EFFECT_ORDER)}
+
+
+def expand_servings(names: "list[str] | tuple[str, ...]") -> list[str]:
+    """Serving names with groups expanded, in order, each once."""
+    out: list[str] = []
+    for name in names:
+        for serve in SERVING_GROUPS.get(name, (name,)):
+            if serve not in out:
+                out.append(serve)
+    return out
 
 
 def base_config() -> dict[str, Any]:
@@ -156,11 +222,13 @@ def base_config() -> dict[str, Any]:
 
 
 def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: float,
-        layers: list[str] | None = None, serving: list[str] | None = None, seed: int = 0) -> list[dict[str, Any]]:
+        layers: list[str] | None = None, serving: list[str] | None = None, seed: int = 0,
+        eval_workers: int = 1) -> list[dict[str, Any]]:
     """Distill and evaluate each variant in turn; stops starting new ones when the budget is spent.
 
     `layers`: train only these layer patterns (default: every layer); `serving`: names of `SERVING`;
-    `seed`: training prompts, noise and the held-out evaluation set (another seed = an independent repeat)."""
+    `seed`: training prompts, noise and the held-out evaluation set (another seed = an independent repeat);
+    `eval_workers`: processes that evaluate the servings of a checkpoint side by side."""
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for name in variants:
@@ -175,22 +243,68 @@ def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: f
             base["plugins"]["distill"].update(layers=layers, min_swap_layers=10_000, max_swap_layers=-1)
         cfg = variant.config(base, vplan)
         metrics = run_demo(out / folder_name(name), device=device, config=cfg, plan=vplan, progress=False,
-                           seed=seed)
-        row = {"variant": name, "seed": seed, "plan": vplan.__dict__, "distill": metrics["distill"], "serving": {}}
-        for serve, overlay in SERVING.items():
-            if serving and serve not in serving:
-                continue
-            res = strip_images(evaluate(merge(cfg, overlay), out / folder_name(name) / "ttr.safetensors",
-                                        n_prompts=plan.eval_prompts, steps=plan.eval_steps, device=device,
-                                        seed=seed))
-            row["serving"][serve] = res
-            print(f"[quality] {name} / {serve}: served {len(res['layers_served'])}/{len(res['layers'])} "
-                  f"adherence {100 * res['adherence_exact']:.2f} -> {100 * res['adherence_approx']:.2f} "
-                  f"vcos {res['velocity_cosine']:.3f} psnr {res['psnr_db']:.1f}", flush=True)
+                           seed=seed, evaluate_after=False)
+        checkpoint = out / folder_name(name) / "ttr.safetensors"
+        row = {"variant": name, "seed": seed, "plan": vplan.__dict__, "distill": metrics["distill"], "serving": {},
+               "checkpoint": str(checkpoint.resolve()), "config": cfg}
         rows.append(row)
-        (out / "quality.json").write_text(json.dumps(rows, indent=2))
-        (out / "quality.md").write_text(table(rows))
+        names = expand_servings(serving or variant.servings or DEFAULT_SERVING)
+
+        def record(results: dict[str, dict[str, Any]]) -> None:
+            """Put finished servings into the row, in the order of `names`, and rewrite the tables (a process stopped
+            early keeps them)."""
+            done = dict(row["serving"])
+            row["serving"] = {}
+            for serve in names:
+                key = json.dumps(SERVING[serve], sort_keys=True)
+                if key not in results:
+                    continue
+                res = row["serving"][serve] = results[key]
+                if serve not in done:
+                    print(f"[quality] {name} / {serve}: served {len(res['layers_served'])}/{len(res['layers'])} "
+                          f"adherence {100 * res['adherence_exact']:.2f} -> {100 * res['adherence_approx']:.2f} "
+                          f"vcos {res['velocity_cosine']:.3f} psnr {res['psnr_db']:.1f}", flush=True)
+            write_tables(out, rows)
+
+        evaluate_servings(cfg, checkpoint, names, plan, device, seed, eval_workers, record)
     return rows
+
+
+def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
+    (out / "quality.json").write_text(json.dumps(rows, indent=2))
+    (out / "quality.md").write_text(table(rows))
+    (out / "effects.md").write_text(effects_table(rows))
+
+
+def _evaluate_group(cfg: dict[str, Any], checkpoint: str, overlays: list[str], n_prompts: int, steps: int,
+                    device: str, seed: int) -> dict[str, dict[str, Any]]:
+    """Evaluate one checkpoint under several serving overlays (JSON) with one shared exact pass."""
+    reference: dict[str, Any] = {}
+    return {key: strip_images(evaluate(merge(cfg, json.loads(key)), checkpoint, n_prompts=n_prompts, steps=steps,
+                                       device=device, seed=seed, reference=reference)) for key in overlays}
+
+
+def evaluate_servings(cfg: dict[str, Any], checkpoint: Path, names: list[str], plan: DemoPlan, device: str,
+                      seed: int, workers: int, record: Any) -> None:
+    """Evaluate `names` (servings with the same overlay once), in `workers` spawned processes when > 1 (each with its
+    own exact pass); `record(results)` is called with the results so far after each group."""
+    keys = list(dict.fromkeys(json.dumps(SERVING[n], sort_keys=True) for n in names))
+    groups = [keys[i::workers] for i in range(max(1, min(workers, len(keys))))]
+    args = (plan.eval_prompts, plan.eval_steps, device, seed)
+    results: dict[str, dict[str, Any]] = {}
+    if len(groups) <= 1:
+        for key in keys:  # one at a time: each result is recorded as soon as it exists
+            results.update(_evaluate_group(cfg, str(checkpoint), [key], *args))
+            record(results)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_evaluate_group, cfg, str(checkpoint), group, *args) for group in groups]
+        for future in as_completed(futures):
+            results.update(future.result())
+            record(results)
 
 
 def folder_name(variant: str) -> str:
@@ -211,15 +325,93 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def effects_table(rows: list[dict[str, Any]]) -> str:
+    """The per-layer effect table: per variant, the drop (points) with each layer served alone and with every layer
+    of `EFFECT_ORDER` up to it served, one column pair per seed; empty when no row has the layer-effect servings."""
+    names = [n for n in dict.fromkeys(r["variant"] for r in rows)
+             if any(f"only {EFFECT_ORDER[0]}" in r["serving"] for r in rows if r["variant"] == n)]
+    parts = []
+    for name in names:
+        seeds = [r for r in rows if r["variant"] == name]
+        head = " | ".join(f"alone, seed {r.get('seed', 0)} | cumulative, seed {r.get('seed', 0)}" for r in seeds)
+        lines = [f"#### {name}", "", f"| layer | {head} |", "|---" * (1 + 2 * len(seeds)) + "|"]
+        for key in EFFECT_ORDER:
+            cells = []
+            for r in seeds:
+                for what in ("only", "cumulative to"):
+                    res = r["serving"].get(f"{what} {key}")
+                    cells.append("" if res is None else f"{res['adherence_drop_points']:+.2f}")
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
 def collect(out: Path) -> list[dict[str, Any]]:
     """Merge the `quality.json` of every sub-folder of `out` (variants run in parallel processes) into
-    `out/quality.json` and `out/quality.md`, in the order of `VARIANTS`."""
+    `out/quality.json`, `out/quality.md` and `out/effects.md`, in the order of `VARIANTS`."""
     rows = [row for path in sorted(out.glob("*/quality.json")) for row in json.loads(path.read_text())]
     order = {name: i for i, name in enumerate(VARIANTS)}
-    rows.sort(key=lambda r: order.get(r["variant"], len(order)))
+    rows.sort(key=lambda r: (order.get(r["variant"], len(order)), r.get("seed", 0)))
     (out / "quality.json").write_text(json.dumps(rows, indent=2))
     (out / "quality.md").write_text(table(rows))
+    (out / "effects.md").write_text(effects_table(rows))
     return rows
+
+
+def keep_best(rows: list[dict[str, Any]], dest: Path, serving: str = "all ready") -> dict[str, Any] | None:
+    """Copy the checkpoint of the best joint variant (smallest mean drop over its seeds with `serving`; its lowest
+    seed's file) to `dest/ttr_all_layers.safetensors` with its serving config `dest/serve_all_layers.toml`.
+    Returns that row, or None when no joint variant has a result for `serving`."""
+    joint = [r for r in rows if r.get("config", {}).get("plugins", {}).get("ttr", {}).get("joint_layers")
+             and serving in r["serving"] and r.get("checkpoint") and Path(r["checkpoint"]).is_file()]
+    if not joint:
+        return None
+    drops: dict[str, list[float]] = {}
+    for r in joint:
+        drops.setdefault(r["variant"], []).append(r["serving"][serving]["adherence_drop_points"])
+    best = min(drops, key=lambda n: sum(drops[n]) / len(drops[n]))
+    row = min((r for r in joint if r["variant"] == best), key=lambda r: r.get("seed", 0))
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(row["checkpoint"], dest / "ttr_all_layers.safetensors")
+    (dest / "serve_all_layers.toml").write_text(serving_config(row["config"], best, row))
+    return row
+
+
+def serving_config(cfg: dict[str, Any], variant: str, row: dict[str, Any]) -> str:
+    """The TOML that serves a distilled checkpoint of `cfg` on every ready layer, no gates, no training: the ttr and
+    landmark settings that differ from the defaults (a checkpoint's architecture must match), and the layer fields
+    a product default has changed before (`PREVIOUS_DEFAULTS`) pinned in the file, so that it keeps meaning this
+    layer when the defaults move."""
+    pinned_ttr = TtrSettings(**{k: v for k, v in cfg["plugins"].get("ttr", {}).items() if k != "joint"}).model_dump(
+        include=set(TTR_PREVIOUS))
+    pinned_lm = LandmarkSettings(**cfg["plugins"].get("landmark", {})).model_dump(include=set(LANDMARK_PREVIOUS))
+    ttr = {**pinned_ttr, **{k: v for k, v in cfg["plugins"].get("ttr", {}).items()
+                            if TtrSettings.model_fields[k].get_default(call_default_factory=True) != v}}
+    lm = {**pinned_lm, **{k: v for k, v in cfg["plugins"].get("landmark", {}).items()
+                          if LandmarkSettings.model_fields[k].get_default(call_default_factory=True) != v}}
+    res = row["serving"].get("all ready", {})
+    lines = [f"# Serve testbed/weights/ttr_all_layers.safetensors on every layer of the testbed: variant {variant!r} of",
+             "# testbed/quality.py (the joint layer on the double blocks, the hybrid layer on the single blocks), distilled",
+             f"# online (seed {row.get('seed', 0)}); {res.get('n_prompts', '?')} held-out prompts: adherence "
+             f"{100 * res.get('adherence_exact', float('nan')):.2f} -> {100 * res.get('adherence_approx', float('nan')):.2f} %.",
+             "# docs/QUALITY.md, \"The joint layer\".", 'backend = "ttr"', 'exact = "host"', ""]
+    joint = ttr.pop("joint", None)
+    joint = None if joint is None else JointSettings(**joint).model_dump()  # every field pinned
+    for section, values in (("plugins.landmark", lm), ("plugins.ttr", ttr)):
+        if values:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            lines.append("")
+    if joint:
+        lines.append("[plugins.ttr.joint]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in joint.items()]
+        lines.append("")
+    lines += ["[[loggers]]", 'kind = "console"', "scopes = []", ""]
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)  # strings, numbers, booleans and lists of them are valid TOML
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,13 +428,26 @@ def main(argv: list[str] | None = None) -> int:
                          + "; ".join(VARIANTS).replace("%", "%%"))
     ap.add_argument("--budget-s", type=float, default=420.0, help="Start no new variant after this many seconds.")
     ap.add_argument("--layers", default="", help="Comma list of layer patterns to train (default: all).")
-    ap.add_argument("--serving", default="", help=f"Comma list of servings to evaluate (default: all of {list(SERVING)}).")
+    ap.add_argument("--serving", default="", help="Comma list of servings to evaluate (default: the variant's own, "
+                                                  f"else {list(DEFAULT_SERVING)}); groups: {list(SERVING_GROUPS)}; "
+                                                  f"all: {list(SERVING)}.")
     ap.add_argument("--seed", type=int, default=0, help="Seed of training prompts, noise and held-out set.")
+    ap.add_argument("--eval-workers", type=int, default=1,
+                    help="Processes that evaluate one checkpoint's servings side by side (each with its own exact pass).")
     ap.add_argument("--collect", action="store_true",
                     help="Only merge OUT/*/quality.json (variants run as separate processes) into OUT.")
+    ap.add_argument("--keep-best", type=Path, default=None,
+                    help="With --collect: copy the best joint variant's all-layer checkpoint and its serving config "
+                         "into this folder (ttr_all_layers.safetensors, serve_all_layers.toml).")
     a = ap.parse_args(argv)
     if a.collect:
-        print(table(collect(a.out)))
+        rows = collect(a.out)
+        print(table(rows))
+        print(effects_table(rows))
+        if a.keep_best is not None:
+            best = keep_best(rows, a.keep_best)
+            print("no joint variant with an 'all ready' row: nothing kept" if best is None else
+                  f"kept {best['variant']} (seed {best.get('seed', 0)}): {a.keep_best / 'ttr_all_layers.safetensors'}")
         return 0
     unknown = [v for v in a.variants.split(",") if v.strip() and v.strip() not in VARIANTS]
     if unknown:
@@ -250,10 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     plan = DemoPlan(runs=a.runs, prompts_per_run=a.prompts_per_run, steps=a.steps, eval_prompts=a.eval_prompts,
                     eval_steps=a.eval_steps)
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
-    bad = [x for x in split(a.serving) if x not in SERVING]
+    bad = [x for x in split(a.serving) if x not in SERVING and x not in SERVING_GROUPS]
     if bad:
         ap.error(f"--serving: unknown {bad}; known: {list(SERVING)}")
-    run(a.out, a.device, plan, split(a.variants), a.budget_s, split(a.layers), split(a.serving), a.seed)
+    run(a.out, a.device, plan, split(a.variants), a.budget_s, split(a.layers), split(a.serving), a.seed,
+        max(1, a.eval_workers))
     return 0
 
 

@@ -79,34 +79,49 @@ def sample(model: VelocityModel, prompts: torch.Tensor, noise: torch.Tensor | No
 
 
 @torch.no_grad()
-def velocity_fidelity(reference: VelocityModel, candidate: VelocityModel, prompts: torch.Tensor,
-                      noise: torch.Tensor | None = None, steps: int = 20, shift: float = 1.0,
-                      seed: int = 0) -> dict[str, Any]:
-    """Per-step fidelity of `candidate` against `reference` from the same x_t on the reference trajectory.
+def reference_trajectory(reference: VelocityModel, prompts: torch.Tensor, noise: torch.Tensor | None = None,
+                         steps: int = 20, shift: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    """The reference model's trajectory: per step `x_t` and its velocity (`points`: a list of `(x_t, sigma, v)`,
+    fp32, on the model's device) and the final images — what `velocity_fidelity` compares a candidate on, kept
+    so that several candidates are compared on one trajectory without sampling it again."""
+    points: list[tuple[torch.Tensor, float, torch.Tensor]] = []
 
-    Returns `cosine` and `rel_error` lists (one value per step, averaged over samples; cosine of the
-    flattened per-sample velocities, rel_error = ||v_c - v_r|| / ||v_r||), their means, and the reference
-    samples [B, 1, 8G, 8G].
-    """
-    cos_steps: list[float] = []
-    err_steps: list[float] = []
-
-    class _Both:
+    class _Recording:
         def velocity(self, x_t: torch.Tensor, sigma: float, pr: torch.Tensor) -> torch.Tensor:
             vr = reference.velocity(x_t, sigma, pr).float()
-            vc = candidate.velocity(x_t, sigma, pr).float()
-            cos_steps.append(float(velocity_cosine(vc, vr).mean()))
-            err_steps.append(float(relative_error(vc, vr).mean()))
+            points.append((x_t.clone(), sigma, vr))
             return vr
 
         def parameters(self):
             return reference.parameters()  # type: ignore[attr-defined]
 
-    both = _Both()
-    images = sample(both, prompts, noise, steps, shift, seed)  # type: ignore[arg-type]
+    images = sample(_Recording(), prompts, noise, steps, shift, seed)  # type: ignore[arg-type]
+    return {"points": points, "reference_images": images}
+
+
+@torch.no_grad()
+def velocity_fidelity(reference: VelocityModel, candidate: VelocityModel, prompts: torch.Tensor,
+                      noise: torch.Tensor | None = None, steps: int = 20, shift: float = 1.0,
+                      seed: int = 0, trajectory: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per-step fidelity of `candidate` against `reference` from the same x_t on the reference trajectory.
+
+    Returns `cosine` and `rel_error` lists (one value per step, averaged over samples; cosine of the
+    flattened per-sample velocities, rel_error = ||v_c - v_r|| / ||v_r||), their means, and the reference
+    samples [B, 1, 8G, 8G]. `trajectory`: the reference's, from `reference_trajectory` with the same prompts,
+    noise and steps (the candidate then runs alone, on the same inputs in the same order).
+    """
+    trajectory = trajectory if trajectory is not None else reference_trajectory(reference, prompts, noise, steps,
+                                                                                shift, seed)
+    cos_steps: list[float] = []
+    err_steps: list[float] = []
+    pr = prompts.to(trajectory["points"][0][0].device) if trajectory["points"] else prompts
+    for x_t, sigma, vr in trajectory["points"]:
+        vc = candidate.velocity(x_t, sigma, pr).float()
+        cos_steps.append(float(velocity_cosine(vc, vr).mean()))
+        err_steps.append(float(relative_error(vc, vr).mean()))
     return {"cosine": cos_steps, "rel_error": err_steps,
             "cosine_mean": sum(cos_steps) / len(cos_steps), "rel_error_mean": sum(err_steps) / len(err_steps),
-            "reference_images": images}
+            "reference_images": trajectory["reference_images"]}
 
 
 def velocity_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ def test_every_mode_is_timed(report: dict) -> None:
         assert row["skipped"] is None, (mode, row["skipped"])
         assert row["ms"] > 0 and len(row["times_ms"]) == 2
         assert row["n_image"] == (128 // 16) ** 2 and row["n_txt"] == 16
-        assert row["forwards"] == 1 + 2  # one warm-up (the smoke default), two timed
+        assert row["forwards"] == 1 + 2 + 2  # one warm-up (the smoke default), two timed, two for the host time
     assert r["native"]["x_native"] == pytest.approx(1.0)
     assert report["model"]["num_layers"] == 1 and report["model"]["num_single_layers"] == 2
     assert report["settings"]["ttr_kernel"] == "torch" and "random" in report["note"]
@@ -79,9 +79,14 @@ def test_flux_dev_shares_and_config() -> None:
     n = bm.FLUX_DEV["num_single_layers"]
     assert bm.ttr_include(0, n) == [] and bm.ttr_include(50, n) == ["single:0-18"]
     assert bm.ttr_include(100, n) == ["single:*"]
-    per_step = bm.mode_config("ttr-50/per-step", n, "auto")
-    assert per_step["finite_check"] == "per_step" and per_step["gates"][0]["include"] == ["single:0-18"]
-    assert "finite_check" not in bm.mode_config("ttr-50", n, "auto")
+    every = bm.mode_config("ttr-50/every-call", n, "auto")
+    assert every["finite_check"] == "every_call" and every["gates"][0]["include"] == ["single:0-18"]
+    assert "finite_check" not in bm.mode_config("ttr-50", n, "auto")  # the default: device flags per step
+    assert bm.parse_mode("ttr-100/every-call/graph") == ("ttr-100", frozenset({"every-call", "graph"}))
+    assert bm.native_of("ttr-100/every-call/graph") == "native/graph" and bm.native_of("sdpa") == "native"
+    for bad in ("ttr-50/per-step", "ttr-100/compile/graph", "exact", "ttr-101"):
+        with pytest.raises(ValueError):
+            bm.mode_config(bad, n, "auto")
     assert bm.compress_keys(["single:2", "single:0", "single:1", "double:4", "single:7"]) == \
         "double:4, single:0-2, single:7"
     from diffusers import FluxTransformer2DModel
@@ -135,6 +140,20 @@ def test_ttr_modes_serve_the_product_default_with_its_window(report: dict, one_t
     assert not [r.getMessage() for r in caplog.records if "landmark" in r.getMessage()]
 
 
+def test_graph_and_compile_modes_need_cuda_and_say_so(one_thread: None) -> None:
+    device = torch.device("cpu")
+    model = bm.build_transformer(bm.SMOKE, device, torch.float32)
+    inputs = bm.make_inputs(bm.SMOKE, 64, 8, 1, device, torch.float32)
+    for mode in ("ttr-100/graph", "native/compile"):
+        row = bm.Row("64²", mode, 16, 8)
+        assert bm.run_mode(model, inputs, mode, row, device, 2, None, 1, 1, "torch", "default") is None
+        assert row.skipped is not None and "needs CUDA" in row.skipped
+    row = bm.Row("64²", "ttr-100/every-call", 16, 8)
+    bm.run_mode(model, inputs, "ttr-100/every-call", row, device, 2, None, 1, 2, "torch", "default")
+    assert row.skipped is None and row.host_ms is not None and row.host_ms > 0
+    assert row.served_per_forward == {"host": 1.0, "ttr": 2.0}
+
+
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert bm.main(["--smoke", "--modes", "native,ttr-150"]) == 2
     assert bm.main(["--smoke", "--modes", "flash"]) == 2
@@ -150,3 +169,20 @@ def test_smoke_on_cuda_serves_ttr_with_the_fused_kernels(tmp_path) -> None:
     assert r["ttr-100"]["served_per_forward"]["ttr"] == 2 and r["ttr-100"]["fallbacks"] == {}
     assert r["host"]["rel_err_vs_native"] == 0.0
     assert r["host"]["peak_mib"] > 0
+    assert r["ttr-100"]["syncs_in_attention"] == 0  # the served calls never wait for the GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+def test_smoke_on_cuda_whole_forward_in_a_cuda_graph_and_compiled(tmp_path) -> None:
+    """The whole forward with ttr serving, captured in one CUDA graph (a capture fails on any sync) and under
+    torch.compile(mode="reduce-overhead"): both run, serve ttr, and the replay is the eager forward."""
+    path = tmp_path / "model.json"
+    modes = "native,native/graph,ttr-100,ttr-100/graph,ttr-100/compile"
+    assert bm.main(["--smoke", "--device", "cuda", "--sizes", "256", "--reps", "2", "--modes", modes,
+                    "--json", str(path)]) == 0
+    r = rows(json.loads(path.read_text()))
+    for mode in ("ttr-100/graph", "ttr-100/compile"):
+        assert r[mode]["skipped"] is None and r[mode]["served_per_forward"]["ttr"] > 0, r[mode]
+        assert r[mode]["rel_err_vs_native"] == pytest.approx(r["ttr-100"]["rel_err_vs_native"], rel=0.05, abs=2e-2)
+    assert r["ttr-100/graph"]["rel_err_vs_eager"] < 1e-2  # the key pass's atomics may reorder sums
+    assert r["ttr-100/graph"]["syncs_per_forward"] == 0 and r["ttr-100/graph"]["x_native_of"] == "native/graph"

@@ -42,13 +42,20 @@ def test_smoke_run_writes_json(tmp_path, capsys):
     assert rows["sdpa[cudnn]"]["skipped"]  # CUDA-only on a CPU run
     assert rows["ttr-default torch"]["ms"] > 0 and rows["ttr-default torch"]["floor_ms"] > 0
     assert "backend:sdpa" in rows and "backend:host" not in rows
+    # the product path: Session.attention with a ready layer, the configuration's own defaults, a sampler step
+    for name in ("session ttr-default", "session ttr-default every-call"):
+        r = rows[name]
+        assert r["skipped"] is None and r["ms"] > 0 and r["notes"]["product_path"], r
+        assert r["rel_err_vs"] == "ttr-default torch" and r["rel_err"] < 1e-5, r
+        assert r["notes"]["served_by"] == "pytorch" and r["notes"]["fallbacks"] == {}  # a CPU: the PyTorch path
     assert not any(r.startswith("ttr-seed") for r in rows)  # --configs default
     graph_rows = [r for r in report["results"] if r["cuda_graph"]]
     assert {r["variant"] for r in graph_rows} >= {"sdpa[cudnn] graph", "ttr-default fused graph",
-                                                   "ttr-default fused kernel-only graph"}
+                                                   "ttr-default fused kernel-only graph", "session ttr-default graph"}
     assert all("CUDA graphs need a CUDA device" in r["skipped"] for r in graph_rows)
     table = capsys.readouterr().out
     assert "sdpa[math]" in table and "ceilings" in table
+    assert "product path" in table and "session ttr-default" in table.split("product path")[-1]
 
 
 def test_bad_dtype_exits_2(capsys):

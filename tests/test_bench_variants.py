@@ -66,7 +66,7 @@ def _effective(cfg: str):
     s = parse_shape("n=64:txt=16", 2, 32, 16, 1)
     vs = {v.name: v for v in build_variants(s, torch.float32, torch.device("cpu"), configs=[cfg], graphs=False)}
     backend = vs[f"ttr-{cfg} torch"].make.__defaults__[0]
-    return backend.settings, backend.landmark_branch().__self__.settings
+    return backend.settings, backend.residual().settings
 
 
 def test_default_is_the_product_default_and_the_others_keep_their_layers():
@@ -110,7 +110,7 @@ def test_kernel_only_once_per_feature_map_and_graph_twins():
     vs = build_variants(s, torch.float32, torch.device("cpu"))
     by = {v.name: v for v in vs}
     fused = [v for v in vs if v.family == "ttr" and " fused" in v.name and v.graph_of is None]
-    assert len(fused) == 3 * len(TTR_CONFIGS) + 4
+    assert len(fused) == 4 * len(TTR_CONFIGS) + 4
     for v in fused:
         g = by[f"{v.name} graph"]
         assert g.graph_of == v.name and g.check_against == v.name and g.cost == v.cost
@@ -152,7 +152,7 @@ def test_every_config_runs_torch_path_and_graphs_skip_on_cpu(tmp_path):
         r = rows[f"ttr-{cfg} torch"]
         assert r["skipped"] is None and r["ms"] > 0 and r["floor_ms"] > 0, r
     graph = [r for r in rows.values() if r["cuda_graph"]]
-    assert len(graph) == 1 + 3 * len(TTR_CONFIGS) + 4
+    assert len(graph) == 1 + 5 * len(TTR_CONFIGS) + 4  # sdpa; per config the session row and 4 fused; kernel-only
     assert all(r["skipped"].startswith("CUDA graphs need a CUDA device") for r in graph)
 
 
@@ -206,7 +206,7 @@ def test_window_config_fused_matches_torch_path_in_interpreter(tmp_path):
                  "--configs", "default,previous-default-window2", "--only", "fused", "--json", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     for cfg in ("default", "previous-default-window2"):
-        for name in ("fused", "fused flash-lm", "fused sdpa-lm"):
+        for name in ("fused", "fused guarded", "fused flash-lm", "fused sdpa-lm"):
             r = rows[f"ttr-{cfg} {name}"]
             assert r["skipped"] is None and r["ms"] > 0, r
             assert r["rel_err_vs"] == f"ttr-{cfg} torch" and r["rel_err"] < 1e-5, r

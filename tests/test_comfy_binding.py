@@ -1,5 +1,6 @@
-"""ComfyUI binding against the stand-in (tests/comfy_stub): override layouts, chaining, callbacks and
-cleanup, AttentionCall fields, older builds, memory reservation, entry point. All under inference_mode."""
+"""ComfyUI binding against the stand-in (tests/comfy_stub): override layouts, other packs' overrides before and
+after attnplug, callbacks and cleanup, AttentionCall fields, older builds, memory reservation, entry point.
+All under inference_mode."""
 from __future__ import annotations
 
 import gc
@@ -129,6 +130,68 @@ def test_prior_override_is_kept_and_called_for_the_exact_path(comfy):
 
     assert len(again.get_callbacks(CallbacksMP.ON_PRE_RUN, "attnplug")) == 1
     assert len(again.model_options["transformer_options"]["patches"]["attn1_patch"]) == 1
+
+
+def _other_pack(model, seen, chain=False):
+    """What a pack like KJNodes' Sage attention does: clone the model and set its own override (replacing one
+    already there); `chain=True` calls the override it replaced instead of the kernel."""
+    m = model.clone()
+    to = m.model_options["transformer_options"]
+    replaced = to.get("optimized_attention_override")
+
+    def other_pack(func, q, k, v, heads, **kwargs):
+        seen.append(kwargs.get("_inside_attn_wrapper"))
+        if chain and replaced is not None:
+            return replaced(func, q, k, v, heads, **kwargs)
+        return func(q, k, v, heads, **kwargs)
+
+    to["optimized_attention_override"] = other_pack
+    return m, other_pack
+
+
+def test_an_override_set_after_attnplug_becomes_its_exact_path(comfy, caplog):
+    from attnplug.hosts.comfy import bind, current_binding
+
+    base = stub.tiny_model()
+    ref = stub.sample(base)
+    bound = bind(base, _spec())
+    seen = []
+    after, other_pack = _other_pack(bound, seen)
+    binding = current_binding(after)  # found by its callbacks although the override is the other pack's
+    assert binding is current_binding(bound)
+    rec = Recorder(binding)
+    with caplog.at_level(logging.INFO, logger="attnplug"):
+        out = stub.sample(after)
+        stub.sample(after)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert len(rec.calls) == 2 * 4 * 4 and len(seen) == len(rec.calls)  # attnplug saw every call, then the pack
+    assert all(flag is True for flag in seen)
+    logs = [r.getMessage() for r in caplog.records if "other_pack" in r.getMessage()]
+    assert len(logs) == 1 and "after attnplug; attnplug wraps it and uses it as its exact path" in logs[0]
+    # only the run's copy of the options changed: the model still holds the other pack's override
+    assert after.model_options["transformer_options"]["optimized_attention_override"] is other_pack
+    assert binding.run_prior is None
+
+
+def test_a_pack_that_chains_to_the_override_it_replaced_does_not_recurse(comfy):
+    from attnplug.hosts.comfy import bind, current_binding
+
+    base = stub.tiny_model()
+    ref = stub.sample(base)
+    below = []
+    under, under_pack = _other_pack(base, below)  # a pack before attnplug
+    bound = bind(under, _spec())
+    seen = []
+    after, _ = _other_pack(bound, seen, chain=True)  # a pack after attnplug that calls attnplug's override
+    rec = Recorder(current_binding(after))
+    torch.testing.assert_close(stub.sample(after), ref, rtol=0, atol=0)
+    # each call: attnplug → the pack after it → attnplug again (passed down) → the pack before attnplug
+    assert len(rec.calls) == 4 * 4 and len(seen) == len(below) == len(rec.calls)
+    assert current_binding(after).prior is under_pack
+    # binding attnplug again keeps the pack that was set after the earlier binding as the exact path
+    again = bind(after, _spec())
+    assert current_binding(again).prior is after.model_options["transformer_options"]["optimized_attention_override"]
+    assert current_binding(again) is not current_binding(after)
 
 
 def test_prior_override_ignoring_skip_output_reshape_is_normalized(comfy):
@@ -309,7 +372,7 @@ def test_entrypoint_loads_like_comfyui_under_a_folder_name(comfy):
         asyncio.run(ext.on_load())
         nodes = asyncio.run(ext.get_node_list())
         ids = [n.GET_SCHEMA().node_id for n in nodes]
-        assert len(ids) == len(set(ids)) == 8
+        assert len(ids) == len(set(ids)) == len(stub.all_nodes()) == 10
         assert sys.modules[name] is sys.modules["attnplug"]  # one package, one registry
     finally:
         sys.modules.pop(name, None)

@@ -97,7 +97,7 @@ def test_converts_and_reproduces_the_seed_kernel_branch(tmp_path: Path) -> None:
     q, k, v = (torch.randn(1, HEADS, 40, HEAD_DIM) for _ in range(3))
     with torch.no_grad():
         ref = seed_layers["single:0"].kernel(q, k, v)
-    ttr._landmark, ttr._landmark_resolved = None, True  # kernel branch only
+    ttr.settings = ttr.settings.model_copy(update={"landmark": False})  # kernel branch only
     out_k = ttr(q, k, v, AttentionCall("single:0", n_cond_tokens=8, n_image_tokens=32))
     torch.testing.assert_close(out_k, ref, atol=1e-5, rtol=1e-5)
     sd = seed_layers["double:1"].conditioner.net[2].weight

@@ -104,6 +104,18 @@ class FakePlugin:
         registrar.add("list", lambda s, session: ListLogger())
 
     @hookimpl
+    def attnplug_register_quality_terms(self, registrar):
+        class MeanGap:
+            name = "mean_gap"
+            better = "lower"
+            needs = frozenset({"latent"})
+
+            def score(self, candidate, reference):
+                return (candidate.latent - reference.latent).flatten(1).abs().mean(1)
+
+        registrar.add("mean_gap", lambda s, session: MeanGap(), doc="mean absolute latent gap")
+
+    @hookimpl
     def attnplug_session_start(self, session):
         self.events.append(("session_start",))
 
@@ -174,6 +186,17 @@ def test_hook_attnplug_register_loggers(core_plugins, fake, make_call):
     s.close()
     assert ("event", "run_start") in fake.events and ("metrics", "session") in fake.events
     assert fake.events[-1] == ("logger.close",)
+
+
+def test_hook_attnplug_register_quality_terms(core_plugins, fake):
+    from attnplug.core.quality import Sample
+    s = _session(core_plugins)
+    registrar = s.plugins.collect("quality_term", s.config.root.disable_plugins)
+    assert registrar.entries["mean_gap"].plugin == "fake"
+    term = registrar.entries["mean_gap"].factory(None, s)
+    ref = Sample(latent=torch.zeros(2, 4))
+    cand = Sample(latent=torch.tensor([[1.0, 1, 1, 1], [0, 0, 0, 2]]))
+    torch.testing.assert_close(term.score(cand, ref), torch.tensor([1.0, 0.5]))
 
 
 def test_hook_attnplug_session_start(core_plugins, fake):

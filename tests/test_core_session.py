@@ -94,23 +94,58 @@ def test_failing_approximation_falls_back_to_exact_and_says_so(core_plugins, mak
     assert len(warnings) == 1 and "single:0" in warnings[0].getMessage()  # once per layer
 
 
-def test_per_step_finite_check_serves_exact_after_the_step_that_went_non_finite(core_plugins, make_call, caplog):
-    """finite_check = "per_step": no sync per call; the step that produced NaN keeps it (documented), the
-    next steps of that layer get exact attention, it is counted and warned once; a new run retries."""
+def test_per_step_finite_check_keeps_nan_out_and_serves_exact_for_the_rest_of_the_session(core_plugins, make_call,
+                                                                                         caplog):
+    """finite_check = "per_step" (the default): no sync per call; the non-finite rows never leave the device (the
+    default guard replaces them by zeros), the layer's flag is read at the next step, and from then on the layer gets
+    exact attention — in this run and the next ones — counted and warned once."""
     s = _session(core_plugins, "nan", finite_check="per_step")
+    assert Session({"loggers": []}, core_plugins).config.root.finite_check == "per_step"  # the default
     q, k, v = (torch.randn(1, 2, 12, 8) for _ in range(3))
     with caplog.at_level(logging.WARNING, logger="attnplug"):
         first = s.attention(q, k, v, make_call("single:0", step_index=0))
-        assert torch.isnan(first).all()  # not checked within the step
+        assert torch.equal(first, torch.zeros_like(first))  # replaced on the device, not NaN
         for step in (1, 2):
             torch.testing.assert_close(s.attention(q, k, v, make_call("single:0", step_index=step)), sdpa(q, k, v))
+        s.run_end()
+        torch.testing.assert_close(s.attention(q, k, v, make_call("single:0", step_index=0)), sdpa(q, k, v))
     stats = s.stats["single:0"]
-    assert stats.fallbacks["non-finite output (per-step check)"] == 1
-    assert stats.served["broken"] == 1 and stats.served["sdpa"] == 2
+    assert stats.fallbacks["non-finite output (replaced on the device)"] == 1
+    assert stats.served["broken"] == 1 and stats.served["sdpa"] == 3
     warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
-    assert len(warnings) == 1 and "single:0" in warnings[0]
-    s.run_end()
-    assert torch.isnan(s.attention(q, k, v, make_call("single:0", step_index=0))).all()  # a new run retries
+    assert len(warnings) == 1 and "single:0" in warnings[0] and "rest of the session" in warnings[0]
+
+
+def test_per_step_finite_check_without_steps_still_checks(core_plugins, make_call):
+    """A host that reports neither steps nor sigmas: the flags are polled every POLL_CALLS approximate calls."""
+    from attnplug.core.session import POLL_CALLS
+
+    s = _session(core_plugins, "nan", finite_check="per_step")
+    q = torch.randn(1, 2, 6, 8)
+    call = make_call("single:0", step_index=None, sigma=None)
+    outs = [s.attention(q, q, q, call) for _ in range(POLL_CALLS + 3)]
+    assert all(bool(torch.isfinite(o).all()) for o in outs)
+    assert s.stats["single:0"].served["broken"] == POLL_CALLS
+    assert s.stats["single:0"].fallbacks["non-finite output (replaced on the device)"] == 1
+
+
+def test_guard_rows_replaces_only_rows_that_are_not_finite():
+    from attnplug.core.finite import guard_rows
+
+    out = torch.arange(24.0).reshape(1, 2, 3, 4)
+    out[0, 1, 2, 3] = float("inf")
+    out[0, 0, 1, 0] = float("nan")
+    flag = torch.zeros(1, dtype=torch.int32)
+    fallback = torch.full_like(out, -1.0)
+    fallback[0, 0, 1, 2] = float("nan")
+    got = guard_rows(out.clone(), flag, fallback)
+    assert int(flag) == 1 and bool(torch.isfinite(got).all())
+    assert torch.equal(got[0, 1, 2], torch.full((4,), -1.0)) and torch.equal(got[0, 0, 1], torch.tensor([-1, -1, 0, -1.]))
+    keep = torch.ones(1, 2, 3, dtype=torch.bool)
+    keep[0, 1, 2] = keep[0, 0, 1] = False
+    assert torch.equal(got[keep], out[keep])  # every other row untouched
+    clean = torch.ones(1, 1, 2, 4)
+    assert torch.equal(guard_rows(clean, flag), clean) and int(flag) == 1  # nothing new: the flag stays as it was
 
 
 def test_per_step_finite_check_keeps_finite_outputs_and_raises_in_strict_mode(core_plugins, make_call):

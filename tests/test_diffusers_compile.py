@@ -95,3 +95,29 @@ def test_apply_to_an_already_compiled_model_patches_the_original():
             calls = {k: s.calls for k, s in handle.session.stats.items()}
     assert torch.equal(out, ref)
     assert calls == {"double:0": 1, "double:1": 1, "single:0": 1, "single:1": 1}
+
+
+def test_flux_transformer_with_ttr_serving_under_torch_compile():
+    """ttr serving the single blocks of a compiled Flux transformer: the session call stays eager (the only graph
+    breaks are attnplug's two boundaries) and the compiled model gives the eager model's output, every single-block
+    call served by ttr. (On a GPU, `attnplug bench-model --modes ttr-100/compile` runs this under
+    mode="reduce-overhead", the pieces between the breaks in CUDA graphs.)"""
+    model = tiny.tiny_flux_transformer(0)
+    inputs = _inputs()
+    cfg = {"backend": "ttr", "exact": "host", "loggers": [], "strict": True,
+           "gates": [{"kind": "layers", "include": ["single:*"]}],
+           "plugins": {"ttr": {"feature_dim": 16, "hidden": 32}}}
+    session = Session(cfg)
+    ttr = session.backends.get("ttr")
+    for key in ("single:0", "single:1"):
+        ttr.ready[key] = True
+    with apply(model, session), torch.no_grad():
+        eager = model(timestep=torch.tensor([0.7]), **inputs).sample
+        compiled = torch.compile(model, backend="eager")
+        out = compiled(timestep=torch.tensor([0.7]), **inputs).sample
+        served = {k: dict(s.served) for k, s in session.stats.items()}
+    torch.testing.assert_close(out, eager)
+    assert served["single:0"] == {"ttr": 2} and served["single:1"] == {"ttr": 2}
+    assert served["double:0"] == {"host": 2}
+    for reason in counters["graph_break"]:
+        assert "_route_dispatch" in reason or "_observe_forward" in reason, f"unexpected graph break: {reason}"

@@ -286,7 +286,7 @@ def test_layer_selection_per_step_is_seeded_and_bounded():
 def test_settings_validation_names_the_field():
     with pytest.raises(ConfigError, match="min_swap_layers"):
         fk.make_session({"min_swap_layers": 4, "max_swap_layers": 2})
-    with pytest.raises(ValueError, match="student backend 'nope'"):
+    with pytest.raises(ConfigError, match="student: unknown backend 'nope'"):  # at validation, before any work
         fk.make_session({"student": "nope"})
     assert DistillSettings().replay_dtype == "float16"
 

@@ -21,7 +21,7 @@ if not HAS_CUDA:
 from attnplug.plugins.landmark.selection import select_landmarks
 from attnplug.plugins.ttr.kernels import (KernelConfig, PhiWeights, fused_unsupported_reasons, kv_state_fused,  # noqa: E402
                                           kv_state_reference, random_phi, ttr_forward_fused, ttr_forward_reference)
-from attnplug.plugins.ttr.kernels import fused as fused_mod  # noqa: E402
+from attnplug.plugins.ttr.kernels import capability, cudnn_landmarks, tiles  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on CPU-only machines")
@@ -85,7 +85,7 @@ def test_interpreter_kernel_only_key_mask_and_cublas_prefix(poison):
     # hidden 48 is not a power of two: the first layer runs on torch, the kernel reads pre-activations
     pq = random_phi(d, 48, 32, 2, "elu+1", None, l2_norm=True, generator=g)
     pk = random_phi(d, 48, 32, 2, "elu+1", None, l2_norm=True, generator=g)
-    assert fused_mod._plan(pk).depth == 1 and fused_mod._plan(pk).prefix == 1
+    assert capability.phi_split(pk).depth == 1 and capability.phi_split(pk).prefix == 1
     mask = torch.rand(b, n, generator=g) > 0.3
     s, z = kv_state_fused(k, v, pk, mask)
     s_ref, z_ref = kv_state_reference(k, v, pk, mask)
@@ -137,8 +137,8 @@ def test_interpreter_hidden_chunks_match_reference(poison, activation, kv_chunk,
     pk = random_phi(d, 64, 32, 2, activation, h, generator=g)
     idx = landmark_indices(n, 8, 0.1)
     cfg = KernelConfig(kv_hidden_chunk=kv_chunk, q_hidden_chunk=q_chunk, lm_hidden_chunk=q_chunk)
-    assert fused_mod._hidden_chunk(16, 64) == 16 and fused_mod._hidden_chunk(0, 64) == 64
-    assert fused_mod._hidden_chunk(48, 64) == 64 and fused_mod._hidden_chunk(64, 64) == 64
+    assert tiles.hidden_chunk(16, 64) == 16 and tiles.hidden_chunk(0, 64) == 64
+    assert tiles.hidden_chunk(48, 64) == 64 and tiles.hidden_chunk(64, 64) == 64
     s, z = kv_state_fused(k, v, pk, config=cfg)
     s_ref, z_ref = kv_state_reference(k, v, pk)
     assert _rel(s, s_ref) < 1e-5 and _rel(z, z_ref) < 1e-5
@@ -239,7 +239,7 @@ def test_interpreter_sdpa_landmarks_per_head_group_with_a_batch(poison):
     idx = torch.tensor([0, 1, 2, 3, 10, 25, 40, 55, 69])
     logit, aff = torch.tensor([-1.0, 0.3, 0.0]), [0.1, 0.0, -0.1, 0.02]
     chunked = KernelConfig(sdpa_memory_fraction=0.4, sdpa_min_rows=16, sdpa_whole=False)
-    assert fused_mod.sdpa_chunks(n, h, idx.numel(), chunked) == (1, 35)  # 3 head groups × 2 row chunks
+    assert cudnn_landmarks.sdpa_chunks(n, h, idx.numel(), chunked) == (1, 35)  # 3 head groups × 2 row chunks
     whole = KernelConfig(sdpa_memory_fraction=0.4)  # all heads' landmark K/V fit: one call, its result the output
     for adaptive, config in itertools.product((True, False), (chunked, whole)):
         ref = ttr_forward_reference(q, k, v, pq, pk, idx, logit, 0.2, 2.0, adaptive, branch_affine=aff)
@@ -276,7 +276,7 @@ def test_sdpa_chunks_keep_the_memory_budget(nq, n_lm, fraction):
     it (then one head per group); the chunks cover every row and head."""
     heads = 24
     cfg = KernelConfig(sdpa_memory_fraction=fraction, sdpa_min_rows=min(2048, nq))
-    group, rows = fused_mod.sdpa_chunks(nq, heads, n_lm, cfg)
+    group, rows = cudnn_landmarks.sdpa_chunks(nq, heads, n_lm, cfg)
     assert 1 <= group <= heads and 1 <= rows <= nq
     held = group * (2 * n_lm + rows)
     if held > fraction * nq * heads:  # only where the smallest chunk allowed does not fit
@@ -322,12 +322,16 @@ def test_gpu_peak_memory_within_sdpas_plus_10_percent(lm_impl):
 def test_pass_2_chunks_phi_where_triton_miscompiles_the_whole_hidden_tile():
     """Adaptive pass 2 with a whole hidden tile and head_dim 32 faults on Hopper (Triton 3.6 miscompile, found
     with compute-sanitizer): that pass alone is chunked by 128 there; every other pass and head_dim keeps its tile."""
-    from attnplug.plugins.ttr.kernels.fused import _plan, _query_hidden_chunk
+    from attnplug.plugins.ttr.kernels.tiles import query_hidden_chunk
 
     cfg = KernelConfig(q_hidden_chunk=0, lm_hidden_chunk=0)
-    narrow = _plan(random_phi(32, 256, 128, 2, generator=torch.Generator().manual_seed(0)))
-    wide = _plan(random_phi(128, 256, 128, 2, generator=torch.Generator().manual_seed(0)))
-    assert _query_hidden_chunk(cfg, narrow, False, 3) == 128
-    assert [_query_hidden_chunk(cfg, narrow, m in (1, 2, 4), m) for m in (0, 1, 2, 4)] == [256] * 4
-    assert _query_hidden_chunk(cfg, wide, False, 3) == 256
-    assert _query_hidden_chunk(KernelConfig(q_hidden_chunk=64), narrow, False, 3) == 64  # a chunk already: kept
+    narrow = capability.phi_split(random_phi(32, 256, 128, 2, generator=torch.Generator().manual_seed(0)))
+    wide = capability.phi_split(random_phi(128, 256, 128, 2, generator=torch.Generator().manual_seed(0)))
+
+    def chunk(c, split, landmark_pass, mode):
+        return query_hidden_chunk(c, split.din, split.h1, landmark_pass, mode)
+
+    assert chunk(cfg, narrow, False, 3) == 128
+    assert [chunk(cfg, narrow, m in (1, 2, 4), m) for m in (0, 1, 2, 4)] == [256] * 4
+    assert chunk(cfg, wide, False, 3) == 256
+    assert chunk(KernelConfig(q_hidden_chunk=64), narrow, False, 3) == 64  # a chunk already: kept

@@ -3,8 +3,10 @@ fit (collect while sampling, then fit on the replay) and a landmark-window varia
 the testbed."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from attnplug.core.config import load_config
@@ -106,3 +108,94 @@ def test_product_default_variant_follows_the_settings_defaults():
     cfg = load_config(VARIANTS["product default"].config(base_config(), DemoPlan()))
     assert cfg.section("ttr").alpha_max == TtrSettings().alpha_max
     assert cfg.section("landmark") == LandmarkSettings()
+
+
+# ---- the joint-layer sweep: layer-effect servings, the effect table, keeping the best checkpoint ------------------
+def test_layer_effect_servings_cover_each_layer_alone_and_cumulatively():
+    from attnplug.testbed.quality import EFFECT_ORDER, SERVING_GROUPS, expand_servings
+
+    names = expand_servings(["all ready", "layer effects", "double blocks"])
+    assert names[0] == "all ready" and len(names) == 1 + 2 * len(EFFECT_ORDER) + 1 and len(set(names)) == len(names)
+    assert set(SERVING_GROUPS["layer effects"]) <= set(SERVING)
+    assert SERVING["only single:2"] == {"gates": [{"kind": "layers", "include": ["single:2"]}]}
+    assert SERVING["cumulative to single:1"]["gates"][0]["include"] == ["double:0", "double:1", "single:0",
+                                                                         "single:1"]
+    # cumulative rows that are other servings share their overlay: evaluated once
+    assert SERVING["cumulative to double:0"] == SERVING["only double:0"]
+    assert SERVING["cumulative to double:1"] == SERVING["double blocks"]
+    assert SERVING["cumulative to single:5"] == SERVING["all ready"]
+    for name in ("hybrid everywhere", "joint shared", "joint blend"):
+        assert set(expand_servings(VARIANTS[name].servings)) <= set(SERVING)
+
+
+def test_joint_variants_put_the_joint_layer_on_the_double_blocks_only():
+    for name, combine in (("joint shared", "shared"), ("joint blend", "blend")):
+        t = load_config(VARIANTS[name].config(base_config(), DemoPlan())).section("ttr")
+        assert [t.variant_for(f"double:{i}") for i in range(2)] == ["joint", "joint"]
+        assert {t.variant_for(f"single:{i}") for i in range(6)} == {"hybrid"} and t.joint.combine == combine
+    hybrid = load_config(VARIANTS["hybrid everywhere"].config(base_config(), DemoPlan())).section("ttr")
+    assert hybrid.joint_layers == []
+
+
+def _row(variant: str, seed: int, drop: float, checkpoint: str) -> dict:
+    from attnplug.testbed.quality import EFFECT_ORDER
+
+    res = lambda d: {"adherence_drop_points": d, "adherence_exact": 1.0, "adherence_approx": 1 - d / 100,  # noqa: E731
+                     "n_prompts": 64, "velocity_cosine": 0.99, "psnr_db": 20.0, "layers": [], "layers_ready": [],
+                     "layers_served": []}
+    serving = {"all ready": res(drop), **{f"only {k}": res(0.1 * i) for i, k in enumerate(EFFECT_ORDER)},
+               **{f"cumulative to {k}": res(0.2 * i) for i, k in enumerate(EFFECT_ORDER)}}
+    return {"variant": variant, "seed": seed, "serving": serving, "checkpoint": checkpoint,
+            "config": VARIANTS[variant].config(base_config(), DemoPlan())}
+
+
+def test_effect_table_and_keep_best_write_a_config_that_serves_the_checkpoint(tmp_path):
+    from attnplug.testbed.quality import effects_table, keep_best
+
+    files = {}
+    for name in ("joint shared", "joint blend"):
+        for seed in (0, 1):
+            files[name, seed] = tmp_path / f"{name.replace(' ', '_')}_{seed}.safetensors"
+            files[name, seed].write_bytes(f"{name} {seed}".encode())
+    rows = [_row("hybrid everywhere", 0, 9.0, ""), _row("joint shared", 0, 0.9, str(files["joint shared", 0])),
+            _row("joint shared", 1, 0.5, str(files["joint shared", 1])),
+            _row("joint blend", 0, 0.3, str(files["joint blend", 0])),
+            _row("joint blend", 1, 2.0, str(files["joint blend", 1]))]
+    text = effects_table(rows)
+    assert "#### hybrid everywhere" in text and "| single:3 | +0.50 | +1.00 |" in text
+    assert "alone, seed 0 | cumulative, seed 0 | alone, seed 1 | cumulative, seed 1" in text
+    best = keep_best(rows, tmp_path / "out")
+    assert best is not None and (best["variant"], best["seed"]) == ("joint shared", 0)  # mean 0.7 < 1.15
+    assert (tmp_path / "out" / "ttr_all_layers.safetensors").read_bytes() == b"joint shared 0"
+    written = (tmp_path / "out" / "serve_all_layers.toml")
+    cfg = load_config(written)
+    assert cfg.root.backend == "ttr" and cfg.root.gates == [] and not cfg.root.training
+    assert cfg.section("ttr").joint_layers == ["double:*"] and cfg.section("ttr").joint.combine == "shared"
+    committed = load_config(Path(__file__).resolve().parents[1] / "testbed" / "configs" / "serve_all_layers.toml")
+    assert committed.section("ttr") == cfg.section("ttr") and committed.section("landmark") == cfg.section("landmark")
+    assert keep_best([rows[0]], tmp_path / "none") is None
+
+
+@pytest.mark.slow
+def test_servings_of_one_checkpoint_share_the_exact_pass_and_equal_separate_evaluations(tmp_path, one_thread,
+                                                                                         monkeypatch):
+    from attnplug.testbed.evaluate import evaluate, strip_images
+    from attnplug.testbed.quality import Variant, run
+
+    lenient = merge(VARIANTS["joint shared"].overrides, {"plugins": {"distill": {
+        "readiness_min_updates": 1, "readiness_threshold": 1.0, "layers": ["double:*"], "query_cap": 64}}})
+    monkeypatch.setitem(VARIANTS, "joint shared", Variant(lenient))
+    plan = DemoPlan(runs=1, prompts_per_run=1, steps=2, eval_prompts=1, eval_steps=2)
+    serving = ["double blocks", "cumulative to double:1", "only double:0"]
+    rows = run(tmp_path, "cpu", plan, ["joint shared"], 1e9, serving=serving, eval_workers=2)  # two spawned workers
+    (row,) = rows
+    assert list(row["serving"]) == serving
+    assert row["serving"]["only double:0"]["layers_served"] == ["double:0"]
+    assert row["serving"]["cumulative to double:1"] is row["serving"]["double blocks"]
+    cfg = merge(row["config"], SERVING["only double:0"])
+    alone = strip_images(evaluate(cfg, row["checkpoint"], n_prompts=1, steps=2, device="cpu"))
+    shared = row["serving"]["only double:0"]
+    for key in ("adherence_exact", "adherence_approx", "velocity_cosine", "psnr_db", "layers_served",
+                "per_layer_fidelity"):
+        assert alone[key] == shared[key], key
+    assert (tmp_path / "effects.md").exists() and json.loads((tmp_path / "quality.json").read_text())[0]["serving"]

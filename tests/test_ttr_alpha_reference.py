@@ -143,8 +143,8 @@ def test_reference_is_saved_and_older_checkpoints_still_load(tmp_path: Path):
     got = loaded.layers["single:0"]
     assert not got.reference_tracked and got.running_reference() is None
     torch.testing.assert_close(got.alpha_logit, layer.alpha_logit)
-    with pytest.raises(ValueError, match="version 3, this attnplug reads 1 and 2"):
-        _backend("running").load_state(tensors, {**meta, "version": 3})
+    with pytest.raises(ValueError, match="version 4, this attnplug reads 1, 2 and 3"):
+        _backend("running").load_state(tensors, {**meta, "version": 4})
 
 
 # ---- the fused kernels in one pass (interpreter) -----------------------------------------------------------------

@@ -209,7 +209,7 @@ def test_sdpa_landmarks_continue_over_the_window(poison, grid, dtype, whole):
 def test_sdpa_window_without_a_log_sum_exp_falls_back_to_the_in_kernel_softmax(poison, monkeypatch, caplog):
     """Where SDPA cannot return its log-sum-exp (torch < 2.5's cuDNN op), a windowed call is served by the
     in-kernel softmax — same output, warned once — and later calls on that device and dtype go there directly."""
-    from attnplug.plugins.ttr.kernels import fused
+    from attnplug.plugins.ttr.kernels import cudnn_landmarks
 
     grid, radius = (6, 6), 2
     q, k, v = _qkv(1, 2, N_COND + 36, 16, seed=4)
@@ -225,8 +225,8 @@ def test_sdpa_window_without_a_log_sum_exp_falls_back_to_the_in_kernel_softmax(p
         calls.append(1)
         raise TypeError("_scaled_dot_product_cudnn_attention(): argument 'dropout_p' must be float, not NoneType")
 
-    monkeypatch.setattr(fused, "_attention_with_lse", broken)
-    monkeypatch.setattr(fused, "_LSE_FAILED", set())
+    monkeypatch.setattr(cudnn_landmarks, "attention_with_lse", broken)
+    monkeypatch.setattr(cudnn_landmarks, "_LSE_FAILED", set())
     with caplog.at_level("WARNING"):
         first = ttr_forward_fused(q, k, v, phi, phi, landmark_impl="sdpa", **kw)
         second = ttr_forward_fused(q, k, v, phi, phi, landmark_impl="sdpa", **kw)

@@ -41,7 +41,6 @@ def _pair(**kw):
     kw.setdefault("alpha_max", ALPHA_MAX)
     hybrid = TtrBackend(TtrSettings(feature_dim=32, hidden=32, **kw), landmark=lm.branch)
     kernel = TtrBackend(TtrSettings(feature_dim=32, hidden=32, **kw), landmark=None)
-    kernel._landmark_resolved = True
     spec = LayerSpec("single:2", 3, 16)
     kernel.layer(spec).load_state_dict(hybrid.layer(spec).state_dict())
     return hybrid, kernel, lm
@@ -187,8 +186,8 @@ def test_session_routing_and_landmark_lookup(caplog) -> None:
     session.router.invalidate()
     out = session.attention(q, k, v, CALL)
     assert session.stats[CALL.layer_key].served["ttr"] == 1
-    assert backend.landmark_branch() is not None
-    assert backend.landmark_branch().__self__ is session.backends.get("landmark")
+    assert backend.residual() is session.backends.get("landmark")
+    assert backend.landmark_branch() == session.backends.get("landmark").branch
     torch.testing.assert_close(out, backend(q, k, v, CALL))
 
     # landmark plugin blocked: ttr runs kernel-only

@@ -23,7 +23,7 @@ WINDOW_CKPT = ROOT / "testbed" / "weights" / "ttr_window.safetensors"
 #: every config that serves testbed/weights/ttr_default.safetensors (the demo distils today's default; the
 #: window checkpoint has its own config)
 SERVES_DEFAULT = sorted(p.name for p in CONFIGS.glob("*.toml") if p.name not in ("serve_single_window.toml",
-                                                                                  "demo.toml"))
+                                                                                  "demo.toml", "serve_all_layers.toml"))
 
 
 def test_the_defaults_and_the_previous_ones():
@@ -40,6 +40,16 @@ def test_configs_of_the_default_checkpoint_pin_its_layer(name: str):
     raw = read_config_file(CONFIGS / name)
     assert raw["plugins"]["ttr"] == {"alpha_max": 0.2}, name
     assert raw["plugins"]["landmark"] == {"fraction": 0.08, "min": 64, "window": 0}, name
+
+
+def test_the_all_layer_config_pins_todays_layer():
+    """testbed/configs/serve_all_layers.toml serves a checkpoint of today's default layer (and the joint layer on the
+    double blocks): pinned in the file too, so that a later default does not change what it serves."""
+    raw = read_config_file(CONFIGS / "serve_all_layers.toml")
+    assert {k: raw["plugins"]["ttr"][k] for k in TTR_PREVIOUS} == TtrSettings().model_dump(include=set(TTR_PREVIOUS))
+    assert raw["plugins"]["landmark"] == LandmarkSettings().model_dump(include=set(LM_PREVIOUS))
+    assert raw["plugins"]["ttr"]["joint_layers"] == ["double:*"] and set(raw["plugins"]["ttr"]["joint"]) == \
+        {"combine", "log_scale"}
 
 
 def _meta(path: Path) -> dict:

@@ -2,14 +2,23 @@
 
 `bind(model, spec)` clones the patcher and installs, all under the key `attnplug`:
 - `transformer_options["optimized_attention_override"]`: every `@wrap_attn` kernel call goes through
-  `AttnplugBinding.override`. An override another pack set before is kept and called for the exact
-  path (chaining); an earlier attnplug binding on the same model is replaced, not stacked.
+  `AttnplugBinding.override`. Another pack's override is attnplug's exact path in either order: one set
+  before attnplug is kept and called (chaining); one set after attnplug (which replaces attnplug's in
+  the model's options) is found at the start of each sampling run, when attnplug puts its own back on
+  top for that run and calls the other one as its exact path. Either way the log says which override
+  was wrapped. A pack that chains to the override it replaced calls back into attnplug, which then
+  passes the call down (to the override attnplug wrapped at bind, or ComfyUI's kernel): no recursion.
+  An earlier attnplug binding on the same model is replaced, not stacked.
 - an `attn1_patch` (captures the txt/img split of double blocks), a `DIFFUSION_MODEL` wrapper
-  (context length and latent grid) and an `OUTER_SAMPLE` wrapper (the guider's cfg);
+  (context length and latent grid) and an `OUTER_SAMPLE` wrapper (the guider's cfg, the override
+  check above, and a failed checkpoint save raised as the sampler node's error once sampling is done);
 - `ON_PRE_RUN` / `ON_CLEANUP` callbacks: pre-run (re)builds the session from its spec — also when
   the node output was cached and its session was cleaned up — and starts a run; cleanup ends the
-  run, saves the checkpoint when training, and drops the session so GPU tensors are released and
-  repeated runs do not grow memory.
+  run, saves the checkpoint when training (only when something was trained), and drops the session
+  so GPU tensors are released and repeated runs do not grow memory. A session whose save failed is
+  kept, with its training, for the next run's save.
+- a layer whose shape differs from the checkpoint's is an error at its first call (for models whose
+  blocks do not tell their shapes to the nodes' check before sampling); that checkpoint is not saved.
 
 ComfyUI is imported lazily (inside functions), so this module imports without ComfyUI.
 """
@@ -25,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from ...core import Session
+from ...core.checkpoint import CheckpointError
 from .calls import CallBuilder, CallState, Capture
 from .layout import as_bhnd_output, from_bhnd, to_bhnd
 
@@ -33,10 +43,14 @@ log = logging.getLogger("attnplug")
 KEY = "attnplug"
 OVERRIDE = "optimized_attention_override"
 NO_BLOCK_INFO_WARNING = (
-    "attnplug: this ComfyUI build puts no block_type/block_index into transformer_options (added in "
-    "ComfyUI 2025-11-26, PR #10841). attnplug cannot tell layers apart, so every attention call runs the "
+    "attnplug: this ComfyUI build puts no block_type/block_index into transformer_options (ComfyUI adds "
+    "them from 2025-11-26 on). attnplug cannot tell layers apart, so every attention call runs the "
     "exact path (the previous override or ComfyUI's kernel); nothing is trained or approximated. "
     "Update ComfyUI to use attnplug's learned attention.")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A training run's checkpoint could not be written; the message names the file and the reason."""
 
 
 @dataclass
@@ -44,13 +58,21 @@ class SessionSpec:
     """Everything needed to (re)build a session: config data plus host-side options.
 
     `config` is a plain attnplug config dict (validated when the session is built); its `checkpoint`
-    is the file the session loads at start and, when `training`, saves at cleanup.
+    is the file the session loads at start and, when `training`, saves at cleanup. `plan`, when set,
+    gives the config of each new session instead (`plan.config()`, e.g. the Apply node's `ApplyPlan`,
+    which re-reads its checkpoint when the file changed).
     """
 
     config: dict[str, Any]
     report_steps: bool = False
     memory_reserve: bool = False
     label: str = "attnplug"
+    plan: Any = None
+    keep_session: bool = False  # keep one session across sampling runs (calibration steers it between runs)
+
+    def current_config(self) -> dict[str, Any]:
+        """The config a session built now gets."""
+        return self.plan.config() if self.plan is not None else copy.deepcopy(self.config)
 
     @property
     def training(self) -> bool:
@@ -69,11 +91,14 @@ class SessionHandle:
         self.session: Session | None = None
         self.builds = 0
         self.saves = 0
+        self.save_error: CheckpointSaveError | None = None  # the last run's failed save, for the binding to raise
+        self.refused: str | None = None  # why this session's checkpoint must not be saved
 
     def ensure(self) -> Session:
         """The live session, built from the spec (and its checkpoint, when the file exists) if needed."""
         if self.session is None or self.session.closed:
-            self.session = Session(copy.deepcopy(self.spec.config))
+            self.session = Session(self.spec.current_config())
+            self.refused = None
             self.builds += 1
             if self.builds > 1:
                 ckpt = self.spec.checkpoint
@@ -82,23 +107,51 @@ class SessionHandle:
         return self.session
 
     def finish(self) -> Path | None:
-        """End the run, save when training, release the session. Never raises (cleanup runs in `finally`)."""
-        session, self.session = self.session, None
+        """End the run; when training, save the checkpoint if this session trained anything, then release
+        the session. A failed save keeps the session (its training is saved at the end of the next run) and
+        is recorded in `save_error`. Never raises (cleanup runs in `finally`)."""
+        session = self.session
         if session is None:
             return None
-        saved = None
+        self.save_error = None
+        label, ckpt = self.spec.label, self.spec.checkpoint
         try:
             session.run_end()
-            if self.spec.training and self.spec.checkpoint:
-                saved = session.save(self.spec.checkpoint)
-                self.saves += 1
-                log.info("attnplug: %s: checkpoint saved to %s", self.spec.label, saved)
         except Exception as exc:  # noqa: BLE001 - cleanup must not mask the sampling result
-            log.error("attnplug: %s: saving checkpoint %s failed: %s: %s", self.spec.label, self.spec.checkpoint,
-                      type(exc).__name__, exc)
-        finally:
-            session.close()
+            log.error("attnplug: %s: ending the run failed: %s: %s", label, type(exc).__name__, exc)
+        if self.spec.keep_session and not self.spec.training:
+            return None
+        if not (self.spec.training and ckpt):
+            return self._release()
+        if self.refused:
+            log.warning("attnplug: %s: checkpoint %s is not saved: %s", label, ckpt, self.refused)
+            return self._release()
+        if not sum(s.trained for s in session.stats.values()):
+            log.info("attnplug: %s: no attention call was trained in this run; checkpoint %s is left as it was",
+                     label, ckpt)
+            return self._release()
+        try:
+            saved = session.save(ckpt)
+        except Exception as exc:  # noqa: BLE001 - reported to the sampler node by the binding
+            self.save_error = CheckpointSaveError(
+                f"attnplug {label}: could not save checkpoint {ckpt}: {type(exc).__name__}: {exc}. This run's "
+                "training is kept in memory and saved when the next sampling run through this model ends (free "
+                "disk space or fix the folder's permissions, then queue again).")
+            log.error("%s", self.save_error)
+            return None
+        self.saves += 1
+        log.info("attnplug: %s: checkpoint saved to %s", label, saved)
+        self._release()
         return saved
+
+    def release(self) -> None:
+        """Close the session now (a kept session is released by its owner when done)."""
+        self._release()
+
+    def _release(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.close()
 
 
 @dataclass
@@ -112,7 +165,6 @@ class StepReport:
     calls0: int = 0
     approx0: int = 0
     trained0: int = 0
-    progress: Any = None
     lines: list[str] = field(default_factory=list)
 
 
@@ -127,11 +179,20 @@ class AttnplugBinding:
         self.report = StepReport()
         self.reserved = 0
         self.exact_calls = 0  # calls served on the exact path without the session (unidentified)
+        self.run_prior: Callable[..., Any] | None = None  # an override set after attnplug, wrapped for this run
+        self._checked: set[str] = set()  # layers whose shape was compared with the checkpoint's
         self._warned: set[str] = set()
 
     # ---- exact path ---------------------------------------------------------------------------
     def _exact(self, func: Callable[..., Any], q: Any, k: Any, v: Any, heads: int, kwargs: dict[str, Any]) -> Any:
-        """The previous override, else ComfyUI's kernel; `_inside_attn_wrapper` stays in kwargs (no recursion)."""
+        """The other pack's override (set after attnplug, else before it), else ComfyUI's kernel;
+        `_inside_attn_wrapper` stays in kwargs (ComfyUI's wrapper does not call the override again)."""
+        if self.run_prior is not None:
+            return self.run_prior(func, q, k, v, heads, **kwargs)
+        return self._below(func, q, k, v, heads, kwargs)
+
+    def _below(self, func: Callable[..., Any], q: Any, k: Any, v: Any, heads: int, kwargs: dict[str, Any]) -> Any:
+        """What sits under attnplug: the override set before it, else ComfyUI's kernel."""
         if self.prior is not None:
             return self.prior(func, q, k, v, heads, **kwargs)
         return func(q, k, v, heads, **kwargs)
@@ -145,6 +206,19 @@ class AttnplugBinding:
     def override(self, func: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                  **kwargs: Any) -> torch.Tensor:
         """`optimized_attention_override(func, q, k, v, heads, **kwargs)` as ComfyUI's `wrap_attn` calls it."""
+        st = self.state
+        if st.inside:  # an override attnplug called (its exact path) chained back to attnplug's: pass it down
+            return self._below(func, q, k, v, heads, kwargs)
+        st.inside = True
+        try:
+            return self._serve(func, q, k, v, heads, kwargs)
+        finally:
+            st.inside = False
+
+    __call__ = override
+
+    def _serve(self, func: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+               kwargs: dict[str, Any]) -> torch.Tensor:
         to = kwargs.get("transformer_options") or {}
         skip_reshape = bool(kwargs.get("skip_reshape", False))
         n = q.shape[2] if skip_reshape else q.shape[1]
@@ -163,6 +237,8 @@ class AttnplugBinding:
         if session.run is None:
             session.run_start(num_steps=call.num_steps, host="comfy")
         qb, kb, vb = (to_bhnd(t, heads, skip_reshape) for t in (q, k, v))
+        if call.layer_key not in self._checked:
+            self._check_fit(session, call.layer_key, qb)
         mask = kwargs.get("mask")
 
         def host_attention(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor,
@@ -178,7 +254,19 @@ class AttnplugBinding:
         out = session.attention(qb, kb, vb, call, mask, host_attention)
         return from_bhnd(out, bool(kwargs.get("skip_output_reshape", False)))
 
-    __call__ = override
+    def _check_fit(self, session: Session, layer_key: str, q: torch.Tensor) -> None:
+        """At a layer's first call: refuse a checkpoint whose layer has another shape (never train or save it)."""
+        self._checked.add(layer_key)
+        got = (int(q.shape[1]), int(q.shape[3]))
+        for backend in session.learned_backends().values():
+            spec = backend.specs.get(layer_key)
+            if spec is not None and (spec.heads, spec.head_dim) != got:
+                reason = (f"it was trained on another model: layer {layer_key} has {spec.heads} heads × "
+                          f"{spec.head_dim} in the file, this model sends {got[0]} × {got[1]}")
+                self.handle.refused = reason
+                raise CheckpointError(f"attnplug {self.handle.spec.label}: checkpoint {self.handle.spec.checkpoint} "
+                                      f"does not fit this model and is left untouched: {reason}. Choose this model's "
+                                      "checkpoint, or a new file name to train one.")
 
     # ---- memory ---------------------------------------------------------------------------------
     def _reserve(self, session: Session, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Any) -> None:
@@ -195,7 +283,7 @@ class AttnplugBinding:
         mm.free_memory(need, q.device)
         self.reserved = need
 
-    # ---- steps: console summary and progress bar -----------------------------------------------
+    # ---- steps: console summary -----------------------------------------------------------------
     def _on_step(self, session: Session, call: Any) -> None:
         rep = self.report
         if rep.started and self.handle.spec.report_steps:
@@ -206,15 +294,8 @@ class AttnplugBinding:
         rep.calls0 = run.calls if run else 0
         rep.approx0 = run.approximate_calls if run else 0
         rep.trained0 = sum(s.trained for s in session.stats.values())
-        if self.handle.spec.report_steps and call.step_index is not None and call.num_steps:
-            try:
-                import comfy.utils
-
-                if rep.progress is None:
-                    rep.progress = comfy.utils.ProgressBar(call.num_steps)
-                rep.progress.update_absolute(call.step_index, call.num_steps)
-            except ImportError:
-                pass
+        # no ProgressBar of our own: ComfyUI's sampler nodes already send one progress message per step
+        # (latent_preview's callback); a second bar on the same node doubled every message in the UI
 
     def _summarize(self, session: Session) -> None:
         rep = self.report
@@ -235,6 +316,7 @@ class AttnplugBinding:
 
     # ---- callbacks, patch, wrappers ----------------------------------------------------------
     def on_pre_run(self, patcher: Any) -> None:
+        self._checked.clear()
         session = self.handle.ensure()
         session.run_start(host="comfy")  # ends a run left open, e.g. by calls outside a sampler
         self.state.clear()
@@ -244,8 +326,6 @@ class AttnplugBinding:
     def on_cleanup(self, patcher: Any) -> None:
         if self.handle.session is not None and self.report.started and self.handle.spec.report_steps:
             self._summarize(self.handle.session)
-            if self.report.progress is not None and self.report.num_steps:
-                self.report.progress.update_absolute(self.report.num_steps, self.report.num_steps)
         self.handle.finish()
         self.state.clear()
         self.reserved = 0
@@ -274,35 +354,84 @@ class AttnplugBinding:
         return executor(x, timestep, context, *args, **kwargs)
 
     def outer_sample_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
-        """Record the guider's cfg scale for this sampling run."""
-        cfg = getattr(getattr(executor, "class_obj", None), "cfg", None)
+        """One sampling run: record the guider's cfg, put attnplug's override back on top of one set after it,
+        and raise a failed checkpoint save as this sampler node's error once sampling has finished."""
+        guider = getattr(executor, "class_obj", None)
+        cfg = getattr(guider, "cfg", None)
         self.calls.cfg = float(cfg) if isinstance(cfg, (int, float)) else None
-        return executor(*args, **kwargs)
+        self._take_the_top(getattr(guider, "model_options", None))
+        try:
+            out = executor(*args, **kwargs)
+        finally:
+            error, self.handle.save_error = self.handle.save_error, None
+            self.run_prior = None
+        if error is not None:
+            raise error
+        return out
+
+    def _take_the_top(self, model_options: Any) -> None:
+        """The run's `transformer_options` (the guider's copy for this run): when another node set its
+        attention override after attnplug, attnplug's goes back on top and the other one is its exact path."""
+        to = model_options.get("transformer_options") if isinstance(model_options, dict) else None
+        if not isinstance(to, dict):
+            return
+        current = to.get(OVERRIDE)
+        if getattr(current, "__self__", None) is self:
+            return
+        to[OVERRIDE] = self.override
+        self.run_prior = current
+        name = "(removed)" if current is None else _name(current)
+        self._warn(f"top:{name}", f"attnplug: {self.handle.spec.label}: another node set the attention override "
+                   f"{name} after attnplug; attnplug wraps it and uses it as its exact path (host attention)"
+                   if current is not None else f"attnplug: {self.handle.spec.label}: another node removed attnplug's "
+                   "attention override; attnplug puts it back for each sampling run")
+
+
+def _name(fn: Any) -> str:
+    """A readable name of an override for the log."""
+    owner = getattr(fn, "__self__", None)
+    qual = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(owner if owner is not None else fn).__module__
+    return f"{module}.{qual}" if module else qual
 
 
 def current_binding(model: Any) -> AttnplugBinding | None:
-    """The attnplug binding installed on a ModelPatcher, if any."""
+    """The attnplug binding installed on a ModelPatcher, if any (also when another node's attention
+    override has replaced attnplug's in the model's options: its callbacks still say)."""
     to = model.model_options.get("transformer_options", {})
-    fn = to.get(OVERRIDE)
-    return getattr(fn, "__self__", None) if isinstance(getattr(fn, "__self__", None), AttnplugBinding) else None
+    owner = getattr(to.get(OVERRIDE), "__self__", None)
+    if isinstance(owner, AttnplugBinding):
+        return owner
+    from comfy.patcher_extension import CallbacksMP
+
+    for callback in model.get_callbacks(CallbacksMP.ON_PRE_RUN, KEY):
+        owner = getattr(callback, "__self__", None)
+        if isinstance(owner, AttnplugBinding):
+            return owner
+    return None
 
 
 def bind(model: Any, spec: SessionSpec) -> Any:
     """Clone `model` (a ComfyUI ModelPatcher) and bind a session built from `spec` to the clone.
 
     Returns the clone; the source patcher is untouched. A foreign override already present is kept
-    as the exact path; an earlier attnplug binding is replaced (its own prior override is kept).
+    as the exact path; an earlier attnplug binding is replaced (the overrides it wrapped are kept).
     """
     from comfy.patcher_extension import CallbacksMP, WrappersMP
 
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
-    prior = to.get(OVERRIDE)
+    current = to.get(OVERRIDE)
+    prior = current
     old = current_binding(m)
     if old is not None:
         log.info("attnplug: %s replaces the attnplug binding already on this model (%s)", spec.label,
                  old.handle.spec.label)
         prior = old.prior
+        if current is not None and getattr(current, "__self__", None) is not old:
+            prior = current
+            log.info("attnplug: %s wraps the attention override %s another node set after the earlier attnplug "
+                     "binding, as its exact path", spec.label, _name(current))
         for kind in (CallbacksMP.ON_PRE_RUN, CallbacksMP.ON_CLEANUP):
             m.remove_callbacks_with_key(kind, KEY)
         for kind in (WrappersMP.DIFFUSION_MODEL, WrappersMP.OUTER_SAMPLE):
@@ -312,8 +441,8 @@ def bind(model: Any, spec: SessionSpec) -> Any:
             patches["attn1_patch"] = [p for p in patches["attn1_patch"]
                                       if not isinstance(getattr(p, "__self__", None), AttnplugBinding)]
     elif prior is not None:
-        log.info("attnplug: %s keeps the attention override another node set (%s) as its exact path",
-                 spec.label, getattr(prior, "__qualname__", type(prior).__name__))
+        log.info("attnplug: %s wraps the attention override %s another node set before it, as its exact path",
+                 spec.label, _name(prior))
     binding = AttnplugBinding(spec, prior)
     to[OVERRIDE] = binding.override
     m.set_model_attn1_patch(binding.attn1_patch)

@@ -1,6 +1,6 @@
 """`AttentionCall` from ComfyUI's `transformer_options` — never guessed.
 
-Sources (reference/HOSTS.md §1.2–1.3):
+Sources (ComfyUI's Flux code: `comfy/ldm/flux/model.py`, `layers.py`, and the samplers):
 - layer: `block_type` / `block_index` (Flux `forward_orig`, ComfyUI ≥ 2025-11-26). Missing → the
   call is not identified and the binding serves it with exact attention (fail-closed).
 - conditioning-token count: single blocks read `transformer_options["img_slice"][0]`; double
@@ -43,6 +43,7 @@ class CallState(threading.local):
         self.sigma: float | None = None
         self.sample_sigmas_obj: Any = None
         self.sample_sigmas: list[float] | None = None
+        self.inside = False  # inside attnplug's override on this thread (calls back into it pass through)
 
     def clear(self) -> None:
         """Drop every tensor reference (called at cleanup)."""

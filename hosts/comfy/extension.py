@@ -9,20 +9,15 @@ import logging
 
 from comfy_api.latest import ComfyExtension, io
 
-from .configs import FOLDER, models_folder
+from .files import register_folder
 
 log = logging.getLogger("attnplug")
 
 
 class AttnplugExtension(ComfyExtension):
     async def on_load(self) -> None:
-        """Register `models/attnplug/` as a model folder (so extra_model_paths.yaml can point elsewhere)."""
-        try:
-            import folder_paths  # type: ignore[import-not-found]
-        except ImportError:
-            return
-        if FOLDER not in getattr(folder_paths, "folder_names_and_paths", {}):
-            folder_paths.add_model_folder_path(FOLDER, str(models_folder()), is_default=True)
+        """Register `models/attnplug/` as the model folder `attnplug` (extra_model_paths.yaml can add more)."""
+        register_folder()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .nodes import NODES

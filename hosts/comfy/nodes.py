@@ -1,16 +1,19 @@
 """attnplug's main V3 nodes: config, distill (train while sampling), apply (serve a checkpoint), schedule.
 
 Imports `comfy_api.latest` at module level: only ComfyUI (through `extension.py`) and the tests'
-stand-in import this module. The logic lives in `configs.py` and `binding.py`.
+stand-in import this module. The logic lives in `configs.py`, `files.py`, `plans.py` and `binding.py`.
+The checkpoint inputs are dropdowns of the files in the attnplug model folders (ComfyUI rebuilds a
+node's options whenever it asks for the node list); Distill also takes a new file name.
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from comfy_api.latest import io
 
-from . import configs
+from . import configs, files, plans
 from .binding import SessionSpec, bind
 
 log = logging.getLogger("attnplug")
@@ -18,6 +21,10 @@ log = logging.getLogger("attnplug")
 ConfigType = io.Custom("ATTNPLUG_CONFIG")
 CATEGORY = "attnplug"
 CONFIG_BACKEND = "(config)"
+NEW_CHECKPOINT = "(new)"
+NO_CHECKPOINT = "(none yet)"
+DEFAULT_CHECKPOINT = "attnplug_ttr.safetensors"
+FOLDERS_TIP = "the attnplug model folders (models/attnplug/ and those extra_model_paths.yaml registers as 'attnplug')"
 
 
 def _default_backend() -> str:
@@ -42,8 +49,9 @@ class AttnplugConfig(io.ComfyNode):
             description="An attnplug config: a TOML/JSON file, or these widgets. Feeds the Distill, Apply and "
                         "Schedule nodes.",
             inputs=[
-                io.String.Input("config_path", default="", tooltip="Path of a TOML or JSON attnplug config. When set, "
-                                "the file is the config and the widgets below are ignored (logged)."),
+                io.String.Input("config_path", default="", tooltip="A TOML or JSON attnplug config: a name in ComfyUI's "
+                                "input folder, or an absolute path. When set, the file is the config and the widgets "
+                                "below are ignored (logged)."),
                 io.Combo.Input("backend", options=backends, default=_default_backend() if _default_backend() in backends
                                else backends[0], tooltip="Backend that serves attention where every gate allows it "
                                "(learned backends also need a ready layer)."),
@@ -52,12 +60,13 @@ class AttnplugConfig(io.ComfyNode):
                                        "ComfyUI's own kernel (or another pack's override), 'sdpa' = torch SDPA."),
                 io.Boolean.Input("strict", default=False, tooltip="Raise instead of falling back to exact attention "
                                  "when the approximate backend cannot serve a call."),
-                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of attnplug's own random choices "
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
+                             tooltip="Seed of attnplug's own random choices "
                              "(training layer sets, query subsets)."),
                 io.String.Input("extra_toml", multiline=True, default="", tooltip="Optional TOML merged on top of the "
                                 "widgets, e.g. [plugins.ttr] feature_dim = 128, or [[gates]] entries."),
             ],
-            outputs=[ConfigType.Output("config", tooltip="The validated attnplug config.")],
+            outputs=[ConfigType.Output("config", display_name="config", tooltip="The validated attnplug config.")],
         )
 
     @classmethod
@@ -116,8 +125,13 @@ class AttnplugDistill(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (Flux / Flux.2) to distill attention from."),
                 _config_input(optional=True),
-                io.String.Input("checkpoint", default="attnplug_ttr.safetensors", tooltip="Checkpoint to resume from "
-                                "and save to; bare names live in models/attnplug/ (created when missing)."),
+                io.Combo.Input("checkpoint", options=[NEW_CHECKPOINT, *files.checkpoint_names()],
+                               default=NEW_CHECKPOINT, tooltip="Checkpoint to resume from and save to: a file in "
+                               f"{FOLDERS_TIP}, or '{NEW_CHECKPOINT}' for the file named below. A checkpoint of "
+                               "another model is refused before sampling."),
+                io.String.Input("new_checkpoint", default=DEFAULT_CHECKPOINT, tooltip=f"File name for "
+                                f"'{NEW_CHECKPOINT}': created in the first attnplug model folder when the first run "
+                                "ends; when a file of that name exists, training resumes from it."),
                 io.Combo.Input("distiller", options=distillers, default=distillers[0],
                                tooltip="Registered distiller that trains the learned layers."),
                 io.Combo.Input("mode", options=["passthrough", "preview"], default="passthrough",
@@ -131,12 +145,29 @@ class AttnplugDistill(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model: Any, checkpoint: str, distiller: str, mode: str, memory_reserve: bool = False,
+    def validate_inputs(cls, checkpoint: str, new_checkpoint: str = DEFAULT_CHECKPOINT) -> bool | str:
+        """Any file name is allowed (not only the dropdown's): Distill creates new checkpoints."""
+        try:
+            _distill_target(checkpoint, new_checkpoint)
+        except ValueError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, model: Any, checkpoint: str, distiller: str, mode: str,
+                new_checkpoint: str = DEFAULT_CHECKPOINT, memory_reserve: bool = False,
                 config: dict | None = None) -> io.NodeOutput:
-        path = configs.resolve_checkpoint(checkpoint, must_exist=False)
+        path = _distill_target(checkpoint, new_checkpoint)
         data = configs.distill_config(config, path, distiller, mode)
+        plans.check_distill_checkpoint(data, plans.model_layer_shapes(model))
+        log.info("attnplug: distill node: %s %s", "resumes from" if path.is_file() else "will create", path)
         spec = SessionSpec(data, report_steps=True, memory_reserve=memory_reserve, label="distill")
         return io.NodeOutput(bind(model, spec))
+
+
+def _distill_target(checkpoint: str, new_checkpoint: str) -> Path:
+    name = new_checkpoint if checkpoint == NEW_CHECKPOINT else checkpoint
+    return files.resolve_checkpoint(name or "", must_exist=False)
 
 
 class AttnplugApply(io.ComfyNode):
@@ -152,8 +183,9 @@ class AttnplugApply(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model the checkpoint was trained on."),
                 _config_input(optional=True),
-                io.String.Input("checkpoint", default="attnplug_ttr.safetensors", tooltip="Trained checkpoint; bare "
-                                "names are looked up in models/attnplug/."),
+                io.Combo.Input("checkpoint", options=_trained_checkpoints(), default=_trained_checkpoints()[0],
+                               tooltip=f"Trained checkpoint, from {FOLDERS_TIP}. When the file changes on disk (more "
+                               "distillation), the next run reads it again."),
                 io.Float.Input("quality_speed", default=1.0, min=0.0, max=1.0, step=0.05,
                                tooltip="0 = quality (no learned layer serves), 1 = speed (every ready layer serves); "
                                        "in between, that share of ready layers, best EMA cosine distance first."),
@@ -165,18 +197,117 @@ class AttnplugApply(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, checkpoint: str) -> bool | str:
+        """A checkpoint must exist; no choice is left for `execute` to judge (an exact backend needs none)."""
+        if checkpoint in ("", NO_CHECKPOINT):
+            return True
+        try:
+            files.resolve_checkpoint(checkpoint, must_exist=True)
+        except ValueError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, checkpoint: str = "", **kwargs: Any) -> Any:
+        """The checkpoint file's identity, size and mtime: ComfyUI runs the node again when the file changed."""
+        try:
+            return files.fingerprint(files.resolve_checkpoint(checkpoint, must_exist=True))
+        except ValueError:
+            return (checkpoint,)
+
+    @classmethod
     def execute(cls, model: Any, checkpoint: str, quality_speed: float, memory_reserve: bool = False,
                 config: dict | None = None) -> io.NodeOutput:
         base = config if config is not None else {"backend": _default_backend()}
         if base.get("backend", "sdpa") in configs.learned_backends():
-            path = configs.resolve_checkpoint(checkpoint, must_exist=True)
-            data, _, _ = configs.apply_config(base, path, quality_speed)
+            if checkpoint in ("", NO_CHECKPOINT):
+                raise ValueError(f"attnplug Apply node: no checkpoint chosen; the list shows the files in "
+                                 f"{FOLDERS_TIP} — train one with the attnplug Distill node first")
+            path = files.resolve_checkpoint(checkpoint, must_exist=True)
+            plan = plans.ApplyPlan(base, path, quality_speed, plans.model_layer_shapes(model))
+            spec = SessionSpec(plan.config(), plan=plan, memory_reserve=memory_reserve, label="apply")
         else:  # an exact backend (e.g. a schedule over sdpa/host): nothing to load, nothing to rank
             log.info("attnplug: apply node: backend %r is exact; checkpoint and quality_speed are not used",
                      base.get("backend", "sdpa"))
-            data = configs.validated(base)
-        spec = SessionSpec(data, report_steps=False, memory_reserve=memory_reserve, label="apply")
+            spec = SessionSpec(configs.validated(base, "attnplug Apply node"), memory_reserve=memory_reserve,
+                               label="apply")
         return io.NodeOutput(bind(model, spec))
 
 
-NODES: list[type[io.ComfyNode]] = [AttnplugConfig, AttnplugSchedule, AttnplugDistill, AttnplugApply]
+def _trained_checkpoints() -> list[str]:
+    return files.checkpoint_names() or [NO_CHECKPOINT]
+
+
+class AttnplugCalibrate(io.ComfyNode):
+    """Measure which (layer, σ band) cells keep the samples within budget; store that serving plan."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="AttnplugCalibrate", display_name="attnplug Calibrate (serving plan)",
+            category=f"{CATEGORY}/sampling",
+            description="Samples the conditioning from fixed seeds, exact and with each (layer, σ band) cell served, "
+                        "and keeps the cells whose cumulative effect stays within the config's budget "
+                        "([plugins.controller.calibration]: terms, σ bands, number of samples). The plan is stored "
+                        "in the checkpoint; Apply then serves only its cells.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model the checkpoint was trained on."),
+                _config_input(optional=True),
+                io.Combo.Input("checkpoint", options=_trained_checkpoints(), default=_trained_checkpoints()[0],
+                               tooltip=f"Trained checkpoint, from {FOLDERS_TIP}; the plan is written into it."),
+                io.Conditioning.Input("positive", tooltip="The calibration prompt."),
+                io.Conditioning.Input("negative", tooltip="Its negative prompt (as KSampler takes it)."),
+                io.Latent.Input("latent", tooltip="The latent to sample (its size is the calibrated resolution)."),
+                io.Vae.Input("vae", optional=True, tooltip="Decode the samples, for image terms such as LPIPS."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of the first sample; sample i "
+                             "uses seed + i, the same noise for the exact and every candidate run."),
+                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampler steps."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Guidance scale."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="Sampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="Scheduler."),
+                io.Boolean.Input("write_checkpoint", default=True, tooltip="Store the plan in the checkpoint."),
+            ],
+            outputs=[io.String.Output(display_name="report", tooltip="What was measured and the plan found.")],
+            is_experimental=True,
+        )
+
+    @classmethod
+    def execute(cls, model: Any, checkpoint: str, positive: Any, negative: Any, latent: dict, seed: int, steps: int,
+                cfg: float, sampler_name: str, scheduler: str, write_checkpoint: bool = True, vae: Any = None,
+                config: dict | None = None) -> io.NodeOutput:
+        from ...plugins.controller.calibrate import Calibrator, build_terms
+        from ...plugins.controller.plan import write_plan_into_checkpoint
+        from ...plugins.controller.report import format_report
+        from .binding import current_binding
+        from .calibration import ComfySampler
+
+        node = "attnplug Calibrate node"
+        if checkpoint in ("", NO_CHECKPOINT):
+            raise ValueError(f"{node}: no checkpoint chosen; train one with the attnplug Distill node first")
+        path = files.resolve_checkpoint(checkpoint, must_exist=True)
+        data = dict(config) if config is not None else {"backend": _default_backend()}
+        configs.require_learned(data, node)
+        configs.set_field(data, "training", False, node)
+        configs.set_field(data, "checkpoint", str(path), node)
+        patched = bind(model, SessionSpec(configs.validated(data, node), label="calibrate", keep_session=True))
+        handle = current_binding(patched).handle  # type: ignore[union-attr]
+        session = handle.ensure()
+        try:
+            settings = session.config.sections["controller"].calibration  # type: ignore[attr-defined]
+            terms = build_terms(settings.terms, session)
+            sampler = ComfySampler(patched, positive, negative, latent, vae, n=settings.prompts, seed=seed,
+                                   steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler)
+            result = Calibrator(session, sampler, settings, terms).run()
+        finally:
+            handle.release()
+        if write_checkpoint:
+            write_plan_into_checkpoint(path, result.plan)
+        report = format_report(result.plan.report)
+        log.info("attnplug: calibrate node: %s", result.plan.describe())
+        return io.NodeOutput(report)
+
+
+NODES: list[type[io.ComfyNode]] = [AttnplugConfig, AttnplugSchedule, AttnplugDistill, AttnplugApply,
+                                   AttnplugCalibrate]

@@ -198,6 +198,7 @@ def apply(
             module.set_processor(original)
         remove_hook(transformer)
         raise
+    session.check_layers(sorted({layer_identity(path)[0] for path, _, _ in targets}))  # patterns matching none
     if skipped:
         log.warning(
             "attnplug: %d attention modules of %s keep their own processor: %s",
@@ -205,6 +206,9 @@ def apply(
             type(transformer).__name__,
             _summary(skipped),
         )
+    if not session.training:
+        for note in session.serving_notes():
+            log.info("attnplug: %s", note)
     return Handle(session, owns, transformer, pipe, tracker, patched, skipped)
 
 

@@ -222,7 +222,11 @@ class Tracker:
 def _observe_forward(
     tracker: Tracker, context_name: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
-    """Eager (outside any torch.compile graph): reads Python floats from the timestep tensor."""
+    """Eager (outside any torch.compile graph): reads Python floats from the timestep tensor. While a CUDA graph
+    is being captured (reading a device tensor would sync, which capture forbids) the step state of the last eager
+    forward stands: a captured forward replays that step."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
     tracker.observe(context_name, args, kwargs)
 
 

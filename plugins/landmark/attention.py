@@ -1,7 +1,9 @@
 """Exact softmax attention against a gathered set of landmark keys, in fp32 (plain PyTorch reference).
 
 `landmark_softmax`: every query sees the same landmarks. `landmark_window_softmax`: each query also
-sees its own window of keys (the local 2-D window of `window_table`), in one joint softmax.
+sees its own window of keys (the local 2-D window of `window_table`), in one joint softmax. Both can
+also return each row's log-sum-exp (`return_lse`), which a layer that puts the exact set and a learned
+far field under one normaliser needs.
 The Triton work (plugins/ttr/kernels) fuses both into the ttr layer's landmark pass and must match them
 (tests/test_ttr_fused_window.py).
 """
@@ -25,8 +27,18 @@ def softmax_or_zero(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
 
 
+def logsumexp_or_neginf(logits: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp over the last dim; a row of all -inf (or no entries) gives -inf with a zero gradient
+    (a plain logsumexp's backward is NaN there)."""
+    if logits.shape[-1] == 0:
+        return logits.new_full(logits.shape[:-1], float("-inf"))
+    empty = torch.isneginf(logits).all(dim=-1)
+    return torch.logsumexp(logits.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, float("-inf"))
+
+
 def landmark_softmax(q: torch.Tensor, k_l: torch.Tensor, v_l: torch.Tensor, valid: torch.Tensor | None = None,
-                     scale: float | None = None, chunk: int = 4096) -> torch.Tensor:
+                     scale: float | None = None, chunk: int = 4096,
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`softmax(q k_lᵀ · scale) v_l` in fp32, chunked over queries.
 
     :param q: `[B, H, Nq, D]` (any float dtype; computed in fp32).
@@ -35,8 +47,9 @@ def landmark_softmax(q: torch.Tensor, k_l: torch.Tensor, v_l: torch.Tensor, vali
     :param valid: `[B, L]` bool (True = a real landmark) or None.
     :param scale: logit scale, default `D ** -0.5`.
     :param chunk: queries per chunk; bounds the `[B, H, chunk, L]` fp32 logits.
-    :return: `[B, H, Nq, Dv]` fp32. A query whose batch element has no valid landmark gets zeros (and
-        zero gradients).
+    :param return_lse: also return the log-sum-exp of each row's scaled logits, `[B, H, Nq]` fp32.
+    :return: `[B, H, Nq, Dv]` fp32 (and the log-sum-exp). A query whose batch element has no valid
+        landmark gets zeros (and zero gradients; its log-sum-exp is -inf).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     kf = k_l.float()
@@ -45,19 +58,23 @@ def landmark_softmax(q: torch.Tensor, k_l: torch.Tensor, v_l: torch.Tensor, vali
     if valid is not None:
         bias = torch.zeros(valid.shape, dtype=torch.float32, device=q.device)
         bias = bias.masked_fill(~valid.to(q.device), float("-inf"))[:, None, None, :]
-    outs = []
+    outs, lses = [], []
     for start in range(0, q.shape[2], chunk):
         logits = torch.matmul(q[:, :, start:start + chunk].float(), kf.transpose(-1, -2)) * scale
         if bias is not None:
             logits = logits + bias
+        if return_lse:
+            lses.append(logsumexp_or_neginf(logits))
         if logits.shape[-1] == 0:
             outs.append(logits.new_zeros(*logits.shape[:-1], vf.shape[-1]))
             continue
         weights = softmax_or_zero(logits) if bias is not None else torch.softmax(logits, dim=-1)
         outs.append(torch.matmul(weights, vf))
     if not outs:
-        return q.new_zeros(*q.shape[:-1], v_l.shape[-1], dtype=torch.float32)
-    return torch.cat(outs, dim=2)
+        out = q.new_zeros(*q.shape[:-1], v_l.shape[-1], dtype=torch.float32)
+        return (out, q.new_zeros(q.shape[:-1], dtype=torch.float32)) if return_lse else out
+    out = torch.cat(outs, dim=2)
+    return (out, torch.cat(lses, dim=2)) if return_lse else out
 
 
 def window_table(grid: tuple[int, int], radius: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +101,8 @@ def window_table(grid: tuple[int, int], radius: int) -> tuple[torch.Tensor, torc
 
 def landmark_window_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_l: torch.Tensor,
                             v_l: torch.Tensor, valid: torch.Tensor | None, win_idx: torch.Tensor,
-                            win_ok: torch.Tensor, scale: float | None = None, chunk: int = 4096) -> torch.Tensor:
+                            win_ok: torch.Tensor, scale: float | None = None, chunk: int = 4096,
+                            return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax over `[landmarks, the query's window keys]` jointly, in fp32, chunked over queries.
 
     Window keys are gathered per query chunk (`[B, H, chunk, W, D]`), so memory is bounded by the
@@ -101,7 +119,10 @@ def landmark_window_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     :param win_ok: `[Bm, Nq, W]` bool, `Bm` 1 or B: True where the window entry counts.
     :param scale: logit scale, default `D ** -0.5`.
     :param chunk: queries per chunk.
-    :return: `[B, H, Nq, Dv]` fp32. A query with no key that counts gets zeros (and zero gradients).
+    :param return_lse: also return the log-sum-exp of each row's scaled logits over the keys that count,
+        `[B, H, Nq]` fp32.
+    :return: `[B, H, Nq, Dv]` fp32 (and the log-sum-exp). A query with no key that counts gets zeros (and
+        zero gradients; its log-sum-exp is -inf).
     """
     b, h, nq, d = q.shape
     n_win = win_idx.shape[-1]
@@ -121,7 +142,7 @@ def landmark_window_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     may_be_empty = valid is not None or n_l == 0
     win_idx = win_idx.to(q.device)
     win_ok = win_ok.to(q.device)
-    outs = []
+    outs, lses = [], []
     for start in range(0, nq, chunk):
         stop = min(start + chunk, nq)
         rows = stop - start
@@ -135,11 +156,15 @@ def landmark_window_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         logits_w = torch.einsum("bhcd,bhcwd->bhcw", qc, k_w) * scale  # [B, H, c, W]
         logits_w = logits_w.masked_fill(~win_ok[:, None, start:stop], float("-inf"))
         logits = torch.cat([logits_l, logits_w], dim=-1)
+        if return_lse:
+            lses.append(logsumexp_or_neginf(logits))
         weights = softmax_or_zero(logits) if may_be_empty else torch.softmax(logits, dim=-1)
         out = torch.einsum("bhcw,bhcwd->bhcd", weights[..., n_l:], v_w)
         if n_l:
             out = out + torch.matmul(weights[..., :n_l], vf_l)
         outs.append(out)
     if not outs:
-        return q.new_zeros(b, h, nq, v.shape[-1], dtype=torch.float32)
-    return torch.cat(outs, dim=2)
+        out = q.new_zeros(b, h, nq, v.shape[-1], dtype=torch.float32)
+        return (out, q.new_zeros(b, h, nq, dtype=torch.float32)) if return_lse else out
+    out = torch.cat(outs, dim=2)
+    return (out, torch.cat(lses, dim=2)) if return_lse else out

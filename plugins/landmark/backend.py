@@ -2,18 +2,22 @@
 optionally joined by a local 2-D window of image keys around each image query (`window = r`).
 
 Usable alone (approximate, not learned, always ready) and as the residual branch of the ttr hybrid
-layer, which finds it through the session's backend registry by name and calls `branch(...)`.
+layer, which finds it through the session's backend registry by name: it implements the core's `ResidualBranch`
+contract (`branch`, `indices`, `window_plan`, `count`, `memory_estimate`, `settings`) and, for the ttr joint
+layer, `ExactAttentionProvider` (`exact_attention`: the same softmax plus each row's log-sum-exp and the key sets).
 """
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from typing import Any
 
 import torch
 
 from ...core.backend import Backend, Capabilities, capability_reasons
 from ...core.call import AttentionCall
 from ...core.masks import key_padding, served_key_padding
+from ...core.residual import ExactAttention, ExactKeys
 from .attention import gather_landmarks, landmark_softmax, landmark_window_softmax, window_table
 from .selection import image_budget, select_landmarks
 from .settings import LandmarkSettings
@@ -36,7 +40,9 @@ class LandmarkBackend(Backend):
 
     def __init__(self, settings: LandmarkSettings | None = None) -> None:
         self.settings = settings or LandmarkSettings()
+        # per call shape (no mask): the landmark indices, and the whole sequence's window rows (`_window_rows`)
         self._idx_cache: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+        self._rows_cache: OrderedDict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._window_cache: OrderedDict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._warned: set[str] = set()  # window fallback reasons already logged by this instance
 
@@ -80,18 +86,19 @@ class LandmarkBackend(Backend):
             idx, valid = select_landmarks(n_keys, call.n_cond_tokens, s.fraction, s.min, s.max, s.layout,
                                           call.latent_grid, keep)
             return idx.to(k.device), valid.to(k.device) if valid is not None else None
-        key = (n_keys, call.n_cond_tokens, call.latent_grid, k.device, s.fraction, s.min, s.max, s.layout)
-        idx = self._idx_cache.get(key)
+        key = self._shape_key(k, call)
+        idx = _cached(self._idx_cache, key)
         if idx is None:
             idx, _ = select_landmarks(n_keys, call.n_cond_tokens, s.fraction, s.min, s.max, s.layout,
                                       call.latent_grid)
-            idx = idx.to(k.device)
-            self._idx_cache[key] = idx
-            if len(self._idx_cache) > _CACHE_SIZE:
-                self._idx_cache.popitem(last=False)
-        else:
-            self._idx_cache.move_to_end(key)
+            idx = _store(self._idx_cache, key, idx.to(k.device))
         return idx, None
+
+    def _shape_key(self, k: torch.Tensor, call: AttentionCall) -> tuple[object, ...]:
+        """What an unmasked call's landmarks and window depend on (the settings are read at every call)."""
+        s = self.settings
+        return (k.shape[2], call.n_cond_tokens, call.latent_grid, k.device, s.fraction, s.min, s.max, s.layout,
+                s.window)
 
     # ---- local window ------------------------------------------------------------------------------
     def window_table(self, grid: tuple[int, int], n_cond: int,
@@ -100,15 +107,10 @@ class LandmarkBackend(Backend):
         indices (conditioning tokens first) and its in-grid mask; cached per (grid, r, n_cond, device)."""
         r = self.settings.window
         key = (grid, r, n_cond, device)
-        hit = self._window_cache.get(key)
-        if hit is not None:
-            self._window_cache.move_to_end(key)
-            return hit
-        idx, valid = window_table(grid, r)
-        hit = ((idx + n_cond).to(device), valid.to(device))
-        self._window_cache[key] = hit
-        if len(self._window_cache) > _CACHE_SIZE:
-            self._window_cache.popitem(last=False)
+        hit = _cached(self._window_cache, key)
+        if hit is None:
+            idx, valid = window_table(grid, r)
+            hit = _store(self._window_cache, key, ((idx + n_cond).to(device), valid.to(device)))
         return hit
 
     def _warn_once(self, reason: str, message: str) -> None:
@@ -193,23 +195,57 @@ class LandmarkBackend(Backend):
         if self.window_plan(q, k, call, query_index)[0] == 0:
             return landmark_softmax(q, k_l, v_l, valid, scale, chunk)
         if query_index is not None:
-            if query_index.dim() != 1 or query_index.shape[0] != q.shape[2] or query_index.is_floating_point():
-                raise ValueError(f"landmark: query_index must be [{q.shape[2]}] integer positions, "
-                                 f"got {tuple(query_index.shape)} {query_index.dtype}")
-            positions = query_index.to(device=k.device, dtype=torch.long)
-            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= k.shape[2]):
-                raise ValueError(f"landmark: query_index must lie in [0, {k.shape[2]}), got "
-                                 f"[{int(positions.min())}, {int(positions.max())}]")
+            positions = self._positions(q, k, query_index)
             win_idx, win_ok = self._window_rows(positions, k, call, idx, valid, keep)
             return landmark_window_softmax(q, k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk)
         # the whole sequence: conditioning rows see the landmarks only, image rows get their window
         n_cond = call.cond_in(k.shape[2])
-        positions = torch.arange(n_cond, k.shape[2], device=k.device)
-        win_idx, win_ok = self._window_rows(positions, k, call, idx, valid, keep)
+        rows_key = self._shape_key(k, call) if keep is None else None
+        rows = None if rows_key is None else _cached(self._rows_cache, rows_key)
+        if rows is None:
+            positions = torch.arange(n_cond, k.shape[2], device=k.device)
+            rows = self._window_rows(positions, k, call, idx, valid, keep)
+            if rows_key is not None:  # unmasked: the same rows for every call of this shape
+                _store(self._rows_cache, rows_key, rows)
+        win_idx, win_ok = rows
         out_img = landmark_window_softmax(q[:, :, n_cond:], k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk)
         if n_cond == 0:
             return out_img
         return torch.cat([landmark_softmax(q[:, :, :n_cond], k_l, v_l, valid, scale, chunk), out_img], dim=2)
+
+    def exact_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                        mask: torch.Tensor | None = None, query_index: torch.Tensor | None = None) -> ExactAttention:
+        """`branch()` with each row's log-sum-exp and the key sets it covered (`core.residual`): what a layer
+        needs that puts this exact set and a learned far field under one normaliser, and leaves these keys
+        out of the far field. Same softmax and the same window decision as `branch()` (its output equals
+        `branch()`'s for the same queries)."""
+        keep = self.key_mask(k, mask)
+        idx, valid = self._indices(k, call, keep)
+        k_l = gather_landmarks(k, idx)
+        v_l = gather_landmarks(v, idx)
+        scale = q.shape[-1] ** -0.5
+        chunk = self.settings.query_chunk
+        if self.window_plan(q, k, call, query_index)[0] == 0:
+            out, lse = landmark_softmax(q, k_l, v_l, valid, scale, chunk, return_lse=True)
+            return ExactAttention(out, lse, ExactKeys(idx, valid, None, None))
+        positions = self._positions(q, k, query_index) if query_index is not None \
+            else torch.arange(k.shape[2], device=k.device)
+        # conditioning queries get no window entry (`_window_rows`): their rows are the landmark softmax
+        win_idx, win_ok = self._window_rows(positions, k, call, idx, valid, keep)
+        out, lse = landmark_window_softmax(q, k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk, return_lse=True)
+        return ExactAttention(out, lse, ExactKeys(idx, valid, win_idx, win_ok))
+
+    @staticmethod
+    def _positions(q: torch.Tensor, k: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+        """`query_index` checked (`[Nq]` integers in `[0, Nk)`) and on k's device as long."""
+        if query_index.dim() != 1 or query_index.shape[0] != q.shape[2] or query_index.is_floating_point():
+            raise ValueError(f"landmark: query_index must be [{q.shape[2]}] integer positions, "
+                             f"got {tuple(query_index.shape)} {query_index.dtype}")
+        positions = query_index.to(device=k.device, dtype=torch.long)
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= k.shape[2]):
+            raise ValueError(f"landmark: query_index must lie in [0, {k.shape[2]}), got "
+                             f"[{int(positions.min())}, {int(positions.max())}]")
+        return positions
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,3 +270,19 @@ class LandmarkBackend(Backend):
             n_win = (2 * self.settings.window + 1) ** 2
             window = b * h * rows * n_win * (d + dv + 2) * 4 + nq * n_win * (8 + 1 + b)
         return int(gathered + logits + q32 + out32 + window)
+
+
+def _cached(cache: "OrderedDict[tuple[object, ...], Any]", key: tuple[object, ...]) -> Any:
+    """The entry at `key` (now the most recently used), or None."""
+    hit = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+    return hit
+
+
+def _store(cache: "OrderedDict[tuple[object, ...], Any]", key: tuple[object, ...], value: Any) -> Any:
+    """Put `value` at `key`, dropping the least recently used entry beyond `_CACHE_SIZE`; returns `value`."""
+    cache[key] = value
+    if len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value

@@ -50,11 +50,13 @@ class LandmarkSettings(Strict):
     layout: Literal["even", "stratified"] = Field(
         "even", description="'even': evenly spaced along the token sequence; 'stratified': one landmark per "
                             "cell of a 2-D partition of the latent grid (falls back to 'even' without a grid).")
-    window: int = Field(2, ge=0, description="Chebyshev radius r of a local window on the latent grid: image "
-                                             "queries also attend exactly to the image keys within r rows and "
-                                             "columns of their own token ((2r+1)² keys, clipped at the borders); "
-                                             "0 = off. 2 since session 5 (docs/QUALITY.md); calls without a "
-                                             "latent grid use the landmarks only (warned once).")
+    window: int = Field(2, ge=0, le=64, description="Chebyshev radius r of a local window on the latent grid: "
+                                                    "image queries also attend exactly to the image keys within r "
+                                                    "rows and columns of their own token ((2r+1)² keys, clipped at "
+                                                    "the borders); 0 = off, at most 64 (16 641 keys per query; "
+                                                    "wider, exact attention is cheaper). 2 by default "
+                                                    "(docs/QUALITY.md); calls without a latent grid use the "
+                                                    "landmarks only (warned once).")
     query_chunk: int = Field(1024, ge=1, description="Queries per softmax chunk (bounds the [B, H, chunk, L] "
                                                      "fp32 logits).")
 

@@ -1,27 +1,51 @@
 """The `ttr` learned backend: one `TtrLayer` per attention layer, built lazily from its `LayerSpec`.
 
 The landmark residual is found through the session's backend registry (`landmark_backend`, default
-"landmark") at first use and called through its `branch(q, k, v, call, mask)`; when the landmark
+"landmark") at first use: any backend that implements the core's `ResidualBranch` contract; when the landmark
 plugin is blocked or absent the layers run kernel-only. Plugins never import each other.
+
+A served call on CUDA in bf16/fp16 (`kernel = "auto"`) runs one `ServePlan` cached on its layer per call shape —
+cast weights, landmark indices and flags, window, tiles and launches, the fused-vs-PyTorch verdict with its reasons
+— rebuilt when the layer's weights change, and reads the σ/CFG conditioner's output from a bank computed once per
+step for every layer. Everything else (CPU, fp32, masks with landmarks, torch.compile, a failed fused launch) takes
+the PyTorch path.
+
+Layers that `[plugins.ttr] joint_layers` selects are `joint.JointLayer`s instead (exact wherever
+conditioning tokens take part); they use the residual's `exact_attention` and the PyTorch path.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...core.backend import Capabilities, LearnedBackend, capability_reasons
+from ...core.backend import Capabilities, LearnedBackend, StagedState, capability_reasons
 from ...core.call import AttentionCall, LayerSpec
+from ...core.finite import guard_rows
 from ...core.masks import key_padding, served_key_padding
+from ...core.residual import ResidualBranch, residual_problems
+from . import state as _state
+from .conditioning import ConditionerBank
+from .joint import ExactFn, JointLayer, joint_extra_bytes
 from .layer import LandmarkBranch, TtrLayer
 from .settings import TtrSettings
-from . import state as _state
 
 if TYPE_CHECKING:
     from ...core.session import Session
+    from .kernels.serve_plan import ServePlan
 
 log = logging.getLogger("attnplug")
+
+
+@dataclass(frozen=True)
+class _Served:
+    """How one call shape of one layer is served: a fused plan, or the PyTorch path (`reasons`: why, where the
+    fused path was asked for and cannot serve; empty where the PyTorch path is simply the configured one)."""
+
+    plan: "ServePlan | None"
+    reasons: tuple[str, ...] = ()
 
 
 class TtrBackend(LearnedBackend):
@@ -31,38 +55,58 @@ class TtrBackend(LearnedBackend):
     capabilities = Capabilities(mask_kinds=("none", "key_padding"), learned=True, exact=False)
 
     def __init__(self, settings: TtrSettings | None = None, session: "Session | None" = None,
-                 landmark: LandmarkBranch | None = None) -> None:
-        """:param landmark: a landmark branch to use directly (library use, tests); otherwise it is
-        looked up by name in `session.backends` at first use."""
+                 landmark: "ResidualBranch | LandmarkBranch | None" = None) -> None:
+        """:param landmark: the residual branch to use directly (library use, tests) — a `ResidualBranch` such as a
+        `LandmarkBackend`, or its bound `branch` method; otherwise it is looked up by name in `session.backends`
+        at first use."""
         super().__init__()
         self.settings = settings or TtrSettings()
         self.session = session
-        self._landmark: LandmarkBranch | None = landmark
-        self._landmark_resolved = landmark is not None
+        self._residual: ResidualBranch | None = _as_residual(landmark)
+        self._residual_resolved = landmark is not None
         #: sticky per-layer chunk sizes (e.g. shrunk after an out-of-memory), `(key_chunk, query_chunk)`.
         self.chunks: dict[str, tuple[int, int]] = {}
         self._fused_failed: set[str] = set()  # layers whose fused kernels failed once ('auto' stops trying)
+        self.conditioner_bank = ConditionerBank()
 
-    # ---- landmark branch via the registry -------------------------------------------------------
-    def landmark_branch(self) -> LandmarkBranch | None:
-        """The landmark residual, resolved once: `session.backends[landmark_backend].branch`, or None."""
+    # ---- the residual branch via the registry ------------------------------------------------------
+    def residual(self) -> ResidualBranch | None:
+        """The residual branch, resolved once: `session.backends[landmark_backend]` when it implements
+        `ResidualBranch`, else None (kernel-only, logged)."""
         if not self.settings.landmark:
             return None
-        if not self._landmark_resolved:
-            self._landmark_resolved = True
+        if not self._residual_resolved:
+            self._residual_resolved = True
             name = self.settings.landmark_backend
-            backend = None
+            candidate = None
             if self.session is not None and name in self.session.backends:
-                backend = self.session.backends.get(name)
-            branch = getattr(backend, "branch", None)
-            if branch is None:
-                log.info("attnplug: ttr: no backend %r with a branch() is registered (plugin blocked or "
-                         "absent); ttr layers run kernel-only", name)
-            self._landmark = branch
-        return self._landmark
+                candidate = self.session.backends.get(name)
+            if candidate is None and self.session is None:
+                pass  # library use without a session and without a branch given: kernel-only
+            elif candidate is None:
+                log.info("attnplug: ttr: no backend %r is registered (plugin blocked or absent); ttr layers run "
+                         "kernel-only", name)
+            elif not isinstance(candidate, ResidualBranch):
+                log.warning("attnplug: ttr: backend %r is not a residual branch (%s); ttr layers run kernel-only",
+                            name, ", ".join(residual_problems(candidate)))
+            else:
+                self._residual = candidate
+        return self._residual
+
+    def landmark_branch(self) -> LandmarkBranch | None:
+        """The residual's `branch` (what the hybrid layer calls), or None: kernel-only."""
+        residual = self.residual()
+        return None if residual is None else residual.branch
+
+    def exact_attention_fn(self) -> ExactFn | None:
+        """The landmark backend's `exact_attention` (what joint layers need), or None."""
+        return getattr(self.residual(), "exact_attention", None)
 
     # ---- layers -------------------------------------------------------------------------------------
     def build_layer(self, spec: LayerSpec) -> TtrLayer:
+        """The hybrid layer, or the joint layer where `joint_layers` selects the key."""
+        if self.settings.variant_for(spec.layer_key) == "joint":
+            return JointLayer(spec, self.settings)
         return TtrLayer(spec, self.settings)
 
     def layer_chunks(self, layer_key: str) -> tuple[int, int]:
@@ -86,6 +130,10 @@ class TtrBackend(LearnedBackend):
                            f"got {q.shape[1]} x {q.shape[3]}")
         if k.shape[2] != v.shape[2]:
             reasons.append(f"k has {k.shape[2]} tokens, v has {v.shape[2]}")
+        if self.settings.variant_for(call.layer_key) == "joint" and self.exact_attention_fn() is None:
+            reasons.append(f"joint layer {call.layer_key} needs backend {self.settings.landmark_backend!r} with "
+                           "exact_attention() (the landmark plugin is blocked or absent, or [plugins.ttr] landmark "
+                           "= false)")
         return reasons
 
     def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
@@ -99,87 +147,152 @@ class TtrBackend(LearnedBackend):
             if keep.shape[0] == 1 and k.shape[0] > 1:
                 keep = keep.expand(k.shape[0], -1)
         kc, qc = self.layer_chunks(call.layer_key)
-        return layer(q, k, v, call, keep, mask, self.landmark_branch(), kc, qc, self.settings.eps, feature_dtype,
+        residual = self.exact_attention_fn() if isinstance(layer, JointLayer) else self.landmark_branch()
+        return layer(q, k, v, call, keep, mask, residual, kc, qc, self.settings.eps, feature_dtype,  # type: ignore[arg-type]
                      query_index, track_reference=training)
 
-    def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
-               mask: torch.Tensor | None, layer: TtrLayer) -> torch.Tensor | None:
-        """The fused Triton path (plugins/ttr/kernels) when the config allows it and it serves the call;
-        None means "use the PyTorch path". Same math: the kernels are tested against the reference."""
+    # ---- serving --------------------------------------------------------------------------------------
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference: no autograd, fp32 accumulation, output in q's dtype (fused kernels where allowed)."""
+        return self._serve(q, k, v, call, mask, None)
+
+    def forward_guarded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                        mask: torch.Tensor | None, finite_flag: torch.Tensor) -> torch.Tensor:
+        """`forward` keeping non-finite rows out of the output without a sync: on the fused path the kernels' last
+        pass replaces such a row by the exact landmark branch's row (kernel-only: zeros) and raises `finite_flag`;
+        on the PyTorch path `core.finite.guard_rows` does it (zeros)."""
+        return self._serve(q, k, v, call, mask, finite_flag)
+
+    def _serve(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+               mask: torch.Tensor | None, finite_flag: torch.Tensor | None) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # dynamo traces the PyTorch path into one graph
+            layer = self.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
+            return self._forward_torch(q, k, v, call, mask, layer, finite_flag)
+        layer = self.layers.get(call.layer_key)
+        if layer is None or layer.alpha_logit.device != q.device:  # type: ignore[union-attr]
+            layer = self.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
+        assert isinstance(layer, TtrLayer)
+        if isinstance(layer, JointLayer):  # no fused kernels yet: the PyTorch path (SDPA for the text rows)
+            return self._forward_torch(q, k, v, call, mask, layer, finite_flag)
+        keep = None
+        if mask is not None:
+            keep = key_padding(mask, q.shape[2], k.shape[2])
+            if keep is None:  # a mask that varies per query: the PyTorch path reports it
+                return self._forward_torch(q, k, v, call, mask, layer, finite_flag)
+            keep = served_key_padding(keep, k.shape[0])
+        signature = layer.weights_signature()
+        served = self._served(layer, signature, q, k, v, call, mask, keep)
+        if served.plan is not None:
+            out = self._run_plan(served.plan, layer, signature, q, k, v, call, keep, finite_flag)
+            if out is not None:
+                return out
+        elif served.reasons and self.settings.kernel == "triton":
+            raise ValueError(f"ttr {call.layer_key}: kernel = 'triton' but the fused path cannot serve this call: "
+                             + "; ".join(served.reasons))
+        return self._forward_torch(q, k, v, call, mask, layer, finite_flag)
+
+    def _served(self, layer: TtrLayer, signature: tuple[int, ...] | None, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, call: AttentionCall, mask: torch.Tensor | None,
+                keep: torch.Tensor | None) -> _Served:
+        """The cached verdict for this call shape (built on first use, and again after the weights change)."""
+        cache = layer.serve_cache
+        cached = cache.valid_for(signature, self.settings)
+        key = (q.shape, k.shape, v.shape, q.dtype, q.device, keep is not None,
+               call.n_cond_tokens, call.latent_grid, layer.running_reference() is not None)
+        entry = cache.entries.get(key) if cached else None
+        if entry is None:
+            entry = self._build_served(layer, q, k, v, call, mask if keep is not None else None, keep)
+            if signature is not None:
+                cache.entries[key] = entry
+        return entry
+
+    def _build_served(self, layer: TtrLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                      mask: torch.Tensor | None, keep: torch.Tensor | None) -> _Served:
         mode = self.settings.kernel
         if mode == "torch" or (mode == "auto" and (q.device.type != "cuda" or q.dtype == torch.float32
-                                                   or call.layer_key in self._fused_failed
-                                                   or torch.compiler.is_compiling())):
-            # 'auto' keeps fp32 on the PyTorch path (the kernels are tuned for bf16/fp16), and so is
-            # everything under torch.compile (dynamo traces the PyTorch path into one graph)
-            return None
-        from .kernels import PhiWeights, fused_unsupported_reasons, run_fused_kernels  # no triton import here
+                                                   or call.layer_key in self._fused_failed)):
+            # 'auto' keeps fp32 on the PyTorch path (the kernels are tuned for bf16/fp16)
+            return _Served(None)
+        from .kernels import PhiWeights, ServePlan, fused_unsupported_reasons  # no triton import here
 
         eps = self.settings.eps
         phi_q = PhiWeights.from_module(layer.phi_q, layer.activation, layer.l2_norm, eps)
         phi_k = PhiWeights.from_module(layer.phi_k, layer.activation, layer.l2_norm, eps) \
             if layer.phi_k is not None else phi_q
-        keep = key_padding(mask, q.shape[2], k.shape[2]) if mask is not None else None
-        if mask is not None and keep is None:
-            return None  # a full mask: the PyTorch path reports it
-        keep = served_key_padding(keep, k.shape[0])
-        branch = self.landmark_branch()
+        residual = self.residual()
         idx = None
         window, grid, n_cond = 0, None, 0
         reasons: list[str] = []
-        if branch is not None:
-            owner = getattr(branch, "__self__", None)
-            if not hasattr(owner, "indices"):
-                reasons.append(f"landmark backend {self.settings.landmark_backend!r} exposes no indices()")
-            else:
-                if hasattr(owner, "window_plan"):
-                    # the landmark backend's own decision (and its warning, once): the fused window serves exactly
-                    # where its branch would; where the window cannot apply (no grid, a grid that does not hold
-                    # the image tokens) its branch uses the landmarks only, and so do the kernels (window 0)
-                    window, grid = owner.window_plan(q, k, call)
-                    n_cond = call.cond_in(k.shape[2]) if window else 0
-                if not reasons:
-                    idx, valid = owner.indices(k, call, mask)
-                    if valid is not None:
-                        reasons.append("per-batch landmark sets (key padding with landmarks)")
+        if residual is not None:
+            # the residual's own decision (and its warning, once): the fused window serves exactly where its branch
+            # would; where the window cannot apply (no grid, a grid that does not hold the image tokens) its branch
+            # uses the landmarks only, and so do the kernels (window 0)
+            window, grid = residual.window_plan(q, k, call)
+            n_cond = call.cond_in(k.shape[2]) if window else 0
+            idx, valid = residual.indices(k, call, mask)
+            if valid is not None:
+                reasons.append("per-batch landmark sets (key padding with landmarks)")
         if not reasons:
-            reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, keep, idx, window)
+            with torch.no_grad():
+                reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, keep, idx, window)
         if reasons:
-            if mode == "triton":
-                raise ValueError(f"ttr {call.layer_key}: kernel = 'triton' but the fused path cannot serve this "
-                                 "call: " + "; ".join(reasons))
-            return None
-        cond = layer.condition(call, q.device)
+            return _Served(None, tuple(reasons))
+        with torch.no_grad():
+            plan = ServePlan(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
+                             alpha_max=layer.alpha_max, gamma=layer.gamma, adaptive=layer.adaptive, eps=eps,
+                             key_mask=keep is not None, window=window, grid=grid, n_cond=n_cond,
+                             d_reference=layer.running_reference())
+        return _Served(plan)
+
+    def _run_plan(self, plan: "ServePlan", layer: TtrLayer, signature: tuple[int, ...] | None, q: torch.Tensor,
+                  k: torch.Tensor, v: torch.Tensor, call: AttentionCall, keep: torch.Tensor | None,
+                  finite_flag: torch.Tensor | None) -> torch.Tensor | None:
+        """One fused call; None when the kernels failed (this layer then takes the PyTorch path from now on)."""
         try:
-            # checked above (reasons empty): the kernels directly, not ttr_forward_fused's second check
-            out = run_fused_kernels(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
-                                    alpha_max=layer.alpha_max, gamma=layer.gamma, adaptive=layer.adaptive, eps=eps,
-                                    key_mask=keep, branch_affine=None if cond is None else cond.detach(),
-                                    window=window, grid=grid, n_cond=n_cond, d_reference=layer.running_reference())
+            affine = None
+            cond = layer.condition_key(call)
+            if cond is not None:
+                if signature is None:  # nothing may be cached: this layer's own conditioner, now
+                    affine = layer.condition(call, q.device).detach().expand(q.shape[0], 4).contiguous()  # type: ignore[union-attr]
+                else:
+                    affine = self.conditioner_bank.affine(self.layers, call.layer_key, signature, cond[0], cond[1],
+                                                          q.shape[0], q.device)
+            out = plan(q, k, v, key_mask=keep, branch_affine=affine, finite_flag=finite_flag)
         except Exception as exc:  # noqa: BLE001 - e.g. Triton out of resources: the PyTorch path still serves
-            if mode == "triton" or isinstance(exc, torch.cuda.OutOfMemoryError):
+            if self.settings.kernel == "triton" or isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
             self._fused_failed.add(call.layer_key)
+            layer.serve_cache.valid_for(None, None)
             log.warning("attnplug: ttr %s: fused kernels failed (%s: %s); this layer uses the PyTorch path from "
                         "now on", call.layer_key, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             return None
-        layer.last_metrics = {}  # the fused path computes no per-call statistics
+        if layer.last_metrics:  # the fused path computes no per-call statistics (assigned only when there were some:
+            layer.last_metrics = {}  # an nn.Module attribute write costs a served call µs)
         return out
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Inference: no autograd, fp32 accumulation, output in q's dtype (fused kernels where allowed)."""
-        layer = self.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
-        with torch.no_grad():
-            fused = self._fused(q, k, v, call, mask, layer)  # type: ignore[arg-type]
-        if fused is not None:
-            return fused.to(q.dtype)
+    def _forward_torch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                       mask: torch.Tensor | None, layer: TtrLayer, finite_flag: torch.Tensor | None) -> torch.Tensor:
+        """The PyTorch path at inference (`feature_precision` decides φ's dtype on a GPU)."""
         fdtype = torch.float32
         if self.settings.feature_precision == "input" and q.device.type != "cpu":
             fdtype = q.dtype
         with torch.no_grad():
-            out = self._run(q, k, v, call, mask, layer, fdtype)  # type: ignore[arg-type]
-        return out.to(q.dtype)
+            out = self._run(q, k, v, call, mask, layer, fdtype).to(q.dtype)
+        return out if finite_flag is None else guard_rows(out, finite_flag)
+
+    def invalidate_plans(self) -> None:
+        """Drop every cached serve plan and conditioner row (they are rebuilt at the next call). Changes of the
+        weights are seen without this (`TtrLayer.weights_signature`); changes made around it (a settings object
+        edited in place) are not."""
+        for layer in self.layers.values():
+            if isinstance(layer, TtrLayer):
+                layer.serve_cache.valid_for(None, None)
+        self.conditioner_bank.clear()
+
+    def release(self) -> None:
+        self.invalidate_plans()  # plans hold device tensors (casts, indices)
+        super().release()
 
     # ---- training contract ---------------------------------------------------------------------------
     def _module(self, layer_key: str) -> TtrLayer:
@@ -216,9 +329,12 @@ class TtrBackend(LearnedBackend):
         the landmark keys blended at the base `α = α_max·σ(logit)` — the adaptive shift depends on the
         values, which these metrics do not see. The conditioner's affine is left out. Rows are
         renormalised to sum to 1. Exact (`weights @ v == forward`) for a non-adaptive layer without
-        conditioner.
+        conditioner. Joint layers raise NotImplementedError (which rows are text queries is unknown for a bare
+        query subset; the distiller then skips these metrics).
         """
         layer = self._module(layer_key)
+        if isinstance(layer, JointLayer):
+            raise NotImplementedError(f"ttr {layer_key}: attention_weights of a joint layer")
         eps = self.settings.eps
         with torch.inference_mode(False), torch.no_grad():
             q32, k32 = q.float(), k.float()
@@ -229,10 +345,9 @@ class TtrBackend(LearnedBackend):
                 pk = pk * keep[:, None, :, None].to(pk.dtype)
             num = pq @ pk.transpose(-1, -2)
             weights = num / (num.sum(-1, keepdim=True) + eps)
-            branch = self.landmark_branch()
-            owner = getattr(branch, "__self__", None)
-            if branch is not None and hasattr(owner, "indices"):
-                weights = self._blend_landmark_rows(layer, weights, q32, k32, *owner.indices(k, call, mask))
+            residual = self.residual()
+            if residual is not None:
+                weights = self._blend_landmark_rows(layer, weights, q32, k32, *residual.indices(k, call, mask))
             return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
 
     @staticmethod
@@ -282,15 +397,16 @@ class TtrBackend(LearnedBackend):
         state = b * h * f * (dv + 1) * 4
         out_k = b * h * nq * (dv + 1) * 4
         total = phi + state + out_k
-        branch = self.landmark_branch()
-        owner = getattr(branch, "__self__", None)
-        if branch is not None:
-            lm = owner.memory_estimate(q, k, v, call, training) if hasattr(owner, "memory_estimate") \
-                else b * h * nq * dv * 4
+        residual = self.residual()
+        if residual is not None:
+            lm = residual.memory_estimate(q, k, v, call, training)
             blend = b * h * nq * (dv * 2 + 3) * 4  # difference, blended result, d / d_norm / α
             total += lm + blend
         if q.dtype != torch.float32:
             total += b * h * (min(qc, nq) + min(kc, nk)) * (d + dv) * 4  # fp32 copies of chunks
+        if self.settings.variant_for(call.layer_key) == "joint":
+            window = getattr(getattr(owner, "settings", None), "window", 0)
+            total += joint_extra_bytes(b, h, nq, nk, dv, f, (2 * window + 1) ** 2 if window else 0, qc, training)
         return int(total)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
@@ -300,8 +416,23 @@ class TtrBackend(LearnedBackend):
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         _state.load_backend_state(self, tensors, meta)
 
+    def prepare_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> StagedState:
+        return _state.prepare_backend_state(self, tensors, meta)
+
     def landmark_settings(self) -> dict[str, Any] | None:
         """Settings of the landmark backend in use (recorded in checkpoints), or None (kernel-only)."""
-        owner = getattr(self.landmark_branch(), "__self__", None)
-        settings = getattr(owner, "settings", None)
-        return settings.model_dump() if hasattr(settings, "model_dump") else None
+        residual = self.residual()
+        return None if residual is None else residual.settings.model_dump()
+
+
+def _as_residual(landmark: "ResidualBranch | LandmarkBranch | None") -> ResidualBranch | None:
+    """A residual branch given to the constructor: the object itself, or the object whose bound `branch` method
+    was given."""
+    if landmark is None or isinstance(landmark, ResidualBranch):
+        return landmark
+    owner = getattr(landmark, "__self__", None)
+    if isinstance(owner, ResidualBranch) and getattr(landmark, "__name__", "") == "branch":
+        return owner
+    raise TypeError(f"ttr: landmark must be a ResidualBranch (e.g. a LandmarkBackend) or its bound branch method, "
+                    f"got {type(landmark).__name__}" + (f" ({', '.join(residual_problems(landmark))})"
+                                                         if not callable(landmark) else ""))

@@ -30,14 +30,14 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Collection, Literal, Mapping
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ...core.backend import LearnedBackend
+from ...core.backend import LearnedBackend, StagedState
 from ...core.call import AttentionCall, LayerSpec
-from ...core.config import Strict
+from ...core.config import SEED_MAX, SEED_MIN, CheckContext, Strict
 from ...core.masks import key_padding
 from ...core.patterns import validate_layer_pattern
 from .distill_metrics import (
@@ -48,9 +48,10 @@ from .distill_metrics import (
     sample_queries,
 )
 from .distill_select import LayerSelector
+from .distill_state import STATE_FORMAT, STATE_VERSION, DistillerSnapshot, parse_state
 from .distill_train import LayerTrainer, OptimConfig
 from .readiness import LayerReadiness, ReadinessRule
-from .replay import ReplayBuffer, ReplayCounters, ReplaySample, storage_copies
+from .replay import ReplayBuffer, ReplaySample, storage_copies
 
 if TYPE_CHECKING:
     from ...core.registrar import Registrar
@@ -58,8 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("attnplug")
 
-STATE_FORMAT = "attnplug.distill"
-STATE_VERSION = 1
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _SNAPSHOT_KEYS = (
     "loss",
@@ -185,13 +184,22 @@ class DistillSettings(Strict):
     metric_queries: int = Field(16, ge=1, description="Queries per metric tick for attention KL / top-k.")
     metric_top_k: int = Field(16, ge=1, description="k of the attention top-k overlap.")
     seed: int | None = Field(
-        None, description="Seed of layer sets, query subsets and replay draws (None: the config's root seed)."
+        None,
+        ge=SEED_MIN,
+        le=SEED_MAX,
+        description="Seed of layer sets, query subsets and replay draws (None: the config's root seed); a "
+        "64-bit signed integer.",
     )
 
     @field_validator("layers", "exclude")
     @classmethod
     def _patterns(cls, v: list[str]) -> list[str]:
         return [validate_layer_pattern(p) for p in v]
+
+    def check_semantics(self, ctx: CheckContext, section: str) -> None:
+        ctx.backend(section, "student", self.student, learned=True)
+        ctx.layer_patterns(section, "layers", self.layers)
+        ctx.layer_patterns(section, "exclude", self.exclude)
 
     @model_validator(mode="after")
     def _swap_order(self) -> DistillSettings:
@@ -222,10 +230,16 @@ class DistillSettings(Strict):
         )
 
 
+#: How allocation failures read: CUDA ("CUDA out of memory"), the CPU allocator ("DefaultCPUAllocator: can't
+#: allocate memory"), MPS and others ("not enough memory").
+_OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory")
+
+
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc)
-    )
+    """Whether `exc` is an allocation failure on any device (then the distiller shrinks, then disables)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _OOM_TEXT)
 
 
 class OnlineDistiller:
@@ -517,20 +531,26 @@ class OnlineDistiller:
         """Fold accumulators into EMAs (all layers, or `layers`); mirror readiness into the student and
         invalidate the router's cache when a flag changed. Returns whether anything was flushed."""
         keys = list(self.readiness) if layers is None else layers
-        flushed = changed = False
+        flushed: list[str] = []
+        changed = False
         for key in keys:
             r = self.readiness.get(key)
             if r is None or r.run_count == 0:
                 continue
-            flushed = True
+            flushed.append(key)
             changed |= r.flush(self.rule)
             self.student.ready[key] = r.ready
         if flushed:
             self.flush_counts[reason] += 1
+            for key in flushed:  # the readiness gate's inputs per layer, at every flush (scope 'distill/readiness')
+                r = self.readiness[key]
+                self.session.loggers.log_metrics({"layer": key, "updates": r.updates, "ema_cos": r.ema_cos,
+                                                  "ema_loss": r.ema_loss, "ready": float(r.ready)},
+                                                 self.total_updates, "distill/readiness")
             self.snapshot(reason)
         if changed:
             self.session.router.invalidate()
-        return flushed
+        return bool(flushed)
 
     def _mirror_readiness(self) -> None:
         for key, r in self.readiness.items():
@@ -648,66 +668,63 @@ class OnlineDistiller:
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore `state()`. Settings from the config win over the file's; differences are logged."""
-        if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"distiller state: format {meta.get('format')!r} version {meta.get('version')!r}, "
-                f"expected {STATE_FORMAT!r} version {STATE_VERSION}"
-            )
-        if meta.get("student") != self.settings.student:
-            raise ValueError(
-                f"distiller state trains backend {meta.get('student')!r}, the config's student is "
-                f"{self.settings.student!r}"
-            )
-        for what, saved, current in (
-            ("readiness", meta.get("rule", {}), self.rule.__dict__),
-            (
-                "optimizer",
-                meta.get("optim", {}),
-                {**self.optim.__dict__, "logvar_init": list(self.optim.logvar_init)},
-            ),
-        ):
-            diff = {k: (saved.get(k), v) for k, v in current.items() if k in saved and saved.get(k) != v}
-            if diff:
-                log.info(
-                    "attnplug: distiller: %s settings differ from the checkpoint; the config wins: %s",
-                    what,
-                    ", ".join(f"{k}: file {a!r} -> config {b!r}" for k, (a, b) in diff.items()),
-                )
+        self.prepare_state(tensors, meta).commit()
+
+    def prepare_state(
+        self,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        held: Mapping[str, Collection[str] | None] | None = None,
+    ) -> StagedState:
+        """Validate `state()` output (`distill_state.parse_state`) without changing anything; the stage applies it.
+
+        `held`: learned backend → the layers the same file holds weights for (`Session.load`; None for a backend
+        that cannot tell); `held` None: the student's live layers. A layer this state says was trained must be
+        among them."""
+        layers = held.get(self.settings.student, ()) if held is not None else self.student.layers
+        snap = parse_state(
+            tensors,
+            meta,
+            student=self.settings.student,
+            file_layers=None if layers is None else set(layers),
+            current_settings={
+                "readiness": self.rule.__dict__,
+                "optimizer": {**self.optim.__dict__, "logvar_init": list(self.optim.logvar_init)},
+            },
+            replay_like=self.replay,
+            storage_dtype=self.storage_dtype,
+        )
+        return StagedState(lambda: self._commit_state(snap))
+
+    def _commit_state(self, snap: DistillerSnapshot) -> None:
         with torch.inference_mode(False):
-            if "rng" not in tensors:
-                raise ValueError("distiller state: missing tensor 'rng'")
-            self.rng.set_state(tensors["rng"].detach().to("cpu", torch.uint8).clone())
-            self.total_updates = int(meta.get("total_updates", 0))
-            self.flush_counts = Counter({k: int(v) for k, v in meta.get("flush_counts", {}).items()})
-            self.skipped = Counter({k: int(v) for k, v in meta.get("skipped", {}).items()})
-            self.selector.known, self.selector._known_set = [], set()
-            self.selector.add_known([str(k) for k in meta.get("known_layers", [])])
-            self.selector.current = {k for k in meta.get("current", []) if self.selector.eligible(k)}
-            self._last_sigma = meta.get("last_sigma")
-            self._run_structured = bool(meta.get("run_structured", False))
-            for i, lm in enumerate(meta.get("layers", [])):
-                key = str(lm["layer_key"])
-                self.readiness[key] = LayerReadiness.from_json(lm.get("readiness", {}))
-                self.readiness[key].set_from_ema(self.rule)
-                cap = int(lm.get("query_cap", self.settings.query_cap))
-                self.query_caps[key] = min(cap, self.settings.query_cap)
-                self.oom_events[key] = int(lm.get("oom_events", 0))
-                self.shrinks[key] = list(lm.get("shrinks", []))
-                if lm.get("disabled"):
-                    self.selector.disabled.add(key)
-                self.metrics[key] = {k: float(v) for k, v in lm.get("metrics", {}).items()}
-                prefix = f"layer{i}/"
-                flat = {
-                    n[len(prefix) :]: t.detach().clone() for n, t in tensors.items() if n.startswith(prefix)
-                }
-                self.trainers.pop(key, None)
-                if flat:
-                    self._pending_opt[key] = flat
-            rmeta = meta.get("replay", {})
-            self.replay.counters = ReplayCounters.from_json(rmeta.get("counters", {}))
-            if rmeta.get("records"):
-                # restored on the CPU; samples move to the training device when they are used
-                self.replay.restore(tensors, rmeta["records"], self.storage_dtype, "cpu")
+            self.rng.set_state(snap.rng_state)
+        self.total_updates = snap.total_updates
+        self.flush_counts = Counter(snap.flush_counts)
+        self.skipped = Counter(snap.skipped)
+        self.selector.known, self.selector._known_set = [], set()
+        self.selector.add_known(snap.known_layers)
+        self.selector.current = {k for k in snap.current if self.selector.eligible(k)}
+        self._last_sigma = snap.last_sigma
+        self._run_structured = snap.run_structured
+        for entry in snap.layers:
+            key = entry.key
+            entry.readiness.set_from_ema(self.rule)
+            self.readiness[key] = entry.readiness
+            cap = entry.query_cap if entry.query_cap is not None else self.settings.query_cap
+            self.query_caps[key] = min(cap, self.settings.query_cap)
+            self.oom_events[key] = entry.oom_events
+            self.shrinks[key] = entry.shrinks
+            if entry.disabled:
+                self.selector.disabled.add(key)
+            self.metrics[key] = entry.metrics
+            self.trainers.pop(key, None)
+            if entry.optimizer:
+                self._pending_opt[key] = entry.optimizer
+        if snap.replay is not None:
+            self.replay = snap.replay
+        else:
+            self.replay.counters = snap.counters
         self._mirror_readiness()
 
 

@@ -35,24 +35,29 @@ def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown feature-map activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
-def feature_map(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+def feature_map(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
                 activation: str = "elu+1", l2_norm: bool = False, eps: float = 1e-6) -> torch.Tensor:
-    """φ(x): an MLP (SiLU between layers), a positive activation, optional L2 normalization.
+    """φ(x): an MLP (SiLU between layers), a positive activation, optional L2 normalization — the one PyTorch φ
+    (the layer's `FeatureMapNet`, the kernels' reference `phi_reference` and so the fused kernels' tests use it).
 
-    :param x: `[B, H, N, D]`.
-    :param weights: per layer `[G, in, out]`; the first `in` is D, the last `out` is F (F/2 for hedgehog).
-    :param biases: per layer `[G, out]`.
-    :return: `[B, H, N, F]` in the dtype of `x` (cast x to fp32 first for fp32 features).
+    :param x: `[B, H, N, D]`; φ is computed in its dtype (cast x to fp32 first for fp32 features).
+    :param weights: per layer `[G, in, out]` (G = 1: shared across heads, G = H: one map per head) or `[in, out]`
+        (shared); the first `in` is D, the last `out` is F (F/2 for hedgehog).
+    :param biases: per layer `[G, out]`, `[out]` or None.
+    :return: `[B, H, N, F]` in the dtype of `x`.
     """
     h = x
     last = len(weights) - 1
     for i, (w, b) in enumerate(zip(weights, biases)):
         w = w.to(h.dtype)
-        b = b.to(h.dtype)
-        if w.shape[0] == 1:  # shared across heads: one plain matmul
-            h = torch.matmul(h, w[0]) + b[0]
+        if w.dim() == 2 or w.shape[0] == 1:  # shared across heads: one plain matmul
+            h = torch.matmul(h, w if w.dim() == 2 else w[0])
+            if b is not None:
+                h = h + (b if b.dim() == 1 else b[0]).to(h.dtype)
         else:  # one map per head: [B, H, N, in] @ [H, in, out] broadcasts over B
-            h = torch.matmul(h, w) + b[:, None, :]
+            h = torch.matmul(h, w)
+            if b is not None:
+                h = h + b.to(h.dtype)[:, None, :]
         if i < last:
             h = F.silu(h)
     h = activate(h, activation)

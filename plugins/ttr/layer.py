@@ -15,7 +15,8 @@ With a reference known before the call, the fused kernels blend in one pass over
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,24 @@ LandmarkBranch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionCa
                           torch.Tensor]
 
 _LOGIT_CLAMP = 15.0
+
+
+@dataclass
+class ServeCache:
+    """A layer's fused-path state: one entry per call shape, valid for one weights signature and settings object."""
+
+    signature: tuple[int, ...] | None = None
+    settings: object = None
+    entries: dict[tuple[object, ...], Any] = field(default_factory=dict)
+
+    def valid_for(self, signature: tuple[int, ...] | None, settings: object) -> bool:
+        """Whether the entries were built from these weights and settings; if not, they are dropped and the cache
+        starts over for them (a signature of None caches nothing)."""
+        if signature is not None and signature == self.signature and settings is self.settings:
+            return True
+        self.entries.clear()
+        self.signature, self.settings = signature, settings
+        return False
 #: Weight of each training call's mean of d in the running reference: an EMA over ~50 updates, the plain average
 #: of the calls seen before that (so a brief distillation already gives the mean of its calls, not its first one).
 REFERENCE_MOMENTUM = 0.02
@@ -113,6 +132,28 @@ class TtrLayer(nn.Module):
         self.reference_tracked = False
         self.register_load_state_dict_post_hook(TtrLayer._after_load)
         self.last_metrics: dict[str, torch.Tensor] = {}
+        #: what the fused path built from these weights (`backend.TtrBackend`: serve plans per call shape), valid
+        #: while `weights_signature()` is what it was built with
+        self.serve_cache = ServeCache()
+        self._signature_slots: list[tuple[dict[str, torch.Tensor], str]] | None = None
+
+    def weights_signature(self) -> tuple[int, ...] | None:
+        """Address and version counter of every parameter and buffer: it changes whenever the weights do — an
+        optimizer step, a load, a move to another device — so what is built from them (serve plans, the conditioner
+        bank) is rebuilt then and never served stale. None when a tensor keeps no version counter (an inference
+        tensor): then nothing may be cached. (Writes through `.data` bypass the version counter and are not seen.)"""
+        slots = self._signature_slots
+        if slots is None:
+            slots = self._signature_slots = [(table, name) for m in self.modules()
+                                             for table in (m._parameters, m._buffers) for name in table]
+        try:
+            sig: list[int] = []
+            for table, name in slots:
+                t = table[name]
+                sig += (t.data_ptr(), t._version)
+        except (RuntimeError, AttributeError):  # an inference tensor (no version counter), or a slot set to None
+            return None
+        return tuple(sig)
 
     @staticmethod
     def _after_load(module: "TtrLayer", incompatible: object) -> None:
@@ -173,12 +214,20 @@ class TtrLayer(nn.Module):
             arg = logit
         return (self.alpha_max * torch.sigmoid(arg.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP))).unsqueeze(-1)
 
-    def condition(self, call: AttentionCall, device: torch.device) -> torch.Tensor | None:
-        """Conditioner output for this call, or None (no conditioner, or σ unknown / not finite)."""
+    def condition_key(self, call: AttentionCall) -> tuple[float, float] | None:
+        """`(σ, CFG)` the conditioner sees for this call (CFG 1 when unknown), or None: no conditioner, or σ unknown
+        or not finite (the branches are then left as they are)."""
         if self.conditioner is None or call.sigma is None or not math.isfinite(call.sigma):
             return None
         cfg = call.cfg_scale if call.cfg_scale is not None and math.isfinite(call.cfg_scale) else 1.0
-        return self.conditioner(float(call.sigma), float(cfg), device)
+        return float(call.sigma), float(cfg)
+
+    def condition(self, call: AttentionCall, device: torch.device) -> torch.Tensor | None:
+        """Conditioner output `[4]` for this call (differentiable), or None (see `condition_key`)."""
+        key = self.condition_key(call)
+        if key is None or self.conditioner is None:
+            return None
+        return self.conditioner(key[0], key[1], device)
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,

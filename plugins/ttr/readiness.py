@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...core.checkpoint import MetaReader
+
 
 @dataclass
 class ReadinessRule:
@@ -104,14 +106,16 @@ class LayerReadiness:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LayerReadiness:
+    def from_json(cls, data: dict[str, Any], where: str = "readiness") -> LayerReadiness:
+        """Inverse of `to_json`, strict (a checkpoint is untrusted input): integers, finite numbers, JSON
+        booleans; raises `CheckpointError` naming the field (`where` is its path in the metadata)."""
+        m = MetaReader(data, where)
         out = cls()
         for name in ("updates", "flushes", "run_count"):
-            setattr(out, name, int(data.get(name, 0)))
+            setattr(out, name, m.get_int(name, 0, lo=0))
         for name in ("run_loss_sum", "run_cos_sum"):
-            setattr(out, name, float(data.get(name, 0.0)))
+            setattr(out, name, m.get_float(name, 0.0))
         for name in ("ema_loss", "ema_cos", "last_loss", "last_cos"):
-            value = data.get(name)
-            setattr(out, name, None if value is None else float(value))
-        out.ready = bool(data.get("ready", False))
+            setattr(out, name, m.get_float(name, None, optional=True))
+        out.ready = m.get_bool("ready", False)
         return out

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ...core.call import AttentionCall
+from ...core.checkpoint import MetaReader
 
 _FP16_MAX = 65000.0
 
@@ -121,7 +122,9 @@ class ReplayCounters:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ReplayCounters:
-        return cls(**{k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+        """Strict (checkpoint input): non-negative integers; raises `CheckpointError` naming the counter."""
+        m = MetaReader(data, "replay.counters")
+        return cls(**{k: m.get_int(k, lo=0) for k in data if k in cls.__dataclass_fields__})
 
 
 class ReplayBuffer:
@@ -227,23 +230,22 @@ class ReplayBuffer:
     ) -> None:
         """Refill from `export()` output (in sequence order), under this buffer's own budget."""
         next_seq = self.counters.next_seq
-        for rec in sorted(records, key=lambda r: int(r["seq"])):
-            name = f"replay/{int(rec['seq'])}"
+        checked = [_record(r, i) for i, r in enumerate(records)]
+        for seq, layer_key, call, has_mask in sorted(checked, key=lambda r: r[0]):
+            name = f"replay/{seq}"
             try:
                 parts = {p: tensors[f"{name}/{p}"] for p in ("q", "k", "v", "teacher")}
             except KeyError as exc:
-                raise ValueError(
-                    f"replay sample {rec['seq']} of layer {rec['layer_key']}: missing tensor {exc}"
-                ) from None
-            mask = tensors.get(f"{name}/mask") if rec.get("mask") else None
+                raise ValueError(f"replay sample {seq} of layer {layer_key}: missing tensor {exc}") from None
+            mask = tensors.get(f"{name}/mask") if has_mask else None
+            _check_sample_shapes(name, parts, tensors.get(f"{name}/query_index"), mask)
             sample = ReplaySample(
-                str(rec["layer_key"]),
+                layer_key,
                 *(to_storage(parts[p], dtype, device) for p in ("q", "k", "v", "teacher")),
                 mask=None if mask is None else to_storage(mask, dtype, device),
-                call=_call_from_json(rec["call"]),
+                call=call,
                 query_index=tensors.get(f"{name}/query_index"),  # absent: every query, or an older file
             )
-            seq = int(rec["seq"])
             self.counters.next_seq = seq
             self.push(sample)
             self.counters.pushed -= 1  # restoring is not a new push
@@ -257,8 +259,53 @@ def _call_json(call: AttentionCall) -> dict[str, Any]:
     return data
 
 
-def _call_from_json(data: dict[str, Any]) -> AttentionCall:
-    data = dict(data)
-    if data.get("latent_grid") is not None:
-        data["latent_grid"] = tuple(int(x) for x in data["latent_grid"])
+def _record(raw: Any, i: int) -> tuple[int, str, AttentionCall, bool]:
+    """`(seq, layer_key, call, has_mask)` of one saved replay record, strictly read."""
+    m = MetaReader(raw, f"replay.records[{i}]")
+    return m.get_int("seq", lo=0), m.get_str("layer_key"), _call_from_json(m.get_obj("call")), \
+        m.get_bool("mask", False)
+
+
+def _check_sample_shapes(name: str, parts: dict[str, torch.Tensor], query_index: torch.Tensor | None,
+                         mask: torch.Tensor | None) -> None:
+    """A saved sample's tensors must be `[B, H, N, D]` and agree with each other (a training update needs it)."""
+    q, k, v, teacher = (parts[p] for p in ("q", "k", "v", "teacher"))
+    if any(t.dim() != 4 for t in (q, k, v, teacher)) or not all(t.is_floating_point() for t in (q, k, v, teacher)) \
+            or k.shape[:3] != v.shape[:3] or q.shape[:2] != k.shape[:2] or teacher.shape[:3] != q.shape[:3] \
+            or q.shape[3] != k.shape[3] or teacher.shape[3] != v.shape[3]:
+        raise ValueError(f"replay sample {name}: tensors q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"teacher {tuple(teacher.shape)} are not one attention call's [B, H, N, D]")
+    if query_index is not None and (query_index.dim() != 1 or query_index.numel() != q.shape[2]
+                                    or query_index.dtype not in (torch.int64, torch.int32)):
+        raise ValueError(f"replay sample {name}: query_index {tuple(query_index.shape)} {query_index.dtype} does "
+                         f"not index q's {q.shape[2]} queries")
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != k.shape[2]
+                             or mask.shape[0] not in (1, k.shape[0])):
+        raise ValueError(f"replay sample {name}: mask {tuple(mask.shape)} {mask.dtype} is not a [B, Nk] bool key "
+                         f"padding of k {tuple(k.shape)}")
+
+
+_CALL_FIELDS: dict[str, tuple[type, ...]] = {
+    "layer_key": (str,), "block_type": (str,), "block_index": (int,), "sigma": (int, float, type(None)),
+    "step_index": (int, type(None)), "num_steps": (int, type(None)), "cond": (bool, type(None)),
+    "cfg_scale": (int, float, type(None)), "n_cond_tokens": (int,), "n_image_tokens": (int,),
+    "latent_grid": (list, type(None)), "host": (str,),
+}
+
+
+def _call_from_json(m: MetaReader) -> AttentionCall:
+    data = dict(m.data)
+    for key, value in data.items():
+        types = _CALL_FIELDS.get(key)
+        if types is None:
+            raise ValueError(f"field {m.where(key)}: not a field of an attention call")
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ValueError(f"field {m.where(key)}: got {value!r}, expected {' or '.join(t.__name__ for t in types)}")
+    grid = data.get("latent_grid")
+    if grid is not None:
+        if len(grid) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in grid):
+            raise ValueError(f"field {m.where('latent_grid')}: got {grid!r}, expected [h, w] positive integers")
+        data["latent_grid"] = (grid[0], grid[1])
+    if "layer_key" not in data:
+        raise ValueError(f"field {m.where('layer_key')}: missing")
     return AttentionCall(**data)

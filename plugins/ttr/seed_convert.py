@@ -134,7 +134,6 @@ def _convert(raw: dict[str, Any], in_path: Path, out_path: Path) -> ConversionRe
         raise bad(f"alpha_format {raw.get('alpha_format')!r}: expected 'logit' or absent (raw)")
 
     backend = TtrBackend(settings)
-    backend._landmark_resolved = True  # no session: no landmark lookup (the seed's settings are recorded below)
     readiness = raw.get("layer_readiness") or {}
     for key, sd in layers.items():
         if not isinstance(sd, dict):

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ...core.config import Strict
+from ...core.patterns import any_layer_matches, validate_layer_pattern
+from .joint_settings import JointSettings, Variant
 
 Activation = Literal["elu+1", "hedgehog", "relu"]
 
@@ -38,10 +40,12 @@ class TtrSettings(Strict):
     """The ttr backend: learned feature maps φ_q, φ_k + Nadaraya–Watson normalization + landmark residual."""
 
     # ---- architecture (must match a loaded checkpoint) ----
-    feature_dim: int = Field(128, ge=16, description="F, features per token (any multiple of 16).")
+    feature_dim: int = Field(128, ge=16, le=4096, description="F, features per token (any multiple of 16, at most "
+                                                              "4096).")
     depth: int = Field(2, ge=1, le=3, description="Linear layers in φ (SiLU between them).")
-    hidden: int = Field(256, ge=0, description="Hidden width of φ when depth > 1; 0 = the seed's rule "
-                                               "max(head_dim, 2·F).")
+    hidden: int = Field(256, ge=0, le=16384, description="Hidden width of φ when depth > 1 (at most 16384); 0 = "
+                                                         "the rule of the ComfyUI pack attnplug re-creates, "
+                                                         "max(head_dim, 2·F).")
     activation: Activation = Field("elu+1", description="Positive output activation: 'elu+1', 'hedgehog' "
                                                         "(softmax(Wx) ⊕ softmax(−Wx)) or 'relu'.")
     per_head: bool = Field(False, description="One φ per head (true) or one shared by all heads (false).")
@@ -80,6 +84,16 @@ class TtrSettings(Strict):
         "float32", description="dtype of the φ MLP at inference: 'float32', or 'input' (bf16/fp16 matmuls on "
                                "GPU; S, z and the division stay fp32). Training is always fp32.")
 
+    # ---- layer variant (per layer key; a checkpoint's layers must match) ----
+    joint_layers: list[str] = Field(
+        default_factory=list, description="Layer patterns served by the joint layer (e.g. ['double:*']): every "
+                                          "interaction with conditioning tokens exact, only the image↔image far "
+                                          "field learned (plugins/ttr/joint.py). Other layers get the hybrid layer. "
+                                          "Empty (the default): the hybrid layer everywhere.")
+    joint: JointSettings = Field(default_factory=JointSettings,
+                                 description="[plugins.ttr.joint]: how joint layers combine the exact set and the "
+                                             "learned far field.")
+
     @field_validator("feature_dim")
     @classmethod
     def _multiple_of_16(cls, v: int) -> int:
@@ -87,9 +101,26 @@ class TtrSettings(Strict):
             raise ValueError(f"feature_dim must be a multiple of 16, got {v}")
         return v
 
+    @field_validator("joint_layers")
+    @classmethod
+    def _layer_patterns(cls, v: list[str]) -> list[str]:
+        return [validate_layer_pattern(p) for p in v]
+
+    @model_validator(mode="after")
+    def _joint_needs_torch_path(self) -> "TtrSettings":
+        if self.joint_layers and self.kernel == "triton":
+            raise ValueError("kernel = 'triton' serves every layer with the fused kernels, which do not implement "
+                             f"the joint layer that joint_layers = {self.joint_layers} selects; use kernel = 'auto' "
+                             "(hybrid layers fused where possible, joint layers on the PyTorch path)")
+        return self
+
     def hidden_for(self, head_dim: int) -> int:
         """The hidden width for a layer of `head_dim` (resolves `hidden = 0`)."""
         return self.hidden or max(head_dim, 2 * self.feature_dim)
+
+    def variant_for(self, layer_key: str) -> Variant:
+        """Which layer serves `layer_key`: 'joint' when a `joint_layers` pattern matches it, else 'hybrid'."""
+        return "joint" if any_layer_matches(self.joint_layers, layer_key) else "hybrid"
 
 
 ARCHITECTURE_FIELDS = ("feature_dim", "depth", "hidden", "activation", "per_head", "split_qk", "l2_norm",
@@ -97,7 +128,10 @@ ARCHITECTURE_FIELDS = ("feature_dim", "depth", "hidden", "activation", "per_head
 INIT_ONLY_FIELDS = ("alpha_init",)
 RUNTIME_FIELDS = ("landmark", "landmark_backend", "eps", "key_chunk", "query_chunk", "kernel", "alpha_reference",
                   "feature_precision")
-assert set(ARCHITECTURE_FIELDS + INIT_ONLY_FIELDS + RUNTIME_FIELDS) == set(TtrSettings.model_fields)
+#: Which layer variant serves which key, and the joint layers' own architecture: checked per layer when loading (a
+#: checkpoint's layer must be of the variant the config selects for its key; joint layers must match `joint`).
+VARIANT_FIELDS = ("joint_layers", "joint")
+assert set(ARCHITECTURE_FIELDS + INIT_ONLY_FIELDS + RUNTIME_FIELDS + VARIANT_FIELDS) == set(TtrSettings.model_fields)
 
 #: The `[plugins.ttr]` values of the product default before session 5 that differ from today's (with
 #: the landmark plugin's `PREVIOUS_DEFAULTS`): what testbed/weights/ttr_default.safetensors and every

@@ -2,10 +2,16 @@
 
 Tensors: `<layer_key>/<parameter name>` (fp32). Meta (JSON):
 
-    {"format": "attnplug.ttr", "version": 2,
+    {"format": "attnplug.ttr", "version": 2 | 3,
      "settings": {every [plugins.ttr] field},
-     "layers": {layer_key: {"heads": H, "head_dim": D, "ready": bool, "chunks": [kc, qc] | null}},
+     "layers": {layer_key: {"heads": H, "head_dim": D, "ready": bool, "chunks": [kc, qc] | null,
+                            "variant": "joint" (joint layers only; absent = the hybrid layer)}},
      "landmark": {the landmark settings in use when saved} | null}
+
+Version 3 is written when the file holds a joint layer (plugins/ttr/joint.py), else 2, so files without one
+still load in an attnplug that reads 2. A layer's variant must be the one the config selects for its key
+(`[plugins.ttr] joint_layers`), and a file's joint layers must match `[plugins.ttr.joint]`: else loading is
+refused, naming the layer and the setting to change.
 
 Precedence rule when the checkpoint and the config disagree (one rule, by field class, see
 settings.py): ARCHITECTURE fields must match or loading is refused (ValueError naming every
@@ -14,7 +20,10 @@ irrelevant to loaded layers (their weights carry the learned values). Every diff
 not refuse is logged with the winner. Landmark settings recorded in the file are informational:
 the active `[plugins.landmark]` config wins, and a difference is logged.
 
-Loading validates everything before it changes anything: on any error the backend is untouched.
+Loading validates everything before it changes anything (`prepare_backend_state` stages, the session commits
+once every component of the file is accepted): on any error the backend is untouched. Declared heads and head
+dims are checked against sane limits and the file's tensor shapes before a layer is allocated; `ready` must be
+a JSON boolean; non-finite weights are refused naming the tensor.
 """
 from __future__ import annotations
 
@@ -23,7 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...core.backend import StagedState
 from ...core.call import LayerSpec
+from ...core.checkpoint import MetaReader, require_finite
+from .joint_settings import joint_field_names
 from .settings import ARCHITECTURE_FIELDS, INIT_ONLY_FIELDS, RUNTIME_FIELDS
 
 if TYPE_CHECKING:
@@ -33,9 +45,11 @@ log = logging.getLogger("attnplug")
 
 FORMAT = "attnplug.ttr"
 #: 2 (session 7): layers carry `d_reference`, the running mean of d; an attnplug that reads only 1 refuses such
-#: files by version instead of by an unexpected tensor.
+#: files by version instead of by an unexpected tensor. 3: the file holds joint layers (their meta says
+#: `"variant": "joint"`); written only then, so that an attnplug that reads 2 refuses such files by version.
 VERSION = 2
-READS = (1, 2)
+VERSION_JOINT = 3
+READS = (1, 2, 3)
 #: Tensors a layer has that files written before them lack; loading keeps the fresh layer's value (the running
 #: reference of d: zeros = none kept, so such a layer serves with the call's own mean).
 ADDED_TENSORS = ("d_reference",)
@@ -57,9 +71,36 @@ def backend_state(backend: "TtrBackend") -> tuple[dict[str, torch.Tensor], dict[
         chunks = backend.chunks.get(key)
         layers[key] = {"heads": spec.heads, "head_dim": spec.head_dim, "ready": bool(backend.ready.get(key, False)),
                        "chunks": list(chunks) if chunks else None}
-    meta = {"format": FORMAT, "version": VERSION, "settings": backend.settings.model_dump(), "layers": layers,
-            "landmark": backend.landmark_settings()}
+        if getattr(module, "variant", "hybrid") == "joint":
+            layers[key]["variant"] = "joint"
+    joint = any(info.get("variant") == "joint" for info in layers.values())
+    meta = {"format": FORMAT, "version": VERSION_JOINT if joint else VERSION, "settings": backend.settings.model_dump(),
+            "layers": layers, "landmark": backend.landmark_settings()}
     return tensors, meta
+
+
+def check_variants(saved: dict[str, Any], current: dict[str, Any], layers_meta: dict[str, Any],
+                   variant_for: Any) -> list[str]:
+    """Refusals: a layer whose variant differs from the one the config selects for its key, and joint layers
+    whose `[plugins.ttr.joint]` architecture differs from the config's."""
+    refusals = []
+    for key, info in sorted(layers_meta.items()):
+        in_file = info.get("variant", "hybrid") if isinstance(info, dict) else "hybrid"
+        wanted = variant_for(key)
+        if in_file != wanted:
+            fix = (f"add a pattern matching {key!r} to [plugins.ttr] joint_layers" if in_file == "joint"
+                   else f"remove the pattern matching {key!r} from [plugins.ttr] joint_layers "
+                        f"(now {current.get('joint_layers')})")
+            refusals.append(f"layer {key}: the checkpoint holds a {in_file} layer, the config selects the {wanted} "
+                            f"layer for it ({fix}, or distil that layer anew)")
+    if any(isinstance(i, dict) and i.get("variant") == "joint" for i in layers_meta.values()):
+        file_joint = saved.get("joint") if isinstance(saved.get("joint"), dict) else {}
+        for fld in joint_field_names():
+            have, want = file_joint.get(fld), current["joint"][fld]
+            if have != want:
+                refusals.append(f"joint.{fld}: checkpoint has {have!r}, config has {want!r} (the joint layers' "
+                                f"architecture must match: set [plugins.ttr.joint] {fld} = {_toml(have)})")
+    return refusals
 
 
 def check_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -82,81 +123,115 @@ def check_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return refusals
 
 
+#: Sane limits of a layer a checkpoint may declare (checked before anything is allocated): no attention layer
+#: has more heads, and backends serve head dims up to 1024 (`Capabilities.head_dims`).
+MAX_HEADS = 4096
+MAX_HEAD_DIM = 1024
+
+
 def load_backend_state(backend: "TtrBackend", tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Restore `backend_state`; raise ValueError naming the mismatch (nothing changes on error)."""
+    prepare_backend_state(backend, tensors, meta).commit()
+
+
+def prepare_backend_state(backend: "TtrBackend", tensors: dict[str, torch.Tensor],
+                          meta: dict[str, Any]) -> StagedState:
+    """Validate `backend_state` output against `backend` and build its layers, changing nothing live; the
+    returned stage installs them. Raises ValueError / `CheckpointError` naming the field or tensor.
+
+    Declared shapes are checked against the file's tensors on the meta device first, so a file that declares
+    an impossible layer (e.g. 500 million heads) is refused before anything is allocated."""
+    m = MetaReader(meta)
     if meta.get("format") != FORMAT:
         raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("version") not in READS:
-        raise ValueError(f"ttr state version {meta.get('version')!r}, this attnplug reads {' and '.join(map(str, READS))}")
-    saved = meta.get("settings")
-    layers_meta = meta.get("layers")
-    if not isinstance(saved, dict) or not isinstance(layers_meta, dict):
-        raise ValueError("meta needs 'settings' and 'layers' objects")
-    refusals = check_settings(saved, backend.settings.model_dump())
+    version = meta.get("version")
+    if type(version) is not int or version not in READS:
+        reads = ", ".join(map(str, READS[:-1])) + f" and {READS[-1]}"
+        raise ValueError(f"ttr state version {version!r}, this attnplug reads {reads}")
+    saved = m.get_obj("settings").data
+    layers_meta = m.get_obj("layers")
+    current = backend.settings.model_dump()
+    refusals = check_settings(saved, current) + check_variants(saved, current, layers_meta.data,
+                                                                backend.settings.variant_for)
     if refusals:
         hint = _landmark_hint(meta.get("landmark"), backend.landmark_settings())
         raise ValueError("checkpoint does not match the config: " + "; ".join(refusals) + hint)
+    require_finite(tensors)
 
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         key, sep, param = name.rpartition("/")
-        if not sep or key not in layers_meta:
+        if not sep or key not in layers_meta.data:
             raise ValueError(f"tensor {name!r} belongs to no layer listed in the meta")
         by_layer.setdefault(key, {})[param] = t
 
-    built: dict[str, tuple[LayerSpec, torch.nn.Module, dict[str, Any]]] = {}
-    for key, info in layers_meta.items():
-        try:
-            spec = LayerSpec(layer_key=key, heads=int(info["heads"]), head_dim=int(info["head_dim"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"layer {key}: bad spec {info!r} ({exc})") from None
+    parsed: dict[str, tuple[LayerSpec, bool, tuple[int, int] | None]] = {}
+    for key in layers_meta.data:
+        info = layers_meta.get_obj(key)
+        spec = LayerSpec(layer_key=key, heads=info.get_int("heads", lo=1, hi=MAX_HEADS),
+                         head_dim=info.get_int("head_dim", lo=1, hi=MAX_HEAD_DIM))
         known = backend.specs.get(key)
         if known is not None and known != spec:
             raise ValueError(f"layer {key}: checkpoint has {spec.heads} heads x {spec.head_dim}, the model has "
                              f"{known.heads} heads x {known.head_dim}")
+        chunks = info.data.get("chunks")
+        if chunks is not None and (not isinstance(chunks, list) or len(chunks) != 2
+                                   or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in chunks)):
+            raise ValueError(f"layer {key}: field layers.{key}.chunks must be [key_chunk, query_chunk], integers "
+                             f">= 1, got {chunks!r}")
+        with torch.device("meta"):  # shapes only: nothing is allocated for a layer the file cannot fill
+            expected = {n: (tuple(t.shape), t.dtype) for n, t in backend.build_layer(spec).state_dict().items()}
+        got: dict[str, torch.Tensor | None] = dict(by_layer.get(key, {}))
+        got.update({n: None for n in ADDED_TENSORS if n in expected and n not in got})  # the fresh layer's value
+        missing = sorted(set(expected) - set(got))
+        unexpected = sorted(set(got) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"layer {key}: tensors do not match the architecture (missing {missing}, "
+                             f"unexpected {unexpected})")
+        for param, t in got.items():
+            if t is None:
+                continue
+            if tuple(t.shape) != expected[param][0]:
+                raise ValueError(f"layer {key}: tensor {param} has shape {tuple(t.shape)}, expected "
+                                 f"{expected[param][0]}")
+            if not t.is_floating_point():
+                raise ValueError(f"layer {key}: tensor {param} has dtype {t.dtype}, expected floating point")
+        parsed[key] = (spec, info.get_bool("ready", False), None if chunks is None else (chunks[0], chunks[1]))
+
+    built: dict[str, tuple[LayerSpec, torch.nn.Module, bool, tuple[int, int] | None]] = {}
+    for key, (spec, ready, chunks) in parsed.items():
         with torch.inference_mode(False):
             module = backend.build_layer(spec)
-            expected = module.state_dict()
-            got = with_added_tensors(by_layer.get(key, {}), expected)
-            missing = sorted(set(expected) - set(got))
-            unexpected = sorted(set(got) - set(expected))
-            if missing or unexpected:
-                raise ValueError(f"layer {key}: tensors do not match the architecture (missing {missing}, "
-                                 f"unexpected {unexpected})")
-            for param, t in got.items():
-                if tuple(t.shape) != tuple(expected[param].shape):
-                    raise ValueError(f"layer {key}: tensor {param} has shape {tuple(t.shape)}, expected "
-                                     f"{tuple(expected[param].shape)}")
-                if not t.is_floating_point():
-                    raise ValueError(f"layer {key}: tensor {param} has dtype {t.dtype}, expected floating point")
+            got = with_added_tensors(by_layer.get(key, {}), module.state_dict())
             module.load_state_dict({p: t.to(torch.float32) for p, t in got.items()}, strict=True)
-        chunks = info.get("chunks")
-        if chunks is not None and (not isinstance(chunks, list) or len(chunks) != 2 or min(chunks) < 1):
-            raise ValueError(f"layer {key}: chunks must be [key_chunk, query_chunk] >= 1, got {chunks!r}")
-        built[key] = (spec, module, info)
+        built[key] = (spec, module, ready, chunks)
 
     _log_landmark(meta.get("landmark"), backend.landmark_settings())
-    without = sorted(k for k, (_, m, _) in built.items()
-                     if m.adaptive and m.alpha_reference == "running" and not m.reference_tracked)
+    without = sorted(k for k, (_, mod, _, _) in built.items()
+                     if mod.adaptive and mod.alpha_reference == "running" and not mod.reference_tracked)
     if without:
         log.info("attnplug: ttr checkpoint: %d layer(s) (%s) have no running mean of d (a file written before "
                  "attnplug kept one, or never trained): adaptive α uses each call's own mean there (the fused "
                  "kernels take two passes over the queries); distilling a layer again, even briefly, keeps one",
                  len(without), ", ".join(without))
-    # validated: commit
-    for key, (spec, module, info) in built.items():
-        old = backend.layers.get(key)
-        device = next(old.parameters()).device if old is not None and any(True for _ in old.parameters()) else None
-        if device is not None:
-            with torch.inference_mode(False):
-                module = module.to(device)
-        backend.layers[key] = module
-        backend.specs[key] = spec
-        backend.ready[key] = bool(info.get("ready", False))
-        if info.get("chunks"):
-            backend.chunks[key] = (int(info["chunks"][0]), int(info["chunks"][1]))
-        else:
-            backend.chunks.pop(key, None)
+
+    def commit() -> None:
+        for key, (spec, module, ready, chunks) in built.items():
+            old = backend.layers.get(key)
+            device = next(old.parameters()).device if old is not None and any(True for _ in old.parameters()) \
+                else None
+            if device is not None:
+                with torch.inference_mode(False):
+                    module = module.to(device)
+            backend.layers[key] = module
+            backend.specs[key] = spec
+            backend.ready[key] = ready
+            if chunks:
+                backend.chunks[key] = chunks
+            else:
+                backend.chunks.pop(key, None)
+
+    return StagedState(commit, frozenset(built))
 
 
 def _landmark_diffs(saved: Any, current: dict[str, Any] | None) -> dict[str, tuple[Any, Any]]:

@@ -24,8 +24,8 @@ TINY_TTR = {"feature_dim": 16, "hidden": 32}
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The ComfyUI stand-in, installed for the whole test module (models under a temporary folder)."""
-    with stub_install.installed(tmp_path_factory.mktemp("models")):
+    """The ComfyUI stand-in, installed for the whole test module (its folders under a temporary one)."""
+    with stub_install.installed(tmp_path_factory.mktemp("comfyui")):
         yield
 
 
@@ -36,18 +36,22 @@ def inference(comfy: None) -> Iterator[None]:
         yield
 
 
-def tiny_model(seed: int = 0) -> Any:
-    """A `ModelPatcher` around the stand-in's tiny Flux-like model, initialised from `seed`."""
+def tiny_model(seed: int = 0, heads: int = 2) -> Any:
+    """A `ModelPatcher` around the stand-in's tiny Flux-like model (hidden size 32: `heads` × 32 / `heads`),
+    initialised from `seed`."""
+    import comfy.ldm.flux.model
     import comfy.model_base
     import comfy.model_patcher
 
     torch.manual_seed(seed)
-    return comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel())
+    return comfy.model_patcher.ModelPatcher(comfy.model_base.BaseModel(comfy.ldm.flux.model.Flux(num_heads=heads)))
 
 
 def sample(patcher: Any, steps: int = 4, cfg: float = 2.0, seed: int = 1, txt: int = 5, hw: int = 8) -> torch.Tensor:
-    """One CFG sampling run of `patcher` on seeded random conds and noise (flux sigmas)."""
+    """One CFG sampling run of `patcher` on seeded random conds and noise (flux sigmas), reporting progress
+    as ComfyUI's KSampler does: one `ProgressBar.update_absolute(step + 1, total)` per step."""
     import comfy.samplers
+    import comfy.utils
 
     g = torch.Generator().manual_seed(seed)
     pos, neg = torch.randn(1, txt, 16, generator=g), torch.randn(1, txt, 16, generator=g)
@@ -55,7 +59,9 @@ def sample(patcher: Any, steps: int = 4, cfg: float = 2.0, seed: int = 1, txt: i
     guider = comfy.samplers.CFGGuider(patcher)
     guider.set_conds(pos, neg)
     guider.set_cfg(cfg)
-    return guider.sample(noise, comfy.samplers.flux_sigmas(steps))
+    pbar = comfy.utils.ProgressBar(steps)
+    return guider.sample(noise, comfy.samplers.flux_sigmas(steps),
+                         callback=lambda step, x0, x, total: pbar.update_absolute(step + 1, total))
 
 
 def sample_served(patcher: Any, **sample_kw: Any) -> tuple[torch.Tensor, dict[str, dict[str, Any]]]:
@@ -81,3 +87,40 @@ def all_nodes() -> list[Any]:
     from attnplug.hosts.comfy.nodes_utils import NODES as UTILS
 
     return [*NODES, *UTILS]
+
+
+def ttr_config(**root: Any) -> dict[str, Any]:
+    """A ttr config for the stand-in model (no console logger), root fields as given."""
+    return {"backend": "ttr", "exact": "host", "loggers": [], "plugins": {"ttr": dict(TINY_TTR)}, **root}
+
+
+def ttr_checkpoint(path: Any, ready: set[str], scores: dict[str, float] | None = None, heads: int = 2) -> None:
+    """A ttr checkpoint for the stand-in Flux (`heads` × 32 / `heads`) with the given layers marked ready and,
+    when given, per-layer EMA cosine distances in a distiller component (as a distiller exposes them)."""
+    from attnplug.core import LayerSpec, Session, save_checkpoint
+
+    s = Session(ttr_config())
+    backend = s.learned_backends()["ttr"]
+    for key in ("double:0", "double:1", "single:0", "single:1"):
+        backend.layer(LayerSpec(key, heads, 32 // heads))
+        backend.ready[key] = key in ready
+    comps = {"backend.ttr": backend.state()}
+    if scores is not None:
+        comps["distiller.test"] = ({}, {"layers": {k: {"ema_cos": v, "ready": k in ready} for k, v in scores.items()}})
+    save_checkpoint(path, comps)
+    s.close()
+
+
+def need_ttr_distiller() -> None:
+    """Skip unless the ttr backend and the ttr distiller are registered (plugins/ttr)."""
+    from attnplug.hosts.comfy.configs import learned_backends, registered_distillers
+
+    if "ttr" not in learned_backends() or "ttr" not in registered_distillers():
+        pytest.skip("needs the ttr backend and the ttr distiller registered (plugins/ttr)")
+
+
+def distill_config(**root: Any) -> dict[str, Any]:
+    """`ttr_config` with lenient readiness, so that a few short runs yield ready layers."""
+    cfg = ttr_config(**root)
+    cfg["plugins"]["distill"] = {"readiness_min_updates": 1, "readiness_threshold": 1.0, "query_cap": 16}
+    return cfg

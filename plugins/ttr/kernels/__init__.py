@@ -1,14 +1,25 @@
 """Fused inference kernels of the ttr layer (Triton) and their plain-PyTorch reference.
 
-`ttr_forward_fused(q, k, v, phi_q, phi_k, ...)` is the entry point the ttr backend calls at
-inference; it falls back to `reference.ttr_forward_reference` where Triton or CUDA is missing.
-Importing this package does not import triton (that happens on the first fused call).
+| module | one idea |
+|---|---|
+| `tiles` | `KernelConfig`: tile sizes of each pass, and the rules that turn them into block shapes |
+| `capability` | what the kernels can serve (`fused_unsupported_reasons`); how φ splits between cuBLAS and the kernels |
+| `serve_plan` | `ServePlan`: weights cast, indices placed, launches described once; a call only launches |
+| `cudnn_landmarks` | the landmark softmax by cuDNN before the landmark pass (when it pays; within memory) |
+| `launchers` | the two Triton launches with their arguments in the kernels' order |
+| `triton_ttr` | the kernels (imported at the first launch) |
+| `fused` | `ttr_forward_fused`: one call for library use (a plan built and run), with the PyTorch fallback |
+| `reference` | the plain-PyTorch ground truth the kernels are tested against |
+
+Importing this package does not import triton.
 """
-from .fused import (KernelConfig, fused_unsupported_reasons, kv_state_fused, run_fused_kernels, triton_available,
-                    ttr_forward_fused)
+from .capability import fused_unsupported_reasons, triton_available
+from .fused import kv_state_fused, run_fused_kernels, ttr_forward_fused
 from .reference import (PhiWeights, kernel_branch_reference, kv_state_reference, landmark_reference,
                         landmark_window_reference, phi_reference, random_phi, ttr_forward_reference)
+from .serve_plan import ServePlan
+from .tiles import KernelConfig
 
-__all__ = ["KernelConfig", "PhiWeights", "fused_unsupported_reasons", "kernel_branch_reference", "kv_state_fused",
-           "kv_state_reference", "landmark_reference", "landmark_window_reference", "phi_reference", "random_phi",
-           "run_fused_kernels", "triton_available", "ttr_forward_fused", "ttr_forward_reference"]
+__all__ = ["KernelConfig", "PhiWeights", "ServePlan", "fused_unsupported_reasons", "kernel_branch_reference",
+           "kv_state_fused", "kv_state_reference", "landmark_reference", "landmark_window_reference", "phi_reference",
+           "random_phi", "run_fused_kernels", "triton_available", "ttr_forward_fused", "ttr_forward_reference"]

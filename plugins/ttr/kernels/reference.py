@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-ACTIVATIONS = ("elu+1", "relu", "hedgehog")
+from ..kernel_regression import ACTIVATIONS, feature_map
+
 _ALIASES = {"elu1": "elu+1"}
 _LOGIT_CLAMP = 15.0  # as plugins/ttr/layer.py: the σ argument is clamped to ±15
 
@@ -94,37 +94,11 @@ class PhiWeights:
         return cls(ws, bs, activation=activation, l2_norm=l2_norm, norm_eps=eps)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x `[B, H, N, Din]` fp32 times a shared `[Din, Dout]` or per-head `[H, Din, Dout]` weight."""
-    y = torch.matmul(x, w.float())  # [Din, Dout] or [G, Din, Dout] broadcast over B (G = 1 or H)
-    if b is not None:
-        y = y + (b.float() if b.dim() == 1 else b.float()[:, None, :])
-    return y
-
-
-def activate(a: torch.Tensor, activation: str) -> torch.Tensor:
-    """The feature map's final activation on pre-activations `a` (fp32)."""
-    activation = _ALIASES.get(activation, activation)
-    if activation == "elu+1":
-        return F.elu(a) + 1.0
-    if activation == "relu":
-        return F.relu(a)
-    if activation == "hedgehog":
-        return torch.cat([torch.softmax(a, dim=-1), torch.softmax(-a, dim=-1)], dim=-1)
-    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-
-
 def phi_reference(x: torch.Tensor, phi: PhiWeights) -> torch.Tensor:
-    """φ(x) in fp32, `[B, H, N, F]`."""
-    h = x.float()
-    for i, (w, b) in enumerate(zip(phi.weights, phi.biases)):
-        h = _linear(h, w, b)
-        if i < phi.depth - 1:
-            h = F.silu(h)
-    h = activate(h, phi.activation)
-    if phi.l2_norm:
-        h = F.normalize(h, dim=-1, eps=phi.norm_eps)
-    return h
+    """φ(x) in fp32, `[B, H, N, F]` (`kernel_regression.feature_map`, the one PyTorch φ)."""
+    return feature_map(x.float(), [w.float() for w in phi.weights],
+                       [None if b is None else b.float() for b in phi.biases], phi.activation, phi.l2_norm,
+                       phi.norm_eps)
 
 
 def kv_state_reference(k: torch.Tensor, v: torch.Tensor, phi_k: PhiWeights,

@@ -15,7 +15,9 @@ Two launches carry the layer:
   branch, reads out_l back from `out` and blends in place with the per-(b, h) mean of d) and adaptive in one
   pass (4: the mean of d is replaced by a reference known before the call — the layer's running mean of d,
   `alpha_reference = "running"` — so the landmark pass blends in its epilogue). Every query row of the
-  sequence is processed.
+  sequence is processed. GUARD = 1 (the served call's non-finite check): the pass that writes the layer's output
+  replaces every row that is not finite in the output's dtype by the landmark branch's row (kernel-only: zeros)
+  and sets the int32 at `flag_ptr` (`_finite_rows`); GUARD = 0 compiles to the kernel without it.
   WIN = r > 0 (the landmark plugin's local window) continues the landmark softmax over each image
   query's window of image keys (Chebyshev radius r on the latent grid, minus the landmarks, flagged per
   key in `lmf_ptr`); the landmark pass then tiles the conditioning rows first and the image queries as
@@ -270,8 +272,23 @@ def _adaptive_blend(ok, ol, dd, mean, logit, gamma, alpha_max):
 
 
 @triton.jit
+def _finite_rows(res, fallback, row_ok, flag_ptr, out_dtype: tl.constexpr):
+    """`res` (fp32 `[BM, D]`) with every row that is not finite once cast to `out_dtype` (NaN, ±inf, an fp16
+    overflow) replaced by `fallback`'s row (zeros where that is not finite either); where a valid row was replaced,
+    the int32 at `flag_ptr` is set to 1 (every writer writes 1: no atomic needed). Returns fp32 values that are
+    finite in `out_dtype`. |x| < inf is false for NaN and ±inf alike."""
+    cast = res.to(out_dtype).to(tl.float32)
+    bad = tl.sum(tl.where(tl.abs(cast) < float("inf"), 0, 1), axis=1) > 0
+    fb = fallback.to(out_dtype).to(tl.float32)
+    fb = tl.where(tl.abs(fb) < float("inf"), fb, 0.0)
+    n_bad = tl.sum((bad & row_ok).to(tl.int32), axis=0)
+    tl.store(flag_ptr, 1, mask=n_bad > 0)
+    return tl.where(bad[:, None], fb, cast)
+
+
+@triton.jit
 def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, out_ptr, d_ptr, dsum_ptr, lse_ptr,
-                  logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                  logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, flag_ptr,
                   N, L, H, n_cond, n_text_tiles, grid_h, grid_w, s_scale, eps, alpha_max, gamma, qk_scale,
                   norm_eps,
                   sqb, sqh, sqn, sxb, sxh, sxn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -280,7 +297,8 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
                   DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
                   HAS_B2: tl.constexpr, NORM: tl.constexpr, MODE: tl.constexpr, LM_SRC: tl.constexpr,
                   HAS_AFF: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr, HC: tl.constexpr,
-                  WIN: tl.constexpr, BLW: tl.constexpr, PW: tl.constexpr, FAST_SILU: tl.constexpr):
+                  WIN: tl.constexpr, BLW: tl.constexpr, PW: tl.constexpr, FAST_SILU: tl.constexpr,
+                  GUARD: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -364,12 +382,20 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         if HAS_AFF:
             ol = ol * (1.0 + tl.load(aff_ptr + b * 4 + 2)) + tl.load(aff_ptr + b * 4 + 3)
     # ---- blend epilogue ----------------------------------------------------------------------
+    # GUARD (modes 0, 1, 3, 4: the passes that write the layer's output): rows not finite in the output's dtype are
+    # replaced by the exact landmark branch's row (kernel-only: zeros) and `flag_ptr` is raised (_finite_rows)
     if MODE == 0:
-        tl.store(o_ptrs, ok.to(out_dtype), mask=row_ok[:, None])
+        res = ok
+        if GUARD:
+            res = _finite_rows(ok, tl.zeros((BM, D), dtype=tl.float32), row_ok, flag_ptr, out_dtype)
+        tl.store(o_ptrs, res.to(out_dtype), mask=row_ok[:, None])
     elif MODE == 1:
         lg = tl.minimum(tl.maximum(tl.load(logit_ptr + h * logit_h), -15.0), 15.0)
         a = alpha_max / (1.0 + tl.exp(-lg))
-        tl.store(o_ptrs, (ok + a * (ol - ok)).to(out_dtype), mask=row_ok[:, None])
+        res = ok + a * (ol - ok)
+        if GUARD:
+            res = _finite_rows(res, ol, row_ok, flag_ptr, out_dtype)
+        tl.store(o_ptrs, res.to(out_dtype), mask=row_ok[:, None])
     elif MODE == 2:
         dd = _disagreement(ok, ol)
         tl.store(d_ptr + t_ptrs, dd, mask=row_ok)
@@ -380,11 +406,15 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         # adaptive pass 2: d from pass 1, its mean over this call's queries from pass 1's sum
         dd = tl.load(d_ptr + t_ptrs, mask=row_ok, other=0.0)
         mean = tl.load(dsum_ptr + pid_bh) / N
-        out = _adaptive_blend(ok, ol, dd, mean, tl.load(logit_ptr + h * logit_h), gamma, alpha_max)
-        tl.store(o_ptrs, out.to(out_dtype), mask=row_ok[:, None])
+        res = _adaptive_blend(ok, ol, dd, mean, tl.load(logit_ptr + h * logit_h), gamma, alpha_max)
+        if GUARD:
+            res = _finite_rows(res, ol, row_ok, flag_ptr, out_dtype)
+        tl.store(o_ptrs, res.to(out_dtype), mask=row_ok[:, None])
     else:
         # MODE 4, adaptive in one pass: the reference of d (the layer's running mean, per head in `dsum`) is
         # known before the call, so the blend needs no second pass over the queries
-        out = _adaptive_blend(ok, ol, _disagreement(ok, ol), tl.load(dsum_ptr + h),
+        res = _adaptive_blend(ok, ol, _disagreement(ok, ol), tl.load(dsum_ptr + h),
                               tl.load(logit_ptr + h * logit_h), gamma, alpha_max)
-        tl.store(o_ptrs, out.to(out_dtype), mask=row_ok[:, None])
+        if GUARD:
+            res = _finite_rows(res, ol, row_ok, flag_ptr, out_dtype)
+        tl.store(o_ptrs, res.to(out_dtype), mask=row_ok[:, None])

@@ -115,3 +115,10 @@ class CFGGuider:
 def flux_sigmas(steps: int) -> torch.Tensor:
     """A simple descending flow-matching schedule 1 → 0 with `steps` steps (`steps + 1` values)."""
     return torch.linspace(1.0, 0.0, steps + 1)
+
+
+class KSampler:
+    """Upstream's sampler and scheduler name lists (a subset), which KSampler-like nodes offer as combos."""
+
+    SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m"]
+    SCHEDULERS = ["simple", "normal", "beta"]

@@ -1,10 +1,13 @@
 """Stand-in of `comfy_api/latest/_io.py`: the V3 schema subset attnplug uses.
 
 Same constructor keywords as upstream for `Input`/`WidgetInput`/`Output`, `Boolean`, `Int`, `Float`,
-`String`, `Combo`, `Model`, `Custom(io_type)`; `Schema` is a dataclass with upstream's field names;
-`NodeOutput(*args, ui=None, expand=None)`; `ComfyNode` with classmethods `define_schema`, `execute`.
+`String`, `Combo`, `Model`, `Latent`, `Conditioning`, `Vae`, `MultiType`, `Custom(io_type)`; `Schema` is a dataclass with upstream's field names;
+`NodeOutput(*args, ui=None, expand=None)`; `ComfyNode` with classmethods `define_schema`, `execute`,
+the optional `validate_inputs` / `fingerprint_inputs` (upstream's base raises NotImplementedError),
+`hidden` (None until the executor fills it) and `PREPARE_CLASS_CLONE(hidden_inputs)`, which returns a
+subclass whose `hidden` is a `HiddenHolder` (upstream clones the class the same way per execution).
 `Schema.validate()` checks ids are unique (upstream) and — stricter, for attnplug's tests — that
-every input has a tooltip. Left out: UI outputs, hidden inputs, lazy evaluation, async execute.
+every input has a tooltip. Left out: UI outputs, lazy evaluation, async execute, dynamic inputs.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ class Output:
     def __init__(self, id: str | None = None, display_name: str | None = None, tooltip: str | None = None,  # noqa: A002
                  is_output_list: bool = False) -> None:
         self.id = id
-        self.display_name = display_name or id
+        self.display_name = display_name  # upstream: the UI shows the io type when it is None
         self.tooltip = tooltip
         self.is_output_list = is_output_list
 
@@ -75,6 +78,7 @@ class _NumberInput(WidgetInput):
                  control_after_generate: Any = None, display_mode: Any = None, **kw: Any) -> None:
         super().__init__(id, display_name, optional, tooltip, lazy, default, **kw)
         self.min, self.max, self.step = min, max, step
+        self.control_after_generate = control_after_generate
 
 
 class _StringInput(WidgetInput):
@@ -103,6 +107,35 @@ Combo = _comfytype("COMBO", _ComboInput)
 Model = _comfytype("MODEL")
 Latent = _comfytype("LATENT")
 Conditioning = _comfytype("CONDITIONING")
+Vae = _comfytype("VAE")
+
+
+class MultiType:
+    """An input that accepts several io types (upstream `COMFY_MULTITYPED_V3`): its io type is the types
+    joined by commas; given an `Input` as `id`, that input's widget is used (with its tooltip, default...)."""
+
+    io_type = "COMFY_MULTITYPED_V3"
+
+    class Input(Input):
+        def __init__(self, id: "str | Input", types: list, display_name: str | None = None,  # noqa: A002
+                     optional: bool = False, tooltip: str | None = None, lazy: bool | None = None,
+                     extra_dict: dict | None = None) -> None:
+            self.input_override = None
+            if isinstance(id, Input):
+                self.input_override = id
+                optional = id.optional if id.optional is True else optional
+                tooltip = id.tooltip if id.tooltip is not None else tooltip
+                display_name = id.display_name if id.display_name is not None else display_name
+                id = id.id
+            super().__init__(id, display_name, optional, tooltip, lazy, extra_dict)
+            self._io_types = types
+
+        @property
+        def io_type(self) -> str:
+            names = [t.io_type for t in self._io_types]
+            if self.input_override is not None:
+                names.insert(0, self.input_override.io_type)
+            return ",".join(dict.fromkeys(names))
 
 
 def Custom(io_type: str):  # noqa: N802, ANN201 - upstream name
@@ -113,6 +146,32 @@ def Custom(io_type: str):  # noqa: N802, ANN201 - upstream name
 class Hidden(str, Enum):
     unique_id = "UNIQUE_ID"
     prompt = "PROMPT"
+    extra_pnginfo = "EXTRA_PNGINFO"
+    dynprompt = "DYNPROMPT"
+    auth_token_comfy_org = "AUTH_TOKEN_COMFY_ORG"
+    api_key_comfy_org = "API_KEY_COMFY_ORG"
+
+
+class HiddenHolder:
+    """The hidden values of one execution; a value that was not provided reads as None (as upstream)."""
+
+    def __init__(self, unique_id: str | None = None, prompt: Any = None, extra_pnginfo: Any = None,
+                 dynprompt: Any = None, auth_token_comfy_org: str | None = None,
+                 api_key_comfy_org: str | None = None, **kwargs: Any) -> None:
+        self.unique_id = unique_id
+        self.prompt = prompt
+        self.extra_pnginfo = extra_pnginfo
+        self.dynprompt = dynprompt
+        self.auth_token_comfy_org = auth_token_comfy_org
+        self.api_key_comfy_org = api_key_comfy_org
+
+    def __getattr__(self, key: str) -> Any:
+        return None
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "HiddenHolder":
+        d = d or {}
+        return cls(**{h.name: d.get(h) for h in Hidden})
 
 
 @dataclass
@@ -161,6 +220,8 @@ class NodeOutput:
 class ComfyNode:
     """Base of V3 nodes. `GET_SCHEMA` validates and returns the schema (upstream does the same)."""
 
+    hidden: HiddenHolder | None = None
+
     @classmethod
     def define_schema(cls) -> Schema:
         raise NotImplementedError
@@ -168,6 +229,23 @@ class ComfyNode:
     @classmethod
     def execute(cls, **kwargs: Any) -> NodeOutput:
         raise NotImplementedError
+
+    @classmethod
+    def validate_inputs(cls, **kwargs: Any) -> bool | str:
+        """Upstream: True, or a message ComfyUI shows as the node's validation error; inputs this method
+        names skip ComfyUI's own checks (min/max, combo options)."""
+        raise NotImplementedError
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs: Any) -> Any:
+        """Upstream: part of the node's cache key (V1's IS_CHANGED); another value re-executes the node."""
+        raise NotImplementedError
+
+    @classmethod
+    def PREPARE_CLASS_CLONE(cls, hidden_inputs: dict) -> type["ComfyNode"]:  # noqa: N802 - upstream name
+        clone = type(cls.__name__, (cls,), {})
+        clone.hidden = HiddenHolder.from_dict(hidden_inputs)
+        return clone
 
     @classmethod
     def GET_SCHEMA(cls) -> Schema:  # noqa: N802 - upstream name

@@ -2,10 +2,10 @@
 
 Kept from upstream: q/k/v as `[B, H, L, D]` via `view(B, L, 3, H, -1).permute(2, 0, 3, 1, 4)`; streams
 joined as [txt, img]; `extra_options = transformer_options.copy()` and, in double blocks,
-`extra_options["img_slice"] = [txt_len, total_len]` (builds after #12500); the `attn1_patch` hooks
+`extra_options["img_slice"] = [txt_len, total_len]` (builds from 2026-02-16 on); the `attn1_patch` hooks
 `p(q, k, v, pe=, attn_mask=, extra_options=)` returning a dict that may replace values; then
-`attention(..., transformer_options=transformer_options)`; then `attn1_output_patch`.
-Left out: modulation, MLPs, norms.
+`attention(..., transformer_options=transformer_options)`; then `attn1_output_patch`; both blocks keep
+`num_heads` and `hidden_size` as attributes. Left out: modulation, MLPs, norms.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class DoubleStreamBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.hidden_size = hidden_size
         self.img_qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.txt_qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.img_proj = nn.Linear(hidden_size, hidden_size)
@@ -59,6 +60,7 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.hidden_size = hidden_size
         self.linear1 = nn.Linear(hidden_size, 3 * hidden_size)
         self.linear2 = nn.Linear(hidden_size, hidden_size)
 

@@ -3,8 +3,8 @@
 Kept from upstream: `forward(x, timestep, context, y, guidance, ref_latents, control,
 transformer_options, **kw)` runs the `DIFFUSION_MODEL` wrappers with `class_obj=self`;
 `forward_orig` works on `transformer_options.copy()` and sets `total_blocks`, `block_type` and
-`block_index` per block (builds after #10841, 2025-11-26) and, for single blocks,
-`img_slice = [txt_len, txt_len + img_len]` (after #12500); image tokens come from 2×2 patches of the
+`block_index` per block (builds from 2025-11-26 on) and, for single blocks,
+`img_slice = [txt_len, txt_len + img_len]` (from 2026-02-16 on); image tokens come from 2×2 patches of the
 latent. Left out: modulation, guidance/time embeddings beyond a scalar gate, controlnets, ref latents.
 """
 from __future__ import annotations

@@ -1,0 +1,43 @@
+"""controller plugin: its config section, the built-in quality terms, and the plan gate of every session."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ...core.hookspecs import hookimpl
+from .gate import PlanGate
+from .lpips_term import LpipsSettings, LpipsTerm
+from .settings import ControllerSettings
+from .terms import BUILTIN_TERMS
+
+if TYPE_CHECKING:
+    from ...core.registrar import Registrar
+    from ...core.session import Session
+
+
+@hookimpl
+def attnplug_config_sections() -> dict[str, type[ControllerSettings]]:
+    return {"controller": ControllerSettings}
+
+
+def _doc(cls: type) -> str:
+    return (cls.__doc__ or "").strip().splitlines()[0]
+
+
+@hookimpl
+def attnplug_register_quality_terms(registrar: "Registrar") -> None:
+    for name, cls in BUILTIN_TERMS.items():
+        registrar.add(name, lambda settings, context, cls=cls: cls(), None, doc=_doc(cls))
+    registrar.add("lpips", _lpips, LpipsSettings, doc="LPIPS of the decoded images (the `lpips` package; backbone "
+                                                      "weights from the torch hub cache)")
+
+
+def _lpips(settings: Any, context: Any) -> LpipsTerm:
+    return LpipsTerm(settings if isinstance(settings, LpipsSettings) else LpipsSettings())
+
+
+@hookimpl
+def attnplug_session_start(session: "Session") -> None:
+    """Every session serves through the plan gate: the stored plan when there is one, else readiness alone."""
+    settings = session.config.sections.get("controller")
+    session.router.gates.append(PlanGate(settings if isinstance(settings, ControllerSettings)
+                                         else ControllerSettings(), session))

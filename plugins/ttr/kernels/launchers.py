@@ -1,0 +1,76 @@
+"""The two Triton launches of a fused ttr call, their arguments in the kernels' order.
+
+Everything that does not change from call to call (grids, scalars, compile-time arguments, cast weights) comes
+precomputed from a `serve_plan.ServePlan`; a launch reads only the tensors' pointers and strides. triton is
+imported at the first launch (`import attnplug` never imports it), and the kernels are looked up in
+`triton_ttr` at every launch, so tests can wrap them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from .serve_plan import PhiArgs
+
+_module: ModuleType | None = None
+
+
+def _kernels() -> ModuleType:
+    global _module
+    if _module is None:
+        from . import triton_ttr
+
+        _module = triton_ttr
+    return _module
+
+
+@dataclass(frozen=True)
+class KeyLaunch:
+    """The key pass of one plan: grid `(B·H, key chunks)`, keys per chunk, compile-time arguments."""
+
+    grid: tuple[int, int]
+    n: int
+    heads: int
+    chunk: int
+    consts: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class QueryLaunch:
+    """One query pass of one plan: grid `(row tiles, B·H)`, its scalar arguments and compile-time arguments."""
+
+    grid: tuple[int, int]
+    ints: tuple[int, ...]  # N, L, H, n_cond, n_text_tiles, grid_h, grid_w
+    floats: tuple[float, ...]  # s_scale, eps, alpha_max, gamma, qk_scale, norm_eps
+    logit_h: int
+    consts: dict[str, Any]
+
+
+def key_pass(launch: KeyLaunch, x: "torch.Tensor", v: "torch.Tensor", mask: "torch.Tensor", mask_stride: int,
+             s: "torch.Tensor", z: "torch.Tensor", phi: "PhiArgs") -> None:
+    """S and z (fp32, zeroed by the caller: the key chunks add into them) from keys `x` (or their pre-activations
+    after a cuBLAS prefix) and values `v`."""
+    _kernels()._kv_state_kernel[launch.grid](
+        x, v, mask, s, z, phi.w1, phi.b1, phi.w2, phi.b2,
+        launch.n, launch.heads, launch.chunk,
+        x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1), v.stride(2), mask_stride,
+        *phi.head_strides, phi.norm_eps, **launch.consts)
+
+
+def query_pass(launch: QueryLaunch, q: "torch.Tensor", x: "torch.Tensor", s_q: "torch.Tensor", z: "torch.Tensor",
+               kl: "torch.Tensor", vl: "torch.Tensor", idx: "torch.Tensor", lm_flag: "torch.Tensor",
+               out: "torch.Tensor", d_buf: "torch.Tensor", d_sum: "torch.Tensor", lse: "torch.Tensor",
+               logit: "torch.Tensor", aff: "torch.Tensor", phi: "PhiArgs", flag: "torch.Tensor") -> None:
+    """One pass of the query kernel over every query row (see `triton_ttr._query_kernel` for its modes)."""
+    _kernels()._query_kernel[launch.grid](
+        q, x, s_q, z, kl, vl, idx, lm_flag, out, d_buf, d_sum, lse, logit, aff,
+        phi.w1, phi.b1, phi.w2, phi.b2, flag,
+        *launch.ints, *launch.floats,
+        q.stride(0), q.stride(1), q.stride(2), x.stride(0), x.stride(1), x.stride(2),
+        kl.stride(0), kl.stride(1), kl.stride(2), vl.stride(0), vl.stride(1), vl.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *phi.head_strides, launch.logit_h, **launch.consts)

@@ -1,0 +1,286 @@
+"""`ServePlan`: everything a fused ttr call needs that does not depend on the values of q, k and v, built once.
+
+A plan is built from the layer's feature maps, its blend (α logit, α_max, γ, the running reference of d), the
+call's dtype, device and shapes and the landmark / window settings: the weights cast to the kernels' dtypes, the
+landmark indices and per-key landmark flags, the landmark-softmax path, each launch's grid, scalars and
+compile-time arguments. A call then allocates its buffers and launches — the key pass (S, z), S scaled and cast
+for the query passes, cuDNN's landmark softmax where chosen, one query pass (two for adaptive α against the call's
+own mean of d) — with no host↔device copy and no device sync. The ttr backend caches plans on each layer and
+builds new ones when its weights change; `fused.ttr_forward_fused` builds one per call.
+
+Tensors a plan holds (cast weights, α logit, d's reference) are read by the kernels at every call: a tensor given
+in the kernels' dtype is used as is, so in-place changes to it are seen; casts are copies made at build.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import launchers
+from .capability import PhiSplit, phi_split
+from .cudnn_landmarks import choose_landmark_impl, sdpa_landmarks
+from .reference import PhiWeights
+from .tiles import (DEFAULT_CONFIG, KernelConfig, block_k, cdiv, hidden_chunk, num_sms, patch_width,
+                    query_hidden_chunk, window_block)
+
+_ACT = {"elu+1": 0, "relu": 1, "hedgehog": 0}
+
+
+def on_device(x: torch.Tensor | float | Sequence[float], device: torch.device) -> torch.Tensor:
+    """`x` as fp32 on `device` without a device sync: Python numbers are copied with `non_blocking` (a blocking
+    copy from CPU memory waits for everything queued on the GPU first)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32)
+    return torch.tensor(x, dtype=torch.float32).to(device, non_blocking=True)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return t.detach().to(device=device, dtype=dtype).contiguous()
+
+
+@dataclass(frozen=True)
+class PhiArgs:
+    """One feature map as the kernels read it: the layers before the in-kernel part (run on cuBLAS, in the input
+    dtype) and the in-kernel layers' weights (input dtype) and biases (fp32), with per-head strides and flags."""
+
+    split: PhiSplit
+    activation: str
+    l2_norm: bool
+    norm_eps: float
+    prefix: tuple[tuple[torch.Tensor, torch.Tensor | None, bool], ...]  # (weight, bias, SiLU after) per layer
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    head_strides: tuple[int, int, int, int]  # elements between heads of w1, b1, w2, b2 (0: shared)
+    has_b1: int
+    has_b2: int
+
+    @classmethod
+    def build(cls, phi: PhiWeights, dtype: torch.dtype, device: torch.device, dummy: torch.Tensor) -> "PhiArgs":
+        split = phi_split(phi)
+        if isinstance(split, str):
+            raise ValueError(f"the fused kernels cannot compute this feature map: {split}")
+        prefix = tuple((_cast(phi.weights[i], dtype, device),
+                        None if phi.biases[i] is None else _cast(phi.biases[i], dtype, device), i < phi.depth - 1)
+                       for i in range(split.prefix))
+        layers = range(phi.depth - split.depth, phi.depth)
+        ws = [_cast(phi.weights[i], dtype, device) for i in layers]
+        bs = [None if phi.biases[i] is None else _cast(phi.biases[i], torch.float32, device) for i in layers]
+        w1 = ws[0] if len(ws) >= 1 else dummy
+        b1 = bs[0] if len(bs) >= 1 and bs[0] is not None else dummy
+        w2 = ws[1] if len(ws) == 2 else dummy
+        b2 = bs[1] if len(bs) == 2 and bs[1] is not None else dummy
+
+        def per_head(t: torch.Tensor) -> int:
+            return t[0].numel() if phi.per_head and t is not dummy else 0
+
+        return cls(split, phi.activation, phi.l2_norm, phi.norm_eps, prefix, w1, b1, w2, b2,
+                   (per_head(w1), per_head(b1), per_head(w2), per_head(b2)),
+                   int(len(bs) >= 1 and bs[0] is not None), int(len(bs) == 2 and bs[1] is not None))
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers before the in-kernel part (x unchanged when there are none), contiguous in the last dim."""
+        for w, b, silu in self.prefix:
+            x = torch.matmul(x, w)  # [B,H,N,Din] @ [Din,Dout] or [H,Din,Dout] (broadcast over B)
+            if b is not None:
+                x = x + (b if b.dim() == 1 else b[:, None, :])
+            if silu:
+                x = F.silu(x)
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    def consts(self, fast_silu: int) -> dict[str, Any]:
+        """The compile-time arguments both kernels share."""
+        s = self.split
+        return dict(DIN=s.din, H1=s.h1, F1=s.f1, DEPTH=s.depth, ACT=_ACT[self.activation],
+                    IS_HH=int(self.activation == "hedgehog"), HAS_B1=self.has_b1, HAS_B2=self.has_b2,
+                    NORM=int(self.l2_norm), FAST_SILU=fast_silu)
+
+
+class ServePlan:
+    """The fused call of one layer at one shape; `plan(q, k, v, ...)` runs it (see the module docstring).
+
+    :param q, k, v: tensors of the shapes, dtype and device the plan serves (their values are not read).
+    :param landmark_idx: `[L]` key indices of the landmarks (None or empty: none).
+    :param alpha_logit: a scalar or per-head `[H]` blend logit. :param d_reference: `[H]` running mean of d (adaptive
+        α in one pass) or None (the call's own mean: two passes).
+    :param key_mask: whether calls come with a `[B, Nk]` key-padding mask (kernel-only plans).
+    :param window, grid, n_cond: the landmark window (checked by the caller, `reference.check_window`).
+    :param landmark_flags: `[Nk]` int8, 1 for landmarks (built from `landmark_idx` when None and a window runs).
+    """
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights, phi_k: PhiWeights, *,
+                 landmark_idx: torch.Tensor | None = None, alpha_logit: torch.Tensor | float = -2.1972,
+                 alpha_max: float = 0.2, gamma: float = 2.0, adaptive: bool = True, eps: float = 1e-6,
+                 key_mask: bool = False, landmark_impl: str = "auto", config: KernelConfig | None = None,
+                 window: int = 0, grid: tuple[int, int] | None = None, n_cond: int = 0,
+                 d_reference: torch.Tensor | None = None, landmark_flags: torch.Tensor | None = None) -> None:
+        cfg = config or DEFAULT_CONFIG
+        self.config = cfg
+        bsz, heads, nq, d = q.shape
+        nk = k.shape[2]
+        dev, dtype = q.device, q.dtype
+        self.shape = (bsz, heads, nq, nk, d)
+        self.dtype, self.device = dtype, dev
+        self.dummy = torch.zeros(1, device=dev, dtype=torch.float32)  # stands in for pointers a pass does not read
+        self.phi_q = PhiArgs.build(phi_q, dtype, dev, self.dummy)
+        self.phi_k = self.phi_q if phi_k is phi_q else PhiArgs.build(phi_k, dtype, dev, self.dummy)
+        self.fast_silu = int(dev.type == "cuda" and dtype in (torch.float16, torch.bfloat16))
+        self.ft = phi_k.feature_dim
+        self.n_s = bsz * heads * self.ft * d  # S and z share one zeroed buffer: S first, then z
+        self.n_sz = self.n_s + bsz * heads * self.ft
+        self.s_scale = 1.0 / max(1, nk)  # keeps S and z in range for fp16 dots; cancels in the ratio
+        self.key_mask = key_mask
+        self.key = self._key_launch(cfg, bsz, heads, nk, d)
+
+        use_lm = landmark_idx is not None and landmark_idx.numel() > 0
+        self.n_lm = int(landmark_idx.numel()) if use_lm else 0
+        self.idx = landmark_idx.to(device=dev, dtype=torch.long).contiguous() if use_lm else self.dummy
+        self.window = int(window)
+        self.n_cond = int(n_cond) if window else 0
+        self.grid_hw = (1, 1) if window == 0 else (int(grid[0]), int(grid[1]))  # type: ignore[index]
+        self.lm_flag = self.dummy
+        if window > 0:  # int8 per key: 1 = a landmark (the window part skips it: the landmark loop counted it)
+            if landmark_flags is None:
+                landmark_flags = torch.zeros(nk, dtype=torch.int8, device=dev)
+                if use_lm:
+                    landmark_flags.index_fill_(0, self.idx, 1)
+            self.lm_flag = landmark_flags
+        self.use_branch = use_lm or window > 0  # a window runs the landmark branch even without landmarks
+        self.landmark_impl = choose_landmark_impl(landmark_impl, q, self.n_lm, self.window)
+
+        logit = on_device(alpha_logit, dev).reshape(-1).contiguous()
+        if logit.numel() not in (1, heads):
+            raise ValueError(f"alpha_logit: expected a scalar or [{heads}] per head, got {logit.numel()} values")
+        self.logit, self.logit_h = logit, int(logit.numel() == heads)
+        self.alpha_max, self.gamma, self.eps = float(alpha_max), float(gamma), float(eps)
+        self.adaptive = bool(adaptive)
+        self.one_pass = self.use_branch and self.adaptive and d_reference is not None
+        self.d_ref = self.dummy
+        if self.one_pass:
+            assert d_reference is not None
+            d_ref = d_reference.reshape(-1)
+            if d_ref.numel() != heads:
+                raise ValueError(f"d_reference: expected [{heads}] (one mean of d per head), got "
+                                 f"{tuple(d_reference.shape)}")
+            # read by the kernel as the per-head mean of d (no copy when it is the layer's fp32 buffer on q's device)
+            self.d_ref = d_ref.to(device=dev, dtype=torch.float32).contiguous()
+        if not self.use_branch:
+            self.modes: tuple[int, ...] = (0,)
+        elif self.one_pass:
+            self.modes = (4,)
+        else:
+            self.modes = (2, 3) if self.adaptive else (1,)
+        self._launches: dict[tuple[int, int, int, int], launchers.QueryLaunch] = {}
+
+    # ---- launch descriptions (memoised: LM_SRC follows cuDNN's result, GUARD and HAS_AFF the call) -------------
+    def _key_launch(self, cfg: KernelConfig, bsz: int, heads: int, n: int, d: int) -> launchers.KeyLaunch:
+        bn = cfg.kv_block_n
+        n_chunks = max(1, min(cdiv(n, bn), cdiv(cfg.kv_programs_per_sm * num_sms(self.device), bsz * heads)))
+        chunk = cdiv(cdiv(n, n_chunks), bn) * bn
+        consts = dict(D=d, BK=block_k(cfg.block_k, self.phi_k.split.din), **self.phi_k.consts(self.fast_silu),
+                      HAS_MASK=int(self.key_mask), BN=bn, HC=hidden_chunk(cfg.kv_hidden_chunk, self.phi_k.split.h1),
+                      num_warps=cfg.kv_warps, num_stages=cfg.kv_stages)
+        return launchers.KeyLaunch((bsz * heads, cdiv(n, chunk)), n, heads, chunk, consts)
+
+    def query_launch(self, mode: int, lm_src: int, guard: int, has_aff: int) -> launchers.QueryLaunch:
+        """The query pass of `mode`: the landmark pass (modes 1, 2, 4) has its own tiles (from cuDNN's softmax,
+        `lm_src` = 1: sdpa_lm_*); kernel-only (0) and adaptive pass 2 (3) share q_*."""
+        key = (mode, lm_src, guard, has_aff)
+        hit = self._launches.get(key)
+        if hit is not None:
+            return hit
+        cfg = self.config
+        bsz, heads, nq, _, d = self.shape
+        landmark_pass = mode in (1, 2, 4)
+        if landmark_pass:
+            bm, warps = (cfg.sdpa_lm_block_m, cfg.sdpa_lm_warps) if lm_src else (cfg.lm_block_m, cfg.lm_warps)
+            stages = cfg.lm_stages
+        else:
+            bm, warps, stages = cfg.q_block_m, cfg.q_warps, cfg.q_stages
+        grid_h, grid_w = self.grid_hw
+        win = self.window if landmark_pass else 0
+        pw = patch_width(cfg.lm_patch_w, grid_w, bm) if win else 0
+        n_text_tiles = cdiv(self.n_cond, bm) if win else 0
+        # with a window: the conditioning rows, then (BM/PW x PW) patches of the latent grid
+        tiles = n_text_tiles + cdiv(grid_h, bm // pw) * cdiv(grid_w, pw) if win else cdiv(nq, bm)
+        split = self.phi_q.split
+        consts = dict(D=d, BK=block_k(cfg.block_k, split.din), **self.phi_q.consts(self.fast_silu), MODE=mode,
+                      LM_SRC=lm_src, HAS_AFF=has_aff, BM=bm, BL=cfg.lm_block,
+                      HC=query_hidden_chunk(cfg, split.din, split.h1, landmark_pass, mode), WIN=win,
+                      BLW=window_block(cfg.lm_window_block, bm, pw, win) if win else 16, PW=pw,
+                      GUARD=guard if mode != 2 else 0, num_warps=warps, num_stages=stages)
+        qk_scale = d ** -0.5 * 1.4426950408889634
+        hit = launchers.QueryLaunch(
+            (tiles, bsz * heads), (nq, self.n_lm, heads, self.n_cond, n_text_tiles, grid_h, grid_w),
+            (self.s_scale, self.eps, self.alpha_max, self.gamma, qk_scale, self.phi_q.norm_eps), self.logit_h, consts)
+        self._launches[key] = hit
+        return hit
+
+    # ---- a call -------------------------------------------------------------------------------------------------
+    def key_state(self, k: torch.Tensor, v: torch.Tensor,
+                  key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key pass: `(sz, z)`, S `[B·H·F·D]` and then z `[B·H·F]` in one flat fp32 buffer, and z's view."""
+        if (key_mask is not None) != self.key_mask:
+            raise ValueError("ServePlan: this plan was built " + ("with" if self.key_mask else "without")
+                             + " a key mask; the call " + ("has none" if key_mask is None else "has one"))
+        x = self.phi_k.pre(k)
+        if v.stride(-1) != 1:
+            v = v.contiguous()
+        sz = torch.zeros(self.n_sz, device=k.device, dtype=torch.float32)  # the key chunks add into it atomically
+        z = sz[self.n_s:]
+        if key_mask is not None:
+            m = key_mask.to(device=k.device, dtype=torch.int8).contiguous()
+            mask, smb = m, m.stride(0)
+        else:
+            mask, smb = self.dummy, 0
+        launchers.key_pass(self.key, x, v, mask, smb, sz, z, self.phi_k)
+        return sz, z
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+                 branch_affine: torch.Tensor | None = None, finite_flag: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, H, Nq, D]` in q's dtype. `branch_affine`: `[B, 4]` fp32 contiguous on q's device, or None;
+        `finite_flag`: a one-element int32 device tensor — rows not finite are then replaced by the landmark
+        branch's row (kernel-only: zeros) and the flag is set to 1 (no sync)."""
+        with torch.no_grad():
+            sz, z = self.key_state(k, v, key_mask)
+            # S as the query passes' dot reads it: scaled and in q's dtype once here, not per query tile
+            s_q = torch.empty(self.n_s, device=q.device, dtype=q.dtype)
+            torch.mul(sz[:self.n_s], self.s_scale, out=s_q)
+            del sz  # the fp32 S is not read again (z, its tail, is: the view keeps it)
+            if q.stride(-1) != 1:
+                q = q.contiguous()
+            x = self.phi_q.pre(q)
+            kl, vl = k, v  # the in-kernel softmax gathers landmark rows itself: no copy (cuDNN: `sdpa_landmarks`)
+            if kl.stride(-1) != 1 or vl.stride(-1) != 1:
+                kl, vl = kl.contiguous(), vl.contiguous()
+            # cuDNN's landmark softmax (with a window also its log-sum-exp, from which the landmark pass goes on) in
+            # the buffer that becomes the output; else a fresh output
+            res = None
+            if self.use_branch and self.landmark_impl == "sdpa":
+                res = sdpa_landmarks(q, k, v, self.idx, self.config, self.window > 0)
+                if res is None:  # no log-sum-exp on this torch: the in-kernel softmax from now on
+                    self.landmark_impl = "fused"
+            if res is None:
+                out = torch.empty(*self.shape[:3], self.shape[4], device=q.device, dtype=q.dtype)
+                lse = self.dummy
+            else:
+                out, lse = res[0], self.dummy if res[1] is None else res[1]
+            d_buf, d_sum = self.dummy, self.d_ref
+            if self.modes == (2, 3):
+                bsz, heads, nq = self.shape[:3]
+                d_buf = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32)
+                d_sum = torch.zeros(bsz * heads, device=q.device, dtype=torch.float32)  # pass 1 adds into it
+            guard = int(finite_flag is not None)
+            flag = finite_flag if finite_flag is not None else self.dummy
+            has_aff = int(branch_affine is not None)
+            aff = branch_affine if branch_affine is not None else self.dummy
+            lm_src = int(res is not None)
+            for mode in self.modes:
+                launch = self.query_launch(mode, lm_src if mode != 3 else 0, guard, has_aff)
+                launchers.query_pass(launch, q, x, s_q, z, kl, vl, self.idx, self.lm_flag, out, d_buf, d_sum, lse,
+                                     self.logit, aff, self.phi_q, flag)
+            return out

@@ -1,0 +1,115 @@
+"""Tile sizes of the ttr kernels (`KernelConfig`) and the rules that turn them into each launch's block shapes."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+#: The widest hidden / feature tile the kernels keep in registers.
+MAX_REG_WIDTH = 256
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes of each pass (docs/PERFORMANCE.md, "Tile sizes"; sweep: `python -m attnplug.bench.tune`).
+
+    Key pass: `kv_*`. Query passes: the landmark pass (fixed-α hybrid, adaptive pass 1 or one pass) tiles with `lm_*`
+    (rows and warps from `sdpa_lm_*` when cuDNN gave the landmark softmax), the others (kernel-only,
+    adaptive pass 2) with `q_*`; φ(q) is chunked by `lm_hidden_chunk` / `q_hidden_chunk`. A hidden chunk of 0,
+    or one that is not a power of two ≥ 16 dividing the hidden width, computes a 2-layer φ's hidden tile at
+    once. Defaults: sweeps of `bench.tune` on an H200 at 1024², 2048² and 4096² (docs/PERFORMANCE.md), each
+    within a few % of the best at every size it applies to.
+    """
+
+    kv_block_n: int = 128  # key pass: keys per tile
+    kv_warps: int = 8  # key pass: warps per program
+    kv_stages: int = 3  # key pass: software-pipelining stages
+    kv_programs_per_sm: int = 2  # key pass: split keys into chunks so that ~this many programs run per SM
+    kv_hidden_chunk: int = 128  # key pass, 2-layer φ(k): hidden columns per step (0: all at once)
+    q_block_m: int = 128  # kernel-only pass and adaptive pass 2: query rows per tile
+    q_warps: int = 8  # kernel-only pass and adaptive pass 2: warps per program
+    q_stages: int = 2  # kernel-only pass and adaptive pass 2: software-pipelining stages
+    q_hidden_chunk: int = 0  # kernel-only pass and adaptive pass 2, 2-layer φ(q): hidden columns per step (0: all)
+    lm_block_m: int = 128  # landmark pass (fixed-α hybrid, adaptive pass 1 or one pass): query rows per tile
+    lm_hidden_chunk: int = 128  # landmark pass, 2-layer φ(q): hidden columns per step (fewer registers live
+    # beside the landmark loops' state: 1572 vs 1677 µs at 2048² on an H200; pass 2 is faster whole)
+    lm_warps: int = 8  # landmark pass: warps per program
+    lm_stages: int = 3  # landmark pass: software-pipelining stages
+    lm_block: int = 128  # landmark pass, in-kernel softmax (landmark_impl="fused"): landmark keys per tile
+    lm_window_block: int = 64  # landmark pass with a window: window keys per tile (capped at the patch's key box)
+    lm_patch_w: int = 16  # landmark pass with a window: image queries per tile as (lm_block_m / this) x this patches
+    # the landmark pass when cuDNN gave the landmark softmax (it only reads that and goes on over the window): rows
+    # per tile and warps — smaller tiles, two programs per SM (4096² on an H200: 6.98 vs 7.41 ms the call)
+    sdpa_lm_block_m: int = 64
+    sdpa_lm_warps: int = 4
+    block_k: int = 64  # first in-kernel φ layer, every pass: input columns per step
+    # landmark_impl="sdpa": out_l comes from cuDNN in one call over all heads, whose result is the output, where
+    # all heads' landmark K/V copies fit within this fraction of the output's bytes (the memory target: SDPA's
+    # peak + 10 %; the rest of the fused path adds ~3 %); else per head group and row chunk, the copies and one
+    # chunk of out_l within it …
+    sdpa_memory_fraction: float = 0.06
+    sdpa_min_rows: int = 2048  # … with chunks of at least this many rows (small chunks under-fill the GPU)
+    sdpa_whole: bool = True  # False: always per head group and row chunk (tests of that path)
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+def pow2(n: int) -> bool:
+    """A power of two of at least 16 (the widths `tl.arange` and `tl.dot` take)."""
+    return n >= 16 and (n & (n - 1)) == 0
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the key pass splits its keys by them); 4 elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def block_k(want: int, din: int) -> int:
+    """The widest chunk of the first layer's input (≤ want) that divides it."""
+    for bk in (128, 64, 32, 16):
+        if bk <= want and din % bk == 0:
+            return bk
+    return 16
+
+
+def hidden_chunk(want: int, h1: int) -> int:
+    """Hidden columns per step of a 2-layer φ: `want` when it is a power of two ≥ 16 dividing h1, else all."""
+    return want if want and pow2(want) and want < h1 and h1 % want == 0 else h1
+
+
+def query_hidden_chunk(cfg: KernelConfig, din: int, h1: int, landmark_pass: bool, mode: int) -> int:
+    """Hidden columns per step of φ(q) in one query pass (`hidden_chunk` of the pass's field; `din`, `h1`: the
+    in-kernel φ's input and hidden widths).
+
+    Adaptive pass 2 (mode 3) with the whole hidden tile and an input narrower than 64 (one K step of the first
+    layer: head_dim 32) is miscompiled by Triton 3.6 on Hopper — compute-sanitizer reports out-of-range shared
+    addresses in the first layer's dot and the launch faults (kernel-only, the landmark pass and a chunked pass 2
+    are clean) — so that pass is chunked there (by 128, the landmark pass's default chunk)."""
+    hc = hidden_chunk(cfg.lm_hidden_chunk if landmark_pass else cfg.q_hidden_chunk, h1)
+    if mode == 3 and din < 64 and hc == h1:
+        return hidden_chunk(128, h1)
+    return hc
+
+
+def patch_width(want: int, grid_w: int, block_m: int) -> int:
+    """Columns of a query patch with a window: `want` (a power of two, ≤ the tile's rows), at most the grid's
+    width to the next power of two (a narrow grid gets taller patches, not half-empty ones)."""
+    pw = 1 << (max(1, min(want, block_m)) - 1).bit_length()
+    return max(1, min(pw, 1 << (max(1, grid_w) - 1).bit_length(), block_m))
+
+
+def window_block(want: int, block_m: int, patch_w: int, window: int) -> int:
+    """Window keys per tile: `want` (a power of two ≥ 16, else the next one), capped at the key box of one
+    query patch (`(BM/PW + 2r)(PW + 2r)`, to the next power of two): no half-empty tiles on small windows."""
+    box = (block_m // patch_w + 2 * window) * (patch_w + 2 * window)
+    cap = max(16, 1 << (box - 1).bit_length())
+    return min(max(16, 1 << (max(1, want) - 1).bit_length()), cap)
