@@ -131,23 +131,32 @@ def test_a_model_that_hides_its_shapes_is_checked_at_the_first_call(comfy, monke
 
 # ---- saving: failures are errors, training is kept; no training, no save ---------------------------------------------
 
-def test_a_failed_save_is_the_sampler_nodes_error_and_the_training_is_kept(comfy):
+def test_a_failed_save_is_the_sampler_nodes_error_and_the_training_is_kept(comfy, monkeypatch):
     stub.need_ttr_distiller()
     from attnplug.core import load_checkpoint
     from attnplug.hosts.comfy import current_binding
     from attnplug.hosts.comfy.binding import CheckpointSaveError
 
+    from attnplug.core import Session
+
     model = _distill(stub.tiny_model(), "blocked")
     binding = current_binding(model)
     target = Path(binding.handle.spec.checkpoint)
-    target.mkdir(parents=True)  # something in the way: the rename onto the checkpoint's path fails
-    with pytest.raises(CheckpointSaveError, match=f"could not save checkpoint {target}: IsADirectoryError") as err:
+    save = Session.save
+
+    def blocked_save(self, path):  # something gets in the way while sampling: the rename onto the path fails
+        target.mkdir(parents=True, exist_ok=True)
+        return save(self, path)
+
+    monkeypatch.setattr(Session, "save", blocked_save)
+    with pytest.raises(CheckpointSaveError, match=f"could not save checkpoint {target}: CheckpointError: .* is a folder") as err:
         stub.sample(model, steps=2, cfg=1.0)
     assert "kept in memory and saved when the next sampling run through this model ends" in str(err.value)
     kept = binding.handle.session
     assert kept is not None and not kept.closed
     first_run = kept.distiller.total_updates
     assert first_run > 0
+    monkeypatch.setattr(Session, "save", save)
     shutil.rmtree(target)  # fixed
     stub.sample(model, steps=2, cfg=1.0)
     assert binding.handle.builds == 1 and binding.handle.saves == 1 and binding.handle.session is None
