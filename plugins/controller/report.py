@@ -71,7 +71,7 @@ def plot_report(report: Mapping[str, Any], path: str | Path) -> Path:
     ax1.set_xlabel("share of layer-steps served (%)")
     ax1.set_ylabel("share of the term's budget used")
     ax1.set_title("the plan as the search grew it")
-    if ax1.get_lines():
+    if ax1.get_legend_handles_labels()[0]:  # a plan with no accepted cell has no labelled line
         ax1.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
