@@ -44,7 +44,7 @@ class TtrSettings(Strict):
                                                               "4096).")
     depth: int = Field(2, ge=1, le=3, description="Linear layers in φ (SiLU between them).")
     hidden: int = Field(256, ge=0, le=16384, description="Hidden width of φ when depth > 1 (at most 16384); 0 = "
-                                                         "the rule of the ComfyUI pack attnplug re-creates, "
+                                                         "the earlier ComfyUI node pack's rule, "
                                                          "max(head_dim, 2·F).")
     activation: Activation = Field("elu+1", description="Positive output activation: 'elu+1', 'hedgehog' "
                                                         "(softmax(Wx) ⊕ softmax(−Wx)) or 'relu'.")
