@@ -74,8 +74,8 @@ _LM_2PCT = {"fraction": 0.02, "min": 16, "max": 0, "window": 0}
 #: L2 norm: `3layer-F256`), a lean one, one per row of
 #: docs/QUALITY.md's feature-map table (testbed/quality.py variants of the same names), the previous
 #: default with 2 % landmarks, with the landmark cap that keeps the layer linear-time (docs/PERFORMANCE.md,
-#: "The floor of the previous default") and with the local window of radius 2, and the lean layer with the window. `--configs`
-#: times a subset.
+#: "The floor of the previous default") and with the local window of radius 2, and the lean layer with the
+#: window. `--configs` times a subset.
 TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default": (_TTR_DEFAULT, _LM_DEFAULT),
     # adaptive α's d against the call's mean (two query passes) or a running mean (one pass)

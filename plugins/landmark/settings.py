@@ -20,7 +20,8 @@ class LandmarkSettings(Strict):
     least 16), unlimited, plus the local window r = 2, with the ttr layer's `alpha_max = 0.5`. On the
     testbed (six single blocks served, 64 held-out prompts) that layer loses 0.22 / 0.27 adherence
     points (seeds 0 / 1) against 1.46 / 1.66 for the previous default (0.08 / 64, the earlier node
-    pack's budget, no window) trained the same way (0.17 / 0.19 with the distiller's own query subsample); the window carries the sharp, local attention the landmarks miss,
+    pack's budget, no window) trained the same way (0.17 / 0.19 with the distiller's own query subsample);
+    the window carries the sharp, local attention the landmarks miss,
     and fewer landmarks make the exact softmax, which dominates the layer's time at 2048² and up,
     much cheaper. Checkpoints distilled on the previous defaults (testbed/weights/ttr_default.safetensors)
     were trained against 0.08 / 64 / no window (`PREVIOUS_DEFAULTS`): their configs pin those values
