@@ -253,9 +253,11 @@ def calibrate_cmd(config: Path = typer.Option(..., help="Serving config of the c
 
 
 @app.command("convert-seed-checkpoint")
-def convert_seed(src: Path = typer.Argument(..., help="The seed pack's flux2_ttr.pt (format flux2_ttr_v2)."),
+def convert_seed(src: Path = typer.Argument(..., help="The earlier ComfyUI node pack's flux2_ttr.pt "
+                                                       "(format flux2_ttr_v2)."),
                  dst: Path = typer.Argument(..., help="attnplug checkpoint to write (.safetensors).")) -> None:
-    """Import a checkpoint of the ComfyUI node pack attnplug re-creates (read with weights_only=True)."""
+    """Convert a checkpoint of the earlier ComfyUI node pack (ComfyUI-Approximate-Attention) into an attnplug
+    checkpoint (read with weights_only=True)."""
     from .plugins.ttr.seed_convert import convert_seed_checkpoint
 
     try:

@@ -1,4 +1,4 @@
-"""The repository root is the import package `attnplug` (DESIGN.md): list its sub-packages under that name."""
+"""The repository root is the import package `attnplug`: list its sub-packages under that name."""
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 

@@ -1,8 +1,8 @@
-"""`attnplug bench-model`: one forward of a FLUX.1-dev-shaped transformer, per attention mode (issue 8's
+"""`attnplug bench-model`: one forward of a FLUX.1-dev-shaped transformer, per attention mode (the
 end-to-end number).
 
 `bench.run` times one attention layer; what a user feels is the whole denoiser step, of which attention
-is only a part (reference/MEASUREMENTS.md: ~14 % at 1024², ~38 % at 2048²). This module builds a
+is only a part (on FLUX.1-dev ~14 % of a forward at 1024², ~38 % at 2048²). This module builds a
 diffusers `FluxTransformer2DModel` with the real FLUX.1-dev config and RANDOM weights (timing only:
 the outputs mean nothing) directly on the device in bf16 — one copy, ~24 GB for the 11.9 B
 parameters — and times one forward (batch 1, 512 text tokens, (px/16)² image tokens) in these modes:

@@ -60,28 +60,29 @@ class Variant:
 #: landmark branch.
 _TTR_DEFAULT = TtrSettings().model_dump(include={"depth", "hidden", "feature_dim", "alpha_max", "alpha_reference"})
 _LM_DEFAULT = LandmarkSettings().model_dump(include={"fraction", "min", "max", "window"})
-#: The configurations defined before session 5 pin what was the default then (α_max 0.2, no window, and
-#: the landmark budgets they name), so each keeps timing the layer its docs/PERFORMANCE.md rows measured.
+#: The configurations other than "default*" pin the previous default's α (α_max 0.2, no window, and the landmark
+#: budgets they name), so each keeps timing the layer its docs/PERFORMANCE.md rows measured.
 _A_PREV = {"alpha_max": 0.2, "alpha_reference": "call"}
 _PHI_PREV = {"depth": 2, "hidden": 256, "feature_dim": 128, **_A_PREV}  # the 2-layer map
 _PHI_LEAN = {"depth": 1, "hidden": 0, "feature_dim": 128, **_A_PREV}
 _LM_PREV = {"fraction": 0.08, "min": 64, "max": 0, "window": 0}
 _LM_2PCT = {"fraction": 0.02, "min": 16, "max": 0, "window": 0}
 
-#: ttr layer configurations (issue 8), `name: (ttr settings, landmark settings)`: the product default
-#: (session 5: window r = 2, α_max 0.5, 2 % landmarks; docs/QUALITY.md "The default (session 5)"), the
-#: previous default (8 % landmarks, no window, α_max 0.2), the seed design, a lean one, one per row of
+#: ttr layer configurations, `name: (ttr settings, landmark settings)`: the product default
+#: (window r = 2, α_max 0.5, 2 % landmarks; docs/QUALITY.md "The default layer"), the
+#: previous default (8 % landmarks, no window, α_max 0.2), the earlier node pack's layer (3-layer φ, F = 256,
+#: L2 norm: `3layer-F256`), a lean one, one per row of
 #: docs/QUALITY.md's feature-map table (testbed/quality.py variants of the same names), the previous
 #: default with 2 % landmarks, with the landmark cap that keeps the layer linear-time (docs/PERFORMANCE.md,
-#: "The floor") and with the local window of radius 2, and the lean layer with the window. `--configs`
-#: times a subset.
+#: "The floor of the previous default") and with the local window of radius 2, and the lean layer with the
+#: window. `--configs` times a subset.
 TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default": (_TTR_DEFAULT, _LM_DEFAULT),
     # adaptive α's d against the call's mean (two query passes) or a running mean (one pass)
     "default-call-alpha": ({**_TTR_DEFAULT, "alpha_reference": "call"}, _LM_DEFAULT),
     "default-running-alpha": ({**_TTR_DEFAULT, "alpha_reference": "running"}, _LM_DEFAULT),
     "previous-default": (_PHI_PREV, _LM_PREV),
-    "seed": ({"depth": 3, "hidden": 0, "feature_dim": 256, "l2_norm": True, **_A_PREV}, _LM_PREV),
+    "3layer-F256": ({"depth": 3, "hidden": 0, "feature_dim": 256, "l2_norm": True, **_A_PREV}, _LM_PREV),
     "lean": (_PHI_LEAN, {"fraction": 0.02, "min": 64, "max": 0, "window": 0}),
     "hedgehog-F64": ({"depth": 1, "feature_dim": 64, "activation": "hedgehog", **_A_PREV}, _LM_PREV),
     "1layer-F128": ({"depth": 1, "feature_dim": 128, **_A_PREV}, _LM_PREV),
@@ -90,10 +91,10 @@ TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "previous-default-window2": (_PHI_PREV, {**_LM_PREV, "window": 2}),
     "lean-window2": (_PHI_LEAN, {**_LM_2PCT, "window": 2}),
 }
-#: Configuration names of earlier sessions that would now describe another layer (they were deltas from
-#: the previous default): old name → current name, for the error message.
+#: Former configuration names: old name → current name, for the error message. The `default-*` ones were deltas
+#: from the previous default and would now describe another layer.
 RENAMED: dict[str, str] = {"default-lm2pct": "previous-default-lm2pct", "default-cap1024": "previous-default-cap1024",
-                           "default-window2": "previous-default-window2"}
+                           "default-window2": "previous-default-window2", "seed": "3layer-F256"}
 
 
 def _es(dtype: torch.dtype) -> int:
@@ -178,7 +179,7 @@ def renamed_hint(names: list[str]) -> str:
     old = [n for n in names if n in RENAMED]
     if not old:
         return ""
-    return " (renamed in session 5, when the default layer changed: " + ", ".join(
+    return " (renamed: " + ", ".join(
         f"{n} → {RENAMED[n]}" for n in old) + ")"
 
 

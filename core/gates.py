@@ -233,7 +233,7 @@ class TokensSettings(Strict):
 
     An approximate layer slower than exact attention is pointless: on an H200 the default ttr layer is
     slightly slower than cuDNN at 1024² (4096 image tokens) and 1.66× faster at 1280² (6400; docs/PERFORMANCE.md,
-    "Session 7"), so a Flux config that serves ttr at every size sets `min_image_tokens` between the two
+    "One layer"), so a Flux config that serves ttr at every size sets `min_image_tokens` between the two
     (examples/configs/flux_ttr_large_images.toml: 6144)."""
 
     min_image_tokens: int = Field(0, ge=0, description="Fewest image tokens of a call that may run approximate.")

@@ -14,7 +14,7 @@ averaged over batch, heads and image-token queries:
   own 4×4-token cell;
 - `landmark_mass`: mass on the landmark keys, chosen by `plugins.landmark.selection.select_landmarks`
   with the landmark settings of the layer these statistics were measured for (`STATS_LANDMARKS`: the
-  default before session 5 — every text token + 8 % of the image tokens, even layout: 64 + 82 keys here),
+  previous default — every text token + 8 % of the image tokens, even layout: 64 + 82 keys here),
   i.e. what the exact residual branch of that ttr layer sees;
 - `landmark_local_r{r}`: mass on the union of the landmarks and the local window of radius r (what an
   extra exact local-window branch would add to the landmarks);
@@ -58,7 +58,7 @@ def metric_names(radii: Sequence[int] = DEFAULT_RADII, topk: Sequence[int] = DEF
 
 
 #: The landmarks the statistics are measured against: those of the layer docs/QUALITY.md's table explains
-#: (the product default before session 5, which testbed/weights/ttr_default.safetensors was trained with),
+#: (the previous product default, which testbed/weights/ttr_default.safetensors was trained with),
 #: pinned so that the table stays reproducible when the plugin's defaults move.
 STATS_LANDMARKS = LandmarkSettings(**PREVIOUS_DEFAULTS)
 

@@ -228,7 +228,7 @@ def describe(metrics: Mapping[str, Any]) -> str:
         f"{1000 * e['seconds_per_step_approx']:.0f} ms (the testbed is tiny: speed claims come from "
         f"`attnplug bench` on a GPU).",
         "A CPU demo distills for minutes; docs/QUALITY.md has the numbers of longer GPU distillations "
-        "(\"The default (session 5)\" for the default layer; `attnplug eval --config "
+        "(\"The default layer\"; `attnplug eval --config "
         "testbed/configs/serve_single_window.toml --checkpoint testbed/weights/ttr_window.safetensors` "
         "reproduces a committed one).",
     ]

@@ -71,19 +71,19 @@ class Variant:
         return cfg
 
 
-#: The layer every variant is a delta from: the product default before session 5 (α_max 0.2, landmarks 8 %
+#: The layer every variant is a delta from: the previous product default (α_max 0.2, landmarks 8 %
 #: / at least 64, no window), pinned, so that "default", "all queries", "window r2 + α_max 0.5", … keep
 #: meaning the layers docs/QUALITY.md measured under those names.
 BASELINE = {"plugins": {"ttr": dict(TTR_PREVIOUS), "landmark": dict(LANDMARK_PREVIOUS)}}
 
-#: The product default (session 5) as overrides of the baseline, read from the settings' own defaults so
+#: The product default as overrides of the baseline, read from the settings' own defaults so
 #: that it cannot drift from them (every field the baseline pins).
 PRODUCT_DEFAULT = {"plugins": {
     "ttr": TtrSettings().model_dump(include=set(TTR_PREVIOUS)),
     "landmark": LandmarkSettings().model_dump(include=set(LANDMARK_PREVIOUS))}}
 
 _COSINE = {"plugins": {"distill": {"lr_schedule": "cosine", "lr_min_ratio": 0.05}}}
-#: The offline baseline of MEASUREMENTS.md: collect 32 prompts × 20 steps of attention per layer (no
+#: The offline baseline (docs/QUALITY.md, "Offline fits"): collect 32 prompts × 20 steps of attention per layer (no
 #: training while sampling), then 1500 updates per layer on it, 512 queries, cosine decay to zero.
 _OFFLINE = {"plugins": {"distill": {
     "train_steps_per_call": 0, "replay_per_layer": 640, "replay_max_mb": 6144.0, "replay_offload_cpu": False,
@@ -142,7 +142,7 @@ VARIANTS: dict[str, Variant] = {
     # the default query subsample (256 of 1088), its positions handed to the window
     "window r2 + α_max 0.5 + query subsample": Variant({"plugins": {"landmark": {"window": 2},
                                                                    "ttr": {"alpha_max": 0.5}}}),
-    # the product default since session 5 (window r2, α_max 0.5, 2 % landmarks), trained like "default"
+    # the product default (window r2, α_max 0.5, 2 % landmarks), trained like "default"
     # (the demo's query subsample, its positions handed to the window)
     "product default": Variant(PRODUCT_DEFAULT),
     # every layer distilled and served, with the per-layer effect table: the hybrid layer everywhere (today), or the

@@ -6,7 +6,7 @@ on the middle of the trajectory where the layout of the digits is decided. Batch
 mosaics of training prompts (held-out prompts are never drawn) built from the train split of the
 digit images, with a light gain jitter. AdamW, one-cycle LR (30 % cosine warm-up from lr/25, cosine
 decay to lr/1e4), gradient clipping 1.0, bf16 autocast on CUDA, an EMA of the weights (saved).
-cuDNN's SDPA backward failed for head_dim 32 in bf16 on the reference stack (MEASUREMENTS.md), so
+cuDNN's SDPA backward failed for head_dim 32 in bf16 (torch 2.11, cuDNN 9.19 on an H200), so
 the cuDNN SDPA backend is switched off while training. `--time-budget-s` shortens the run (number of
 steps fixed after a short timing, before the LR decays) so that it ends inside a device lease.
 

@@ -61,7 +61,7 @@ def test_uniform_attention() -> None:
 
 def test_landmarks_are_the_landmark_backends() -> None:
     """The landmark backend's own selection with the settings docs/QUALITY.md's statistics were measured with
-    (pinned: the default before session 5, 64 text + 82 image tokens on the testbed)."""
+    (pinned: the previous default, 64 text + 82 image tokens on the testbed)."""
     k = torch.zeros(1, 1, 64 + 1024, 4)
     call = AttentionCall("single:1", n_cond_tokens=64, n_image_tokens=1024, latent_grid=(32, 32))
     assert (STATS_LANDMARKS.fraction, STATS_LANDMARKS.min, STATS_LANDMARKS.max) == (0.08, 64, 0)

@@ -66,6 +66,6 @@ def test_unknown_config_exits_2(capsys):
     assert main(["--smoke", "--device", "cpu", "--configs", "default,nope"]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and "previous-default-cap1024" in err
-    # a name of before session 5 gets its new name
+    # a former name gets its new name
     assert main(["--smoke", "--device", "cpu", "--configs", "default-window2"]) == 2
     assert "default-window2 → previous-default-window2" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def test_configs_at_flux_4096_landmarks_and_costs():
     assert set(NEW) <= set(TTR_CONFIGS)
     n_l = {cfg: vs[f"ttr-{cfg} torch"].notes["n_landmarks"] for cfg in TTR_CONFIGS}
     n_img = 4096 ** 2 // 256
-    prev = ("previous-default", "seed", "hedgehog-F64", "1layer-F128", "previous-default-window2")
+    prev = ("previous-default", "3layer-F256", "hedgehog-F64", "1layer-F128", "previous-default-window2")
     assert {n_l[c] for c in prev} == {512 + round(0.08 * n_img)} == {5755}
     assert n_l["previous-default-lm2pct"] == n_l["default"] == 512 + round(0.02 * n_img)  # the product default: 2 %
     assert n_l["previous-default-cap1024"] == 512 + 1024  # the cap that keeps the layer linear-time
@@ -45,11 +45,11 @@ def test_configs_at_flux_4096_landmarks_and_costs():
 
 
 #: What each configuration times — (depth, hidden, F, activation, l2_norm, α_max, α's reference of d), (fraction,
-#: min, max, window) — as it did before session 5 for every name but the "default" ones (renamed ones under their
-#: new names): a changed product default must not move them.
+#: min, max, window) — pinned for every name but the "default" ones (renamed ones under their new names): a changed
+#: product default must not move them.
 EFFECTIVE = {
     "previous-default": ((2, 256, 128, "elu+1", False, 0.2, "call"), (0.08, 64, 0, 0)),
-    "seed": ((3, 0, 256, "elu+1", True, 0.2, "call"), (0.08, 64, 0, 0)),
+    "3layer-F256": ((3, 0, 256, "elu+1", True, 0.2, "call"), (0.08, 64, 0, 0)),
     "lean": ((1, 0, 128, "elu+1", False, 0.2, "call"), (0.02, 64, 0, 0)),
     "hedgehog-F64": ((1, 256, 64, "hedgehog", False, 0.2, "call"), (0.08, 64, 0, 0)),
     "1layer-F128": ((1, 256, 128, "elu+1", False, 0.2, "call"), (0.08, 64, 0, 0)),
@@ -82,7 +82,7 @@ def test_default_is_the_product_default_and_the_others_keep_their_layers():
         tp, lp = _effective(cfg)
         assert tp.alpha_reference == ref and lp == lm, cfg
         assert {f: getattr(tp, f) for f in ARCHITECTURE_FIELDS} == {f: getattr(t, f) for f in ARCHITECTURE_FIELDS}
-    assert (t.alpha_max, lm.fraction, lm.min, lm.max, lm.window) == (0.5, 0.02, 16, 0, 2)  # session 5's decision
+    assert (t.alpha_max, lm.fraction, lm.min, lm.max, lm.window) == (0.5, 0.02, 16, 0, 2)  # the product default
     for cfg, (want_t, want_l) in EFFECTIVE.items():
         t, lm = _effective(cfg)
         got = ((t.depth, t.hidden, t.feature_dim, t.activation, t.l2_norm, t.alpha_max, t.alpha_reference),
@@ -106,7 +106,7 @@ def test_kernel_only_once_per_feature_map_and_graph_twins():
     names = _names(build_variants(s, torch.float32, torch.device("cpu")))
     kernel_only = [n for n in names if n.endswith("kernel-only")]
     # 1layer-F128 has lean's φ; previous-default(-lm2pct, -cap1024, -window2) have default's: each φ is timed once
-    assert kernel_only == [f"ttr-{c} fused kernel-only" for c in ("default", "seed", "lean", "hedgehog-F64")]
+    assert kernel_only == [f"ttr-{c} fused kernel-only" for c in ("default", "3layer-F256", "lean", "hedgehog-F64")]
     vs = build_variants(s, torch.float32, torch.device("cpu"))
     by = {v.name: v for v in vs}
     fused = [v for v in vs if v.family == "ttr" and " fused" in v.name and v.graph_of is None]

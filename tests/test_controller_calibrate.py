@@ -106,11 +106,11 @@ def test_layers_not_ready_or_filtered_out_never_enter_the_plan():
     host = KnownDamage(session, {})
     result = calibrate(session, host, _settings(layers=["*"]), progress=False)
     assert {layer for layer, _ in result.plan.cell_list()} == {"single:0"}
-    session2 = _session()
-    result2 = calibrate(session2, KnownDamage(session2, {}), _settings(layers=["double:*"]), progress=False)
+    other_session = _session()
+    result2 = calibrate(other_session, KnownDamage(other_session, {}), _settings(layers=["double:*"]), progress=False)
     assert {layer for layer, _ in result2.plan.cell_list()} == {"double:0"}
     with pytest.raises(CalibrationError, match="no layer is eligible"):
-        calibrate(session2, KnownDamage(session2, {}), _settings(layers=["single:7"]), progress=False)
+        calibrate(other_session, KnownDamage(other_session, {}), _settings(layers=["single:7"]), progress=False)
 
 
 def test_bad_budgets_are_refused_before_any_sampling():

@@ -250,16 +250,16 @@ def test_sd3_joint_processor_is_intercepted_text_first():
     assert attn2.n_cond_tokens == 0 and attn2.n_image_tokens == 16
 
     # [text, image] for attnplug: the host gets the original [image, text] sequence back
-    session2 = Session(HOST)
+    other_session = Session(HOST)
     got = []
-    inner2 = session2.attention
+    inner2 = other_session.attention
 
     def record2(q, k, v, call, mask=None, host_attention=None):
         got.append(q.clone())
         return inner2(q, k, v, call, mask, host_attention)
 
-    session2.attention = record2
-    with apply(model, session2), torch.no_grad():
+    other_session.attention = record2
+    with apply(model, other_session), torch.no_grad():
         state = model.transformer_blocks[1].attn.processor._attnplug_state
         real_sdpa = state.host_sdpa
         state.host_sdpa = lambda q, *a, **kw: (host_q.append(q.clone()), real_sdpa(q, *a, **kw))[1]

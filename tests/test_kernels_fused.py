@@ -272,7 +272,7 @@ def test_interpreter_landmark_loop_whole_and_partial_tiles(poison, n_lm):
 @pytest.mark.parametrize("fraction", [0.06, 0.3])
 def test_sdpa_chunks_keep_the_memory_budget(nq, n_lm, fraction):
     """The SDPA landmark path holds one head group's landmark K/V and one row chunk of out_l: within
-    `sdpa_memory_fraction` of the output (issue 8's memory target), unless the minimum chunk alone exceeds
+    `sdpa_memory_fraction` of the output (the memory target: SDPA's peak + 10 %), unless the minimum chunk alone exceeds
     it (then one head per group); the chunks cover every row and head."""
     heads = 24
     cfg = KernelConfig(sdpa_memory_fraction=fraction, sdpa_min_rows=min(2048, nq))
@@ -290,7 +290,7 @@ def test_sdpa_chunks_keep_the_memory_budget(nq, n_lm, fraction):
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
 @pytest.mark.parametrize("lm_impl", ["fused", "sdpa"])
 def test_gpu_peak_memory_within_sdpas_plus_10_percent(lm_impl):
-    """Issue 8's memory target at 2048² (Flux shapes, default layer, bf16): the memory one call allocates
+    """The memory target (SDPA's peak + 10 %) at 2048² (Flux shapes, default layer, bf16): the memory one call allocates
     beyond its inputs stays within cuDNN SDPA's + 10 %, with either landmark path."""
     import torch.nn.functional as F
 

@@ -11,7 +11,7 @@ from attnplug.plugins.landmark.settings import PREVIOUS_DEFAULTS, LandmarkSettin
 
 @pytest.mark.parametrize("n_img, expected", [(0, 64), (1024, 82), (2304, 184), (4096, 328), (10000, 800)])
 def test_budget_of_the_previous_default(n_img: int, expected: int) -> None:
-    """The seed's budget (0.08 / 64 / unlimited), the default before session 5 (`PREVIOUS_DEFAULTS`)."""
+    """The previous default's budget (0.08 / 64 / unlimited, the earlier node pack's; `PREVIOUS_DEFAULTS`)."""
     s = LandmarkSettings(**PREVIOUS_DEFAULTS)
     assert (s.fraction, s.min, s.max, s.window) == (0.08, 64, 0, 0)
     assert image_budget(n_img, s.fraction, s.min, s.max) == expected
@@ -19,7 +19,7 @@ def test_budget_of_the_previous_default(n_img: int, expected: int) -> None:
 
 @pytest.mark.parametrize("n_img, expected", [(0, 16), (1024, 20), (4096, 82), (16384, 328), (65536, 1311)])
 def test_budget_at_defaults(n_img: int, expected: int) -> None:
-    """Since session 5: 2 % of the image tokens, at least 16, unlimited, with the local window r = 2."""
+    """The default: 2 % of the image tokens, at least 16, unlimited, with the local window r = 2."""
     s = LandmarkSettings()
     assert (s.fraction, s.min, s.max, s.window, s.layout) == (0.02, 16, 0, 2, "even")
     assert image_budget(n_img, s.fraction, s.min, s.max) == expected

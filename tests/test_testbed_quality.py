@@ -74,7 +74,7 @@ def test_window_variants_set_the_window(name):
 
 
 #: Effective settings of some variants, as docs/QUALITY.md measured them — (α_max, depth, landmark on),
-#: (fraction, min, window), query_cap. The names are deltas from the baseline, the default before session 5;
+#: (fraction, min, window), query_cap. The names are deltas from the baseline, the previous default;
 #: a new product default must not move them.
 EFFECTIVE = {
     "default": ((0.2, 2, True), (0.08, 64, 0), 256),
@@ -87,7 +87,7 @@ EFFECTIVE = {
     "window r2 + α_max 0.5 + landmarks 2 %": ((0.5, 2, True), (0.02, 16, 2), 4096),
     "window r2 + α_max 0.5 + lean": ((0.5, 1, True), (0.02, 16, 2), 4096),
     "window r2 + α_max 0.5 + query subsample": ((0.5, 2, True), (0.08, 64, 2), 256),
-    # the product default (session 5), trained like "default"
+    # the product default, trained like "default"
     "product default": ((0.5, 2, True), (0.02, 16, 2), 256),
 }
 

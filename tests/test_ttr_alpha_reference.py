@@ -135,7 +135,7 @@ def test_reference_is_saved_and_older_checkpoints_still_load(tmp_path: Path):
     tensors, meta = backend.state()
     assert meta["version"] == 2
     tensors = {n: t for n, t in tensors.items() if not n.endswith("/d_reference")}
-    meta = {**meta, "version": 1}  # as written before session 7
+    meta = {**meta, "version": 1}  # a file without running means of d
     old = tmp_path / "old.safetensors"
     save_checkpoint(old, {"backend.ttr": (tensors, meta)})
     loaded = _backend("running")

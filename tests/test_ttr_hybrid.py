@@ -31,7 +31,7 @@ CALL = AttentionCall("single:2", block_type="single", block_index=2, n_cond_toke
                      sigma=0.6, cfg_scale=3.5, step_index=0)
 
 
-ALPHA_MAX = 0.2  # pinned: the formula is checked at this bound (the default is 0.5 since session 5)
+ALPHA_MAX = 0.2  # pinned: the formula is checked at this bound (the default is 0.5)
 
 
 def _pair(**kw):

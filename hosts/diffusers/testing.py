@@ -1,6 +1,6 @@
 """Tiny random-initialised diffusers components, built offline (no download), for tests and examples.
 
-Sizes follow reference/HOSTS.md §2.5: 2 double + 2 single blocks with 2 heads of dim 16, text
+Sizes: 2 double + 2 single blocks with 2 heads of dim 16, text
 encoders of width 32, VAEs of width 8 with 4 latent channels (×8 downsampling). Every model is in
 eval mode (a freshly constructed model has dropout on) and seeded, so two builds with one seed are
 identical and two calls with one generator give bit-identical images.

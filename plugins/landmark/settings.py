@@ -16,11 +16,12 @@ class LandmarkSettings(Strict):
     `clamp(round(n_img * fraction), min, max)` (max = 0: unlimited), never more than the image
     tokens present.
 
-    Defaults (session 5, docs/QUALITY.md "The default (session 5)"): 2 % of the image tokens (at
+    Defaults (docs/QUALITY.md, "The default layer"): 2 % of the image tokens (at
     least 16), unlimited, plus the local window r = 2, with the ttr layer's `alpha_max = 0.5`. On the
     testbed (six single blocks served, 64 held-out prompts) that layer loses 0.22 / 0.27 adherence
-    points (seeds 0 / 1) against 1.46 / 1.66 for the previous default (the seed's 0.08 / 64, no
-    window) trained the same way (0.17 / 0.19 with the distiller's own query subsample); the window carries the sharp, local attention the landmarks miss,
+    points (seeds 0 / 1) against 1.46 / 1.66 for the previous default (0.08 / 64, the earlier node
+    pack's budget, no window) trained the same way (0.17 / 0.19 with the distiller's own query subsample);
+    the window carries the sharp, local attention the landmarks miss,
     and fewer landmarks make the exact softmax, which dominates the layer's time at 2048² and up,
     much cheaper. Checkpoints distilled on the previous defaults (testbed/weights/ttr_default.safetensors)
     were trained against 0.08 / 64 / no window (`PREVIOUS_DEFAULTS`): their configs pin those values
@@ -43,9 +44,9 @@ class LandmarkSettings(Strict):
     """
 
     fraction: float = Field(0.02, ge=0.0, le=1.0, description="Share of image tokens used as landmarks (0.02 "
-                                                              "since session 5, with the window; was 0.08).")
-    min: int = Field(16, ge=0, description="Fewest image landmarks (before capping at the image tokens present; 16 "
-                                           "since session 5, was 64).")
+                                                              "with the window; the previous default was 0.08).")
+    min: int = Field(16, ge=0, description="Fewest image landmarks (before capping at the image tokens present; 16; "
+                                           "the previous default was 64).")
     max: int = Field(0, ge=0, description="Most image landmarks; 0 = unlimited.")
     layout: Literal["even", "stratified"] = Field(
         "even", description="'even': evenly spaced along the token sequence; 'stratified': one landmark per "
@@ -67,7 +68,7 @@ class LandmarkSettings(Strict):
         return self
 
 
-#: The `[plugins.landmark]` values of the product default before session 5 that differ from today's
-#: (the seed's budget, no window; with the ttr plugin's `PREVIOUS_DEFAULTS`): what
+#: The `[plugins.landmark]` values of the previous product default that differ from the current one
+#: (the earlier node pack's budget, no window; with the ttr plugin's `PREVIOUS_DEFAULTS`): what
 #: testbed/weights/ttr_default.safetensors was trained with. Configs that serve such a checkpoint pin them.
 PREVIOUS_DEFAULTS: dict[str, float | int] = {"fraction": 0.08, "min": 64, "window": 0}

@@ -73,7 +73,7 @@ class FeatureMapNet(nn.Module):
 
 
 def sinusoidal(x: float, dim: int, device: torch.device) -> torch.Tensor:
-    """`[sin(x·f_i), cos(x·f_i)]`, f_i = exp(−ln(1e4)·i / (dim/2 − 1)) — the seed's embedding of σ and CFG."""
+    """`[sin(x·f_i), cos(x·f_i)]`, f_i = exp(−ln(1e4)·i / (dim/2 − 1)) — the earlier node pack's embedding of σ and CFG."""
     half = dim // 2
     i = torch.arange(half, dtype=torch.float32, device=device)
     freqs = torch.exp(-math.log(1e4) * i / max(half - 1, 1))

@@ -1,14 +1,15 @@
-"""`convert_seed_checkpoint`: import a Flux2TTR v2 checkpoint (`flux2_ttr.pt`, format `flux2_ttr_v2`).
+"""`convert_seed_checkpoint`: convert a checkpoint of the earlier ComfyUI node pack (Flux2TTR v2: `flux2_ttr.pt`,
+format `flux2_ttr_v2`) into an attnplug checkpoint.
 
-The seed (ComfyUI-Approximate-Attention) saved a `torch.save` dict. It is read with
+That pack (ComfyUI-Approximate-Attention) saved a `torch.save` dict. It is read with
 `torch.load(weights_only=True)`, so a file that tries to run code is refused by torch itself.
-Its layout is known from reference/SEED_FEATURES.md §2 and §5 only as a paraphrase; the key names
+Its layout is known only from a description of that pack, not from a real file; the key names
 below are ASSUMPTIONS (marked *) that a real file must match, else it is refused with the name of
 what is missing or unexpected:
 
     format: "flux2_ttr_v2"                 feature_dim: F (int)
     alpha_format: "logit" | absent (absent: α stored raw, a value in (0, 1) becomes its logit,
-                  <= 0 → −5, >= 1 → +5, as the seed migrated it)
+                  <= 0 → −5, >= 1 → +5, as the earlier pack migrated it)
     layer_specs*: {layer_key: {"num_heads"* | "heads": H, "head_dim": D}}
     layers: {layer_key: state_dict}
       phi_q.net.{0,2,4}.{weight,bias}*   Linear(D→h) · SiLU · Linear(h→h) · SiLU · Linear(h→F), h = max(D, 2F)
@@ -16,13 +17,13 @@ what is missing or unexpected:
       alpha*: scalar (logit or raw, see alpha_format)
       conditioner.net.{0,2}.{weight,bias}*  Linear(64→128) · SiLU · Linear(128→4) (optional)
     landmark_fraction*, landmark_min*, landmark_max* (legacy landmark_count is ignored: 0.08/64/0; the
-                  seed had no local window, so the converted settings say window = 0)
+                  earlier pack had no local window, so the converted settings say window = 0)
     qk_norm* (default true), alpha_max* (0.2), gamma* (2.0), adaptive_alpha* (true)
     layer_readiness*: {layer_key: {"ready": bool, ...}} (optional; readiness is carried over)
 
 Everything else in the file (optimizer states, Comet fields, EMAs, log-variances) is not ours to
 import and is ignored. The result is an attnplug checkpoint with one component `backend.ttr`
-whose settings are the seed's architecture: depth 3, hidden 0 (= max(D, 2F)), elu+1, L2 norm as
+whose settings are the earlier pack's architecture: depth 3, hidden 0 (= max(D, 2F)), elu+1, L2 norm as
 saved, shared across heads. A session must use the same `[plugins.ttr]` architecture fields to load
 it; `ConversionResult.config_toml` is the snippet to paste.
 """
@@ -74,7 +75,7 @@ class ConversionResult:
 
 
 def convert_seed_checkpoint(in_path: str | Path, out_path: str | Path) -> ConversionResult:
-    """Read the seed's `flux2_ttr.pt` and write an attnplug checkpoint to `out_path` (atomic).
+    """Read the earlier pack's `flux2_ttr.pt` and write an attnplug checkpoint to `out_path` (atomic).
 
     Raises `SeedCheckpointError` (a ValueError) naming the problem for anything else; `out_path`
     is only written after everything was read and validated, so on error it is untouched.
@@ -151,32 +152,32 @@ def _convert(raw: dict[str, Any], in_path: Path, out_path: Path) -> ConversionRe
         for name, t in mapped.items():
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise bad(f"layer {key}: {name} maps to shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
-        # tensors the seed never had (the running mean of d) keep the fresh layer's value: none kept
+        # tensors the earlier pack never had (the running mean of d) keep the fresh layer's value: none kept
         module.load_state_dict(with_added_tensors(mapped, expected), strict=True)
         entry = readiness.get(key) if isinstance(readiness, dict) else None
         backend.ready[key] = bool(entry.get("ready", False)) if isinstance(entry, dict) else False
 
-    # the seed had no local window: window 0 is recorded (and goes into config_toml) explicitly, since
-    # attnplug's default has the window on since session 5
+    # the earlier pack had no local window: window 0 is recorded (and goes into config_toml) explicitly, since
+    # attnplug's default has the window on
     landmark = {"fraction": float(raw.get("landmark_fraction", 0.08)), "min": int(raw.get("landmark_min", 64)),
                 "max": int(raw.get("landmark_max", 0)), "window": 0}
     if "landmark_count" in raw and "landmark_fraction" not in raw:
         log.info("attnplug: %s: legacy landmark_count %r ignored in favour of fraction 0.08, min 64, max 0 "
-                 "(as the seed did)", in_path, raw["landmark_count"])
+                 "(as the earlier pack did)", in_path, raw["landmark_count"])
     tensors, meta = backend.state()
     meta["landmark"] = landmark
     meta["converted_from"] = {"format": SEED_FORMAT, "file": in_path.name}
     save_checkpoint(out_path, {"backend.ttr": (tensors, meta)})
     result = ConversionResult(out_path, sorted(layers), settings.model_dump(), landmark,
                               sorted(k for k, r in backend.ready.items() if r))
-    log.info("attnplug: converted %d seed layers from %s to %s; load it with:\n%s", len(layers), in_path,
+    log.info("attnplug: converted %d layers of the earlier node pack from %s to %s; load it with:\n%s", len(layers), in_path,
              out_path, result.config_toml)
     return result
 
 
 def _map_layer(key: str, sd: dict[str, Any], heads: int, head_dim: int, s: TtrSettings, alpha_is_logit: bool,
                bad: Any) -> dict[str, torch.Tensor]:
-    """The seed's per-layer state_dict → our TtrLayer's parameter names and layouts."""
+    """The earlier pack's per-layer state_dict → our TtrLayer's parameter names and layouts."""
     f = s.feature_dim
     h = max(head_dim, 2 * f)
     used: set[str] = set()
@@ -213,7 +214,7 @@ def _map_layer(key: str, sd: dict[str, Any], heads: int, head_dim: int, s: TtrSe
     value = float(alpha.reshape(()))
     if not math.isfinite(value):
         raise bad(f"layer {key}: alpha is {value}")
-    if not alpha_is_logit:  # raw α, migrated as the seed did
+    if not alpha_is_logit:  # raw α, migrated as the earlier pack did
         value = -5.0 if value <= 0 else 5.0 if value >= 1 else math.log(value / (1.0 - value))
     out["alpha_logit"] = torch.full((heads,), value, dtype=torch.float32)
     unknown = sorted(set(sd) - used)

@@ -9,18 +9,18 @@ Fields fall in three classes, which decide what happens when a checkpoint and th
   carry the learned value, so the config value is ignored for loaded layers (logged when different).
 - RUNTIME — chunk sizes, ε, precision, landmark use: the config wins (logged when different).
 
-Defaults follow reference/MEASUREMENTS.md (digit-mosaic testbed, feature maps fitted on real
-attention): a 2-layer φ (hidden 256, SiLU) with F = 128 and elu+1 gave 99.8 % prompt adherence
-with 75 % of the layers replaced — better than 1-layer F = 64 maps (98.1 % elu+1, 99.0 % hedgehog)
-and cheaper than the seed's 3-layer, F = 256, h = 512 map, which issue 8's speed targets cannot
-afford. The learned-α hybrid with α = α_max·σ(logit), logit from −2.2, matched kernel-only quality
+Defaults follow offline fits on a digit-mosaic testbed model (feature maps fitted on real attention;
+docs/QUALITY.md, "Offline fits"): a 2-layer φ (hidden 256, SiLU) with F = 128 and elu+1 gave 99.8 % prompt
+adherence with 75 % of the layers replaced — better than 1-layer F = 64 maps (98.1 % elu+1, 99.0 % hedgehog)
+and cheaper than the earlier node pack's 3-layer, F = 256, h = 512 map, which the speed targets (2× / 8× / 25×
+cuDNN at 1024² / 2048² / 4096², docs/PERFORMANCE.md) cannot afford. The learned-α hybrid with α = α_max·σ(logit), logit from −2.2, matched kernel-only quality
 on single blocks and helped on the double block; a fixed large α hurt.
 
-α_max is 0.5 since session 5, together with the landmark plugin's local window (docs/QUALITY.md,
-"The default (session 5)"): with the window the exact branch carries much of what the weak layers
+α_max is 0.5, together with the landmark plugin's local window (docs/QUALITY.md,
+"The default layer"): with the window the exact branch carries much of what the weak layers
 need, so it must be allowed more than 20 % of the blend (testbed, six single blocks served: −0.02 /
-−0.20 points with α_max 0.5 against −0.17 / −0.42 with 0.2). Checkpoints trained before then (e.g.
-testbed/weights/ttr_default.safetensors) have α_max 0.2 recorded: α_max is an architecture field, so
+−0.20 points with α_max 0.5 against −0.17 / −0.42 with 0.2). Checkpoints trained on the previous default
+(e.g. testbed/weights/ttr_default.safetensors) have α_max 0.2 recorded: α_max is an architecture field, so
 their configs must pin `alpha_max = 0.2` (`PREVIOUS_DEFAULTS`), else loading is refused naming it.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class TtrSettings(Strict):
                                                               "4096).")
     depth: int = Field(2, ge=1, le=3, description="Linear layers in φ (SiLU between them).")
     hidden: int = Field(256, ge=0, le=16384, description="Hidden width of φ when depth > 1 (at most 16384); 0 = "
-                                                         "the rule of the ComfyUI pack attnplug re-creates, "
+                                                         "the earlier ComfyUI node pack's rule, "
                                                          "max(head_dim, 2·F).")
     activation: Activation = Field("elu+1", description="Positive output activation: 'elu+1', 'hedgehog' "
                                                         "(softmax(Wx) ⊕ softmax(−Wx)) or 'relu'.")
@@ -55,10 +55,10 @@ class TtrSettings(Strict):
     conditioner: bool = Field(True, description="σ/CFG conditioner (scale/bias per branch), identity at init.")
     adaptive_alpha: bool = Field(True, description="α per token and head from branch disagreement "
                                                    "(α_max·σ(logit + γ·(d_norm − 0.5))); else α_max·σ(logit).")
-    alpha_max: float = Field(0.5, gt=0.0, le=1.0, description="Upper bound of the blend weight α. 0.5 since "
-                                                            "session 5, for the landmark window on by default "
-                                                            "(docs/QUALITY.md, 'The default (session 5)'); "
-                                                            "checkpoints trained before then need 0.2.")
+    alpha_max: float = Field(0.5, gt=0.0, le=1.0, description="Upper bound of the blend weight α. 0.5 for "
+                                                            "the landmark window on by default "
+                                                            "(docs/QUALITY.md, 'The default layer'); "
+                                                            "checkpoints of the previous default need 0.2.")
     gamma: float = Field(2.0, ge=0.0, description="How strongly branch disagreement shifts the α logit.")
     # ---- init-only ----
     alpha_init: float = Field(0.1, gt=0.0, lt=1.0, description="Initial σ(logit) of a fresh layer (α starts "
@@ -77,7 +77,7 @@ class TtrSettings(Strict):
         "running", description="What adaptive α measures each token's branch disagreement d against at inference: "
                                "'running' (a per-head running mean of d kept while distilling, like BatchNorm's "
                                "running statistics: the fused kernels blend in one pass; a layer without one, e.g. "
-                               "from a checkpoint written before session 7, uses 'call') or 'call' (the mean of d "
+                               "from a checkpoint that has no running mean of d, uses 'call') or 'call' (the mean of d "
                                "over this call's queries: a second pass over the queries). Training always uses "
                                "the call's mean. Same quality on the testbed (docs/QUALITY.md).")
     feature_precision: Literal["float32", "input"] = Field(
@@ -133,8 +133,8 @@ RUNTIME_FIELDS = ("landmark", "landmark_backend", "eps", "key_chunk", "query_chu
 VARIANT_FIELDS = ("joint_layers", "joint")
 assert set(ARCHITECTURE_FIELDS + INIT_ONLY_FIELDS + RUNTIME_FIELDS + VARIANT_FIELDS) == set(TtrSettings.model_fields)
 
-#: The `[plugins.ttr]` values of the product default before session 5 that differ from today's (with
+#: The `[plugins.ttr]` values of the previous product default that differ from the current one (with
 #: the landmark plugin's `PREVIOUS_DEFAULTS`): what testbed/weights/ttr_default.safetensors and every
-#: checkpoint distilled on the defaults before then were trained with. Configs that serve such a
+#: checkpoint distilled on those defaults were trained with. Configs that serve such a
 #: checkpoint pin them; `bench` times this layer as `previous-default`.
 PREVIOUS_DEFAULTS: dict[str, float] = {"alpha_max": 0.2}

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("attnplug")
 
 FORMAT = "attnplug.ttr"
-#: 2 (session 7): layers carry `d_reference`, the running mean of d; an attnplug that reads only 1 refuses such
+#: 2: layers carry `d_reference`, the running mean of d; an attnplug that reads only 1 refuses such
 #: files by version instead of by an unexpected tensor. 3: the file holds joint layers (their meta says
 #: `"variant": "joint"`); written only then, so that an attnplug that reads 2 refuses such files by version.
 VERSION = 2

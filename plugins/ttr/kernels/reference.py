@@ -226,7 +226,7 @@ def ttr_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi
     """The whole ttr layer (kernel branch, optional landmark branch and blend) in fp32.
 
     `branch_affine` = (s_k, b_k, s_l, b_l): each branch output becomes `o·(1+s)+b` before the blend
-    (the seed's σ/CFG conditioner). `window = r > 0` adds the local window to the landmark branch
+    (the σ/CFG conditioner of the earlier node pack). `window = r > 0` adds the local window to the landmark branch
     (`landmark_window_reference`; needs `grid` (h, w) with h·w + n_cond == Nk and Nq == Nk); the branch
     then runs even without landmarks (conditioning queries get out_l = 0). `d_reference`: see `blend_alpha`.
     Returns q's dtype.

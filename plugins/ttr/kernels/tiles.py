@@ -12,7 +12,8 @@ MAX_REG_WIDTH = 256
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes of each pass (docs/PERFORMANCE.md, "Tile sizes"; sweep: `python -m attnplug.bench.tune`).
+    """Tile sizes of each pass (docs/PERFORMANCE.md, "Per-pass tiles, relaxed atomics and host overhead";
+    sweep: `python -m attnplug.bench.tune`).
 
     Key pass: `kv_*`. Query passes: the landmark pass (fixed-α hybrid, adaptive pass 1 or one pass) tiles with `lm_*`
     (rows and warps from `sdpa_lm_*` when cuDNN gave the landmark softmax), the others (kernel-only,

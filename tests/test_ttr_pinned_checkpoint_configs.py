@@ -1,6 +1,6 @@
-"""The product default changed in session 5 (α_max 0.5, landmarks 2 % / at least 16, window r = 2): the
-committed checkpoints, trained on the previous defaults, load with their pinned configs exactly as before,
-and a config on today's defaults refuses them with a message that names every value to pin."""
+"""The committed checkpoints were trained on the previous defaults (α_max 0.2, landmarks 8 % / at least 64, no
+window; the default is α_max 0.5, 2 % / at least 16, window r = 2): they load with their pinned configs, and a
+config on the current defaults refuses them with a message that names every value to pin."""
 from __future__ import annotations
 
 import logging
@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "testbed" / "configs"
 DEFAULT_CKPT = ROOT / "testbed" / "weights" / "ttr_default.safetensors"
 WINDOW_CKPT = ROOT / "testbed" / "weights" / "ttr_window.safetensors"
-#: every config that serves testbed/weights/ttr_default.safetensors (the demo distils today's default; the
+#: every config that serves testbed/weights/ttr_default.safetensors (the demo distils the current default; the
 #: window checkpoint has its own config)
 SERVES_DEFAULT = sorted(p.name for p in CONFIGS.glob("*.toml") if p.name not in ("serve_single_window.toml",
                                                                                   "demo.toml", "serve_all_layers.toml"))
 
 
 def test_the_defaults_and_the_previous_ones():
-    """The decision of session 5, and what the previous default was (docs/QUALITY.md, "The default (session 5)")."""
+    """The default layer, and what the previous default was (docs/QUALITY.md, "The default layer")."""
     t, lm = TtrSettings(), LandmarkSettings()
     assert (t.depth, t.hidden, t.feature_dim, t.activation, t.alpha_max) == (2, 256, 128, "elu+1", 0.5)
     assert (lm.fraction, lm.min, lm.max, lm.window) == (0.02, 16, 0, 2)
@@ -105,7 +105,7 @@ def test_default_checkpoint_serves_the_same_layer_as_its_recorded_settings():
 
 
 def test_default_checkpoint_with_todays_defaults_is_refused_naming_what_to_pin():
-    """DESIGN.md: file and config disagree → say which value wins. α_max is an architecture field (refused,
+    """When file and config disagree, the message says which value wins. α_max is an architecture field (refused,
     the file's value is what to set); the landmark settings would follow the config, so the message names them."""
     cfg = {"backend": "ttr", "exact": "sdpa", "loggers": []}
     session = Session(cfg)

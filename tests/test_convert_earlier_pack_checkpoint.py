@@ -1,4 +1,4 @@
-"""convert_seed_checkpoint on synthetic files in the seed's (Flux2TTR v2) layout."""
+"""convert_seed_checkpoint on synthetic files in the layout of the earlier ComfyUI node pack (Flux2TTR v2)."""
 from __future__ import annotations
 
 import math
@@ -20,7 +20,7 @@ HID = max(HEAD_DIM, 2 * FEAT)
 
 
 class SeedPhi(nn.Module):
-    """The seed's φ: Linear · SiLU · Linear · SiLU · Linear, ELU + 1, L2-normalized."""
+    """The earlier pack's φ: Linear · SiLU · Linear · SiLU · Linear, ELU + 1, L2-normalized."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,7 +41,7 @@ class SeedLayer(nn.Module):
         self.conditioner.net = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 4))
 
     def kernel(self, q, k, v):
-        """The seed's kernel branch: out = φq·KV / max(φq·Ksum, 1e-6)."""
+        """The earlier pack's kernel branch: out = φq·KV / max(φq·Ksum, 1e-6)."""
         pq, pk = self.phi_q(q), self.phi_k(k)
         kv = pk.transpose(-1, -2) @ v
         den = (pq @ pk.sum(2).unsqueeze(-1)).clamp_min(1e-6)
@@ -76,14 +76,14 @@ def _session(result, checkpoint: Path) -> Session:
     return Session(cfg, Plugins(builtins=BUILTINS, load_entry_points=False))
 
 
-def test_converts_and_reproduces_the_seed_kernel_branch(tmp_path: Path) -> None:
+def test_converts_and_reproduces_the_earlier_pack_kernel_branch(tmp_path: Path) -> None:
     seed_layers = _seed_file(tmp_path / "flux2_ttr.pt")
     out = tmp_path / "converted.safetensors"
     result = convert_seed_checkpoint(tmp_path / "flux2_ttr.pt", out)
     assert result.layers == ["double:1", "single:0"] and result.ready == ["single:0"]
     assert result.ttr_settings["depth"] == 3 and result.ttr_settings["hidden"] == 0
     assert result.ttr_settings["l2_norm"] is True and result.ttr_settings["activation"] == "elu+1"
-    assert result.landmark_settings == {"fraction": 0.1, "min": 32, "max": 256, "window": 0}  # the seed: no window
+    assert result.landmark_settings == {"fraction": 0.1, "min": 32, "max": 256, "window": 0}  # the earlier pack: no window
     assert result.ttr_settings["alpha_max"] == 0.2 and "alpha_max = 0.2" in result.config_toml
     assert "[plugins.ttr]" in result.config_toml and "feature_dim = 32" in result.config_toml
     meta = load_checkpoint(out)["backend.ttr"][1]
@@ -109,7 +109,7 @@ def test_raw_alpha_is_migrated_to_logits(tmp_path: Path) -> None:
     convert_seed_checkpoint(tmp_path / "seed.pt", tmp_path / "out.safetensors")
     tensors = load_checkpoint(tmp_path / "out.safetensors")["backend.ttr"][0]
     torch.testing.assert_close(tensors["double:1/alpha_logit"], torch.full((HEADS,), math.log(0.3 / 0.7)))
-    # raw -2.197 <= 0 → -5, as the seed migrated it
+    # raw -2.197 <= 0 → -5, as the earlier pack migrated it
     torch.testing.assert_close(tensors["single:0/alpha_logit"], torch.full((HEADS,), -5.0))
 
 
