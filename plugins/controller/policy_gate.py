@@ -18,6 +18,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -207,3 +208,25 @@ class PolicyGate:
 def policy_gate(session: "Session") -> PolicyGate | None:
     """The session's policy gate (the controller plugin adds one to every session), or None."""
     return next((g for g in session.router.gates if isinstance(g, PolicyGate)), None)
+
+
+def attach_policy(session: "Session", policy: "RoutingPolicy | str | Path | None", layers: list[str] | None = None, *,
+                  threshold: float | None = None, mode: str | None = None) -> PolicyGate:
+    """Serve `session` through `policy` (a `RoutingPolicy` or a policy file; None keeps the configured one) — what
+    hosts call when they know the model's layers: a policy (given, or from the config) for another layer set is
+    refused with `PolicyLayersError`. `threshold` / `mode` override the config's knob."""
+    from .policy_checkpoint import PolicyLayersError, load_policy
+
+    gate = policy_gate(session)
+    if gate is None:
+        raise ValueError("the session has no policy gate (is the 'controller' plugin disabled?)")
+    source = None
+    if isinstance(policy, (str, Path)):
+        source = str(policy)
+        policy = load_policy(policy, layers).policy
+    elif policy is None:
+        policy = gate.policy
+    if policy is not None and layers is not None and set(policy.layers) != set(layers):
+        raise PolicyLayersError(Path(source or gate.source or "(in memory)"), policy.layers, layers)
+    gate.set_policy(policy, mode=mode, threshold=threshold, source=source)
+    return gate
