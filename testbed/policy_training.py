@@ -29,9 +29,12 @@ class TestbedEpisodes:
                  weights: str | Path | None = None, model: Any = None) -> None:
         from ..hosts.diffusers import apply
 
-        self.model = model if model is not None else load_testbed(device, path=weights)
         self.n, self.seed, self.steps = prompts_per_episode, seed, steps
-        self.handle = apply(self.model.transformer, session)
+        if model is None:  # a model of its own, patched here (a given model is patched by the caller)
+            self.model = load_testbed(device, path=weights)
+            self.handle = apply(self.model.transformer, session)
+        else:
+            self.model, self.handle = model, None
 
     def inputs(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts [n, G, G] and noise of episode `key`."""
@@ -44,7 +47,8 @@ class TestbedEpisodes:
         return sample_testbed(self.model, prompts, noise, self.steps, self.n)
 
     def close(self) -> None:
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def train_testbed_policy(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path, *, policy_out: str | Path,
