@@ -112,7 +112,8 @@ def calibrate_plan(session: Any, model: Any, args: argparse.Namespace, out: Path
         update["layers"] = args.calibration_layers.split(",")
     settings = settings.model_validate({**settings.model_dump(), **update})
     n = settings.prompts
-    prompts = data.train_prompts(n, generator=torch.Generator().manual_seed(settings.seed + _PROMPT_STREAM))
+    prompts = data.train_prompts(n, grid=model.cfg.grid,
+                                 generator=torch.Generator().manual_seed(settings.seed + _PROMPT_STREAM))
     noise = sampling.initial_noise(n, prompts.shape[1], seed=settings.seed + _PROMPT_STREAM)
     terms = build_terms(settings.terms, session, {"testbed_adherence": _adherence_factory})
     result = Calibrator(session, FixedPrompts(model, prompts, noise, args.steps, n), settings, terms,
@@ -201,7 +202,7 @@ def evaluate(session: Any, model: Any, args: argparse.Namespace, plan: ServingPl
     thresholds = [float(t) for t in args.thresholds.split(",")]
     rows: list[dict[str, Any]] = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        prompts = data.heldout_prompts(args.eval_prompts, seed=1234 + seed)
+        prompts = data.heldout_prompts(args.eval_prompts, grid=model.cfg.grid, seed=1234 + seed)
         noise = sampling.initial_noise(args.eval_prompts, prompts.shape[1], seed=seed)
         sampler = FixedPrompts(model, prompts, noise, args.steps, args.prompts_per_episode)
         with pgate.exact():
