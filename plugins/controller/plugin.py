@@ -44,10 +44,9 @@ def attnplug_session_start(session: "Session") -> None:
     trainer sets one)."""
     settings = session.config.sections.get("controller")
     settings = settings if isinstance(settings, ControllerSettings) else ControllerSettings()
-    session.router.gates.append(PlanGate(settings, session))
     gate = PolicyGate(session, mode=settings.policy_mode, threshold=settings.policy_threshold,
                       seed=session.config.root.seed)
-    session.router.gates.append(gate)
+    session.router.gates += [gate, PlanGate(settings, session)]
     if settings.policy != "off":
         loaded = load_policy(settings.policy)
         gate.set_policy(loaded.policy, source=settings.policy)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ...core.config import Strict
+from ...core.config import CheckContext, Strict
 from ...core.patterns import validate_layer_pattern
 
 
@@ -149,3 +150,12 @@ class ControllerSettings(Strict):
                                                                  "layer-steps (closer to exact), lower serves more.")
     policy_training: PolicyTrainingSettings = Field(default_factory=PolicyTrainingSettings,
                                                     description="How `attnplug controller train` trains a policy.")
+
+    def check_semantics(self, ctx: CheckContext, section: str) -> None:
+        """A plan or policy file the session would read at start must be a regular file (refused before any work)."""
+        for fld, value, keep in (("plan", self.plan, ("checkpoint", "off")), ("policy", self.policy, ("off",))):
+            if value not in keep and not Path(value).is_file():
+                what = "a file written by `attnplug calibrate --plan-out`" if fld == "plan" else \
+                    "a policy file written by `attnplug controller train`"
+                ctx.problems.append(f"[{section}] {fld}: no {fld} file at {value!r} (give {' or '.join(map(repr, keep))} or "
+                                    f"{what})")
