@@ -21,6 +21,8 @@ plugins_app = typer.Typer(help="Inspect plugins.", no_args_is_help=True)
 config_app = typer.Typer(help="Validate configs and print their schema.", no_args_is_help=True)
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(config_app, name="config")
+controller_app = typer.Typer(help="The controller: train a routing policy.", no_args_is_help=True)
+app.add_typer(controller_app, name="controller")
 
 
 #: Seeds of the testbed jobs (prompts, noise and the distiller derive their own seeds from it).
@@ -250,6 +252,64 @@ def calibrate_cmd(config: Path = typer.Option(..., help="Serving config of the c
     typer.echo(format_report(report))
     where = f"stored in {checkpoint}" if write_checkpoint else "not stored in the checkpoint"
     typer.echo(f"plan {where}; report: {out}/ (calibration.txt, calibration.json, calibration.png)")
+
+
+@controller_app.command("train")
+def controller_train(config: Path = typer.Option(..., help="Serving config of the checkpoint; its "
+                                                 "[plugins.controller.policy_training] section sets the reward."),
+                     checkpoint: Path = typer.Option(..., help="The learned backend's checkpoint (layers to route)."),
+                     out: Path = typer.Option(Path("attnplug-policy.safetensors"), help="Policy file to write."),
+                     minutes: float | None = typer.Option(None, help="Train for this long (wall clock)."),
+                     updates: int | None = typer.Option(None, help="Train for this many updates."),
+                     resume: Path | None = typer.Option(None, help="A policy file to continue training (its "
+                                                                   "optimizer, baseline and λ)."),
+                     text: bool | None = typer.Option(None, "--text/--no-text", help="Feed the pooled prompt "
+                                                      "embedding to the policy (default: the config's use_text)."),
+                     pipeline: str | None = typer.Option(None, help="A diffusers pipeline (local folder or hub id "
+                                                                    "in the local cache) instead of the testbed."),
+                     prompts_file: Path | None = typer.Option(None, help="JSON list of prompt strings (with "
+                                                                         "--pipeline)."),
+                     steps: int = typer.Option(20, help="Sampler steps."),
+                     device: str = typer.Option("cpu", help="'cpu' or 'cuda'."),
+                     dtype: str = typer.Option("bfloat16", help="Pipeline dtype (with --pipeline)."),
+                     height: int = typer.Option(1024, help="Image height (with --pipeline)."),
+                     width: int = typer.Option(1024, help="Image width (with --pipeline).")) -> None:
+    """Train a per-step, per-layer routing policy with REINFORCE against the exact samples."""
+    from .core.quality import QualityError
+    from .plugins.controller.calibrate import CalibrationError
+    from .plugins.controller.train_policy import PolicyTrainingError, describe
+
+    command = "controller train"
+    with expected_errors(command):
+        if minutes is None and updates is None:
+            raise UsageProblem("give --minutes, --updates or both")
+        if minutes is not None and not (minutes > 0 and minutes < float("inf")):
+            raise UsageProblem(f"--minutes {minutes}: expected a positive number")
+        check_range("--updates", updates, 1)
+        check_range("--steps", steps, 1)
+        check_device(device)
+        check_output("--out", out)
+        if not checkpoint.is_file():
+            raise UsageProblem(f"--checkpoint {checkpoint}: no checkpoint file there")
+        if resume is not None and not resume.is_file():
+            raise UsageProblem(f"--resume {resume}: no policy file there")
+        if pipeline is None and prompts_file is not None:
+            raise UsageProblem("--prompts-file needs --pipeline (the testbed draws its own prompts)")
+    try:
+        if pipeline is None:
+            from .testbed.policy_training import train_testbed_policy
+
+            report = train_testbed_policy(config, checkpoint, policy_out=out, device=device, steps=steps,
+                                          minutes=minutes, updates=updates, resume=resume, use_text=text)
+        else:
+            from .hosts.diffusers.controller import train_pipeline_policy
+
+            report = train_pipeline_policy(pipeline, config, checkpoint, policy_out=out, prompts_file=prompts_file,
+                                           steps=steps, device=device, dtype=dtype, height=height, width=width,
+                                           minutes=minutes, updates=updates, resume=resume, use_text=text)
+    except (PolicyTrainingError, CalibrationError, QualityError, OSError, ValueError) as exc:
+        raise fail(command, str(exc).replace("\n", " ")) from None
+    typer.echo(describe(report))
 
 
 @app.command("convert-seed-checkpoint")

@@ -112,6 +112,7 @@ class Session:
         #: loaded checkpoint and written back by `save`; plugins read their own by name
         self.components: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
         self.checkpoint_path: Path | None = None
+        self._text: torch.Tensor | None = None  # the host's latest pooled conditioning embedding (core.conditioning)
         self._step_key: tuple[Any, ...] | None = None
         self._last_step: int | None = None
         self._last_sigma: float | None = None
@@ -180,6 +181,16 @@ class Session:
         for message in ctx.pattern_warnings:
             self.warn_once("-", f"config:{message}", f"config {self.config.source}: {message}")
         return ctx.pattern_warnings
+
+    def offer_text(self, embedding: torch.Tensor | None) -> None:
+        """The host's pooled conditioning embedding for the forward that follows (`[B, D]` or `[D]`, any device;
+        only a reference is kept: no copy, no sync). Gates that decide by the prompt read `text_embedding`."""
+        self._text = embedding if isinstance(embedding, torch.Tensor) and embedding.numel() else None
+
+    @property
+    def text_embedding(self) -> torch.Tensor | None:
+        """The latest embedding a host offered (None when it offered none)."""
+        return self._text
 
     def warn_once(self, layer_key: str, what: str, message: str) -> None:
         """Log `message` once per (layer, kind of event)."""
@@ -531,6 +542,7 @@ class Session:
                 entry.backend.release()
             except Exception as exc:  # noqa: BLE001
                 log.warning("attnplug: releasing backend %r failed: %s", entry.backend.name, exc)
+        self._text = None
         self.plugins.session_close(self)
         self.loggers.close()
         self.closed = True

@@ -53,18 +53,22 @@ class TestbedSampler:
         self.handle = apply(self.model.transformer, session)
 
     def sample(self) -> Sample:
-        images, velocities = [], []
-        for i in range(0, self.prompts.shape[0], self.batch_size):
-            recorder = _VelocityRecorder(self.model)
-            images.append(sampling.sample(recorder, self.prompts[i:i + self.batch_size],
-                                          self.noise[i:i + self.batch_size], steps=self.steps))
-            velocities.append(recorder.velocities)
-        image = torch.cat(images)
-        per_step = tuple(torch.cat([chunk[s] for chunk in velocities]) for s in range(self.steps))
-        return Sample(latent=data.pack(image), image=image, velocities=per_step, prompts=self.prompts)
+        return sample_testbed(self.model, self.prompts, self.noise, self.steps, self.batch_size)
 
     def close(self) -> None:
         self.handle.remove()
+
+
+def sample_testbed(model: Any, prompts: torch.Tensor, noise: torch.Tensor, steps: int, batch_size: int) -> Sample:
+    """Sample `prompts` from `noise` (each chunk of `batch_size` one sampling run) with every step's velocity."""
+    images, velocities = [], []
+    for i in range(0, prompts.shape[0], batch_size):
+        recorder = _VelocityRecorder(model)
+        images.append(sampling.sample(recorder, prompts[i:i + batch_size], noise[i:i + batch_size], steps=steps))
+        velocities.append(recorder.velocities)
+    image = torch.cat(images)
+    per_step = tuple(torch.cat([chunk[s] for chunk in velocities]) for s in range(steps))
+    return Sample(latent=data.pack(image), image=image, velocities=per_step, prompts=prompts)
 
 
 class _VelocityRecorder:

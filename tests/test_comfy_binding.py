@@ -372,7 +372,7 @@ def test_entrypoint_loads_like_comfyui_under_a_folder_name(comfy):
         asyncio.run(ext.on_load())
         nodes = asyncio.run(ext.get_node_list())
         ids = [n.GET_SCHEMA().node_id for n in nodes]
-        assert len(ids) == len(set(ids)) == len(stub.all_nodes()) == 10
+        assert len(ids) == len(set(ids)) == len(stub.all_nodes()) == 11
         assert sys.modules[name] is sys.modules["attnplug"]  # one package, one registry
     finally:
         sys.modules.pop(name, None)

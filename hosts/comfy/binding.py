@@ -351,7 +351,23 @@ class AttnplugBinding:
             st.latent_grid = (math.ceil(x.shape[-2] / patch), math.ceil(x.shape[-1] / patch))
         else:
             st.latent_grid = None
+        if self.handle.session is not None:
+            self._offer_text(self.handle.session, context, args, kwargs)
         return executor(x, timestep, context, *args, **kwargs)
+
+    @staticmethod
+    def _offer_text(session: Session, context: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The prompt's pooled embedding for a routing policy: Flux's `y` (CLIP pooled), else the context tokens —
+        of the conditional rows when `cond_or_uncond` tells them. A reference only: nothing is copied here."""
+        from ...core.conditioning import cond_rows
+
+        y = kwargs.get("y", args[0] if args else None)
+        text = y if isinstance(y, torch.Tensor) and y.dim() == 2 else context
+        if not isinstance(text, torch.Tensor):
+            return
+        to = kwargs.get("transformer_options") or next((a for a in args if isinstance(a, dict)), {})
+        cu = to.get("cond_or_uncond") if isinstance(to, dict) else None
+        session.offer_text(cond_rows(text, list(cu) if cu else None))
 
     def outer_sample_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         """One sampling run: record the guider's cfg, put attnplug's override back on top of one set after it,

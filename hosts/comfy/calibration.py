@@ -29,16 +29,28 @@ class ComfySampler:
         self.sampler_name, self.scheduler = sampler_name, scheduler
 
     def sample(self) -> Sample:
+        parts = [self.sample_seed(self.seed + i) for i in range(self.n)]
+        images = [p.image for p in parts if p.image is not None]
+        return Sample(latent=torch.cat([p.latent for p in parts]), image=torch.cat(images) if images else None)
+
+    def sample_seed(self, seed: int) -> Sample:
+        """One sample from the noise of `seed` (decoded when a VAE is given)."""
         import comfy.sample
 
-        latents, images = [], []
-        for i in range(self.n):
-            noise = comfy.sample.prepare_noise(self.latent, self.seed + i)
-            out = comfy.sample.sample(self.model, noise, self.steps, self.cfg, self.sampler_name, self.scheduler,
-                                      self.positive, self.negative, self.latent, seed=self.seed + i,
-                                      disable_pbar=True)
-            latents.append(out.detach().float().cpu())
-            if self.vae is not None:
-                decoded = self.vae.decode(out)  # [B, H, W, C] in [0, 1]
-                images.append(decoded.movedim(-1, 1).float().cpu() * 2 - 1)
-        return Sample(latent=torch.cat(latents), image=torch.cat(images) if images else None)
+        noise = comfy.sample.prepare_noise(self.latent, seed)
+        out = comfy.sample.sample(self.model, noise, self.steps, self.cfg, self.sampler_name, self.scheduler,
+                                  self.positive, self.negative, self.latent, seed=seed, disable_pbar=True)
+        image = None
+        if self.vae is not None:
+            image = self.vae.decode(out).movedim(-1, 1).float().cpu() * 2 - 1  # [B, H, W, C] in [0, 1] → [-1, 1]
+        return Sample(latent=out.detach().float().cpu(), image=image)
+
+
+class ComfyEpisodes:
+    """Routing-policy episodes in ComfyUI: episode `key` is the sampler's conditioning from the noise of `seed + key`."""
+
+    def __init__(self, sampler: ComfySampler) -> None:
+        self.sampler = sampler
+
+    def sample(self, key: int) -> Sample:
+        return self.sampler.sample_seed(self.sampler.seed + key)

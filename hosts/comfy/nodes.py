@@ -7,6 +7,7 @@ node's options whenever it asks for the node list); Distill also takes a new fil
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ CATEGORY = "attnplug"
 CONFIG_BACKEND = "(config)"
 NEW_CHECKPOINT = "(new)"
 NO_CHECKPOINT = "(none yet)"
+NO_POLICY = "(none)"
+DEFAULT_POLICY = "attnplug_policy.safetensors"
 DEFAULT_CHECKPOINT = "attnplug_ttr.safetensors"
 FOLDERS_TIP = "the attnplug model folders (models/attnplug/ and those extra_model_paths.yaml registers as 'attnplug')"
 
@@ -191,6 +194,13 @@ class AttnplugApply(io.ComfyNode):
                                        "in between, that share of ready layers, best EMA cosine distance first."),
                 io.Boolean.Input("memory_reserve", default=False, tooltip="Ask ComfyUI to free VRAM sized by the "
                                  "backend's estimate before attention (off by default)."),
+                io.Combo.Input("policy", options=[NO_POLICY, *files.checkpoint_names()], default=NO_POLICY,
+                               optional=True, tooltip="A routing policy from the attnplug Train Policy node: it "
+                               "decides per step which ready layers serve (it replaces the serving plan; "
+                               "quality_speed still limits the layers). A policy for another model is refused."),
+                io.Float.Input("policy_threshold", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="The policy's quality/speed knob: a layer serves at a step where the policy's "
+                                       "P(serve) reaches it — higher keeps more exact (quality), lower serves more."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with learned attention bound to it.")],
             is_experimental=True,
@@ -217,8 +227,10 @@ class AttnplugApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: Any, checkpoint: str, quality_speed: float, memory_reserve: bool = False,
-                config: dict | None = None) -> io.NodeOutput:
+                config: dict | None = None, policy: str = "", policy_threshold: float = 0.5) -> io.NodeOutput:
         base = config if config is not None else {"backend": _default_backend()}
+        if policy not in ("", NO_POLICY):
+            base = _with_policy(base, policy, policy_threshold, model)
         if base.get("backend", "sdpa") in configs.learned_backends():
             if checkpoint in ("", NO_CHECKPOINT):
                 raise ValueError(f"attnplug Apply node: no checkpoint chosen; the list shows the files in "
@@ -232,6 +244,20 @@ class AttnplugApply(io.ComfyNode):
             spec = SessionSpec(configs.validated(base, "attnplug Apply node"), memory_reserve=memory_reserve,
                                label="apply")
         return io.NodeOutput(bind(model, spec))
+
+
+def _with_policy(base: dict, policy: str, threshold: float, model: Any) -> dict:
+    """`base` serving through the policy file `policy` at `threshold`; a policy for other layers is refused now."""
+    from ...plugins.controller.policy_checkpoint import load_policy
+
+    path = files.resolve_checkpoint(policy, must_exist=True)
+    shapes = plans.model_layer_shapes(model)
+    load_policy(path, layers=sorted(shapes) if shapes else None)
+    data = copy.deepcopy(dict(base))
+    controller = data.setdefault("plugins", {}).setdefault("controller", {})
+    controller.update(policy=str(path), policy_threshold=float(threshold), policy_mode="threshold")
+    log.info("attnplug: apply node: routing policy %s at threshold %.2f", path, threshold)
+    return data
 
 
 def _trained_checkpoints() -> list[str]:
@@ -309,5 +335,106 @@ class AttnplugCalibrate(io.ComfyNode):
         return io.NodeOutput(report)
 
 
+class AttnplugTrainPolicy(io.ComfyNode):
+    """Train a routing policy (REINFORCE) that decides per step which layers serve, against exact samples."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="AttnplugTrainPolicy", display_name="attnplug Train Policy (learned routing)",
+            category=f"{CATEGORY}/sampling",
+            description="Samples the conditioning from seeded noise, exact once per seed and then with the policy's "
+                        "choices, and rewards layer-steps served minus the quality cost against the exact sample "
+                        "([plugins.controller.policy_training]: terms, budget, episodes). Writes the policy file "
+                        "the Apply node serves.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model the checkpoint was trained on."),
+                _config_input(optional=True),
+                io.Combo.Input("checkpoint", options=_trained_checkpoints(), default=_trained_checkpoints()[0],
+                               tooltip=f"Trained checkpoint of the learned layers, from {FOLDERS_TIP}."),
+                io.Conditioning.Input("positive", tooltip="The training prompt."),
+                io.Conditioning.Input("negative", tooltip="Its negative prompt (as KSampler takes it)."),
+                io.Latent.Input("latent", tooltip="The latent to sample (its size is the trained resolution)."),
+                io.Vae.Input("vae", optional=True, tooltip="Decode the samples, for image terms such as LPIPS."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Episode k samples the noise of "
+                             "seed + k (its exact sample is computed once)."),
+                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampler steps."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Guidance scale."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="Sampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="Scheduler."),
+                io.Float.Input("minutes", default=10.0, min=0.0, max=10000.0, step=0.5, tooltip="Train this long "
+                               "(0 = until `updates`)."),
+                io.Int.Input("updates", default=0, min=0, max=1_000_000, tooltip="Stop after this many updates "
+                             "(0 = until `minutes`)."),
+                io.String.Input("policy_name", default=DEFAULT_POLICY, tooltip="Policy file to write, in the first "
+                                "attnplug model folder (or a path)."),
+                io.Boolean.Input("resume", default=True, tooltip="Continue from the policy file when it exists "
+                                 "(its optimizer, baseline and λ); a file for another model is refused."),
+                io.Boolean.Input("use_text", default=True, tooltip="Let the policy read the prompt's pooled "
+                                 "embedding (off: the same policy without it)."),
+            ],
+            outputs=[io.String.Output(display_name="report", tooltip="What was trained and where it was written.")],
+            is_experimental=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, policy_name: str = DEFAULT_POLICY) -> bool | str:
+        try:
+            files.resolve_checkpoint(policy_name or "", must_exist=False)
+        except ValueError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, model: Any, checkpoint: str, positive: Any, negative: Any, latent: dict, seed: int, steps: int,
+                cfg: float, sampler_name: str, scheduler: str, minutes: float = 10.0, updates: int = 0,
+                policy_name: str = DEFAULT_POLICY, resume: bool = True, use_text: bool = True, vae: Any = None,
+                config: dict | None = None) -> io.NodeOutput:
+        import torch
+
+        from ...plugins.controller.policy_checkpoint import save_policy
+        from ...plugins.controller.reinforce import settings_json
+        from ...plugins.controller.train_policy import build_trainer, describe
+        from .binding import current_binding
+        from .calibration import ComfyEpisodes, ComfySampler
+
+        node = "attnplug Train Policy node"
+        if checkpoint in ("", NO_CHECKPOINT):
+            raise ValueError(f"{node}: no checkpoint chosen; train one with the attnplug Distill node first")
+        if minutes <= 0 and updates <= 0:
+            raise ValueError(f"{node}: set minutes or updates (both are 0)")
+        path = files.resolve_checkpoint(checkpoint, must_exist=True)
+        out = files.resolve_checkpoint(policy_name or "", must_exist=False)
+        data = dict(config) if config is not None else {"backend": _default_backend()}
+        configs.require_learned(data, node)
+        configs.set_field(data, "training", False, node)
+        configs.set_field(data, "checkpoint", str(path), node)
+        patched = bind(model, SessionSpec(configs.validated(data, node), label="train policy", keep_session=True))
+        handle = current_binding(patched).handle  # type: ignore[union-attr]
+        session = handle.ensure()
+        try:
+            settings = session.config.sections["controller"].policy_training  # type: ignore[attr-defined]
+            settings = settings.model_copy(update={"use_text": use_text})
+            episodes = ComfyEpisodes(ComfySampler(patched, positive, negative, latent, vae, n=1, seed=seed,
+                                                  steps=steps, cfg=cfg, sampler_name=sampler_name,
+                                                  scheduler=scheduler))
+            # ComfyUI runs nodes under inference mode: the policy's weights and updates need autograd
+            with torch.inference_mode(False), torch.no_grad():
+                trainer = build_trainer(session, episodes.sample, settings,
+                                        resume=out if resume and out.is_file() else None)
+                result = trainer.train(episodes.sample, updates=updates or None, minutes=minutes or None)
+                saved = save_policy(out, trainer.policy, settings_json(settings), trainer.state())
+        finally:
+            handle.release()
+        report = describe({"policy": str(saved), "layers": trainer.policy.layers, "use_text": trainer.policy.use_text,
+                           "text_dim": trainer.policy.text_dim, "updates": trainer.updates,
+                           "episodes": trainer.episodes, "reference_runs": trainer.reference_runs,
+                           "seconds": result.seconds, "final": result.history[-1] if result.history else {}})
+        log.info("attnplug: train policy node: %s", report)
+        return io.NodeOutput(report)
+
+
 NODES: list[type[io.ComfyNode]] = [AttnplugConfig, AttnplugSchedule, AttnplugDistill, AttnplugApply,
-                                   AttnplugCalibrate]
+                                   AttnplugCalibrate, AttnplugTrainPolicy]

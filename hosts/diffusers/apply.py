@@ -137,6 +137,9 @@ def apply(
     *,
     text_first: bool | None = None,
     timestep_divisor: float | None = None,
+    policy: Any = None,
+    policy_threshold: float | None = None,
+    policy_mode: str | None = None,
 ) -> Handle:
     """Route every interceptable attention call of a diffusers pipeline or transformer through attnplug.
 
@@ -148,6 +151,10 @@ def apply(
             (default: from the model table; unknown models report no conditioning split).
         timestep_divisor: sigma = transformer `timestep` / this, for models attnplug does not know
             (Flux-style models take sigma itself: 1; SD3 takes sigma × 1000: 1000).
+        policy: a routing policy (`RoutingPolicy` or a file written by `attnplug controller train`) that decides
+            per step which layers serve; a policy (given or configured) for other layers is refused.
+        policy_threshold: the quality/speed knob of the policy (higher: fewer layers served, closer to exact).
+        policy_mode: 'threshold' or 'stochastic' (default: the config's `[plugins.controller] policy_mode`).
 
     Returns a `Handle`; `handle.remove()` restores the model exactly.
     """
@@ -181,6 +188,13 @@ def apply(
             f"can be intercepted ({len(skipped)} skipped: {_summary(skipped)})"
         )
 
+    keys = sorted({layer_identity(path)[0] for path, _, _ in targets})
+    try:
+        _attach_policy(session, keys, policy, policy_threshold, policy_mode)
+    except BaseException:
+        if owns:
+            session.close()
+        raise
     install_hook(transformer, tracker)
     patched: dict[str, tuple[torch.nn.Module, Any, LayerProcessor]] = {}
     try:
@@ -198,7 +212,7 @@ def apply(
             module.set_processor(original)
         remove_hook(transformer)
         raise
-    session.check_layers(sorted({layer_identity(path)[0] for path, _, _ in targets}))  # patterns matching none
+    session.check_layers(keys)  # patterns matching none
     if skipped:
         log.warning(
             "attnplug: %d attention modules of %s keep their own processor: %s",
@@ -210,6 +224,21 @@ def apply(
         for note in session.serving_notes():
             log.info("attnplug: %s", note)
     return Handle(session, owns, transformer, pipe, tracker, patched, skipped)
+
+
+def _attach_policy(session: Session, keys: list[str], policy: Any, threshold: float | None,
+                   mode: str | None) -> None:
+    """Check the routing policy (given or configured) against the model's layers and set its knob."""
+    from ...plugins.controller.policy_gate import attach_policy, policy_gate
+
+    gate = policy_gate(session)
+    if gate is None or (policy is None and gate.policy is None):
+        if policy is not None or threshold is not None or mode is not None:
+            raise ValueError("attnplug.hosts.diffusers.apply: policy options need the controller plugin's policy "
+                             "gate (is the 'controller' plugin disabled?)" if gate is None else
+                             "attnplug.hosts.diffusers.apply: policy_threshold / policy_mode given without a policy")
+        return
+    attach_policy(session, policy, keys, threshold=threshold, mode=mode)
 
 
 def _summary(skipped: dict[str, str]) -> str:

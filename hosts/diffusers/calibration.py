@@ -84,6 +84,23 @@ def read_prompts(path: str | Path) -> list[str]:
     return data
 
 
+def load_pipeline(pipeline: str | Any, dtype: str, device: str) -> Any:
+    """A pipeline object as is, or one loaded from a local folder or cached hub id (no downloads) onto `device`;
+    a failure is a `ValueError` naming the pipeline."""
+    if not isinstance(pipeline, str):
+        return pipeline
+    from diffusers import DiffusionPipeline
+
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"--dtype {dtype!r} is not a torch dtype (e.g. bfloat16, float16, float32)")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(pipeline, torch_dtype=torch_dtype, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for a missing/odd folder
+        raise ValueError(f"cannot load the pipeline {pipeline!r} from local files ({exc})") from None
+    return pipe.to(device)
+
+
 def calibrate_pipeline(pipeline: str | Any, config: Any, checkpoint: str | Path, *, out: str | Path,
                        prompts_file: str | Path | None, n_prompts: int | None = None, steps: int = 20,
                        device: str = "cuda", dtype: str = "bfloat16", height: int = 1024, width: int = 1024,
@@ -96,17 +113,7 @@ def calibrate_pipeline(pipeline: str | Any, config: Any, checkpoint: str | Path,
     if prompts_file is None:
         raise CalibrationError("calibrating a pipeline needs --prompts-file (a JSON list of prompt strings)")
     prompts = read_prompts(prompts_file)
-    if isinstance(pipeline, str):
-        from diffusers import DiffusionPipeline
-
-        torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise CalibrationError(f"--dtype {dtype!r} is not a torch dtype (e.g. bfloat16, float16, float32)")
-        try:
-            pipeline = DiffusionPipeline.from_pretrained(pipeline, torch_dtype=torch_dtype, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for a missing/odd folder
-            raise CalibrationError(f"cannot load the pipeline {pipeline!r} from local files ({exc})") from None
-        pipeline = pipeline.to(device)
+    pipeline = load_pipeline(pipeline, dtype, device)
 
     def make_sampler(session: Any, settings: Any) -> PipelineSampler:
         chosen = prompts[:settings.prompts] if n_prompts is None else prompts[:n_prompts]

@@ -143,6 +143,10 @@ class Tracker:
         pipe = self.pipe if in_pipe else None
         st.cond = _cond(context_name, pipe)
         st.cfg_scale = self._cfg(a, pipe)
+        if st.cond is not False:  # the prompt's pooled embedding (Flux: CLIP's), else its tokens; a reference only
+            pooled = a.get("pooled_projections")
+            self.session.offer_text(pooled if isinstance(pooled, torch.Tensor) else
+                                    ehs if isinstance(ehs, torch.Tensor) else None)
         if in_pipe and not st.run_started:
             st.num_steps = _num_steps(pipe)
             st.run_started = True

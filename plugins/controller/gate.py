@@ -87,6 +87,8 @@ class PlanGate:
 
     # ---- the gate -----------------------------------------------------------------------------------
     def decide(self, call: AttentionCall) -> GateDecision:
+        if self.candidate is None and self._policy_decides():
+            return ALLOW  # a routing policy replaces the plan (it is the baseline the policy is trained to beat)
         plan = self.plan()
         if plan is None:
             self._note_missing_plan()
@@ -97,6 +99,12 @@ class PlanGate:
             return veto("sigma unknown: the serving plan decides by σ band (fail-closed)")
         band = band_label(plan.edges, band_index(plan.edges, call.sigma))
         return veto(f"{call.layer_key} at {band} is not in the serving plan")
+
+    def _policy_decides(self) -> bool:
+        from .policy_gate import policy_gate
+
+        gate = policy_gate(self.session)
+        return gate is not None and gate.active
 
     def _note_missing_plan(self) -> None:
         if self._noted or self.settings.plan == "off" or self.session.training:
@@ -111,6 +119,8 @@ class PlanGate:
 
     def describe(self) -> str:
         """What this gate serves, for hosts to report (one line)."""
+        if self.candidate is None and self._policy_decides():
+            return "serving plan: stands aside (a routing policy decides)"
         plan = self.plan()
         if plan is None:
             return ("serving plan: off (readiness alone decides)" if self.settings.plan == "off" else

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 from ...core.hookspecs import hookimpl
 from .gate import PlanGate
 from .lpips_term import LpipsSettings, LpipsTerm
+from .policy_checkpoint import load_policy
+from .policy_gate import PolicyGate
 from .settings import ControllerSettings
 from .terms import BUILTIN_TERMS
 
@@ -37,7 +39,14 @@ def _lpips(settings: Any, context: Any) -> LpipsTerm:
 
 @hookimpl
 def attnplug_session_start(session: "Session") -> None:
-    """Every session serves through the plan gate: the stored plan when there is one, else readiness alone."""
+    """Every session serves through the plan gate (the stored plan when there is one, else readiness alone) and
+    the policy gate (standing aside unless `[plugins.controller] policy` names a policy file, or a host or the
+    trainer sets one)."""
     settings = session.config.sections.get("controller")
-    session.router.gates.append(PlanGate(settings if isinstance(settings, ControllerSettings)
-                                         else ControllerSettings(), session))
+    settings = settings if isinstance(settings, ControllerSettings) else ControllerSettings()
+    gate = PolicyGate(session, mode=settings.policy_mode, threshold=settings.policy_threshold,
+                      seed=session.config.root.seed)
+    session.router.gates += [gate, PlanGate(settings, session)]
+    if settings.policy != "off":
+        loaded = load_policy(settings.policy)
+        gate.set_policy(loaded.policy, source=settings.policy)

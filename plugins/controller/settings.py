@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ...core.config import Strict
+from ...core.config import CheckContext, Strict
 from ...core.patterns import validate_layer_pattern
 
 
@@ -92,11 +93,69 @@ class CalibrationSettings(Strict):
         return v
 
 
+class PolicyTrainingSettings(Strict):
+    """How `attnplug controller train` trains a routing policy with REINFORCE (plugins/controller/reinforce.py)."""
+
+    terms: list[TermBudget] = Field(default_factory=_default_terms, description="The reward's quality terms: "
+                                    "each term's share of its bound, weighted and summed, is an episode's cost.")
+    cost_budget: float = Field(1.0, gt=0, description="The quality budget in cost units (1.0 = one term at its "
+                                                      "bound): the Lagrangian keeps the mean cost at or below it.")
+    efficiency: Literal["lagrangian", "target_share"] = Field(
+        "lagrangian", description="'lagrangian': reward = share served − λ·cost, λ raised while the mean cost is "
+                                  "over cost_budget; 'target_share': reward = −cost − share_weight·|share − "
+                                  "target_share|.")
+    target_share: float = Field(0.9, ge=0, le=1, description="Share of eligible layer-steps to serve "
+                                                             "(efficiency = 'target_share').")
+    share_weight: float = Field(1.0, ge=0, description="Weight of the share term (efficiency = 'target_share').")
+    lambda_init: float = Field(1.0, ge=0, description="Initial Lagrange multiplier on the cost.")
+    lambda_lr: float = Field(0.05, ge=0, description="Dual ascent step of λ per update: λ += lr·(mean cost − "
+                                                     "cost_budget), kept in [0, lambda_max].")
+    lambda_max: float = Field(50.0, gt=0, description="Upper bound of λ.")
+    cost_cap: float = Field(4.0, gt=0, description="The quality floor: an episode's cost counts at most this much, "
+                                                   "so one ruined sample does not dominate a whole update.")
+    baseline_decay: float = Field(0.9, ge=0, lt=1, description="EMA decay of the reward baseline (and of the "
+                                                               "reward scale the advantages are divided by).")
+    entropy: float = Field(0.01, ge=0, description="Entropy bonus per eligible decision (keeps exploring).")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip per update.")
+    episodes_per_update: int = Field(4, ge=1, le=1024, description="Sampled episodes (one prompt batch each) "
+                                                                   "averaged into one update.")
+    prompts_per_episode: int = Field(8, ge=1, le=4096, description="Prompts sampled together in one episode "
+                                                                   "(they share the episode's routing).")
+    pool: int = Field(64, ge=1, le=1_000_000, description="Distinct (prompts, noise) episodes to draw from; each "
+                                                          "one's exact reference is sampled once and cached.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed of the episode draws and the policy's actions.")
+    hidden: int = Field(64, ge=4, le=4096, description="Width of the policy network.")
+    init_logit: float = Field(1.0, description="Initial logit of every layer (1.0: serve with p ≈ 0.73).")
+    use_text: bool = Field(True, description="Feed the pooled conditioning embedding to the policy (False: the "
+                                             "same network without it, the ablation).")
+
+
 class ControllerSettings(Strict):
-    """`[plugins.controller]`: the serving plan and its calibration."""
+    """`[plugins.controller]`: the serving plan and its calibration, the routing policy and its training."""
 
     plan: str = Field("checkpoint", description="Serving plan to use: 'checkpoint' (the plan stored in the "
                                                 "loaded checkpoint, if any), 'off' (readiness alone decides), or "
                                                 "the path of a plan file written by `attnplug calibrate --plan-out`.")
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings,
                                              description="How `attnplug calibrate` finds a plan.")
+    policy: str = Field("off", description="Routing policy to serve: 'off', or the path of a policy file written "
+                                           "by `attnplug controller train`. While a policy serves, it decides every "
+                                           "(step, layer) and the serving plan stands aside; readiness still holds.")
+    policy_mode: Literal["threshold", "stochastic"] = Field(
+        "threshold", description="'threshold': serve where P(serve) >= policy_threshold (deterministic); "
+                                 "'stochastic': draw each decision (seeded per session).")
+    policy_threshold: float = Field(0.5, ge=0, le=1, description="The quality/speed knob: higher serves fewer "
+                                                                 "layer-steps (closer to exact), lower serves more.")
+    policy_training: PolicyTrainingSettings = Field(default_factory=PolicyTrainingSettings,
+                                                    description="How `attnplug controller train` trains a policy.")
+
+    def check_semantics(self, ctx: CheckContext, section: str) -> None:
+        """A plan or policy file the session would read at start must be a regular file (refused before any work)."""
+        for fld, value, keep in (("plan", self.plan, ("checkpoint", "off")), ("policy", self.policy, ("off",))):
+            if value not in keep and not Path(value).is_file():
+                what = "a file written by `attnplug calibrate --plan-out`" if fld == "plan" else \
+                    "a policy file written by `attnplug controller train`"
+                ctx.problems.append(f"[{section}] {fld}: no {fld} file at {value!r} (give {' or '.join(map(repr, keep))} or "
+                                    f"{what})")

@@ -1,0 +1,302 @@
+"""The routing-policy study on the testbed: calibrated plan vs learned policy, with and without text features.
+
+    python -m attnplug.testbed.policy_study --out DIR --device cuda [--train-minutes 2.5 --thresholds ...
+        --eval-prompts 64 --seeds 0,1 --plan plan.json]
+
+1. one session serving `--checkpoint` under `--config` (default: every layer of ttr_default, joint blocks too);
+2. the serving plan: calibrated on training-distribution prompts (or read from `--plan`);
+3. two policies trained with REINFORCE on the same episodes (their exact references shared): with the pooled
+   prompt embedding, and the same network without it — same reward, same budget, same time;
+4. evaluation on held-out prompts, for each seed its own prompts and noise, in batches of
+   `prompts_per_episode` (each batch one run, so each gets its own routing): the exact sample, the plan's
+   greedy prefixes (its Pareto curve), and every policy at every threshold; per point the share of
+   layer-steps served, adherence points lost, velocity fidelity and seconds per sample (a threshold of 1.0
+   serves nothing: its time against the exact run is what deciding costs);
+5. `study.json`, `study.md` (the table and the headline numbers) and `pareto.png` in `--out`.
+
+At full size it fits in about 9 minutes on one H200; tests/test_policy_study.py runs it on a CPU at toy sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.checkpoint import atomic_write_text
+from ..core.quality import Sample, mean_scores
+from ..plugins.controller import policy_report as report
+from ..plugins.controller.plan import ServingPlan
+from . import data, sampling
+from .calibration import _PROMPT_STREAM, TestbedAdherence, _adherence_factory, sample_testbed
+from .model import WEIGHTS_DIR, load_testbed
+
+CONFIGS = Path(__file__).parent / "configs"
+MAX_LOSS = 1.0  # adherence points: the budget of the headline numbers
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m attnplug.testbed.policy_study", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--config", type=Path, default=CONFIGS / "serve_all.toml")
+    p.add_argument("--checkpoint", type=Path, default=WEIGHTS_DIR / "ttr_default.safetensors")
+    p.add_argument("--weights", type=Path, default=None, help="testbed model weights (default: the committed ones)")
+    p.add_argument("--plan", type=Path, default=None, help="a plan JSON (skips calibration)")
+    p.add_argument("--calibration-prompts", type=int, default=16)
+    p.add_argument("--sigma-bands", default=None, help="comma list of σ band edges (default: the config's)")
+    p.add_argument("--calibration-layers", default=None, help="comma list of layer patterns (default: the config's)")
+    p.add_argument("--plan-points", type=int, default=6, help="greedy prefixes of the plan evaluated")
+    p.add_argument("--train-minutes", type=float, default=2.5, help="per policy")
+    p.add_argument("--updates", type=int, default=None, help="cap on updates per policy")
+    p.add_argument("--prompts-per-episode", type=int, default=4)
+    p.add_argument("--pool", type=int, default=None, help="distinct training episodes (default: the config's)")
+    p.add_argument("--thresholds", default="0.05,0.2,0.35,0.5,0.65,0.8,0.9,0.97,1.0")
+    p.add_argument("--eval-prompts", type=int, default=64)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+class FixedPrompts:
+    """`sample()`: fixed prompts and noise, in batches (calibration's sampler over a model patched once)."""
+
+    def __init__(self, model: Any, prompts: torch.Tensor, noise: torch.Tensor, steps: int, batch: int) -> None:
+        self.model, self.prompts, self.noise, self.steps, self.batch = model, prompts, noise, steps, batch
+
+    def sample(self) -> Sample:
+        return sample_testbed(self.model, self.prompts, self.noise, self.steps, self.batch)
+
+
+def _served_calls(session: Any) -> tuple[int, int]:
+    """(calls, calls an approximate backend served) so far, over every layer."""
+    calls = served = 0
+    for stats in session.stats.values():
+        calls += stats.calls
+        served += sum(n for b, n in stats.served.items() if not session.backends.get(b).capabilities.exact)
+    return calls, served
+
+
+def measure(session: Any, sampler: FixedPrompts, reference: Sample | None) -> tuple[Sample, dict[str, float]]:
+    """Sample once; share of calls served approximately (= share of layer-steps), seconds, and the terms."""
+    c0, s0 = _served_calls(session)
+    t0 = time.perf_counter()
+    sample = sampler.sample()
+    seconds = (time.perf_counter() - t0) / sampler.prompts.shape[0]
+    session.run_end()
+    c1, s1 = _served_calls(session)
+    out = {"share": (s1 - s0) / max(c1 - c0, 1), "seconds": seconds}
+    if reference is not None:
+        from ..plugins.controller.terms import VelocityFidelity
+
+        scores = mean_scores([TestbedAdherence(), VelocityFidelity()], sample, reference)
+        out.update(loss=scores["testbed_adherence"], velocity=scores["velocity_fidelity"])
+    return sample, out
+
+
+def calibrate_plan(session: Any, model: Any, args: argparse.Namespace, out: Path) -> ServingPlan:
+    from ..plugins.controller.calibrate import Calibrator, build_terms
+
+    settings = session.config.sections["controller"].calibration
+    update: dict[str, Any] = {"prompts": args.calibration_prompts}
+    if args.sigma_bands:
+        update["sigma_bands"] = [float(x) for x in args.sigma_bands.split(",")]
+    if args.calibration_layers:
+        update["layers"] = args.calibration_layers.split(",")
+    settings = settings.model_validate({**settings.model_dump(), **update})
+    n = settings.prompts
+    prompts = data.train_prompts(n, grid=model.cfg.grid,
+                                 generator=torch.Generator().manual_seed(settings.seed + _PROMPT_STREAM))
+    noise = sampling.initial_noise(n, prompts.shape[1], seed=settings.seed + _PROMPT_STREAM)
+    terms = build_terms(settings.terms, session, {"testbed_adherence": _adherence_factory})
+    result = Calibrator(session, FixedPrompts(model, prompts, noise, args.steps, n), settings, terms,
+                        progress=not args.no_progress).run()
+    result.plan.save_json(out / "plan.json")
+    return result.plan
+
+
+def plan_prefixes(plan: ServingPlan, points: int) -> list[tuple[str, ServingPlan]]:
+    """The plan as its search grew it: the first k accepted cells, for `points` values of k (and the whole plan)."""
+    accepted = [(s["layer"], s["band"]) for s in plan.report.get("search", []) if s.get("accepted")]
+    accepted = [c for c in accepted if c in set(plan.cell_list())] or plan.cell_list()
+    ks = sorted({max(1, round(i * len(accepted) / points)) for i in range(1, points + 1)} | {len(accepted)})
+    ks = [k for k in ks if k <= len(accepted)] if accepted else []
+    return [(f"{k} cells", ServingPlan.from_cells(plan.edges, accepted[:k])) for k in ks]
+
+
+def train_policies(session: Any, model: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from ..plugins.controller.policy_checkpoint import save_policy
+    from ..plugins.controller.reinforce import settings_json
+    from ..plugins.controller.train_policy import build_trainer
+    from .policy_training import TestbedEpisodes
+
+    base = session.config.sections["controller"].policy_training
+    update: dict[str, Any] = {"prompts_per_episode": args.prompts_per_episode}
+    if args.pool:
+        update["pool"] = args.pool
+    policies: dict[str, Any] = {}
+    references: dict[int, Sample] = {}
+    for name, use_text in (("policy (text)", True), ("policy (no text)", False)):
+        settings = base.model_copy(update={**update, "use_text": use_text})
+        episodes = TestbedEpisodes(session, settings.prompts_per_episode, seed=settings.seed, steps=args.steps,
+                                   model=model)
+        trainer = build_trainer(session, episodes.sample, settings,
+                                extra_terms={"testbed_adherence": _adherence_factory})
+        trainer.references.update(references)  # the same episodes: each exact reference is sampled once
+        result = trainer.train(episodes.sample, minutes=args.train_minutes, updates=args.updates,
+                               progress=not args.no_progress)
+        references = trainer.references
+        file = out / ("policy_text.safetensors" if use_text else "policy_no_text.safetensors")
+        save_policy(file, trainer.policy, settings_json(settings), trainer.state())
+        policies[name] = {"policy": trainer.policy, "file": str(file), "updates": trainer.updates,
+                          "episodes": trainer.episodes, "seconds": round(result.seconds, 1),
+                          "history": result.history}
+    return policies
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from ..core import Session
+    from ..core.config import load_config
+    from ..hosts.diffusers import apply
+    from ..plugins.controller.gate import plan_gate
+    from ..plugins.controller.policy_gate import policy_gate
+
+    t_start = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(args.config)
+    cfg.root = cfg.root.model_copy(update={"training": False, "checkpoint": None})
+    session = Session(cfg)
+    session.load(args.checkpoint)
+    model = load_testbed(args.device, path=args.weights)
+    handle = apply(model.transformer, session)
+    pgate, plgate = policy_gate(session), plan_gate(session)
+    assert pgate is not None and plgate is not None
+    timings: dict[str, float] = {}
+    try:
+        t0 = time.perf_counter()
+        plan = ServingPlan.load_json(args.plan) if args.plan else calibrate_plan(session, model, args, out)
+        timings["plan_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        policies = train_policies(session, model, args, out)
+        timings["train_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rows = evaluate(session, model, args, plan, policies, pgate, plgate)
+        timings["eval_s"] = time.perf_counter() - t0
+    finally:
+        handle.remove()
+        session.close()
+    timings["total_s"] = time.perf_counter() - t_start
+    return summarize(args, plan, policies, rows, timings, out)
+
+
+def evaluate(session: Any, model: Any, args: argparse.Namespace, plan: ServingPlan, policies: dict[str, Any],
+             pgate: Any, plgate: Any) -> list[dict[str, Any]]:
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    rows: list[dict[str, Any]] = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        prompts = data.heldout_prompts(args.eval_prompts, grid=model.cfg.grid, seed=1234 + seed)
+        noise = sampling.initial_noise(args.eval_prompts, prompts.shape[1], seed=seed)
+        sampler = FixedPrompts(model, prompts, noise, args.steps, args.prompts_per_episode)
+        with pgate.exact():
+            reference, exact = measure(session, sampler, None)
+        rows.append({"method": "exact", "setting": "-", "seed": seed, "share": 0.0, "loss": 0.0, "velocity": 0.0,
+                     "seconds": exact["seconds"]})
+        for setting, prefix in plan_prefixes(plan, args.plan_points):
+            plgate.candidate = prefix
+            session.router.invalidate()
+            try:
+                rows.append({"method": "plan", "setting": setting, "seed": seed,
+                             **measure(session, sampler, reference)[1]})
+            finally:
+                plgate.candidate = None
+        for name, entry in policies.items():
+            for threshold in thresholds:
+                pgate.set_policy(entry["policy"], mode="threshold", threshold=threshold)
+                try:
+                    rows.append({"method": name, "setting": f"threshold {threshold:g}", "seed": seed,
+                                 **measure(session, sampler, reference)[1]})
+                finally:
+                    pgate.set_policy(None)
+    return rows
+
+
+def summarize(args: argparse.Namespace, plan: ServingPlan, policies: dict[str, Any], rows: list[dict[str, Any]],
+              timings: dict[str, float], out: Path) -> dict[str, Any]:
+    means = report.mean_points([r for r in rows if r["method"] != "exact"])
+    points = {m: [(p["share"], p["loss"]) for p in pts] for m, pts in means.items()}
+    headline: dict[str, Any] = {}
+    for method, pts in points.items():
+        per_seed = {}
+        for seed in sorted({r["seed"] for r in rows}):
+            mine = [(r["share"], r["loss"]) for r in rows if r["method"] == method and r["seed"] == seed]
+            per_seed[str(seed)] = report.best_share(mine, MAX_LOSS)
+        headline[method] = {"best_share_within_budget_mean": report.best_share(pts, MAX_LOSS),
+                            "best_share_within_budget_per_seed": per_seed, "front": report.pareto(pts)}
+    plan_front = report.pareto(points.get("plan", []))
+    for name in policies:
+        headline[name]["dominates_plan"] = report.dominates(report.pareto(points.get(name, [])), plan_front)
+    exact_s = [r["seconds"] for r in rows if r["method"] == "exact"]
+    idle = [r["seconds"] for r in rows if r["method"].startswith("policy") and r["setting"] == "threshold 1"]
+    result = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"), "device": args.device,
+        "config": str(args.config), "checkpoint": str(args.checkpoint), "steps": args.steps,
+        "eval_prompts": args.eval_prompts, "seeds": args.seeds, "max_loss_points": MAX_LOSS,
+        "plan": {"cells": len(plan.cell_list()), "share_at_calibration": plan.report.get("share_served"),
+                 "describe": plan.describe()},
+        "policies": {n: {k: v for k, v in e.items() if k not in ("policy", "history")} |
+                     {"last": e["history"][-1] if e["history"] else {}} for n, e in policies.items()},
+        "headline": headline, "timings": {k: round(v, 1) for k, v in timings.items()},
+        "seconds_per_sample": {"exact": _mean(exact_s), "policy deciding, nothing served": _mean(idle)},
+        "rows": rows,
+    }
+    atomic_write_text(out / "study.json", json.dumps(result, indent=1, default=float))
+    report.plot_pareto([r for r in rows if r["method"] != "exact"], out / "pareto.png", MAX_LOSS)
+    atomic_write_text(out / "study.md", markdown(result))
+    return result
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Routing-policy study ({result['date']}, {result['device']})", "",
+             f"{result['eval_prompts']} held-out prompts per seed (seeds {result['seeds']}), {result['steps']} steps; "
+             f"config {result['config']}, checkpoint {result['checkpoint']}.", "",
+             f"| method | best share served at ≤ {result['max_loss_points']:g} point lost (mean of seeds) | per seed | "
+             "Pareto front dominates the plan's |", "|---|---|---|---|"]
+    for method, h in result["headline"].items():
+        best = h["best_share_within_budget_mean"]
+        seeds = ", ".join("—" if v is None else f"{100 * v:.1f} %" for v in h["best_share_within_budget_per_seed"].values())
+        lines.append(f"| {method} | {'—' if best is None else f'{100 * best:.1f} %'} | {seeds} | "
+                     f"{h.get('dominates_plan', '—')} |")
+    sps = result["seconds_per_sample"]
+    lines += ["", f"seconds per sample: exact {_fmt(sps['exact'])}, policy deciding but serving nothing "
+                  f"{_fmt(sps['policy deciding, nothing served'])}", "",
+              "timings (s): " + ", ".join(f"{k} {v}" for k, v in result["timings"].items()), "",
+              report.markdown_table(result["rows"]), ""]
+    return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    result = run(args)
+    print(markdown({k: v for k, v in result.items()}).split("\n\n| method | setting")[0])
+    print(f"written: {args.out}/study.json, study.md, pareto.png")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
