@@ -53,6 +53,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sigma-bands", default=None, help="comma list of σ band edges (default: the config's)")
     p.add_argument("--calibration-layers", default=None, help="comma list of layer patterns (default: the config's)")
     p.add_argument("--plan-points", type=int, default=6, help="greedy prefixes of the plan evaluated")
+    p.add_argument("--policies", type=Path, default=None,
+                   help="a folder holding policy_text.safetensors and policy_no_text.safetensors from an earlier "
+                        "study (skips training: evaluate those)")
     p.add_argument("--train-minutes", type=float, default=2.5, help="per policy")
     p.add_argument("--updates", type=int, default=None, help="cap on updates per policy")
     p.add_argument("--prompts-per-episode", type=int, default=4)
@@ -161,6 +164,20 @@ def train_policies(session: Any, model: Any, args: argparse.Namespace, out: Path
     return policies
 
 
+def load_policies(folder: Path) -> dict[str, Any]:
+    """The two policies of an earlier study, read from `folder`."""
+    from ..plugins.controller.policy_checkpoint import load_policy
+
+    policies: dict[str, Any] = {}
+    for name, file in (("policy (text)", "policy_text.safetensors"), ("policy (no text)", "policy_no_text.safetensors")):
+        loaded = load_policy(folder / file)  # the gate keeps exact any layer a policy does not know
+        state = loaded.training
+        policies[name] = {"policy": loaded.policy, "file": str(folder / file),
+                          "updates": state.updates if state else None, "episodes": state.episodes if state else None,
+                          "seconds": None, "history": []}
+    return policies
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..core import Session
     from ..core.config import load_config
@@ -184,9 +201,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         plan = ServingPlan.load_json(args.plan) if args.plan else calibrate_plan(session, model, args, out)
         timings["plan_s"] = time.perf_counter() - t0
+        print(f"plan: {timings['plan_s']:.0f} s", flush=True)  # each stage as it ends: a cut-off run still tells
         t0 = time.perf_counter()
-        policies = train_policies(session, model, args, out)
+        policies = (load_policies(args.policies) if args.policies
+                    else train_policies(session, model, args, out))
         timings["train_s"] = time.perf_counter() - t0
+        print(f"policies: {timings['train_s']:.0f} s", flush=True)
         t0 = time.perf_counter()
         rows = evaluate(session, model, args, plan, policies, pgate, plgate)
         timings["eval_s"] = time.perf_counter() - t0

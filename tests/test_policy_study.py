@@ -50,3 +50,14 @@ def test_the_study_runs_end_to_end_and_writes_its_report(tmp_path):
     assert nothing and all(r["share"] == 0.0 for r in nothing)  # threshold 1: the policy serves nothing
     assert result["policies"]["policy (text)"]["updates"] == 2
     assert "dominates the plan" in (out / "study.md").read_text()
+
+    # an earlier study's plan and policies are evaluated again without calibrating or training
+    again = tmp_path / "again"
+    code = policy_study.main(["--out", str(again), "--config", str(config), "--checkpoint",
+                              str(tmp_path / "ttr.safetensors"), "--weights", str(weights), "--steps", "2",
+                              "--eval-prompts", "2", "--seeds", "0", "--plan", str(out / "plan.json"),
+                              "--policies", str(out), "--plan-points", "1", "--thresholds", "1.0", "--no-progress"])
+    assert code == 0
+    reread = json.loads((again / "study.json").read_text())
+    assert reread["policies"]["policy (text)"]["updates"] == 2  # read back from the file, not trained again
+    assert not (again / "policy_text.safetensors").exists()
