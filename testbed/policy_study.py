@@ -14,7 +14,8 @@
    serves nothing: its time against the exact run is what deciding costs);
 5. `study.json`, `study.md` (the table and the headline numbers) and `pareto.png` in `--out`.
 
-At full size it fits in about 9 minutes on one H200; tests/test_policy_study.py runs it on a CPU at toy sizes.
+At its defaults it takes more than 10 minutes on one H200: to fit lent 10-minute calls, train in one (`--train-minutes`)
+and evaluate in the next (`--plan DIR/plan.json --policies DIR`). tests/test_policy_study.py runs it on a CPU at toy sizes.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import datetime as _dt
 import json
 import math
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 

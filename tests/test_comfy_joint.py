@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
 import torch
 
 _helpers_spec = importlib.util.spec_from_file_location("attnplug_comfy_stub_helpers",

@@ -1,7 +1,6 @@
 """Serving plans: σ bands, storage in checkpoints and files, and the plan gate every session serves through."""
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest

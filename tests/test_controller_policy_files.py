@@ -1,7 +1,6 @@
 """Policy files: round trip, resume with optimizer/baseline/λ, wrong layer sets refused, atomic saves; the CLI."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

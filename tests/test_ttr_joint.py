@@ -315,3 +315,14 @@ def test_served_without_the_landmark_backend_falls_back_with_a_reason():
     assert any("exact_attention" in r for r in reasons), reasons
     hybrid_call = AttentionCall("single:0", "single", 0, n_cond_tokens=N_COND, n_image_tokens=N - N_COND)
     assert backend.not_supported_reasons(q, k, v, hybrid_call) == []
+
+
+def test_memory_estimate_of_a_joint_layer_counts_its_window():
+    """The memory a host reserves before a joint layer's call (ComfyUI's reservation, OOM handling) is an estimate
+    that grows with the exact window around each query."""
+    q, k, v = _qkv(b=1)
+    without = _backend(landmarks={**LANDMARKS, "window": 0}).memory_estimate(q, k, v, _call())
+    with_window = _backend().memory_estimate(q, k, v, _call())
+    assert isinstance(with_window, int) and 0 < without < with_window
+    training = _backend().memory_estimate(q, k, v, _call(), training=True)
+    assert training >= with_window

@@ -264,13 +264,46 @@ def _trained_checkpoints() -> list[str]:
     return files.checkpoint_names() or [NO_CHECKPOINT]
 
 
+def _sampling_inputs(prompt_tip: str, resolution: str, seed_tip: str) -> list[Any]:
+    """The inputs of a node that samples the conditioning itself (Calibrate, Train Policy), as KSampler takes them."""
+    import comfy.samplers
+
+    return [
+        io.Conditioning.Input("positive", tooltip=prompt_tip),
+        io.Conditioning.Input("negative", tooltip="Its negative prompt (as KSampler takes it)."),
+        io.Latent.Input("latent", tooltip=f"The latent to sample (its size is the {resolution} resolution)."),
+        io.Vae.Input("vae", optional=True, tooltip="Decode the samples, for image terms such as LPIPS."),
+        io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip=seed_tip),
+        io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampler steps."),
+        io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Guidance scale."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="Sampler."),
+        io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="Scheduler."),
+    ]
+
+
+def _serving_session(model: Any, checkpoint: str, config: dict | None, node: str,
+                     label: str) -> tuple[Path, Any, Any, Any]:
+    """Bind a serving (not training) session on `checkpoint` to a copy of `model`, kept for the node to sample
+    with; returns (checkpoint path, patched model, binding handle, session). The caller releases the handle."""
+    from .binding import current_binding
+
+    if checkpoint in ("", NO_CHECKPOINT):
+        raise ValueError(f"{node}: no checkpoint chosen; train one with the attnplug Distill node first")
+    path = files.resolve_checkpoint(checkpoint, must_exist=True)
+    data = dict(config) if config is not None else {"backend": _default_backend()}
+    configs.require_learned(data, node)
+    configs.set_field(data, "training", False, node)
+    configs.set_field(data, "checkpoint", str(path), node)
+    patched = bind(model, SessionSpec(configs.validated(data, node), label=label, keep_session=True))
+    handle = current_binding(patched).handle  # type: ignore[union-attr]
+    return path, patched, handle, handle.ensure()
+
+
 class AttnplugCalibrate(io.ComfyNode):
     """Measure which (layer, σ band) cells keep the samples within budget; store that serving plan."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        import comfy.samplers
-
         return io.Schema(
             node_id="AttnplugCalibrate", display_name="attnplug Calibrate (serving plan)",
             category=f"{CATEGORY}/sampling",
@@ -283,16 +316,9 @@ class AttnplugCalibrate(io.ComfyNode):
                 _config_input(optional=True),
                 io.Combo.Input("checkpoint", options=_trained_checkpoints(), default=_trained_checkpoints()[0],
                                tooltip=f"Trained checkpoint, from {FOLDERS_TIP}; the plan is written into it."),
-                io.Conditioning.Input("positive", tooltip="The calibration prompt."),
-                io.Conditioning.Input("negative", tooltip="Its negative prompt (as KSampler takes it)."),
-                io.Latent.Input("latent", tooltip="The latent to sample (its size is the calibrated resolution)."),
-                io.Vae.Input("vae", optional=True, tooltip="Decode the samples, for image terms such as LPIPS."),
-                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of the first sample; sample i "
-                             "uses seed + i, the same noise for the exact and every candidate run."),
-                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampler steps."),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Guidance scale."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="Sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="Scheduler."),
+                *_sampling_inputs("The calibration prompt.", "calibrated",
+                                  "Seed of the first sample; sample i uses seed + i, the same noise for the exact "
+                                  "and every candidate run."),
                 io.Boolean.Input("write_checkpoint", default=True, tooltip="Store the plan in the checkpoint."),
             ],
             outputs=[io.String.Output(display_name="report", tooltip="What was measured and the plan found.")],
@@ -306,20 +332,10 @@ class AttnplugCalibrate(io.ComfyNode):
         from ...plugins.controller.calibrate import Calibrator, build_terms
         from ...plugins.controller.plan import write_plan_into_checkpoint
         from ...plugins.controller.report import format_report
-        from .binding import current_binding
         from .calibration import ComfySampler
 
-        node = "attnplug Calibrate node"
-        if checkpoint in ("", NO_CHECKPOINT):
-            raise ValueError(f"{node}: no checkpoint chosen; train one with the attnplug Distill node first")
-        path = files.resolve_checkpoint(checkpoint, must_exist=True)
-        data = dict(config) if config is not None else {"backend": _default_backend()}
-        configs.require_learned(data, node)
-        configs.set_field(data, "training", False, node)
-        configs.set_field(data, "checkpoint", str(path), node)
-        patched = bind(model, SessionSpec(configs.validated(data, node), label="calibrate", keep_session=True))
-        handle = current_binding(patched).handle  # type: ignore[union-attr]
-        session = handle.ensure()
+        path, patched, handle, session = _serving_session(model, checkpoint, config, "attnplug Calibrate node",
+                                                          "calibrate")
         try:
             settings = session.config.sections["controller"].calibration  # type: ignore[attr-defined]
             terms = build_terms(settings.terms, session)
@@ -340,8 +356,6 @@ class AttnplugTrainPolicy(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        import comfy.samplers
-
         return io.Schema(
             node_id="AttnplugTrainPolicy", display_name="attnplug Train Policy (learned routing)",
             category=f"{CATEGORY}/sampling",
@@ -354,16 +368,8 @@ class AttnplugTrainPolicy(io.ComfyNode):
                 _config_input(optional=True),
                 io.Combo.Input("checkpoint", options=_trained_checkpoints(), default=_trained_checkpoints()[0],
                                tooltip=f"Trained checkpoint of the learned layers, from {FOLDERS_TIP}."),
-                io.Conditioning.Input("positive", tooltip="The training prompt."),
-                io.Conditioning.Input("negative", tooltip="Its negative prompt (as KSampler takes it)."),
-                io.Latent.Input("latent", tooltip="The latent to sample (its size is the trained resolution)."),
-                io.Vae.Input("vae", optional=True, tooltip="Decode the samples, for image terms such as LPIPS."),
-                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Episode k samples the noise of "
-                             "seed + k (its exact sample is computed once)."),
-                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampler steps."),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Guidance scale."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="Sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="Scheduler."),
+                *_sampling_inputs("The training prompt.", "trained",
+                                  "Episode k samples the noise of seed + k (its exact sample is computed once)."),
                 io.Float.Input("minutes", default=10.0, min=0.0, max=10000.0, step=0.5, tooltip="Train this long "
                                "(0 = until `updates`)."),
                 io.Int.Input("updates", default=0, min=0, max=1_000_000, tooltip="Stop after this many updates "
@@ -397,23 +403,13 @@ class AttnplugTrainPolicy(io.ComfyNode):
         from ...plugins.controller.policy_checkpoint import save_policy
         from ...plugins.controller.reinforce import settings_json
         from ...plugins.controller.train_policy import build_trainer, describe
-        from .binding import current_binding
         from .calibration import ComfyEpisodes, ComfySampler
 
         node = "attnplug Train Policy node"
-        if checkpoint in ("", NO_CHECKPOINT):
-            raise ValueError(f"{node}: no checkpoint chosen; train one with the attnplug Distill node first")
         if minutes <= 0 and updates <= 0:
             raise ValueError(f"{node}: set minutes or updates (both are 0)")
-        path = files.resolve_checkpoint(checkpoint, must_exist=True)
         out = files.resolve_checkpoint(policy_name or "", must_exist=False)
-        data = dict(config) if config is not None else {"backend": _default_backend()}
-        configs.require_learned(data, node)
-        configs.set_field(data, "training", False, node)
-        configs.set_field(data, "checkpoint", str(path), node)
-        patched = bind(model, SessionSpec(configs.validated(data, node), label="train policy", keep_session=True))
-        handle = current_binding(patched).handle  # type: ignore[union-attr]
-        session = handle.ensure()
+        _, patched, handle, session = _serving_session(model, checkpoint, config, node, "train policy")
         try:
             settings = session.config.sections["controller"].policy_training  # type: ignore[attr-defined]
             settings = settings.model_copy(update={"use_text": use_text})

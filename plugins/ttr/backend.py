@@ -405,7 +405,7 @@ class TtrBackend(LearnedBackend):
         if q.dtype != torch.float32:
             total += b * h * (min(qc, nq) + min(kc, nk)) * (d + dv) * 4  # fp32 copies of chunks
         if self.settings.variant_for(call.layer_key) == "joint":
-            window = getattr(getattr(owner, "settings", None), "window", 0)
+            window = getattr(getattr(residual, "settings", None), "window", 0) if residual is not None else 0
             total += joint_extra_bytes(b, h, nq, nk, dv, f, (2 * window + 1) ** 2 if window else 0, qc, training)
         return int(total)
 
