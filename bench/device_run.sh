@@ -10,6 +10,9 @@
 # call: the lent machine is given back ~30 s after a call returns, background processes with it.
 # QUALITY_DIR (/tmp/quality), QUALITY_DEVICE (cuda), QUALITY_PLAN (extra testbed.quality arguments, e.g. "--runs 1 --steps 4" for a smoke run) and
 # QUALITY_EVAL_WORKERS (processes that evaluate one checkpoint's servings side by side, 1) apply to both.
+# QUALITY_PHASE=distill | evaluate splits the sweep over two calls (testbed.quality --phase): the distill call leaves
+# $OUT/checkpoints.tgz; unpack it into an ignored folder of the repo, carry it, and set QUALITY_FROM to it (with the
+# same QUALITY_VARIANTS and QUALITY_SEEDS) in the evaluate call.
 # `joint` is `quality` with the joint-layer sweep's defaults: every layer distilled online, the hybrid layer everywhere
 # vs the joint layer on the double blocks (both combinations), seeds 0 and 1, each variant's own servings (the per-layer
 # effect table for "hybrid everywhere" and "joint shared"), 3 evaluation workers per process; it also writes
@@ -33,13 +36,15 @@ for step in "${@:-all}"; do
         QUALITY_WAIT_S="${QUALITY_WAIT_S:-480}" QUALITY_KEEP="${QUALITY_KEEP:-0}" QUALITY_KEEP_BEST=1 ;;&
     quality|joint)
       Q=${QUALITY_DIR:-/tmp/quality}; rm -rf $Q; mkdir -p $Q; : > $Q/pids  # a warm machine keeps the last call's rows
+      # QUALITY_FROM: the unpacked checkpoints.tgz of an earlier QUALITY_PHASE=distill call (carried), to evaluate
+      [ -n "${QUALITY_FROM:-}" ] && cp -r "$QUALITY_FROM"/. $Q/ && : > $Q/pids
       IFS=';' read -ra VS <<< "${QUALITY_VARIANTS:-default;cosine lr;cosine lr 2× runs;offline fit;kernel-only;1-layer F64 hedgehog;1-layer F128 elu+1;landmarks 2 %;per-head φ;F256 + cosine lr;α_max 0.5 + cosine lr}"
       i=0
       for seed in ${QUALITY_SEEDS:-${QUALITY_SEED:-0}}; do for v in "${VS[@]}"; do
         i=$((i+1)); d=$Q/v$i; mkdir -p $d
         OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.testbed.quality --out $d --device "${QUALITY_DEVICE:-cuda}" \
           --variants "$v" --budget-s 1e9 --layers "${QUALITY_LAYERS:-}" --serving "${QUALITY_SERVING:-}" --seed "$seed" \
-          --eval-workers "${QUALITY_EVAL_WORKERS:-1}" ${QUALITY_PLAN:-} > $d/log.txt 2>&1 &
+          --eval-workers "${QUALITY_EVAL_WORKERS:-1}" --phase "${QUALITY_PHASE:-both}" ${QUALITY_PLAN:-} > $d/log.txt 2>&1 &
         echo $! >> $Q/pids
       done; done
       for c in ${QUALITY_EVALS:-}; do
@@ -57,6 +62,17 @@ for step in "${@:-all}"; do
       python3 -m attnplug.testbed.quality --out $Q --collect ${QUALITY_KEEP_BEST:+--keep-best $OUT} > $OUT/quality_table.md 2>&1
       [ -f $Q/effects.md ] && cp $Q/effects.md $OUT/effects.md
       (cd $Q && tar czf $OUT/quality_results.tgz --exclude='*.safetensors' --exclude=pids .)
+      # a distill phase hands its checkpoints to the evaluate call: unpack into a carried folder, QUALITY_FROM=it
+      if [ "${QUALITY_PHASE:-both}" = distill ]; then  # serving needs the backend component only (~3 MB a checkpoint)
+        python3 - $Q <<'PY'
+import sys
+from pathlib import Path
+from attnplug.core import load_checkpoint, save_checkpoint
+for f in Path(sys.argv[1]).glob("v*/*/ttr.safetensors"):
+    save_checkpoint(f, {k: v for k, v in load_checkpoint(f).items() if k.startswith("backend.")})
+PY
+        (cd $Q && tar czf $OUT/checkpoints.tgz --exclude=pids --exclude='log.txt' .)
+      fi
       python3 - "$Q" "$OUT" "${QUALITY_KEEP:-3}" <<'PY'
 import json, shutil, sys
 from pathlib import Path

@@ -221,14 +221,21 @@ def base_config() -> dict[str, Any]:
     return cfg
 
 
+PHASES = ("both", "distill", "evaluate")
+
+
 def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: float,
         layers: list[str] | None = None, serving: list[str] | None = None, seed: int = 0,
-        eval_workers: int = 1) -> list[dict[str, Any]]:
+        eval_workers: int = 1, phase: str = "both") -> list[dict[str, Any]]:
     """Distill and evaluate each variant in turn; stops starting new ones when the budget is spent.
 
     `layers`: train only these layer patterns (default: every layer); `serving`: names of `SERVING`;
     `seed`: training prompts, noise and the held-out evaluation set (another seed = an independent repeat);
-    `eval_workers`: processes that evaluate the servings of a checkpoint side by side."""
+    `eval_workers`: processes that evaluate the servings of a checkpoint side by side; `phase`: "distill" only
+    writes each variant's checkpoint and distillation metrics, "evaluate" evaluates the checkpoints an earlier
+    "distill" left in `out` (so that the two fit separate time-limited GPU calls)."""
+    if phase not in PHASES:
+        raise ValueError(f"phase: {phase!r}, expected one of {PHASES}")
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for name in variants:
@@ -242,12 +249,21 @@ def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: f
             # every eligible layer trains on every step (the selector clamps min to the eligible count)
             base["plugins"]["distill"].update(layers=layers, min_swap_layers=10_000, max_swap_layers=-1)
         cfg = variant.config(base, vplan)
-        metrics = run_demo(out / folder_name(name), device=device, config=cfg, plan=vplan, progress=False,
-                           seed=seed, evaluate_after=False)
         checkpoint = out / folder_name(name) / "ttr.safetensors"
+        if phase == "evaluate":
+            if not checkpoint.is_file():
+                raise FileNotFoundError(f"{checkpoint}: no checkpoint of variant {name!r} to evaluate; run the "
+                                        "distill phase into this folder first")
+            metrics = json.loads((checkpoint.parent / "metrics.json").read_text())
+        else:
+            metrics = run_demo(out / folder_name(name), device=device, config=cfg, plan=vplan, progress=False,
+                               seed=seed, evaluate_after=False)
         row = {"variant": name, "seed": seed, "plan": vplan.__dict__, "distill": metrics["distill"], "serving": {},
                "checkpoint": str(checkpoint.resolve()), "config": cfg}
         rows.append(row)
+        if phase == "distill":
+            write_tables(out, rows)
+            continue
         names = expand_servings(serving or variant.servings or DEFAULT_SERVING)
 
         def record(results: dict[str, dict[str, Any]]) -> None:
@@ -434,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="Seed of training prompts, noise and held-out set.")
     ap.add_argument("--eval-workers", type=int, default=1,
                     help="Processes that evaluate one checkpoint's servings side by side (each with its own exact pass).")
+    ap.add_argument("--phase", choices=PHASES, default="both",
+                    help="distill: only distill (checkpoints and metrics in OUT); evaluate: evaluate the checkpoints "
+                         "a distill phase left in OUT; both (the default): one after the other.")
     ap.add_argument("--collect", action="store_true",
                     help="Only merge OUT/*/quality.json (variants run as separate processes) into OUT.")
     ap.add_argument("--keep-best", type=Path, default=None,
@@ -459,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"--serving: unknown {bad}; known: {list(SERVING)}")
     run(a.out, a.device, plan, split(a.variants), a.budget_s, split(a.layers), split(a.serving), a.seed,
-        max(1, a.eval_workers))
+        max(1, a.eval_workers), a.phase)
     return 0
 
 

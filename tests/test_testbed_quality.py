@@ -199,3 +199,23 @@ def test_servings_of_one_checkpoint_share_the_exact_pass_and_equal_separate_eval
                 "per_layer_fidelity"):
         assert alone[key] == shared[key], key
     assert (tmp_path / "effects.md").exists() and json.loads((tmp_path / "quality.json").read_text())[0]["serving"]
+
+
+def test_a_distill_phase_then_an_evaluate_phase_equal_one_run(tmp_path, one_thread, monkeypatch):
+    """The sweep split over two time-limited GPU calls: the first distils, the second evaluates what it left."""
+    from attnplug.testbed.quality import Variant, run
+
+    lenient = merge(VARIANTS["joint shared"].overrides, {"plugins": {"distill": {
+        "readiness_min_updates": 1, "readiness_threshold": 1.0, "layers": ["double:*"], "query_cap": 64}}})
+    monkeypatch.setitem(VARIANTS, "joint shared", Variant(lenient))
+    plan = DemoPlan(runs=1, prompts_per_run=1, steps=2, eval_prompts=1, eval_steps=2)
+    serving = ["double blocks"]
+    with pytest.raises(FileNotFoundError, match="run the distill phase"):
+        run(tmp_path / "none", "cpu", plan, ["joint shared"], 1e9, serving=serving, phase="evaluate")
+    (distilled,) = run(tmp_path / "split", "cpu", plan, ["joint shared"], 1e9, serving=serving, phase="distill")
+    assert distilled["serving"] == {} and Path(distilled["checkpoint"]).is_file()
+    (evaluated,) = run(tmp_path / "split", "cpu", plan, ["joint shared"], 1e9, serving=serving, phase="evaluate")
+    assert evaluated["distill"] == distilled["distill"]
+    (whole,) = run(tmp_path / "whole", "cpu", plan, ["joint shared"], 1e9, serving=serving)
+    for key in ("adherence_exact", "adherence_approx", "layers_served"):
+        assert evaluated["serving"]["double blocks"][key] == whole["serving"]["double blocks"][key], key
