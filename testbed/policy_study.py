@@ -134,7 +134,8 @@ def plan_prefixes(plan: ServingPlan, points: int) -> list[tuple[str, ServingPlan
     return [(f"{k} cells", ServingPlan.from_cells(plan.edges, accepted[:k])) for k in ks]
 
 
-def train_policies(session: Any, model: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def train_policies(session: Any, model: Any, args: argparse.Namespace, out: Path,
+                   plan: ServingPlan | None = None) -> dict[str, Any]:
     from ..plugins.controller.policy_checkpoint import save_policy
     from ..plugins.controller.reinforce import settings_json
     from ..plugins.controller.train_policy import build_trainer
@@ -151,7 +152,7 @@ def train_policies(session: Any, model: Any, args: argparse.Namespace, out: Path
         episodes = TestbedEpisodes(session, settings.prompts_per_episode, seed=settings.seed, steps=args.steps,
                                    model=model)
         trainer = build_trainer(session, episodes.sample, settings,
-                                extra_terms={"testbed_adherence": _adherence_factory})
+                                extra_terms={"testbed_adherence": _adherence_factory}, start_plan=plan)
         trainer.references.update(references)  # the same episodes: each exact reference is sampled once
         result = trainer.train(episodes.sample, minutes=args.train_minutes, updates=args.updates,
                                progress=not args.no_progress)
@@ -159,6 +160,7 @@ def train_policies(session: Any, model: Any, args: argparse.Namespace, out: Path
         file = out / ("policy_text.safetensors" if use_text else "policy_no_text.safetensors")
         save_policy(file, trainer.policy, settings_json(settings), trainer.state())
         policies[name] = {"policy": trainer.policy, "file": str(file), "updates": trainer.updates,
+                          "start_agreement": trainer.start_agreement,
                           "episodes": trainer.episodes, "seconds": round(result.seconds, 1),
                           "history": result.history}
     return policies
@@ -204,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"plan: {timings['plan_s']:.0f} s", flush=True)  # each stage as it ends: a cut-off run still tells
         t0 = time.perf_counter()
         policies = (load_policies(args.policies) if args.policies
-                    else train_policies(session, model, args, out))
+                    else train_policies(session, model, args, out, plan))
         timings["train_s"] = time.perf_counter() - t0
         print(f"policies: {timings['train_s']:.0f} s", flush=True)
         t0 = time.perf_counter()

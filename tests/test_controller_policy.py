@@ -168,3 +168,42 @@ def test_reinforce_learns_to_keep_the_harmful_cells_exact():
     harmful = {("double:0", s) for s in range(3)}
     assert not served & harmful
     assert len(served) >= 12  # the harmless cells serve (15 of them)
+
+
+def test_a_new_policy_starts_from_the_serving_plan():
+    """Before its first update, the trainer fits the policy to the calibrated plan on a rollout's steps, so REINFORCE
+    starts where the plan is: at threshold 0.5 the policy then serves what the plan serves."""
+    from attnplug.plugins.controller.plan import ServingPlan
+
+    session = _session()
+    gate = policy_gate(session)
+    plan = ServingPlan.from_cells([1.0, 0.5, 0.0], [("single:0", 0), ("single:0", 1), ("single:1", 1)])
+    settings = PolicyTrainingSettings(terms=[TermBudget(kind="latent_rmse", max=0.1)], episodes_per_update=1,
+                                      pool=1, lr=1e-6, seed=3, start_steps=300)
+    trainer = ReinforceTrainer(RoutingPolicy(LAYERS, hidden=16, init_logit=2.0), gate,
+                               build_terms(settings.terms, session), settings, start_plan=plan)
+    host = ToyHost(session)
+    trainer.train(host.sample, updates=1, progress=False)  # the fit, then one (tiny-lr) update
+    assert trainer.start_agreement == pytest.approx(1.0)
+    assert trainer.start_plan is None  # once only: a later train() call goes on from here
+    gate.set_policy(trainer.policy, mode="threshold", threshold=0.5)
+    host.sample(0)
+    session.run_end()
+    expected = {(layer, step) for step, sigma in enumerate(SIGMAS) for layer in LAYERS if plan.allows(layer, sigma)}
+    assert host.served[-1] == expected and expected
+
+
+def test_imitation_is_masked_to_eligible_layers_and_needs_steps():
+    from attnplug.plugins.controller.plan import ServingPlan
+    from attnplug.plugins.controller.plan_start import imitate_plan
+    from attnplug.plugins.controller.policy_gate import StepRecord
+
+    policy = RoutingPolicy(LAYERS, hidden=8)
+    plan = ServingPlan.from_cells([1.0, 0.0], [("double:0", 0)])
+    with pytest.raises(ValueError, match="no recorded steps"):
+        imitate_plan(policy, plan, [])
+    records = [StepRecord(features(PolicyInputs(s)), None, torch.zeros(3), torch.tensor([True, False, True]))
+               for s in SIGMAS]
+    assert imitate_plan(policy, plan, records, steps=150) == pytest.approx(1.0)
+    logits = policy(torch.stack([r.scalars for r in records]))
+    assert bool((logits[:, 0] > 0).all()) and bool((logits[:, 2] < 0).all())

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ...core.quality import QualityTerm, Sample, mean_scores
 from .calibrate import cost_of
+from .plan import ServingPlan
 from .policy import RoutingPolicy, distribution
 from .policy_checkpoint import TrainingState, restore_optimizer
 from .policy_gate import PolicyGate, StepRecord
@@ -63,7 +64,8 @@ class ReinforceTrainer:
     """Trains `policy` through `gate` (the session's policy gate) against `terms` (see the module docstring)."""
 
     def __init__(self, policy: RoutingPolicy, gate: PolicyGate, terms: list[QualityTerm],
-                 settings: PolicyTrainingSettings, state: TrainingState | None = None) -> None:
+                 settings: PolicyTrainingSettings, state: TrainingState | None = None,
+                 start_plan: ServingPlan | None = None) -> None:
         if len(terms) != len(settings.terms):
             raise ValueError(f"ReinforceTrainer: {len(terms)} terms for {len(settings.terms)} budgets")
         self.policy, self.gate, self.terms, self.settings = policy, gate, terms, settings
@@ -78,6 +80,9 @@ class ReinforceTrainer:
         gate.generator.manual_seed(settings.seed + 7919 * (self.episodes + 1))
         self.references: dict[int, Sample] = {}
         self.reference_runs = 0
+        #: fit to this plan before the first update (plan_start.py); None: start as the policy is
+        self.start_plan = start_plan
+        self.start_agreement: float | None = None
 
     # ---- episodes ---------------------------------------------------------------------------------
     def reference(self, sample: SampleFn, key: int) -> Sample:
@@ -184,6 +189,8 @@ class ReinforceTrainer:
         result = TrainResult(0, 0, 0.0)
         bar = tqdm(total=updates, desc="policy", unit="update", dynamic_ncols=True, disable=not progress)
         try:
+            if self.start_plan is not None:
+                self.start_from(self.start_plan, sample)
             while (updates is None or result.updates < updates) and time.perf_counter() < deadline:
                 keys = [self.rng.randrange(self.settings.pool) for _ in range(self.settings.episodes_per_update)]
                 metrics = self.update([self.episode(sample, k) for k in keys])
@@ -200,6 +207,18 @@ class ReinforceTrainer:
             self.gate.set_policy(None)
         result.seconds = time.perf_counter() - t0
         return result
+
+    def start_from(self, plan: ServingPlan, sample: SampleFn) -> float:
+        """Fit the policy to `plan` on the steps of one rollout (the host's real inputs), once; returns the share
+        of eligible decisions it then makes as the plan does (also logged)."""
+        from .plan_start import imitate_plan
+
+        records = self.episode(sample, self.rng.randrange(self.settings.pool)).records
+        self.start_agreement = imitate_plan(self.policy, plan, records, steps=self.settings.start_steps)
+        self.start_plan = None
+        self.gate.session.loggers.log_metrics({"start_agreement": self.start_agreement}, self.updates,
+                                              "controller/policy")
+        return self.start_agreement
 
     def state(self) -> TrainingState:
         """What `policy_checkpoint.save_policy` stores to resume from."""

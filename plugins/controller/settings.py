@@ -130,6 +130,10 @@ class PolicyTrainingSettings(Strict):
     init_logit: float = Field(1.0, description="Initial logit of every layer (1.0: serve with p ≈ 0.73).")
     use_text: bool = Field(True, description="Feed the pooled conditioning embedding to the policy (False: the "
                                              "same network without it, the ablation).")
+    start_from_plan: bool = Field(True, description="Before the first update of a new policy, fit it to the "
+                                                    "session's serving plan (when it has one), so that training "
+                                                    "starts from the calibrated plan and improves on it.")
+    start_steps: int = Field(200, ge=1, le=100_000, description="Optimiser steps of that fit (start_from_plan).")
 
 
 class ControllerSettings(Strict):

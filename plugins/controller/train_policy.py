@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 from ...core.quality import Sample
 from .calibrate import TermFactory, build_terms
+from .gate import plan_gate
+from .plan import ServingPlan
 from .policy import RoutingPolicy
 from .policy_checkpoint import load_policy, save_policy
 from .policy_gate import PolicyGate, policy_gate
@@ -59,10 +61,11 @@ def probe(session: "Session", gate: PolicyGate, sample: Callable[[int], Sample])
 
 
 def build_trainer(session: "Session", sample: Callable[[int], Sample], settings: PolicyTrainingSettings, *,
-                  resume: str | Path | None = None, extra_terms: Mapping[str, TermFactory] | None = None
-                  ) -> ReinforceTrainer:
+                  resume: str | Path | None = None, extra_terms: Mapping[str, TermFactory] | None = None,
+                  start_plan: ServingPlan | None = None) -> ReinforceTrainer:
     """A trainer for `session`'s model: a new policy (or the one in `resume`, with its optimizer, baseline and λ),
-    the reward terms of `settings`, episode 0's exact sample already cached."""
+    the reward terms of `settings`, episode 0's exact sample already cached. A new policy starts from `start_plan`
+    (default: the session's serving plan, if any) when `settings.start_from_plan`."""
     gate = policy_gate(session)
     if gate is None:
         raise PolicyTrainingError("the session has no policy gate (is the 'controller' plugin disabled?)")
@@ -96,7 +99,11 @@ def build_trainer(session: "Session", sample: Callable[[int], Sample], settings:
         policy = RoutingPolicy(layers, text_dim if settings.use_text else None, use_text=settings.use_text,
                                hidden=settings.hidden, init_logit=settings.init_logit)
         state = None
-    trainer = ReinforceTrainer(policy, gate, terms, settings, state)
+    if resume is None and settings.start_from_plan and start_plan is None:
+        planner = plan_gate(session)
+        start_plan = planner.plan() if planner is not None else None
+    trainer = ReinforceTrainer(policy, gate, terms, settings, state,
+                               start_plan=start_plan if resume is None and settings.start_from_plan else None)
     trainer.references[0] = reference
     trainer.reference_runs += 1
     return trainer
