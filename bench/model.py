@@ -17,6 +17,8 @@ parameters — and times one forward (batch 1, 512 text tokens, (px/16)² image 
   ttr kernel defaults to `triton` (the fused path `kernel = "auto"` picks there, but an error instead
   of a silent PyTorch fallback) and the session is strict, so a row either measures ttr serving
   exactly the intended layers or says why not.
+- `ttr-all` — ttr on every layer: the joint layer (`joint_layers = ["double:*"]`: every interaction with text
+  tokens exact) on the double blocks, the default layer on the single blocks, all marked ready.
 
 Options after a mode, `/`-separated (e.g. `ttr-100/graph`, `native/compile`): `every-call` — the non-finite
 check with a device sync per call (`finite_check = "every_call"`; the default reads device flags once per step);
@@ -64,7 +66,9 @@ SMOKE: dict[str, Any] = {
     "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": True,
     "axes_dims_rope": (8, 12, 12)}
 
-MODES = ("native", "host", "sdpa", "ttr-0", "ttr-50", "ttr-100")
+MODES = ("native", "host", "sdpa", "ttr-0", "ttr-50", "ttr-100", "ttr-all")
+#: ttr on every layer: the joint layer on the double blocks, the hybrid layer on the single blocks
+ALL_LAYERS = "ttr-all"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SIGMA, GUIDANCE = 0.5, 3.5  # what the transformer is told about the step (attnplug reads both)
 NOTE = ("random transformer weights and random (untrained) ttr feature maps: timings only; outputs are "
@@ -182,9 +186,13 @@ def mode_config(mode: str, n_single: int, ttr_kernel: str,
         base["finite_check"] = "every_call"
     if name in ("host", "sdpa"):
         return {**base, "backend": name}
+    base["plugins"].setdefault("ttr", {}).setdefault("kernel", ttr_kernel)
+    if name == ALL_LAYERS:
+        base["plugins"]["ttr"].setdefault("joint_layers", ["double:*"])
+        return {**base, "backend": "ttr", "strict": True,
+                "gates": [{"kind": "layers", "include": ["double:*", "single:*"]}]}
     pct = ttr_share(name)
     assert pct is not None
-    base["plugins"].setdefault("ttr", {}).setdefault("kernel", ttr_kernel)
     # strict: a ttr row measures ttr on exactly the gated layers, or fails with the reason
     return {**base, "backend": "ttr", "strict": True,
             "gates": [{"kind": "layers", "include": ttr_include(pct, n_single)}]}
@@ -322,7 +330,7 @@ def served_summary(session: Any, forwards: int) -> tuple[dict[str, float], dict[
 
 def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: torch.device, n_single: int,
              reference: torch.Tensor | None, warmup: int, reps: int, ttr_kernel: str, sdpa: str,
-             plugins: dict[str, dict[str, Any]] | None = None) -> torch.Tensor | None:
+             plugins: dict[str, dict[str, Any]] | None = None, n_double: int = 0) -> torch.Tensor | None:
     """Time `mode` on `model` into `row`; returns the output of the first forward (on the CPU, fp32)."""
     from ..core import Session
     from ..hosts.diffusers import apply
@@ -346,8 +354,11 @@ def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: to
             if session.config.root.backend == "ttr":
                 row.ttr_include = list(cfg["gates"][0]["include"])
                 ttr = session.backends.get("ttr")
-                for i in range(n_single):  # every single block may serve; the layers gate picks which do
-                    ttr.ready[f"single:{i}"] = True  # type: ignore[attr-defined]
+                keys = [f"single:{i}" for i in range(n_single)]  # every single block may serve; the gate picks
+                if parse_mode(mode)[0] == ALL_LAYERS:
+                    keys += [f"double:{i}" for i in range(n_double)]
+                for key in keys:
+                    ttr.ready[key] = True  # type: ignore[attr-defined]
             handle = apply(model, session)
             session.run_start(num_steps=1, host="diffusers", pipeline="attnplug bench-model")
         if "compile" in options:
@@ -457,7 +468,7 @@ def run_bench_model(sizes: list[int], modes: list[str], device: torch.device, dt
         for mode in ordered:
             row = Row(f"{px}²", mode, n_img, txt)
             out = run_mode(model, inputs, mode, row, device, cfg["num_single_layers"], reference, warmup, reps,
-                           kernel, sdpa, plugins)
+                           kernel, sdpa, plugins, n_double=cfg["num_layers"])
             if mode == "native":
                 reference = out
             size_rows[mode] = row

@@ -90,6 +90,9 @@ TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "previous-default-cap1024": (_PHI_PREV, {**_LM_PREV, "max": 1024}),
     "previous-default-window2": (_PHI_PREV, {**_LM_PREV, "window": 2}),
     "lean-window2": (_PHI_LEAN, {**_LM_2PCT, "window": 2}),
+    # the joint layer on a double-block call (every interaction with text tokens exact; plugins/ttr/joint.py):
+    # product-path and PyTorch rows only (no fused kernels of its own yet)
+    "joint": ({**_TTR_DEFAULT, "joint_layers": ["double:*"]}, _LM_DEFAULT),
 }
 #: Former configuration names: old name → current name, for the error message. The `default-*` ones were deltas
 #: from the previous default and would now describe another layer.
@@ -121,11 +124,17 @@ class _FakeSession:
         self.backends = backends
 
 
-def _call(s: Shape) -> Any:
+def _call(s: Shape, layer_key: str = "single:0") -> Any:
     from ..core.call import AttentionCall
 
-    return AttentionCall(layer_key="single:0", block_type="single", block_index=0, n_cond_tokens=s.txt,
+    kind, _, index = layer_key.partition(":")
+    return AttentionCall(layer_key=layer_key, block_type=kind, block_index=int(index), n_cond_tokens=s.txt,
                          n_image_tokens=s.n - s.txt, latent_grid=s.grid, host="bench")
+
+
+def is_joint(tset: dict[str, Any]) -> bool:
+    """A configuration of the joint layer: its rows time a double-block call, and it has no fused rows."""
+    return bool(tset.get("joint_layers"))
 
 
 def window_keys(s: Shape, radius: int) -> float:
@@ -430,7 +439,6 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
     and, with `graphs`, a CUDA-graph replay of each fused and session variant. Landmark indices always come from
     the landmark backend (`indices()`), the same selection the served layer uses."""
     res: list[Variant] = []
-    call = _call(s)
     names = list(TTR_CONFIGS) if configs is None else configs
     bad = unknown_configs(names)
     if bad:
@@ -439,6 +447,7 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
     kernel_only_done: dict[tuple, str] = {}  # φ settings -> the config whose kernel-only variant times it
     for cfg in names:
         tset, lset = TTR_CONFIGS[cfg]
+        call = _call(s, "double:0" if is_joint(tset) else "single:0")
         try:
             # kernel="torch": the reference row is the PyTorch path even on CUDA ("auto" would serve it with
             # the fused kernels, and the fused rows would be checked against themselves)
@@ -456,7 +465,7 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
             notes.update(window=win, latent_grid=s.grid)
         torch_name = f"ttr-{cfg} torch"
 
-        def make_torch(q, k, v, backend=backend):
+        def make_torch(q, k, v, backend=backend, call=call):
             _bench_layer(backend, call, q)
 
             def fn():
@@ -470,8 +479,13 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
                           _session_maker(tset, lset, backend, call, "every_call"), cost, None,
                           check_against=torch_name, notes={**notes, "product_path": True})]
         res += served
+        if is_joint(tset):
+            if graphs:
+                res.append(graph_variant(served[0], device))
+            continue
 
-        def fused_maker(lm_impl: str | None, guarded: bool = False, backend=backend, lm_backend=lm_backend, win=win):
+        def fused_maker(lm_impl: str | None, guarded: bool = False, backend=backend, lm_backend=lm_backend, win=win,
+                        call=call):
             def make(q, k, v):
                 from ..plugins.ttr.kernels import PhiWeights, ServePlan, fused_unsupported_reasons
 

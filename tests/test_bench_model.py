@@ -12,7 +12,7 @@ import pytest
 import torch
 from attnplug.bench import model as bm
 
-MODES = ["native", "host", "sdpa", "ttr-0", "ttr-50", "ttr-100"]
+MODES = ["native", "host", "sdpa", "ttr-0", "ttr-50", "ttr-100", "ttr-all"]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,10 @@ def test_ttr_rows_serve_exactly_the_gated_single_layers(report: dict) -> None:
         assert row["served_layers"].get("ttr") == layers
         assert "double" not in (row["served_layers"].get("ttr") or "")
         assert row["fallbacks"] == {}
+    every = r["ttr-all"]  # the joint layer on the double block, the hybrid layer on the single blocks
+    assert every["ttr_include"] == ["double:*", "single:*"] and every["fallbacks"] == {}
+    assert every["served_per_forward"] == {"ttr": 3.0} and every["served_layers"]["ttr"] == "double:0, single:0-1"
+    assert every["rel_err_vs_native"] > r["ttr-100"]["rel_err_vs_native"]
     assert r["ttr-0"]["rel_err_vs_native"] == 0.0
     # random φ: serving ttr really changes the output, more layers more so
     assert 0 < r["ttr-50"]["rel_err_vs_native"] and 0 < r["ttr-100"]["rel_err_vs_native"]

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from attnplug.bench.run import Result, _speedups, main, parse_shape
-from attnplug.bench.variants import TTR_CONFIGS, GraphCaptureError, build_variants, capture_graph
+from attnplug.bench.variants import TTR_CONFIGS, GraphCaptureError, build_variants, capture_graph, is_joint
 from attnplug.plugins.ttr import kernels
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 NEW = ("hedgehog-F64", "1layer-F128", "previous-default-lm2pct", "previous-default-cap1024")
+FUSED = [c for c, (tset, _) in TTR_CONFIGS.items() if not is_joint(tset)]  # the configurations with fused rows
 
 
 def _names(variants):
@@ -73,7 +74,7 @@ def test_default_is_the_product_default_and_the_others_keep_their_layers():
     from attnplug.plugins.landmark.settings import LandmarkSettings
     from attnplug.plugins.ttr.settings import ARCHITECTURE_FIELDS, TtrSettings
 
-    assert set(TTR_CONFIGS) == set(EFFECTIVE) | {"default"} | set(DEFAULT_PINNED)
+    assert set(TTR_CONFIGS) == set(EFFECTIVE) | {"default", "joint"} | set(DEFAULT_PINNED)
     t, lm = _effective("default")  # built from the settings' own defaults: it follows them
     fields = (*ARCHITECTURE_FIELDS, "alpha_reference")
     assert {f: getattr(t, f) for f in fields} == {f: getattr(TtrSettings(), f) for f in fields}
@@ -83,6 +84,10 @@ def test_default_is_the_product_default_and_the_others_keep_their_layers():
         assert tp.alpha_reference == ref and lp == lm, cfg
         assert {f: getattr(tp, f) for f in ARCHITECTURE_FIELDS} == {f: getattr(t, f) for f in ARCHITECTURE_FIELDS}
     assert (t.alpha_max, lm.fraction, lm.min, lm.max, lm.window) == (0.5, 0.02, 16, 0, 2)  # the product default
+    tj, lj = _effective("joint")  # the product default's layer with the joint layer on the double blocks
+    assert tj.joint_layers == ["double:*"] and lj == lm
+    assert {f: getattr(tj, f) for f in ARCHITECTURE_FIELDS if f != "joint_layers"} == \
+        {f: getattr(t, f) for f in ARCHITECTURE_FIELDS if f != "joint_layers"}
     for cfg, (want_t, want_l) in EFFECTIVE.items():
         t, lm = _effective(cfg)
         got = ((t.depth, t.hidden, t.feature_dim, t.activation, t.l2_norm, t.alpha_max, t.alpha_reference),
@@ -110,7 +115,7 @@ def test_kernel_only_once_per_feature_map_and_graph_twins():
     vs = build_variants(s, torch.float32, torch.device("cpu"))
     by = {v.name: v for v in vs}
     fused = [v for v in vs if v.family == "ttr" and " fused" in v.name and v.graph_of is None]
-    assert len(fused) == 4 * len(TTR_CONFIGS) + 4
+    assert len(fused) == 4 * len(FUSED) + 4
     for v in fused:
         g = by[f"{v.name} graph"]
         assert g.graph_of == v.name and g.check_against == v.name and g.cost == v.cost
@@ -152,7 +157,8 @@ def test_every_config_runs_torch_path_and_graphs_skip_on_cpu(tmp_path):
         r = rows[f"ttr-{cfg} torch"]
         assert r["skipped"] is None and r["ms"] > 0 and r["floor_ms"] > 0, r
     graph = [r for r in rows.values() if r["cuda_graph"]]
-    assert len(graph) == 1 + 5 * len(TTR_CONFIGS) + 4  # sdpa; per config the session row and 4 fused; kernel-only
+    # sdpa; per config the session row, and 4 fused where it has fused kernels; kernel-only
+    assert len(graph) == 1 + len(TTR_CONFIGS) + 4 * len(FUSED) + 4
     assert all(r["skipped"].startswith("CUDA graphs need a CUDA device") for r in graph)
 
 
@@ -253,3 +259,17 @@ def test_capture_graph_replays_and_reports_host_syncs():
     with pytest.raises(GraphCaptureError, match="cannot capture"):
         capture_graph(syncs, dev)
     assert torch.equal(replay(), eager)  # a failed capture leaves the device usable
+
+
+def test_the_joint_layer_is_timed_on_a_double_block_call_through_the_session(tmp_path):
+    """`--configs joint`: the joint layer's product path (Session.attention on `double:0`) and its PyTorch row, checked
+    against each other; no fused rows (the joint layer has no kernels of its own)."""
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--device", "cpu", "--sizes", "n=80:txt=16", "--dtypes", "fp32", "--configs", "joint",
+                 "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    joint = sorted(n for n in rows if "ttr-joint" in n)
+    assert joint == ["session ttr-joint", "session ttr-joint every-call", "session ttr-joint graph", "ttr-joint torch"]
+    session = rows["session ttr-joint"]
+    assert session["skipped"] is None and session["ms"] > 0
+    assert session["rel_err"] is not None and session["rel_err"] < 1e-5, session
