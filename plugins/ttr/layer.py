@@ -272,7 +272,8 @@ class TtrLayer(nn.Module):
         out_l = landmark()
         if cond is not None:
             out_l = out_l * (1.0 + cond[2]) + cond[3]
-        a = self.alpha(out_k, out_l, track_reference, call_mean)
+        a = self.alpha(out_k, out_l, track_reference) if call_mean is None else \
+            self.alpha(out_k, out_l, track_reference, call_mean)
         metrics["alpha_mean"] = a.detach().mean()
         self.last_metrics = metrics
         return out_k + a * (out_l - out_k)
