@@ -43,6 +43,8 @@ class Capabilities:
     learned: bool = False
     exact: bool = True
     min_tokens: int = 0
+    #: serves calls whose q, k, v are one rank's slice of the sequence (`AttentionCall.shard`, `core.shard`)
+    sequence_parallel: bool = False
 
 
 class Backend:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .shard import SequenceShard
 
 BlockType = Literal["double", "single", "other"]
 
@@ -32,6 +35,8 @@ class AttentionCall:
         n_image_tokens: number of image tokens after them.
         latent_grid: (h, w) of the image-token grid, or None.
         host: `"diffusers"`, `"comfy"`, `"test"`, ...
+        shard: the host's sequence-parallel layout (`core.shard.SequenceShard`) when q, k, v are this rank's slice of
+            the sequence, else None. The token counts are then this rank's; `latent_grid` stays the whole image's.
     """
 
     layer_key: str
@@ -46,6 +51,7 @@ class AttentionCall:
     n_image_tokens: int = 0
     latent_grid: tuple[int, int] | None = None
     host: str = "unknown"
+    shard: "SequenceShard | None" = None
 
     @property
     def n_tokens(self) -> int:

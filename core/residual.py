@@ -8,7 +8,8 @@ import each other, both sides speak these Protocols, checked once when the name 
   lacks).
 - `ExactAttentionProvider`: the same exact set, with each row's log-sum-exp and the keys it covered, for a
   layer that puts the exact set and a learned far field under one normaliser (the joint layer).
-The landmark plugin's `LandmarkBackend` implements both.
+- `ShardedResidualBranch`: the residual branch of a sequence-parallel call (`core.shard`).
+The landmark plugin's `LandmarkBackend` implements all three.
 """
 from __future__ import annotations
 
@@ -104,4 +105,16 @@ class ExactAttentionProvider(Protocol):
         :param query_index: `[Nq]` long key-sequence positions of q's rows; None when q is every query
             (`Nq == Nk`). The window needs them; without them the call uses the landmarks only.
         """
+        ...
+
+
+@runtime_checkable
+class ShardedResidualBranch(Protocol):
+    """A `ResidualBranch` that also serves sequence-parallel calls (`core.shard`): the same landmarks and window as
+    the call on one process, with the rows it needs gathered from the other ranks."""
+
+    def sharded_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        """`branch()` for this rank's queries: `q, k, v [B, H, n_local, D]` are this rank's rows (`call.shard` says
+        which), the output `[B, H, n_local, Dv]` fp32 equals those rows of `branch()` on the whole sequence. A
+        collective: every rank of the shard's group calls it for the same call."""
         ...

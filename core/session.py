@@ -219,7 +219,11 @@ class Session:
         serve_approximate = route.approximate and not (self.training and self.config.root.mode == "passthrough") \
             and call.layer_key not in self._nonfinite_layers
 
-        if self.training and self.distiller is not None and self._distiller_wants(call):
+        if self.training and self.distiller is not None and call.shard is not None:
+            self.warn_once(call.layer_key, "shard-not-distilled", f"{call.layer_key}: sequence-parallel calls are "
+                           "not distilled (a rank holds a slice of the keys); distil data-parallel instead "
+                           "(plugins/ttr/distill_parallel.py)")
+        elif self.training and self.distiller is not None and self._distiller_wants(call):
             teacher = self._exact(q, k, v, call, mask, host_attention, stats)
             self._observe(call, q, k, v, teacher, mask, stats)
             if not serve_approximate:
@@ -287,6 +291,11 @@ class Session:
                  mask: torch.Tensor | None) -> list[str]:
         key = (backend.name, call.layer_key, tuple(q.shape), tuple(k.shape), q.dtype, q.device,
                None if mask is None else (tuple(mask.shape), mask.dtype), call.n_cond_tokens)
+        if call.shard is not None:
+            if not backend.capabilities.sequence_parallel:
+                return [f"{call.layer_key}'s call is one rank's slice of the sequence and backend {backend.name!r} "
+                        "does not serve sequence-parallel calls"]
+            key += (call.shard,)
         reasons = self._reasons_cache.get(key)
         if reasons is None:
             try:
@@ -313,6 +322,12 @@ class Session:
                          stats: LayerStats | None) -> torch.Tensor:
         """Run the exact backend `name`; counts it in `stats` unless that is None (shadow computations)."""
         backend = self.backends.get(name)
+        if call.shard is not None and not isinstance(backend, HostBackend):
+            # a shard's exact attention needs every rank's keys: only the host's own (distributed) kernel has them
+            if host_attention is None:
+                raise ValueError(f"attnplug {call.layer_key}: a sequence-parallel call needs the host's attention "
+                                 f"for its exact path (exact backend {name!r} sees only this rank's keys)")
+            name, backend = "host", self.backends.get("host")
         if isinstance(backend, HostBackend) and host_attention is None:
             self.warn_once(call.layer_key, "no-host", f"{call.layer_key}: exact backend 'host' got no host "
                            "attention function; using 'sdpa'")

@@ -19,8 +19,11 @@ SD3's `JointAttnProcessor2_0` bypasses the dispatcher: it calls `F.scaled_dot_pr
 on `[B, H, N, D]` ordered [image, text]. Its re-bound `__call__` sees a per-layer `F` whose
 `scaled_dot_product_attention` reorders to [text, image] for attnplug and back for the host.
 
+Under diffusers' context parallelism (ring or Ulysses) the processor sees this rank's slice of the sequence: the
+call carries a `core.shard.SequenceShard` (`parallel.py`) and the session serves it with a backend that supports
+sequence parallelism (ttr, landmark) or with the host's distributed kernel.
 Calls that attnplug cannot serve faithfully go straight to the host attention, counted per layer
-(`LayerState.passthrough`) and logged once: context parallelism (the processor sees a shard),
+(`LayerState.passthrough`) and logged once: tensor parallelism, a context-parallel layout that does not add up,
 causal/dropout/custom-scale calls, cross-attention (query and key lengths differ, e.g. an
 IP-adapter branch), token counts that do not add up, and masked SD3 calls.
 """
@@ -38,7 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from ...core import AttentionCall
+from ...core.shard import SequenceShard
 from .layout import ModelLayout
+from .parallel import context_shard
 
 if TYPE_CHECKING:
     from ...core import Session
@@ -83,6 +88,7 @@ class LayerState:
         self.passthrough: Counter[str] = Counter()
         self.active = True
         self._cached: tuple[tuple[Any, ...], AttentionCall] | None = None
+        self._shard: tuple[tuple[Any, ...], SequenceShard | str] | None = None
 
     def split(self, n_tokens: int) -> tuple[int, int] | str:
         """`(n_cond, n_image)` for a joint sequence of `n_tokens`, or the reason it does not add up."""
@@ -103,10 +109,19 @@ class LayerState:
             return (0, 0)  # token order unknown for this model: report no split rather than guess one
         return n_txt, n_tokens - n_txt
 
-    def call_for(self, n_cond: int, n_image: int) -> AttentionCall:
+    def shard_for(self, parallel_config: Any, n_tokens: int) -> SequenceShard | str:
+        """This call's slice of the sequence under diffusers' context parallelism, or why none (cached per
+        transformer call)."""
+        st = self.step
+        key = (st.version, id(parallel_config), n_tokens, self.n_txt_arg)
+        if self._shard is None or self._shard[0] != key:
+            self._shard = (key, context_shard(parallel_config, st.n_txt, st.latent_grid, n_tokens, self.n_txt_arg))
+        return self._shard[1]
+
+    def call_for(self, n_cond: int, n_image: int, shard: SequenceShard | None = None) -> AttentionCall:
         """The `AttentionCall` of this layer for the transformer call in flight (cached per call)."""
         st = self.step
-        key = (st.version, n_cond, n_image)
+        key = (st.version, n_cond, n_image, shard)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         call = AttentionCall(
@@ -122,6 +137,7 @@ class LayerState:
             n_image_tokens=n_image,
             latent_grid=st.latent_grid,
             host="diffusers",
+            shard=shard,
         )
         self._cached = (key, call)
         return call
@@ -207,11 +223,13 @@ def _route_dispatch(
         )
 
     reason = _unsupported(state, query, key, dropout_p, is_causal, scale, enable_gqa)
-    if reason is None and parallel_config is not None:
-        reason = (
-            "context/tensor parallelism (the processor sees a shard; only the host kernel is distributed)"
-        )
-    split: tuple[int, int] | str = reason if reason is not None else state.split(int(query.shape[1]))
+    shard = None
+    if reason is None and parallel_config is not None:  # context parallelism: this rank's slice (parallel.py)
+        found = state.shard_for(parallel_config, int(query.shape[1]))
+        reason, shard = (found, None) if isinstance(found, str) else (None, found)
+    split: tuple[int, int] | str = reason if reason is not None else (
+        state.split(int(query.shape[1])) if shard is None else (shard.cond_sizes[shard.rank],
+                                                                 shard.image_sizes[shard.rank]))
     if isinstance(split, str):
         state.skip(split)
         return host_nhd(query, key, value, attn_mask)
@@ -221,7 +239,7 @@ def _route_dispatch(
     ) -> torch.Tensor:
         return host_nhd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m).transpose(1, 2)
 
-    call = state.call_for(*split)
+    call = state.call_for(*split, shard=shard)
     out = state.session.attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call, attn_mask, host_attention
     )

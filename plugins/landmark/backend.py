@@ -18,8 +18,10 @@ from ...core.backend import Backend, Capabilities, capability_reasons
 from ...core.call import AttentionCall
 from ...core.masks import key_padding, served_key_padding
 from ...core.residual import ExactAttention, ExactKeys
+from ...core.shard import shard_reasons
 from .attention import gather_landmarks, landmark_softmax, landmark_window_softmax, window_table
 from .selection import image_budget, select_landmarks
+from .sharded import sharded_branch
 from .settings import LandmarkSettings
 
 _CACHE_SIZE = 64
@@ -36,7 +38,8 @@ class LandmarkBackend(Backend):
     """
 
     name = "landmark"
-    capabilities = Capabilities(mask_kinds=("none", "key_padding"), learned=False, exact=False)
+    capabilities = Capabilities(mask_kinds=("none", "key_padding"), learned=False, exact=False,
+                                sequence_parallel=True)
 
     def __init__(self, settings: LandmarkSettings | None = None) -> None:
         self.settings = settings or LandmarkSettings()
@@ -51,6 +54,7 @@ class LandmarkBackend(Backend):
         reasons = capability_reasons(self.capabilities, q, k, v, mask)
         if k.dim() == 4 and call.n_tokens > k.shape[2]:
             reasons.append(f"call declares {call.n_tokens} tokens but k has {k.shape[2]}")
+        reasons += shard_reasons(call, q, mask)
         return reasons
 
     # ---- selection ------------------------------------------------------------------------------
@@ -86,19 +90,24 @@ class LandmarkBackend(Backend):
             idx, valid = select_landmarks(n_keys, call.n_cond_tokens, s.fraction, s.min, s.max, s.layout,
                                           call.latent_grid, keep)
             return idx.to(k.device), valid.to(k.device) if valid is not None else None
-        key = self._shape_key(k, call)
+        return self.shared_indices(n_keys, call, k.device), None
+
+    def shared_indices(self, n_keys: int, call: AttentionCall, device: torch.device) -> torch.Tensor:
+        """`[L]` landmark key positions of an unmasked call of `n_keys` keys (`call.n_cond_tokens` first), on
+        `device`; cached per shape."""
+        s = self.settings
+        key = self._shape_key(n_keys, call, device)
         idx = _cached(self._idx_cache, key)
         if idx is None:
             idx, _ = select_landmarks(n_keys, call.n_cond_tokens, s.fraction, s.min, s.max, s.layout,
                                       call.latent_grid)
-            idx = _store(self._idx_cache, key, idx.to(k.device))
-        return idx, None
+            idx = _store(self._idx_cache, key, idx.to(device))
+        return idx
 
-    def _shape_key(self, k: torch.Tensor, call: AttentionCall) -> tuple[object, ...]:
+    def _shape_key(self, n_keys: int, call: AttentionCall, device: torch.device) -> tuple[object, ...]:
         """What an unmasked call's landmarks and window depend on (the settings are read at every call)."""
         s = self.settings
-        return (k.shape[2], call.n_cond_tokens, call.latent_grid, k.device, s.fraction, s.min, s.max, s.layout,
-                s.window)
+        return (n_keys, call.n_cond_tokens, call.latent_grid, device, s.fraction, s.min, s.max, s.layout, s.window)
 
     # ---- local window ------------------------------------------------------------------------------
     def window_table(self, grid: tuple[int, int], n_cond: int,
@@ -200,7 +209,7 @@ class LandmarkBackend(Backend):
             return landmark_window_softmax(q, k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk)
         # the whole sequence: conditioning rows see the landmarks only, image rows get their window
         n_cond = call.cond_in(k.shape[2])
-        rows_key = self._shape_key(k, call) if keep is None else None
+        rows_key = self._shape_key(k.shape[2], call, k.device) if keep is None else None
         rows = None if rows_key is None else _cached(self._rows_cache, rows_key)
         if rows is None:
             positions = torch.arange(n_cond, k.shape[2], device=k.device)
@@ -249,7 +258,22 @@ class LandmarkBackend(Backend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        if call.shard is not None:
+            return self.sharded_branch(q, k, v, call).to(q.dtype)
         return self.branch(q, k, v, call, mask).to(q.dtype)
+
+    # ---- sequence parallelism (core.shard) -----------------------------------------------------------
+    def sharded_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        """This rank's rows of `branch()` on the whole sequence (`core.residual.ShardedResidualBranch`; no mask).
+        A collective: every rank of `call.shard` calls it (`sharded.py` has the data flow)."""
+        return sharded_branch(self, q, k, v, call)
+
+    def rows_cache_get(self, key: tuple[object, ...]) -> Any:
+        """A cached window table (`sharded.py`), or None."""
+        return _cached(self._rows_cache, key)
+
+    def rows_cache_put(self, key: tuple[object, ...], value: Any) -> Any:
+        return _store(self._rows_cache, key, value)
 
     def memory_estimate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                         training: bool = False) -> int:

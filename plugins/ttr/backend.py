@@ -25,11 +25,13 @@ from ...core.backend import Capabilities, LearnedBackend, StagedState, capabilit
 from ...core.call import AttentionCall, LayerSpec
 from ...core.finite import guard_rows
 from ...core.masks import key_padding, served_key_padding
-from ...core.residual import ResidualBranch, residual_problems
+from ...core.residual import ResidualBranch, ShardedResidualBranch, residual_problems
+from ...core.shard import shard_reasons
 from . import state as _state
 from .conditioning import ConditionerBank
 from .joint import ExactFn, JointLayer, joint_extra_bytes
 from .layer import LandmarkBranch, TtrLayer
+from .parallel import sharded_forward
 from .settings import TtrSettings
 
 if TYPE_CHECKING:
@@ -52,7 +54,8 @@ class TtrBackend(LearnedBackend):
     """Learned kernel-regression attention with a landmark residual (see `layer.TtrLayer`)."""
 
     name = "ttr"
-    capabilities = Capabilities(mask_kinds=("none", "key_padding"), learned=True, exact=False)
+    capabilities = Capabilities(mask_kinds=("none", "key_padding"), learned=True, exact=False,
+                                sequence_parallel=True)
 
     def __init__(self, settings: TtrSettings | None = None, session: "Session | None" = None,
                  landmark: "ResidualBranch | LandmarkBranch | None" = None) -> None:
@@ -134,6 +137,19 @@ class TtrBackend(LearnedBackend):
             reasons.append(f"joint layer {call.layer_key} needs backend {self.settings.landmark_backend!r} with "
                            "exact_attention() (the landmark plugin is blocked or absent, or [plugins.ttr] landmark "
                            "= false)")
+        if call.shard is not None:
+            reasons += self._shard_reasons(q, call, mask)
+        return reasons
+
+    def _shard_reasons(self, q: torch.Tensor, call: AttentionCall, mask: torch.Tensor | None) -> list[str]:
+        """Why a sequence-parallel call cannot be served (`parallel.py`): joint layers and residuals without
+        `sharded_branch` are not sharded yet."""
+        reasons = shard_reasons(call, q, mask)
+        if self.settings.variant_for(call.layer_key) == "joint":
+            reasons.append(f"joint layer {call.layer_key} on a sequence-parallel call (not sharded yet)")
+        residual = self.residual()
+        if residual is not None and not isinstance(residual, ShardedResidualBranch):
+            reasons.append(f"residual backend {self.settings.landmark_backend!r} has no sharded_branch()")
         return reasons
 
     def _run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
@@ -166,6 +182,8 @@ class TtrBackend(LearnedBackend):
 
     def _serve(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                mask: torch.Tensor | None, finite_flag: torch.Tensor | None) -> torch.Tensor:
+        if call.shard is not None:  # one rank's slice of the sequence: partial sums all-reduced (parallel.py)
+            return self._serve_sharded(q, k, v, call, finite_flag)
         if torch.compiler.is_compiling():  # dynamo traces the PyTorch path into one graph
             layer = self.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
             return self._forward_torch(q, k, v, call, mask, layer, finite_flag)
@@ -191,6 +209,20 @@ class TtrBackend(LearnedBackend):
             raise ValueError(f"ttr {call.layer_key}: kernel = 'triton' but the fused path cannot serve this call: "
                              + "; ".join(served.reasons))
         return self._forward_torch(q, k, v, call, mask, layer, finite_flag)
+
+    def _serve_sharded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                       finite_flag: torch.Tensor | None) -> torch.Tensor:
+        """A sequence-parallel call on the PyTorch path (no fused kernels yet): `parallel.sharded_forward`."""
+        layer = self.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
+        assert isinstance(layer, TtrLayer) and not isinstance(layer, JointLayer)
+        fdtype = q.dtype if self.settings.feature_precision == "input" and q.device.type != "cpu" else torch.float32
+        kc, qc = self.layer_chunks(call.layer_key)
+        residual = self.residual()
+        if residual is not None and not isinstance(residual, ShardedResidualBranch):
+            raise ValueError(f"ttr {call.layer_key}: residual backend {self.settings.landmark_backend!r} has no "
+                             "sharded_branch() for a sequence-parallel call")
+        out = sharded_forward(layer, q, k, v, call, residual, kc, qc, self.settings.eps, fdtype).to(q.dtype)
+        return out if finite_flag is None else guard_rows(out, finite_flag)
 
     def _served(self, layer: TtrLayer, signature: tuple[int, ...] | None, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, call: AttentionCall, mask: torch.Tensor | None,

@@ -49,7 +49,7 @@ from .distill_metrics import (
 )
 from .distill_select import LayerSelector
 from .distill_state import STATE_FORMAT, STATE_VERSION, DistillerSnapshot, parse_state
-from .distill_train import LayerTrainer, OptimConfig
+from .distill_train import LayerTrainer, OptimConfig, TrainSync
 from .readiness import LayerReadiness, ReadinessRule
 from .replay import ReplayBuffer, ReplaySample, storage_copies
 
@@ -269,6 +269,8 @@ class OnlineDistiller:
         self.storage_dtype = _DTYPES[settings.replay_dtype]
         self.readiness: dict[str, LayerReadiness] = {}
         self.trainers: dict[str, LayerTrainer] = {}
+        #: data-parallel distillation (`distill_parallel.DataParallel`): where the ranks meet in an update
+        self.sync: TrainSync | None = None
         self.query_caps: dict[str, int] = {}
         self.oom_events: Counter[str] = Counter()
         self.shrinks: dict[str, list[dict[str, Any]]] = {}
@@ -400,7 +402,7 @@ class OnlineDistiller:
     def _trainer(self, key: str, device: torch.device) -> LayerTrainer:
         trainer = self.trainers.get(key)
         if trainer is None:
-            trainer = self.trainers[key] = LayerTrainer(key, self.student, self.optim, device)
+            trainer = self.trainers[key] = LayerTrainer(key, self.student, self.optim, device, self.sync)
             pending = self._pending_opt.pop(key, None)
             if pending is not None:
                 try:
@@ -412,7 +414,7 @@ class OnlineDistiller:
                         key,
                         exc,
                     )
-                    trainer = self.trainers[key] = LayerTrainer(key, self.student, self.optim, device)
+                    trainer = self.trainers[key] = LayerTrainer(key, self.student, self.optim, device, self.sync)
         trainer.ensure_trainable(self.student)
         return trainer
 

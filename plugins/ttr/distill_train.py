@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -83,20 +83,46 @@ def repair_inference_params(module: torch.nn.Module) -> bool:
     return changed
 
 
+class TrainSync(Protocol):
+    """What data-parallel training (`distill_parallel.py`) does at the points of an update where ranks meet."""
+
+    def start(self, layer_key: str, backend: LearnedBackend, logvars: torch.Tensor) -> None:
+        """A layer's trainer was built: make its weights the same on every rank."""
+        ...
+
+    def all_finite(self, finite: bool) -> bool:
+        """Whether every rank's loss is finite (all skip the update together)."""
+        ...
+
+    def gradients(self, params: list[torch.Tensor]) -> None:
+        """Average the gradients over the ranks, in place, before clipping."""
+        ...
+
+    def finish(self, layer_key: str, backend: LearnedBackend, loss: float, cos: float) -> tuple[float, float]:
+        """After the step: keep per-rank statistics (the running reference of d) equal; the ranks' mean loss and
+        cosine distance (what readiness records, identical everywhere)."""
+        ...
+
+
 class LayerTrainer:
     """Optimizer state and log-variances of one layer; `update` runs one training step."""
 
     def __init__(
-        self, layer_key: str, backend: LearnedBackend, cfg: OptimConfig, device: torch.device
+        self, layer_key: str, backend: LearnedBackend, cfg: OptimConfig, device: torch.device,
+        sync: TrainSync | None = None,
     ) -> None:
         self.layer_key = layer_key
         self.cfg = cfg
+        #: data-parallel training: where the ranks meet during an update (None: one process)
+        self.sync = sync
         with torch.inference_mode(False):
             self.logvars = torch.nn.Parameter(
                 torch.tensor(cfg.logvar_init, dtype=torch.float32, device=device)
             )
             self.logvar_opt = torch.optim.AdamW([self.logvars], lr=cfg.lr_logvar, weight_decay=0.0)
         self.build_optimizer(backend)
+        if sync is not None:
+            sync.start(layer_key, backend, self.logvars)
 
     def build_optimizer(self, backend: LearnedBackend) -> None:
         """(Re)build the layer AdamW from the backend's current parameter groups."""
@@ -170,15 +196,22 @@ class LayerTrainer:
             total, _huber, cos_dist = kendall_loss(
                 out.float(), tensors["teacher"], self.logvars, self.cfg.huber_beta
             )
-            if not bool(torch.isfinite(total)):
+            finite = bool(torch.isfinite(total))
+            if self.sync is not None:
+                finite = self.sync.all_finite(finite)
+            if not finite:
                 self.opt.zero_grad(set_to_none=True)
                 return float("nan"), float("nan"), out.detach()
             total.backward()
+            if self.sync is not None:
+                self.sync.gradients([*self.params, self.logvars])
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
             self.opt.step()
             self.logvar_opt.step()
             loss, cos = torch.stack([total.detach(), cos_dist.detach()]).tolist()
+            if self.sync is not None:
+                loss, cos = self.sync.finish(self.layer_key, backend, loss, cos)
         return loss, cos, out.detach()
 
     @property

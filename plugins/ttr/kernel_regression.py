@@ -117,6 +117,43 @@ def query_pass(phi_q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, eps: float
     return torch.cat(outs, dim=2), torch.cat(dens, dim=2)
 
 
+def key_state(k: torch.Tensor, v: torch.Tensor, phi_k: Callable[[torch.Tensor], torch.Tensor],
+              q_for_width: torch.Tensor, phi_q: Callable[[torch.Tensor], torch.Tensor],
+              mask: torch.Tensor | None = None, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """S and z over every key, φ applied one key chunk at a time (`kv_state` per chunk).
+
+    :param q_for_width, phi_q: only to size S and z when there are no keys at all.
+    :return: `S [B, H, F, Dv]` and `z [B, H, F]`, fp32.
+    """
+    s: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    for start in range(0, k.shape[2], chunk):
+        m = None if mask is None else mask[:, start:start + chunk]
+        s_c, z_c = kv_state(phi_k(k[:, :, start:start + chunk]), v[:, :, start:start + chunk], m, chunk)
+        s = s_c if s is None else s + s_c
+        z = z_c if z is None else z + z_c
+    if s is None or z is None:  # no keys at all
+        b, h = q_for_width.shape[:2]
+        f = phi_q(q_for_width[:, :, :0]).shape[-1]
+        s = q_for_width.new_zeros(b, h, f, v.shape[-1], dtype=torch.float32)
+        z = q_for_width.new_zeros(b, h, f, dtype=torch.float32)
+    return s, z
+
+
+def queries(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, phi_q: Callable[[torch.Tensor], torch.Tensor],
+            eps: float = 1e-6, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """`query_pass` over every query, φ applied one query chunk at a time: `out [B, H, Nq, Dv]`, `den [B, H, Nq]`."""
+    outs, dens = [], []
+    for start in range(0, q.shape[2], chunk):
+        o, d = query_pass(phi_q(q[:, :, start:start + chunk]), s, z, eps, chunk)
+        outs.append(o)
+        dens.append(d)
+    if not outs:
+        b, h = q.shape[:2]
+        return q.new_zeros(b, h, 0, s.shape[-1], dtype=torch.float32), q.new_zeros(b, h, 0, dtype=torch.float32)
+    return torch.cat(outs, dim=2), torch.cat(dens, dim=2)
+
+
 def kernel_regression(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       phi_q: Callable[[torch.Tensor], torch.Tensor], phi_k: Callable[[torch.Tensor], torch.Tensor],
                       mask: torch.Tensor | None = None, eps: float = 1e-6, key_chunk_size: int = 1024,
@@ -129,24 +166,5 @@ def kernel_regression(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     :param mask: `[B, Nk]` bool key padding (True = valid) or None.
     :return: `out [B, H, Nq, Dv]` fp32 and `den [B, H, Nq]` fp32.
     """
-    b, h = q.shape[:2]
-    s: torch.Tensor | None = None
-    z: torch.Tensor | None = None
-    for start in range(0, k.shape[2], key_chunk_size):
-        m = None if mask is None else mask[:, start:start + key_chunk_size]
-        s_c, z_c = kv_state(phi_k(k[:, :, start:start + key_chunk_size]), v[:, :, start:start + key_chunk_size],
-                            m, key_chunk_size)
-        s = s_c if s is None else s + s_c
-        z = z_c if z is None else z + z_c
-    if s is None or z is None:  # no keys at all
-        f = phi_q(q[:, :, :0]).shape[-1]
-        s = q.new_zeros(b, h, f, v.shape[-1], dtype=torch.float32)
-        z = q.new_zeros(b, h, f, dtype=torch.float32)
-    outs, dens = [], []
-    for start in range(0, q.shape[2], query_chunk_size):
-        o, d = query_pass(phi_q(q[:, :, start:start + query_chunk_size]), s, z, eps, query_chunk_size)
-        outs.append(o)
-        dens.append(d)
-    if not outs:
-        return q.new_zeros(b, h, 0, v.shape[-1], dtype=torch.float32), q.new_zeros(b, h, 0, dtype=torch.float32)
-    return torch.cat(outs, dim=2), torch.cat(dens, dim=2)
+    s, z = key_state(k, v, phi_k, q, phi_q, mask, key_chunk_size)
+    return queries(q, s, z, phi_q, eps, query_chunk_size)

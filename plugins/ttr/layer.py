@@ -194,20 +194,25 @@ class TtrLayer(nn.Module):
         net = self.phi_q if which == "q" or self.phi_k is None else self.phi_k
         return net(x.to(dtype), self.activation, self.l2_norm, eps)
 
-    def alpha(self, out_k: torch.Tensor, out_l: torch.Tensor, track_reference: bool = False) -> torch.Tensor:
+    def alpha(self, out_k: torch.Tensor, out_l: torch.Tensor, track_reference: bool = False,
+              call_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Blend weight, broadcastable to `[B, H, Nq, 1]`, strictly inside (0, α_max).
 
         :param track_reference: training: normalise d by this call's mean and fold it into the running reference.
+        :param call_mean: the call's mean of d, `[B, H, Nq] -> [B, H, 1]`, where q holds only part of the call's
+            queries (a sequence-parallel shard: `parallel.py`); default the mean over q's rows.
         """
         logit = self.alpha_logit.float().view(1, self.heads, 1)
         if self.adaptive:
             ok, ol = out_k.detach(), out_l.detach()
             d = 1.0 - F.cosine_similarity(ok, ol, dim=-1, eps=1e-8)  # [B, H, Nq]
-            mean = d.mean(dim=-1, keepdim=True)
+            running = None if track_reference else self.running_reference()
+            if running is not None:
+                mean = running.view(1, self.heads, 1)
+            else:
+                mean = d.mean(dim=-1, keepdim=True) if call_mean is None else call_mean(d)
             if track_reference:
                 self._track_reference(mean)
-            elif (running := self.running_reference()) is not None:
-                mean = running.view(1, self.heads, 1)
             d_norm = (d / mean.clamp_min(1e-12)).clamp(max=3.0) / 3.0
             arg = logit + self.gamma * (d_norm - 0.5)
         else:
@@ -247,18 +252,28 @@ class TtrLayer(nn.Module):
         out_k, den = kernel_regression(q, k, v, lambda x: self.phi(x, "q", feature_dtype, eps),
                                        lambda x: self.phi(x, "k", feature_dtype, eps), keep, eps,
                                        key_chunk, query_chunk)
-        cond = self.condition(call, q.device)
+        branch = None if landmark is None else (
+            (lambda: landmark(q, k, v, call, mask)) if query_index is None else
+            (lambda: landmark(q, k, v, call, mask, query_index=query_index)))
+        return self.combine(out_k, den, call, branch, track_reference)
+
+    def combine(self, out_k: torch.Tensor, den: torch.Tensor, call: AttentionCall,
+                landmark: Callable[[], torch.Tensor] | None, track_reference: bool = False,
+                call_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The kernel branch's output `out_k` (denominators `den`) with the conditioner applied, blended with the
+        landmark branch's output (`landmark()`, None: kernel-only) at α (`alpha`'s arguments)."""
+        cond = self.condition(call, out_k.device)
         if cond is not None:
             out_k = out_k * (1.0 + cond[0]) + cond[1]
         metrics = {"den_min": den.detach().min() if den.numel() else den.new_zeros(())}
         if landmark is None:
             self.last_metrics = metrics
             return out_k
-        out_l = landmark(q, k, v, call, mask) if query_index is None else \
-            landmark(q, k, v, call, mask, query_index=query_index)
+        out_l = landmark()
         if cond is not None:
             out_l = out_l * (1.0 + cond[2]) + cond[3]
-        a = self.alpha(out_k, out_l, track_reference)
+        a = self.alpha(out_k, out_l, track_reference) if call_mean is None else \
+            self.alpha(out_k, out_l, track_reference, call_mean)
         metrics["alpha_mean"] = a.detach().mean()
         self.last_metrics = metrics
         return out_k + a * (out_l - out_k)

@@ -254,6 +254,7 @@ class ReplayBuffer:
 
 def _call_json(call: AttentionCall) -> dict[str, Any]:
     data = dict(call.__dict__)
+    data.pop("shard", None)  # a distilled call is never a shard (the session does not distil sharded calls)
     if data.get("latent_grid") is not None:
         data["latent_grid"] = list(data["latent_grid"])
     return data
