@@ -60,6 +60,13 @@ EFFECTIVE = {
 }
 #: The product default with adaptive α's reference of d pinned either way (the rest follows the settings).
 DEFAULT_PINNED = {"default-call-alpha": "call", "default-running-alpha": "running"}
+#: The product default with one change (the large testbeds' front): (ttr field changes, landmark field changes).
+DEFAULT_DELTAS = {
+    "default-lm1pct": ({}, {"fraction": 0.01}), "default-max256": ({}, {"max": 256}),
+    "default-max128": ({}, {"max": 128}), "default-window1": ({}, {"window": 1}),
+    "default-window4": ({}, {"window": 4}), "default-1layer-F64": ({"depth": 1, "feature_dim": 64}, {}),
+    "default-1layer-F128": ({"depth": 1, "feature_dim": 128}, {}),
+}
 
 
 def _effective(cfg: str):
@@ -73,7 +80,7 @@ def test_default_is_the_product_default_and_the_others_keep_their_layers():
     from attnplug.plugins.landmark.settings import LandmarkSettings
     from attnplug.plugins.ttr.settings import ARCHITECTURE_FIELDS, TtrSettings
 
-    assert set(TTR_CONFIGS) == set(EFFECTIVE) | {"default"} | set(DEFAULT_PINNED)
+    assert set(TTR_CONFIGS) == set(EFFECTIVE) | {"default"} | set(DEFAULT_PINNED) | set(DEFAULT_DELTAS)
     t, lm = _effective("default")  # built from the settings' own defaults: it follows them
     fields = (*ARCHITECTURE_FIELDS, "alpha_reference")
     assert {f: getattr(t, f) for f in fields} == {f: getattr(TtrSettings(), f) for f in fields}
@@ -83,6 +90,9 @@ def test_default_is_the_product_default_and_the_others_keep_their_layers():
         assert tp.alpha_reference == ref and lp == lm, cfg
         assert {f: getattr(tp, f) for f in ARCHITECTURE_FIELDS} == {f: getattr(t, f) for f in ARCHITECTURE_FIELDS}
     assert (t.alpha_max, lm.fraction, lm.min, lm.max, lm.window) == (0.5, 0.02, 16, 0, 2)  # the product default
+    for cfg, (dt, dl) in DEFAULT_DELTAS.items():
+        td, ld = _effective(cfg)
+        assert td == t.model_copy(update=dt) and ld == lm.model_copy(update=dl), cfg
     for cfg, (want_t, want_l) in EFFECTIVE.items():
         t, lm = _effective(cfg)
         got = ((t.depth, t.hidden, t.feature_dim, t.activation, t.l2_norm, t.alpha_max, t.alpha_reference),
