@@ -36,18 +36,25 @@ class TestbedMissing(FileNotFoundError):
 class TrainRecipe:
     """How `python -m attnplug.testbed.train --testbed NAME` trains a testbed (each value an argument's default).
 
-    `init_from`: a testbed whose weights start the run (the transformer and the class embeddings carry over, the
-    cell embeddings start at that model's mean cell embedding), or None to start from scratch. `minutes`: the
-    wall-clock budget of the training loop on one H200 (the evaluation after it comes on top)."""
+    `init_from`: testbeds whose weights may start the run, the first one trained wins (the transformer and the
+    class embeddings carry over, the cell embeddings start at that model's mean cell embedding); none: from
+    scratch. `minutes`: the wall-clock budget of the training loop on one H200 (the evaluation after it comes on
+    top; `steps` is then an upper bound). `eval_prompts`: held-out prompts of the card's evaluation (64 x 64
+    cells on the default testbed; the larger ones read as many cells or more from fewer prompts)."""
 
     steps: int
     batch: int
     lr: float
     minutes: float = 0.0
-    init_from: str | None = None
+    init_from: tuple[str, ...] = ()
     warmup: float = 0.3
+    ema: float = 0.999
     eval_prompts: int = 64
     eval_batch: int = 64
+
+    def start_from(self) -> str | None:
+        """The first testbed of `init_from` whose weights are there (None: from scratch)."""
+        return next((name for name in self.init_from if TESTBEDS[name].weights.is_file()), None)
 
 
 @dataclass(frozen=True)
@@ -114,16 +121,20 @@ def _bed(name: str, grid: int, recipe: TrainRecipe, flux_shape: str, description
 
 
 #: name → testbed. `default` is the committed model (its recipe: the command in weights/MODEL_CARD.md).
-#: The larger ones start from the default model (the per-token work is the same, only more cells) and fine-tune
-#: at their size with a short warm-up; their minutes fit the training loop and the evaluation of the saved file
-#: in one 10-minute device call (estimates: `train.py --estimate`).
+#: The larger ones start from a trained smaller model (the per-token work is the same, only more cells: grid128
+#: from grid64 once that is trained, else from the default) and fine-tune at their size with a short warm-up and
+#: a shorter EMA; their minutes fit the training loop and the evaluation of the saved file in one 10-minute
+#: device call. On a CPU the default model sampled at 16x16 cells follows 15 % of them (its transformer and class
+#: embeddings, the cells' mean embedding, or its 8x8 embeddings tiled): the larger grid must be learnt, not
+#: only read. Estimated H200 rates (`train.py --estimate`): grid64 ~170 samples/s, grid128 ~13 samples/s.
 TESTBEDS: dict[str, Testbed] = {b.name: b for b in (
     _bed("default", data.DEFAULT_GRID, TrainRecipe(steps=6000, batch=128, lr=3e-4), "512² (1 024 image tokens)",
          "8x8 cells, 1 024 image tokens + 64 conditioning tokens", 8),
-    _bed("grid64", 16, TrainRecipe(steps=4000, batch=32, lr=1.5e-4, minutes=7.0, init_from="default", warmup=0.05),
+    _bed("grid64", 16, TrainRecipe(steps=4000, batch=32, lr=2e-4, minutes=7.0, init_from=("default",),
+                                   warmup=0.05, ema=0.998, eval_prompts=32, eval_batch=32),
          "1024² (4 096 image tokens)", "16x16 cells, 4 096 image tokens + 256 conditioning tokens", 8),
-    _bed("grid128", 32, TrainRecipe(steps=2000, batch=8, lr=1e-4, minutes=7.0, init_from="default", warmup=0.05,
-                                    eval_batch=16),
+    _bed("grid128", 32, TrainRecipe(steps=2000, batch=8, lr=1.5e-4, minutes=7.0, init_from=("grid64", "default"),
+                                    warmup=0.05, ema=0.995, eval_prompts=16, eval_batch=16),
          "2048² (16 384 image tokens)", "32x32 cells, 16 384 image tokens + 1 024 conditioning tokens", 4),
 )}
 DEFAULT_TESTBED = "default"

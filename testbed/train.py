@@ -328,9 +328,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default: the recipe's (3e-4)")
     p.add_argument("--warmup", type=float, default=None, help="share of the steps warming up (default: the recipe's, 0.3)")
     p.add_argument("--init-from", default=None, help="a testbed name or weights file to start from (default: the "
-                                                     "recipe's; none for the default testbed)")
+                                                     "recipe's first trained one; none for the default testbed)")
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--ema", type=float, default=None, help="EMA decay of the saved weights (default: the recipe's, "
+                                                           "0.999)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=int, default=None, help="cells per side (default: the testbed's, 8)")
     p.add_argument("--gain-jitter", type=float, default=0.1)
@@ -360,7 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--grid {ns.grid}: testbed {bed.name!r} has grid {bed.grid}")
     r = bed.recipe
     for name, value in (("steps", r.steps), ("batch", r.batch), ("lr", r.lr), ("warmup", r.warmup),
-                        ("init_from", r.init_from), ("grid", bed.grid), ("eval_prompts", r.eval_prompts),
+                        ("init_from", r.start_from()), ("grid", bed.grid), ("ema", r.ema), ("eval_prompts", r.eval_prompts),
                         ("eval_batch", r.eval_batch), ("minutes", r.minutes)):
         if getattr(ns, name) is None:
             setattr(ns, name, value)

@@ -5,8 +5,9 @@ default online on each named testbed (the six single blocks, as docs/QUALITY.md'
 it"), then evaluates every checkpoint on every testbed, serving the single blocks with adaptive α's d
 normalised by the call's own mean (`alpha_reference = "call"`) and by the running mean kept while distilling
 (`"running"`: the mean of the size it was distilled at). Writes `DIR/transfer.json` and `DIR/transfer.md`;
+`--distil-on NAME` distils on that testbed only (one process per source side by side on one GPU);
 `--checkpoints NAME=PATH,...` evaluates existing checkpoints instead of distilling (NAME: the testbed each
-was distilled on).
+was distilled on); `--collect` merges the `transfer.json` of DIR's sub-folders into DIR.
 
 The testbeds share one layer family (heads and head size), so a checkpoint of one loads on another;
 `check_fits` refuses, in one line, a checkpoint whose layers another architecture built.
@@ -75,13 +76,14 @@ def distill(out: Path, testbed: str, device: str, plan: Any, seed: int) -> Path:
 
 
 def cross_evaluate(checkpoints: dict[str, Path], testbeds: list[str], *, n_prompts: int, steps: int, device: str,
-                   seed: int, out: Path | None = None) -> list[dict[str, Any]]:
+                   seed: int, out: Path | None = None, config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every checkpoint (distilled on key) on every testbed, both α references; one exact pass per
-    (checkpoint, testbed). Rows are written to `out` as they finish when given."""
+    (checkpoint, testbed). `config`: the serving config the overlays go on (default: the product default's, as
+    `distill` trained it). Rows are written to `out` as they finish when given."""
     from .evaluate import evaluate, strip_images
     from .quality import PRODUCT_DEFAULT, base_config, merge
 
-    cfg = merge(merge(base_config(), PRODUCT_DEFAULT), {"gates": []})
+    cfg = merge(config if config is not None else merge(base_config(), PRODUCT_DEFAULT), {"gates": []})
     rows: list[dict[str, Any]] = []
     for source, ckpt in checkpoints.items():
         for target in testbeds:
@@ -122,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m attnplug.testbed.transfer", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--testbeds", default="default,grid64", help="comma list: distil on each, serve on each")
+    ap.add_argument("--distil-on", default="", help="comma list: distil on these only (default: every --testbeds)")
+    ap.add_argument("--collect", action="store_true", help="only merge OUT/*/transfer.json into OUT")
     ap.add_argument("--checkpoints", default="", help="NAME=PATH,...: evaluate these instead of distilling "
                                                       "(NAME: the testbed each was distilled on)")
+    ap.add_argument("--config", type=Path, default=None, help="serving config of --checkpoints (default: the "
+                                                              "product default's, as this module distils it)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--runs", type=int, default=60)
     ap.add_argument("--prompts-per-run", type=int, default=8)
@@ -133,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from .registry import get_testbed
 
+    if a.collect:
+        rows = [r for p in sorted(a.out.glob("*/transfer.json")) for r in json.loads(p.read_text())]
+        write(a.out, rows)
+        print(table(rows))
+        return 0
     testbeds = [t.strip() for t in a.testbeds.split(",") if t.strip()]
     try:
         beds = [get_testbed(t) for t in testbeds]
@@ -145,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.checkpoints:
         checkpoints = {k.strip(): Path(v.strip()) for k, _, v in (x.partition("=") for x in a.checkpoints.split(","))}
     else:
-        checkpoints = {t: distill(a.out, t, a.device, plan, a.seed) for t in testbeds}
+        sources = [t.strip() for t in a.distil_on.split(",") if t.strip()] or testbeds
+        checkpoints = {t: distill(a.out, t, a.device, plan, a.seed) for t in sources}
     try:
         for name, ckpt in checkpoints.items():
             for bed in beds:
@@ -153,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"transfer: {exc}", file=sys.stderr)
         return 2
+    from ..core.config import read_config_file
+
     rows = cross_evaluate(checkpoints, testbeds, n_prompts=a.eval_prompts, steps=a.steps, device=a.device,
-                          seed=a.seed, out=a.out)
+                          seed=a.seed, out=a.out, config=read_config_file(a.config) if a.config else None)
     print(table(rows))
     return 0
 

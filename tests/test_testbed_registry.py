@@ -35,7 +35,7 @@ def tiny(tmp_path, monkeypatch):
     weights = tmp_path / "tiny" / "testbed.safetensors"
     TestbedModel(TestbedConfig(grid=2)).save(weights)
     bed = registry.Testbed("tiny", TestbedConfig(grid=2), weights,
-                           registry.TrainRecipe(steps=2, batch=2, lr=1e-4, init_from=None, eval_prompts=1,
+                           registry.TrainRecipe(steps=2, batch=2, lr=1e-4, eval_prompts=1,
                                                 eval_batch=1), "none", "2x2 cells")
     monkeypatch.setitem(registry.TESTBEDS, "tiny", bed)
     return bed
@@ -115,7 +115,8 @@ def test_parse_args_keeps_the_default_recipe_and_refuses_a_conflicting_grid():
     a = train.parse_args(["--out", "x"])
     assert (a.steps, a.batch, a.lr, a.grid, a.init_from, a.time_budget_s, a.warmup) == (6000, 128, 3e-4, 8, None, 0.0, 0.3)
     a = train.parse_args(["--out", "x", "--testbed", "grid128", "--minutes", "5"])
-    assert (a.grid, a.init_from, a.time_budget_s) == (32, "default", 300.0)
+    assert (a.grid, a.time_budget_s, a.ema) == (32, 300.0, 0.995)
+    assert a.init_from == ("grid64" if registry.TESTBEDS["grid64"].weights.is_file() else "default")
     with pytest.raises(SystemExit):
         train.parse_args(["--out", "x", "--testbed", "grid64", "--grid", "8"])
 
@@ -188,3 +189,18 @@ def test_quality_sweep_runs_on_a_registry_testbed(tiny, tmp_path):
     assert rows[0]["testbed"] == "tiny" and rows[0]["serving"]["single blocks"]["testbed"] == "tiny"
     assert rows[0]["config"]["plugins"]["landmark"]["max"] == 128
     assert "(tiny)" in (tmp_path / "q" / "quality.md").read_text()
+
+
+def test_transfer_command_evaluates_both_alpha_references_and_collects(tiny, tmp_path):
+    from attnplug.testbed import transfer
+
+    out = tmp_path / "t" / "from_default"
+    rc = transfer.main(["--out", str(out), "--testbeds", "tiny", "--checkpoints", f"default={TTR_DEFAULT}",
+                        "--config", str(SERVE), "--device", "cpu", "--eval-prompts", "1", "--steps", "2"])
+    assert rc == 0
+    rows = json.loads((out / "transfer.json").read_text())
+    assert [(r["distilled_on"], r["served_on"], r["alpha_reference"]) for r in rows] == [
+        ("default", "tiny", "call"), ("default", "tiny", "running")]
+    assert transfer.main(["--out", str(tmp_path / "t"), "--collect"]) == 0
+    assert "| default | tiny | running |" in (tmp_path / "t" / "transfer.md").read_text()
+    assert transfer.main(["--out", str(out), "--testbeds", "nope", "--checkpoints", f"default={TTR_DEFAULT}"]) == 2
