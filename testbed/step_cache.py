@@ -120,3 +120,38 @@ class StepCachedModel:
         return {"spec": str(self.spec), "steps": self.steps, "skipped": self.skipped,
                 "share_skipped": self.skipped / max(self.steps, 1), "trajectories": self.trajectories,
                 "step_speedup_bound": self.steps / max(computed, 1)}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Markdown rows of `attnplug eval --step-cache` results: adherence against exact without a cache, steps
+    skipped, the bound steps / computed on the speed-up."""
+    lines = ["| testbed | backend | step cache | adherence exact, no cache → this | drop, points | steps skipped | "
+             "steps / computed | velocity cos |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        sc = r.get("step_cache") or {"spec": "none", "skipped": 0, "steps": 0, "share_skipped": 0.0,
+                                     "step_speedup_bound": 1.0}
+        lines.append(f"| {r.get('testbed', 'default')} | {r['backend']} | {sc['spec']} | "
+                     f"{100 * r['adherence_exact']:.2f} → {100 * r['adherence_approx']:.2f} | "
+                     f"{r['adherence_drop_points']:+.2f} | {sc['skipped']}/{sc['steps']} "
+                     f"({100 * sc['share_skipped']:.0f} %) | {sc['step_speedup_bound']:.2f}× | "
+                     f"{r['velocity_cosine']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m attnplug.testbed.step_cache DIR`: the table of every `*.json` result of `attnplug eval` in DIR."""
+    import json
+    import sys
+    from pathlib import Path
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m attnplug.testbed.step_cache DIR", file=sys.stderr)
+        return 2
+    results = [json.loads(p.read_text()) for p in sorted(Path(args[0]).glob("*.json"))]
+    print(table(results), end="")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
