@@ -28,6 +28,7 @@
 #   STEPCACHE_TESTBEDS ($OUT/stepcache.md); the ttr rows serve STEPCACHE_CKPT_<testbed> with
 #   STEPCACHE_CONFIG_<testbed> (default testbed: the committed window checkpoint). `stepcache-bench` times a
 #   skipped step on the FLUX.1-dev-shaped model (bench-model /fbcache) beside the full forwards.
+# `bigbed-bench` times the served call (`session ttr-<config>`) of every point of the front at 1024² and 2048².
 set -o pipefail
 source bench/device_env.sh
 wait_pids() {  # wait_pids PIDFILE SECONDS: until every process in PIDFILE ended or SECONDS passed
@@ -91,6 +92,9 @@ for step in "${@:-all}"; do
       wait_pids $S/pids ${STEPCACHE_WAIT_S:-480}
       python3 -m attnplug.testbed.step_cache $S | tee $OUT/stepcache.md
       (cd $S && tar czf $OUT/stepcache_results.tgz *.json *.log) ;;
+    bigbed-bench) python3 -m attnplug.bench.run --sizes ${BIGBED_SIZES:-1024,2048} --dtypes bf16 --only session \
+      --configs default,default-lm1pct,default-max256,default-max128,default-window1,default-window4,default-1layer-F64,default-1layer-F128 \
+      --json "$OUT/bench_front.json" 2>"$OUT/bench_front.err" | tee "$OUT/bench_front.txt" ;;
     stepcache-bench) python3 -m attnplug.bench.model ${MODEL_ARGS:---sizes 1024,2048 --modes native,ttr-100,native/fbcache,ttr-100/fbcache} \
       --json "$OUT/model_fbcache.json" 2>&1 | tee "$OUT/model_fbcache.txt" ;;
   esac
