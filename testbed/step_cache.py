@@ -125,8 +125,8 @@ class StepCachedModel:
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown rows of `attnplug eval --step-cache` results: adherence against exact without a cache, steps
     skipped, the bound steps / computed on the speed-up."""
-    lines = ["| testbed | backend | step cache | adherence exact, no cache → this | drop, points | steps skipped | "
-             "steps / computed | velocity cos |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| testbed | backend | step cache | adherence exact, no cache → this | drop, points | steps skipped | "
+              "steps / computed | velocity cos |"), "|---|---|---|---|---|---|---|---|"]
     for r in results:
         sc = r.get("step_cache") or {"spec": "none", "skipped": 0, "steps": 0, "share_skipped": 0.0,
                                      "step_speedup_bound": 1.0}

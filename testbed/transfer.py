@@ -102,8 +102,8 @@ def cross_evaluate(checkpoints: dict[str, Path], testbeds: list[str], *, n_promp
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| distilled on | served on | α reference | served | adherence exact → ttr | drop, points | velocity cos | "
-             "PSNR dB |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| distilled on | served on | α reference | served | adherence exact → ttr | drop, points | velocity cos | "
+              "PSNR dB |"), "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['distilled_on']} | {r['served_on']} | {r['alpha_reference']} | "
                      f"{len(r['layers_served'])}/{len(r['layers'])} | {100 * r['adherence_exact']:.2f} → "
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         sources = [t.strip() for t in a.distil_on.split(",") if t.strip()] or testbeds
         checkpoints = {t: distill(a.out, t, a.device, plan, a.seed) for t in sources}
     try:
-        for name, ckpt in checkpoints.items():
+        for ckpt in checkpoints.values():
             for bed in beds:
                 check_fits(ckpt, bed.config, f"testbed {bed.name!r}")
     except CheckpointError as exc:

@@ -177,9 +177,9 @@ def test_step_cache_composes_with_ttr_and_counts_skipped_steps(tiny):
 
 
 def test_quality_sweep_runs_on_a_registry_testbed(tiny, tmp_path):
+    from attnplug.bench.variants import TTR_CONFIGS
     from attnplug.testbed.demo import DemoPlan
     from attnplug.testbed.quality import BENCH_CONFIG, LARGE_VARIANTS, VARIANTS, run
-    from attnplug.bench.variants import TTR_CONFIGS
 
     assert set(LARGE_VARIANTS) <= set(VARIANTS) and set(BENCH_CONFIG.values()) <= set(TTR_CONFIGS)
     assert set(LARGE_VARIANTS) | {"product default"} == set(BENCH_CONFIG)
@@ -204,3 +204,19 @@ def test_transfer_command_evaluates_both_alpha_references_and_collects(tiny, tmp
     assert transfer.main(["--out", str(tmp_path / "t"), "--collect"]) == 0
     assert "| default | tiny | running |" in (tmp_path / "t" / "transfer.md").read_text()
     assert transfer.main(["--out", str(out), "--testbeds", "nope", "--checkpoints", f"default={TTR_DEFAULT}"]) == 2
+
+
+def test_step_cache_table_and_spec():
+    from attnplug.testbed import step_cache
+
+    assert str(step_cache.parse_step_cache("fbcache:0.10")) == "fbcache:0.1"
+    for bad in ("fbcache", "teacache:0.1", "fbcache:x", "fbcache:0", "fbcache:inf"):
+        with pytest.raises(step_cache.StepCacheError):
+            step_cache.parse_step_cache(bad)
+    row = {"testbed": "grid64", "backend": "host", "adherence_exact": 0.99, "adherence_approx": 0.98,
+           "adherence_drop_points": 1.0, "velocity_cosine": 1.0,
+           "step_cache": {"spec": "fbcache:0.1", "steps": 20, "skipped": 5, "share_skipped": 0.25,
+                          "step_speedup_bound": 20 / 15}}
+    text = step_cache.table([row, {**row, "step_cache": None}])
+    assert "| grid64 | host | fbcache:0.1 | 99.00 → 98.00 | +1.00 | 5/20 (25 %) | 1.33× |" in text
+    assert "| none |" in text
