@@ -58,7 +58,7 @@ for step in "${@:-all}"; do
       QT=${QUALITY_TESTBED:-${BIGBED:-grid128}}
       [ $QT = grid128 ] && P="--runs 40 --prompts-per-run 4 --eval-prompts 16" || P="--runs 60 --prompts-per-run 8 --eval-prompts 32"
       export QUALITY_TESTBED=$QT QUALITY_PLAN="${QUALITY_PLAN:-$P}" QUALITY_LAYERS="${QUALITY_LAYERS:-single:*}" \
-        QUALITY_SERVING="${QUALITY_SERVING:-single blocks,single blocks + running α}" QUALITY_WAIT_S="${QUALITY_WAIT_S:-500}" \
+        QUALITY_SERVING="${QUALITY_SERVING:-single blocks,single blocks + call α}" QUALITY_WAIT_S="${QUALITY_WAIT_S:-500}" \
         QUALITY_VARIANTS="${QUALITY_VARIANTS:-product default;product default + landmarks 1 %;product default + landmarks max 256;product default + landmarks max 128}" ;;&
     transfer)
       T=/tmp/transfer; rm -rf $T; mkdir -p $T; : > $T/pids

@@ -66,6 +66,8 @@ def evaluate(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path | 
     cfg = load_config(config)
     cfg.root = cfg.root.model_copy(update={"training": False, "checkpoint": None})
     session = Session(cfg)
+    if checkpoint is not None:
+        session.load(checkpoint)  # a bad checkpoint is refused before any model is loaded
     reference = {} if reference is None else reference
     key = (n_prompts, steps, seed, device, batch_size, str(weights), str(dtype), testbed)
     if reference.get("key") not in (None, key):
@@ -74,7 +76,6 @@ def evaluate(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path | 
     exact = reference.get("model") or load_testbed(device, dtype=dtype, path=weights, testbed=testbed)
     if checkpoint is not None:
         check_fits(checkpoint, exact.cfg, f"testbed {testbed or 'default'!r}")
-        session.load(checkpoint)
     approx = load_testbed(device, dtype=dtype, path=weights, testbed=testbed)
     prompts = data.heldout_prompts(n_prompts, exact.cfg.grid, seed=seed + 1234)
     noise = sampling.initial_noise(n_prompts, prompts.shape[1], seed=seed)

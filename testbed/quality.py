@@ -200,6 +200,8 @@ SERVING: dict[str, dict[str, Any]] = {
     "all but double:0": {"gates": [{"kind": "layers", "exclude": ["double:0"]}]},
     # the same checkpoint, α's d normalised by the running mean kept while distilling (one fused pass)
     "single blocks + running α": {"gates": [_SINGLE], "plugins": {"ttr": {"alpha_reference": "running"}}},
+    # … and by the call's own mean (two passes): the other way, for layers whose config serves with the running mean
+    "single blocks + call α": {"gates": [_SINGLE], "plugins": {"ttr": {"alpha_reference": "call"}}},
     "double blocks": {"gates": [{"kind": "layers", "include": ["double:*"]}]},
 }
 #: The servings a variant without its own list evaluates (when `--serving` names none).

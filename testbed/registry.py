@@ -126,7 +126,8 @@ def _bed(name: str, grid: int, recipe: TrainRecipe, flux_shape: str, description
 #: a shorter EMA; their minutes fit the training loop and the evaluation of the saved file in one 10-minute
 #: device call. On a CPU the default model sampled at 16x16 cells follows 15 % of them (its transformer and class
 #: embeddings, the cells' mean embedding, or its 8x8 embeddings tiled): the larger grid must be learnt, not
-#: only read. Estimated H200 rates (`train.py --estimate`): grid64 ~170 samples/s, grid128 ~13 samples/s.
+#: only read. Estimated H200 rates (`train.py --estimate`, a CPU timing: docs/QUALITY.md, "Large testbeds"):
+#: grid64 170-400 samples/s, grid128 ~13 samples/s (FLOP counts suggest two or three times that).
 TESTBEDS: dict[str, Testbed] = {b.name: b for b in (
     _bed("default", data.DEFAULT_GRID, TrainRecipe(steps=6000, batch=128, lr=3e-4), "512² (1 024 image tokens)",
          "8x8 cells, 1 024 image tokens + 64 conditioning tokens", 8),
@@ -134,7 +135,7 @@ TESTBEDS: dict[str, Testbed] = {b.name: b for b in (
                                    warmup=0.05, ema=0.998, eval_prompts=32, eval_batch=32),
          "1024² (4 096 image tokens)", "16x16 cells, 4 096 image tokens + 256 conditioning tokens", 8),
     _bed("grid128", 32, TrainRecipe(steps=2000, batch=8, lr=1.5e-4, minutes=7.0, init_from=("grid64", "default"),
-                                    warmup=0.05, ema=0.995, eval_prompts=16, eval_batch=16),
+                                    warmup=0.05, ema=0.995, eval_prompts=16, eval_batch=8),
          "2048² (16 384 image tokens)", "32x32 cells, 16 384 image tokens + 1 024 conditioning tokens", 4),
 )}
 DEFAULT_TESTBED = "default"

@@ -116,11 +116,13 @@ def test_kernel_only_once_per_feature_map_and_graph_twins():
     names = _names(build_variants(s, torch.float32, torch.device("cpu")))
     kernel_only = [n for n in names if n.endswith("kernel-only")]
     # 1layer-F128 has lean's φ; previous-default(-lm2pct, -cap1024, -window2) have default's: each φ is timed once
-    assert kernel_only == [f"ttr-{c} fused kernel-only" for c in ("default", "3layer-F256", "lean", "hedgehog-F64")]
+    # default-1layer-F64 (1 layer, F = 64, elu+1) is a fifth φ; default-1layer-F128 has lean's
+    assert kernel_only == [f"ttr-{c} fused kernel-only" for c in ("default", "3layer-F256", "lean", "hedgehog-F64",
+                                                                   "default-1layer-F64")]
     vs = build_variants(s, torch.float32, torch.device("cpu"))
     by = {v.name: v for v in vs}
     fused = [v for v in vs if v.family == "ttr" and " fused" in v.name and v.graph_of is None]
-    assert len(fused) == 4 * len(TTR_CONFIGS) + 4
+    assert len(fused) == 4 * len(TTR_CONFIGS) + len(kernel_only)
     for v in fused:
         g = by[f"{v.name} graph"]
         assert g.graph_of == v.name and g.check_against == v.name and g.cost == v.cost
@@ -162,7 +164,7 @@ def test_every_config_runs_torch_path_and_graphs_skip_on_cpu(tmp_path):
         r = rows[f"ttr-{cfg} torch"]
         assert r["skipped"] is None and r["ms"] > 0 and r["floor_ms"] > 0, r
     graph = [r for r in rows.values() if r["cuda_graph"]]
-    assert len(graph) == 1 + 5 * len(TTR_CONFIGS) + 4  # sdpa; per config the session row and 4 fused; kernel-only
+    assert len(graph) == 1 + 5 * len(TTR_CONFIGS) + 5  # sdpa; per config the session row and 4 fused; kernel-only
     assert all(r["skipped"].startswith("CUDA graphs need a CUDA device") for r in graph)
 
 
