@@ -16,8 +16,8 @@ Euler sampler from the saved fp16 file and reports prompt adherence.
 
 `--testbed NAME` trains a testbed of the registry (`registry.py`: its grid and its recipe's steps, batch, lr,
 warm-up, minutes and starting weights are then the defaults of those options); `--init-from NAME|FILE` starts
-from a trained model of the family (transformer and class embeddings copied, cell embeddings set to that
-model's mean cell embedding: the cell a token belongs to reaches attention through RoPE, not through them).
+from a trained model of the family (transformer and class embeddings copied; on another grid every cell
+embedding starts at that model's mean one — the larger grid's cells are learnt, not read: registry.py).
 `--estimate` times a few steps here and prints the recipe's minutes on an H200, scaled from the default
 testbed's measured rate (see `estimate`).
 """
