@@ -106,6 +106,21 @@ def testbed_layer_keys() -> list[str]:
     return TestbedConfig().layer_keys()
 
 
+TESTBED_HELP = ("The testbed (testbed/registry.py): 'default' (1 024 image tokens), 'grid64' (4 096), "
+                "'grid128' (16 384).")
+
+
+def check_testbed(name: str) -> None:
+    """`--testbed`: a name of the registry whose weights are there (else one line: how to train them)."""
+    from .testbed.registry import get_testbed
+
+    try:
+        bed = get_testbed(name)
+    except ValueError as exc:
+        raise UsageProblem(f"--testbed: {exc}") from None
+    bed.require_weights()  # TestbedMissing (an OSError): "train it with: ..."
+
+
 @plugins_app.command("list")
 def plugins_list(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Every plugin: name, version, origin (built-in / entry point / blocked / failed) and what it registers."""
@@ -165,7 +180,8 @@ def demo(out: Path = typer.Option(Path("attnplug-demo"), help="Report folder (cr
          eval_prompts: int | None = typer.Option(None, help="Held-out prompts for the comparison."),
          eval_steps: int | None = typer.Option(None, help="Euler steps of the comparison."),
          seed: int = typer.Option(0, help="Seed of prompts, noise and the distiller."),
-         resume: Path | None = typer.Option(None, help="Checkpoint to continue distilling from.")) -> None:
+         resume: Path | None = typer.Option(None, help="Checkpoint to continue distilling from."),
+         testbed: str = typer.Option("default", help=TESTBED_HELP)) -> None:
     """The main job: distill ttr online on the testbed, then compare exact vs hybrid attention."""
     with expected_errors("demo"):
         from .testbed.demo import DemoPlan, describe, run_demo
@@ -180,7 +196,8 @@ def demo(out: Path = typer.Option(Path("attnplug-demo"), help="Report folder (cr
         check_device(device)
         if resume is not None and not resume.is_file():
             raise UsageProblem(f"--resume {resume}: no checkpoint file there")
-        metrics = run_demo(out, device=device, config=config, plan=plan, seed=seed, resume=resume)
+        check_testbed(testbed)
+        metrics = run_demo(out, device=device, config=config, plan=plan, seed=seed, resume=resume, testbed=testbed)
     typer.echo(describe(metrics))
     typer.echo(f"report: {out}/ (metrics.json, ttr.safetensors, samples.png, distill.png, distill.jsonl)")
 
@@ -192,18 +209,32 @@ def evaluate_cmd(config: Path = typer.Option(..., help="Config to evaluate (trai
                  steps: int = typer.Option(20, help="Euler steps."),
                  seed: int = typer.Option(0, help="Seed of prompts and noise."),
                  device: str = typer.Option("cpu", help="'cpu' or 'cuda'."),
-                 json_out: Path | None = typer.Option(None, "--json", help="Write the metrics here.")) -> None:
+                 json_out: Path | None = typer.Option(None, "--json", help="Write the metrics here."),
+                 testbed: str = typer.Option("default", help=TESTBED_HELP + " A checkpoint distilled on another "
+                                             "testbed of the family serves here (resolution transfer)."),
+                 step_cache: str | None = typer.Option(None, help="'fbcache:THRESHOLD': diffusers' First Block Cache "
+                                                       "on the evaluated model too; reports the steps it skipped.")
+                 ) -> None:
     """Evaluate a config/checkpoint on the testbed: adherence, fidelity, layers served, time per step."""
     with expected_errors("eval"):
         from .testbed.evaluate import evaluate, strip_images
+        from .testbed.step_cache import StepCacheError, available, parse_step_cache
 
         check_range("--prompts", prompts, 1)
         check_range("--steps", steps, 1)
         check_range("--seed", seed, 0, MAX_SEED)
         check_device(device)
         check_output("--json", json_out)
+        check_testbed(testbed)
+        if step_cache is not None:
+            try:
+                parse_step_cache(step_cache)
+            except StepCacheError as exc:
+                raise UsageProblem(str(exc)) from None
+            if available():
+                raise UsageProblem(f"--step-cache: {available()}")
         result = strip_images(evaluate(config, checkpoint, n_prompts=prompts, steps=steps, seed=seed,
-                                       device=device))
+                                       device=device, testbed=testbed, step_cache=step_cache))
     text = json.dumps(result, indent=2)
     typer.echo(text)  # printed first: a failing write below loses nothing
     if json_out is not None:
@@ -226,7 +257,8 @@ def calibrate_cmd(config: Path = typer.Option(..., help="Serving config of the c
                   height: int = typer.Option(1024, help="Image height (with --pipeline)."),
                   width: int = typer.Option(1024, help="Image width (with --pipeline)."),
                   plan_out: Path | None = typer.Option(None, help="Also write the plan as a JSON file here."),
-                  write_checkpoint: bool = typer.Option(True, help="Store the plan in the checkpoint.")) -> None:
+                  write_checkpoint: bool = typer.Option(True, help="Store the plan in the checkpoint."),
+                  testbed: str = typer.Option("default", help=TESTBED_HELP + " (without --pipeline)")) -> None:
     """Measure which (layer, σ band) cells keep the samples within budget and store that serving plan."""
     from .core.checkpoint import CheckpointError
     from .core.config import ConfigError
@@ -237,9 +269,11 @@ def calibrate_cmd(config: Path = typer.Option(..., help="Serving config of the c
     try:
         if pipeline is None:
             from .testbed.calibration import calibrate_testbed
+            from .testbed.registry import get_testbed
 
+            get_testbed(testbed).require_weights()
             report = calibrate_testbed(config, checkpoint, out=out, device=device, steps=steps, prompts=prompts,
-                                       write_checkpoint=write_checkpoint, plan_out=plan_out)
+                                       write_checkpoint=write_checkpoint, plan_out=plan_out, testbed=testbed)
         else:
             from .hosts.diffusers.calibration import calibrate_pipeline
 

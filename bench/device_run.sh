@@ -18,8 +18,27 @@
 # effect table for "hybrid everywhere" and "joint shared"), 3 evaluation workers per process; it also writes
 # effects.md and copies the best joint variant's checkpoint and serving config to $OUT (ttr_all_layers.safetensors,
 # serve_all_layers.toml). About 7 minutes on one H200 (docs/QUALITY.md, "The joint layer").
+# The large testbeds (docs/QUALITY.md, "Large testbeds"; each step planned to end inside one call):
+# `bigbed-train` trains BIGBED (grid64 | grid128) with its registry recipe (7 minutes of training, then the saved
+#   file's evaluation) into $OUT/BIGBED: commit its files to testbed/weights/BIGBED/ (grid128 starts from grid64
+#   when that is committed); BIGBED_TRAIN_ARGS adds arguments.
+# `bigbed-sweep` is `quality` on QUALITY_TESTBED (default BIGBED, else grid128) with the front's variants (testbed/quality.py
+#   LARGE_VARIANTS; QUALITY_VARIANTS picks a subset: four per call at 16 384 tokens), the single blocks, both α
+#   references, seed QUALITY_SEEDS (0), the plan QUALITY_PLAN (grid128: 40 runs x 4 prompts, 16 held-out prompts).
+# `transfer` distils the product default on each of TRANSFER_FROM ("default grid64", one process each) and serves
+#   every checkpoint on TRANSFER_TESTBEDS (default,grid64) with both α references ($OUT/transfer.md).
+# `stepcache` evaluates First Block Cache (thresholds STEPCACHE_THRESHOLDS) with exact attention and with ttr on
+#   STEPCACHE_TESTBEDS ($OUT/stepcache.md); the ttr rows serve STEPCACHE_CKPT_<testbed> with
+#   STEPCACHE_CONFIG_<testbed> (default testbed: the committed window checkpoint). `stepcache-bench` times a
+#   skipped step on the FLUX.1-dev-shaped model (bench-model /fbcache) beside the full forwards.
+# `bigbed-bench` times the served call (`session ttr-<config>`) of every point of the front at 1024² and 2048².
 set -o pipefail
 source bench/device_env.sh
+wait_pids() {  # wait_pids PIDFILE SECONDS: until every process in PIDFILE ended or SECONDS passed
+  local end=$((SECONDS + $2)) alive p
+  while [ $SECONDS -lt $end ]; do alive=0; for p in $(cat $1); do kill -0 $p 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && return 0; sleep 10; done
+}
 for step in "${@:-all}"; do
   case $step in
     tests|all) python3 -m pytest -q -p no:cacheprovider --import-mode=importlib tests/test_kernels_fused.py \
@@ -34,7 +53,56 @@ for step in "${@:-all}"; do
       export QUALITY_VARIANTS="${QUALITY_VARIANTS:-hybrid everywhere;joint shared;joint blend}" \
         QUALITY_SEEDS="${QUALITY_SEEDS:-0 1}" QUALITY_EVAL_WORKERS="${QUALITY_EVAL_WORKERS:-3}" \
         QUALITY_WAIT_S="${QUALITY_WAIT_S:-480}" QUALITY_KEEP="${QUALITY_KEEP:-0}" QUALITY_KEEP_BEST=1 ;;&
-    quality|joint)
+    bigbed-train)
+      B=${BIGBED:-grid64}; mkdir -p $OUT/$B
+      python3 -m attnplug.testbed.train --testbed $B --out $OUT/$B --device cuda ${BIGBED_TRAIN_ARGS:-} 2>&1 \
+        | tee $OUT/$B/train.log ;;
+    bigbed-sweep)
+      QT=${QUALITY_TESTBED:-${BIGBED:-grid128}}
+      [ $QT = grid128 ] && P="--runs 40 --prompts-per-run 4 --eval-prompts 16" || P="--runs 60 --prompts-per-run 8 --eval-prompts 32"
+      export QUALITY_TESTBED=$QT QUALITY_PLAN="${QUALITY_PLAN:-$P}" QUALITY_LAYERS="${QUALITY_LAYERS:-single:*}" \
+        QUALITY_SERVING="${QUALITY_SERVING:-single blocks,single blocks + call α}" QUALITY_WAIT_S="${QUALITY_WAIT_S:-500}" \
+        QUALITY_VARIANTS="${QUALITY_VARIANTS:-product default;product default + landmarks 1 %;product default + landmarks max 256;product default + landmarks max 128}" ;;&
+    transfer)
+      T=/tmp/transfer; rm -rf $T; mkdir -p $T; : > $T/pids
+      for src in ${TRANSFER_FROM:-default grid64}; do
+        OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.testbed.transfer --out $T/$src --distil-on $src \
+          --testbeds "${TRANSFER_TESTBEDS:-default,grid64}" --device cuda ${TRANSFER_ARGS:---eval-prompts 32} > $T/$src.log 2>&1 &
+        echo $! >> $T/pids
+      done
+      wait_pids $T/pids ${TRANSFER_WAIT_S:-500}
+      python3 -m attnplug.testbed.transfer --out $T --collect | tee $OUT/transfer.md
+      cp $T/transfer.json $OUT/ 2>/dev/null; tail -n 3 $T/*.log
+      for src in ${TRANSFER_FROM:-default grid64}; do  # the product default distilled there (stepcache's ttr rows)
+        cp $T/$src/distilled_on_$src/ttr.safetensors $OUT/ttr_distilled_on_$src.safetensors 2>/dev/null; done ;;
+    stepcache)
+      S=/tmp/stepcache; rm -rf $S; mkdir -p $S; : > $S/pids
+      sc_eval() {  # sc_eval NAME ARGS...: one `attnplug eval` in the background, its JSON in $S/NAME.json
+        local n=$1; shift
+        OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.cli eval "$@" --prompts ${STEPCACHE_PROMPTS:-32} \
+          --device cuda --json $S/$n.json > $S/$n.log 2>&1 &
+        echo $! >> $S/pids
+      }
+      for tb in ${STEPCACHE_TESTBEDS:-default grid64}; do
+        cfg_var=STEPCACHE_CONFIG_$tb; ckpt_var=STEPCACHE_CKPT_$tb; cfg=${!cfg_var:-}; ckpt=${!ckpt_var:-}
+        if [ $tb = default ]; then cfg=${cfg:-testbed/configs/serve_single_window.toml}; ckpt=${ckpt:-testbed/weights/ttr_window.safetensors}; fi
+        [ -n "$ckpt" ] && sc_eval ${tb}_ttr_none --config $cfg --checkpoint $ckpt --testbed $tb
+        for th in ${STEPCACHE_THRESHOLDS:-0.05 0.1 0.2}; do
+          sc_eval ${tb}_exact_$th --config testbed/configs/serve_exact.toml --testbed $tb --step-cache fbcache:$th
+          [ -n "$ckpt" ] && sc_eval ${tb}_ttr_$th --config $cfg --checkpoint $ckpt --testbed $tb --step-cache fbcache:$th
+        done
+      done
+      wait_pids $S/pids ${STEPCACHE_WAIT_S:-480}
+      python3 -m attnplug.testbed.step_cache $S | tee $OUT/stepcache.md
+      (cd $S && tar czf $OUT/stepcache_results.tgz *.json *.log) ;;
+    bigbed-bench) python3 -m attnplug.bench.run --sizes ${BIGBED_SIZES:-1024,2048} --dtypes bf16 --only session \
+      --configs default,default-lm1pct,default-max256,default-max128,default-window1,default-window4,default-1layer-F64,default-1layer-F128 \
+      --json "$OUT/bench_front.json" 2>"$OUT/bench_front.err" | tee "$OUT/bench_front.txt" ;;
+    stepcache-bench) python3 -m attnplug.bench.model ${MODEL_ARGS:---sizes 1024,2048 --modes native,ttr-100,native/fbcache,ttr-100/fbcache} \
+      --json "$OUT/model_fbcache.json" 2>&1 | tee "$OUT/model_fbcache.txt" ;;
+  esac
+  case $step in
+    quality|joint|bigbed-sweep)
       Q=${QUALITY_DIR:-/tmp/quality}; rm -rf $Q; mkdir -p $Q; : > $Q/pids  # a warm machine keeps the last call's rows
       # QUALITY_FROM: the unpacked checkpoints.tgz of an earlier QUALITY_PHASE=distill call (carried), to evaluate
       [ -n "${QUALITY_FROM:-}" ] && cp -r "$QUALITY_FROM"/. $Q/ && : > $Q/pids
@@ -44,6 +112,7 @@ for step in "${@:-all}"; do
         i=$((i+1)); d=$Q/v$i; mkdir -p $d
         OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.testbed.quality --out $d --device "${QUALITY_DEVICE:-cuda}" \
           --variants "$v" --budget-s 1e9 --layers "${QUALITY_LAYERS:-}" --serving "${QUALITY_SERVING:-}" --seed "$seed" \
+          ${QUALITY_TESTBED:+--testbed "$QUALITY_TESTBED"} \
           --eval-workers "${QUALITY_EVAL_WORKERS:-1}" --phase "${QUALITY_PHASE:-both}" ${QUALITY_PLAN:-} > $d/log.txt 2>&1 &
         echo $! >> $Q/pids
       done; done
@@ -56,7 +125,7 @@ for step in "${@:-all}"; do
       while [ $SECONDS -lt $end ]; do alive=0; for p in $(cat $Q/pids); do kill -0 $p 2>/dev/null && alive=1; done
         [ $alive = 0 ] && break; sleep 10; done
       ;;&
-    quality|joint)
+    quality|joint|bigbed-sweep)
       # at most 8 files come back: the table, one tarball of results, the best checkpoints (QUALITY_KEEP)
       Q=${QUALITY_DIR:-/tmp/quality}
       python3 -m attnplug.testbed.quality --out $Q --collect ${QUALITY_KEEP_BEST:+--keep-best $OUT} > $OUT/quality_table.md 2>&1

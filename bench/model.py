@@ -24,7 +24,11 @@ Options after a mode, `/`-separated (e.g. `ttr-100/graph`, `native/compile`): `e
 check with a device sync per call (`finite_check = "every_call"`; the default reads device flags once per step);
 `compile` — the model under `torch.compile(mode="reduce-overhead")` (graph breaks at the attention calls, the
 pieces between them in CUDA graphs; the warm-up forwards compile); `graph` — after the warm-up forwards, one whole
-forward captured in a CUDA graph (`torch.cuda.graph`) and replayed (CUDA only; a capture fails on any sync).
+forward captured in a CUDA graph (`torch.cuda.graph`) and replayed (CUDA only; a capture fails on any sync);
+`fbcache` — diffusers' First Block Cache on the model, every forward after the first one a cached step (the inputs
+do not change, so the first block's residual does not either): the row times a step the cache skips (the first
+block, and the cached residual added), to combine with the share of steps skipped that `attnplug eval
+--step-cache` measures on the testbed (not with /compile or /graph).
 
 Per mode: warm-up forwards (they build the ttr layers and compile the kernels), then the median of
 per-forward CUDA-event timings (host clock on CPU) under `torch.inference_mode()`, synchronised before
@@ -135,16 +139,17 @@ def make_inputs(config: dict[str, Any], px: int, txt: int, batch: int, device: t
 
 
 # ---- modes -----------------------------------------------------------------------------------------
-OPTIONS = ("every-call", "compile", "graph")
+OPTIONS = ("every-call", "compile", "graph", "fbcache")
 
 
 def parse_mode(mode: str) -> tuple[str, frozenset[str]]:
     """`'ttr-100/graph'` → `('ttr-100', {'graph'})`; ValueError naming what is expected."""
     base, *opts = mode.split("/")
     bad = [o for o in opts if o not in OPTIONS]
-    if bad or (base not in MODES and ttr_share(base) is None) or ("compile" in opts and "graph" in opts):
+    if (bad or (base not in MODES and ttr_share(base) is None)
+            or len({"compile", "graph", "fbcache"} & set(opts)) > 1):
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)} (or ttr-N for N % of the single "
-                         f"blocks), optionally followed by /every-call and one of /compile, /graph")
+                         f"blocks), optionally followed by /every-call and one of /compile, /graph, /fbcache")
     return base, frozenset(opts)
 
 
@@ -340,6 +345,7 @@ def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: to
     session = handle = None
     forwards = 0
     target = model
+    stack = contextlib.ExitStack()
 
     def forward() -> torch.Tensor:
         nonlocal forwards
@@ -349,6 +355,9 @@ def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: to
     try:
         if ("compile" in options or "graph" in options) and device.type != "cuda":
             raise RuntimeError(f"mode {mode!r} needs CUDA (CUDA graphs)")
+        if "fbcache" in options:
+            cache = stack.enter_context(first_block_cache(model))
+            target = cache
         if cfg is not None:
             session = Session(cfg)
             if session.config.root.backend == "ttr":
@@ -415,6 +424,7 @@ def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: to
         return None
     finally:
         row.forwards = forwards
+        stack.close()
         if session is not None:
             if handle is not None:
                 handle.remove()  # ends the run too
@@ -426,6 +436,26 @@ def run_mode(model: Any, inputs: dict[str, Any], mode: str, row: Row, device: to
             dynamo.reset()  # the next mode runs the model as it is
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def first_block_cache(model: Any) -> Iterator[Callable[..., Any]]:
+    """diffusers' First Block Cache on `model` (threshold 1e9: every forward after the first skips the blocks after
+    the first); yields a callable that runs `model(**inputs)` inside the cache context; the hooks come off after."""
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+    from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
+
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=1e9))
+
+    def call(**inputs: Any) -> Any:
+        with model.cache_context("cond"):
+            return model(**inputs)
+    try:
+        yield call
+    finally:
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        registry.remove_hook(_FBC_LEADER_BLOCK_HOOK, recurse=True)
+        registry.remove_hook(_FBC_BLOCK_HOOK, recurse=True)
 
 
 def host_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:

@@ -93,6 +93,15 @@ TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # the joint layer on a double-block call (every interaction with text tokens exact; plugins/ttr/joint.py):
     # product-path and PyTorch rows only (no fused kernels of its own yet)
     "joint": ({**_TTR_DEFAULT, "joint_layers": ["double:*"]}, _LM_DEFAULT),
+    # the product default with one change: the large testbeds' speed-vs-quality front (testbed/quality.py's
+    # LARGE_VARIANTS, BENCH_CONFIG names these)
+    "default-lm1pct": (_TTR_DEFAULT, {**_LM_DEFAULT, "fraction": 0.01}),
+    "default-max256": (_TTR_DEFAULT, {**_LM_DEFAULT, "max": 256}),
+    "default-max128": (_TTR_DEFAULT, {**_LM_DEFAULT, "max": 128}),
+    "default-window1": (_TTR_DEFAULT, {**_LM_DEFAULT, "window": 1}),
+    "default-window4": (_TTR_DEFAULT, {**_LM_DEFAULT, "window": 4}),
+    "default-1layer-F64": ({**_TTR_DEFAULT, "depth": 1, "feature_dim": 64}, _LM_DEFAULT),
+    "default-1layer-F128": ({**_TTR_DEFAULT, "depth": 1, "feature_dim": 128}, _LM_DEFAULT),
 }
 #: Former configuration names: old name → current name, for the error message. The `default-*` ones were deltas
 #: from the previous default and would now describe another layer.

@@ -43,11 +43,12 @@ class TestbedSampler:
     __test__ = False
 
     def __init__(self, session: Any, n_prompts: int, seed: int = 0, steps: int = 20, device: str = "cpu",
-                 batch_size: int = 32, weights: str | Path | None = None) -> None:
+                 batch_size: int = 32, weights: str | Path | None = None, testbed: str | None = None) -> None:
         from ..hosts.diffusers import apply
 
-        self.model = load_testbed(device, path=weights)
-        self.prompts = data.train_prompts(n_prompts, generator=torch.Generator().manual_seed(seed + _PROMPT_STREAM))
+        self.model = load_testbed(device, path=weights, testbed=testbed)
+        self.prompts = data.train_prompts(n_prompts, self.model.cfg.grid,
+                                          generator=torch.Generator().manual_seed(seed + _PROMPT_STREAM))
         self.noise = sampling.initial_noise(n_prompts, self.prompts.shape[1], seed=seed + _PROMPT_STREAM)
         self.steps, self.batch_size = steps, batch_size
         self.handle = apply(self.model.transformer, session)
@@ -90,14 +91,16 @@ class _VelocityRecorder:
 def calibrate_testbed(config: "str | Path | Mapping[str, Any]", checkpoint: str | Path, *, out: str | Path,
                       device: str = "cpu", steps: int = 20, prompts: int | None = None,
                       write_checkpoint: bool = True, plan_out: str | Path | None = None,
-                      weights: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                      weights: str | Path | None = None, progress: bool = True,
+                      testbed: str | None = None) -> dict[str, Any]:
     """`attnplug calibrate` on the testbed: the plan of `checkpoint` under `config`, with the testbed's
-    adherence term available; reports in `out`, the plan stored in the checkpoint. Returns the report."""
+    adherence term available; reports in `out`, the plan stored in the checkpoint. Returns the report.
+    `testbed`: the registry's testbed to sample (None: the default)."""
     from ..plugins.controller.calibrate import run_calibration
 
     def make_sampler(session: Any, settings: Any) -> TestbedSampler:
         return TestbedSampler(session, settings.prompts, seed=settings.seed, steps=steps, device=device,
-                              weights=weights)
+                              weights=weights, testbed=testbed)
 
     return run_calibration(config, checkpoint, make_sampler, out=out, prompts=prompts,
                            write_checkpoint=write_checkpoint, plan_out=plan_out,

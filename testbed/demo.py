@@ -70,12 +70,14 @@ class _History:
 def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
              config: "str | Path | Mapping[str, Any] | None" = None,
              plan: DemoPlan | None = None, seed: int = 0, progress: bool = True,
-             resume: str | Path | None = None, evaluate_after: bool = True) -> dict[str, Any]:
+             resume: str | Path | None = None, evaluate_after: bool = True,
+             testbed: str | None = None) -> dict[str, Any]:
     """Run the demo and write its report folder; returns the metrics dict (also in metrics.json).
 
     `resume`: a checkpoint to continue distilling from (layers, readiness and optimizer states).
     `evaluate_after`: step 3 (exact vs hybrid on held-out prompts) and the PNGs; off for callers that evaluate
     the checkpoint their own way (the quality sweep): the metrics then have no "eval".
+    `testbed`: the registry's testbed to distil on and evaluate (None: the default; `testbed/registry.py`).
     """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -105,15 +107,16 @@ def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
 
     jsonl_path.unlink(missing_ok=True)
     session.loggers.loggers += [history, JsonlLogger(JsonlSettings(path=str(jsonl_path)))]
-    model = load_testbed(device)
+    model = load_testbed(device, testbed=testbed)
+    grid = model.cfg.grid
     handle = apply(model.transformer, session)
     generator = torch.Generator().manual_seed(seed)
     try:
         bar = tqdm(range(plan.runs), desc="distilling", unit="run", disable=not progress)
         with logging_redirect_tqdm():  # warnings are written above the bar, not into it
             for run in bar:
-                prompts = data.train_prompts(plan.prompts_per_run, generator=generator)
-                noise = sampling.initial_noise(plan.prompts_per_run, seed=seed * 1000 + run)
+                prompts = data.train_prompts(plan.prompts_per_run, grid, generator=generator)
+                noise = sampling.initial_noise(plan.prompts_per_run, grid, seed=seed * 1000 + run)
                 session.run_start(num_steps=plan.steps)
                 images = sampling.sample(model, prompts, noise, steps=plan.steps)
                 # [B, 1, H, W] in about [-1, 1] → the loggers' [B, H, W, C] in [0, 1] (e.g. Comet's image panel)
@@ -140,7 +143,7 @@ def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
     distill_seconds = time.perf_counter() - t0
 
     metrics: dict[str, Any] = {
-        "plan": plan.__dict__, "device": device, "resumed_from": str(resume) if resume else None,
+        "plan": plan.__dict__, "device": device, "testbed": testbed or "default", "resumed_from": str(resume) if resume else None,
         "config": dict(config_path) if isinstance(config_path, Mapping) else str(config_path), "checkpoint": str(checkpoint),
         "distill": {"runs": plan.runs, "updates": updates, "updates_per_layer": per_layer_updates,
                     "trained_layers": trained_layers, "ready_layers": ready_after, "seconds": distill_seconds},
@@ -150,7 +153,7 @@ def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
         return metrics
     # ---- 3: exact vs hybrid on held-out prompts ---------------------------------------------------
     result = evaluate(cfg, checkpoint, n_prompts=plan.eval_prompts, steps=plan.eval_steps, seed=seed,
-                      device=device)
+                      device=device, testbed=testbed)
     images = result.pop("images")
     metrics["eval"] = strip_images(result)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -177,9 +177,14 @@ class TestbedModel(nn.Module):
 
 
 def load_testbed(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 path: str | Path | None = None) -> TestbedModel:
-    """The committed, trained testbed model (`testbed/weights/testbed.safetensors`) in eval mode."""
-    p = Path(path) if path is not None else DEFAULT_WEIGHTS
+                 path: str | Path | None = None, testbed: str | None = None) -> TestbedModel:
+    """A trained testbed model in eval mode: the file `path` when given, else the weights of the registry's testbed
+    `testbed` (None: the default, `testbed/weights/testbed.safetensors`; `registry.TestbedMissing` when absent)."""
+    if path is None:
+        from .registry import get_testbed
+
+        return get_testbed(testbed).load(device, dtype)
+    p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"testbed weights not found at {p} (train them with `python -m attnplug.testbed.train`)")
     return TestbedModel.load(p, device=device, dtype=dtype)

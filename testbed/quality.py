@@ -10,7 +10,10 @@ The layer-effect servings (`--serving "layer effects"`: each layer served alone,
 `EFFECT_ORDER`) give the per-layer table (`effects.md`); servings with the same config overlay are
 evaluated once, and every serving of one checkpoint shares one exact pass (`evaluate(reference=)`).
 `--collect --keep-best DIR` merges parallel processes' rows and copies the all-layer checkpoint of the
-best joint variant with its serving config into DIR.
+best joint variant with its serving config into DIR. `--testbed NAME` runs the sweep on another testbed of the
+registry (`testbed/registry.py`: `grid64`, 4 096 image tokens; `grid128`, 16 384); `LARGE_VARIANTS` are the
+points of the speed-vs-quality front measured there, each timed by `attnplug bench --configs` under the name
+`BENCH_CONFIG` gives it.
 """
 from __future__ import annotations
 
@@ -157,6 +160,36 @@ VARIANTS: dict[str, Variant] = {
                                             servings=("all ready", "double blocks", "only double:0", "only double:1")),
 }
 
+
+def _product(ttr: dict[str, Any] | None = None, landmark: dict[str, Any] | None = None) -> Variant:
+    """The product default with `ttr` / `landmark` overrides (the large testbeds' front)."""
+    return Variant(merge(PRODUCT_DEFAULT, {"plugins": {"ttr": ttr or {}, "landmark": landmark or {}}}))
+
+
+#: The speed-vs-quality front at 4 096 and 16 384 image tokens: the product default and one change each — the
+#: landmark budget (1 %, or a cap of 256 / 128 landmarks: 2 % of 16 384 is 328), the window radius, a lighter φ.
+LARGE_VARIANTS: dict[str, Variant] = {
+    "product default + landmarks 1 %": _product(landmark={"fraction": 0.01}),
+    "product default + landmarks max 256": _product(landmark={"max": 256}),
+    "product default + landmarks max 128": _product(landmark={"max": 128}),
+    "product default + window r1": _product(landmark={"window": 1}),
+    "product default + window r4": _product(landmark={"window": 4}),
+    "product default + 1-layer F64": _product(ttr={"depth": 1, "feature_dim": 64}),
+    "product default + 1-layer F128": _product(ttr={"depth": 1, "feature_dim": 128}),
+}
+VARIANTS.update(LARGE_VARIANTS)
+#: The `attnplug bench --configs` name that times each variant's layer (bench/variants.py's TTR_CONFIGS).
+BENCH_CONFIG: dict[str, str] = {
+    "product default": "default",
+    "product default + landmarks 1 %": "default-lm1pct",
+    "product default + landmarks max 256": "default-max256",
+    "product default + landmarks max 128": "default-max128",
+    "product default + window r1": "default-window1",
+    "product default + window r4": "default-window4",
+    "product default + 1-layer F64": "default-1layer-F64",
+    "product default + 1-layer F128": "default-1layer-F128",
+}
+
 #: Ways to serve a distilled checkpoint: name → config overlay (its gates, and runtime settings such as how
 #: adaptive α normalises d); readiness always applies on top.
 _SINGLE = {"kind": "layers", "include": ["single:*"]}
@@ -167,6 +200,8 @@ SERVING: dict[str, dict[str, Any]] = {
     "all but double:0": {"gates": [{"kind": "layers", "exclude": ["double:0"]}]},
     # the same checkpoint, α's d normalised by the running mean kept while distilling (one fused pass)
     "single blocks + running α": {"gates": [_SINGLE], "plugins": {"ttr": {"alpha_reference": "running"}}},
+    # … and by the call's own mean (two passes): the other way, for layers whose config serves with the running mean
+    "single blocks + call α": {"gates": [_SINGLE], "plugins": {"ttr": {"alpha_reference": "call"}}},
     "double blocks": {"gates": [{"kind": "layers", "include": ["double:*"]}]},
 }
 #: The servings a variant without its own list evaluates (when `--serving` names none).
@@ -226,14 +261,15 @@ PHASES = ("both", "distill", "evaluate")
 
 def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: float,
         layers: list[str] | None = None, serving: list[str] | None = None, seed: int = 0,
-        eval_workers: int = 1, phase: str = "both") -> list[dict[str, Any]]:
+        eval_workers: int = 1, phase: str = "both", testbed: str | None = None) -> list[dict[str, Any]]:
     """Distill and evaluate each variant in turn; stops starting new ones when the budget is spent.
 
     `layers`: train only these layer patterns (default: every layer); `serving`: names of `SERVING`;
     `seed`: training prompts, noise and the held-out evaluation set (another seed = an independent repeat);
     `eval_workers`: processes that evaluate the servings of a checkpoint side by side; `phase`: "distill" only
     writes each variant's checkpoint and distillation metrics, "evaluate" evaluates the checkpoints an earlier
-    "distill" left in `out` (so that the two fit separate time-limited GPU calls)."""
+    "distill" left in `out` (so that the two fit separate time-limited GPU calls); `testbed`: the registry's
+    testbed to distil on and evaluate (None: the default)."""
     if phase not in PHASES:
         raise ValueError(f"phase: {phase!r}, expected one of {PHASES}")
     t0 = time.perf_counter()
@@ -257,8 +293,9 @@ def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: f
             metrics = json.loads((checkpoint.parent / "metrics.json").read_text())
         else:
             metrics = run_demo(out / folder_name(name), device=device, config=cfg, plan=vplan, progress=False,
-                               seed=seed, evaluate_after=False)
-        row = {"variant": name, "seed": seed, "plan": vplan.__dict__, "distill": metrics["distill"], "serving": {},
+                               seed=seed, evaluate_after=False, testbed=testbed)
+        row = {"variant": name, "seed": seed, "testbed": testbed or "default", "plan": vplan.__dict__,
+               "distill": metrics["distill"], "serving": {},
                "checkpoint": str(checkpoint.resolve()), "config": cfg}
         rows.append(row)
         if phase == "distill":
@@ -282,7 +319,7 @@ def run(out: Path, device: str, plan: DemoPlan, variants: list[str], budget_s: f
                           f"vcos {res['velocity_cosine']:.3f} psnr {res['psnr_db']:.1f}", flush=True)
             write_tables(out, rows)
 
-        evaluate_servings(cfg, checkpoint, names, plan, device, seed, eval_workers, record)
+        evaluate_servings(cfg, checkpoint, names, plan, device, seed, eval_workers, record, testbed)
     return rows
 
 
@@ -293,20 +330,21 @@ def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _evaluate_group(cfg: dict[str, Any], checkpoint: str, overlays: list[str], n_prompts: int, steps: int,
-                    device: str, seed: int) -> dict[str, dict[str, Any]]:
+                    device: str, seed: int, testbed: str | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate one checkpoint under several serving overlays (JSON) with one shared exact pass."""
     reference: dict[str, Any] = {}
     return {key: strip_images(evaluate(merge(cfg, json.loads(key)), checkpoint, n_prompts=n_prompts, steps=steps,
-                                       device=device, seed=seed, reference=reference)) for key in overlays}
+                                       device=device, seed=seed, reference=reference, testbed=testbed))
+            for key in overlays}
 
 
 def evaluate_servings(cfg: dict[str, Any], checkpoint: Path, names: list[str], plan: DemoPlan, device: str,
-                      seed: int, workers: int, record: Any) -> None:
+                      seed: int, workers: int, record: Any, testbed: str | None = None) -> None:
     """Evaluate `names` (servings with the same overlay once), in `workers` spawned processes when > 1 (each with its
     own exact pass); `record(results)` is called with the results so far after each group."""
     keys = list(dict.fromkeys(json.dumps(SERVING[n], sort_keys=True) for n in names))
     groups = [keys[i::workers] for i in range(max(1, min(workers, len(keys))))]
-    args = (plan.eval_prompts, plan.eval_steps, device, seed)
+    args = (plan.eval_prompts, plan.eval_steps, device, seed, testbed)
     results: dict[str, dict[str, Any]] = {}
     if len(groups) <= 1:
         for key in keys:  # one at a time: each result is recorded as soon as it exists
@@ -333,8 +371,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| variant | seed | serving | ready | served | adherence exact → approx | drop, points | velocity cos | PSNR dB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        testbed = "" if row.get("testbed", "default") == "default" else f" ({row['testbed']})"
         for serve, r in row["serving"].items():
-            lines.append(f"| {row['variant']} | {row.get('seed', 0)} | {serve} | {len(r['layers_ready'])}/{len(r['layers'])} | "
+            lines.append(f"| {row['variant']}{testbed} | {row.get('seed', 0)} | {serve} | {len(r['layers_ready'])}/{len(r['layers'])} | "
                          f"{len(r['layers_served'])}/{len(r['layers'])} ({', '.join(r['layers_served'])}) | "
                          f"{100 * r['adherence_exact']:.2f} → {100 * r['adherence_approx']:.2f} | "
                          f"{r['adherence_drop_points']:+.2f} | {r['velocity_cosine']:.3f} | {r['psnr_db']:.1f} |")
@@ -453,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase", choices=PHASES, default="both",
                     help="distill: only distill (checkpoints and metrics in OUT); evaluate: evaluate the checkpoints "
                          "a distill phase left in OUT; both (the default): one after the other.")
+    ap.add_argument("--testbed", default=None, help="The registry's testbed to distil on and evaluate (default: "
+                                                    "the default testbed; grid64, grid128: testbed/registry.py).")
     ap.add_argument("--collect", action="store_true",
                     help="Only merge OUT/*/quality.json (variants run as separate processes) into OUT.")
     ap.add_argument("--keep-best", type=Path, default=None,
@@ -471,6 +512,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in a.variants.split(",") if v.strip() and v.strip() not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+    if a.testbed is not None:
+        from .registry import get_testbed
+
+        try:
+            get_testbed(a.testbed).require_weights()
+        except (ValueError, OSError) as exc:
+            print(f"testbed.quality: {exc}", file=sys.stderr)
+            return 2
     plan = DemoPlan(runs=a.runs, prompts_per_run=a.prompts_per_run, steps=a.steps, eval_prompts=a.eval_prompts,
                     eval_steps=a.eval_steps)
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
@@ -478,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"--serving: unknown {bad}; known: {list(SERVING)}")
     run(a.out, a.device, plan, split(a.variants), a.budget_s, split(a.layers), split(a.serving), a.seed,
-        max(1, a.eval_workers), a.phase)
+        max(1, a.eval_workers), a.phase, a.testbed)
     return 0
 
 

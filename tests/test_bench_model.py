@@ -160,6 +160,27 @@ def test_graph_and_compile_modes_need_cuda_and_say_so(one_thread: None) -> None:
     assert row.served_per_forward == {"host": 1.0, "ttr": 2.0}
 
 
+def test_fbcache_mode_times_a_skipped_step_and_takes_its_hooks_off(one_thread: None) -> None:
+    """`/fbcache`: the first forward computes every block, the timed ones run the first block alone (no ttr call);
+    the model is native again afterwards."""
+    pytest.importorskip("diffusers.hooks")
+    for bad in ("ttr-100/fbcache/graph", "native/compile/fbcache"):
+        with pytest.raises(ValueError):
+            bm.parse_mode(bad)
+    device = torch.device("cpu")
+    model = bm.build_transformer(bm.SMOKE, device, torch.float32)
+    inputs = bm.make_inputs(bm.SMOKE, 64, 8, 1, device, torch.float32)
+    with torch.inference_mode():
+        before = model(**inputs)[0]
+    row = bm.Row("64²", "ttr-100/fbcache", 16, 8)
+    bm.run_mode(model, inputs, "ttr-100/fbcache", row, device, 2, before.float(), 1, 2, "torch", "default")
+    assert row.skipped is None and row.forwards >= 3, row.skipped
+    assert row.served_per_forward["ttr"] * row.forwards == 2  # both single blocks, on the first forward only
+    assert row.served_per_forward["host"] * row.forwards == row.forwards  # the first block, every forward
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs)[0], before)
+
+
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert bm.main(["--smoke", "--modes", "native,ttr-150"]) == 2
     assert bm.main(["--smoke", "--modes", "flash"]) == 2

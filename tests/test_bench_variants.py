@@ -61,6 +61,13 @@ EFFECTIVE = {
 }
 #: The product default with adaptive α's reference of d pinned either way (the rest follows the settings).
 DEFAULT_PINNED = {"default-call-alpha": "call", "default-running-alpha": "running"}
+#: The product default with one change (the large testbeds' front): (ttr field changes, landmark field changes).
+DEFAULT_DELTAS = {
+    "default-lm1pct": ({}, {"fraction": 0.01}), "default-max256": ({}, {"max": 256}),
+    "default-max128": ({}, {"max": 128}), "default-window1": ({}, {"window": 1}),
+    "default-window4": ({}, {"window": 4}), "default-1layer-F64": ({"depth": 1, "feature_dim": 64}, {}),
+    "default-1layer-F128": ({"depth": 1, "feature_dim": 128}, {}),
+}
 
 
 def _effective(cfg: str):
@@ -74,7 +81,7 @@ def test_default_is_the_product_default_and_the_others_keep_their_layers():
     from attnplug.plugins.landmark.settings import LandmarkSettings
     from attnplug.plugins.ttr.settings import ARCHITECTURE_FIELDS, TtrSettings
 
-    assert set(TTR_CONFIGS) == set(EFFECTIVE) | {"default", "joint"} | set(DEFAULT_PINNED)
+    assert set(TTR_CONFIGS) == set(EFFECTIVE) | {"default", "joint"} | set(DEFAULT_PINNED) | set(DEFAULT_DELTAS)
     t, lm = _effective("default")  # built from the settings' own defaults: it follows them
     fields = (*ARCHITECTURE_FIELDS, "alpha_reference")
     assert {f: getattr(t, f) for f in fields} == {f: getattr(TtrSettings(), f) for f in fields}
@@ -88,6 +95,9 @@ def test_default_is_the_product_default_and_the_others_keep_their_layers():
     assert tj.joint_layers == ["double:*"] and lj == lm
     assert {f: getattr(tj, f) for f in ARCHITECTURE_FIELDS if f != "joint_layers"} == \
         {f: getattr(t, f) for f in ARCHITECTURE_FIELDS if f != "joint_layers"}
+    for cfg, (dt, dl) in DEFAULT_DELTAS.items():
+        td, ld = _effective(cfg)
+        assert td == t.model_copy(update=dt) and ld == lm.model_copy(update=dl), cfg
     for cfg, (want_t, want_l) in EFFECTIVE.items():
         t, lm = _effective(cfg)
         got = ((t.depth, t.hidden, t.feature_dim, t.activation, t.l2_norm, t.alpha_max, t.alpha_reference),
@@ -111,11 +121,13 @@ def test_kernel_only_once_per_feature_map_and_graph_twins():
     names = _names(build_variants(s, torch.float32, torch.device("cpu")))
     kernel_only = [n for n in names if n.endswith("kernel-only")]
     # 1layer-F128 has lean's φ; previous-default(-lm2pct, -cap1024, -window2) have default's: each φ is timed once
-    assert kernel_only == [f"ttr-{c} fused kernel-only" for c in ("default", "3layer-F256", "lean", "hedgehog-F64")]
+    # default-1layer-F64 (1 layer, F = 64, elu+1) is a fifth φ; default-1layer-F128 has lean's
+    assert kernel_only == [f"ttr-{c} fused kernel-only" for c in ("default", "3layer-F256", "lean", "hedgehog-F64",
+                                                                   "default-1layer-F64")]
     vs = build_variants(s, torch.float32, torch.device("cpu"))
     by = {v.name: v for v in vs}
     fused = [v for v in vs if v.family == "ttr" and " fused" in v.name and v.graph_of is None]
-    assert len(fused) == 4 * len(FUSED) + 4
+    assert len(fused) == 4 * len(FUSED) + len(kernel_only)
     for v in fused:
         g = by[f"{v.name} graph"]
         assert g.graph_of == v.name and g.check_against == v.name and g.cost == v.cost
@@ -157,8 +169,8 @@ def test_every_config_runs_torch_path_and_graphs_skip_on_cpu(tmp_path):
         r = rows[f"ttr-{cfg} torch"]
         assert r["skipped"] is None and r["ms"] > 0 and r["floor_ms"] > 0, r
     graph = [r for r in rows.values() if r["cuda_graph"]]
-    # sdpa; per config the session row, and 4 fused where it has fused kernels; kernel-only
-    assert len(graph) == 1 + len(TTR_CONFIGS) + 4 * len(FUSED) + 4
+    # sdpa; per config the session row, and 4 fused where it has fused kernels; kernel-only (5 feature maps)
+    assert len(graph) == 1 + len(TTR_CONFIGS) + 4 * len(FUSED) + 5
     assert all(r["skipped"].startswith("CUDA graphs need a CUDA device") for r in graph)
 
 

@@ -21,9 +21,12 @@ CONFIGS = ROOT / "testbed" / "configs"
 DEFAULT_CKPT = ROOT / "testbed" / "weights" / "ttr_default.safetensors"
 WINDOW_CKPT = ROOT / "testbed" / "weights" / "ttr_window.safetensors"
 #: every config that serves testbed/weights/ttr_default.safetensors (the demo distils the current default; the
-#: window checkpoint has its own config)
+#: window checkpoint has its own config; serve_exact.toml serves no checkpoint; serve_single_default_layer.toml
+#: serves today's layer)
 SERVES_DEFAULT = sorted(p.name for p in CONFIGS.glob("*.toml") if p.name not in ("serve_single_window.toml",
-                                                                                  "demo.toml", "serve_all_layers.toml"))
+                                                                                  "demo.toml", "serve_all_layers.toml",
+                                                                                  "serve_exact.toml",
+                                                                                  "serve_single_default_layer.toml"))
 
 
 def test_the_defaults_and_the_previous_ones():
@@ -50,6 +53,12 @@ def test_the_all_layer_config_pins_todays_layer():
     assert raw["plugins"]["landmark"] == LandmarkSettings().model_dump(include=set(LM_PREVIOUS))
     assert raw["plugins"]["ttr"]["joint_layers"] == ["double:*"] and set(raw["plugins"]["ttr"]["joint"]) == \
         {"combine", "log_scale"}
+
+
+def test_the_default_layer_serving_config_pins_todays_layer():
+    raw = read_config_file(CONFIGS / "serve_single_default_layer.toml")
+    assert raw["plugins"]["ttr"] == TtrSettings().model_dump(include=set(TTR_PREVIOUS))
+    assert raw["plugins"]["landmark"] == LandmarkSettings().model_dump(include=set(LM_PREVIOUS))
 
 
 def _meta(path: Path) -> dict:
