@@ -216,26 +216,9 @@ def ttr_layer(plugins: dict[str, dict[str, Any]] | None = None) -> dict[str, Any
 
 def compress_keys(keys: list[str]) -> str:
     """`['single:0', 'single:1', 'single:2', 'double:4']` → `'double:4, single:0-2'`."""
-    groups: dict[str, list[int]] = {}
-    other: list[str] = []
-    for key in keys:
-        kind, _, idx = key.partition(":")
-        if idx.isdigit():
-            groups.setdefault(kind, []).append(int(idx))
-        else:
-            other.append(key)
-    parts: list[str] = []
-    for kind in sorted(groups):
-        idx = sorted(set(groups[kind]))
-        start = prev = idx[0]
-        for i in idx[1:] + [None]:  # type: ignore[list-item]
-            if i is not None and i == prev + 1:
-                prev = i
-                continue
-            parts.append(f"{kind}:{start}" if start == prev else f"{kind}:{start}-{prev}")
-            if i is not None:
-                start = prev = i
-    return ", ".join(parts + sorted(other))
+    from ..core.patterns import collapse_layer_keys
+
+    return ", ".join(collapse_layer_keys(keys))
 
 
 # ---- timing ----------------------------------------------------------------------------------------

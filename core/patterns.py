@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterable
 
 _RANGE = re.compile(r"^(?P<type>[A-Za-z_]+):(?P<lo>\d+)-(?P<hi>\d+)$")
 
@@ -79,8 +80,9 @@ def step_in_range(spec: str, step_index: int | None, num_steps: int | None) -> b
     return step_index >= num_steps - a
 
 
-def describe_layers(layer_keys: "list[str] | tuple[str, ...]", limit: int = 12) -> str:
-    """A short list of layer keys for messages: `double:0-1, single:0-5` (consecutive indices collapsed)."""
+def collapse_layer_keys(layer_keys: Iterable[str]) -> list[str]:
+    """`['single:2', 'single:0', 'single:1', 'double:4']` → `['double:4', 'single:0-2']`: block kinds sorted,
+    consecutive indices collapsed into ranges, keys without an index sorted after them."""
     groups: dict[str, list[int]] = {}
     others: list[str] = []
     for key in layer_keys:
@@ -90,8 +92,8 @@ def describe_layers(layer_keys: "list[str] | tuple[str, ...]", limit: int = 12) 
         else:
             others.append(key)
     parts: list[str] = []
-    for kind, idxs in groups.items():
-        idxs = sorted(set(idxs))
+    for kind in sorted(groups):
+        idxs = sorted(set(groups[kind]))
         start = prev = idxs[0]
         for i in idxs[1:] + [None]:  # type: ignore[list-item]
             if i is not None and i == prev + 1:
@@ -100,6 +102,11 @@ def describe_layers(layer_keys: "list[str] | tuple[str, ...]", limit: int = 12) 
             parts.append(f"{kind}:{start}" if start == prev else f"{kind}:{start}-{prev}")
             if i is not None:
                 start = prev = i
-    parts += others
+    return parts + sorted(others)
+
+
+def describe_layers(layer_keys: "list[str] | tuple[str, ...]", limit: int = 12) -> str:
+    """A short list of layer keys for messages: `double:0-1, single:0-5` (consecutive indices collapsed)."""
+    parts = collapse_layer_keys(layer_keys)
     shown = ", ".join(parts[:limit])
     return shown + (f", … ({len(parts) - limit} more)" if len(parts) > limit else "") if parts else "none"

@@ -5,6 +5,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from .report import save_figure
+
 Point = tuple[float, float]  # (share of layer-steps served, quality lost), more share and less loss are better
 
 
@@ -67,9 +69,4 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | Path, max_loss: f
     ax.set_ylabel("adherence lost vs exact (points)")
     ax.set_title("routing: calibrated plan vs learned policy (held-out prompts, mean over seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -73,6 +73,13 @@ def plot_report(report: Mapping[str, Any], path: str | Path) -> Path:
     ax1.set_title("the plan as the search grew it")
     if ax1.get_legend_handles_labels()[0]:  # a plan with no accepted cell has no labelled line
         ax1.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out `fig`, write it as `path` (its folder created), close it; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

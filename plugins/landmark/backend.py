@@ -195,10 +195,7 @@ class LandmarkBackend(Backend):
             the queries are a subset of the sequence; None means q covers the sequence (`Nq == Nk`).
             Ignored when `window = 0`.
         """
-        keep = self.key_mask(k, mask)  # reduced once: the landmarks and the window both use it
-        idx, valid = self._indices(k, call, keep)
-        k_l = gather_landmarks(k, idx)
-        v_l = gather_landmarks(v, idx)
+        keep, idx, valid, k_l, v_l = self._landmark_set(k, v, call, mask)
         scale = q.shape[-1] ** -0.5
         chunk = self.settings.query_chunk
         if self.window_plan(q, k, call, query_index)[0] == 0:
@@ -228,10 +225,7 @@ class LandmarkBackend(Backend):
         needs that puts this exact set and a learned far field under one normaliser, and leaves these keys
         out of the far field. Same softmax and the same window decision as `branch()` (its output equals
         `branch()`'s for the same queries)."""
-        keep = self.key_mask(k, mask)
-        idx, valid = self._indices(k, call, keep)
-        k_l = gather_landmarks(k, idx)
-        v_l = gather_landmarks(v, idx)
+        keep, idx, valid, k_l, v_l = self._landmark_set(k, v, call, mask)
         scale = q.shape[-1] ** -0.5
         chunk = self.settings.query_chunk
         if self.window_plan(q, k, call, query_index)[0] == 0:
@@ -243,6 +237,14 @@ class LandmarkBackend(Backend):
         win_idx, win_ok = self._window_rows(positions, k, call, idx, valid, keep)
         out, lse = landmark_window_softmax(q, k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk, return_lse=True)
         return ExactAttention(out, lse, ExactKeys(idx, valid, win_idx, win_ok))
+
+    def _landmark_set(self, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, mask: torch.Tensor | None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The key mask (reduced once: the landmarks and the window both use it), the landmark indices and their
+        validity, and the landmarks' keys and values: what `branch()` and `exact_attention()` both start from."""
+        keep = self.key_mask(k, mask)
+        idx, valid = self._indices(k, call, keep)
+        return keep, idx, valid, gather_landmarks(k, idx), gather_landmarks(v, idx)
 
     @staticmethod
     def _positions(q: torch.Tensor, k: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
