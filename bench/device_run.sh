@@ -12,7 +12,8 @@
 # QUALITY_EVAL_WORKERS (processes that evaluate one checkpoint's servings side by side, 1) apply to both.
 # QUALITY_PHASE=distill | evaluate splits the sweep over two calls (testbed.quality --phase): the distill call leaves
 # $OUT/checkpoints.tgz; unpack it into an ignored folder of the repo, carry it, and set QUALITY_FROM to it (with the
-# same QUALITY_VARIANTS and QUALITY_SEEDS) in the evaluate call.
+# same QUALITY_VARIANTS and QUALITY_SEEDS) in the evaluate call. QUALITY_DISTILL_S stops each distillation after that
+# many seconds and saves it (testbed.quality --distill-budget-s), so a distill call always leaves its checkpoints.
 # `joint` is `quality` with the joint-layer sweep's defaults: every layer distilled online, the hybrid layer everywhere
 # vs the joint layer on the double blocks (both combinations), seeds 0 and 1, each variant's own servings (the per-layer
 # effect table for "hybrid everywhere" and "joint shared"), 3 evaluation workers per process; it also writes
@@ -113,7 +114,8 @@ for step in "${@:-all}"; do
         OMP_NUM_THREADS=1 setsid nohup python3 -m attnplug.testbed.quality --out $d --device "${QUALITY_DEVICE:-cuda}" \
           --variants "$v" --budget-s 1e9 --layers "${QUALITY_LAYERS:-}" --serving "${QUALITY_SERVING:-}" --seed "$seed" \
           ${QUALITY_TESTBED:+--testbed "$QUALITY_TESTBED"} \
-          --eval-workers "${QUALITY_EVAL_WORKERS:-1}" --phase "${QUALITY_PHASE:-both}" ${QUALITY_PLAN:-} > $d/log.txt 2>&1 &
+          --eval-workers "${QUALITY_EVAL_WORKERS:-1}" --phase "${QUALITY_PHASE:-both}" \
+          --distill-budget-s "${QUALITY_DISTILL_S:-0}" ${QUALITY_PLAN:-} > $d/log.txt 2>&1 &
         echo $! >> $Q/pids
       done; done
       for c in ${QUALITY_EVALS:-}; do

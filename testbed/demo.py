@@ -39,6 +39,9 @@ class DemoPlan:
     eval_prompts: int = 6
     eval_steps: int = 12
     fit_updates: int = 0  # after sampling, this many more updates per layer on its replay (offline fit)
+    # stop starting sampling runs after this many seconds of distillation and save what was learned (0: no limit),
+    # so that a time-limited GPU call always leaves a checkpoint; the metrics record the runs done
+    max_seconds: float = 0.0
 
     @classmethod
     def quick(cls) -> "DemoPlan":
@@ -114,7 +117,12 @@ def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
     try:
         bar = tqdm(range(plan.runs), desc="distilling", unit="run", disable=not progress)
         with logging_redirect_tqdm():  # warnings are written above the bar, not into it
+            runs_done = 0
             for run in bar:
+                if plan.max_seconds and time.perf_counter() - t0 > plan.max_seconds:
+                    print(f"[demo] distillation budget of {plan.max_seconds:.0f} s spent after {runs_done} of "
+                          f"{plan.runs} runs: saving", flush=True)
+                    break
                 prompts = data.train_prompts(plan.prompts_per_run, grid, generator=generator)
                 noise = sampling.initial_noise(plan.prompts_per_run, grid, seed=seed * 1000 + run)
                 session.run_start(num_steps=plan.steps)
@@ -125,6 +133,7 @@ def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
                 distiller = session.distiller
                 ready = sum(1 for r in getattr(distiller, "readiness", {}).values() if r.ready)
                 bar.set_postfix(updates=getattr(distiller, "total_updates", 0), ready=ready)
+                runs_done += 1
         if plan.fit_updates:
             fit = getattr(session.distiller, "fit_replay", None)
             if not callable(fit):
@@ -145,7 +154,7 @@ def run_demo(out: str | Path = "attnplug-demo", *, device: str = "cpu",
     metrics: dict[str, Any] = {
         "plan": plan.__dict__, "device": device, "testbed": testbed or "default", "resumed_from": str(resume) if resume else None,
         "config": dict(config_path) if isinstance(config_path, Mapping) else str(config_path), "checkpoint": str(checkpoint),
-        "distill": {"runs": plan.runs, "updates": updates, "updates_per_layer": per_layer_updates,
+        "distill": {"runs": runs_done, "runs_planned": plan.runs, "updates": updates, "updates_per_layer": per_layer_updates,
                     "trained_layers": trained_layers, "ready_layers": ready_after, "seconds": distill_seconds},
     }
     if not evaluate_after:

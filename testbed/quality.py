@@ -482,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="Comma list of variants (default: all, in this order): "
                          + "; ".join(VARIANTS).replace("%", "%%"))
     ap.add_argument("--budget-s", type=float, default=420.0, help="Start no new variant after this many seconds.")
+    ap.add_argument("--distill-budget-s", type=float, default=0.0,
+                    help="Stop each distillation after this many seconds and save it (0: the plan's runs); the "
+                         "rows record the runs done.")
     ap.add_argument("--layers", default="", help="Comma list of layer patterns to train (default: all).")
     ap.add_argument("--serving", default="", help="Comma list of servings to evaluate (default: the variant's own, "
                                                   f"else {list(DEFAULT_SERVING)}); groups: {list(SERVING_GROUPS)}; "
@@ -521,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"testbed.quality: {exc}", file=sys.stderr)
             return 2
     plan = DemoPlan(runs=a.runs, prompts_per_run=a.prompts_per_run, steps=a.steps, eval_prompts=a.eval_prompts,
-                    eval_steps=a.eval_steps)
+                    eval_steps=a.eval_steps, max_seconds=a.distill_budget_s)
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     bad = [x for x in split(a.serving) if x not in SERVING and x not in SERVING_GROUPS]
     if bad:
