@@ -86,8 +86,9 @@ def test_committed_checkpoints_load_with_their_configs_without_any_difference(co
     with caplog.at_level(logging.INFO, logger="attnplug"):
         session = Session(CONFIGS / config)
         session.load(checkpoint)
-    differ = [r.getMessage() for r in caplog.records if "in the file" in r.getMessage()
-              or "landmark settings differ" in r.getMessage()]
+    # a runtime setting (e.g. feature_precision) may differ: it changes no weight's meaning, the config wins by design
+    differ = [r.getMessage() for r in caplog.records if ("in the file" in r.getMessage()
+              and "(runtime setting)" not in r.getMessage()) or "landmark settings differ" in r.getMessage()]
     assert not differ, differ
     ttr = session.backends.get("ttr")
     assert ttr.settings.alpha_max == meta["settings"]["alpha_max"]

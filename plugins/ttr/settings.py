@@ -81,8 +81,9 @@ class TtrSettings(Strict):
                                "over this call's queries: a second pass over the queries). Training always uses "
                                "the call's mean. Same quality on the testbed (docs/QUALITY.md).")
     feature_precision: Literal["float32", "input"] = Field(
-        "float32", description="dtype of the φ MLP at inference: 'float32', or 'input' (bf16/fp16 matmuls on "
-                               "GPU; S, z and the division stay fp32). Training is always fp32.")
+        "input", description="dtype of the φ MLP at inference: 'input' (bf16/fp16 matmuls on GPU, as the fused "
+                             "kernels compute it; S, z and the division stay fp32) or 'float32'. Training is always "
+                             "fp32. Same testbed quality both ways (docs/PERFORMANCE.md, \"Precision\").")
 
     # ---- layer variant (per layer key; a checkpoint's layers must match) ----
     joint_layers: list[str] = Field(
