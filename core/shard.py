@@ -175,6 +175,14 @@ def all_reduce_sum(t: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
+    """The largest `t` over the shard's ranks, in place (returns `t`): a flag any rank raised."""
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=shard.group)
+    return t
+
+
 def _all_gather(t: torch.Tensor, shard: SequenceShard) -> list[torch.Tensor]:
     import torch.distributed as dist
 
