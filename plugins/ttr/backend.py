@@ -10,6 +10,10 @@ cast weights, landmark indices and flags, window, tiles and launches, the fused-
 step for every layer. Everything else (CPU, fp32, masks with landmarks, torch.compile, a failed fused launch) takes
 the PyTorch path.
 
+A sequence-parallel call (`call.shard`) takes the same verdict: a cached `parallel_fused.ShardedPlan` (the fused
+kernels for this rank's work, state all-reduced, landmark and halo rows gathered) where the kernels serve, else
+`parallel.sharded_forward`; a fused failure there raises (every rank must take the same path).
+
 Layers that `[plugins.ttr] joint_layers` selects are `joint.JointLayer`s instead (exact wherever
 conditioning tokens take part); they use the residual's `exact_attention` and the PyTorch path.
 """
