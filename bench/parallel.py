@@ -34,6 +34,7 @@ from ..plugins.landmark.backend import LandmarkBackend  # noqa: E402
 from ..plugins.landmark.settings import LandmarkSettings  # noqa: E402
 from ..plugins.ttr.backend import TtrBackend  # noqa: E402
 from ..plugins.ttr.settings import TtrSettings  # noqa: E402
+from .variants import give_stand_in_reference  # noqa: E402
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -65,7 +66,8 @@ def measure(size: int = 4096, text: int = 512, heads: int = 24, head_dim: int = 
     landmark = LandmarkBackend(LandmarkSettings())
     backend = TtrBackend(TtrSettings(), landmark=landmark)
     torch.manual_seed(0)  # the same layer on every rank
-    backend.layer(LayerSpec("single:0", heads, head_dim), dev)
+    layer = backend.layer(LayerSpec("single:0", heads, head_dim), dev)
+    give_stand_in_reference(layer, backend.settings, dev)  # the kernels a distilled layer runs (α in one pass)
     g = torch.Generator(device=dev).manual_seed(1 + rank)
     n = shard.n_local if world > 1 else shard.n_tokens
     q, k, v = (torch.randn(1, heads, n, head_dim, generator=g, device=dev, dtype=_DTYPES[dtype]) for _ in range(3))

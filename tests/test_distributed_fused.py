@@ -36,7 +36,10 @@ CASES: dict[str, tuple[int, tuple[int, int], int, bool, str, bool]] = {
     "window-running": (3, (5, 6), 1, False, "running", True),
     "landmarks-only": (4, (4, 6), 0, False, "call", False),
     "replicated-text": (4, (6, 5), 1, True, "call", False),
+    # 4 ranks: 8, 8, 7, 7 image tokens on a 5 x 6 grid; rank 1's band (rows 0-3) reaches into ranks 0, 2 and 3
+    "uneven-4": (5, (5, 6), 1, False, "call", False),
 }
+TWO = ("window-call-mean", "window-running", "landmarks-only", "replicated-text")
 
 
 def build(name: str, kernel: str) -> tuple[TtrBackend, torch.Tensor, torch.Tensor, torch.Tensor, AttentionCall]:
@@ -61,10 +64,10 @@ def local(name: str, call: AttentionCall, rank: int, world: int) -> tuple[Attent
             shard.global_index(rank))
 
 
-def _worker(rank: int, world: int) -> dict[str, torch.Tensor]:
+def _worker(rank: int, world: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     os.environ["TRITON_INTERPRET"] = "1"
     out = {}
-    for name in CASES:
+    for name in names:
         backend, q, k, v, call = build(name, "triton")
         shard_call, rows = local(name, call, rank, world)
         out[name] = backend.forward(q[:, :, rows], k[:, :, rows], v[:, :, rows], shard_call)
@@ -73,15 +76,23 @@ def _worker(rank: int, world: int) -> dict[str, torch.Tensor]:
     return out
 
 
-@interpreted
-def test_fused_sharded_layer_equals_the_single_process_layer(tmp_path: Path) -> None:
-    results = run_ranks(_worker, 2, tmp_path)
-    for name in CASES:
+def _check(results: list[dict[str, torch.Tensor]], names: tuple[str, ...], world: int) -> None:
+    for name in names:
         backend, q, k, v, call = build(name, "torch")
         expected = backend.forward(q, k, v, call)
         for rank, got in enumerate(results):
-            _, rows = local(name, call, rank, 2)
+            _, rows = local(name, call, rank, world)
             torch.testing.assert_close(got[name], expected[:, :, rows], rtol=2e-4, atol=2e-4, msg=name)
+
+
+@interpreted
+def test_fused_sharded_layer_equals_the_single_process_layer(tmp_path: Path) -> None:
+    _check(run_ranks(_worker, 2, tmp_path, TWO), TWO, 2)
+
+
+@interpreted
+def test_four_uneven_ranks_with_a_halo_across_several_shards(tmp_path: Path) -> None:
+    _check(run_ranks(_worker, 4, tmp_path, ("uneven-4",)), ("uneven-4",), 4)
 
 
 def test_dispatch_takes_the_fused_plan_where_the_kernels_serve(monkeypatch: pytest.MonkeyPatch) -> None:
