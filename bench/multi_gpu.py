@@ -41,7 +41,8 @@ def torchrun(n: int, module: str, args: list[str], log: Path) -> int:
         return subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
 
 
-def jobs(gpus: list[int], size: int, out: Path, smoke: bool, cp: str) -> list[tuple[str, int, str, list[str]]]:
+def jobs(gpus: list[int], size: int, out: Path, smoke: bool, cp: str,
+         attention_backend: str = "native") -> list[tuple[str, int, str, list[str]]]:
     """`(name, ranks, module, args)` of every job: the layer on each GPU count, then the forwards."""
     layer = SMOKE_LAYER if smoke else ["--size", str(size)]
     model = SMOKE_MODEL if smoke else ["--sizes", str(size)]
@@ -49,7 +50,7 @@ def jobs(gpus: list[int], size: int, out: Path, smoke: bool, cp: str) -> list[tu
     for n in gpus:
         out_jobs.append((f"layer-{n}", n, "attnplug.bench.parallel", [*layer, "--json", str(out / f"layer-{n}.json")]))
     for n in gpus:
-        parallel = ["--context-parallel", cp] if n > 1 else []
+        parallel = ["--context-parallel", cp, "--attention-backend", attention_backend] if n > 1 else []
         out_jobs.append((f"model-{n}", n, "attnplug.bench.model",
                          [*model, "--modes", "native,ttr-100", *parallel, "--json", str(out / f"model-{n}.json")]))
     return out_jobs
@@ -95,13 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", default="1,2,4", help="comma list of GPU counts (default 1,2,4)")
     p.add_argument("--size", type=int, default=4096, help="image side in pixels (default 4096)")
     p.add_argument("--context-parallel", default="ulysses", choices=("ulysses", "ring"))
+    p.add_argument("--attention-backend", default="native",
+                   help="diffusers' attention backend of the context-parallel forwards (ring attention may need "
+                        "one that supports it, e.g. _native_cudnn or flash)")
     p.add_argument("--out", type=Path, default=Path("multi-gpu"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes on gloo CPU processes")
     a = p.parse_args(argv)
     gpus = sorted({int(g) for g in a.gpus.split(",") if g.strip()})
     a.out.mkdir(parents=True, exist_ok=True)
     failed = []
-    for name, n, module, args in jobs(gpus, a.size, a.out, a.smoke, a.context_parallel):
+    for name, n, module, args in jobs(gpus, a.size, a.out, a.smoke, a.context_parallel, a.attention_backend):
         print(f"attnplug multi-gpu: {name} on {n} rank(s)", file=sys.stderr, flush=True)
         if torchrun(n, module, args, a.out / f"{name}.log") != 0:
             failed.append(name)
