@@ -14,7 +14,7 @@ in the kernels' dtype is used as is, so in-place changes to it are seen; casts a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -247,10 +247,25 @@ class ServePlan:
         branch's row (kernel-only: zeros) and the flag is set to 1 (no sync)."""
         with torch.no_grad():
             sz, z = self.key_state(k, v, key_mask)
-            # S as the query passes' dot reads it: scaled and in q's dtype once here, not per query tile
-            s_q = torch.empty(self.n_s, device=q.device, dtype=q.dtype)
-            torch.mul(sz[:self.n_s], self.s_scale, out=s_q)
+            s_q = self.scaled_state(sz, q.dtype)
             del sz  # the fp32 S is not read again (z, its tail, is: the view keeps it)
+            return self.query(q, k, v, s_q, z, branch_affine, finite_flag)
+
+    def scaled_state(self, sz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """S as the query passes' dot reads it: scaled by `s_scale` and in `dtype`, once per call, not per tile."""
+        s_q = torch.empty(self.n_s, device=sz.device, dtype=dtype)
+        torch.mul(sz[:self.n_s], self.s_scale, out=s_q)
+        return s_q
+
+    def query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s_q: torch.Tensor, z: torch.Tensor,
+              branch_affine: torch.Tensor | None = None, finite_flag: torch.Tensor | None = None,
+              mean_of_d: "Callable[[torch.Tensor, torch.Tensor], None] | None" = None) -> torch.Tensor:
+        """The query passes with the state given (`scaled_state`'s S, fp32 z): `[B, H, Nq, D]` in q's dtype.
+        `k, v` are the keys the landmark branch reads (landmark rows at `landmark_idx`, the window's image keys).
+        `mean_of_d(d, d_sum)`, adaptive α against the call's own mean of d only: called between the two passes
+        with pass 1's d `[B, H, Nq]` and its per-(b, h) sums `[B·H]`, which it may rewrite in place (pass 2 divides
+        them by Nq) — a sequence-parallel call sums over every rank there."""
+        with torch.no_grad():
             if q.stride(-1) != 1:
                 q = q.contiguous()
             x = self.phi_q.pre(q)
@@ -261,7 +276,7 @@ class ServePlan:
             # the buffer that becomes the output; else a fresh output
             res = None
             if self.use_branch and self.landmark_impl == "sdpa":
-                res = sdpa_landmarks(q, k, v, self.idx, self.config, self.window > 0)
+                res = sdpa_landmarks(q, kl, vl, self.idx, self.config, self.window > 0)
                 if res is None:  # no log-sum-exp on this torch: the in-kernel softmax from now on
                     self.landmark_impl = "fused"
             if res is None:
@@ -280,6 +295,8 @@ class ServePlan:
             aff = branch_affine if branch_affine is not None else self.dummy
             lm_src = int(res is not None)
             for mode in self.modes:
+                if mode == 3 and mean_of_d is not None:
+                    mean_of_d(d_buf, d_sum)
                 launch = self.query_launch(mode, lm_src if mode != 3 else 0, guard, has_aff)
                 launchers.query_pass(launch, q, x, s_q, z, kl, vl, self.idx, self.lm_flag, out, d_buf, d_sum, lse,
                                      self.logit, aff, self.phi_q, flag)
