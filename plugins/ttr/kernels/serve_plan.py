@@ -134,6 +134,7 @@ class ServePlan:
         self.n_sz = self.n_s + bsz * heads * self.ft
         self.s_scale = 1.0 / max(1, nk)  # keeps S and z in range for fp16 dots; cancels in the ratio
         self.key_mask = key_mask
+        self.store_phi_k = False  # the joint plan's key pass also writes φ(k) (`joint_plan`)
         self.key = self._key_launch(cfg, bsz, heads, nk, d)
 
         use_lm = landmark_idx is not None and landmark_idx.numel() > 0
@@ -183,7 +184,7 @@ class ServePlan:
         chunk = cdiv(cdiv(n, n_chunks), bn) * bn
         consts = dict(D=d, BK=block_k(cfg.block_k, self.phi_k.split.din), **self.phi_k.consts(self.fast_silu),
                       HAS_MASK=int(self.key_mask), BN=bn, HC=hidden_chunk(cfg.kv_hidden_chunk, self.phi_k.split.h1),
-                      num_warps=cfg.kv_warps, num_stages=cfg.kv_stages)
+                      STORE_PK=int(self.store_phi_k), num_warps=cfg.kv_warps, num_stages=cfg.kv_stages)
         return launchers.KeyLaunch((bsz * heads, cdiv(n, chunk)), n, heads, chunk, consts)
 
     def query_launch(self, mode: int, lm_src: int, guard: int, has_aff: int) -> launchers.QueryLaunch:
@@ -195,8 +196,10 @@ class ServePlan:
             return hit
         cfg = self.config
         bsz, heads, nq, _, d = self.shape
-        landmark_pass = mode in (1, 2, 4)
-        if landmark_pass:
+        landmark_pass = mode in (1, 2, 4, 5)
+        if mode == 5:
+            bm, warps, stages = cfg.joint_block_m, cfg.joint_warps, cfg.lm_stages
+        elif landmark_pass:
             bm, warps = (cfg.sdpa_lm_block_m, cfg.sdpa_lm_warps) if lm_src else (cfg.lm_block_m, cfg.lm_warps)
             stages = cfg.lm_stages
         else:
@@ -204,9 +207,13 @@ class ServePlan:
         grid_h, grid_w = self.grid_hw
         win = self.window if landmark_pass else 0
         pw = patch_width(cfg.lm_patch_w, grid_w, bm) if win else 0
-        n_text_tiles = cdiv(self.n_cond, bm) if win else 0
+        # the joint pass skips the conditioning rows (SDPA gives them): no text tiles, and rows from n_cond on
+        n_text_tiles = cdiv(self.n_cond, bm) if win and mode != 5 else 0
         # with a window: the conditioning rows, then (BM/PW x PW) patches of the latent grid
-        tiles = n_text_tiles + cdiv(grid_h, bm // pw) * cdiv(grid_w, pw) if win else cdiv(nq, bm)
+        if win:
+            tiles = n_text_tiles + cdiv(grid_h, bm // pw) * cdiv(grid_w, pw)
+        else:
+            tiles = cdiv(nq - (self.n_cond if mode == 5 else 0), bm)
         split = self.phi_q.split
         consts = dict(D=d, BK=block_k(cfg.block_k, split.din), **self.phi_q.consts(self.fast_silu), MODE=mode,
                       LM_SRC=lm_src, HAS_AFF=has_aff, BM=bm, BL=cfg.lm_block,
@@ -221,9 +228,10 @@ class ServePlan:
         return hit
 
     # ---- a call -------------------------------------------------------------------------------------------------
-    def key_state(self, k: torch.Tensor, v: torch.Tensor,
-                  key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The key pass: `(sz, z)`, S `[B·H·F·D]` and then z `[B·H·F]` in one flat fp32 buffer, and z's view."""
+    def key_state(self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+                  phi_k_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key pass: `(sz, z)`, S `[B·H·F·D]` and then z `[B·H·F]` in one flat fp32 buffer, and z's view;
+        with `phi_k_out` (a plan built with `store_phi_k`) also φ of every key into it."""
         if (key_mask is not None) != self.key_mask:
             raise ValueError("ServePlan: this plan was built " + ("with" if self.key_mask else "without")
                              + " a key mask; the call " + ("has none" if key_mask is None else "has one"))
@@ -234,10 +242,10 @@ class ServePlan:
         z = sz[self.n_s:]
         if key_mask is not None:
             m = key_mask.to(device=k.device, dtype=torch.int8).contiguous()
-            mask, smb = m, m.stride(0)
+            mask, smb = m, (m.stride(0) if m.shape[0] > 1 else 0)  # [1, Nk]: one mask for the batch
         else:
             mask, smb = self.dummy, 0
-        launchers.key_pass(self.key, x, v, mask, smb, sz, z, self.phi_k)
+        launchers.key_pass(self.key, x, v, mask, smb, sz, z, self.phi_k, phi_k_out)
         return sz, z
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
@@ -246,29 +254,8 @@ class ServePlan:
         `finite_flag`: a one-element int32 device tensor — rows not finite are then replaced by the landmark
         branch's row (kernel-only: zeros) and the flag is set to 1 (no sync)."""
         with torch.no_grad():
-            sz, z = self.key_state(k, v, key_mask)
-            # S as the query passes' dot reads it: scaled and in q's dtype once here, not per query tile
-            s_q = torch.empty(self.n_s, device=q.device, dtype=q.dtype)
-            torch.mul(sz[:self.n_s], self.s_scale, out=s_q)
-            del sz  # the fp32 S is not read again (z, its tail, is: the view keeps it)
-            if q.stride(-1) != 1:
-                q = q.contiguous()
-            x = self.phi_q.pre(q)
-            kl, vl = k, v  # the in-kernel softmax gathers landmark rows itself: no copy (cuDNN: `sdpa_landmarks`)
-            if kl.stride(-1) != 1 or vl.stride(-1) != 1:
-                kl, vl = kl.contiguous(), vl.contiguous()
-            # cuDNN's landmark softmax (with a window also its log-sum-exp, from which the landmark pass goes on) in
-            # the buffer that becomes the output; else a fresh output
-            res = None
-            if self.use_branch and self.landmark_impl == "sdpa":
-                res = sdpa_landmarks(q, k, v, self.idx, self.config, self.window > 0)
-                if res is None:  # no log-sum-exp on this torch: the in-kernel softmax from now on
-                    self.landmark_impl = "fused"
-            if res is None:
-                out = torch.empty(*self.shape[:3], self.shape[4], device=q.device, dtype=q.dtype)
-                lse = self.dummy
-            else:
-                out, lse = res[0], self.dummy if res[1] is None else res[1]
+            q, x, s_q, z, kl, vl = self.query_inputs(q, k, v, key_mask)
+            out, lse, lm_src = self.landmark_output(q, k, v, self.window > 0)
             d_buf, d_sum = self.dummy, self.d_ref
             if self.modes == (2, 3):
                 bsz, heads, nq = self.shape[:3]
@@ -278,9 +265,39 @@ class ServePlan:
             flag = finite_flag if finite_flag is not None else self.dummy
             has_aff = int(branch_affine is not None)
             aff = branch_affine if branch_affine is not None else self.dummy
-            lm_src = int(res is not None)
             for mode in self.modes:
                 launch = self.query_launch(mode, lm_src if mode != 3 else 0, guard, has_aff)
                 launchers.query_pass(launch, q, x, s_q, z, kl, vl, self.idx, self.lm_flag, out, d_buf, d_sum, lse,
                                      self.logit, aff, self.phi_q, flag)
             return out
+
+    # ---- the pieces of a call both plans run (the joint plan: `joint_plan.JointServePlan`) ----------------------
+    def query_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                     phi_k_out: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The key pass and what the query passes read: `(q, x, s_q, z, kl, vl)` — q contiguous in its last dim,
+        φ(q)'s cuBLAS prefix `x`, S scaled and in q's dtype, z, and k, v as the landmark softmax reads them."""
+        sz, z = self.key_state(k, v, key_mask, phi_k_out)
+        # S as the query passes' dot reads it: scaled and in q's dtype once here, not per query tile
+        s_q = torch.empty(self.n_s, device=q.device, dtype=q.dtype)
+        torch.mul(sz[:self.n_s], self.s_scale, out=s_q)
+        del sz  # the fp32 S is not read again (z, its tail, is: the view keeps it)
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        x = self.phi_q.pre(q)
+        kl, vl = k, v  # the in-kernel softmax gathers landmark rows itself: no copy (cuDNN: `sdpa_landmarks`)
+        if kl.stride(-1) != 1 or vl.stride(-1) != 1:
+            kl, vl = kl.contiguous(), vl.contiguous()
+        return q, x, s_q, z, kl, vl
+
+    def landmark_output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        with_lse: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """`(out, lse, lm_src)`: cuDNN's landmark softmax (with `with_lse` also its log-sum-exp, from which the
+        landmark pass goes on) in the buffer that becomes the output, `lm_src` 1; else a fresh output, `lm_src` 0."""
+        res = None
+        if self.use_branch and self.landmark_impl == "sdpa":
+            res = sdpa_landmarks(q, k, v, self.idx, self.config, with_lse)
+            if res is None:  # no log-sum-exp on this torch: the in-kernel softmax from now on
+                self.landmark_impl = "fused"
+        if res is None:
+            return torch.empty(*self.shape[:3], self.shape[4], device=q.device, dtype=q.dtype), self.dummy, 0
+        return res[0], self.dummy if res[1] is None else res[1], 1
