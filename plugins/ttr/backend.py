@@ -15,7 +15,8 @@ kernels for this rank's work, state all-reduced, landmark and halo rows gathered
 `parallel.sharded_forward`; a fused failure there raises (every rank must take the same path).
 
 Layers that `[plugins.ttr] joint_layers` selects are `joint.JointLayer`s instead (exact wherever
-conditioning tokens take part); they use the residual's `exact_attention` and the PyTorch path.
+conditioning tokens take part); they use the residual's `exact_attention` on the PyTorch path and, when served
+fused (`combine = "shared"`, linear log-scale, no key padding), a `JointServePlan` cached the same way.
 """
 from __future__ import annotations
 
@@ -196,8 +197,6 @@ class TtrBackend(LearnedBackend):
         if layer is None or layer.alpha_logit.device != q.device:  # type: ignore[union-attr]
             layer = self.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
         assert isinstance(layer, TtrLayer)
-        if isinstance(layer, JointLayer):  # no fused kernels yet: the PyTorch path (SDPA for the text rows)
-            return self._forward_torch(q, k, v, call, mask, layer, finite_flag)
         keep = None
         if mask is not None:
             keep = key_padding(mask, q.shape[2], k.shape[2])
@@ -311,6 +310,8 @@ class TtrBackend(LearnedBackend):
         phi_q = PhiWeights.from_module(layer.phi_q, layer.activation, layer.l2_norm, eps)
         phi_k = PhiWeights.from_module(layer.phi_k, layer.activation, layer.l2_norm, eps) \
             if layer.phi_k is not None else phi_q
+        if isinstance(layer, JointLayer):
+            return self._build_joint_served(layer, phi_q, phi_k, q, k, v, call, mask, keep)
         residual = self.residual()
         idx = None
         window, grid, n_cond = 0, None, 0
@@ -334,6 +335,31 @@ class TtrBackend(LearnedBackend):
                              alpha_max=layer.alpha_max, gamma=layer.gamma, adaptive=layer.adaptive, eps=eps,
                              key_mask=keep is not None, window=window, grid=grid, n_cond=n_cond,
                              d_reference=layer.running_reference())
+        return _Served(plan)
+
+    def _build_joint_served(self, layer: JointLayer, phi_q: Any, phi_k: Any, q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, call: AttentionCall, mask: torch.Tensor | None,
+                            keep: torch.Tensor | None) -> _Served:
+        """A joint layer's verdict: a `JointServePlan` over the landmark backend's exact set (its landmarks hold
+        every text key; its window decision), or the PyTorch path with the reasons."""
+        from .kernels import JointServePlan, fused_unsupported_reasons, joint_unsupported_reasons
+
+        reasons = joint_unsupported_reasons(layer.combine, layer.log_scale_kind, q.shape[2], k.shape[2],
+                                            keep is not None)
+        residual = self.residual()
+        if residual is None or self.exact_attention_fn() is None:
+            return _Served(None, tuple(reasons + ["no landmark backend with exact_attention()"]))
+        if reasons:
+            return _Served(None, tuple(reasons))
+        window, grid = residual.window_plan(q, k, call)
+        idx, _ = residual.indices(k, call, mask)
+        with torch.no_grad():
+            reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, None, idx, window)
+            if reasons:
+                return _Served(None, tuple(reasons))
+            plan = JointServePlan(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
+                                  log_scale_q=layer.log_scale_q.detach(), eps=self.settings.eps, window=window,
+                                  grid=grid, n_cond=call.cond_in(k.shape[2]))
         return _Served(plan)
 
     def _run_plan(self, plan: "ServePlan", layer: TtrLayer, signature: tuple[int, ...] | None, q: torch.Tensor,
