@@ -39,6 +39,11 @@ served; the host time to enqueue one forward (wall time of the Python call, the 
 the device syncs of one more forward, in all and inside `Session.attention` (`count_syncs`). Prints a table, writes JSON
 with `--json`. `--smoke` is a tiny config (1 double + 2 single blocks, 2 heads × 32) that runs on a CPU
 in seconds. Entry points: `main(argv)`, `run_bench_model`.
+
+`--context-parallel ulysses|ring` (in a torchrun job, one rank per GPU): the model under diffusers' context
+parallelism (`enable_parallelism` before attnplug's `apply`, `bench/context_parallel.py`): `native` is exact attention
+through diffusers' own context-parallel kernel, `ttr-100` serves the single blocks with sequence-parallel ttr (the
+double blocks stay on that kernel). Rank 0 prints and writes the report; `bench/multi_gpu.py` runs 1, 2 and 4 GPUs.
 """
 from __future__ import annotations
 
@@ -459,14 +464,26 @@ def run_bench_model(sizes: list[int], modes: list[str], device: torch.device, dt
                     config: dict[str, Any] | None = None, txt: int = 512, batch: int = 1, warmup: int = 3,
                     reps: int = 10, ttr_kernel: str | None = None, sdpa: str = "default", seed: int = 0,
                     plugins: dict[str, dict[str, Any]] | None = None,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build the model once, then time every mode at every image size; returns the JSON-able report."""
+                    log: Callable[[str], None] = print, context_parallel: str | None = None,
+                    attention_backend: str = "native") -> dict[str, Any]:
+    """Build the model once, then time every mode at every image size; returns the JSON-able report.
+
+    `context_parallel` ("ulysses" / "ring", in a torchrun job: `context_parallel.start` first): the model under
+    diffusers' context parallelism over every rank, `attention_backend` its kernel; `native` then times exact
+    attention through diffusers' context-parallel kernel, the attnplug modes serve ttr sharded."""
     cfg = dict(config or FLUX_DEV)
     for mode in modes:
         mode_config(mode, cfg["num_single_layers"], "auto")  # reject unknown modes before the model is built
+        if context_parallel and parse_mode(mode)[1] - {"every-call"}:
+            raise ValueError(f"mode {mode!r}: /compile, /graph and /fbcache are not timed under context parallelism")
     kernel = ttr_kernel or ("triton" if device.type == "cuda" else "torch")
     t0 = time.perf_counter()
     model = build_transformer(cfg, device, dtype, seed)
+    parallel = None
+    if context_parallel:
+        from .context_parallel import enable
+
+        parallel = enable(model, context_parallel, attention_backend)  # before attnplug's apply (run_mode)
     _sync(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"built FluxTransformer2DModel ({_count(n_params)} parameters, {dtype}) on {device} "
@@ -501,7 +518,7 @@ def run_bench_model(sizes: list[int], modes: list[str], device: torch.device, dt
             "settings": {"txt_tokens": txt, "batch": batch, "warmup": warmup, "reps": reps, "ttr_kernel": kernel,
                          "sdpa_kernel": sdpa, "sigma": SIGMA, "guidance": GUIDANCE, "plugins": plugins or {},
                          "seed": seed, "ttr_layer": ttr_layer(plugins)},
-            "note": NOTE, "results": [asdict(r) for r in rows]}
+            "parallel": parallel, "note": NOTE, "results": [asdict(r) for r in rows]}
 
 
 def _count(n: int) -> str:
@@ -544,6 +561,10 @@ def format_table(report: dict[str, Any]) -> str:
                  f"{s['ttr_kernel']}; SDPA {s['sdpa_kernel']}")
     if s.get("ttr_layer"):
         lines.append(f"ttr layer: {s['ttr_layer']['ttr']}, landmarks {s['ttr_layer']['landmark']}")
+    if report.get("parallel"):
+        p = report["parallel"]
+        lines.append(f"context parallelism: {p['kind']} over {p['world']} ranks, diffusers backend "
+                     f"{p['attention_backend']}")
     lines.append(f"note: {report['note']}")
     lines.append(f"env: {report['env']}")
     return "\n".join(lines)
@@ -576,9 +597,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny config (1 double + 2 single blocks, 2 heads x 32) "
                                                         "that runs on a CPU in seconds")
+    p.add_argument("--context-parallel", default=None, choices=("ulysses", "ring"),
+                   help="diffusers' context parallelism over the ranks of a torchrun job (enable_parallelism before "
+                        "attnplug's apply); rank 0 prints and writes the report")
+    p.add_argument("--attention-backend", default="native",
+                   help="diffusers' attention backend under --context-parallel (default native)")
     p.add_argument("--json", default=None, help="write the report here")
     a = p.parse_args(argv)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.context_parallel:
+        from . import context_parallel as cp
+
+        device, started = cp.start(a.device)
+        try:
+            return _main(a, argv, device, cp.rank_world()[0] == 0)
+        finally:
+            cp.stop(started)
+    return _main(a, argv, torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu")), True)
+
+
+def _main(a: argparse.Namespace, argv: list[str] | None, device: torch.device, report_here: bool) -> int:
+    """`main` after the arguments and the device: run, print and write the report (`report_here`: this rank)."""
     config = SMOKE if a.smoke else FLUX_DEV
     txt = a.txt if a.txt is not None else (16 if a.smoke else 512)
     try:
@@ -596,13 +634,20 @@ def main(argv: list[str] | None = None) -> int:
         warmup = a.warmup if a.warmup is not None else (1 if a.smoke else 3)
         if reps < 1 or warmup < 1:
             raise ValueError("--reps and --warmup must be >= 1")
+        if a.context_parallel and any(parse_mode(m)[1] - {"every-call"} for m in modes):
+            raise ValueError("--context-parallel: /compile, /graph and /fbcache are not timed under context "
+                             "parallelism")
     except (ValueError, json.JSONDecodeError) as exc:
         print(f"attnplug bench-model: {exc}", file=sys.stderr)
         return 2
     report = run_bench_model(sizes, modes, device, DTYPES[a.dtype], config, txt, a.batch, warmup, reps,
                              a.ttr_kernel, a.sdpa, a.seed, plugins,
-                             log=lambda s: print(s, file=sys.stderr, flush=True))
+                             log=(lambda s: print(s, file=sys.stderr, flush=True)) if report_here else (lambda s: None),
+                             context_parallel=a.context_parallel, attention_backend=a.attention_backend)
     report["command"] = "attnplug bench-model " + " ".join(argv if argv is not None else sys.argv[1:])
+    ok = 0 if all(r["ms"] is not None for r in report["results"]) else 1
+    if not report_here:
+        return ok
     print(format_table(report))
     if a.json:
         from pathlib import Path
@@ -610,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(a.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1, default=str))
-    return 0 if all(r["ms"] is not None for r in report["results"]) else 1
+    return ok
 
 
 if __name__ == "__main__":  # python -m attnplug.bench.model

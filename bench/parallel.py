@@ -5,10 +5,12 @@ communication alone.
     torchrun --nproc-per-node 4 -m attnplug.bench.parallel --size 4096 --json parallel-4.json
 
 (the program sets both variables itself too: NVLink multicast stays off). With one rank it times the unsharded
-layer (the fused kernels on a GPU) — the 1-GPU baseline; with more, `plugins/ttr/parallel.py`'s sharded call on
-each rank's slice (text and image tokens split as diffusers' context parallelism splits them). `comm_ms` times the
-same collectives on buffers of the same sizes: the [S | z] all-reduce, the landmark all-gather, the window's edge
-rows. Every rank prints nothing; rank 0 prints one JSON line (and writes `--json`).
+layer (the fused kernels on a GPU) — the 1-GPU baseline; with more, the sharded call on each rank's slice (text and
+image tokens split as diffusers' context parallelism splits them): the fused kernels for the local work on a GPU
+(`plugins/ttr/parallel_fused.py`), the PyTorch path on a CPU (`path` says which served). `comm_ms` times the same
+collectives on buffers of the same sizes: the [S | z] all-reduce, the landmark all-gather, the window's whole halo
+rows. Every rank but rank 0 prints nothing; rank 0 prints one JSON line (and writes `--json`).
+`bench/multi_gpu.py` runs it on 1, 2 and 4 GPUs with the whole-model forwards.
 """
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from ..core.call import AttentionCall, LayerSpec  # noqa: E402
-from ..core.shard import SequenceShard, all_reduce_sum, gather_rows, image_band  # noqa: E402
+from ..core.shard import RowGather, SequenceShard, all_reduce_sum, grid_band  # noqa: E402
 from ..plugins.landmark.backend import LandmarkBackend  # noqa: E402
 from ..plugins.landmark.settings import LandmarkSettings  # noqa: E402
 from ..plugins.ttr.backend import TtrBackend  # noqa: E402
 from ..plugins.ttr.settings import TtrSettings  # noqa: E402
+from .variants import give_stand_in_reference  # noqa: E402
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -63,7 +66,8 @@ def measure(size: int = 4096, text: int = 512, heads: int = 24, head_dim: int = 
     landmark = LandmarkBackend(LandmarkSettings())
     backend = TtrBackend(TtrSettings(), landmark=landmark)
     torch.manual_seed(0)  # the same layer on every rank
-    backend.layer(LayerSpec("single:0", heads, head_dim), dev)
+    layer = backend.layer(LayerSpec("single:0", heads, head_dim), dev)
+    give_stand_in_reference(layer, backend.settings, dev)  # the kernels a distilled layer runs (α in one pass)
     g = torch.Generator(device=dev).manual_seed(1 + rank)
     n = shard.n_local if world > 1 else shard.n_tokens
     q, k, v = (torch.randn(1, heads, n, head_dim, generator=g, device=dev, dtype=_DTYPES[dtype]) for _ in range(3))
@@ -76,20 +80,29 @@ def measure(size: int = 4096, text: int = 512, heads: int = 24, head_dim: int = 
     if world > 1:
         f = TtrSettings().feature_dim
         state = torch.zeros(1, heads, f, head_dim + 1, device=dev, dtype=torch.float32)
-        idx = landmark.shared_indices(shard.n_tokens, whole, dev)
+        gather = RowGather(landmark.shared_indices(shard.n_tokens, whole, dev), shard, dev)
         kv = torch.cat([k, v], dim=-1)
-        halo = landmark.settings.window * (grid[1] + 1)
+        radius = landmark.settings.window
 
         def comm() -> None:
             all_reduce_sum(state, shard)
-            gather_rows(kv, idx, shard)
-            if halo:
-                image_band(kv[:, :, shard.cond_sizes[rank]:], halo, shard)
+            gather(kv)
+            if radius:
+                grid_band(kv[:, :, shard.cond_sizes[rank]:], radius, grid, shard)
 
         comm_ms = _timed(comm, dev, warmup, iters)
     return {"size": size, "world": world, "tokens": shard.n_tokens, "tokens_per_rank": n, "dtype": dtype,
             "device": str(dev.type), "layer_ms": layer_ms, "comm_ms": comm_ms,
-            "path": "unsharded" if world == 1 else "sharded (PyTorch path)"}
+            "path": _path(backend, world)}
+
+
+def _path(backend: TtrBackend, world: int) -> str:
+    """Which path served the timed calls: unsharded or sharded, fused kernels or PyTorch."""
+    from ..plugins.ttr.parallel_fused import ShardedPlan
+
+    plans = [e.plan for layer in backend.layers.values() for e in layer.serve_cache.entries.values()]  # type: ignore[union-attr]
+    fused = any(p is not None and (world == 1) != isinstance(p, ShardedPlan) for p in plans)
+    return f"{'unsharded' if world == 1 else 'sharded'} ({'fused kernels' if fused else 'PyTorch path'})"
 
 
 def main(argv: list[str] | None = None) -> int:

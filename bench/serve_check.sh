@@ -5,7 +5,7 @@
 # at 4096²), host µs per served call — this tree, and the older tree in $BEFORE (default .before) when it exists —
 # then a short table (bench/serve_summary.py). Logs and JSON go to $OUT.
 # Usage (repo root, on the device): bash bench/serve_check.sh [tests|bench|model|model4096|host|compile|precision|all]...
-# (`all` = tests bench model model4096 host; `joint`: the joint layer's product-path rows on a double-block call and
+# (`all` = tests bench model model4096 host; `joint`: the joint layer's GPU tests, its product-path and bare-kernel rows on a double-block call and
 # bench-model with ttr on every layer (`ttr-all`), about 4 minutes; `compile`: bench-model under torch.compile(mode="reduce-overhead") at
 # 1024², minutes of compiling; `precision`: feature_precision's paired testbed measurement, bench/precision.py,
 # PRECISION_ARGS replace its arguments, e.g. "--distill" for freshly distilled checkpoints)
@@ -33,8 +33,10 @@ for step in "${@:-all}"; do
         (cd /tmp && PYTHONPATH=/tmp/before_pkgs:/tmp/site python3 "$OLDPWD/bench/host_overhead.py" --sizes 1024,2048 \
           --label before --json "$OUT/host_before.json")
       else echo "no $BEFORE: host µs per call of this tree only"; fi ;;&
-    joint) python3 -m attnplug.bench.run --sizes 1024,2048,4096 --dtypes bf16 --configs default,joint \
-      --only session --budget-ms 200 --json "$OUT/joint_bench.json" 2>"$OUT/joint_bench.err" > "$OUT/joint_bench.txt"
+    joint) python3 -m pytest -q -p no:cacheprovider --import-mode=importlib tests/test_ttr_joint_fused.py \
+      tests/test_gpu_no_sync.py 2>&1 | tee "$OUT/joint_tests.log" | tail -n 20
+      python3 -m attnplug.bench.run --sizes 1024,2048,4096 --dtypes bf16 --configs default,joint \
+      --only session,fused --budget-ms 200 --json "$OUT/joint_bench.json" 2>"$OUT/joint_bench.err" > "$OUT/joint_bench.txt"
       tail -n 8 "$OUT/joint_bench.txt"
       python3 -m attnplug.bench.model --sizes 2048,4096 --modes native,ttr-100,ttr-all --reps 2 --warmup 2 \
         --json "$OUT/joint_model.json" > "$OUT/joint_model.txt" 2>&1; tail -n 6 "$OUT/joint_model.txt" ;;&

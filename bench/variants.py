@@ -142,7 +142,8 @@ def _call(s: Shape, layer_key: str = "single:0") -> Any:
 
 
 def is_joint(tset: dict[str, Any]) -> bool:
-    """A configuration of the joint layer: its rows time a double-block call, and it has no fused rows."""
+    """A configuration of the joint layer: its rows time a double-block call, and its one bare-kernel row is the
+    joint plan's (`_joint_fused_maker`)."""
     return bool(tset.get("joint_layers"))
 
 
@@ -439,6 +440,29 @@ def _session_maker(tset: dict[str, Any], lset: dict[str, Any], reference: Any, c
     return make
 
 
+def _joint_fused_maker(backend: Any, lm_backend: Any, call: Any, win: int, s: Shape) -> Callable:
+    """The joint layer's bare kernels: a `JointServePlan` built once (the landmark backend's exact set and window,
+    as the served layer builds it), timed alone."""
+    def make(q, k, v):
+        from ..plugins.ttr.kernels import JointServePlan, PhiWeights, fused_unsupported_reasons
+
+        layer = _bench_layer(backend, call, q)
+        st = backend.settings
+        pq = PhiWeights.from_module(layer.phi_q, st.activation, st.l2_norm, st.eps)
+        pk = PhiWeights.from_module(layer.phi_k or layer.phi_q, st.activation, st.l2_norm, st.eps)
+        idx, _ = lm_backend.indices(k, call)
+        window, grid = (win, s.grid) if win and s.grid is not None else (0, None)
+        with torch.no_grad():
+            reasons = fused_unsupported_reasons(q, k, v, pq, pk, None, idx, window)
+            if reasons:
+                raise RuntimeError("the fused path cannot serve this call: " + "; ".join(reasons))
+            plan = JointServePlan(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
+                                  log_scale_q=layer.log_scale_q.detach(), eps=st.eps, window=window, grid=grid,
+                                  n_cond=s.txt)
+        return lambda: plan(q, k, v)
+    return make
+
+
 def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: list[str] | None = None,
                   graphs: bool = True) -> list[Variant]:
     """Per TTR_CONFIGS entry: the PyTorch path; the product path through the session (`session ttr-<config>`, the
@@ -489,6 +513,8 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
                           check_against=torch_name, notes={**notes, "product_path": True})]
         res += served
         if is_joint(tset):
+            res.append(Variant(f"ttr-{cfg} fused", "ttr", _joint_fused_maker(backend, lm_backend, call, win, s), cost,
+                               None, check_against=torch_name, notes=notes))
             if graphs:
                 res.append(graph_variant(served[0], device))
             continue

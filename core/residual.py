@@ -118,3 +118,10 @@ class ShardedResidualBranch(Protocol):
         which), the output `[B, H, n_local, Dv]` fp32 equals those rows of `branch()` on the whole sequence. A
         collective: every rank of the shard's group calls it for the same call."""
         ...
+
+    def sharded_selection(self, call: AttentionCall,
+                          device: torch.device) -> tuple[torch.Tensor, int, tuple[int, int] | None]:
+        """`(idx [L], radius, grid)`: the landmark indices of the whole sequence (global token order, on `device`)
+        and the local window's radius and latent grid (`0, None`: landmarks only) — the selection `sharded_branch`
+        uses, for a fused kernel that gathers the same rows itself. No communication."""
+        ...

@@ -23,6 +23,7 @@ from .config import Config, check_semantics, load_config
 from .exact import HostBackend
 from .finite import FiniteFlags
 from .gates import Route, Router
+from .shard import all_reduce_max
 from .loggers import LoggerFanout
 from .plugins import Plugins, get_plugins
 
@@ -123,6 +124,7 @@ class Session:
         self._finite = FiniteFlags()
         self._finite_backend: dict[str, str] = {}  # layer -> the backend whose output raised its flag
         self._calls_since_poll = 0
+        self._sharded_since_poll = False  # a sequence-parallel call was served: the next poll waits (same on every rank)
         self._nonfinite_layers: set[str] = set()
         self._reasons_cache: dict[tuple[Any, ...], list[str]] = {}
         self._run_base: dict[str, Counter] = {}  # LayerStats.counts() at run start (per-run serving stats)
@@ -245,7 +247,11 @@ class Session:
         per_step = self.config.root.finite_check == "per_step"
         try:
             if per_step:  # non-finite rows replaced on the device, the layer's flag raised: no sync
-                out = backend.forward_guarded(q, k, v, call, mask, self._finite.flag(call.layer_key, q.device))
+                flag = self._finite.flag(call.layer_key, q.device)
+                out = backend.forward_guarded(q, k, v, call, mask, flag)
+                if call.shard is not None:  # every rank of the shard sees the flag any of them raised
+                    all_reduce_max(flag, call.shard)
+                    self._sharded_since_poll = True
             else:
                 out = backend(q, k, v, call, mask)
             out = checked_output(out, q, v)
@@ -263,7 +269,7 @@ class Session:
             self._calls_since_poll += 1
             if self._calls_since_poll >= POLL_CALLS:  # a host that reports no steps still gets checked
                 self._check_pending_finite()
-        elif not bool(torch.isfinite(out).all()):
+        elif not self._finite_everywhere(out, call):
             return self._fallback(call, route.backend, "non-finite output", q, k, v, mask, host_attention, stats,
                                   teacher)
         stats.served[route.backend] += 1
@@ -381,11 +387,23 @@ class Session:
             self._last_sigma = call.sigma if call.sigma is not None else self._last_sigma
             self.step(call.step_index if call.step_index is not None else -1, call.sigma)
 
+    @staticmethod
+    def _finite_everywhere(out: torch.Tensor, call: AttentionCall) -> bool:
+        """finite_check = "every_call": whether the output is finite — on a sequence-parallel call on every rank of
+        the shard (one all-reduce), so that every rank falls back together."""
+        bad = (~torch.isfinite(out).all()).to(torch.int32).reshape(1)
+        if call.shard is not None:
+            all_reduce_max(bad, call.shard)
+        return not bool(bad)
+
     def _check_pending_finite(self, wait: bool = False) -> None:
         """finite_check = "per_step": poll the layers' device flags (without waiting for the GPU; `wait`: every
         flag as of now, one sync); a layer whose output had non-finite rows — replaced on the device, so they never
         reached the image — is counted, warned once, and served exact for the rest of the session."""
         self._calls_since_poll = 0
+        # after sequence-parallel calls the poll waits for the flags: a poll that reads only the flags already on
+        # the host could see them at different calls on different ranks, which would then route differently
+        wait, self._sharded_since_poll = wait or self._sharded_since_poll, False
         for layer_key in self._finite.poll(wait):
             backend = self._finite_backend.get(layer_key, self.config.root.backend)
             if self.strict:

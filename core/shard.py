@@ -175,6 +175,14 @@ def all_reduce_sum(t: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
+    """The largest `t` over the shard's ranks, in place (returns `t`): a flag any rank raised."""
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=shard.group)
+    return t
+
+
 def _all_gather(t: torch.Tensor, shard: SequenceShard) -> list[torch.Tensor]:
     import torch.distributed as dist
 
@@ -184,25 +192,57 @@ def _all_gather(t: torch.Tensor, shard: SequenceShard) -> list[torch.Tensor]:
     return out
 
 
+class RowGather:
+    """Rows of the whole sequence at `global_idx` (`[L]` long, any order), gathered from every rank: which rows
+    this rank sends and where each received row goes, worked out once (on the CPU) for a call shape; a call then
+    runs one all-gather with no host↔device copy.
+
+    Each rank sends the rows it owns (padded to the largest share); every rank gets `[B, H, L, D]` in
+    `global_idx`'s order — the rows the same call on one process would gather."""
+
+    def __init__(self, global_idx: torch.Tensor, shard: SequenceShard, device: torch.device | str) -> None:
+        self.shard = shard
+        owner = shard.owner(global_idx)
+        local = shard.local_position(global_idx)
+        counts = torch.bincount(owner, minlength=shard.world)
+        self.width = int(counts.max()) if owner.numel() else 0
+        self.mine = local[owner == shard.rank].to(device)
+        # row j of the result: the (rank of global_idx[j] among its owner's rows)-th row of that owner's part
+        order = torch.argsort(owner, stable=True)
+        slot = torch.empty_like(owner)
+        slot[order] = torch.arange(owner.numel()) - torch.cumsum(counts, 0)[owner[order]] + counts[owner[order]]
+        self.flat = (owner * self.width + slot).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, H, L, D]` from this rank's `x [B, H, n_local, D]`. A collective."""
+        shard = self.shard
+        send = x.new_zeros(*x.shape[:2], self.width, x.shape[-1])
+        send[:, :, :self.mine.numel()] = x.index_select(2, self.mine)
+        stacked = torch.stack(_all_gather(send, shard), dim=0)  # [W, B, H, width, D]
+        return stacked.permute(1, 2, 0, 3, 4).reshape(*x.shape[:2], shard.world * self.width,
+                                                      x.shape[-1]).index_select(2, self.flat)
+
+
 def gather_rows(x: torch.Tensor, global_idx: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
-    """Rows of the whole sequence at `global_idx` (`[L]` long, any order), from this rank's `x [B, H, n_local, D]`:
-    each rank sends the rows it owns (one all-gather, padded to the largest share); every rank gets
-    `[B, H, L, D]` in `global_idx`'s order — the rows the same call on one process would gather."""
-    owner = shard.owner(global_idx)
-    local = shard.local_position(global_idx)
-    counts = torch.bincount(owner, minlength=shard.world)
-    width = int(counts.max()) if owner.numel() else 0
-    mine = local[owner == shard.rank].to(x.device)
-    send = x.new_zeros(*x.shape[:2], width, x.shape[-1])
-    send[:, :, :mine.numel()] = x.index_select(2, mine)
-    parts = _all_gather(send, shard)
-    # row j of the result: the (rank of global_idx[j] among its owner's rows)-th row of that owner's part
-    order = torch.argsort(owner, stable=True)
-    slot = torch.empty_like(owner)
-    slot[order] = torch.arange(owner.numel()) - torch.cumsum(counts, 0)[owner[order]] + counts[owner[order]]
-    stacked = torch.stack(parts, dim=0)  # [W, B, H, width, D]
-    flat = (owner * width + slot).to(x.device)
-    return stacked.permute(1, 2, 0, 3, 4).reshape(*x.shape[:2], shard.world * width, x.shape[-1]).index_select(2, flat)
+    """`RowGather(global_idx, shard, x.device)(x)`: the rows at `global_idx`, planned and gathered in one go."""
+    return RowGather(global_idx, shard, x.device)(x)
+
+
+def grid_rows(radius: int, grid_w: int, shard: SequenceShard, grid_h: int) -> tuple[int, int]:
+    """`[row0, row1)`: the whole latent-grid rows within `radius` rows of this rank's image tokens (clipped to the
+    grid) — the keys a local window of that radius reads for this rank's queries, as whole rows."""
+    lo, hi = shard.image_range()
+    if hi <= lo:
+        return 0, 0
+    return max(0, lo // grid_w - radius), min(grid_h, -(-hi // grid_w) + radius)
+
+
+def grid_band(x_img: torch.Tensor, radius: int, grid: tuple[int, int], shard: SequenceShard) -> torch.Tensor:
+    """This rank's image rows widened to the whole grid rows `grid_rows(radius, ...)` with the neighbours' rows
+    (`image_band` with a halo of `(radius + 1)·w` tokens, cut to whole rows): `[B, H, (row1 − row0)·w, D]`."""
+    row0, row1 = grid_rows(radius, grid[1], shard, grid[0])
+    band, start = image_band(x_img, (radius + 1) * grid[1], shard)
+    return band[:, :, row0 * grid[1] - start:row1 * grid[1] - start]
 
 
 def image_band(x_img: torch.Tensor, halo: int, shard: SequenceShard) -> tuple[torch.Tensor, int]:

@@ -19,7 +19,8 @@ def _worker(rank: int, world: int) -> dict:
 
 def test_bench_runs_unsharded_on_one_rank_and_sharded_on_two(tmp_path: Path) -> None:
     one = run_ranks(_worker, 1, tmp_path)[0]
-    assert one["path"] == "unsharded" and one["comm_ms"] == 0.0 and one["tokens"] == 8 + 64
+    assert one["path"] == "unsharded (PyTorch path)" and one["comm_ms"] == 0.0 and one["tokens"] == 8 + 64
     two = run_ranks(_worker, 2, tmp_path)
     assert [r["tokens_per_rank"] for r in two] == [4 + 32, 4 + 32]
+    assert all(r["path"] == "sharded (PyTorch path)" for r in two)
     assert all(r["comm_ms"] > 0 and r["layer_ms"] > 0 for r in two)

@@ -65,6 +65,40 @@ def test_served_calls_do_not_synchronize(window: int) -> None:
     assert not any(session.stats[key].fallbacks for key in LAYERS)
 
 
+@pytest.mark.parametrize("window", [0, 2])
+def test_served_joint_calls_do_not_synchronize(window: int) -> None:
+    """The joint layer's fused call (far-field key pass, joint query pass, SDPA text rows) on double blocks: after a
+    warm-up step, two more steps under sync debug mode "error" — no sync, served fused, finite."""
+    session = Session({"backend": "ttr", "exact": "sdpa", "loggers": [], "strict": True,
+                       "gates": [{"kind": "layers", "include": ["double:*"]}],
+                       "plugins": {"ttr": {"kernel": "triton", "joint_layers": ["double:*"]},
+                                   "landmark": {"window": window}}})
+    keys = ["double:0", "double:1"]
+    ttr = session.backends.get("ttr")
+    for key in keys:
+        ttr.ready[key] = True  # type: ignore[attr-defined]
+
+    def call(key: str, step: int, sigma: float) -> AttentionCall:
+        return _call(key, step, sigma).with_(block_type="double")
+
+    session.run_start(num_steps=4, host="test")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 320, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    with torch.inference_mode():
+        warm = [session.attention(q, k, v, call(key, 0, 0.9)) for key in keys]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs = [session.attention(q, k, v, call(key, step, sigma)) for step, sigma in ((1, 0.7), (2, 0.5))
+                    for key in keys]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(bool(torch.isfinite(o).all()) for o in warm + outs)
+    assert all(ttr.layers[key].serve_cache.entries for key in keys)  # type: ignore[attr-defined]
+    session.run_end()
+    assert not any(session.stats[key].fallbacks for key in keys)
+
+
 def test_fused_call_with_python_numbers_does_not_synchronize() -> None:
     """Library use: α logit and branch affine given as Python numbers reach the GPU without a sync."""
     from attnplug.plugins.ttr.kernels import random_phi, ttr_forward_fused

@@ -305,7 +305,8 @@ def test_config_selects_the_variant_per_layer_pattern(tmp_path):
     for needle in ("bad.toml", "joint_layers", "single:5-3", "joint.combine", "'shared' or 'blend'", "joint.rank"):
         assert needle in text, (needle, text)
     with pytest.raises(ConfigError, match="kernel = 'triton'.*joint"):
-        load_config({"backend": "ttr", "plugins": {"ttr": {"joint_layers": ["double:*"], "kernel": "triton"}}})
+        load_config({"backend": "ttr", "plugins": {"ttr": {"joint_layers": ["double:*"], "kernel": "triton",
+                                                           "joint": {"combine": "blend"}}}})
 
 
 def test_served_without_the_landmark_backend_falls_back_with_a_reason():

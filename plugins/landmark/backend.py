@@ -21,7 +21,7 @@ from ...core.residual import ExactAttention, ExactKeys
 from ...core.shard import shard_reasons
 from .attention import gather_landmarks, landmark_softmax, landmark_window_softmax, window_table
 from .selection import image_budget, select_landmarks
-from .sharded import sharded_branch
+from .sharded import sharded_branch, sharded_selection
 from .settings import LandmarkSettings
 
 _CACHE_SIZE = 64
@@ -269,6 +269,12 @@ class LandmarkBackend(Backend):
         """This rank's rows of `branch()` on the whole sequence (`core.residual.ShardedResidualBranch`; no mask).
         A collective: every rank of `call.shard` calls it (`sharded.py` has the data flow)."""
         return sharded_branch(self, q, k, v, call)
+
+    def sharded_selection(self, call: AttentionCall,
+                          device: torch.device) -> tuple[torch.Tensor, int, tuple[int, int] | None]:
+        """The whole sequence's landmarks and window of a sequence-parallel call: `(idx [L], radius, grid)`
+        (`core.residual.ShardedResidualBranch`)."""
+        return sharded_selection(self, call, device)
 
     def rows_cache_get(self, key: tuple[object, ...]) -> Any:
         """A cached window table (`sharded.py`), or None."""

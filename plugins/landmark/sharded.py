@@ -25,22 +25,32 @@ def global_call(call: AttentionCall, shard: SequenceShard) -> AttentionCall:
     return call.with_(n_cond_tokens=shard.n_cond, n_image_tokens=shard.n_image, shard=None)
 
 
+def sharded_selection(backend: "LandmarkBackend", call: AttentionCall,
+                      device: torch.device) -> tuple[torch.Tensor, int, tuple[int, int] | None]:
+    """`(idx [L], radius, grid)`: the whole sequence's landmark indices (global order, on `device`) and its window
+    decision — what one process would use for the same call (`radius` 0: landmarks only)."""
+    shard = call.shard
+    assert shard is not None, "sharded_selection needs call.shard"
+    whole = global_call(call, shard)
+    idx = backend.shared_indices(shard.n_tokens, whole, device)
+    proxy = torch.empty((1, 1, shard.n_tokens, 0), device="meta")  # the decision reads the sequence's length only
+    radius, grid = backend.window_plan(proxy, proxy, whole)
+    return idx, radius, grid
+
+
 def sharded_branch(backend: "LandmarkBackend", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    call: AttentionCall) -> torch.Tensor:
     """`[B, H, n_local, Dv]` fp32: this rank's rows of `backend.branch()` on the whole sequence (no mask)."""
     shard = call.shard
     assert shard is not None, "sharded_branch needs call.shard"
     whole = global_call(call, shard)
-    n_keys = shard.n_tokens
-    idx = backend.shared_indices(n_keys, whole, k.device)
+    idx, radius, grid = sharded_selection(backend, call, k.device)
     dk = k.shape[-1]
     kv = torch.cat([k, v.to(k.dtype)], dim=-1)
     kv_l = gather_rows(kv, idx, shard)
     k_l, v_l = kv_l[..., :dk], kv_l[..., dk:]
     scale = q.shape[-1] ** -0.5
     chunk = backend.settings.query_chunk
-    proxy = torch.empty((1, 1, n_keys, 0), device="meta")  # the decision reads the whole sequence's length only
-    radius, grid = backend.window_plan(proxy, proxy, whole)
     if radius == 0:
         return landmark_softmax(q, k_l, v_l, None, scale, chunk)
     assert grid is not None

@@ -10,8 +10,13 @@ cast weights, landmark indices and flags, window, tiles and launches, the fused-
 step for every layer. Everything else (CPU, fp32, masks with landmarks, torch.compile, a failed fused launch) takes
 the PyTorch path.
 
+A sequence-parallel call (`call.shard`) takes the same verdict: a cached `parallel_fused.ShardedPlan` (the fused
+kernels for this rank's work, state all-reduced, landmark and halo rows gathered) where the kernels serve, else
+`parallel.sharded_forward`; a fused failure there raises (every rank must take the same path).
+
 Layers that `[plugins.ttr] joint_layers` selects are `joint.JointLayer`s instead (exact wherever
-conditioning tokens take part); they use the residual's `exact_attention` and the PyTorch path.
+conditioning tokens take part); they use the residual's `exact_attention` on the PyTorch path and, when served
+fused (`combine = "shared"`, linear log-scale, no key padding), a `JointServePlan` cached the same way.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from .conditioning import ConditionerBank
 from .joint import ExactFn, JointLayer, joint_extra_bytes
 from .layer import LandmarkBranch, TtrLayer
 from .parallel import sharded_forward
+from .parallel_fused import ShardedPlan, shard_layout
 from .settings import TtrSettings
 
 if TYPE_CHECKING:
@@ -46,7 +52,7 @@ class _Served:
     """How one call shape of one layer is served: a fused plan, or the PyTorch path (`reasons`: why, where the
     fused path was asked for and cannot serve; empty where the PyTorch path is simply the configured one)."""
 
-    plan: "ServePlan | None"
+    plan: "ServePlan | ShardedPlan | None"
     reasons: tuple[str, ...] = ()
 
 
@@ -191,8 +197,6 @@ class TtrBackend(LearnedBackend):
         if layer is None or layer.alpha_logit.device != q.device:  # type: ignore[union-attr]
             layer = self.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
         assert isinstance(layer, TtrLayer)
-        if isinstance(layer, JointLayer):  # no fused kernels yet: the PyTorch path (SDPA for the text rows)
-            return self._forward_torch(q, k, v, call, mask, layer, finite_flag)
         keep = None
         if mask is not None:
             keep = key_padding(mask, q.shape[2], k.shape[2])
@@ -212,17 +216,71 @@ class TtrBackend(LearnedBackend):
 
     def _serve_sharded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                        finite_flag: torch.Tensor | None) -> torch.Tensor:
-        """A sequence-parallel call on the PyTorch path (no fused kernels yet): `parallel.sharded_forward`."""
+        """A sequence-parallel call: the fused kernels for the local work where they serve (`parallel_fused.py`,
+        the same verdict as a single-process call: CUDA, bf16/fp16 under 'auto'), else the PyTorch path
+        (`parallel.sharded_forward`)."""
         layer = self.layer(LayerSpec.from_tensors(call.layer_key, q), q.device)
         assert isinstance(layer, TtrLayer) and not isinstance(layer, JointLayer)
-        fdtype = q.dtype if self.settings.feature_precision == "input" and q.device.type != "cpu" else torch.float32
-        kc, qc = self.layer_chunks(call.layer_key)
         residual = self.residual()
         if residual is not None and not isinstance(residual, ShardedResidualBranch):
             raise ValueError(f"ttr {call.layer_key}: residual backend {self.settings.landmark_backend!r} has no "
                              "sharded_branch() for a sequence-parallel call")
+        signature = layer.weights_signature()
+        plan, reasons = self._sharded_plan(layer, signature, q, k, v, call, residual)
+        if plan is not None:  # a failure raises: every rank must take the same path (the collectives pair up)
+            return plan(q, k, v, self._affine(layer, signature, call, q), finite_flag)
+        if reasons and self.settings.kernel == "triton":
+            raise ValueError(f"ttr {call.layer_key}: kernel = 'triton' but the fused path cannot serve this "
+                             "sequence-parallel call: " + "; ".join(reasons))
+        fdtype = q.dtype if self.settings.feature_precision == "input" and q.device.type != "cpu" else torch.float32
+        kc, qc = self.layer_chunks(call.layer_key)
         out = sharded_forward(layer, q, k, v, call, residual, kc, qc, self.settings.eps, fdtype).to(q.dtype)
         return out if finite_flag is None else guard_rows(out, finite_flag)
+
+    def _sharded_plan(self, layer: TtrLayer, signature: tuple[int, ...] | None, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, call: AttentionCall,
+                      residual: ShardedResidualBranch | None) -> tuple["ShardedPlan | None", tuple[str, ...]]:
+        """The cached fused plan of a sharded call shape, or None with the reasons it cannot serve (empty where the
+        PyTorch path is simply the configured one)."""
+        mode = self.settings.kernel
+        if mode == "torch" or (mode == "auto" and (q.device.type != "cuda" or q.dtype == torch.float32)):
+            return None, ()
+        assert call.shard is not None
+        cache = layer.serve_cache
+        cached = cache.valid_for(signature, self.settings)
+        key = (shard_layout(call.shard), q.shape, k.shape, v.shape, q.dtype, q.device, call.latent_grid,
+               layer.running_reference() is not None)
+        entry = cache.entries.get(key) if cached else None
+        if entry is None:
+            entry = self._build_sharded(layer, q, k, v, call, residual)
+            if signature is not None:
+                cache.entries[key] = entry
+        return entry.plan, entry.reasons  # type: ignore[return-value]
+
+    def _build_sharded(self, layer: TtrLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
+                       residual: ShardedResidualBranch | None) -> _Served:
+        from .kernels import PhiWeights, fused_unsupported_reasons  # no triton import here
+
+        eps = self.settings.eps
+        phi_q = PhiWeights.from_module(layer.phi_q, layer.activation, layer.l2_norm, eps)
+        phi_k = PhiWeights.from_module(layer.phi_k, layer.activation, layer.l2_norm, eps) \
+            if layer.phi_k is not None else phi_q
+        with torch.no_grad():  # the local work's shapes; the key mask of replicated text is the key pass's alone
+            reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k)
+            if reasons:
+                return _Served(None, tuple(reasons))
+            return _Served(ShardedPlan(layer, q, k, v, call, residual, eps))  # type: ignore[arg-type]
+
+    def _affine(self, layer: TtrLayer, signature: tuple[int, ...] | None, call: AttentionCall,
+                q: torch.Tensor) -> torch.Tensor | None:
+        """The σ/CFG conditioner's `[B, 4]` branch affine for a fused call (from the step's bank), or None."""
+        cond = layer.condition_key(call)
+        if cond is None:
+            return None
+        if signature is None:  # nothing may be cached: this layer's own conditioner, now
+            return layer.condition(call, q.device).detach().expand(q.shape[0], 4).contiguous()  # type: ignore[union-attr]
+        return self.conditioner_bank.affine(self.layers, call.layer_key, signature, cond[0], cond[1], q.shape[0],
+                                            q.device)
 
     def _served(self, layer: TtrLayer, signature: tuple[int, ...] | None, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, call: AttentionCall, mask: torch.Tensor | None,
@@ -252,6 +310,8 @@ class TtrBackend(LearnedBackend):
         phi_q = PhiWeights.from_module(layer.phi_q, layer.activation, layer.l2_norm, eps)
         phi_k = PhiWeights.from_module(layer.phi_k, layer.activation, layer.l2_norm, eps) \
             if layer.phi_k is not None else phi_q
+        if isinstance(layer, JointLayer):
+            return self._build_joint_served(layer, phi_q, phi_k, q, k, v, call, mask, keep)
         residual = self.residual()
         idx = None
         window, grid, n_cond = 0, None, 0
@@ -277,19 +337,37 @@ class TtrBackend(LearnedBackend):
                              d_reference=layer.running_reference())
         return _Served(plan)
 
+    def _build_joint_served(self, layer: JointLayer, phi_q: Any, phi_k: Any, q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, call: AttentionCall, mask: torch.Tensor | None,
+                            keep: torch.Tensor | None) -> _Served:
+        """A joint layer's verdict: a `JointServePlan` over the landmark backend's exact set (its landmarks hold
+        every text key; its window decision), or the PyTorch path with the reasons."""
+        from .kernels import JointServePlan, fused_unsupported_reasons, joint_unsupported_reasons
+
+        reasons = joint_unsupported_reasons(layer.combine, layer.log_scale_kind, q.shape[2], k.shape[2],
+                                            keep is not None)
+        residual = self.residual()
+        if residual is None or self.exact_attention_fn() is None:
+            return _Served(None, tuple(reasons + ["no landmark backend with exact_attention()"]))
+        if reasons:
+            return _Served(None, tuple(reasons))
+        window, grid = residual.window_plan(q, k, call)
+        idx, _ = residual.indices(k, call, mask)
+        with torch.no_grad():
+            reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, None, idx, window)
+            if reasons:
+                return _Served(None, tuple(reasons))
+            plan = JointServePlan(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
+                                  log_scale_q=layer.log_scale_q.detach(), eps=self.settings.eps, window=window,
+                                  grid=grid, n_cond=call.cond_in(k.shape[2]))
+        return _Served(plan)
+
     def _run_plan(self, plan: "ServePlan", layer: TtrLayer, signature: tuple[int, ...] | None, q: torch.Tensor,
                   k: torch.Tensor, v: torch.Tensor, call: AttentionCall, keep: torch.Tensor | None,
                   finite_flag: torch.Tensor | None) -> torch.Tensor | None:
         """One fused call; None when the kernels failed (this layer then takes the PyTorch path from now on)."""
         try:
-            affine = None
-            cond = layer.condition_key(call)
-            if cond is not None:
-                if signature is None:  # nothing may be cached: this layer's own conditioner, now
-                    affine = layer.condition(call, q.device).detach().expand(q.shape[0], 4).contiguous()  # type: ignore[union-attr]
-                else:
-                    affine = self.conditioner_bank.affine(self.layers, call.layer_key, signature, cond[0], cond[1],
-                                                          q.shape[0], q.device)
+            affine = self._affine(layer, signature, call, q)
             out = plan(q, k, v, key_mask=keep, branch_affine=affine, finite_flag=finite_flag)
         except Exception as exc:  # noqa: BLE001 - e.g. Triton out of resources: the PyTorch path still serves
             if self.settings.kernel == "triton" or isinstance(exc, torch.cuda.OutOfMemoryError):

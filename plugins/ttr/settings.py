@@ -108,11 +108,14 @@ class TtrSettings(Strict):
         return [validate_layer_pattern(p) for p in v]
 
     @model_validator(mode="after")
-    def _joint_needs_torch_path(self) -> "TtrSettings":
-        if self.joint_layers and self.kernel == "triton":
-            raise ValueError("kernel = 'triton' serves every layer with the fused kernels, which do not implement "
-                             f"the joint layer that joint_layers = {self.joint_layers} selects; use kernel = 'auto' "
-                             "(hybrid layers fused where possible, joint layers on the PyTorch path)")
+    def _joint_fused_or_torch(self) -> "TtrSettings":
+        fused_joint = self.joint.combine == "shared" and self.joint.log_scale == "linear"
+        if self.joint_layers and self.kernel == "triton" and not fused_joint:
+            raise ValueError("kernel = 'triton' serves every layer with the fused kernels, which implement the joint "
+                             "layer only with joint.combine = 'shared' and joint.log_scale = 'linear' (got "
+                             f"{self.joint.combine!r}, {self.joint.log_scale!r}) for joint_layers = "
+                             f"{self.joint_layers}; use kernel = 'auto' (fused where possible, those joint layers on "
+                             "the PyTorch path)")
         return self
 
     def hidden_for(self, head_dim: int) -> int:

@@ -98,3 +98,21 @@ def fused_unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if key_mask is not None and window > 0:
         reasons.append("a key mask with a landmark window is served by the PyTorch path")
     return reasons
+
+
+def joint_unsupported_reasons(combine: str, log_scale: str, n_queries: int, n_keys: int,
+                              key_mask: bool) -> list[str]:
+    """Why the joint layer's fused call (`joint_plan.JointServePlan`) cannot serve a call beyond what
+    `fused_unsupported_reasons` says (empty: it can)."""
+    reasons: list[str] = []
+    if combine != "shared":
+        reasons.append(f"joint combine {combine!r}: only 'shared' has a fused pass (the α blend's far field would "
+                       "need the window terms in both adaptive passes)")
+    if log_scale != "linear":
+        reasons.append(f"joint log_scale {log_scale!r}: the MLP of q is served by the PyTorch path")
+    if n_queries != n_keys:
+        reasons.append(f"joint layer with {n_queries} queries for {n_keys} keys (the fused call takes the whole "
+                       "sequence)")
+    if key_mask:
+        reasons.append("a key mask on a joint layer (per-batch landmark sets) is served by the PyTorch path")
+    return reasons

@@ -51,26 +51,30 @@ class QueryLaunch:
 
 
 def key_pass(launch: KeyLaunch, x: "torch.Tensor", v: "torch.Tensor", mask: "torch.Tensor", mask_stride: int,
-             s: "torch.Tensor", z: "torch.Tensor", phi: "PhiArgs") -> None:
+             s: "torch.Tensor", z: "torch.Tensor", phi: "PhiArgs", pk: "torch.Tensor | None" = None) -> None:
     """S and z (fp32, zeroed by the caller: the key chunks add into them) from keys `x` (or their pre-activations
-    after a cuBLAS prefix) and values `v`."""
+    after a cuBLAS prefix) and values `v`; with `pk` (`[B·H, N, F]`, contiguous; STORE_PK = 1) also φ of every
+    key."""
     _kernels()._kv_state_kernel[launch.grid](
-        x, v, mask, s, z, phi.w1, phi.b1, phi.w2, phi.b2,
+        x, v, mask, s, z, s if pk is None else pk, phi.w1, phi.b1, phi.w2, phi.b2,
         launch.n, launch.heads, launch.chunk,
         x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1), v.stride(2), mask_stride,
-        *phi.head_strides, phi.norm_eps, **launch.consts)
+        0 if pk is None else pk.stride(0), *phi.head_strides, phi.norm_eps, **launch.consts)
 
 
 def query_pass(launch: QueryLaunch, q: "torch.Tensor", x: "torch.Tensor", s_q: "torch.Tensor", z: "torch.Tensor",
                kl: "torch.Tensor", vl: "torch.Tensor", idx: "torch.Tensor", lm_flag: "torch.Tensor",
                out: "torch.Tensor", d_buf: "torch.Tensor", d_sum: "torch.Tensor", lse: "torch.Tensor",
-               logit: "torch.Tensor", aff: "torch.Tensor", phi: "PhiArgs", flag: "torch.Tensor") -> None:
-    """One pass of the query kernel over every query row (see `triton_ttr._query_kernel` for its modes)."""
+               logit: "torch.Tensor", aff: "torch.Tensor", phi: "PhiArgs", flag: "torch.Tensor",
+               pk: "torch.Tensor | None" = None, bq: "torch.Tensor | None" = None) -> None:
+    """One pass of the query kernel over its query rows (see `triton_ttr._query_kernel` for its modes); the joint
+    pass (mode 5) also reads φ of every key `pk` (`[B·H, N, F]`, contiguous) and the log-scale's `b_h` (`bq`,
+    `[H, D]` fp32)."""
     _kernels()._query_kernel[launch.grid](
         q, x, s_q, z, kl, vl, idx, lm_flag, out, d_buf, d_sum, lse, logit, aff,
-        phi.w1, phi.b1, phi.w2, phi.b2, flag,
+        phi.w1, phi.b1, phi.w2, phi.b2, flag, flag if pk is None else pk, flag if bq is None else bq,
         *launch.ints, *launch.floats,
         q.stride(0), q.stride(1), q.stride(2), x.stride(0), x.stride(1), x.stride(2),
         kl.stride(0), kl.stride(1), kl.stride(2), vl.stride(0), vl.stride(1), vl.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        *phi.head_strides, launch.logit_h, **launch.consts)
+        *phi.head_strides, launch.logit_h, 0 if pk is None else pk.stride(0), **launch.consts)

@@ -14,7 +14,7 @@ in the kernels' dtype is used as is, so in-place changes to it are seen; casts a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +134,8 @@ class ServePlan:
         self.n_sz = self.n_s + bsz * heads * self.ft
         self.s_scale = 1.0 / max(1, nk)  # keeps S and z in range for fp16 dots; cancels in the ratio
         self.key_mask = key_mask
+        self.store_phi_k = False  # the joint plan's key pass also writes φ(k) (`joint_plan`)
+        self.bq: torch.Tensor | None = None  # the joint plan's log-scale b_h `[H, D]`, read by its query pass
         self.key = self._key_launch(cfg, bsz, heads, nk, d)
 
         use_lm = landmark_idx is not None and landmark_idx.numel() > 0
@@ -142,6 +144,7 @@ class ServePlan:
         self.window = int(window)
         self.n_cond = int(n_cond) if window else 0
         self.grid_hw = (1, 1) if window == 0 else (int(grid[0]), int(grid[1]))  # type: ignore[index]
+        self.landmark_lse = self.window > 0  # cuDNN's landmark softmax also gives its log-sum-exp (a window: yes)
         self.lm_flag = self.dummy
         if window > 0:  # int8 per key: 1 = a landmark (the window part skips it: the landmark loop counted it)
             if landmark_flags is None:
@@ -183,7 +186,7 @@ class ServePlan:
         chunk = cdiv(cdiv(n, n_chunks), bn) * bn
         consts = dict(D=d, BK=block_k(cfg.block_k, self.phi_k.split.din), **self.phi_k.consts(self.fast_silu),
                       HAS_MASK=int(self.key_mask), BN=bn, HC=hidden_chunk(cfg.kv_hidden_chunk, self.phi_k.split.h1),
-                      num_warps=cfg.kv_warps, num_stages=cfg.kv_stages)
+                      STORE_PK=int(self.store_phi_k), num_warps=cfg.kv_warps, num_stages=cfg.kv_stages)
         return launchers.KeyLaunch((bsz * heads, cdiv(n, chunk)), n, heads, chunk, consts)
 
     def query_launch(self, mode: int, lm_src: int, guard: int, has_aff: int) -> launchers.QueryLaunch:
@@ -195,8 +198,10 @@ class ServePlan:
             return hit
         cfg = self.config
         bsz, heads, nq, _, d = self.shape
-        landmark_pass = mode in (1, 2, 4)
-        if landmark_pass:
+        landmark_pass = mode in (1, 2, 4, 5)
+        if mode == 5:
+            bm, warps, stages = cfg.joint_block_m, cfg.joint_warps, cfg.lm_stages
+        elif landmark_pass:
             bm, warps = (cfg.sdpa_lm_block_m, cfg.sdpa_lm_warps) if lm_src else (cfg.lm_block_m, cfg.lm_warps)
             stages = cfg.lm_stages
         else:
@@ -204,9 +209,13 @@ class ServePlan:
         grid_h, grid_w = self.grid_hw
         win = self.window if landmark_pass else 0
         pw = patch_width(cfg.lm_patch_w, grid_w, bm) if win else 0
-        n_text_tiles = cdiv(self.n_cond, bm) if win else 0
+        # the joint pass skips the conditioning rows (SDPA gives them): no text tiles, and rows from n_cond on
+        n_text_tiles = cdiv(self.n_cond, bm) if win and mode != 5 else 0
         # with a window: the conditioning rows, then (BM/PW x PW) patches of the latent grid
-        tiles = n_text_tiles + cdiv(grid_h, bm // pw) * cdiv(grid_w, pw) if win else cdiv(nq, bm)
+        if win:
+            tiles = n_text_tiles + cdiv(grid_h, bm // pw) * cdiv(grid_w, pw)
+        else:
+            tiles = cdiv(nq - (self.n_cond if mode == 5 else 0), bm)
         split = self.phi_q.split
         consts = dict(D=d, BK=block_k(cfg.block_k, split.din), **self.phi_q.consts(self.fast_silu), MODE=mode,
                       LM_SRC=lm_src, HAS_AFF=has_aff, BM=bm, BL=cfg.lm_block,
@@ -221,9 +230,10 @@ class ServePlan:
         return hit
 
     # ---- a call -------------------------------------------------------------------------------------------------
-    def key_state(self, k: torch.Tensor, v: torch.Tensor,
-                  key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The key pass: `(sz, z)`, S `[B·H·F·D]` and then z `[B·H·F]` in one flat fp32 buffer, and z's view."""
+    def key_state(self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+                  phi_k_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key pass: `(sz, z)`, S `[B·H·F·D]` and then z `[B·H·F]` in one flat fp32 buffer, and z's view;
+        with `phi_k_out` (a plan built with `store_phi_k`) also φ of every key into it."""
         if (key_mask is not None) != self.key_mask:
             raise ValueError("ServePlan: this plan was built " + ("with" if self.key_mask else "without")
                              + " a key mask; the call " + ("has none" if key_mask is None else "has one"))
@@ -234,10 +244,10 @@ class ServePlan:
         z = sz[self.n_s:]
         if key_mask is not None:
             m = key_mask.to(device=k.device, dtype=torch.int8).contiguous()
-            mask, smb = m, m.stride(0)
+            mask, smb = m, (m.stride(0) if m.shape[0] > 1 else 0)  # [1, Nk]: one mask for the batch
         else:
             mask, smb = self.dummy, 0
-        launchers.key_pass(self.key, x, v, mask, smb, sz, z, self.phi_k)
+        launchers.key_pass(self.key, x, v, mask, smb, sz, z, self.phi_k, phi_k_out)
         return sz, z
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
@@ -247,28 +257,30 @@ class ServePlan:
         branch's row (kernel-only: zeros) and the flag is set to 1 (no sync)."""
         with torch.no_grad():
             sz, z = self.key_state(k, v, key_mask)
-            # S as the query passes' dot reads it: scaled and in q's dtype once here, not per query tile
-            s_q = torch.empty(self.n_s, device=q.device, dtype=q.dtype)
-            torch.mul(sz[:self.n_s], self.s_scale, out=s_q)
+            s_q = self.scaled_state(sz, q.dtype)
             del sz  # the fp32 S is not read again (z, its tail, is: the view keeps it)
-            if q.stride(-1) != 1:
-                q = q.contiguous()
-            x = self.phi_q.pre(q)
-            kl, vl = k, v  # the in-kernel softmax gathers landmark rows itself: no copy (cuDNN: `sdpa_landmarks`)
-            if kl.stride(-1) != 1 or vl.stride(-1) != 1:
-                kl, vl = kl.contiguous(), vl.contiguous()
-            # cuDNN's landmark softmax (with a window also its log-sum-exp, from which the landmark pass goes on) in
-            # the buffer that becomes the output; else a fresh output
-            res = None
-            if self.use_branch and self.landmark_impl == "sdpa":
-                res = sdpa_landmarks(q, k, v, self.idx, self.config, self.window > 0)
-                if res is None:  # no log-sum-exp on this torch: the in-kernel softmax from now on
-                    self.landmark_impl = "fused"
-            if res is None:
-                out = torch.empty(*self.shape[:3], self.shape[4], device=q.device, dtype=q.dtype)
-                lse = self.dummy
-            else:
-                out, lse = res[0], self.dummy if res[1] is None else res[1]
+            return self.query(q, k, v, s_q, z, branch_affine, finite_flag)
+
+    # ---- the pieces of a call (also run by `joint_plan.JointServePlan` and `parallel_fused.ShardedPlan`) -------
+    def scaled_state(self, sz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """S as the query passes' dot reads it: scaled by `s_scale` and in `dtype`, once per call, not per tile."""
+        s_q = torch.empty(self.n_s, device=sz.device, dtype=dtype)
+        torch.mul(sz[:self.n_s], self.s_scale, out=s_q)
+        return s_q
+
+    def query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s_q: torch.Tensor, z: torch.Tensor,
+              branch_affine: torch.Tensor | None = None, finite_flag: torch.Tensor | None = None,
+              mean_of_d: "Callable[[torch.Tensor, torch.Tensor], None] | None" = None,
+              phi_k_all: torch.Tensor | None = None) -> torch.Tensor:
+        """The query passes with the state given (`scaled_state`'s S, fp32 z): `[B, H, Nq, D]` in q's dtype.
+        `k, v` are the keys the landmark branch reads (landmark rows at `landmark_idx`, the window's image keys).
+        `mean_of_d(d, d_sum)`, adaptive α against the call's own mean of d only: called between the two passes
+        with pass 1's d `[B, H, Nq]` and its per-(b, h) sums `[B·H]`, which it may rewrite in place (pass 2 divides
+        them by Nq) — a sequence-parallel call sums over every rank there. `phi_k_all`: φ of every key, as the
+        joint pass reads it (`key_state`'s `phi_k_out`)."""
+        with torch.no_grad():
+            q, x, kl, vl = self.query_inputs(q, k, v)
+            out, lse, lm_src = self.landmark_output(q, kl, vl)
             d_buf, d_sum = self.dummy, self.d_ref
             if self.modes == (2, 3):
                 bsz, heads, nq = self.shape[:3]
@@ -278,9 +290,35 @@ class ServePlan:
             flag = finite_flag if finite_flag is not None else self.dummy
             has_aff = int(branch_affine is not None)
             aff = branch_affine if branch_affine is not None else self.dummy
-            lm_src = int(res is not None)
             for mode in self.modes:
+                if mode == 3 and mean_of_d is not None:
+                    mean_of_d(d_buf, d_sum)
                 launch = self.query_launch(mode, lm_src if mode != 3 else 0, guard, has_aff)
                 launchers.query_pass(launch, q, x, s_q, z, kl, vl, self.idx, self.lm_flag, out, d_buf, d_sum, lse,
-                                     self.logit, aff, self.phi_q, flag)
+                                     self.logit, aff, self.phi_q, flag, phi_k_all, self.bq)
             return out
+
+    def query_inputs(self, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the query passes read besides the state: `(q, x, kl, vl)` — q contiguous in its last dim, φ(q)'s
+        cuBLAS prefix `x`, and k, v as the landmark softmax reads them (contiguous in their last dim)."""
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        x = self.phi_q.pre(q)
+        kl, vl = k, v  # the in-kernel softmax gathers landmark rows itself: no copy (cuDNN: `sdpa_landmarks`)
+        if kl.stride(-1) != 1 or vl.stride(-1) != 1:
+            kl, vl = kl.contiguous(), vl.contiguous()
+        return q, x, kl, vl
+
+    def landmark_output(self, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """`(out, lse, lm_src)`: cuDNN's landmark softmax (with `landmark_lse` also its log-sum-exp, from which the
+        landmark pass goes on) in the buffer that becomes the output, `lm_src` 1; else a fresh output, `lm_src` 0."""
+        res = None
+        if self.use_branch and self.landmark_impl == "sdpa":
+            res = sdpa_landmarks(q, k, v, self.idx, self.config, self.landmark_lse)
+            if res is None:  # no log-sum-exp on this torch: the in-kernel softmax from now on
+                self.landmark_impl = "fused"
+        if res is None:
+            return torch.empty(*self.shape[:3], self.shape[4], device=q.device, dtype=q.dtype), self.dummy, 0
+        return res[0], self.dummy if res[1] is None else res[1], 1

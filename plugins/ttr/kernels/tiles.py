@@ -44,6 +44,11 @@ class KernelConfig:
     # per tile and warps — smaller tiles, two programs per SM (4096² on an H200: 6.98 vs 7.41 ms the call)
     sdpa_lm_block_m: int = 64
     sdpa_lm_warps: int = 4
+    # the joint layer's pass (image rows; the window loop also takes the window keys' kernel terms out of the far
+    # field, so the far numerator stays live beside the softmax's accumulator): rows per tile and warps. 64 rows on
+    # 8 warps keep ~half the per-thread state of the landmark pass's tiles (to be tuned on the GPU: `bench.tune`)
+    joint_block_m: int = 64
+    joint_warps: int = 8
     block_k: int = 64  # first in-kernel φ layer, every pass: input columns per step
     # landmark_impl="sdpa": out_l comes from cuDNN in one call over all heads, whose result is the output, where
     # all heads' landmark K/V copies fit within this fraction of the output's bytes (the memory target: SDPA's

@@ -14,8 +14,11 @@ Two launches carry the layer:
   each tile's sum of d into a per-(b, h) total) and adaptive pass 2 (3: recomputes the cheap kernel
   branch, reads out_l back from `out` and blends in place with the per-(b, h) mean of d) and adaptive in one
   pass (4: the mean of d is replaced by a reference known before the call — the layer's running mean of d,
-  `alpha_reference = "running"` — so the landmark pass blends in its epilogue). Every query row of the
-  sequence is processed. GUARD = 1 (the served call's non-finite check): the pass that writes the layer's output
+  `alpha_reference = "running"` — so the landmark pass blends in its epilogue) and the joint layer's pass (5:
+  image rows only; the exact set is the landmark set, which holds every text key, and the window; the far
+  field's S and z come from a key pass masked to the far keys, each query's window keys' kernel terms are taken
+  out of it inside the window loop, from the φ(k) the key pass wrote with STORE_PK = 1, and the epilogue applies
+  the shared normaliser, `_shared_combine`). Modes 0–4 process every query row of the sequence. GUARD = 1 (the served call's non-finite check): the pass that writes the layer's output
   replaces every row that is not finite in the output's dtype by the landmark branch's row (kernel-only: zeros)
   and sets the int32 at `flag_ptr` (`_finite_rows`); GUARD = 0 compiles to the kernel without it.
   WIN = r > 0 (the landmark plugin's local window) continues the landmark softmax over each image
@@ -121,14 +124,14 @@ def _phi_tile(x_base, offs_n, row_ok, stride_xn, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
 
 
 @triton.jit
-def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, pk_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                      N, H, CHUNK,
-                     sxb, sxh, sxn, svb, svh, svn, smb,
+                     sxb, sxh, sxn, svb, svh, svn, smb, spk,
                      w1h, b1h, w2h, b2h, norm_eps,
                      D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
                      DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
                      HAS_B2: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, BN: tl.constexpr,
-                     HC: tl.constexpr, FAST_SILU: tl.constexpr):
+                     HC: tl.constexpr, FAST_SILU: tl.constexpr, STORE_PK: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = pid_bh // H
@@ -147,11 +150,18 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, w1_ptr, b1_ptr, w2_ptr, 
     z1 = tl.zeros((F1,), dtype=tl.float32)
     s2 = tl.zeros((F1, D), dtype=tl.float32)
     z2 = tl.zeros((F1,), dtype=tl.float32)
+    PKW: tl.constexpr = 2 * F1 if IS_HH else F1
     for n0 in range(start, end, BN):
         offs_n = n0 + tl.arange(0, BN)
         ok = offs_n < end
         f1, f2 = _phi_tile(x_base, offs_n, ok, sxn, w1, b1, w2, b2, norm_eps, DIN, BK, H1, F1, DEPTH, ACT, IS_HH,
                            HAS_B1, HAS_B2, NORM, HC, FAST_SILU)
+        if STORE_PK:
+            # φ of every key, in the buffer's dtype (the joint pass takes its window keys' terms out of S and z)
+            pk_rows = pk_ptr + pid_bh * spk + offs_n[:, None] * PKW + offs_f[None, :]
+            tl.store(pk_rows, f1.to(pk_ptr.dtype.element_ty), mask=ok[:, None])
+            if IS_HH:
+                tl.store(pk_rows + F1, f2.to(pk_ptr.dtype.element_ty), mask=ok[:, None])
         keep = ok
         if HAS_MASK:
             mk = tl.load(m_ptr + b * smb + offs_n, mask=ok, other=0)
@@ -214,7 +224,8 @@ def _patch_rows(pid_m, n_text_tiles, n_cond, grid_h, grid_w, BM: tl.constexpr, P
 
 @triton.jit
 def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, acc, pr, pc, n_cond, grid_h, grid_w, qk_scale,
-                    skn, svn, WIN: tl.constexpr, BLW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
+                    skn, svn, fq1, fq2, pk_base, num_u, den_u, WIN: tl.constexpr, BLW: tl.constexpr,
+                    PH: tl.constexpr, PW: tl.constexpr, FAR: tl.constexpr, F1: tl.constexpr, IS_HH: tl.constexpr):
     """Continue the online softmax `(m_i, l_i, acc)` of a query patch over its local windows.
 
     Image tokens sit row-major on the `grid_h x grid_w` latent grid after `n_cond` conditioning tokens; the
@@ -228,12 +239,20 @@ def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, acc, pr, pc,
     patch off the grid are never stored, so their masks need no check.
     (Offline sm_90 compile: a box clipped to the grid, of runtime width, cost ~1440 instructions per 64-key
     step — divisions by that width and integer checks per pair; this one ~1000.)
+
+    FAR (the joint layer's pass): the same window keys are also far keys of the learned field, so their kernel
+    terms come out of its unscaled numerator `num_u [BM, D]` and denominator `den_u [BM]`: with the queries'
+    features `fq1` (`fq2`: hedgehog's second half) and the keys' φ read from `pk_base` (rows of `2·F1` or `F1`
+    values, written by the key pass), `kern = φ(q)·φ(k)ᵀ` on the window members, `num_u −= kern·v`,
+    `den_u −= Σ kern` — the value tile is the one the softmax step loads. FAR = 0 returns both unchanged.
     """
     BW: tl.constexpr = PW + 2 * WIN
     NBOX: tl.constexpr = (PH + 2 * WIN) * BW
+    PKW: tl.constexpr = 2 * F1 if IS_HH else F1
     i = tl.arange(0, PH * PW)
     q_r = (i // PW + WIN).to(tl.float32)  # the box row of the query's window centre
     q_c = (i % PW + WIN).to(tl.float32)
+    offs_f = tl.arange(0, F1)
     r0 = pr * PH - WIN
     c0 = pc * PW - WIN
     for f0 in range(0, tl.where(pr >= 0, NBOX, 0), BLW):
@@ -251,7 +270,17 @@ def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, acc, pr, pc,
         near = ((tl.abs(k_rf[None, :] - q_r[:, None]) <= WIN)
                 & (tl.abs(k_c.to(tl.float32)[None, :] - q_c[:, None]) <= WIN))
         m_i, l_i, acc = _softmax_step(q, kt, vt, near, m_i, l_i, acc, qk_scale)
-    return m_i, l_i, acc
+        if FAR:
+            pk_rows = pk_base + tok[:, None] * PKW + offs_f[None, :]
+            pk1 = tl.load(pk_rows, mask=k_ok[:, None], other=0.0)
+            kern = tl.dot(fq1, tl.trans(pk1))
+            if IS_HH:
+                pk2 = tl.load(pk_rows + F1, mask=k_ok[:, None], other=0.0)
+                kern = tl.dot(fq2, tl.trans(pk2), kern)
+            kern = tl.where(near, kern, 0.0)
+            num_u = tl.dot((-kern).to(vt.dtype), vt, num_u)
+            den_u = den_u - tl.sum(kern, axis=1)
+    return m_i, l_i, acc, num_u, den_u
 
 
 @triton.jit
@@ -272,6 +301,27 @@ def _adaptive_blend(ok, ol, dd, mean, logit, gamma, alpha_max):
 
 
 @triton.jit
+def _shared_combine(o_e, m_i, l_i, num_u, den_u, q_base, offs_m, offs_d, row_ok, sqn, bq_ptr, a_h, aff_ptr, eps,
+                    HAS_AFF: tl.constexpr):
+    """The joint layer's shared normaliser (plugins/ttr/joint.py): `O_E + w·(O_far − O_E)`, `w = σ(log φ(q)ᵀz_far +
+    a_h + b_hᵀq (+ the conditioner's shift) − LSE_E)`, with the exact set's softmax state `(o_e, m_i, l_i)` (exp2
+    domain; LSE_E = −1e4 for a row with no key) and the far field's unscaled numerator and denominator (clamped
+    at 0; the conditioner scales and shifts O_far)."""
+    den = tl.maximum(den_u, 0.0)
+    o_far = num_u / (den + eps)[:, None]
+    shift = 0.0
+    if HAS_AFF:
+        o_far = o_far * (1.0 + tl.load(aff_ptr + 0)) + tl.load(aff_ptr + 1)
+        shift = tl.load(aff_ptr + 2)
+    qf = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    g = tl.sum(qf * tl.load(bq_ptr + offs_d)[None, :], axis=1)
+    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, -1e4)
+    arg = tl.log(tl.maximum(den, 1e-30)) + a_h + g + shift - lse
+    w = 1.0 / (1.0 + tl.exp(-arg))
+    return o_e + w[:, None] * (o_far - o_e)
+
+
+@triton.jit
 def _finite_rows(res, fallback, row_ok, flag_ptr, out_dtype: tl.constexpr):
     """`res` (fp32 `[BM, D]`) with every row that is not finite once cast to `out_dtype` (NaN, ±inf, an fp16
     overflow) replaced by `fallback`'s row (zeros where that is not finite either); where a valid row was replaced,
@@ -288,11 +338,11 @@ def _finite_rows(res, fallback, row_ok, flag_ptr, out_dtype: tl.constexpr):
 
 @triton.jit
 def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, out_ptr, d_ptr, dsum_ptr, lse_ptr,
-                  logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, flag_ptr,
+                  logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, flag_ptr, pk_ptr, bq_ptr,
                   N, L, H, n_cond, n_text_tiles, grid_h, grid_w, s_scale, eps, alpha_max, gamma, qk_scale,
                   norm_eps,
                   sqb, sqh, sqn, sxb, sxh, sxn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                  w1h, b1h, w2h, b2h, logit_h,
+                  w1h, b1h, w2h, b2h, logit_h, spk,
                   D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
                   DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
                   HAS_B2: tl.constexpr, NORM: tl.constexpr, MODE: tl.constexpr, LM_SRC: tl.constexpr,
@@ -306,6 +356,10 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
     if WIN > 0:
         # the landmark pass with a window tiles image queries as 2-D patches of the grid (_patch_rows)
         offs_m, row_ok, pr, pc = _patch_rows(pid_m, n_text_tiles, n_cond, grid_h, grid_w, BM, PW)
+    elif MODE == 5:
+        # the joint pass covers the image rows only (SDPA gives the text rows)
+        offs_m = n_cond + pid_m * BM + tl.arange(0, BM)
+        row_ok = offs_m < N
     else:
         offs_m = pid_m * BM + tl.arange(0, BM)
         row_ok = offs_m < N
@@ -333,9 +387,22 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
             zt2 = tl.load(z_base + F1 + offs_f) * s_scale
             num = tl.dot(f2.to(out_dtype), st2, num)
             den += tl.sum(f2 * zt2[None, :], axis=1)
-        ok = num / (den + eps * s_scale)[:, None]
-        if HAS_AFF:
-            ok = ok * (1.0 + tl.load(aff_ptr + b * 4 + 0)) + tl.load(aff_ptr + b * 4 + 1)
+        if MODE == 5:
+            # the far field, unscaled: the window keys' terms come out of it in the landmark pass below
+            num_u = num / s_scale
+            den_u = den / s_scale
+            fq1 = f1.to(out_dtype)
+            fq2 = f2.to(out_dtype)
+            pk_base = pk_ptr + pid_bh * spk
+        else:
+            ok = num / (den + eps * s_scale)[:, None]
+            if HAS_AFF:
+                ok = ok * (1.0 + tl.load(aff_ptr + b * 4 + 0)) + tl.load(aff_ptr + b * 4 + 1)
+            num_u = 0.0  # (read by the joint pass only)
+            den_u = 0.0
+            fq1 = f1
+            fq2 = f2
+            pk_base = pk_ptr
     # ---- landmark branch -------------------------------------------------------------------
     if MODE == 3:
         # pass 2: pass 1 left out_l (after its affine) in `out`
@@ -346,16 +413,18 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         if LM_SRC == 1:
             # the SDPA landmark softmax was written into `out` before this launch (before its affine)
             ol = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            if WIN > 0:
+            if WIN > 0 or MODE == 5:
                 # … and its log-sum-exp (natural log, scale 1/√D) into `lse`: (normalised output, max = lse, sum =
                 # 1) is the online softmax's state after the landmarks, which goes on over the windows
-                q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                            mask=row_ok[:, None], other=0.0)
                 m_i = tl.load(lse_ptr + t_ptrs, mask=row_ok, other=0.0) * 1.4426950408889634  # to the exp2 domain
                 l_i = tl.full((BM,), 1.0, dtype=tl.float32)
-                m_i, l_i, ol = _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, ol, pr, pc, n_cond,
-                                               grid_h, grid_w, qk_scale, skn, svn, WIN, BLW, BM // PW, PW)
-                ol = ol / l_i[:, None]
+                if WIN > 0:
+                    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                                mask=row_ok[:, None], other=0.0)
+                    m_i, l_i, ol, num_u, den_u = _window_softmax(
+                        q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, ol, pr, pc, n_cond, grid_h, grid_w, qk_scale,
+                        skn, svn, fq1, fq2, pk_base, num_u, den_u, WIN, BLW, BM // PW, PW, MODE == 5, F1, IS_HH)
+                    ol = ol / l_i[:, None]
         else:
             q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
                         mask=row_ok[:, None], other=0.0)
@@ -376,10 +445,11 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
                 ol = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             else:
                 # the same online softmax goes on over the patch's local windows (see _window_softmax)
-                m_i, l_i, acc = _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, acc, pr, pc, n_cond,
-                                                grid_h, grid_w, qk_scale, skn, svn, WIN, BLW, BM // PW, PW)
+                m_i, l_i, acc, num_u, den_u = _window_softmax(
+                    q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, acc, pr, pc, n_cond, grid_h, grid_w, qk_scale,
+                    skn, svn, fq1, fq2, pk_base, num_u, den_u, WIN, BLW, BM // PW, PW, MODE == 5, F1, IS_HH)
                 ol = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key at all (no landmarks, text row): 0
-        if HAS_AFF:
+        if HAS_AFF and MODE != 5:
             ol = ol * (1.0 + tl.load(aff_ptr + b * 4 + 2)) + tl.load(aff_ptr + b * 4 + 3)
     # ---- blend epilogue ----------------------------------------------------------------------
     # GUARD (modes 0, 1, 3, 4: the passes that write the layer's output): rows not finite in the output's dtype are
@@ -402,6 +472,12 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         # the per-(b, h) sum of d for pass 2's mean: one relaxed add per tile (no reduce launch in between)
         tl.atomic_add(dsum_ptr + pid_bh, tl.sum(tl.where(row_ok, dd, 0.0), axis=0), sem="relaxed")
         tl.store(o_ptrs, ol.to(out_dtype), mask=row_ok[:, None])
+    elif MODE == 5:
+        res = _shared_combine(ol, m_i, l_i, num_u, den_u, q_ptr + b * sqb + h * sqh, offs_m, offs_d, row_ok, sqn,
+                              bq_ptr + h * D, tl.load(logit_ptr + h * logit_h), aff_ptr + b * 4, eps, HAS_AFF)
+        if GUARD:
+            res = _finite_rows(res, ol, row_ok, flag_ptr, out_dtype)
+        tl.store(o_ptrs, res.to(out_dtype), mask=row_ok[:, None])
     elif MODE == 3:
         # adaptive pass 2: d from pass 1, its mean over this call's queries from pass 1's sum
         dd = tl.load(d_ptr + t_ptrs, mask=row_ok, other=0.0)
