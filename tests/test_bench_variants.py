@@ -126,8 +126,10 @@ def test_kernel_only_once_per_feature_map_and_graph_twins():
                                                                    "default-1layer-F64")]
     vs = build_variants(s, torch.float32, torch.device("cpu"))
     by = {v.name: v for v in vs}
-    fused = [v for v in vs if v.family == "ttr" and " fused" in v.name and v.graph_of is None]
+    fused = [v for v in vs if v.family == "ttr" and " fused" in v.name and v.graph_of is None
+             and v.name != "ttr-joint fused"]  # the joint configuration's one bare joint-plan row, no graph twin
     assert len(fused) == 4 * len(FUSED) + len(kernel_only)
+    assert "ttr-joint fused" in by
     for v in fused:
         g = by[f"{v.name} graph"]
         assert g.graph_of == v.name and g.check_against == v.name and g.cost == v.cost
@@ -275,13 +277,14 @@ def test_capture_graph_replays_and_reports_host_syncs():
 
 def test_the_joint_layer_is_timed_on_a_double_block_call_through_the_session(tmp_path):
     """`--configs joint`: the joint layer's product path (Session.attention on `double:0`) and its PyTorch row, checked
-    against each other; no fused rows (the joint layer has no kernels of its own)."""
+    against each other; the bare joint-plan row skips on a CPU."""
     out = tmp_path / "bench.json"
     assert main(["--smoke", "--device", "cpu", "--sizes", "n=80:txt=16", "--dtypes", "fp32", "--configs", "joint",
                  "--json", str(out)]) == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     joint = sorted(n for n in rows if "ttr-joint" in n)
-    assert joint == ["session ttr-joint", "session ttr-joint every-call", "session ttr-joint graph", "ttr-joint torch"]
+    assert joint == ["session ttr-joint", "session ttr-joint every-call", "session ttr-joint graph", "ttr-joint fused",
+                     "ttr-joint torch"]
     session = rows["session ttr-joint"]
     assert session["skipped"] is None and session["ms"] > 0
     assert session["rel_err"] is not None and session["rel_err"] < 1e-5, session
