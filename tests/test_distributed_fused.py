@@ -5,7 +5,6 @@ reference (one pass); and the dispatch: 'auto' takes the fused plan where the ke
 CPU, 'triton' says why it cannot."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distributed_helpers import run_ranks  # noqa: E402
+from kernel_helpers import interpreted  # noqa: E402
 
 from attnplug.core import AttentionCall, LayerSpec  # noqa: E402
 from attnplug.core.shard import SequenceShard  # noqa: E402
@@ -24,9 +24,6 @@ from attnplug.plugins.ttr.backend import TtrBackend  # noqa: E402
 from attnplug.plugins.ttr.parallel_fused import ShardedPlan  # noqa: E402
 from attnplug.plugins.ttr.settings import TtrSettings  # noqa: E402
 
-interpreted = pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("triton") is None
-                                 or os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="needs Triton's interpreter on a CPU (TRITON_INTERPRET=1)")
 
 B, H, D = 1, 2, 16
 SMALL = {"feature_dim": 16, "depth": 1, "hidden": 0}

@@ -38,27 +38,38 @@ def _call(key: str, step: int, sigma: float) -> AttentionCall:
                          latent_grid=(16, 16), host="test")
 
 
+def _qkv(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return tuple(torch.randn(1, 4, 320, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+
+
+def _two_steps_without_sync(session: Session, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: list[str],
+                            call) -> list[torch.Tensor]:
+    """Steps 1 and 2 (new σ: conditioner rows, the flag poll) of every layer in `keys` under sync debug mode
+    "error": any device sync raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return [session.attention(q, k, v, call(key, step, sigma)) for step, sigma in ((1, 0.7), (2, 0.5))
+                for key in keys]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("window", [0, 2])
 def test_served_calls_do_not_synchronize(window: int) -> None:
     """Three layers served for a step (builds layers, plans, kernels, conditioner rows), then two more steps under
     sync debug mode "error": new steps (new σ: conditioner rows, the flag poll) and every call, no sync."""
     session = _session(window)
     session.run_start(num_steps=4, host="test")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, 4, 320, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = _qkv()
     layers = session.backends.get("ttr").layers
     with torch.inference_mode():
         first = [session.attention(q, k, v, _call(key, 0, 0.9)) for key in LAYERS]
         for key in LAYERS:  # a distilled layer's running mean of d: adaptive α in one pass
             layers[key].set_d_reference(torch.full((4,), 0.1, device="cuda"))  # type: ignore[operator]
         warm = [session.attention(q, k, v, _call(key, 0, 0.9)) for key in LAYERS]
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            outs = [session.attention(q, k, v, _call(key, step, sigma)) for step, sigma in ((1, 0.7), (2, 0.5))
-                    for key in LAYERS]
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        outs = _two_steps_without_sync(session, q, k, v, LAYERS, _call)
     assert all(session.stats[key].served["ttr"] == 4 for key in LAYERS)
     assert all(bool(torch.isfinite(o).all()) for o in first + warm + outs)
     session.run_end()  # reads every flag (one sync, outside the calls)
@@ -82,17 +93,10 @@ def test_served_joint_calls_do_not_synchronize(window: int) -> None:
         return _call(key, step, sigma).with_(block_type="double")
 
     session.run_start(num_steps=4, host="test")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, 4, 320, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = _qkv()
     with torch.inference_mode():
         warm = [session.attention(q, k, v, call(key, 0, 0.9)) for key in keys]
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            outs = [session.attention(q, k, v, call(key, step, sigma)) for step, sigma in ((1, 0.7), (2, 0.5))
-                    for key in keys]
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        outs = _two_steps_without_sync(session, q, k, v, keys, call)
     assert all(bool(torch.isfinite(o).all()) for o in warm + outs)
     assert all(ttr.layers[key].serve_cache.entries for key in keys)  # type: ignore[attr-defined]
     session.run_end()
@@ -103,8 +107,7 @@ def test_fused_call_with_python_numbers_does_not_synchronize() -> None:
     """Library use: α logit and branch affine given as Python numbers reach the GPU without a sync."""
     from attnplug.plugins.ttr.kernels import random_phi, ttr_forward_fused
 
-    g = torch.Generator(device="cuda").manual_seed(1)
-    q, k, v = (torch.randn(1, 4, 320, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = _qkv(seed=1)
     pq = random_phi(64, 64, 64, 2, generator=torch.Generator().manual_seed(0), device="cuda")
     idx = torch.arange(0, 320, 8, device="cuda")
 

@@ -9,18 +9,15 @@ CPU: Triton's interpreter at small sizes; GPU (skipped without CUDA): a Flux 102
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_helpers import HAS_CUDA, HAS_TRITON, interpreted  # noqa: E402
 
 from attnplug.core import AttentionCall, LayerSpec
 from attnplug.core.checkpoint import load_checkpoint, save_checkpoint
@@ -32,8 +29,6 @@ from attnplug.plugins.ttr.kernels import KernelConfig, random_phi, ttr_forward_f
 from attnplug.plugins.ttr.layer import REFERENCE_MOMENTUM
 from attnplug.plugins.ttr.settings import TtrSettings
 
-interpreted = pytest.mark.skipif(HAS_CUDA or not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="needs triton's interpreter (CPU-only machine)")
 N_COND, GRID, HEADS, DIM = 5, (6, 6), 2, 16
 SMALL_TILES = KernelConfig(lm_block_m=16, lm_warps=2, lm_stages=1, lm_block=16, lm_window_block=16, q_block_m=16,
                            q_warps=2, q_stages=1, sdpa_memory_fraction=0.5, sdpa_min_rows=8)

@@ -10,24 +10,19 @@ These tests run on CPU (Triton's interpreter for the kernels; fp16, which it sup
 """
 from __future__ import annotations
 
-import importlib.util
-import os
+import sys
+from pathlib import Path
 
-import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_helpers import interpreted  # noqa: E402
 
 from attnplug.bench import variants as bench_variants
 from attnplug.bench.variants import Shape, build_variants
 from attnplug.plugins.landmark.selection import select_landmarks
 from attnplug.plugins.ttr.kernels import PhiWeights, random_phi, ttr_forward_fused, ttr_forward_reference
 
-interpreted = pytest.mark.skipif(HAS_CUDA or importlib.util.find_spec("triton") is None
-                                 or os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="needs triton's interpreter (CPU-only machine)")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,16 +11,14 @@ Outputs are poisoned (NaN) before each check, so an element the kernels fail to 
 """
 from __future__ import annotations
 
-import importlib.util
-import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_helpers import HAS_CUDA, HAS_TRITON, interpreted  # noqa: E402
 
 from attnplug.core import AttentionCall, LayerSpec
 from attnplug.plugins.landmark.attention import landmark_softmax, landmark_window_softmax, window_table
@@ -38,8 +36,6 @@ from attnplug.plugins.ttr.kernels import (
 )
 from attnplug.plugins.ttr.settings import TtrSettings
 
-interpreted = pytest.mark.skipif(HAS_CUDA or not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="needs triton's interpreter (CPU-only machine)")
 N_COND = 5
 #: (3, 24): tiles of 16 rows that sit inside one grid row visit a box of columns, not the whole width
 GRIDS = [(4, 8), (8, 4), (6, 6), (3, 10), (3, 24)]

@@ -9,16 +9,14 @@ unwritten fails.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_helpers import interpreted, gpu, PlanCounter  # noqa: E402
 
 from attnplug.core.call import AttentionCall, LayerSpec
 from attnplug.plugins.landmark.backend import LandmarkBackend
@@ -28,9 +26,6 @@ from attnplug.plugins.ttr.backend import TtrBackend
 from attnplug.plugins.ttr.joint import JointLayer
 from attnplug.plugins.ttr.settings import TtrSettings
 
-interpreted = pytest.mark.skipif(HAS_CUDA or not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="needs triton's interpreter (CPU-only machine)")
-gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and Triton")
 
 HEADS, DIM, N_COND, GRID = 2, 16, 5, (5, 7)
 N = N_COND + GRID[0] * GRID[1]
@@ -74,19 +69,6 @@ def _layers(fused: TtrBackend, ref: TtrBackend, q: torch.Tensor) -> JointLayer:
     return layer
 
 
-class _Count:
-    """Counts the joint plans the backend builds."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.built = 0
-        real = kernels.JointServePlan
-
-        def build(*args, **kwargs):
-            self.built += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, "JointServePlan", build)
-
 
 @interpreted
 @pytest.mark.parametrize("window, sigma, activation", [(1, 0.7, "elu+1"), (0, 0.7, "elu+1"), (2, None, "elu+1"),
@@ -95,7 +77,7 @@ def test_fused_joint_call_matches_the_pytorch_forward(poison, monkeypatch, windo
     fused, ref = _pair(window, activation=activation, feature_dim=32 if activation == "hedgehog" else 16)
     q, k, v = _qkv()
     _layers(fused, ref, q)
-    count = _Count(monkeypatch)
+    count = PlanCounter(monkeypatch, "JointServePlan")
     call = _call(sigma)
     with torch.inference_mode():
         got = fused(q, k, v, call)
@@ -110,7 +92,7 @@ def test_plan_is_reused_and_rebuilt_after_a_training_step(poison, monkeypatch):
     fused, ref = _pair(1)
     q, k, v = _qkv(seed=3)
     layer = _layers(fused, ref, q)
-    count = _Count(monkeypatch)
+    count = PlanCounter(monkeypatch, "JointServePlan")
     with torch.inference_mode():
         first = fused(q, k, v, _call())
         again = fused(q, k, v, _call())

@@ -7,21 +7,18 @@ the layer is served exact from the next step on. CPU: Triton's interpreter at sm
 """
 from __future__ import annotations
 
-import importlib.util
-import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_helpers import interpreted, PlanCounter  # noqa: E402
 
 from attnplug.core import AttentionCall, LayerSpec, Session  # noqa: E402
 from attnplug.plugins.landmark.backend import LandmarkBackend  # noqa: E402
 from attnplug.plugins.landmark.settings import LandmarkSettings  # noqa: E402
-from attnplug.plugins.ttr import kernels  # noqa: E402
 from attnplug.plugins.ttr.backend import TtrBackend  # noqa: E402
 from attnplug.plugins.ttr.kernels import (KernelConfig, landmark_reference, landmark_window_reference,  # noqa: E402
                                           random_phi, ttr_forward_fused)
@@ -30,8 +27,6 @@ from attnplug.plugins.ttr.settings import TtrSettings  # noqa: E402
 
 # the interpreter warns about the NaN and inf these tests feed it on purpose
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-interpreted = pytest.mark.skipif(HAS_CUDA or not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="needs triton's interpreter (CPU-only machine)")
 N_COND, GRID, HEADS, DIM = 5, (4, 6), 2, 16
 N = N_COND + GRID[0] * GRID[1]
 TILES = KernelConfig(lm_block_m=16, lm_warps=2, lm_stages=1, lm_block=16, lm_window_block=16, q_block_m=16,
@@ -132,26 +127,13 @@ def _trained_pair():
     return fused, ref
 
 
-class _Count:
-    """Counts the `ServePlan`s built (the backend looks the class up at every build)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.built = 0
-        real = kernels.ServePlan
-
-        def build(*args, **kwargs):
-            self.built += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, "ServePlan", build)
-
 
 @interpreted
 def test_plan_is_built_once_and_rebuilt_after_a_training_step(poison, monkeypatch):
     """Served twice: one plan. The distiller's step changes the weights (an optimizer step, in place): the next
     call builds a new plan and serves the new weights, as the PyTorch path does — never the old ones."""
     fused, ref = _trained_pair()
-    count = _Count(monkeypatch)
+    count = PlanCounter(monkeypatch, "ServePlan")
     q, k, v = _qkv(seed=5)
     with torch.inference_mode():
         first = fused(q, k, v, _call())
