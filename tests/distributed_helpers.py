@@ -25,18 +25,23 @@ def need_gloo() -> None:
 
 
 def _entry(worker: Callable[..., Any], rank: int, world: int, init: str, out: str, args: tuple[Any, ...]) -> None:
+    """One rank: run the worker, save its result, then leave without tearing gloo down under a peer.
+
+    All ranks meet at a barrier before the group is destroyed, and a rank that saved its result leaves through
+    `os._exit(0)`: gloo's background threads can otherwise abort the process at interpreter exit ("terminate
+    called without an active exception") on a loaded machine, after the work itself succeeded."""
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
         result = worker(rank, world, *args)
         torch.save(result, os.path.join(out, f"result-{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
     except BaseException:
         Path(out, f"error-{rank}.txt").write_text(traceback.format_exc())
         raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    os._exit(0)
 
 
 def run_ranks(worker: Callable[..., Any], world: int, tmp_path: Path, *args: Any, timeout: float = 120.0) -> list[Any]:
@@ -62,7 +67,8 @@ def run_ranks(worker: Callable[..., Any], world: int, tmp_path: Path, *args: Any
     errors = "\n".join(f.read_text() for f in sorted(out.glob("error-*.txt")))
     if hung:
         pytest.fail(f"ranks {hung} of {world} still running after {timeout:.0f} s\n{errors}")
-    failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
+    failed = [r for r, p in enumerate(procs) if p.exitcode != 0 or not (out / f"result-{r}.pt").exists()]
     if failed:
-        pytest.fail(f"ranks {failed} of {world} failed\n{errors}")
+        codes = {r: procs[r].exitcode for r in failed}
+        pytest.fail(f"ranks {failed} of {world} failed (exit codes {codes})\n{errors}")
     return [torch.load(out / f"result-{r}.pt", weights_only=False) for r in range(world)]
