@@ -2,7 +2,8 @@
 
 Its φ comes from `TtrSettings()` (depth, hidden width, feature dim, activation; random weights) and its
 landmarks and window from `LandmarkSettings()` through the landmark plugin's own selection, so these tools
-always time what a user gets by default. `LayerInputs.fused(...)` is one fused layer call.
+always time what a user gets by default. `LayerInputs.fused(...)` is one fused layer call; `LayerInputs.joint(...)`
+is the joint layer's call (a double block's: the same exact set and window, the learned part image↔image only).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 
 from ..plugins.landmark.backend import LandmarkBackend
 from ..plugins.landmark.settings import LandmarkSettings
-from ..plugins.ttr.kernels import KernelConfig, PhiWeights, ServePlan, fused_unsupported_reasons, random_phi
+from ..plugins.ttr.kernels import (JointServePlan, KernelConfig, PhiWeights, ServePlan, fused_unsupported_reasons,
+                                   random_phi)
 from ..plugins.ttr.settings import TtrSettings
 from .run import parse_shape
 from .variants import _call, stand_in_reference
@@ -59,6 +61,28 @@ class LayerInputs:
                     raise RuntimeError("the fused path cannot serve this layer: " + "; ".join(reasons))
                 plans.append(ServePlan(self.q, self.k, self.v, self.phi_q, self.phi_k, landmark_idx=lm, config=config,
                                        landmark_impl=landmark_impl or "auto", d_reference=self.d_reference, **kw))
+            return plans[0](self.q, self.k, self.v)
+        return call
+
+    def joint(self, config: KernelConfig | None = None, landmark_impl: str = "auto") -> Callable[[], torch.Tensor]:
+        """One call of the joint layer (`combine = "shared"`) on these inputs: the text rows exact over every key,
+        the image rows over the text keys, landmarks and window exactly plus the learned far field, one shared
+        normaliser; α's logit and the log-scale at their initial values (0). Its plan is built at the first call."""
+        plans: list[JointServePlan] = []
+
+        def call() -> torch.Tensor:
+            if not plans:
+                reasons = fused_unsupported_reasons(self.q, self.k, self.v, self.phi_q, self.phi_k, None,
+                                                    self.landmarks, self.window)
+                if reasons:
+                    raise RuntimeError("the fused path cannot serve this layer: " + "; ".join(reasons))
+                heads, d = self.q.shape[1], self.q.shape[3]
+                zeros = torch.zeros(heads, device=self.q.device)
+                plans.append(JointServePlan(self.q, self.k, self.v, self.phi_q, self.phi_k,
+                                            landmark_idx=self.landmarks, alpha_logit=zeros,
+                                            log_scale_q=torch.zeros(heads, d, device=self.q.device),
+                                            landmark_impl=landmark_impl, config=config, window=self.window,
+                                            grid=self.grid, n_cond=TEXT_TOKENS))
             return plans[0](self.q, self.k, self.v)
         return call
 

@@ -16,8 +16,12 @@ product's default layer (`bench.default_layer`: φ, landmarks and window from th
   whose softmax it continues over the window — the path `auto` takes at 4096² — over sdpa_lm_block_m ×
   sdpa_lm_warps and the window's and φ's lm_* fields; its best overrides landmark's shared fields in the
   combined config;
+- joint, joint-sdpa (only when named in `--parts`): the joint layer's whole call (`LayerInputs.joint`: a double
+  block's, text rows exact, far field image↔image) with in-kernel or cuDNN landmarks, over the joint query pass's
+  joint_block_m × joint_warps × lm_stages × lm_window_block × lm_hidden_chunk (and lm_block for in-kernel
+  landmarks); their best combine apart from the hybrid layer's parts, which share some of those fields;
 - whole: the default config and the one combining each part's best, as whole calls with
-  landmark_impl "fused" and "sdpa".
+  landmark_impl "fused" and "sdpa" (and the joint layer's, when a joint part was swept).
 
 One line per config: the median of CUDA-event timings (`bench.run.time_ms`), in ms. A config that
 fails (one that does not compile, e.g. out of shared memory) is skipped with a line on stderr. At the
@@ -61,7 +65,17 @@ GRIDS: dict[str, tuple[Grid, Grid]] = {
                        "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32], "lm_hidden_chunk": [0, 64, 128]},
                       {"sdpa_lm_block_m": [64, 128], "sdpa_lm_warps": [4, 8], "lm_window_block": [32, 64],
                        "lm_hidden_chunk": [64, 128]}),
+    # the joint layer's query pass (mode 5): the far numerator live beside the softmax accumulator
+    "joint": ({"joint_block_m": [32, 64, 128], "joint_warps": [4, 8], "lm_stages": [1, 2, 3], "lm_block": [32, 64, 128],
+               "lm_window_block": [32, 64, 128], "lm_hidden_chunk": [0, 64, 128]},
+              {"joint_block_m": [32, 64, 128], "joint_warps": [4, 8], "lm_stages": [2, 3], "lm_block": [64, 128],
+               "lm_window_block": [32, 64]}),
+    "joint-sdpa": ({"joint_block_m": [32, 64, 128], "joint_warps": [4, 8], "lm_stages": [1, 2, 3],
+                    "lm_window_block": [32, 64, 128], "lm_hidden_chunk": [0, 64, 128]},
+                   {"joint_block_m": [32, 64, 128], "joint_warps": [4, 8], "lm_window_block": [32, 64],
+                    "lm_hidden_chunk": [64, 128]}),
 }
+JOINT_PARTS = ("joint", "joint-sdpa")
 
 
 def config_text(overrides: dict[str, int]) -> str:
@@ -93,14 +107,15 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
     """Sweep every part (or `parts`) at one size (lines printed as they come); returns the summary lines."""
     layer = default_layer(size, dev)
 
-    def whole_call(landmark_impl: str | None) -> Callable[[KernelConfig], torch.Tensor]:
+    def whole_call(landmark_impl: str | None, joint: bool = False) -> Callable[[KernelConfig], torch.Tensor]:
         """The whole layer call: kernel-only (None) or with landmarks (and the window) through `landmark_impl`,
-        one serve plan per config (built at its first call: the timed calls are the launches)."""
+        the hybrid layer's or (`joint`) the joint layer's, one serve plan per config (built at its first call: the
+        timed calls are the launches)."""
         made: dict[KernelConfig, Callable[[], torch.Tensor]] = {}
 
         def call(cfg: KernelConfig) -> torch.Tensor:
             if cfg not in made:
-                made[cfg] = layer.fused(cfg, landmark_impl)
+                made[cfg] = layer.joint(cfg, landmark_impl) if joint else layer.fused(cfg, landmark_impl)
             return made[cfg]()
         return call
 
@@ -113,28 +128,32 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
         return key_plans[cfg].key_state(layer.k, layer.v)
 
     calls = {"key": key_call, "query": whole_call(None),
-             "landmark": whole_call("fused"), "landmark-sdpa": whole_call("sdpa")}
+             "landmark": whole_call("fused"), "landmark-sdpa": whole_call("sdpa"),
+             "joint": whole_call("fused", joint=True), "joint-sdpa": whole_call("sdpa", joint=True)}
     print(f"# {layer.description}; 'query' and 'landmark' time the whole call "
           "(key pass at default tiles; 'landmark' also adaptive pass 2 if α's d is against the call mean)",
           flush=True)
     summary: list[str] = []
-    combined: dict[str, int] = {}
-    for part, part_call in calls.items():
-        if parts is not None and part not in parts:
-            continue
+    combined: dict[bool, dict[str, int]] = {False: {}, True: {}}  # joint? -> the best overrides combined
+    swept = [part for part in calls if parts is None or part in parts]
+    for part in swept:
         grid = (grids or {}).get(part) or GRIDS[part][int(quick)]
-        rows = sweep(f"{size} {part}", part_call, grid, dev)
+        rows = sweep(f"{size} {part}", calls[part], grid, dev)
         if rows:
             ms, best = min(rows, key=lambda r: r[0])
-            combined.update(best)
+            combined[part in JOINT_PARTS].update(best)
             summary.append(f"BEST {size} {part}: {ms:.3f} ms {config_text(best)}")
-    summary.append(f"COMBINED {size}: {config_text(combined)}")
-    for impl in ("fused", "sdpa"):
-        for name, overrides in (("default", {}), ("combined", combined)):
-            one_point = {f: [x] for f, x in overrides.items()}
-            rows = sweep(f"{size} whole {impl}-lm {name}", whole_call(impl), one_point, dev)
-            if rows:
-                summary.append(f"WHOLE {size} {impl}-lm {name}: {rows[0][0]:.3f} ms")
+    for joint in (False, True):
+        if joint and not set(swept) & set(JOINT_PARTS):
+            continue
+        layer_name = "joint " if joint else ""
+        summary.append(f"COMBINED {size}{' joint' if joint else ''}: {config_text(combined[joint])}")
+        for impl in ("fused", "sdpa"):
+            for name, overrides in (("default", {}), ("combined", combined[joint])):
+                one_point = {f: [x] for f, x in overrides.items()}
+                rows = sweep(f"{size} whole {layer_name}{impl}-lm {name}", whole_call(impl, joint), one_point, dev)
+                if rows:
+                    summary.append(f"WHOLE {size} {layer_name}{impl}-lm {name}: {rows[0][0]:.3f} ms")
     return summary
 
 

@@ -26,6 +26,10 @@ class FakeLayer:
         assert isinstance(config, KernelConfig), config
         return lambda: self.calls.append((landmark_impl, config))
 
+    def joint(self, config: KernelConfig, landmark_impl: str):
+        assert isinstance(config, KernelConfig), config
+        return lambda: self.calls.append((f"joint {landmark_impl}", config))
+
 
 def test_tune_size_sweeps_the_named_part_then_times_default_and_combined_whole_calls(monkeypatch, capsys):
     layer = FakeLayer()
@@ -42,3 +46,24 @@ def test_tune_size_sweeps_the_named_part_then_times_default_and_combined_whole_c
     assert "BEST 1024 landmark-sdpa: 0.008 ms KernelConfig(lm_window_block=128)" in summary
     assert "COMBINED 1024: KernelConfig(lm_window_block=128)" in summary
     assert any(line.startswith("WHOLE 1024 sdpa-lm combined") for line in summary)
+
+
+def test_the_joint_part_times_the_joint_layer_and_combines_apart_from_the_hybrid_parts(monkeypatch):
+    layer = FakeLayer()
+    monkeypatch.setattr(tune, "default_layer", lambda size, dev: layer)
+    # faster with wider joint tiles, and with a narrower landmark window block
+    monkeypatch.setattr(tune, "time_ms", lambda fn, dev, *a: (fn(), [
+        (1.0 / layer.calls[-1][1].joint_block_m) if layer.calls[-1][0].startswith("joint")
+        else float(layer.calls[-1][1].lm_window_block)])[1])
+    grids = {"joint": {"joint_block_m": [32, 128]}, "landmark": {"lm_window_block": [32, 128]}}
+    summary = tune.tune_size("2048", False, torch.device("cpu"), ["landmark", "joint"], grids)
+    swept = [(impl, cfg.joint_block_m, cfg.lm_window_block) for impl, cfg in layer.calls[:4]]
+    default = KernelConfig()
+    assert swept == [("fused", default.joint_block_m, 32), ("fused", default.joint_block_m, 128),
+                     ("joint fused", 32, default.lm_window_block), ("joint fused", 128, default.lm_window_block)]
+    assert "COMBINED 2048: KernelConfig(lm_window_block=32)" in summary
+    assert "COMBINED 2048 joint: KernelConfig(joint_block_m=128)" in summary
+    whole_joint = [(impl, cfg.joint_block_m) for impl, cfg in layer.calls if impl.startswith("joint")][2:]
+    assert whole_joint == [("joint fused", default.joint_block_m), ("joint fused", 128),
+                           ("joint sdpa", default.joint_block_m), ("joint sdpa", 128)]
+    assert any(line.startswith("WHOLE 2048 joint sdpa-lm combined") for line in summary)
