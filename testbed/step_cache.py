@@ -125,12 +125,13 @@ class StepCachedModel:
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown rows of `attnplug eval --step-cache` results: adherence against exact without a cache, steps
     skipped, the bound steps / computed on the speed-up."""
-    lines = [("| testbed | backend | step cache | adherence exact, no cache → this | drop, points | steps skipped | "
-              "steps / computed | velocity cos |"), "|---|---|---|---|---|---|---|---|"]
+    lines = [("| testbed | seed | prompts | backend | step cache | adherence exact, no cache → this | drop, points | "
+              "steps skipped | steps / computed | velocity cos |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         sc = r.get("step_cache") or {"spec": "none", "skipped": 0, "steps": 0, "share_skipped": 0.0,
                                      "step_speedup_bound": 1.0}
-        lines.append(f"| {r.get('testbed', 'default')} | {r['backend']} | {sc['spec']} | "
+        lines.append(f"| {r.get('testbed', 'default')} | {r.get('seed', '–')} | {r.get('n_prompts', '–')} | "
+                     f"{r['backend']} | {sc['spec']} | "
                      f"{100 * r['adherence_exact']:.2f} → {100 * r['adherence_approx']:.2f} | "
                      f"{r['adherence_drop_points']:+.2f} | {sc['skipped']}/{sc['steps']} "
                      f"({100 * sc['share_skipped']:.0f} %) | {sc['step_speedup_bound']:.2f}× | "

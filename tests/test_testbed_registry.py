@@ -213,10 +213,10 @@ def test_step_cache_table_and_spec():
     for bad in ("fbcache", "teacache:0.1", "fbcache:x", "fbcache:0", "fbcache:inf"):
         with pytest.raises(step_cache.StepCacheError):
             step_cache.parse_step_cache(bad)
-    row = {"testbed": "grid64", "backend": "host", "adherence_exact": 0.99, "adherence_approx": 0.98,
+    row = {"testbed": "grid64", "seed": 1, "n_prompts": 32, "backend": "host", "adherence_exact": 0.99, "adherence_approx": 0.98,
            "adherence_drop_points": 1.0, "velocity_cosine": 1.0,
            "step_cache": {"spec": "fbcache:0.1", "steps": 20, "skipped": 5, "share_skipped": 0.25,
                           "step_speedup_bound": 20 / 15}}
     text = step_cache.table([row, {**row, "step_cache": None}])
-    assert "| grid64 | host | fbcache:0.1 | 99.00 → 98.00 | +1.00 | 5/20 (25 %) | 1.33× |" in text
+    assert "| grid64 | 1 | 32 | host | fbcache:0.1 | 99.00 → 98.00 | +1.00 | 5/20 (25 %) | 1.33× |" in text
     assert "| none |" in text
