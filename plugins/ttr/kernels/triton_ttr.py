@@ -186,6 +186,18 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, pk_ptr, w1_ptr, b1_ptr, 
 
 
 @triton.jit
+def _state_numerator(f1, f2, s_base, offs_f, offs_d, D: tl.constexpr, F1: tl.constexpr, IS_HH: tl.constexpr):
+    """φ(q)ᵀS `[BM, D]` fp32 for a tile's features `f1` (`f2`: hedgehog's second half) in the output's dtype. S
+    comes scaled by s_scale and in the output's dtype (`ServePlan.scaled_state`: once per call, not per tile)."""
+    st = tl.load(s_base + offs_f[:, None] * D + offs_d[None, :])
+    num = tl.dot(f1, st)
+    if IS_HH:
+        st2 = tl.load(s_base + F1 * D + offs_f[:, None] * D + offs_d[None, :])
+        num = tl.dot(f2, st2, num)
+    return num
+
+
+@triton.jit
 def _softmax_step(q, kt, vt, keep, m_i, l_i, acc, qk_scale):
     """One tile of a flash-style online softmax: fold keys `kt` / values `vt` (`[BK, D]`, where `keep`, a mask
     broadcastable to `[BM, BK]`) into the running max `m_i`, sum `l_i` and output `acc` of the query tile `q`
@@ -377,25 +389,23 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         offs_f = tl.arange(0, F1)
         s_base = s_ptr + pid_bh * (FT * D)
         z_base = z_ptr + pid_bh * FT
-        # S comes scaled by s_scale and in the output's dtype (`run_fused_kernels`: once per call, not per tile)
-        st = tl.load(s_base + offs_f[:, None] * D + offs_d[None, :])
         zt = tl.load(z_base + offs_f) * s_scale
-        num = tl.dot(f1.to(out_dtype), st)
         den = tl.sum(f1 * zt[None, :], axis=1)
         if IS_HH:
-            st2 = tl.load(s_base + F1 * D + offs_f[:, None] * D + offs_d[None, :])
             zt2 = tl.load(z_base + F1 + offs_f) * s_scale
-            num = tl.dot(f2.to(out_dtype), st2, num)
             den += tl.sum(f2 * zt2[None, :], axis=1)
         if MODE == 5:
-            # the far field, unscaled: the window keys' terms come out of it in the landmark pass below
-            num_u = num / s_scale
+            # the far field, unscaled: the window keys' terms come out of it in the landmark pass below. Its
+            # numerator φ(q)ᵀS joins in the epilogue, so that no [BM, D] accumulator besides the softmax's is live
+            # over the landmark loop (the window loop starts from zeros)
+            num_u = tl.zeros((BM, D), dtype=tl.float32)
             den_u = den / s_scale
             fq1 = f1.to(out_dtype)
             fq2 = f2.to(out_dtype)
             pk_base = pk_ptr + pid_bh * spk
         else:
-            ok = num / (den + eps * s_scale)[:, None]
+            ok = _state_numerator(f1.to(out_dtype), f2.to(out_dtype), s_base, offs_f, offs_d, D, F1, IS_HH)
+            ok = ok / (den + eps * s_scale)[:, None]
             if HAS_AFF:
                 ok = ok * (1.0 + tl.load(aff_ptr + b * 4 + 0)) + tl.load(aff_ptr + b * 4 + 1)
             num_u = 0.0  # (read by the joint pass only)
@@ -473,6 +483,7 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         tl.atomic_add(dsum_ptr + pid_bh, tl.sum(tl.where(row_ok, dd, 0.0), axis=0), sem="relaxed")
         tl.store(o_ptrs, ol.to(out_dtype), mask=row_ok[:, None])
     elif MODE == 5:
+        num_u += _state_numerator(fq1, fq2, s_base, offs_f, offs_d, D, F1, IS_HH) / s_scale
         res = _shared_combine(ol, m_i, l_i, num_u, den_u, q_ptr + b * sqb + h * sqh, offs_m, offs_d, row_ok, sqn,
                               bq_ptr + h * D, tl.load(logit_ptr + h * logit_h), aff_ptr + b * 4, eps, HAS_AFF)
         if GUARD:

@@ -1,0 +1,143 @@
+"""Registers and stack (spill) bytes of the fused query passes, compiled for a GPU that is not here.
+
+`python -m attnplug.bench.offline_compile --sizes 2048 --layers hybrid,joint [--config '{"joint_block_m": 128}' ...]`
+builds the product's default layer (`bench.default_layer`) on the CPU, records the query-pass launches its serve
+plan makes at the first call (nothing runs: the launcher is replaced by a recorder), compiles each for sm_90 with
+the installed Triton and reads the cubin's resource usage with the `cuobjdump` bundled with Triton. One line per
+launch: the mode, tiles and window, registers per thread and stack bytes per thread (spills, once registers run
+out at 255). A CPU-only check of what a kernel change does to register pressure; speed is measured on the GPU
+(`attnplug.bench.tune`, `attnplug.bench.profile_kernels`). The Triton here may not be the one on the GPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from ..plugins.ttr.kernels import KernelConfig, launchers
+from ..plugins.ttr.kernels import serve_plan as serve_plan_module
+from . import default_layer as default_layer_module
+
+Launch = tuple[tuple[Any, ...], dict[str, Any]]  # the query kernel's positional and compile-time arguments
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8",
+           torch.int32: "i32", torch.int64: "i64"}
+
+
+@contextlib.contextmanager
+def recorded_query_launches(sms: int = 132) -> Iterator[list[Launch]]:
+    """Within the block, fused launches are recorded instead of run (query passes into the yielded list; key
+    passes dropped), the plan sees `sms` multiprocessors and the CPU tensors pass the fused path's checks."""
+    launches: list[Launch] = []
+
+    class _Recorder:
+        def __init__(self, keep: bool) -> None:
+            self.keep = keep
+
+        def __getitem__(self, grid: Any) -> Callable[..., None]:
+            def launch(*args: Any, **consts: Any) -> None:
+                if self.keep:
+                    launches.append((args, consts))
+            return launch
+
+    fake = types.SimpleNamespace(_query_kernel=_Recorder(True), _kv_state_kernel=_Recorder(False))
+    saved = (launchers._kernels, serve_plan_module.num_sms, default_layer_module.fused_unsupported_reasons)
+    launchers._kernels = lambda: fake  # type: ignore[assignment]
+    serve_plan_module.num_sms = lambda device: sms  # type: ignore[assignment]
+    default_layer_module.fused_unsupported_reasons = lambda *a, **k: []  # type: ignore[assignment]
+    try:
+        yield launches
+    finally:
+        launchers._kernels, serve_plan_module.num_sms, default_layer_module.fused_unsupported_reasons = saved
+
+
+def _arg_type(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i64" if abs(value) >= 2 ** 31 else "i32"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"a kernel argument of type {type(value).__name__}")
+
+
+def resources(launch: Launch, capability: int = 90) -> tuple[int, int]:
+    """(registers per thread, stack bytes per thread) of the query kernel compiled for `launch` on sm_`capability`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from ..plugins.ttr.kernels import triton_ttr
+
+    args, consts = launch
+    consts = dict(consts)
+    options = {"num_warps": consts.pop("num_warps"), "num_stages": consts.pop("num_stages")}
+    fn = triton_ttr._query_kernel
+    if not isinstance(fn, triton.runtime.JITFunction):
+        raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1 is set): unset it to compile them")
+    signature = {name: _arg_type(a) for name, a in zip(fn.arg_names, args)} | {name: "constexpr" for name in consts}
+    compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts),
+                              target=GPUTarget("cuda", capability, 128 if capability >= 90 else 32), options=options)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    if regs is None or stack is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage: {usage[:200]!r}")
+    return int(regs.group(1)), int(stack.group(1))
+
+
+def layer_launches(size: str, layer: str, config: KernelConfig) -> list[Launch]:
+    """The query-pass launches of the default layer's first call at `size` ('hybrid' or 'joint', in-kernel
+    landmarks) under `config`."""
+    inputs = default_layer_module.default_layer(size, torch.device("cpu"))
+    with recorded_query_launches() as launches:
+        call = inputs.joint(config, "fused") if layer == "joint" else inputs.fused(config, "fused")
+        call()
+    return launches
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m attnplug.bench.offline_compile", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="2048")
+    p.add_argument("--layers", default="hybrid,joint", help="comma list of 'hybrid' and 'joint'")
+    p.add_argument("--config", action="append", default=None,
+                   help="JSON KernelConfig overrides, e.g. '{\"joint_block_m\": 128}' (repeatable; default: {})")
+    p.add_argument("--capability", type=int, default=90, help="the GPU's compute capability ×10 (90: Hopper)")
+    a = p.parse_args(argv)
+    layers = [x.strip() for x in a.layers.split(",") if x.strip()]
+    if not layers or set(layers) - {"hybrid", "joint"}:
+        p.error(f"--layers: expected 'hybrid' and/or 'joint', got {a.layers!r}")
+    try:
+        configs = [json.loads(c) for c in (a.config or ["{}"])]
+        kernel_configs = [KernelConfig(**c) for c in configs]
+    except (ValueError, TypeError) as exc:
+        p.error(f"--config: expected JSON {{KernelConfig field: value}} ({exc})")
+    for size in a.sizes.split(","):
+        for overrides, cfg in zip(configs, kernel_configs):
+            for layer in layers:
+                for launch in layer_launches(size, layer, cfg):
+                    c = launch[1]
+                    regs, stack = resources(launch, a.capability)
+                    print(f"{size} {layer} {json.dumps(overrides)} MODE={c['MODE']} BM={c['BM']} warps={c['num_warps']} "
+                          f"WIN={c['WIN']} BLW={c['BLW']} HC={c['HC']}: {regs} registers, {stack} B stack", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
