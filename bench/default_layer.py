@@ -51,38 +51,34 @@ class LayerInputs:
         lm = None if landmark_impl is None else self.landmarks
         kw = {"window": self.window, "grid": self.grid, "n_cond": TEXT_TOKENS} \
             if window and landmark_impl is not None and self.window else {}
-        plans: list[ServePlan] = []
-
-        def call() -> torch.Tensor:
-            if not plans:
-                reasons = fused_unsupported_reasons(self.q, self.k, self.v, self.phi_q, self.phi_k, None, lm,
-                                                    kw.get("window", 0))
-                if reasons:
-                    raise RuntimeError("the fused path cannot serve this layer: " + "; ".join(reasons))
-                plans.append(ServePlan(self.q, self.k, self.v, self.phi_q, self.phi_k, landmark_idx=lm, config=config,
-                                       landmark_impl=landmark_impl or "auto", d_reference=self.d_reference, **kw))
-            return plans[0](self.q, self.k, self.v)
-        return call
+        return self._planned_call(lm, kw.get("window", 0), lambda: ServePlan(
+            self.q, self.k, self.v, self.phi_q, self.phi_k, landmark_idx=lm, config=config,
+            landmark_impl=landmark_impl or "auto", d_reference=self.d_reference, **kw))
 
     def joint(self, config: KernelConfig | None = None, landmark_impl: str = "auto") -> Callable[[], torch.Tensor]:
         """One call of the joint layer (`combine = "shared"`) on these inputs: the text rows exact over every key,
         the image rows over the text keys, landmarks and window exactly plus the learned far field, one shared
         normaliser; α's logit and the log-scale at their initial values (0). Its plan is built at the first call."""
-        plans: list[JointServePlan] = []
+        heads, d = self.q.shape[1], self.q.shape[3]
+        return self._planned_call(self.landmarks, self.window, lambda: JointServePlan(
+            self.q, self.k, self.v, self.phi_q, self.phi_k, landmark_idx=self.landmarks,
+            alpha_logit=torch.zeros(heads, device=self.q.device),
+            log_scale_q=torch.zeros(heads, d, device=self.q.device), landmark_impl=landmark_impl, config=config,
+            window=self.window, grid=self.grid, n_cond=TEXT_TOKENS))
+
+    def _planned_call(self, landmarks: torch.Tensor | None, window: int,
+                      build: Callable[[], ServePlan]) -> Callable[[], torch.Tensor]:
+        """A call that, the first time, checks that the fused path serves these inputs (with `landmarks` and
+        `window`) and builds its plan with `build`; every call then runs that plan."""
+        plans: list[ServePlan] = []
 
         def call() -> torch.Tensor:
             if not plans:
-                reasons = fused_unsupported_reasons(self.q, self.k, self.v, self.phi_q, self.phi_k, None,
-                                                    self.landmarks, self.window)
+                reasons = fused_unsupported_reasons(self.q, self.k, self.v, self.phi_q, self.phi_k, None, landmarks,
+                                                    window)
                 if reasons:
                     raise RuntimeError("the fused path cannot serve this layer: " + "; ".join(reasons))
-                heads, d = self.q.shape[1], self.q.shape[3]
-                zeros = torch.zeros(heads, device=self.q.device)
-                plans.append(JointServePlan(self.q, self.k, self.v, self.phi_q, self.phi_k,
-                                            landmark_idx=self.landmarks, alpha_logit=zeros,
-                                            log_scale_q=torch.zeros(heads, d, device=self.q.device),
-                                            landmark_impl=landmark_impl, config=config, window=self.window,
-                                            grid=self.grid, n_cond=TEXT_TOKENS))
+                plans.append(build())
             return plans[0](self.q, self.k, self.v)
         return call
 

@@ -65,7 +65,7 @@ GRIDS: dict[str, tuple[Grid, Grid]] = {
                        "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32], "lm_hidden_chunk": [0, 64, 128]},
                       {"sdpa_lm_block_m": [64, 128], "sdpa_lm_warps": [4, 8], "lm_window_block": [32, 64],
                        "lm_hidden_chunk": [64, 128]}),
-    # the joint layer's query pass (mode 5): the far numerator live beside the softmax accumulator
+    # the joint layer's query pass (mode 5): φ(q) and the window's far-field terms live beside the softmax state
     "joint": ({"joint_block_m": [32, 64, 128], "joint_warps": [4, 8], "lm_stages": [1, 2, 3], "lm_block": [32, 64, 128],
                "lm_window_block": [32, 64, 128], "lm_hidden_chunk": [0, 64, 128]},
               {"joint_block_m": [32, 64, 128], "joint_warps": [4, 8], "lm_stages": [2, 3], "lm_block": [64, 128],
@@ -146,14 +146,14 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
     for joint in (False, True):
         if joint and not set(swept) & set(JOINT_PARTS):
             continue
-        layer_name = "joint " if joint else ""
-        summary.append(f"COMBINED {size}{' joint' if joint else ''}: {config_text(combined[joint])}")
+        tag = " joint" if joint else ""
+        summary.append(f"COMBINED {size}{tag}: {config_text(combined[joint])}")
         for impl in ("fused", "sdpa"):
             for name, overrides in (("default", {}), ("combined", combined[joint])):
                 one_point = {f: [x] for f, x in overrides.items()}
-                rows = sweep(f"{size} whole {layer_name}{impl}-lm {name}", whole_call(impl, joint), one_point, dev)
+                rows = sweep(f"{size} whole{tag} {impl}-lm {name}", whole_call(impl, joint), one_point, dev)
                 if rows:
-                    summary.append(f"WHOLE {size} {layer_name}{impl}-lm {name}: {rows[0][0]:.3f} ms")
+                    summary.append(f"WHOLE {size}{tag} {impl}-lm {name}: {rows[0][0]:.3f} ms")
     return summary
 
 
