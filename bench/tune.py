@@ -18,8 +18,9 @@ product's default layer (`bench.default_layer`: φ, landmarks and window from th
   combined config;
 - joint, joint-sdpa (only when named in `--parts`): the joint layer's whole call (`LayerInputs.joint`: a double
   block's, text rows exact, far field image↔image) with in-kernel or cuDNN landmarks, over the joint query pass's
-  joint_block_m × joint_warps × lm_stages × lm_window_block × lm_hidden_chunk (and lm_block for in-kernel
-  landmarks); their best combine apart from the hybrid layer's parts, which share some of those fields;
+  joint_block_m × joint_warps × lm_stages × joint_window_block × lm_hidden_chunk (and joint_lm_block for
+  in-kernel landmarks); their best combine apart from the hybrid layer's parts, which share lm_stages and
+  lm_hidden_chunk;
 - whole: the default config and the one combining each part's best, as whole calls with
   landmark_impl "fused" and "sdpa" (and the joint layer's, when a joint part was swept).
 
@@ -66,13 +67,13 @@ GRIDS: dict[str, tuple[Grid, Grid]] = {
                       {"sdpa_lm_block_m": [64, 128], "sdpa_lm_warps": [4, 8], "lm_window_block": [32, 64],
                        "lm_hidden_chunk": [64, 128]}),
     # the joint layer's query pass (mode 5): φ(q) and the window's far-field terms live beside the softmax state
-    "joint": ({"joint_block_m": [32, 64, 128], "joint_warps": [4, 8], "lm_stages": [1, 2, 3], "lm_block": [32, 64, 128],
-               "lm_window_block": [32, 64, 128], "lm_hidden_chunk": [0, 64, 128]},
-              {"joint_block_m": [32, 64, 128], "joint_warps": [4, 8], "lm_stages": [2, 3], "lm_block": [64, 128],
-               "lm_window_block": [32, 64]}),
+    "joint": ({"joint_block_m": [32, 64, 128], "joint_warps": [4, 8], "lm_stages": [1, 2, 3],
+               "joint_lm_block": [32, 64, 128], "joint_window_block": [32, 64, 128], "lm_hidden_chunk": [0, 64, 128]},
+              {"joint_block_m": [64, 128], "joint_warps": [4, 8], "lm_stages": [2, 3], "joint_lm_block": [64, 128],
+               "joint_window_block": [32, 64]}),
     "joint-sdpa": ({"joint_block_m": [32, 64, 128], "joint_warps": [4, 8], "lm_stages": [1, 2, 3],
-                    "lm_window_block": [32, 64, 128], "lm_hidden_chunk": [0, 64, 128]},
-                   {"joint_block_m": [32, 64, 128], "joint_warps": [4, 8], "lm_window_block": [32, 64],
+                    "joint_window_block": [32, 64, 128], "lm_hidden_chunk": [0, 64, 128]},
+                   {"joint_block_m": [64, 128], "joint_warps": [4, 8], "joint_window_block": [32, 64],
                     "lm_hidden_chunk": [64, 128]}),
 }
 JOINT_PARTS = ("joint", "joint-sdpa")

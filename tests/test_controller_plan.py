@@ -61,6 +61,13 @@ def test_fingerprint_changes_with_any_weight():
     assert fingerprint_tensors(a) == fingerprint_tensors(dict(a)) != fingerprint_tensors(b)
 
 
+def test_fingerprint_reads_scalars_and_bf16():
+    """A joint layer's state holds 0-dim tensors (its learned log-scale): calibrating it must not fail on them."""
+    a = {"log_scale": torch.tensor(0.5), "w": torch.ones(3, dtype=torch.bfloat16)}
+    b = {"log_scale": torch.tensor(0.25), "w": torch.ones(3, dtype=torch.bfloat16)}
+    assert fingerprint_tensors(a) != fingerprint_tensors(b)
+
+
 def _ttr_session(tmp_path, make_call, **controller):
     cfg = {"backend": "ttr", "exact": "sdpa", "plugins": {"controller": controller} if controller else {}}
     session = Session(cfg)

@@ -37,12 +37,13 @@ def band_label(edges: tuple[float, ...], band: int) -> str:
 
 
 def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of `tensors` (sorted by name)."""
+    """sha256 over the names, dtypes, shapes and bytes of `tensors` (sorted by name); scalars (a joint layer's
+    learned log-scale) and bf16 tensors included."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:32]
 
 

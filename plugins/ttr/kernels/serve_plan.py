@@ -199,8 +199,10 @@ class ServePlan:
         cfg = self.config
         bsz, heads, nq, _, d = self.shape
         landmark_pass = mode in (1, 2, 4, 5)
+        lm_block, win_block = cfg.lm_block, cfg.lm_window_block
         if mode == 5:
             bm, warps, stages = cfg.joint_block_m, cfg.joint_warps, cfg.lm_stages
+            lm_block, win_block = cfg.joint_lm_block, cfg.joint_window_block
         elif landmark_pass:
             bm, warps = (cfg.sdpa_lm_block_m, cfg.sdpa_lm_warps) if lm_src else (cfg.lm_block_m, cfg.lm_warps)
             stages = cfg.lm_stages
@@ -218,9 +220,9 @@ class ServePlan:
             tiles = cdiv(nq - (self.n_cond if mode == 5 else 0), bm)
         split = self.phi_q.split
         consts = dict(D=d, BK=block_k(cfg.block_k, split.din), **self.phi_q.consts(self.fast_silu), MODE=mode,
-                      LM_SRC=lm_src, HAS_AFF=has_aff, BM=bm, BL=cfg.lm_block,
+                      LM_SRC=lm_src, HAS_AFF=has_aff, BM=bm, BL=lm_block,
                       HC=query_hidden_chunk(cfg, split.din, split.h1, landmark_pass, mode), WIN=win,
-                      BLW=window_block(cfg.lm_window_block, bm, pw, win) if win else 16, PW=pw,
+                      BLW=window_block(win_block, bm, pw, win) if win else 16, PW=pw,
                       GUARD=guard if mode != 2 else 0, num_warps=warps, num_stages=stages)
         qk_scale = d ** -0.5 * 1.4426950408889634
         hit = launchers.QueryLaunch(

@@ -45,10 +45,13 @@ class KernelConfig:
     sdpa_lm_block_m: int = 64
     sdpa_lm_warps: int = 4
     # the joint layer's pass (image rows; the window loop also takes the window keys' kernel terms out of the far
-    # field, so the far numerator stays live beside the softmax's accumulator): rows per tile and warps. 64 rows on
-    # 8 warps keep ~half the per-thread state of the landmark pass's tiles (to be tuned on the GPU: `bench.tune`)
+    # field): rows per tile, warps, landmark keys per tile (in-kernel softmax) and window keys per tile — its own,
+    # apart from the landmark pass's (H200, 2048², the whole joint call with in-kernel landmarks: 64 rows on 4 warps
+    # with 64-key landmark and 32-key window tiles 1.74 ms, the landmark pass's 128/64-key tiles on 8 warps 2.39 ms)
     joint_block_m: int = 64
-    joint_warps: int = 8
+    joint_warps: int = 4
+    joint_lm_block: int = 64
+    joint_window_block: int = 32
     block_k: int = 64  # first in-kernel φ layer, every pass: input columns per step
     # landmark_impl="sdpa": out_l comes from cuDNN in one call over all heads, whose result is the output, where
     # all heads' landmark K/V copies fit within this fraction of the output's bytes (the memory target: SDPA's
