@@ -14,8 +14,9 @@
    serves nothing: its time against the exact run is what deciding costs);
 5. `study.json`, `study.md` (the table and the headline numbers) and `pareto.png` in `--out`.
 
-At its defaults it takes more than 10 minutes on one H200: to fit lent 10-minute calls, train in one (`--train-minutes`)
-and evaluate in the next (`--plan DIR/plan.json --policies DIR`). tests/test_policy_study.py runs it on a CPU at toy sizes.
+At its defaults it takes more than 10 minutes on one H200: to fit lent 10-minute calls, train in one (`--train-minutes
+--no-evaluate`), train further in the next if needed (`--plan DIR/plan.json --resume DIR`), and evaluate in the
+last (`--plan DIR/plan.json --policies DIR`). tests/test_policy_study.py runs it on a CPU at toy sizes.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ from .model import WEIGHTS_DIR, load_testbed
 
 CONFIGS = Path(__file__).parent / "configs"
 MAX_LOSS = 1.0  # adherence points: the budget of the headline numbers
+#: the two policies of a study and their files: with the pooled prompt embedding, and the same network without it
+POLICY_FILES = (("policy (text)", "policy_text.safetensors", True),
+                ("policy (no text)", "policy_no_text.safetensors", False))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +60,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--policies", type=Path, default=None,
                    help="a folder holding policy_text.safetensors and policy_no_text.safetensors from an earlier "
                         "study (skips training: evaluate those)")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="a folder holding the two policy files of an earlier study: train them further (their "
+                        "optimizer, baseline and λ) instead of new ones")
+    p.add_argument("--no-evaluate", action="store_true",
+                   help="stop after training (plan.json, the policy files and training.json are written)")
     p.add_argument("--train-minutes", type=float, default=2.5, help="per policy")
     p.add_argument("--updates", type=int, default=None, help="cap on updates per policy")
     p.add_argument("--prompts-per-episode", type=int, default=4)
@@ -147,23 +156,29 @@ def train_policies(session: Any, model: Any, args: argparse.Namespace, out: Path
         update["pool"] = args.pool
     policies: dict[str, Any] = {}
     references: dict[int, Sample] = {}
-    for name, use_text in (("policy (text)", True), ("policy (no text)", False)):
+    for name, file, use_text in POLICY_FILES:
         settings = base.model_copy(update={**update, "use_text": use_text})
         episodes = TestbedEpisodes(session, settings.prompts_per_episode, seed=settings.seed, steps=args.steps,
                                    model=model)
-        trainer = build_trainer(session, episodes.sample, settings,
+        resume = args.resume / file if args.resume else None  # a resumed policy keeps its own start
+        trainer = build_trainer(session, episodes.sample, settings, resume=resume,
                                 extra_terms={"testbed_adherence": _adherence_factory}, start_plan=plan)
         trainer.references.update(references)  # the same episodes: each exact reference is sampled once
         result = trainer.train(episodes.sample, minutes=args.train_minutes, updates=args.updates,
                                progress=not args.no_progress)
         references = trainer.references
-        file = out / ("policy_text.safetensors" if use_text else "policy_no_text.safetensors")
-        save_policy(file, trainer.policy, settings_json(settings), trainer.state())
-        policies[name] = {"policy": trainer.policy, "file": str(file), "updates": trainer.updates,
+        save_policy(out / file, trainer.policy, settings_json(settings), trainer.state())
+        policies[name] = {"policy": trainer.policy, "file": str(out / file), "updates": trainer.updates,
                           "start_agreement": trainer.start_agreement,
                           "episodes": trainer.episodes, "seconds": round(result.seconds, 1),
                           "history": result.history}
     return policies
+
+
+def write_training(out: Path, policies: dict[str, Any]) -> None:
+    """`training.json`: each policy's updates, seconds, start agreement and per-update metrics."""
+    record = {n: {k: v for k, v in e.items() if k != "policy"} for n, e in policies.items()}
+    atomic_write_text(out / "training.json", json.dumps(record, indent=1, default=float))
 
 
 def load_policies(folder: Path) -> dict[str, Any]:
@@ -171,7 +186,7 @@ def load_policies(folder: Path) -> dict[str, Any]:
     from ..plugins.controller.policy_checkpoint import load_policy
 
     policies: dict[str, Any] = {}
-    for name, file in (("policy (text)", "policy_text.safetensors"), ("policy (no text)", "policy_no_text.safetensors")):
+    for name, file, _ in POLICY_FILES:
         loaded = load_policy(folder / file)  # the gate keeps exact any layer a policy does not know
         state = loaded.training
         policies[name] = {"policy": loaded.policy, "file": str(folder / file),
@@ -202,6 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         t0 = time.perf_counter()
         plan = ServingPlan.load_json(args.plan) if args.plan else calibrate_plan(session, model, args, out)
+        if args.plan and args.plan.resolve() != (out / "plan.json").resolve():
+            plan.save_json(out / "plan.json")  # the study's folder holds everything its next call needs
         timings["plan_s"] = time.perf_counter() - t0
         print(f"plan: {timings['plan_s']:.0f} s", flush=True)  # each stage as it ends: a cut-off run still tells
         t0 = time.perf_counter()
@@ -209,6 +226,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     else train_policies(session, model, args, out, plan))
         timings["train_s"] = time.perf_counter() - t0
         print(f"policies: {timings['train_s']:.0f} s", flush=True)
+        if not args.policies:
+            write_training(out, policies)
+        if args.no_evaluate:
+            return {"policies": policies, "timings": timings}
         t0 = time.perf_counter()
         rows = evaluate(session, model, args, plan, policies, pgate, plgate)
         timings["eval_s"] = time.perf_counter() - t0
@@ -314,7 +335,16 @@ def _fmt(v: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.resume and args.policies:
+        raise SystemExit("policy_study: give --resume (train further) or --policies (evaluate only), not both")
     result = run(args)
+    if args.no_evaluate:
+        for name, entry in result["policies"].items():
+            last = entry["history"][-1] if entry["history"] else {}
+            print(f"{name}: {entry['updates']} updates; last: share {last.get('share_served', float('nan')):.3f}, "
+                  f"cost {last.get('cost', float('nan')):.3f}, λ {last.get('lambda', float('nan')):.2f}")
+        print(f"written: {args.out}/plan.json, training.json, {', '.join(f for _, f, _ in POLICY_FILES)}")
+        return 0
     print(markdown({k: v for k, v in result.items()}).split("\n\n| method | setting")[0])
     print(f"written: {args.out}/study.json, study.md, pareto.png")
     return 0

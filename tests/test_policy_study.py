@@ -61,3 +61,18 @@ def test_the_study_runs_end_to_end_and_writes_its_report(tmp_path):
     reread = json.loads((again / "study.json").read_text())
     assert reread["policies"]["policy (text)"]["updates"] == 2  # read back from the file, not trained again
     assert not (again / "policy_text.safetensors").exists()
+
+    # trained further from those files in another call, without evaluating: its folder holds the next call's inputs
+    more = tmp_path / "more"
+    code = policy_study.main(["--out", str(more), "--config", str(config), "--checkpoint",
+                              str(tmp_path / "ttr.safetensors"), "--weights", str(weights), "--steps", "2",
+                              "--plan", str(out / "plan.json"), "--resume", str(out), "--updates", "1",
+                              "--prompts-per-episode", "1", "--pool", "2", "--no-evaluate", "--no-progress"])
+    assert code == 0
+    assert {p.name for p in more.iterdir()} == {"plan.json", "training.json", "policy_text.safetensors",
+                                                 "policy_no_text.safetensors"}
+    training = json.loads((more / "training.json").read_text())
+    assert training["policy (text)"]["updates"] == 3  # two before, one here: the optimizer state went on
+    assert len(training["policy (no text)"]["history"]) == 1 and "share_served" in training["policy (no text)"]["history"][0]
+    with pytest.raises(SystemExit, match="not both"):
+        policy_study.main(["--out", str(more), "--resume", str(out), "--policies", str(out)])
