@@ -182,16 +182,19 @@ def write_training(out: Path, policies: dict[str, Any]) -> None:
 
 
 def load_policies(folder: Path) -> dict[str, Any]:
-    """The two policies of an earlier study, read from `folder`."""
+    """The two policies of an earlier study, read from `folder` (its `training.json`, when there, gives each
+    policy's training seconds and per-update metrics)."""
     from ..plugins.controller.policy_checkpoint import load_policy
 
+    trained = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else {}
     policies: dict[str, Any] = {}
     for name, file, _ in POLICY_FILES:
         loaded = load_policy(folder / file)  # the gate keeps exact any layer a policy does not know
         state = loaded.training
+        record = trained.get(name, {})
         policies[name] = {"policy": loaded.policy, "file": str(folder / file),
                           "updates": state.updates if state else None, "episodes": state.episodes if state else None,
-                          "seconds": None, "history": []}
+                          "seconds": record.get("seconds"), "history": record.get("history", [])}
     return policies
 
 

@@ -60,6 +60,9 @@ def test_the_study_runs_end_to_end_and_writes_its_report(tmp_path):
     assert code == 0
     reread = json.loads((again / "study.json").read_text())
     assert reread["policies"]["policy (text)"]["updates"] == 2  # read back from the file, not trained again
+    # the training seconds and the last update's metrics come from that study's training.json
+    assert reread["policies"]["policy (text)"]["seconds"] == result["policies"]["policy (text)"]["seconds"] is not None
+    assert "share_served" in reread["policies"]["policy (no text)"]["last"]
     assert not (again / "policy_text.safetensors").exists()
 
     # trained further from those files in another call, without evaluating: its folder holds the next call's inputs
