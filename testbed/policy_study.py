@@ -68,6 +68,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-minutes", type=float, default=2.5, help="per policy")
     p.add_argument("--updates", type=int, default=None, help="cap on updates per policy")
     p.add_argument("--prompts-per-episode", type=int, default=4)
+    p.add_argument("--training", action="append", default=[], metavar="FIELD=JSON",
+                   help="override one field of [plugins.controller.policy_training] for both policies, e.g. "
+                        "'entropy=0.05' or 'terms=[{\"kind\": \"testbed_adherence\", \"max\": 1.0}]' (repeatable)")
     p.add_argument("--pool", type=int, default=None, help="distinct training episodes (default: the config's)")
     p.add_argument("--thresholds", default="0.05,0.2,0.35,0.5,0.65,0.8,0.9,0.97,1.0")
     p.add_argument("--eval-prompts", type=int, default=64)
@@ -151,13 +154,13 @@ def train_policies(session: Any, model: Any, args: argparse.Namespace, out: Path
     from .policy_training import TestbedEpisodes
 
     base = session.config.sections["controller"].policy_training
-    update: dict[str, Any] = {"prompts_per_episode": args.prompts_per_episode}
+    update: dict[str, Any] = {**training_overrides(args.training), "prompts_per_episode": args.prompts_per_episode}
     if args.pool:
         update["pool"] = args.pool
     policies: dict[str, Any] = {}
     references: dict[int, Sample] = {}
     for name, file, use_text in POLICY_FILES:
-        settings = base.model_copy(update={**update, "use_text": use_text})
+        settings = validated_training(base, {**update, "use_text": use_text})
         episodes = TestbedEpisodes(session, settings.prompts_per_episode, seed=settings.seed, steps=args.steps,
                                    model=model)
         resume = args.resume / file if args.resume else None  # a resumed policy keeps its own start
@@ -173,6 +176,30 @@ def train_policies(session: Any, model: Any, args: argparse.Namespace, out: Path
                           "episodes": trainer.episodes, "seconds": round(result.seconds, 1),
                           "history": result.history}
     return policies
+
+
+def training_overrides(items: list[str]) -> dict[str, Any]:
+    """`FIELD=JSON` strings as a dict (a value that is not JSON is taken as a string)."""
+    update: dict[str, Any] = {}
+    for item in items:
+        field, sep, raw = item.partition("=")
+        if not sep or not field:
+            raise SystemExit(f"--training {item!r}: expected FIELD=JSON, e.g. entropy=0.05")
+        try:
+            update[field.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            update[field.strip()] = raw
+    return update
+
+
+def validated_training(base: Any, update: dict[str, Any]) -> Any:
+    """`base` (the config's policy-training settings) with `update` applied and validated like the config file."""
+    from pydantic import ValidationError
+
+    try:
+        return type(base).model_validate({**base.model_dump(), **update})
+    except ValidationError as err:
+        raise SystemExit(f"--training: [plugins.controller.policy_training] does not accept {update}: {err}") from None
 
 
 def write_training(out: Path, policies: dict[str, Any]) -> None:

@@ -70,12 +70,23 @@ def test_the_study_runs_end_to_end_and_writes_its_report(tmp_path):
     code = policy_study.main(["--out", str(more), "--config", str(config), "--checkpoint",
                               str(tmp_path / "ttr.safetensors"), "--weights", str(weights), "--steps", "2",
                               "--plan", str(out / "plan.json"), "--resume", str(out), "--updates", "1",
-                              "--prompts-per-episode", "1", "--pool", "2", "--no-evaluate", "--no-progress"])
+                              "--prompts-per-episode", "1", "--pool", "2", "--no-evaluate", "--no-progress",
+                              "--training", "entropy=0.05", "--training",
+                              'terms=[{"kind": "testbed_adherence", "max": 1.0}]'])
     assert code == 0
     assert {p.name for p in more.iterdir()} == {"plan.json", "training.json", "policy_text.safetensors",
                                                  "policy_no_text.safetensors"}
     training = json.loads((more / "training.json").read_text())
     assert training["policy (text)"]["updates"] == 3  # two before, one here: the optimizer state went on
     assert len(training["policy (no text)"]["history"]) == 1 and "share_served" in training["policy (no text)"]["history"][0]
+    from attnplug.plugins.controller.policy_checkpoint import load_policy
+    trained_with = load_policy(more / "policy_text.safetensors").settings  # the overrides are what it trained with
+    assert trained_with["entropy"] == 0.05 and trained_with["terms"][0]["max"] == 1.0
+    with pytest.raises(SystemExit, match="entropy"):  # an override the settings refuse names its field
+        policy_study.main(["--out", str(more), "--config", str(config), "--checkpoint", str(tmp_path / "ttr.safetensors"),
+                           "--weights", str(weights), "--steps", "2", "--plan", str(out / "plan.json"), "--updates", "1",
+                           "--no-evaluate", "--no-progress", "--training", "entropy=-1"])
+    with pytest.raises(SystemExit, match="FIELD=JSON"):
+        policy_study.training_overrides(["entropy"])
     with pytest.raises(SystemExit, match="not both"):
         policy_study.main(["--out", str(more), "--resume", str(out), "--policies", str(out)])
