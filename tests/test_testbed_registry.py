@@ -220,3 +220,16 @@ def test_step_cache_table_and_spec():
     text = step_cache.table([row, {**row, "step_cache": None}])
     assert "| grid64 | 1 | 32 | host | fbcache:0.1 | 99.00 → 98.00 | +1.00 | 5/20 (25 %) | 1.33× |" in text
     assert "| none |" in text
+
+
+@pytest.mark.skipif(not registry.TESTBEDS["grid64"].weights.is_file(), reason="grid64 weights not committed")
+def test_committed_grid64_loads_at_its_grid_and_follows_held_out_prompts():
+    """`--testbed grid64` works from a fresh checkout: the committed fp16 file is the registry's 16x16-cell model
+    and, sampled in fp32 on a CPU, draws the digits its held-out prompts ask for."""
+    from attnplug.testbed.train import evaluate_adherence
+
+    bed = registry.get_testbed("grid64")
+    model = bed.load()
+    assert model.cfg == bed.config and bed.image_tokens == 4096
+    ev = evaluate_adherence(model, 2, 8, grid=bed.config.grid, batch_size=2)
+    assert ev["cells"] == 2 * 256 and ev["adherence"] >= 0.99
