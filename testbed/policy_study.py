@@ -125,7 +125,7 @@ def calibrate_plan(session: Any, model: Any, args: argparse.Namespace, out: Path
         update["sigma_bands"] = [float(x) for x in args.sigma_bands.split(",")]
     if args.calibration_layers:
         update["layers"] = args.calibration_layers.split(",")
-    settings = settings.model_validate({**settings.model_dump(), **update})
+    settings = validated(settings, update, "calibration")
     n = settings.prompts
     prompts = data.train_prompts(n, grid=model.cfg.grid,
                                  generator=torch.Generator().manual_seed(settings.seed + _PROMPT_STREAM))
@@ -160,7 +160,7 @@ def train_policies(session: Any, model: Any, args: argparse.Namespace, out: Path
     policies: dict[str, Any] = {}
     references: dict[int, Sample] = {}
     for name, file, use_text in POLICY_FILES:
-        settings = validated_training(base, {**update, "use_text": use_text})
+        settings = validated(base, {**update, "use_text": use_text}, "policy_training")
         episodes = TestbedEpisodes(session, settings.prompts_per_episode, seed=settings.seed, steps=args.steps,
                                    model=model)
         resume = args.resume / file if args.resume else None  # a resumed policy keeps its own start
@@ -192,14 +192,15 @@ def training_overrides(items: list[str]) -> dict[str, Any]:
     return update
 
 
-def validated_training(base: Any, update: dict[str, Any]) -> Any:
-    """`base` (the config's policy-training settings) with `update` applied and validated like the config file."""
+def validated(base: Any, update: dict[str, Any], section: str) -> Any:
+    """`base` (the config's `[plugins.controller.<section>]` settings) with the command line's `update` applied and
+    validated like the config file; a refused value exits naming the section and the field."""
     from pydantic import ValidationError
 
     try:
         return type(base).model_validate({**base.model_dump(), **update})
     except ValidationError as err:
-        raise SystemExit(f"--training: [plugins.controller.policy_training] does not accept {update}: {err}") from None
+        raise SystemExit(f"policy_study: [plugins.controller.{section}] does not accept {update}: {err}") from None
 
 
 def write_training(out: Path, policies: dict[str, Any]) -> None:
