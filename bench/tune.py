@@ -14,7 +14,7 @@ product's default layer (`bench.default_layer`: φ, landmarks and window from th
   default tiles (and adaptive pass 2 where the layer normalises d by the call's mean, `alpha_reference = "call"`);
 - landmark-sdpa (only when named in `--parts`): the landmark pass with cuDNN landmarks (landmark_impl="sdpa"),
   whose softmax it continues over the window — the path `auto` takes at 4096² — over sdpa_lm_block_m ×
-  sdpa_lm_warps and the window's and φ's lm_* fields; its best overrides landmark's shared fields in the
+  sdpa_lm_warps × sdpa_lm_window_block and the shared lm_* fields; its best overrides landmark's shared fields in the
   combined config;
 - joint, joint-sdpa (only when named in `--parts`): the joint layer's whole call (`LayerInputs.joint`: a double
   block's, text rows exact, far field image↔image) with in-kernel or cuDNN landmarks, over the joint query pass's
@@ -27,7 +27,9 @@ product's default layer (`bench.default_layer`: φ, landmarks and window from th
 One line per config: the median of CUDA-event timings (`bench.run.time_ms`), in ms. A config that
 fails (one that does not compile, e.g. out of shared memory) is skipped with a line on stderr. At the
 end, per size: the best config of each part, the combined `KernelConfig` and the whole-call times.
-`--quick` sweeps grids about a third the size.
+`--quick` sweeps grids about a third the size. `--precompile N` first runs N processes that each call (without
+timing) every N-th config of the same sweep, so that Triton compiles the kernels in parallel into its on-disk
+cache; the timed sweep that follows then loads them (a sweep's time is mostly compiling, one config at a time).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import functools
 import itertools
 import json
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable
 
@@ -57,14 +60,15 @@ GRIDS: dict[str, tuple[Grid, Grid]] = {
                "q_hidden_chunk": [0, 64, 128]},
               {"q_block_m": [64, 128], "q_warps": [4, 8], "q_stages": [2, 3], "q_hidden_chunk": [0, 64]}),
     "landmark": ({"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [1, 2, 3],
-                  "lm_block": [32, 64, 128], "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32],
+                  "lm_block": [32, 64, 128], "lm_window_block": [16, 32, 64], "lm_patch_w": [8, 16, 32],
                   "lm_hidden_chunk": [0, 64, 128]},
-                 {"lm_block_m": [128], "lm_warps": [8], "lm_stages": [2, 3], "lm_block": [64, 128],
-                  "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32]}),
+                 {"lm_block_m": [64, 128], "lm_warps": [4, 8], "lm_stages": [2, 3], "lm_block": [32, 64],
+                  "lm_window_block": [16, 32]}),
     # the same pass, its landmark softmax read from cuDNN's result: its own rows and warps (sdpa_lm_*)
-    "landmark-sdpa": ({"sdpa_lm_block_m": [64, 128], "sdpa_lm_warps": [4, 8], "lm_stages": [2, 3],
-                       "lm_window_block": [32, 64, 128], "lm_patch_w": [8, 16, 32], "lm_hidden_chunk": [0, 64, 128]},
-                      {"sdpa_lm_block_m": [64, 128], "sdpa_lm_warps": [4, 8], "lm_window_block": [32, 64],
+    "landmark-sdpa": ({"sdpa_lm_block_m": [32, 64, 128], "sdpa_lm_warps": [4, 8], "lm_stages": [2, 3],
+                       "sdpa_lm_window_block": [16, 32, 64], "lm_patch_w": [8, 16, 32],
+                       "lm_hidden_chunk": [0, 64, 128]},
+                      {"sdpa_lm_block_m": [64, 128], "sdpa_lm_warps": [4, 8], "sdpa_lm_window_block": [16, 32],
                        "lm_hidden_chunk": [64, 128]}),
     # the joint layer's query pass (mode 5): φ(q) and the window's far-field terms live beside the softmax state
     "joint": ({"joint_block_m": [32, 64, 128], "joint_warps": [4, 8], "lm_stages": [1, 2, 3],
@@ -84,15 +88,26 @@ def config_text(overrides: dict[str, int]) -> str:
     return "KernelConfig(" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")"
 
 
+Shard = tuple[int, int]  # (index, count): a compile-only process calls every count-th config from index
+
+
 def sweep(label: str, call: Callable[[KernelConfig], object], grid: Grid,
-          device: torch.device) -> list[tuple[float, dict[str, int]]]:
+          device: torch.device, shard: Shard | None = None) -> list[tuple[float, dict[str, int]]]:
     """Median ms of `call(config)` for every point of `grid` (overrides of the default `KernelConfig`),
-    one printed line each; a config that fails is skipped with a line on stderr. Returns (ms, overrides)."""
+    one printed line each; a config that fails is skipped with a line on stderr. Returns (ms, overrides).
+    With `shard`, only that shard's configs are called, once each and untimed (compiling them), and nothing
+    is returned."""
     rows = []
-    for values in itertools.product(*grid.values()):
+    for i, values in enumerate(itertools.product(*grid.values())):
+        if shard is not None and i % shard[1] != shard[0]:
+            continue
         overrides = dict(zip(grid, values))
         fn = functools.partial(call, KernelConfig(**overrides))
         try:
+            if shard is not None:
+                fn()
+                torch.cuda.synchronize(device) if device.type == "cuda" else None
+                continue
             ms = statistics.median(time_ms(fn, device, 2, 10, 100))
         except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
             print(f"{label} {config_text(overrides)}: {type(exc).__name__}: {str(exc)[:120]}",
@@ -104,8 +119,9 @@ def sweep(label: str, call: Callable[[KernelConfig], object], grid: Grid,
 
 
 def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None = None,
-              grids: dict[str, Grid] | None = None) -> list[str]:
-    """Sweep every part (or `parts`) at one size (lines printed as they come); returns the summary lines."""
+              grids: dict[str, Grid] | None = None, shard: Shard | None = None) -> list[str]:
+    """Sweep every part (or `parts`) at one size (lines printed as they come); returns the summary lines.
+    With `shard`, only compile that shard's configs of each part's sweep (no timing, no summary)."""
     layer = default_layer(size, dev)
 
     def whole_call(landmark_impl: str | None, joint: bool = False) -> Callable[[KernelConfig], torch.Tensor]:
@@ -139,11 +155,13 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
     swept = [part for part in calls if parts is None or part in parts]
     for part in swept:
         grid = (grids or {}).get(part) or GRIDS[part][int(quick)]
-        rows = sweep(f"{size} {part}", calls[part], grid, dev)
+        rows = sweep(f"{size} {part}", calls[part], grid, dev, shard)
         if rows:
             ms, best = min(rows, key=lambda r: r[0])
             combined[part in JOINT_PARTS].update(best)
             summary.append(f"BEST {size} {part}: {ms:.3f} ms {config_text(best)}")
+    if shard is not None:
+        return summary
     for joint in (False, True):
         if joint and not set(swept) & set(JOINT_PARTS):
             continue
@@ -158,6 +176,37 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
     return summary
 
 
+def precompile(argv: list[str], workers: int) -> None:
+    """Run `workers` compile-only processes of this same sweep side by side (each its shard) and wait for them;
+    a worker that fails is reported and the timed sweep compiles what it left."""
+    procs = [subprocess.Popen([sys.executable, "-m", __spec__.name, *argv, "--shard", f"{i}/{workers}"],
+                              stdout=subprocess.DEVNULL) for i in range(workers)]
+    for i, proc in enumerate(procs):
+        if proc.wait() != 0:
+            print(f"# precompile worker {i}/{workers} exited with {proc.returncode}", file=sys.stderr)
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` less one option that takes a value (`NAME VALUE` or `NAME=VALUE`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+def parse_shard(text: str) -> Shard:
+    """`I/N` with 0 ≤ I < N."""
+    index, count = (int(x) for x in text.split("/"))
+    if not 0 <= index < count:
+        raise ValueError(text)
+    return index, count
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnplug-bench-tune")
     p.add_argument("--sizes", default="1024,2048")
@@ -167,7 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", default=None,
                    help='JSON {part: {KernelConfig field: [values]}} replacing those parts\' grids, e.g. '
                         '\'{"landmark": {"lm_patch_w": [8, 16, 32]}}\'')
+    p.add_argument("--precompile", type=int, default=0, metavar="N",
+                   help="first compile the sweep's kernels in N processes side by side, then time them")
+    p.add_argument("--shard", default=None, metavar="I/N", help="(internal) compile only every N-th config from I")
+    argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
+    try:
+        shard = parse_shard(a.shard) if a.shard else None
+    except ValueError:
+        p.error(f"--shard: expected I/N with 0 <= I < N, got {a.shard!r}")
+    if a.precompile < 0:
+        p.error(f"--precompile: expected a number of processes >= 0, got {a.precompile}")
     parts = [x.strip() for x in a.parts.split(",") if x.strip()]
     if not parts or set(parts) - set(GRIDS):
         p.error(f"--parts: expected some of {', '.join(GRIDS)}, got {a.parts!r}")
@@ -182,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError, AttributeError, IndexError) as exc:
             p.error(f"--grid: expected JSON {{part: {{KernelConfig field: [values]}}}}, got {a.grid!r} ({exc})")
     dev = torch.device("cuda")
-    summary = [line for size in a.sizes.split(",") for line in tune_size(size, a.quick, dev, parts, grids)]
+    if a.precompile and shard is None:
+        precompile(without_option(argv, "--precompile"), a.precompile)
+    summary = [line for size in a.sizes.split(",") for line in tune_size(size, a.quick, dev, parts, grids, shard)]
     print("\n".join(summary))
     return 0
 

@@ -250,6 +250,28 @@ def test_interpreter_sdpa_landmarks_per_head_group_with_a_batch(poison):
 
 @needs_triton
 @cpu_only
+@pytest.mark.parametrize("lm_impl,config", [("fused", KernelConfig()),
+                                            ("sdpa", KernelConfig(sdpa_memory_fraction=0.4, sdpa_min_rows=16,
+                                                                  sdpa_whole=False))], ids=["in-kernel", "cudnn"])
+def test_output_is_laid_out_like_the_hosts_tokens_by_heads_memory(poison, lm_impl, config):
+    """Hosts hand q, k, v as `[B, H, N, D]` views of `[B, N, H, D]` memory and flatten the heads back: the output
+    comes laid out the same way (the host's transpose and flatten are then views, not a copy of the output), with
+    the same values as from contiguous inputs."""
+    b, h, n, d = 1, 3, 70, 32
+    q, k, v = _inputs(b, h, n, d, seed=5)
+    g = torch.Generator().manual_seed(6)
+    pq, pk = random_phi(d, 64, 32, 2, generator=g), random_phi(d, 64, 32, 2, generator=g)
+    idx = torch.tensor([0, 1, 2, 3, 10, 25, 40, 55, 69])
+    kw = dict(landmark_idx=idx, alpha_logit=-1.0, landmark_impl=lm_impl, config=config, strict=True)
+    q_t, k_t, v_t = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    out = ttr_forward_fused(q_t, k_t, v_t, pq, pk, **kw)
+    assert out.transpose(1, 2).is_contiguous()
+    assert ttr_forward_fused(q, k, v, pq, pk, **kw).is_contiguous()
+    assert _rel(out, ttr_forward_fused(q, k, v, pq, pk, **kw)) < 1e-6
+
+
+@needs_triton
+@cpu_only
 @pytest.mark.parametrize("n_lm", [5, 16, 32, 33])
 def test_interpreter_landmark_loop_whole_and_partial_tiles(poison, n_lm):
     """The landmark loop's tiles against the landmark count: fewer landmarks than a tile, exactly one and two

@@ -11,7 +11,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .tiles import KernelConfig, cdiv
+from .tiles import KernelConfig, cdiv, output_like
 
 log = logging.getLogger("attnplug")
 
@@ -97,7 +97,7 @@ def sdpa_landmarks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch
                 return F.scaled_dot_product_attention(q, kg, vg), None
             out, lse = attention_with_lse(q, kg, vg)
             return out, lse.contiguous()
-        out = torch.empty(bsz, heads, nq, d, device=q.device, dtype=q.dtype)
+        out = output_like(q, v.shape[-1])
         lse = torch.empty(bsz, heads, nq, device=q.device, dtype=torch.float32) if with_lse else None
         group, rows = sdpa_chunks(nq, heads, n_lm, config)
         for h0 in range(0, heads, group):

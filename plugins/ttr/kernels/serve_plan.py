@@ -23,7 +23,7 @@ from . import launchers
 from .capability import PhiSplit, phi_split
 from .cudnn_landmarks import choose_landmark_impl, sdpa_landmarks
 from .reference import PhiWeights
-from .tiles import (DEFAULT_CONFIG, KernelConfig, block_k, cdiv, hidden_chunk, num_sms, patch_width,
+from .tiles import (DEFAULT_CONFIG, KernelConfig, block_k, cdiv, hidden_chunk, num_sms, output_like, patch_width,
                     query_hidden_chunk, window_block)
 
 _ACT = {"elu+1": 0, "relu": 1, "hedgehog": 0}
@@ -191,7 +191,7 @@ class ServePlan:
 
     def query_launch(self, mode: int, lm_src: int, guard: int, has_aff: int) -> launchers.QueryLaunch:
         """The query pass of `mode`: the landmark pass (modes 1, 2, 4) has its own tiles (from cuDNN's softmax,
-        `lm_src` = 1: sdpa_lm_*); kernel-only (0) and adaptive pass 2 (3) share q_*."""
+        `lm_src` = 1: sdpa_lm_*), the joint pass (5) joint_*; kernel-only (0) and adaptive pass 2 (3) share q_*."""
         key = (mode, lm_src, guard, has_aff)
         hit = self._launches.get(key)
         if hit is not None:
@@ -203,9 +203,10 @@ class ServePlan:
         if mode == 5:
             bm, warps, stages = cfg.joint_block_m, cfg.joint_warps, cfg.lm_stages
             lm_block, win_block = cfg.joint_lm_block, cfg.joint_window_block
+        elif landmark_pass and lm_src:
+            bm, warps, stages, win_block = cfg.sdpa_lm_block_m, cfg.sdpa_lm_warps, cfg.lm_stages, cfg.sdpa_lm_window_block
         elif landmark_pass:
-            bm, warps = (cfg.sdpa_lm_block_m, cfg.sdpa_lm_warps) if lm_src else (cfg.lm_block_m, cfg.lm_warps)
-            stages = cfg.lm_stages
+            bm, warps, stages = cfg.lm_block_m, cfg.lm_warps, cfg.lm_stages
         else:
             bm, warps, stages = cfg.q_block_m, cfg.q_warps, cfg.q_stages
         grid_h, grid_w = self.grid_hw
@@ -322,5 +323,5 @@ class ServePlan:
             if res is None:  # no log-sum-exp on this torch: the in-kernel softmax from now on
                 self.landmark_impl = "fused"
         if res is None:
-            return torch.empty(*self.shape[:3], self.shape[4], device=q.device, dtype=q.dtype), self.dummy, 0
+            return output_like(q, self.shape[4]), self.dummy, 0
         return res[0], self.dummy if res[1] is None else res[1], 1
