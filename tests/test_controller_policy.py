@@ -207,3 +207,20 @@ def test_imitation_is_masked_to_eligible_layers_and_needs_steps():
     assert imitate_plan(policy, plan, records, steps=150) == pytest.approx(1.0)
     logits = policy(torch.stack([r.scalars for r in records]))
     assert bool((logits[:, 0] > 0).all()) and bool((logits[:, 2] < 0).all())
+
+
+def test_policy_training_answers_to_the_calibration_budget_unless_its_own_terms_are_given():
+    """A config that sets only the calibration's budget trains the policy under the same terms (the plan it starts
+    from and is compared with answers to them); terms given for training are kept, and so is the rest."""
+    from attnplug.plugins.controller.settings import ControllerSettings
+
+    budget = [{"kind": "testbed_adherence", "max": 0.5}, {"kind": "velocity_fidelity", "max": 0.05, "weight": 0.5}]
+    inherited = ControllerSettings.model_validate({"calibration": {"terms": budget}, "policy_training": {"lr": 0.01}})
+    assert [t.model_dump() for t in inherited.policy_training.terms] == \
+        [t.model_dump() for t in inherited.calibration.terms]
+    assert inherited.policy_training.lr == 0.01
+    own = [{"kind": "latent_rmse", "max": 0.2}]
+    kept = ControllerSettings.model_validate({"calibration": {"terms": budget}, "policy_training": {"terms": own}})
+    assert [(t.kind, t.max) for t in kept.policy_training.terms] == [("latent_rmse", 0.2)]
+    again = ControllerSettings.model_validate(inherited.model_dump())  # a saved config reads back the same
+    assert again.policy_training == inherited.policy_training

@@ -223,13 +223,15 @@ def test_step_cache_table_and_spec():
 
 
 @pytest.mark.skipif(not registry.TESTBEDS["grid64"].weights.is_file(), reason="grid64 weights not committed")
-def test_committed_grid64_loads_at_its_grid_and_follows_held_out_prompts():
-    """`--testbed grid64` works from a fresh checkout: the committed fp16 file is the registry's 16x16-cell model
-    and, sampled in fp32 on a CPU, draws the digits its held-out prompts ask for."""
+@pytest.mark.parametrize("name,tokens,prompts,steps", [("grid64", 4096, 2, 8), ("grid128", 16384, 1, 4)])
+def test_committed_large_testbed_loads_at_its_grid_and_follows_held_out_prompts(name, tokens, prompts, steps):
+    """`--testbed NAME` works from a fresh checkout: the committed fp16 file is the registry's model at its grid
+    and, sampled in fp32 on a CPU (few prompts and steps: 16 384 tokens are slow there), draws the digits its
+    held-out prompts ask for."""
     from attnplug.testbed.train import evaluate_adherence
 
-    bed = registry.get_testbed("grid64")
+    bed = registry.get_testbed(name)
     model = bed.load()
-    assert model.cfg == bed.config and bed.image_tokens == 4096
-    ev = evaluate_adherence(model, 2, 8, grid=bed.config.grid, batch_size=2)
-    assert ev["cells"] == 2 * 256 and ev["adherence"] >= 0.99
+    assert model.cfg == bed.config and bed.image_tokens == tokens
+    ev = evaluate_adherence(model, prompts, steps, grid=bed.config.grid, batch_size=1)
+    assert ev["cells"] == prompts * bed.config.grid ** 2 and ev["adherence"] >= 0.99

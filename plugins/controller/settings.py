@@ -97,7 +97,9 @@ class PolicyTrainingSettings(Strict):
     """How `attnplug controller train` trains a routing policy with REINFORCE (plugins/controller/reinforce.py)."""
 
     terms: list[TermBudget] = Field(default_factory=_default_terms, description="The reward's quality terms: "
-                                    "each term's share of its bound, weighted and summed, is an episode's cost.")
+                                    "each term's share of its bound, weighted and summed, is an episode's cost. "
+                                    "Unset: the calibration's terms (`[plugins.controller.calibration] terms`), so "
+                                    "that plan and policy answer to the same budget.")
     cost_budget: float = Field(1.0, gt=0, description="The quality budget in cost units (1.0 = one term at its "
                                                       "bound): the Lagrangian keeps the mean cost at or below it.")
     efficiency: Literal["lagrangian", "target_share"] = Field(
@@ -154,6 +156,15 @@ class ControllerSettings(Strict):
                                                                  "layer-steps (closer to exact), lower serves more.")
     policy_training: PolicyTrainingSettings = Field(default_factory=PolicyTrainingSettings,
                                                     description="How `attnplug controller train` trains a policy.")
+
+    @model_validator(mode="after")
+    def _training_terms_follow_calibration(self) -> "ControllerSettings":
+        """A policy trained under another budget than the plan it starts from and is compared with would chase other
+        terms: unless `policy_training.terms` is given, it is the calibration's."""
+        if "terms" not in self.policy_training.model_fields_set:
+            self.policy_training = self.policy_training.model_copy(
+                update={"terms": [t.model_copy() for t in self.calibration.terms]})
+        return self
 
     def check_semantics(self, ctx: CheckContext, section: str) -> None:
         """A plan or policy file the session would read at start must be a regular file (refused before any work)."""
