@@ -32,6 +32,8 @@
 #   STEPCACHE_TESTBEDS ($OUT/stepcache.md); the ttr rows serve STEPCACHE_CKPT_<testbed> with
 #   STEPCACHE_CONFIG_<testbed> (default testbed: the committed window checkpoint). `stepcache-bench` times a
 #   skipped step on the FLUX.1-dev-shaped model (bench-model /fbcache) beside the full forwards.
+# `tests` runs the GPU tests in TEST_WORKERS (8) processes where pytest-xdist is installed (a wheel among the carried
+#   ones): most of their time is Triton compiling one kernel variant after another.
 # `bigbed-bench` times the served call (`session ttr-<config>`) of every point of the front at 1024² and 2048².
 set -o pipefail
 source bench/device_env.sh
@@ -42,7 +44,8 @@ wait_pids() {  # wait_pids PIDFILE SECONDS: until every process in PIDFILE ended
 }
 for step in "${@:-all}"; do
   case $step in
-    tests|all) python3 -m pytest -q -p no:cacheprovider --import-mode=importlib tests/test_kernels_fused.py \
+    tests|all) XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")  # Triton compiles in parallel
+      python3 -m pytest -q -p no:cacheprovider --import-mode=importlib $XDIST --durations=8 tests/test_kernels_fused.py \
       tests/test_ttr_fused.py tests/test_ttr_fused_agreement.py tests/test_ttr_compile.py tests/test_distill_train.py \
       tests/test_distill_ttr.py tests/test_diffusers_compile.py tests/test_gpu_no_sync.py tests/test_ttr_fused_window.py tests/test_ttr_alpha_reference.py tests/test_bench_model.py tests/test_bench_variants.py \
       2>&1 | tee "$OUT/tests.log" ;;&
