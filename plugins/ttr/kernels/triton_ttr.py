@@ -338,11 +338,21 @@ def _finite_rows(res, fallback, row_ok, flag_ptr, out_dtype: tl.constexpr):
     """`res` (fp32 `[BM, D]`) with every row that is not finite once cast to `out_dtype` (NaN, ±inf, an fp16
     overflow) replaced by `fallback`'s row (zeros where that is not finite either); where a valid row was replaced,
     the int32 at `flag_ptr` is set to 1 (every writer writes 1: no atomic needed). Returns fp32 values that are
-    finite in `out_dtype`. |x| < inf is false for NaN and ±inf alike."""
-    cast = res.to(out_dtype).to(tl.float32)
-    bad = tl.sum(tl.where(tl.abs(cast) < float("inf"), 0, 1), axis=1) > 0
-    fb = fallback.to(out_dtype).to(tl.float32)
-    fb = tl.where(tl.abs(fb) < float("inf"), fb, 0.0)
+    finite in `out_dtype`. |x| < inf and |x| <= max are false for NaN and ±inf alike.
+
+    fp16 checks every value after the cast (its range is narrow: a large finite row may overflow one value). bf16
+    and fp32 share fp32's range, so a row is checked by its sum of |x| alone — NaN and ±inf carry into the sum, and a
+    finite sum within the range bounds every value — one reduction and no cast round trip (a row whose finite values
+    sum beyond ~3e38 counts as not finite too)."""
+    if out_dtype == tl.float16:
+        cast = res.to(out_dtype).to(tl.float32)
+        bad = tl.sum(tl.where(tl.abs(cast) < float("inf"), 0, 1), axis=1) > 0
+        fb = fallback.to(out_dtype).to(tl.float32)
+        fb = tl.where(tl.abs(fb) < float("inf"), fb, 0.0)
+    else:
+        cast = res
+        bad = ~(tl.sum(tl.abs(res), axis=1) <= 3.0e38)
+        fb = tl.where(tl.abs(fallback) <= 3.0e38, fallback, 0.0)
     n_bad = tl.sum((bad & row_ok).to(tl.int32), axis=0)
     tl.store(flag_ptr, 1, mask=n_bad > 0)
     return tl.where(bad[:, None], fb, cast)
