@@ -21,7 +21,7 @@ if not HAS_CUDA:
 from attnplug.plugins.landmark.selection import select_landmarks
 from attnplug.plugins.ttr.kernels import (KernelConfig, PhiWeights, fused_unsupported_reasons, kv_state_fused,  # noqa: E402
                                           kv_state_reference, random_phi, ttr_forward_fused, ttr_forward_reference)
-from attnplug.plugins.ttr.kernels import capability, cudnn_landmarks, tiles  # noqa: E402
+from attnplug.plugins.ttr.kernels import capability, cudnn_landmarks, launchers, tiles  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on CPU-only machines")
@@ -288,6 +288,52 @@ def test_interpreter_landmark_loop_whole_and_partial_tiles(poison, n_lm):
         out = ttr_forward_fused(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=-0.5, alpha_max=0.5,
                                 adaptive=adaptive, landmark_impl="fused", config=cfg, strict=True)
         assert _rel(out, ref) < 1e-5, adaptive
+
+
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("lm_direct", [1, 2])
+@pytest.mark.parametrize("n_text,window", [(20, 0), (20, 2), (0, 2)], ids=["text", "text+window", "no-prefix"])
+def test_interpreter_direct_landmark_loads_match_the_gathered_ones(poison, monkeypatch, lm_direct, n_text, window):
+    """Landmarks that begin with key rows 0 … n−1 (the conditioning tokens) loaded as they lie, the rest gathered
+    or copied contiguous: the same output as gathering every row (with a window too), and the same as the reference;
+    indices that do not begin at row 0 fall back to the gather."""
+    b, h, grid, d = 2, 2, (5, 6), 32
+    n = 20 + grid[0] * grid[1]
+    q, k, v = _inputs(b, h, n, d, seed=31)
+    g = torch.Generator().manual_seed(7)
+    pq, pk = random_phi(d, 64, 32, 2, generator=g), random_phi(d, 64, 32, 2, generator=g)
+    image = torch.tensor([23, 31, 37, 44])
+    idx = torch.cat([torch.arange(n_text), image]) if n_text else torch.cat([torch.tensor([3, 5]), image])
+    kw = dict(landmark_idx=idx, alpha_logit=-0.5, alpha_max=0.5, adaptive=False, landmark_impl="fused", strict=True)
+    if window:
+        kw.update(window=window, grid=grid, n_cond=20)
+    small = dict(lm_block_m=16, lm_warps=2, lm_stages=1, lm_block=16, lm_window_block=16, q_block_m=16, q_warps=2)
+    gathered = ttr_forward_fused(q, k, v, pq, pk, config=KernelConfig(**small), **kw)
+    ran: list[int] = []
+    real = launchers.query_pass
+    monkeypatch.setattr(launchers, "query_pass", lambda launch, *a: (ran.append(launch.consts["LM_DIRECT"]),
+                                                                     real(launch, *a))[1])
+    direct = ttr_forward_fused(q, k, v, pq, pk, config=KernelConfig(lm_direct=lm_direct, **small), **kw)
+    assert ran == [lm_direct if n_text else 0]  # the direct loads ran (or, without the prefix, the gather)
+    assert _rel(direct, gathered) < 1e-6
+    if not window:
+        assert _rel(direct, ttr_forward_reference(q, k, v, pq, pk, idx, -0.5, 0.5, 2.0, False)) < 1e-5
+    assert tiles.leading_rows(idx) == n_text
+    if window:  # the joint layer's pass runs the same landmark loop
+        from attnplug.plugins.ttr.kernels import JointServePlan
+
+        def joint(**over):
+            plan = JointServePlan(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=torch.full((h,), 0.3),
+                                  log_scale_q=0.1 * torch.ones(h, d), landmark_impl="fused",
+                                  config=KernelConfig(joint_block_m=16, joint_warps=2, joint_lm_block=16,
+                                                      joint_window_block=16, lm_stages=1, **over),
+                                  window=window, grid=grid, n_cond=20)
+            return plan(q, k, v)
+        want = joint()
+        ran.clear()
+        assert _rel(joint(lm_direct=lm_direct), want) < 1e-6
+        assert ran == [lm_direct if n_text else 0]
 
 
 @pytest.mark.parametrize("nq,n_lm", [(4608, 840), (16896, 1823), (66048, 5755), (77, 15), (3000, 4000)])

@@ -44,7 +44,7 @@ class QueryLaunch:
     """One query pass of one plan: grid `(row tiles, B·H)`, its scalar arguments and compile-time arguments."""
 
     grid: tuple[int, int]
-    ints: tuple[int, ...]  # N, L, H, n_cond, n_text_tiles, grid_h, grid_w
+    ints: tuple[int, ...]  # N, L, H, n_cond, n_text_tiles, grid_h, grid_w, L_DIRECT
     floats: tuple[float, ...]  # s_scale, eps, alpha_max, gamma, qk_scale, norm_eps
     logit_h: int
     consts: dict[str, Any]
@@ -66,13 +66,15 @@ def query_pass(launch: QueryLaunch, q: "torch.Tensor", x: "torch.Tensor", s_q: "
                kl: "torch.Tensor", vl: "torch.Tensor", idx: "torch.Tensor", lm_flag: "torch.Tensor",
                out: "torch.Tensor", d_buf: "torch.Tensor", d_sum: "torch.Tensor", lse: "torch.Tensor",
                logit: "torch.Tensor", aff: "torch.Tensor", phi: "PhiArgs", flag: "torch.Tensor",
-               pk: "torch.Tensor | None" = None, bq: "torch.Tensor | None" = None) -> None:
+               pk: "torch.Tensor | None" = None, bq: "torch.Tensor | None" = None,
+               kc: "torch.Tensor | None" = None, vc: "torch.Tensor | None" = None) -> None:
     """One pass of the query kernel over its query rows (see `triton_ttr._query_kernel` for its modes); the joint
     pass (mode 5) also reads φ of every key `pk` (`[B·H, N, F]`, contiguous) and the log-scale's `b_h` (`bq`,
-    `[H, D]` fp32)."""
+    `[H, D]` fp32); `kc`, `vc`: the landmarks after the directly loaded ones, copied contiguous (`LM_DIRECT` = 2)."""
     _kernels()._query_kernel[launch.grid](
         q, x, s_q, z, kl, vl, idx, lm_flag, out, d_buf, d_sum, lse, logit, aff,
         phi.w1, phi.b1, phi.w2, phi.b2, flag, flag if pk is None else pk, flag if bq is None else bq,
+        flag if kc is None else kc, flag if vc is None else vc,
         *launch.ints, *launch.floats,
         q.stride(0), q.stride(1), q.stride(2), x.stride(0), x.stride(1), x.stride(2),
         kl.stride(0), kl.stride(1), kl.stride(2), vl.stride(0), vl.stride(1), vl.stride(2),

@@ -23,8 +23,8 @@ from . import launchers
 from .capability import PhiSplit, phi_split
 from .cudnn_landmarks import choose_landmark_impl, sdpa_landmarks
 from .reference import PhiWeights
-from .tiles import (DEFAULT_CONFIG, KernelConfig, block_k, cdiv, hidden_chunk, num_sms, output_like, patch_width,
-                    query_hidden_chunk, window_block)
+from .tiles import (DEFAULT_CONFIG, KernelConfig, block_k, cdiv, hidden_chunk, leading_rows, num_sms, output_like,
+                    patch_width, query_hidden_chunk, window_block)
 
 _ACT = {"elu+1": 0, "relu": 1, "hedgehog": 0}
 
@@ -141,6 +141,10 @@ class ServePlan:
         use_lm = landmark_idx is not None and landmark_idx.numel() > 0
         self.n_lm = int(landmark_idx.numel()) if use_lm else 0
         self.idx = landmark_idx.to(device=dev, dtype=torch.long).contiguous() if use_lm else self.dummy
+        # the in-kernel landmark softmax loads the leading landmarks that are key rows 0 … n−1 as they lie
+        # (`KernelConfig.lm_direct`); with 2, the others from a contiguous copy (`idx_rest`) made at each call
+        self.n_direct = leading_rows(self.idx) if use_lm and cfg.lm_direct else 0
+        self.idx_rest = self.idx[self.n_direct:] if self.n_direct and cfg.lm_direct == 2 else None
         self.window = int(window)
         self.n_cond = int(n_cond) if window else 0
         self.grid_hw = (1, 1) if window == 0 else (int(grid[0]), int(grid[1]))  # type: ignore[index]
@@ -224,13 +228,21 @@ class ServePlan:
                       LM_SRC=lm_src, HAS_AFF=has_aff, BM=bm, BL=lm_block,
                       HC=query_hidden_chunk(cfg, split.din, split.h1, landmark_pass, mode), WIN=win,
                       BLW=window_block(win_block, bm, pw, win) if win else 16, PW=pw,
-                      GUARD=guard if mode != 2 else 0, num_warps=warps, num_stages=stages)
+                      GUARD=guard if mode != 2 else 0, LM_DIRECT=self.lm_direct(mode, lm_src), num_warps=warps,
+                      num_stages=stages)
         qk_scale = d ** -0.5 * 1.4426950408889634
         hit = launchers.QueryLaunch(
-            (tiles, bsz * heads), (nq, self.n_lm, heads, self.n_cond, n_text_tiles, grid_h, grid_w),
+            (tiles, bsz * heads), (nq, self.n_lm, heads, self.n_cond, n_text_tiles, grid_h, grid_w,
+                                   self.n_direct if consts["LM_DIRECT"] else 0),
             (self.s_scale, self.eps, self.alpha_max, self.gamma, qk_scale, self.phi_q.norm_eps), self.logit_h, consts)
         self._launches[key] = hit
         return hit
+
+    def lm_direct(self, mode: int, lm_src: int) -> int:
+        """`LM_DIRECT` of a query pass: the config's `lm_direct` where this pass runs the in-kernel landmark softmax
+        over landmarks that begin with key rows 0 … n−1, else 0."""
+        in_kernel_softmax = mode in (1, 2, 4, 5) and not lm_src and self.n_lm > 0
+        return self.config.lm_direct if in_kernel_softmax and self.n_direct else 0
 
     # ---- a call -------------------------------------------------------------------------------------------------
     def key_state(self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
@@ -293,12 +305,15 @@ class ServePlan:
             flag = finite_flag if finite_flag is not None else self.dummy
             has_aff = int(branch_affine is not None)
             aff = branch_affine if branch_affine is not None else self.dummy
+            kc = vc = None
             for mode in self.modes:
                 if mode == 3 and mean_of_d is not None:
                     mean_of_d(d_buf, d_sum)
                 launch = self.query_launch(mode, lm_src if mode != 3 else 0, guard, has_aff)
+                if launch.consts["LM_DIRECT"] == 2 and kc is None:
+                    kc, vc = (t.index_select(2, self.idx_rest).contiguous() for t in (kl, vl))
                 launchers.query_pass(launch, q, x, s_q, z, kl, vl, self.idx, self.lm_flag, out, d_buf, d_sum, lse,
-                                     self.logit, aff, self.phi_q, flag, phi_k_all, self.bq)
+                                     self.logit, aff, self.phi_q, flag, phi_k_all, self.bq, kc, vc)
             return out
 
     def query_inputs(self, q: torch.Tensor, k: torch.Tensor,

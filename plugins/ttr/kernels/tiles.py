@@ -45,6 +45,11 @@ class KernelConfig:
     lm_block: int = 64
     lm_window_block: int = 32
     lm_patch_w: int = 16  # landmark pass with a window: image queries per tile as (lm_block_m / this) x this patches
+    # in-kernel landmark softmax (landmark pass and joint pass): 0 gathers every landmark row through its index; 1
+    # loads the leading landmarks that are key rows 0 … n−1 (the conditioning tokens, which every landmark selection
+    # puts first) as they lie and gathers the rest; 2 as 1, the rest from a contiguous copy made at each call (2 · B·H
+    # · (L − n) · D values). The plan reads the indices once at build (one device sync) when this is not 0
+    lm_direct: int = 0
     # the landmark pass when cuDNN gave the landmark softmax (it only reads that and goes on over the window): rows
     # per tile, warps and window keys per tile — smaller tiles, two programs per SM (4096² on an H200: 6.98 vs 7.41
     # ms the call; 16-key window tiles 5.75 vs 5.84 ms for 32 and 5.89 for 64, 2026-12-04)
@@ -70,6 +75,14 @@ class KernelConfig:
 
 
 DEFAULT_CONFIG = KernelConfig()
+
+
+def leading_rows(idx: torch.Tensor) -> int:
+    """How many of the landmark indices `idx` (`[L]`) are the key rows 0, 1, 2, … in order (the conditioning tokens
+    that every landmark selection puts first). Reads `idx` on the host: one device sync for a GPU tensor."""
+    host = idx.detach().reshape(-1).to("cpu")
+    differ = torch.nonzero(host != torch.arange(host.numel(), dtype=host.dtype))
+    return int(differ[0]) if differ.numel() else int(host.numel())
 
 
 def output_like(q: torch.Tensor, dv: int) -> torch.Tensor:

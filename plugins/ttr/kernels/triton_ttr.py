@@ -360,8 +360,8 @@ def _finite_rows(res, fallback, row_ok, flag_ptr, out_dtype: tl.constexpr):
 
 @triton.jit
 def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, out_ptr, d_ptr, dsum_ptr, lse_ptr,
-                  logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, flag_ptr, pk_ptr, bq_ptr,
-                  N, L, H, n_cond, n_text_tiles, grid_h, grid_w, s_scale, eps, alpha_max, gamma, qk_scale,
+                  logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, flag_ptr, pk_ptr, bq_ptr, kc_ptr, vc_ptr,
+                  N, L, H, n_cond, n_text_tiles, grid_h, grid_w, L_DIRECT, s_scale, eps, alpha_max, gamma, qk_scale,
                   norm_eps,
                   sqb, sqh, sqn, sxb, sxh, sxn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                   w1h, b1h, w2h, b2h, logit_h, spk,
@@ -370,7 +370,7 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
                   HAS_B2: tl.constexpr, NORM: tl.constexpr, MODE: tl.constexpr, LM_SRC: tl.constexpr,
                   HAS_AFF: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr, HC: tl.constexpr,
                   WIN: tl.constexpr, BLW: tl.constexpr, PW: tl.constexpr, FAST_SILU: tl.constexpr,
-                  GUARD: tl.constexpr):
+                  GUARD: tl.constexpr, LM_DIRECT: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -454,12 +454,31 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
             # every tile masked: running whole tiles unmasked and the partial one apart cut ~120 instructions
             # per tile (offline sm_90) but doubled the spills inside the loop, and was slower on the H200 (2048²,
             # no window: 1429 vs 1272 µs device time, docs/PERFORMANCE.md)
-            for l0 in range(0, L, BL):
+            if LM_DIRECT > 0:
+                # the first L_DIRECT landmarks are key rows 0 … L_DIRECT−1 (the conditioning tokens): loaded as they
+                # lie, no index gather
+                for l0 in range(0, L_DIRECT, BL):
+                    offs_l = l0 + tl.arange(0, BL)
+                    l_ok = offs_l < L_DIRECT
+                    kt = tl.load(kl_base + offs_l[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                    vt = tl.load(vl_base + offs_l[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                    m_i, l_i, acc = _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale)
+                l_rest = L_DIRECT
+            else:
+                l_rest = 0  # a compile-time start: the loop compiles as it did before the direct loads
+            for l0 in range(l_rest, L, BL):
                 offs_l = l0 + tl.arange(0, BL)
                 l_ok = offs_l < L
-                rows = tl.load(idx_ptr + offs_l, mask=l_ok, other=0)  # landmark rows of k/v, gathered here
-                kt = tl.load(kl_base + rows[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-                vt = tl.load(vl_base + rows[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                if LM_DIRECT == 2:
+                    # the other landmarks from this call's contiguous copy `[B·H, L − L_DIRECT, D]`
+                    r = offs_l - L_DIRECT
+                    c_base = pid_bh * (L - L_DIRECT) * D
+                    kt = tl.load(kc_ptr + c_base + r[:, None] * D + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                    vt = tl.load(vc_ptr + c_base + r[:, None] * D + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                else:
+                    rows = tl.load(idx_ptr + offs_l, mask=l_ok, other=0)  # landmark rows of k/v, gathered here
+                    kt = tl.load(kl_base + rows[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+                    vt = tl.load(vl_base + rows[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
                 m_i, l_i, acc = _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale)
             if WIN == 0:
                 ol = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
