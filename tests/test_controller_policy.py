@@ -224,3 +224,38 @@ def test_policy_training_answers_to_the_calibration_budget_unless_its_own_terms_
     assert [(t.kind, t.max) for t in kept.policy_training.terms] == [("latent_rmse", 0.2)]
     again = ControllerSettings.model_validate(inherited.model_dump())  # a saved config reads back the same
     assert again.policy_training == inherited.policy_training
+
+
+def test_leave_one_out_baselines_compare_rollouts_of_the_same_key():
+    from attnplug.plugins.controller.reinforce import leave_one_out
+
+    assert leave_one_out([1.0, 3.0, 10.0, 20.0], 2) == [3.0, 1.0, 20.0, 10.0]
+    assert leave_one_out([0.0, 3.0, 6.0], 3) == [4.5, 3.0, 1.5]
+    with pytest.raises(ValueError, match="5 rewards in groups of 2"):
+        leave_one_out([0.0] * 5, 2)
+    with pytest.raises(ValueError, match="must be a multiple of rollouts_per_key"):
+        PolicyTrainingSettings(episodes_per_update=4, rollouts_per_key=3)
+
+
+def test_rollouts_of_one_key_learn_with_leave_one_out_baselines():
+    """Each update rolls every drawn key out k times in a row, and REINFORCE with the leave-one-out baseline
+    still learns the toy task: harmful cells exact, the harmless ones served."""
+    session = _session()
+    gate = policy_gate(session)
+    settings = PolicyTrainingSettings(terms=[TermBudget(kind="latent_rmse", max=0.1)], episodes_per_update=4,
+                                      rollouts_per_key=2, pool=4, lr=0.03, entropy=0.001, lambda_init=2.0, seed=1)
+    policy = RoutingPolicy(LAYERS, hidden=16, init_logit=0.5)
+    trainer = ReinforceTrainer(policy, gate, build_terms(settings.terms, session), settings)
+    keys: list[int] = []
+    host = ToyHost(session)
+    rollout = trainer.episode
+    trainer.episode = lambda sample, key: (keys.append(key), rollout(sample, key))[1]
+    trainer.train(host.sample, updates=50, progress=False)
+    assert len(keys) == 200 and keys[0::2] == keys[1::2]  # each key twice in a row
+    assert len(set(keys)) == 4
+    gate.set_policy(policy, mode="threshold", threshold=0.5)
+    host.sample(0)
+    session.run_end()
+    served = host.served[-1]
+    assert not served & {("double:0", s) for s in range(3)}
+    assert len(served) >= 12

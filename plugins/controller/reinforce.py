@@ -13,7 +13,9 @@ decisions, `PolicyGate.exact` for the reference). One episode:
 4. reward: `lagrangian` — share − λ·cost, with λ raised by dual ascent while the mean cost is over
    `cost_budget`; `target_share` — −cost − share_weight·|share − target_share|.
 
-An update averages `episodes_per_update` episodes: advantage = (reward − EMA baseline) / EMA reward scale;
+An update averages `episodes_per_update` episodes — `rollouts_per_key` rollouts of each key drawn — with advantage
+= (reward − baseline) / EMA reward scale; the baseline is the EMA of rewards, or with several rollouts of a key the
+mean reward of that key's other rollouts (leave-one-out: the prompts' own difficulty cancels);
 loss = −mean(advantage · Σ log π(a)) / steps − entropy · mean Bernoulli entropy over eligible decisions; the
 log-probabilities are recomputed with gradients from the recorded inputs, from the same distribution the
 actions were drawn from. Gradients are clipped, AdamW steps. Metrics go to the session's loggers (scope
@@ -132,7 +134,9 @@ class ReinforceTrainer:
             spread = math.sqrt(sum((r - mean_r) ** 2 for r in rewards) / len(rewards))
             self.scale = spread if spread > 1e-6 else 1.0
         scale = max(self.scale or 1.0, 1e-3)
-        advantages = [(r - self.baseline) / scale for r in rewards]
+        k = s.rollouts_per_key
+        baselines = leave_one_out(rewards, k) if k > 1 else [self.baseline] * len(rewards)
+        advantages = [(r - b) / scale for r, b in zip(rewards, baselines)]
         with torch.inference_mode(False), torch.enable_grad():
             loss, entropy, decisions = self._loss(episodes, advantages)
             self.optimizer.zero_grad(set_to_none=True)
@@ -140,7 +144,7 @@ class ReinforceTrainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), s.grad_clip))
             self.optimizer.step()
         d = s.baseline_decay
-        deviation = sum((r - self.baseline) ** 2 for r in rewards) / len(rewards)
+        deviation = sum((r - b) ** 2 for r, b in zip(rewards, baselines)) / len(rewards)
         self.scale = math.sqrt(d * scale ** 2 + (1 - d) * deviation)
         self.baseline = d * self.baseline + (1 - d) * mean_r
         mean_cost = sum(e.cost for e in episodes) / len(episodes)
@@ -192,7 +196,9 @@ class ReinforceTrainer:
             if self.start_plan is not None:
                 self.start_from(self.start_plan, sample)
             while (updates is None or result.updates < updates) and time.perf_counter() < deadline:
-                keys = [self.rng.randrange(self.settings.pool) for _ in range(self.settings.episodes_per_update)]
+                s = self.settings
+                keys = [key for _ in range(s.episodes_per_update // s.rollouts_per_key)
+                        for key in [self.rng.randrange(s.pool)] * s.rollouts_per_key]
                 metrics = self.update([self.episode(sample, k) for k in keys])
                 result.updates += 1
                 result.episodes += len(keys)
@@ -226,6 +232,19 @@ class ReinforceTrainer:
 
         return TrainingState(flatten_optimizer(self.optimizer), self.baseline, self.scale, self.lagrange,
                              self.updates, self.episodes)
+
+
+def leave_one_out(rewards: list[float], k: int) -> list[float]:
+    """Each reward's baseline: the mean of the other k − 1 rewards of its group (consecutive groups of k, the
+    rollouts of one key)."""
+    if k < 2 or len(rewards) % k:
+        raise ValueError(f"leave_one_out: {len(rewards)} rewards in groups of {k}")
+    out = []
+    for g in range(0, len(rewards), k):
+        group = rewards[g:g + k]
+        total = sum(group)
+        out += [(total - r) / (k - 1) for r in group]
+    return out
 
 
 def settings_json(settings: PolicyTrainingSettings) -> dict[str, Any]:

@@ -123,6 +123,11 @@ class PolicyTrainingSettings(Strict):
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip per update.")
     episodes_per_update: int = Field(4, ge=1, le=1024, description="Sampled episodes (one prompt batch each) "
                                                                    "averaged into one update.")
+    rollouts_per_key: int = Field(1, ge=1, le=64, description="Rollouts of each (prompts, noise) episode key in one "
+                                  "update. 1: the advantage is the reward against the EMA baseline; k > 1: each "
+                                  "rollout's baseline is the mean reward of the other k − 1 rollouts of the same "
+                                  "key (leave-one-out), so how hard the prompts are cancels and only the routing's "
+                                  "effect remains. episodes_per_update must be a multiple of it.")
     prompts_per_episode: int = Field(8, ge=1, le=4096, description="Prompts sampled together in one episode "
                                                                    "(they share the episode's routing).")
     pool: int = Field(64, ge=1, le=1_000_000, description="Distinct (prompts, noise) episodes to draw from; each "
@@ -136,6 +141,13 @@ class PolicyTrainingSettings(Strict):
                                                     "session's serving plan (when it has one), so that training "
                                                     "starts from the calibrated plan and improves on it.")
     start_steps: int = Field(200, ge=1, le=100_000, description="Optimiser steps of that fit (start_from_plan).")
+
+    @model_validator(mode="after")
+    def _whole_key_groups(self) -> "PolicyTrainingSettings":
+        if self.episodes_per_update % self.rollouts_per_key:
+            raise ValueError(f"episodes_per_update ({self.episodes_per_update}) must be a multiple of "
+                             f"rollouts_per_key ({self.rollouts_per_key})")
+        return self
 
 
 class ControllerSettings(Strict):
