@@ -1,4 +1,5 @@
-"""Tile sizes of the ttr kernels (`KernelConfig`) and the rules that turn them into each launch's block shapes."""
+"""Tile sizes of the ttr kernels (`KernelConfig`), the rules that turn them into each launch's block shapes, and the
+layout of what the launches read and write (the output's memory order, the landmarks loaded without a gather)."""
 from __future__ import annotations
 
 import functools
