@@ -106,7 +106,8 @@ def sweep(label: str, call: Callable[[KernelConfig], object], grid: Grid,
         try:
             if shard is not None:
                 fn()
-                torch.cuda.synchronize(device) if device.type == "cuda" else None
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 continue
             ms = statistics.median(time_ms(fn, device, 2, 10, 100))
         except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped

@@ -195,8 +195,8 @@ class ReinforceTrainer:
         try:
             if self.start_plan is not None:
                 self.start_from(self.start_plan, sample)
+            s = self.settings
             while (updates is None or result.updates < updates) and time.perf_counter() < deadline:
-                s = self.settings
                 keys = [key for _ in range(s.episodes_per_update // s.rollouts_per_key)
                         for key in [self.rng.randrange(s.pool)] * s.rollouts_per_key]
                 metrics = self.update([self.episode(sample, k) for k in keys])

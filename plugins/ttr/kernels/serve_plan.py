@@ -143,7 +143,7 @@ class ServePlan:
         self.idx = landmark_idx.to(device=dev, dtype=torch.long).contiguous() if use_lm else self.dummy
         # the in-kernel landmark softmax loads the leading landmarks that are key rows 0 … n−1 as they lie
         # (`KernelConfig.lm_direct`); with 2, the others from a contiguous copy (`idx_rest`) made at each call
-        self.n_direct = leading_rows(self.idx) if use_lm and cfg.lm_direct else 0
+        self.n_direct = leading_rows(landmark_idx) if use_lm and cfg.lm_direct else 0  # as given: no round trip
         self.idx_rest = self.idx[self.n_direct:] if self.n_direct and cfg.lm_direct == 2 else None
         self.window = int(window)
         self.n_cond = int(n_cond) if window else 0
@@ -241,7 +241,7 @@ class ServePlan:
     def lm_direct(self, mode: int, lm_src: int) -> int:
         """`LM_DIRECT` of a query pass: the config's `lm_direct` where this pass runs the in-kernel landmark softmax
         over landmarks that begin with key rows 0 … n−1, else 0."""
-        in_kernel_softmax = mode in (1, 2, 4, 5) and not lm_src and self.n_lm > 0
+        in_kernel_softmax = mode in (1, 2, 4, 5) and not lm_src
         return self.config.lm_direct if in_kernel_softmax and self.n_direct else 0
 
     # ---- a call -------------------------------------------------------------------------------------------------
