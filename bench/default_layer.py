@@ -53,7 +53,7 @@ class LayerInputs:
             if window and landmark_impl is not None and self.window else {}
         return self._planned_call(lm, kw.get("window", 0), lambda: ServePlan(
             self.q, self.k, self.v, self.phi_q, self.phi_k, landmark_idx=lm, config=config,
-            landmark_impl=landmark_impl or "auto", d_reference=self.d_reference, **kw))
+            landmark_impl=landmark_impl or "auto", d_reference=self.d_reference, landmark_prefix=TEXT_TOKENS, **kw))
 
     def joint(self, config: KernelConfig | None = None, landmark_impl: str = "auto") -> Callable[[], torch.Tensor]:
         """One call of the joint layer (`combine = "shared"`) on these inputs: the text rows exact over every key,
@@ -64,7 +64,7 @@ class LayerInputs:
             self.q, self.k, self.v, self.phi_q, self.phi_k, landmark_idx=self.landmarks,
             alpha_logit=torch.zeros(heads, device=self.q.device),
             log_scale_q=torch.zeros(heads, d, device=self.q.device), landmark_impl=landmark_impl, config=config,
-            window=self.window, grid=self.grid, n_cond=TEXT_TOKENS))
+            window=self.window, grid=self.grid, n_cond=TEXT_TOKENS, landmark_prefix=TEXT_TOKENS))
 
     def _planned_call(self, landmarks: torch.Tensor | None, window: int,
                       build: Callable[[], ServePlan]) -> Callable[[], torch.Tensor]:

@@ -458,7 +458,7 @@ def _joint_fused_maker(backend: Any, lm_backend: Any, call: Any, win: int, s: Sh
                 raise RuntimeError("the fused path cannot serve this call: " + "; ".join(reasons))
             plan = JointServePlan(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                                   log_scale_q=layer.log_scale_q.detach(), eps=st.eps, window=window, grid=grid,
-                                  n_cond=s.txt)
+                                  n_cond=s.txt, landmark_prefix=call.cond_in(k.shape[2]))
         return lambda: plan(q, k, v)
     return make
 
@@ -542,7 +542,8 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
                     # built once, as the served layer keeps it: the row times the launches alone
                     plan = ServePlan(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                                      alpha_max=st.alpha_max, gamma=st.gamma, adaptive=st.adaptive_alpha, eps=st.eps,
-                                     landmark_impl=lm_impl or "auto", d_reference=layer.running_reference(), **wkw)
+                                     landmark_impl=lm_impl or "auto", d_reference=layer.running_reference(),
+                                     landmark_prefix=call.cond_in(k.shape[2]), **wkw)
                 flag = torch.zeros(1, dtype=torch.int32, device=q.device) if guarded else None
                 return lambda: plan(q, k, v, finite_flag=flag)
             return make

@@ -36,7 +36,9 @@ class ResidualBranch(Protocol):
     def indices(self, k: torch.Tensor, call: AttentionCall,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(idx, valid)` on k's device: `idx [L]` landmark key positions shared by the batch with `valid` None, or
-        per batch element `[B, L]` with a `[B, L]` bool `valid` (key padding). The same selection `branch` uses."""
+        per batch element `[B, L]` with a `[B, L]` bool `valid` (key padding). The same selection `branch` uses. A
+        shared `idx` begins with every conditioning token of the call, key rows 0 … n−1 in order (the fused kernels
+        load those rows without a gather)."""
         ...
 
     def window_plan(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall,

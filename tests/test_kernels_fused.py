@@ -309,7 +309,7 @@ def test_interpreter_direct_landmark_loads_match_the_gathered_ones(poison, monke
     if window:
         kw.update(window=window, grid=grid, n_cond=20)
     small = dict(lm_block_m=16, lm_warps=2, lm_stages=1, lm_block=16, lm_window_block=16, q_block_m=16, q_warps=2)
-    gathered = ttr_forward_fused(q, k, v, pq, pk, config=KernelConfig(**small), **kw)
+    gathered = ttr_forward_fused(q, k, v, pq, pk, config=KernelConfig(lm_direct=0, **small), **kw)
     ran: list[int] = []
     real = launchers.query_pass
     monkeypatch.setattr(launchers, "query_pass", lambda launch, *a: (ran.append(launch.consts["LM_DIRECT"]),
@@ -320,6 +320,9 @@ def test_interpreter_direct_landmark_loads_match_the_gathered_ones(poison, monke
     if not window:
         assert _rel(direct, ttr_forward_reference(q, k, v, pq, pk, idx, -0.5, 0.5, 2.0, False)) < 1e-5
     assert tiles.leading_rows(idx) == n_text
+    # the count a plan takes: the caller's word (clamped), else counted on the CPU, never read from a device
+    assert tiles.direct_rows(idx, None) == n_text and tiles.direct_rows(idx, 3) == 3
+    assert tiles.direct_rows(idx, 10 ** 6) == idx.numel() and tiles.direct_rows(idx.to("meta"), None) == 0
     if window:  # the joint layer's pass runs the same landmark loop
         from attnplug.plugins.ttr.kernels import JointServePlan
 
@@ -330,7 +333,7 @@ def test_interpreter_direct_landmark_loads_match_the_gathered_ones(poison, monke
                                                       joint_window_block=16, lm_stages=1, **over),
                                   window=window, grid=grid, n_cond=20)
             return plan(q, k, v)
-        want = joint()
+        want = joint(lm_direct=0)
         ran.clear()
         assert _rel(joint(lm_direct=lm_direct), want) < 1e-6
         assert ran == [lm_direct if n_text else 0]

@@ -154,6 +154,34 @@ def test_plan_is_built_once_and_rebuilt_after_a_training_step(poison, monkeypatc
 
 
 @interpreted
+def test_served_plan_loads_the_conditioning_landmarks_directly_and_matches_the_gather(poison, monkeypatch):
+    """The backend tells its plan that the landmarks begin with the call's conditioning tokens (it never reads the
+    indices, which on a GPU would sync): the plan loads those rows as they lie, and the output equals the same layer
+    served with every landmark row gathered."""
+    import dataclasses
+
+    from attnplug.plugins.ttr import kernels
+    from attnplug.plugins.ttr.kernels import serve_plan
+
+    plans: list = []
+    real = kernels.ServePlan
+    monkeypatch.setattr(kernels, "ServePlan", lambda *a, **kw: plans.append(real(*a, **kw)) or plans[-1])
+    fused, _ = _trained_pair()
+    q, k, v = _qkv(seed=9)
+    with torch.inference_mode():
+        direct = fused(q, k, v, _call())
+    assert len(plans) == 1 and plans[0].config.lm_direct == 1 and plans[0].n_direct == N_COND
+    gathered, _ = _trained_pair()
+    gathered.layer(LayerSpec("single:0", HEADS, DIM), torch.device("cpu")).load_state_dict(
+        fused.layers["single:0"].state_dict())
+    monkeypatch.setattr(serve_plan, "DEFAULT_CONFIG", dataclasses.replace(serve_plan.DEFAULT_CONFIG, lm_direct=0))
+    with torch.inference_mode():
+        want = gathered(q, k, v, _call())
+    assert plans[-1].n_direct == 0
+    torch.testing.assert_close(direct, want, atol=1e-5, rtol=1e-5)
+
+
+@interpreted
 def test_conditioner_rows_are_computed_once_per_sigma_for_every_layer(poison):
     backend = _backend()
     q, k, v = _qkv(seed=6)

@@ -334,7 +334,7 @@ class TtrBackend(LearnedBackend):
             plan = ServePlan(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                              alpha_max=layer.alpha_max, gamma=layer.gamma, adaptive=layer.adaptive, eps=eps,
                              key_mask=keep is not None, window=window, grid=grid, n_cond=n_cond,
-                             d_reference=layer.running_reference())
+                             d_reference=layer.running_reference(), landmark_prefix=call.cond_in(k.shape[2]))
         return _Served(plan)
 
     def _build_joint_served(self, layer: JointLayer, phi_q: Any, phi_k: Any, q: torch.Tensor, k: torch.Tensor,
@@ -359,7 +359,8 @@ class TtrBackend(LearnedBackend):
                 return _Served(None, tuple(reasons))
             plan = JointServePlan(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                                   log_scale_q=layer.log_scale_q.detach(), eps=self.settings.eps, window=window,
-                                  grid=grid, n_cond=call.cond_in(k.shape[2]))
+                                  grid=grid, n_cond=call.cond_in(k.shape[2]),
+                                  landmark_prefix=call.cond_in(k.shape[2]))
         return _Served(plan)
 
     def _run_plan(self, plan: "ServePlan", layer: TtrLayer, signature: tuple[int, ...] | None, q: torch.Tensor,

@@ -85,7 +85,8 @@ class ShardedPlan:
         self.query_plan: ServePlan = ServePlan(
             proto_q, proto_k, proto_k, phi_q, phi_k, landmark_idx=lm_idx, alpha_logit=layer.alpha_logit.detach(),
             alpha_max=layer.alpha_max, gamma=layer.gamma, adaptive=layer.adaptive, eps=eps, window=self.radius,
-            grid=local_grid, n_cond=self.n_cond, d_reference=layer.running_reference(), landmark_flags=flags)
+            grid=local_grid, n_cond=self.n_cond, d_reference=layer.running_reference(), landmark_flags=flags,
+            landmark_prefix=n_lm if n_keys == n_lm else 0)  # the landmark rows follow the window's rows, if any
         # the whole sequence's scale (it cancels in the ratio; the same as one process keeps the 16-bit dots alike)
         self.query_plan.s_scale = 1.0 / max(1, shard.n_tokens)
         counted = torch.ones(n_v, dtype=torch.bool, device=dev)  # the rows of d this rank adds into the mean

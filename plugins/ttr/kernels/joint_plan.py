@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .cudnn_landmarks import lse_ok
 from .reference import PhiWeights
 from .serve_plan import ServePlan
-from .tiles import KernelConfig
+from .tiles import KernelConfig, direct_rows
 
 
 class JointServePlan(ServePlan):
@@ -34,23 +34,25 @@ class JointServePlan(ServePlan):
     :param alpha_logit: a_h `[H]`; :param log_scale_q: b_h `[H, D]` (read at every call: fp32 tensors on the
         device are used as they are).
     :param window, grid: the landmark window (0, None: landmarks only); :param n_cond: the text tokens first.
+    :param landmark_prefix: as `ServePlan`'s.
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights, phi_k: PhiWeights, *,
                  landmark_idx: torch.Tensor, alpha_logit: torch.Tensor, log_scale_q: torch.Tensor, eps: float = 1e-6,
                  landmark_impl: str = "auto", config: KernelConfig | None = None, window: int = 0,
-                 grid: tuple[int, int] | None = None, n_cond: int = 0) -> None:
+                 grid: tuple[int, int] | None = None, n_cond: int = 0, landmark_prefix: int | None = None) -> None:
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"JointServePlan: queries must be the whole sequence, got {q.shape[2]} for "
                              f"{k.shape[2]} keys")
         nk = k.shape[2]
+        prefix = direct_rows(landmark_idx, landmark_prefix)  # counted before the indices move to the device
         idx = landmark_idx.to(device=q.device, dtype=torch.long)
         flags = torch.zeros(nk, dtype=torch.int8, device=q.device)
         if idx.numel():
             flags.index_fill_(0, idx, 1)
         super().__init__(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=alpha_logit, adaptive=False, eps=eps,
                          key_mask=True, landmark_impl=landmark_impl, config=config, window=window, grid=grid,
-                         n_cond=n_cond, landmark_flags=flags if window else None)
+                         n_cond=n_cond, landmark_flags=flags if window else None, landmark_prefix=prefix)
         self.n_cond = int(n_cond)  # the text rows are set apart with or without a window
         if self.landmark_impl == "sdpa" and not lse_ok(q):
             self.landmark_impl = "fused"  # the shared normaliser needs the exact set's log-sum-exp

@@ -23,7 +23,7 @@ from . import launchers
 from .capability import PhiSplit, phi_split
 from .cudnn_landmarks import choose_landmark_impl, sdpa_landmarks
 from .reference import PhiWeights
-from .tiles import (DEFAULT_CONFIG, KernelConfig, block_k, cdiv, hidden_chunk, leading_rows, num_sms, output_like,
+from .tiles import (DEFAULT_CONFIG, KernelConfig, block_k, cdiv, direct_rows, hidden_chunk, num_sms, output_like,
                     patch_width, query_hidden_chunk, window_block)
 
 _ACT = {"elu+1": 0, "relu": 1, "hedgehog": 0}
@@ -110,6 +110,9 @@ class ServePlan:
     :param key_mask: whether calls come with a `[B, Nk]` key-padding mask (kernel-only plans).
     :param window, grid, n_cond: the landmark window (checked by the caller, `reference.check_window`).
     :param landmark_flags: `[Nk]` int8, 1 for landmarks (built from `landmark_idx` when None and a window runs).
+    :param landmark_prefix: how many leading landmarks are the key rows 0 … n−1 in order (the caller's word: a
+        `ResidualBranch`'s indices begin with the call's conditioning tokens); None counts them from `landmark_idx`
+        when it is on the CPU, and takes 0 (every row gathered) for device indices — reading them would sync.
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights, phi_k: PhiWeights, *,
@@ -117,7 +120,8 @@ class ServePlan:
                  alpha_max: float = 0.2, gamma: float = 2.0, adaptive: bool = True, eps: float = 1e-6,
                  key_mask: bool = False, landmark_impl: str = "auto", config: KernelConfig | None = None,
                  window: int = 0, grid: tuple[int, int] | None = None, n_cond: int = 0,
-                 d_reference: torch.Tensor | None = None, landmark_flags: torch.Tensor | None = None) -> None:
+                 d_reference: torch.Tensor | None = None, landmark_flags: torch.Tensor | None = None,
+                 landmark_prefix: int | None = None) -> None:
         cfg = config or DEFAULT_CONFIG
         self.config = cfg
         bsz, heads, nq, d = q.shape
@@ -143,7 +147,7 @@ class ServePlan:
         self.idx = landmark_idx.to(device=dev, dtype=torch.long).contiguous() if use_lm else self.dummy
         # the in-kernel landmark softmax loads the leading landmarks that are key rows 0 … n−1 as they lie
         # (`KernelConfig.lm_direct`); with 2, the others from a contiguous copy (`idx_rest`) made at each call
-        self.n_direct = leading_rows(landmark_idx) if use_lm and cfg.lm_direct else 0  # as given: no round trip
+        self.n_direct = direct_rows(landmark_idx, landmark_prefix) if use_lm and cfg.lm_direct else 0
         self.idx_rest = self.idx[self.n_direct:] if self.n_direct and cfg.lm_direct == 2 else None
         self.window = int(window)
         self.n_cond = int(n_cond) if window else 0

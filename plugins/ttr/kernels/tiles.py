@@ -49,8 +49,11 @@ class KernelConfig:
     # in-kernel landmark softmax (landmark pass and joint pass): 0 gathers every landmark row through its index; 1
     # loads the leading landmarks that are key rows 0 … n−1 (the conditioning tokens, which every landmark selection
     # puts first) as they lie and gathers the rest; 2 as 1, the rest from a contiguous copy made at each call (2 · B·H
-    # · (L − n) · D values). The plan reads the indices once at build (one device sync) when this is not 0
-    lm_direct: int = 0
+    # · (L − n) · D values); n is the caller's word or counted from indices on the CPU (`direct_rows`). The served
+    # call on an H200 (2026-12-04), 0 → 1: default layer 0.395 → 0.366 ms at 1024², 1.390 → 1.301 ms at 2048²; joint
+    # layer 1.777 → 1.730 ms at 2048² (4096² takes cuDNN's landmarks: unchanged). 2 read 1.242 / 1.659 ms at 2048² but
+    # 0.628 ms at 1024²
+    lm_direct: int = 1
     # the landmark pass when cuDNN gave the landmark softmax (it only reads that and goes on over the window): rows
     # per tile, warps and window keys per tile — smaller tiles, two programs per SM (4096² on an H200: 6.98 vs 7.41
     # ms the call; 16-key window tiles 5.75 vs 5.84 ms for 32 and 5.89 for 64, 2026-12-04)
@@ -80,10 +83,19 @@ DEFAULT_CONFIG = KernelConfig()
 
 def leading_rows(idx: torch.Tensor) -> int:
     """How many of the landmark indices `idx` (`[L]`) are the key rows 0, 1, 2, … in order (the conditioning tokens
-    that every landmark selection puts first). Reads `idx` on the host: one device sync for a GPU tensor."""
+    that every landmark selection puts first). Reads `idx` on the host (a device sync for a GPU tensor)."""
     host = idx.detach().reshape(-1).to("cpu")
     differ = torch.nonzero(host != torch.arange(host.numel(), dtype=host.dtype))
     return int(differ[0]) if differ.numel() else int(host.numel())
+
+
+def direct_rows(idx: torch.Tensor, promised: int | None) -> int:
+    """How many leading landmarks of `idx` the landmark softmax loads without the gather: `promised` (the caller
+    knows its selection puts key rows 0 … n−1 first; clamped to the landmarks), else `leading_rows` of CPU indices,
+    else 0 — counting device indices would sync the device."""
+    if promised is not None:
+        return max(0, min(int(promised), int(idx.numel())))
+    return leading_rows(idx) if idx.device.type == "cpu" else 0
 
 
 def output_like(q: torch.Tensor, dv: int) -> torch.Tensor:
