@@ -21,11 +21,13 @@ last (`--plan DIR/plan.json --policies DIR`). tests/test_policy_study.py runs it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,6 +39,7 @@ from ..plugins.controller.plan import ServingPlan
 from . import data, sampling
 from .calibration import _PROMPT_STREAM, TestbedAdherence, _adherence_factory, sample_testbed
 from .model import WEIGHTS_DIR, load_testbed
+from .processes import run_side_by_side
 
 CONFIGS = Path(__file__).parent / "configs"
 MAX_LOSS = 1.0  # adherence points: the budget of the headline numbers
@@ -76,6 +79,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes side by side: the two policies train in two, the evaluation's points are split "
+                        "over this many (each process samples its seeds' exact references itself)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -146,36 +152,58 @@ def plan_prefixes(plan: ServingPlan, points: int) -> list[tuple[str, ServingPlan
     return [(f"{k} cells", ServingPlan.from_cells(plan.edges, accepted[:k])) for k in ks]
 
 
-def train_policies(session: Any, model: Any, args: argparse.Namespace, out: Path,
-                   plan: ServingPlan | None = None) -> dict[str, Any]:
+def train_policy(session: Any, model: Any, args: argparse.Namespace, out: Path, plan: ServingPlan | None,
+                 index: int, references: dict[int, Sample] | None = None) -> dict[str, Any]:
+    """Train policy `index` of `POLICY_FILES` and save it in `out`; its entry (the policy, file, updates, seconds,
+    per-update history). `references`: exact samples per episode key shared with another policy's trainer (the same
+    episodes: each is sampled once), updated in place."""
     from ..plugins.controller.policy_checkpoint import save_policy
     from ..plugins.controller.reinforce import settings_json
     from ..plugins.controller.train_policy import build_trainer
     from .policy_training import TestbedEpisodes
 
+    name, file, use_text = POLICY_FILES[index]
     base = session.config.sections["controller"].policy_training
     update: dict[str, Any] = {**training_overrides(args.training), "prompts_per_episode": args.prompts_per_episode}
     if args.pool:
         update["pool"] = args.pool
-    policies: dict[str, Any] = {}
+    settings = validated(base, {**update, "use_text": use_text}, "policy_training")
+    episodes = TestbedEpisodes(session, settings.prompts_per_episode, seed=settings.seed, steps=args.steps, model=model)
+    resume = args.resume / file if args.resume else None  # a resumed policy keeps its own start
+    trainer = build_trainer(session, episodes.sample, settings, resume=resume,
+                            extra_terms={"testbed_adherence": _adherence_factory}, start_plan=plan)
+    if references is not None:
+        trainer.references.update(references)
+    result = trainer.train(episodes.sample, minutes=args.train_minutes, updates=args.updates,
+                           progress=not args.no_progress)
+    if references is not None:
+        references.update(trainer.references)
+    save_policy(out / file, trainer.policy, settings_json(settings), trainer.state())
+    return {"name": name, "policy": trainer.policy, "file": str(out / file), "updates": trainer.updates,
+            "start_agreement": trainer.start_agreement, "episodes": trainer.episodes,
+            "seconds": round(result.seconds, 1), "history": result.history}
+
+
+def train_policies(session: Any, model: Any, args: argparse.Namespace, out: Path,
+                   plan: ServingPlan | None = None) -> dict[str, Any]:
+    """Both policies, one after the other in this process (sharing their exact references), or with `--workers` > 1
+    side by side in two processes (each policy its own; read back from their files)."""
+    if args.workers > 1:
+        trained = {e.pop("name"): e for e in run_side_by_side(_train_in_process, range(len(POLICY_FILES)), args, out)}
+        loaded = load_policies(out, with_training=False)
+        return {name: {**trained[name], "policy": loaded[name]["policy"]} for name, _, _ in POLICY_FILES}
     references: dict[int, Sample] = {}
-    for name, file, use_text in POLICY_FILES:
-        settings = validated(base, {**update, "use_text": use_text}, "policy_training")
-        episodes = TestbedEpisodes(session, settings.prompts_per_episode, seed=settings.seed, steps=args.steps,
-                                   model=model)
-        resume = args.resume / file if args.resume else None  # a resumed policy keeps its own start
-        trainer = build_trainer(session, episodes.sample, settings, resume=resume,
-                                extra_terms={"testbed_adherence": _adherence_factory}, start_plan=plan)
-        trainer.references.update(references)  # the same episodes: each exact reference is sampled once
-        result = trainer.train(episodes.sample, minutes=args.train_minutes, updates=args.updates,
-                               progress=not args.no_progress)
-        references = trainer.references
-        save_policy(out / file, trainer.policy, settings_json(settings), trainer.state())
-        policies[name] = {"policy": trainer.policy, "file": str(out / file), "updates": trainer.updates,
-                          "start_agreement": trainer.start_agreement,
-                          "episodes": trainer.episodes, "seconds": round(result.seconds, 1),
-                          "history": result.history}
-    return policies
+    entries = [train_policy(session, model, args, out, plan, i, references) for i in range(len(POLICY_FILES))]
+    return {e.pop("name"): e for e in entries}
+
+
+def _train_in_process(index: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """`train_policy` in a process of its own (`--workers`): its entry without the policy object (the file has it)."""
+    with study_session(args) as (session, model, _, _):
+        plan = ServingPlan.load_json(out / "plan.json")
+        entry = train_policy(session, model, args, out, plan, index)
+    entry.pop("policy")
+    return entry
 
 
 def training_overrides(items: list[str]) -> dict[str, Any]:
@@ -205,16 +233,17 @@ def validated(base: Any, update: dict[str, Any], section: str) -> Any:
 
 def write_training(out: Path, policies: dict[str, Any]) -> None:
     """`training.json`: each policy's updates, seconds, start agreement and per-update metrics."""
-    record = {n: {k: v for k, v in e.items() if k != "policy"} for n, e in policies.items()}
+    record = {n: {k: v for k, v in e.items() if k not in ("policy", "name")} for n, e in policies.items()}
     atomic_write_text(out / "training.json", json.dumps(record, indent=1, default=float))
 
 
-def load_policies(folder: Path) -> dict[str, Any]:
-    """The two policies of an earlier study, read from `folder` (its `training.json`, when there, gives each
-    policy's training seconds and per-update metrics)."""
+def load_policies(folder: Path, with_training: bool = True) -> dict[str, Any]:
+    """The two policies of an earlier study, read from `folder` (its `training.json`, when there and
+    `with_training`, gives each policy's training seconds and per-update metrics)."""
     from ..plugins.controller.policy_checkpoint import load_policy
 
-    trained = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else {}
+    record_file = folder / "training.json"
+    trained = json.loads(record_file.read_text()) if with_training and record_file.is_file() else {}
     policies: dict[str, Any] = {}
     for name, file, _ in POLICY_FILES:
         loaded = load_policy(folder / file)  # the gate keeps exact any layer a policy does not know
@@ -226,16 +255,16 @@ def load_policies(folder: Path) -> dict[str, Any]:
     return policies
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.contextmanager
+def study_session(args: argparse.Namespace) -> Iterator[tuple[Any, Any, Any, Any]]:
+    """`(session, model, policy gate, plan gate)`: `--checkpoint` served under `--config` on the testbed model,
+    the host patched; closed on exit."""
     from ..core import Session
     from ..core.config import load_config
     from ..hosts.diffusers import apply
     from ..plugins.controller.gate import plan_gate
     from ..plugins.controller.policy_gate import policy_gate
 
-    t_start = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.config)
     cfg.root = cfg.root.model_copy(update={"training": False, "checkpoint": None})
     session = Session(cfg)
@@ -244,8 +273,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     handle = apply(model.transformer, session)
     pgate, plgate = policy_gate(session), plan_gate(session)
     assert pgate is not None and plgate is not None
-    timings: dict[str, float] = {}
     try:
+        yield session, model, pgate, plgate
+    finally:
+        handle.remove()
+        session.close()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    with study_session(args) as (session, model, pgate, plgate):
         t0 = time.perf_counter()
         plan = ServingPlan.load_json(args.plan) if args.plan else calibrate_plan(session, model, args, out)
         if args.plan and args.plan.resolve() != (out / "plan.json").resolve():
@@ -262,44 +302,88 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.no_evaluate:
             return {"policies": policies, "timings": timings}
         t0 = time.perf_counter()
-        rows = evaluate(session, model, args, plan, policies, pgate, plgate)
+        jobs = evaluation_jobs(args, plan, policies)
+        if args.workers > 1:
+            folder = args.policies or out
+            pieces = [jobs[i * len(jobs) // args.workers:(i + 1) * len(jobs) // args.workers]
+                      for i in range(min(args.workers, len(jobs)))]  # contiguous: each process few seeds
+            done = run_side_by_side(_evaluate_in_process, [p for p in pieces if p], args, out / "plan.json", folder)
+            rows = merged_rows(jobs, [row for part in done for row in part])
+        else:
+            rows = evaluate(session, model, args, plan, policies, pgate, plgate, jobs)
         timings["eval_s"] = time.perf_counter() - t0
-    finally:
-        handle.remove()
-        session.close()
     timings["total_s"] = time.perf_counter() - t_start
     return summarize(args, plan, policies, rows, timings, out)
 
 
-def evaluate(session: Any, model: Any, args: argparse.Namespace, plan: ServingPlan, policies: dict[str, Any],
-             pgate: Any, plgate: Any) -> list[dict[str, Any]]:
+#: one point of the evaluation: (seed, method, setting, threshold — None for a prefix of the plan)
+Job = tuple[int, str, str, "float | None"]
+
+
+def evaluation_jobs(args: argparse.Namespace, plan: ServingPlan, policies: dict[str, Any]) -> list[Job]:
+    """Every point of the evaluation, seed by seed: the plan's greedy prefixes, then each policy at each threshold."""
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    rows: list[dict[str, Any]] = []
+    jobs: list[Job] = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        prompts = data.heldout_prompts(args.eval_prompts, grid=model.cfg.grid, seed=1234 + seed)
-        noise = sampling.initial_noise(args.eval_prompts, prompts.shape[1], seed=seed)
-        sampler = FixedPrompts(model, prompts, noise, args.steps, args.prompts_per_episode)
-        with pgate.exact():
-            reference, exact = measure(session, sampler, None)
-        rows.append({"method": "exact", "setting": "-", "seed": seed, "share": 0.0, "loss": 0.0, "velocity": 0.0,
-                     "seconds": exact["seconds"]})
-        for setting, prefix in plan_prefixes(plan, args.plan_points):
-            plgate.candidate = prefix
+        jobs += [(seed, "plan", setting, None) for setting, _ in plan_prefixes(plan, args.plan_points)]
+        jobs += [(seed, name, f"threshold {t:g}", t) for name in policies for t in thresholds]
+    return jobs
+
+
+def evaluate(session: Any, model: Any, args: argparse.Namespace, plan: ServingPlan, policies: dict[str, Any],
+             pgate: Any, plgate: Any, jobs: list[Job]) -> list[dict[str, Any]]:
+    """The rows of `jobs`, and before each seed's first one that seed's exact row (its reference)."""
+    prefixes = dict(plan_prefixes(plan, args.plan_points))
+    rows: list[dict[str, Any]] = []
+    seed_now: int | None = None
+    for seed, method, setting, threshold in jobs:
+        if seed != seed_now:
+            seed_now = seed
+            prompts = data.heldout_prompts(args.eval_prompts, grid=model.cfg.grid, seed=1234 + seed)
+            noise = sampling.initial_noise(args.eval_prompts, prompts.shape[1], seed=seed)
+            sampler = FixedPrompts(model, prompts, noise, args.steps, args.prompts_per_episode)
+            with pgate.exact():
+                reference, exact = measure(session, sampler, None)
+            rows.append({"method": "exact", "setting": "-", "seed": seed, "share": 0.0, "loss": 0.0,
+                         "velocity": 0.0, "seconds": exact["seconds"]})
+        if threshold is None:
+            plgate.candidate = prefixes[setting]
             session.router.invalidate()
-            try:
-                rows.append({"method": "plan", "setting": setting, "seed": seed,
-                             **measure(session, sampler, reference)[1]})
-            finally:
-                plgate.candidate = None
-        for name, entry in policies.items():
-            for threshold in thresholds:
-                pgate.set_policy(entry["policy"], mode="threshold", threshold=threshold)
-                try:
-                    rows.append({"method": name, "setting": f"threshold {threshold:g}", "seed": seed,
-                                 **measure(session, sampler, reference)[1]})
-                finally:
-                    pgate.set_policy(None)
+        else:
+            pgate.set_policy(policies[method]["policy"], mode="threshold", threshold=threshold)
+        try:
+            rows.append({"method": method, "setting": setting, "seed": seed,
+                         **measure(session, sampler, reference)[1]})
+        finally:
+            plgate.candidate = None
+            pgate.set_policy(None)
     return rows
+
+
+def _evaluate_in_process(jobs: list[Job], args: argparse.Namespace, plan_file: Path,
+                         folder: Path) -> list[dict[str, Any]]:
+    """`evaluate` of some jobs in a process of its own (`--workers`), the plan and policies read from their files."""
+    with study_session(args) as (session, model, pgate, plgate):
+        return evaluate(session, model, args, ServingPlan.load_json(plan_file), load_policies(folder), pgate,
+                        plgate, jobs)
+
+
+def merged_rows(jobs: list[Job], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of several processes in the order one process gives them: per seed its exact row (the first
+    process's, when several sampled it), then the jobs' rows in `jobs` order."""
+    order = {(seed, method, setting): i for i, (seed, method, setting, _) in enumerate(jobs)}
+    exact: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        if row["method"] == "exact":
+            exact.setdefault(row["seed"], row)
+    points = sorted((r for r in rows if r["method"] != "exact"),
+                    key=lambda r: order[(r["seed"], r["method"], r["setting"])])
+    merged: list[dict[str, Any]] = []
+    for row in points:
+        if exact.get(row["seed"]) is not None:
+            merged.append(exact.pop(row["seed"]))
+        merged.append(row)
+    return merged
 
 
 def summarize(args: argparse.Namespace, plan: ServingPlan, policies: dict[str, Any], rows: list[dict[str, Any]],

@@ -36,6 +36,7 @@ from ..plugins.ttr.joint_settings import JointSettings
 from ..plugins.ttr.settings import TtrSettings
 from .demo import DEMO_CONFIG, DemoPlan, run_demo
 from .evaluate import evaluate, strip_images
+from .processes import run_side_by_side
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -329,10 +330,12 @@ def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
     (out / "effects.md").write_text(effects_table(rows))
 
 
-def _evaluate_group(cfg: dict[str, Any], checkpoint: str, overlays: list[str], n_prompts: int, steps: int,
-                    device: str, seed: int, testbed: str | None = None) -> dict[str, dict[str, Any]]:
-    """Evaluate one checkpoint under several serving overlays (JSON) with one shared exact pass."""
-    reference: dict[str, Any] = {}
+def _evaluate_group(overlays: list[str], cfg: dict[str, Any], checkpoint: str, n_prompts: int, steps: int,
+                    device: str, seed: int, testbed: str | None = None,
+                    reference: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Evaluate one checkpoint under several serving overlays (JSON) with one shared exact pass (`reference`: the
+    exact pass of an earlier group of this process, filled by the first)."""
+    reference = {} if reference is None else reference
     return {key: strip_images(evaluate(merge(cfg, json.loads(key)), checkpoint, n_prompts=n_prompts, steps=steps,
                                        device=device, seed=seed, reference=reference, testbed=testbed))
             for key in overlays}
@@ -343,22 +346,16 @@ def evaluate_servings(cfg: dict[str, Any], checkpoint: Path, names: list[str], p
     """Evaluate `names` (servings with the same overlay once), in `workers` spawned processes when > 1 (each with its
     own exact pass); `record(results)` is called with the results so far after each group."""
     keys = list(dict.fromkeys(json.dumps(SERVING[n], sort_keys=True) for n in names))
-    groups = [keys[i::workers] for i in range(max(1, min(workers, len(keys))))]
-    args = (plan.eval_prompts, plan.eval_steps, device, seed, testbed)
+    args = (cfg, str(checkpoint), plan.eval_prompts, plan.eval_steps, device, seed, testbed)
+    if workers > 1 and len(keys) > 1:
+        done = run_side_by_side(_evaluate_group, [keys[i::workers] for i in range(min(workers, len(keys)))], *args)
+    else:  # one serving at a time, each recorded as soon as it exists, all sharing one exact pass
+        shared: dict[str, Any] = {}
+        done = (_evaluate_group([key], *args, reference=shared) for key in keys)
     results: dict[str, dict[str, Any]] = {}
-    if len(groups) <= 1:
-        for key in keys:  # one at a time: each result is recorded as soon as it exists
-            results.update(_evaluate_group(cfg, str(checkpoint), [key], *args))
-            record(results)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_evaluate_group, cfg, str(checkpoint), group, *args) for group in groups]
-        for future in as_completed(futures):
-            results.update(future.result())
-            record(results)
+    for group in done:
+        results.update(group)
+        record(results)
 
 
 def folder_name(variant: str) -> str:

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_TTR = {"feature_dim": 16, "depth": 1, "hidden": 0, "key_chunk": 64, "query_chunk": 64}
 
 
-def test_the_study_runs_end_to_end_and_writes_its_report(tmp_path):
+def _tiny_study(tmp_path):
+    """A tiny random testbed model, a ttr checkpoint with every layer ready, and a serving config: the paths."""
     cfg = TestbedConfig(grid=2, num_single_layers=2, num_attention_heads=2, attention_head_dim=16,
                         joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
     weights = TestbedModel(cfg).save(tmp_path / "tiny.safetensors")
@@ -32,6 +33,11 @@ def test_the_study_runs_end_to_end_and_writes_its_report(tmp_path):
                       '[plugins.controller.calibration]\nterms = [{ kind = "testbed_adherence", max = 0.5 }]\n'
                       '[plugins.controller.policy_training]\nepisodes_per_update = 1\n'
                       'terms = [{ kind = "testbed_adherence", max = 0.5 }, { kind = "velocity_fidelity", max = 0.05 }]\n')
+    return config, tmp_path / "ttr.safetensors", weights
+
+
+def test_the_study_runs_end_to_end_and_writes_its_report(tmp_path):
+    config, _, weights = _tiny_study(tmp_path)
     out = tmp_path / "study"
     code = policy_study.main(["--out", str(out), "--config", str(config), "--checkpoint", str(tmp_path / "ttr.safetensors"),
                               "--weights", str(weights), "--steps", "2", "--eval-prompts", "2", "--seeds", "0,1",
@@ -90,3 +96,31 @@ def test_the_study_runs_end_to_end_and_writes_its_report(tmp_path):
         policy_study.training_overrides(["entropy"])
     with pytest.raises(SystemExit, match="not both"):
         policy_study.main(["--out", str(more), "--resume", str(out), "--policies", str(out)])
+
+
+def test_side_by_side_processes_train_both_policies_and_evaluate_as_one_process_does(tmp_path):
+    """`--workers 2`: the two policies train in two processes (both files, both records), and the evaluation split
+    over two processes gives the rows one process gives, in the same order, each seed's exact row once."""
+    config, checkpoint, weights = _tiny_study(tmp_path)
+    common = ["--config", str(config), "--checkpoint", str(checkpoint), "--weights", str(weights), "--steps", "2",
+              "--prompts-per-episode", "1", "--no-progress"]
+    trained = tmp_path / "trained"
+    assert policy_study.main(["--out", str(trained), *common, "--calibration-prompts", "1", "--sigma-bands", "1,0",
+                              "--calibration-layers", "single:0", "--updates", "1", "--pool", "2", "--no-evaluate",
+                              "--workers", "2"]) == 0
+    training = json.loads((trained / "training.json").read_text())
+    assert [training[n]["updates"] for n in ("policy (text)", "policy (no text)")] == [1, 1]
+    assert all("start_agreement" in training[n] and training[n]["history"] for n in training)
+    rows = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"eval{workers}"
+        assert policy_study.main(["--out", str(out), *common, "--eval-prompts", "2", "--seeds", "0,1", "--plan",
+                                  str(trained / "plan.json"), "--policies", str(trained), "--plan-points", "1",
+                                  "--thresholds", "0.5,1.0", "--workers", workers]) == 0
+        rows[workers] = json.loads((out / "study.json").read_text())["rows"]
+    key = [(r["seed"], r["method"], r["setting"]) for r in rows["1"]]
+    assert key == [(r["seed"], r["method"], r["setting"]) for r in rows["2"]]
+    assert [k for k in key if k[1] == "exact"] == [(0, "exact", "-"), (1, "exact", "-")]
+    for one, two in zip(rows["1"], rows["2"]):
+        assert one["share"] == two["share"]
+        assert one.get("loss", 0.0) == pytest.approx(two.get("loss", 0.0), abs=1e-6)
