@@ -34,6 +34,9 @@
 #   skipped step on the FLUX.1-dev-shaped model (bench-model /fbcache) beside the full forwards.
 # `tests` runs the GPU tests in TEST_WORKERS (8) processes where pytest-xdist is installed (a wheel among the carried
 #   ones): most of their time is Triton compiling one kernel variant after another.
+# `triton-overlay` (with TRITON_OVERLAY, bench/device_env.sh): the fused kernels' GPU tests under the overlay Triton, then
+#   the product-path bench (OVERLAY_BENCH_ARGS) under the installed Triton and under the overlay, one after the other
+#   ($OUT/bench_triton_{installed,overlay}.{txt,json}).
 # `bigbed-bench` times the served call (`session ttr-<config>`) of every point of the front at 1024² and 2048².
 set -o pipefail
 source bench/device_env.sh
@@ -42,13 +45,26 @@ wait_pids() {  # wait_pids PIDFILE SECONDS: until every process in PIDFILE ended
   while [ $SECONDS -lt $end ]; do alive=0; for p in $(cat $1); do kill -0 $p 2>/dev/null && alive=1; done
     [ $alive = 0 ] && return 0; sleep 10; done
 }
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")  # GPU tests: Triton compiles in parallel
 for step in "${@:-all}"; do
   case $step in
-    tests|all) XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")  # Triton compiles in parallel
+    tests|all)
       python3 -m pytest -q -p no:cacheprovider --import-mode=importlib $XDIST --durations=8 tests/test_kernels_fused.py \
       tests/test_ttr_fused.py tests/test_ttr_fused_agreement.py tests/test_ttr_compile.py tests/test_distill_train.py \
       tests/test_distill_ttr.py tests/test_diffusers_compile.py tests/test_gpu_no_sync.py tests/test_ttr_fused_window.py tests/test_ttr_alpha_reference.py tests/test_bench_model.py tests/test_bench_variants.py \
       2>&1 | tee "$OUT/tests.log" ;;&
+    triton-overlay)
+      [ -n "${OVERLAY_DIR:-}" ] || { echo "triton-overlay: set TRITON_OVERLAY to a bench/slim_triton.sh file"; exit 1; }
+      OV="env PYTHONPATH=$OVERLAY_DIR:$PYTHONPATH TRITON_CACHE_DIR=/tmp/triton_cache_overlay"
+      $OV python3 -c "import triton; print('overlay triton', triton.__version__, triton.__file__)" | tee -a "$OUT/gpu.txt"
+      $OV python3 -m pytest -q -p no:cacheprovider --import-mode=importlib $XDIST tests/test_kernels_fused.py \
+        tests/test_ttr_fused.py tests/test_ttr_fused_agreement.py tests/test_gpu_no_sync.py tests/test_ttr_fused_window.py \
+        2>&1 | tail -n 15 | tee "$OUT/tests_triton_overlay.log"
+      BA=${OVERLAY_BENCH_ARGS:---sizes 1024,2048,4096 --dtypes bf16 --configs default,joint --only session,fused --no-graphs}
+      for which in installed overlay; do
+        R=""; [ $which = overlay ] && R=$OV
+        $R python3 -m attnplug.bench.run $BA --json "$OUT/bench_triton_$which.json" 2>"$OUT/bench_triton_$which.err" \
+          | tee "$OUT/bench_triton_$which.txt" | grep "ms =" ; done ;;
     tune|all) python3 -m attnplug.bench.tune ${TUNE_ARGS:---sizes 1024,2048 --quick} 2>&1 | tee "$OUT/tune.log" ;;&
     profile|all) python3 -m attnplug.bench.profile_kernels ${PROFILE_ARGS:---sizes 1024,2048} 2>&1 | tee "$OUT/profile.log" ;;&
     bench|all) python3 -m attnplug.bench.run ${BENCH_ARGS:---sizes 1024,2048,4096 --dtypes bf16} --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt" ;;&
