@@ -1,10 +1,10 @@
-"""Registers and stack (spill) bytes of the fused query passes, compiled for a GPU that is not here.
+"""Registers and stack (spill) bytes of the fused key and query passes, compiled for a GPU that is not here.
 
 `python -m attnplug.bench.offline_compile --sizes 2048 --layers hybrid,joint [--config '{"joint_block_m": 128}' ...]`
-builds the product's default layer (`bench.default_layer`) on the CPU, records the query-pass launches its serve
-plan makes at the first call (nothing runs: the launcher is replaced by a recorder), compiles each for sm_90 with
+builds the product's default layer (`bench.default_layer`) on the CPU, records the launches its serve plan makes
+at the first call (nothing runs: the launcher is replaced by a recorder), compiles each for sm_90 with
 the installed Triton and reads the cubin's resource usage with the `cuobjdump` bundled with Triton. One line per
-launch: the mode, tiles and window, registers per thread and stack bytes per thread (spills, once registers run
+launch: the pass, its tiles, registers per thread and stack bytes per thread (spills, once registers run
 out at 255). A CPU-only check of what a kernel change does to register pressure; speed is measured on the GPU
 (`attnplug.bench.tune`, `attnplug.bench.profile_kernels`). The Triton here may not be the one on the GPU machine.
 """
@@ -28,29 +28,29 @@ from ..plugins.ttr.kernels import KernelConfig, launchers
 from ..plugins.ttr.kernels import serve_plan as serve_plan_module
 from . import default_layer as default_layer_module
 
-Launch = tuple[tuple[Any, ...], dict[str, Any]]  # the query kernel's positional and compile-time arguments
+Launch = tuple[str, tuple[Any, ...], dict[str, Any]]  # a kernel's name, positional and compile-time arguments
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8",
            torch.int32: "i32", torch.int64: "i64"}
 
 
 @contextlib.contextmanager
-def recorded_query_launches(sms: int = 132) -> Iterator[list[Launch]]:
-    """Within the block, fused launches are recorded instead of run (query passes into the yielded list; key
-    passes dropped), the plan sees `sms` multiprocessors and the CPU tensors pass the fused path's checks."""
+def recorded_launches(sms: int = 132) -> Iterator[list[Launch]]:
+    """Within the block, fused launches are recorded into the yielded list instead of run, the plan sees `sms`
+    multiprocessors and the CPU tensors pass the fused path's checks."""
     launches: list[Launch] = []
 
     class _Recorder:
-        def __init__(self, keep: bool) -> None:
-            self.keep = keep
+        def __init__(self, name: str) -> None:
+            self.name = name
 
         def __getitem__(self, grid: Any) -> Callable[..., None]:
             def launch(*args: Any, **consts: Any) -> None:
-                if self.keep:
-                    launches.append((args, consts))
+                launches.append((self.name, args, consts))
             return launch
 
-    fake = types.SimpleNamespace(_query_kernel=_Recorder(True), _kv_state_kernel=_Recorder(False))
+    fake = types.SimpleNamespace(_query_kernel=_Recorder("_query_kernel"),
+                                 _kv_state_kernel=_Recorder("_kv_state_kernel"))
     saved = (launchers._kernels, serve_plan_module.num_sms, default_layer_module.fused_unsupported_reasons)
     launchers._kernels = lambda: fake  # type: ignore[assignment]
     serve_plan_module.num_sms = lambda device: sms  # type: ignore[assignment]
@@ -74,16 +74,16 @@ def _arg_type(value: Any) -> str:
 
 
 def resources(launch: Launch, capability: int = 90) -> tuple[int, int]:
-    """(registers per thread, stack bytes per thread) of the query kernel compiled for `launch` on sm_`capability`."""
+    """(registers per thread, stack bytes per thread) of the kernel compiled for `launch` on sm_`capability`."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     from ..plugins.ttr.kernels import triton_ttr
 
-    args, consts = launch
+    name, args, consts = launch
     consts = dict(consts)
     options = {"num_warps": consts.pop("num_warps"), "num_stages": consts.pop("num_stages")}
-    fn = triton_ttr._query_kernel
+    fn = getattr(triton_ttr, name)
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1 is set): unset it to compile them")
     signature = {name: _arg_type(a) for name, a in zip(fn.arg_names, args)} | {name: "constexpr" for name in consts}
@@ -103,10 +103,10 @@ def resources(launch: Launch, capability: int = 90) -> tuple[int, int]:
 
 
 def layer_launches(size: str, layer: str, config: KernelConfig) -> list[Launch]:
-    """The query-pass launches of the default layer's first call at `size` ('hybrid' or 'joint', in-kernel
-    landmarks) under `config`."""
+    """The launches of the default layer's first call at `size` ('hybrid' or 'joint', in-kernel landmarks) under
+    `config`: its key pass, then its query passes."""
     inputs = default_layer_module.default_layer(size, torch.device("cpu"))
-    with recorded_query_launches() as launches:
+    with recorded_launches() as launches:
         call = inputs.joint(config, "fused") if layer == "joint" else inputs.fused(config, "fused")
         call()
     return launches
@@ -132,10 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         for overrides, cfg in zip(configs, kernel_configs):
             for layer in layers:
                 for launch in layer_launches(size, layer, cfg):
-                    c = launch[1]
+                    c = launch[2]
                     regs, stack = resources(launch, a.capability)
-                    print(f"{size} {layer} {json.dumps(overrides)} MODE={c['MODE']} BM={c['BM']} warps={c['num_warps']} "
-                          f"WIN={c['WIN']} BLW={c['BLW']} HC={c['HC']}: {regs} registers, {stack} B stack", flush=True)
+                    what = (f"key pass BN={c['BN']} warps={c['num_warps']} HC={c['HC']} STORE_PK={c['STORE_PK']} "
+                            f"STORE_LM={c['STORE_LM']}" if launch[0] == "_kv_state_kernel" else
+                            f"MODE={c['MODE']} BM={c['BM']} warps={c['num_warps']} WIN={c['WIN']} BLW={c['BLW']} "
+                            f"HC={c['HC']}")
+                    print(f"{size} {layer} {json.dumps(overrides)} {what}: {regs} registers, {stack} B stack",
+                          flush=True)
     return 0
 
 

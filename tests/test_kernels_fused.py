@@ -314,8 +314,17 @@ def test_interpreter_direct_landmark_loads_match_the_gathered_ones(poison, monke
     real = launchers.query_pass
     monkeypatch.setattr(launchers, "query_pass", lambda launch, *a: (ran.append(launch.consts["LM_DIRECT"]),
                                                                      real(launch, *a))[1])
+    wrote: list[bool] = []  # whether each key pass wrote the landmark rows (2: the query pass then copies none)
+    real_key = launchers.key_pass
+    monkeypatch.setattr(launchers, "key_pass", lambda *a: (wrote.append(a[-1] is not None), real_key(*a))[1])
     direct = ttr_forward_fused(q, k, v, pq, pk, config=KernelConfig(lm_direct=lm_direct, **small), **kw)
     assert ran == [lm_direct if n_text else 0]  # the direct loads ran (or, without the prefix, the gather)
+    assert wrote == [lm_direct == 2 and n_text > 0]
+    if lm_direct == 2 and n_text:  # keys not contiguous in their last dim: the query pass copies the rows itself
+        wrote.clear()
+        k_strided = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+        copied = ttr_forward_fused(q, k_strided, v, pq, pk, config=KernelConfig(lm_direct=2, **small), **kw)
+        assert wrote == [False] and _rel(copied, gathered) < 1e-6
     assert _rel(direct, gathered) < 1e-6
     if not window:
         assert _rel(direct, ttr_forward_reference(q, k, v, pq, pk, idx, -0.5, 0.5, 2.0, False)) < 1e-5
@@ -335,8 +344,9 @@ def test_interpreter_direct_landmark_loads_match_the_gathered_ones(poison, monke
             return plan(q, k, v)
         want = joint(lm_direct=0)
         ran.clear()
+        wrote.clear()
         assert _rel(joint(lm_direct=lm_direct), want) < 1e-6
-        assert ran == [lm_direct if n_text else 0]
+        assert ran == [lm_direct if n_text else 0] and wrote == [lm_direct == 2 and n_text > 0]
 
 
 @pytest.mark.parametrize("nq,n_lm", [(4608, 840), (16896, 1823), (66048, 5755), (77, 15), (3000, 4000)])

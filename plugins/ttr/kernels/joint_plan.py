@@ -78,10 +78,11 @@ class JointServePlan(ServePlan):
         with torch.no_grad():
             bsz, heads, n = self.shape[:3]
             pk = torch.empty(bsz * heads, n, self.ft, device=q.device, dtype=q.dtype)
-            sz, z = self.key_state(k, v, self.far_mask, pk)
+            rows = self.landmark_rows(k)
+            sz, z = self.key_state(k, v, self.far_mask, pk, landmark_rows=rows)
             s_q = self.scaled_state(sz, q.dtype)
             del sz  # as `ServePlan.__call__`: z, its tail, stays
-            out = self.query(q, k, v, s_q, z, branch_affine, finite_flag, phi_k_all=pk)
+            out = self.query(q, k, v, s_q, z, branch_affine, finite_flag, phi_k_all=pk, landmark_rows=rows)
             if self.n_cond:
                 out[:, :, :self.n_cond] = F.scaled_dot_product_attention(q[:, :, :self.n_cond], k, v)
             return out

@@ -40,6 +40,18 @@ class KeyLaunch:
 
 
 @dataclass(frozen=True)
+class LandmarkRows:
+    """The landmark K and V rows that a key pass writes as contiguous rows for its query pass (`KernelConfig.lm_direct`
+    = 2): `k` the raw keys (`[B, H, N, D]`, contiguous in D), `slot` int32 `[N]` (each key's row in the buffers, −1:
+    none), `kc`, `vc` `[B·H, L_rows, D]` in k's dtype."""
+
+    k: "torch.Tensor"
+    slot: "torch.Tensor"
+    kc: "torch.Tensor"
+    vc: "torch.Tensor"
+
+
+@dataclass(frozen=True)
 class QueryLaunch:
     """One query pass of one plan: grid `(row tiles, B·H)`, its scalar arguments and compile-time arguments."""
 
@@ -51,15 +63,23 @@ class QueryLaunch:
 
 
 def key_pass(launch: KeyLaunch, x: "torch.Tensor", v: "torch.Tensor", mask: "torch.Tensor", mask_stride: int,
-             s: "torch.Tensor", z: "torch.Tensor", phi: "PhiArgs", pk: "torch.Tensor | None" = None) -> None:
+             s: "torch.Tensor", z: "torch.Tensor", phi: "PhiArgs", pk: "torch.Tensor | None" = None,
+             landmark_rows: "LandmarkRows | None" = None) -> None:
     """S and z (fp32, zeroed by the caller: the key chunks add into them) from keys `x` (or their pre-activations
     after a cuBLAS prefix) and values `v`; with `pk` (`[B·H, N, F]`, contiguous; STORE_PK = 1) also φ of every
-    key."""
+    key; with `landmark_rows` (STORE_LM = 1) the K and V rows of its slotted keys into its buffers."""
+    lm = landmark_rows
+    k = x if lm is None else lm.k
+    consts = launch.consts
+    if lm is None and consts.get("STORE_LM"):
+        consts = {**consts, "STORE_LM": 0}  # a call whose keys the rows cannot come from (the query pass copies them)
     _kernels()._kv_state_kernel[launch.grid](
         x, v, mask, s, z, s if pk is None else pk, phi.w1, phi.b1, phi.w2, phi.b2,
-        launch.n, launch.heads, launch.chunk,
+        k, mask if lm is None else lm.slot, s if lm is None else lm.kc, s if lm is None else lm.vc,
+        launch.n, launch.heads, launch.chunk, 0 if lm is None else lm.kc.shape[1],
         x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1), v.stride(2), mask_stride,
-        0 if pk is None else pk.stride(0), *phi.head_strides, phi.norm_eps, **launch.consts)
+        0 if pk is None else pk.stride(0), k.stride(0), k.stride(1), k.stride(2), *phi.head_strides, phi.norm_eps,
+        **consts)
 
 
 def query_pass(launch: QueryLaunch, q: "torch.Tensor", x: "torch.Tensor", s_q: "torch.Tensor", z: "torch.Tensor",

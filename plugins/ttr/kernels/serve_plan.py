@@ -140,7 +140,6 @@ class ServePlan:
         self.key_mask = key_mask
         self.store_phi_k = False  # the joint plan's key pass also writes φ(k) (`joint_plan`)
         self.bq: torch.Tensor | None = None  # the joint plan's log-scale b_h `[H, D]`, read by its query pass
-        self.key = self._key_launch(cfg, bsz, heads, nk, d)
 
         use_lm = landmark_idx is not None and landmark_idx.numel() > 0
         self.n_lm = int(landmark_idx.numel()) if use_lm else 0
@@ -149,6 +148,12 @@ class ServePlan:
         # (`KernelConfig.lm_direct`); with 2, the others from a contiguous copy (`idx_rest`) made at each call
         self.n_direct = direct_rows(landmark_idx, landmark_prefix) if use_lm and cfg.lm_direct else 0
         self.idx_rest = self.idx[self.n_direct:] if self.n_direct and cfg.lm_direct == 2 else None
+        # with 2 the key pass writes the other landmarks' rows contiguous (each key's row: `lm_slot`, −1 for none)
+        self.lm_slot: torch.Tensor | None = None
+        if self.idx_rest is not None and self.idx_rest.numel():
+            self.lm_slot = torch.full((nk,), -1, dtype=torch.int32, device=dev)
+            self.lm_slot[self.idx_rest] = torch.arange(self.idx_rest.numel(), dtype=torch.int32, device=dev)
+        self.key = self._key_launch(cfg, bsz, heads, nk, d)
         self.window = int(window)
         self.n_cond = int(n_cond) if window else 0
         self.grid_hw = (1, 1) if window == 0 else (int(grid[0]), int(grid[1]))  # type: ignore[index]
@@ -194,7 +199,8 @@ class ServePlan:
         chunk = cdiv(cdiv(n, n_chunks), bn) * bn
         consts = dict(D=d, BK=block_k(cfg.block_k, self.phi_k.split.din), **self.phi_k.consts(self.fast_silu),
                       HAS_MASK=int(self.key_mask), BN=bn, HC=hidden_chunk(cfg.kv_hidden_chunk, self.phi_k.split.h1),
-                      STORE_PK=int(self.store_phi_k), num_warps=cfg.kv_warps, num_stages=cfg.kv_stages)
+                      STORE_PK=int(self.store_phi_k), STORE_LM=int(self.lm_slot is not None), num_warps=cfg.kv_warps,
+                      num_stages=cfg.kv_stages)
         return launchers.KeyLaunch((bsz * heads, cdiv(n, chunk)), n, heads, chunk, consts)
 
     def query_launch(self, mode: int, lm_src: int, guard: int, has_aff: int) -> launchers.QueryLaunch:
@@ -250,9 +256,11 @@ class ServePlan:
 
     # ---- a call -------------------------------------------------------------------------------------------------
     def key_state(self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
-                  phi_k_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  phi_k_out: torch.Tensor | None = None,
+                  landmark_rows: launchers.LandmarkRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The key pass: `(sz, z)`, S `[B·H·F·D]` and then z `[B·H·F]` in one flat fp32 buffer, and z's view;
-        with `phi_k_out` (a plan built with `store_phi_k`) also φ of every key into it."""
+        with `phi_k_out` (a plan built with `store_phi_k`) also φ of every key into it, with `landmark_rows` (from
+        `landmark_rows(k)`) the landmark rows the query pass reads contiguous."""
         if (key_mask is not None) != self.key_mask:
             raise ValueError("ServePlan: this plan was built " + ("with" if self.key_mask else "without")
                              + " a key mask; the call " + ("has none" if key_mask is None else "has one"))
@@ -266,7 +274,7 @@ class ServePlan:
             mask, smb = m, (m.stride(0) if m.shape[0] > 1 else 0)  # [1, Nk]: one mask for the batch
         else:
             mask, smb = self.dummy, 0
-        launchers.key_pass(self.key, x, v, mask, smb, sz, z, self.phi_k, phi_k_out)
+        launchers.key_pass(self.key, x, v, mask, smb, sz, z, self.phi_k, phi_k_out, landmark_rows)
         return sz, z
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
@@ -275,10 +283,20 @@ class ServePlan:
         `finite_flag`: a one-element int32 device tensor — rows not finite are then replaced by the landmark
         branch's row (kernel-only: zeros) and the flag is set to 1 (no sync)."""
         with torch.no_grad():
-            sz, z = self.key_state(k, v, key_mask)
+            rows = self.landmark_rows(k)
+            sz, z = self.key_state(k, v, key_mask, landmark_rows=rows)
             s_q = self.scaled_state(sz, q.dtype)
             del sz  # the fp32 S is not read again (z, its tail, is: the view keeps it)
-            return self.query(q, k, v, s_q, z, branch_affine, finite_flag)
+            return self.query(q, k, v, s_q, z, branch_affine, finite_flag, landmark_rows=rows)
+
+    def landmark_rows(self, k: torch.Tensor) -> launchers.LandmarkRows | None:
+        """This call's buffers for the landmark rows the key pass writes (`lm_slot`), or None: the plan has none to
+        write, or k is not contiguous in its last dim (the query pass then copies them)."""
+        if self.lm_slot is None or k.stride(-1) != 1:
+            return None
+        bsz, heads, _, _, d = self.shape
+        rows = (bsz * heads, self.n_lm - self.n_direct, d)
+        return launchers.LandmarkRows(k, self.lm_slot, k.new_empty(rows), k.new_empty(rows))
 
     # ---- the pieces of a call (also run by `joint_plan.JointServePlan` and `parallel_fused.ShardedPlan`) -------
     def scaled_state(self, sz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -290,13 +308,15 @@ class ServePlan:
     def query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s_q: torch.Tensor, z: torch.Tensor,
               branch_affine: torch.Tensor | None = None, finite_flag: torch.Tensor | None = None,
               mean_of_d: "Callable[[torch.Tensor, torch.Tensor], None] | None" = None,
-              phi_k_all: torch.Tensor | None = None) -> torch.Tensor:
+              phi_k_all: torch.Tensor | None = None,
+              landmark_rows: launchers.LandmarkRows | None = None) -> torch.Tensor:
         """The query passes with the state given (`scaled_state`'s S, fp32 z): `[B, H, Nq, D]` in q's dtype.
         `k, v` are the keys the landmark branch reads (landmark rows at `landmark_idx`, the window's image keys).
         `mean_of_d(d, d_sum)`, adaptive α against the call's own mean of d only: called between the two passes
         with pass 1's d `[B, H, Nq]` and its per-(b, h) sums `[B·H]`, which it may rewrite in place (pass 2 divides
         them by Nq) — a sequence-parallel call sums over every rank there. `phi_k_all`: φ of every key, as the
-        joint pass reads it (`key_state`'s `phi_k_out`)."""
+        joint pass reads it (`key_state`'s `phi_k_out`). `landmark_rows`: what this call's key pass wrote
+        (`LM_DIRECT` = 2); without them that pass copies the rows itself."""
         with torch.no_grad():
             q, x, kl, vl = self.query_inputs(q, k, v)
             out, lse, lm_src = self.landmark_output(q, kl, vl)
@@ -309,7 +329,7 @@ class ServePlan:
             flag = finite_flag if finite_flag is not None else self.dummy
             has_aff = int(branch_affine is not None)
             aff = branch_affine if branch_affine is not None else self.dummy
-            kc = vc = None
+            kc, vc = (None, None) if landmark_rows is None else (landmark_rows.kc, landmark_rows.vc)
             for mode in self.modes:
                 if mode == 3 and mean_of_d is not None:
                     mean_of_d(d_buf, d_sum)

@@ -48,11 +48,12 @@ class KernelConfig:
     lm_patch_w: int = 16  # landmark pass with a window: image queries per tile as (lm_block_m / this) x this patches
     # in-kernel landmark softmax (landmark pass and joint pass): 0 gathers every landmark row through its index; 1
     # loads the leading landmarks that are key rows 0 … n−1 (the conditioning tokens, which every landmark selection
-    # puts first) as they lie and gathers the rest; 2 as 1, the rest from a contiguous copy made at each call (2 · B·H
-    # · (L − n) · D values); n is the caller's word or counted from indices on the CPU (`direct_rows`). The served
-    # call on an H200 (2026-12-04), 0 → 1: default layer 0.395 → 0.366 ms at 1024², 1.390 → 1.301 ms at 2048²; joint
-    # layer 1.777 → 1.730 ms at 2048² (4096² takes cuDNN's landmarks: unchanged). 2 read 1.242 / 1.659 ms at 2048² but
-    # 0.628 ms at 1024²
+    # puts first) as they lie and gathers the rest; 2 as 1, the rest from contiguous rows (2 · B·H · (L − n) · D
+    # values) that the key pass writes as it reads every key (a copy per call where the keys are not contiguous in D);
+    # n is the caller's word or counted from indices on the CPU (`direct_rows`). The served call on an H200
+    # (2026-12-04), 0 → 1: default layer 0.395 → 0.366 ms at 1024², 1.390 → 1.301 ms at 2048²; joint layer 1.777 →
+    # 1.730 ms at 2048² (4096² takes cuDNN's landmarks: unchanged). 2, with a copy made by two index_selects per
+    # call, read 1.242 / 1.659 ms at 2048² but 0.628 ms at 1024²; 2 as the key pass writes the rows: not timed yet
     lm_direct: int = 1
     # the landmark pass when cuDNN gave the landmark softmax (it only reads that and goes on over the window): rows
     # per tile, warps and window keys per tile — smaller tiles, two programs per SM (4096² on an H200: 6.98 vs 7.41

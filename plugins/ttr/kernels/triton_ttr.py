@@ -125,13 +125,17 @@ def _phi_tile(x_base, offs_n, row_ok, stride_xn, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
 
 @triton.jit
 def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, pk_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                     N, H, CHUNK,
-                     sxb, sxh, sxn, svb, svh, svn, smb, spk,
+                     k_ptr, slot_ptr, kc_ptr, vc_ptr,
+                     N, H, CHUNK, L_ROWS,
+                     sxb, sxh, sxn, svb, svh, svn, smb, spk, skb, skh, skn,
                      w1h, b1h, w2h, b2h, norm_eps,
                      D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
                      DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
                      HAS_B2: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, BN: tl.constexpr,
-                     HC: tl.constexpr, FAST_SILU: tl.constexpr, STORE_PK: tl.constexpr):
+                     HC: tl.constexpr, FAST_SILU: tl.constexpr, STORE_PK: tl.constexpr, STORE_LM: tl.constexpr):
+    """S and z of a chunk of keys (atomically added); with STORE_PK also φ of each key, with STORE_LM the K and V
+    rows of the keys whose `slot` (int32 per key, −1: none) is ≥ 0 into row `slot` of `[B·H, L_ROWS, D]` buffers
+    (the landmarks the query pass reads as contiguous rows, `KernelConfig.lm_direct` = 2)."""
     pid_bh = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = pid_bh // H
@@ -146,6 +150,16 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, pk_ptr, w1_ptr, b1_ptr, 
     end = tl.minimum(start + CHUNK, N)
     offs_d = tl.arange(0, D)
     offs_f = tl.arange(0, F1)
+    if STORE_LM:  # a loop of its own, before the state's accumulators are live: no registers taken from them
+        for n0 in range(start, end, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            slot = tl.load(slot_ptr + offs_n, mask=offs_n < end, other=-1)
+            lm = (slot >= 0)[:, None]
+            rows = pid_bh * L_ROWS * D + slot[:, None] * D + offs_d[None, :]
+            kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=lm, other=0.0)
+            tl.store(kc_ptr + rows, kt, mask=lm)
+            vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=lm, other=0.0)
+            tl.store(vc_ptr + rows, vt, mask=lm)
     s1 = tl.zeros((F1, D), dtype=tl.float32)
     z1 = tl.zeros((F1,), dtype=tl.float32)
     s2 = tl.zeros((F1, D), dtype=tl.float32)
