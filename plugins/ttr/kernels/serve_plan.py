@@ -145,15 +145,9 @@ class ServePlan:
         self.n_lm = int(landmark_idx.numel()) if use_lm else 0
         self.idx = landmark_idx.to(device=dev, dtype=torch.long).contiguous() if use_lm else self.dummy
         # the in-kernel landmark softmax loads the leading landmarks that are key rows 0 … n−1 as they lie
-        # (`KernelConfig.lm_direct`); with 2, the others from a contiguous copy (`idx_rest`) made at each call
+        # (`KernelConfig.lm_direct`); with 2, the others (`idx_rest`) from contiguous rows (`landmark_rows`)
         self.n_direct = direct_rows(landmark_idx, landmark_prefix) if use_lm and cfg.lm_direct else 0
         self.idx_rest = self.idx[self.n_direct:] if self.n_direct and cfg.lm_direct == 2 else None
-        # with 2 the key pass writes the other landmarks' rows contiguous (each key's row: `lm_slot`, −1 for none)
-        self.lm_slot: torch.Tensor | None = None
-        if self.idx_rest is not None and self.idx_rest.numel():
-            self.lm_slot = torch.full((nk,), -1, dtype=torch.int32, device=dev)
-            self.lm_slot[self.idx_rest] = torch.arange(self.idx_rest.numel(), dtype=torch.int32, device=dev)
-        self.key = self._key_launch(cfg, bsz, heads, nk, d)
         self.window = int(window)
         self.n_cond = int(n_cond) if window else 0
         self.grid_hw = (1, 1) if window == 0 else (int(grid[0]), int(grid[1]))  # type: ignore[index]
@@ -167,6 +161,13 @@ class ServePlan:
             self.lm_flag = landmark_flags
         self.use_branch = use_lm or window > 0  # a window runs the landmark branch even without landmarks
         self.landmark_impl = choose_landmark_impl(landmark_impl, q, self.n_lm, self.window)
+        # where the kernels' own softmax reads them, the key pass writes those rows as it reads every key (each key's
+        # row there: `lm_slot`, −1 for none)
+        self.lm_slot: torch.Tensor | None = None
+        if self.idx_rest is not None and self.idx_rest.numel() and self.landmark_impl != "sdpa":
+            self.lm_slot = torch.full((nk,), -1, dtype=torch.int32, device=dev)
+            self.lm_slot[self.idx_rest] = torch.arange(self.idx_rest.numel(), dtype=torch.int32, device=dev)
+        self.key = self._key_launch(cfg, bsz, heads, nk, d)
 
         logit = on_device(alpha_logit, dev).reshape(-1).contiguous()
         if logit.numel() not in (1, heads):
