@@ -26,8 +26,8 @@ import datetime as _dt
 import json
 import math
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
