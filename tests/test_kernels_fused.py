@@ -320,6 +320,12 @@ def test_interpreter_direct_landmark_loads_match_the_gathered_ones(poison, monke
     direct = ttr_forward_fused(q, k, v, pq, pk, config=KernelConfig(lm_direct=lm_direct, **small), **kw)
     assert ran == [lm_direct if n_text else 0]  # the direct loads ran (or, without the prefix, the gather)
     assert wrote == [lm_direct == 2 and n_text > 0]
+    if n_text:  # the caller's word for fewer rows than lead: those load directly, the rest are gathered
+        ran.clear()
+        wrote.clear()
+        fewer = ttr_forward_fused(q, k, v, pq, pk, config=KernelConfig(lm_direct=lm_direct, **small),
+                                  landmark_prefix=7, **kw)
+        assert ran == [lm_direct] and _rel(fewer, gathered) < 1e-6
     if lm_direct == 2 and n_text:  # keys not contiguous in their last dim: the query pass copies the rows itself
         wrote.clear()
         k_strided = k.transpose(-1, -2).contiguous().transpose(-1, -2)
