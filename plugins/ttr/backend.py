@@ -353,14 +353,14 @@ class TtrBackend(LearnedBackend):
             return _Served(None, tuple(reasons))
         window, grid = residual.window_plan(q, k, call)
         idx, _ = residual.indices(k, call, mask)
+        n_cond = call.cond_in(k.shape[2])  # the text rows, and the landmarks' leading rows (text first)
         with torch.no_grad():
             reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, None, idx, window)
             if reasons:
                 return _Served(None, tuple(reasons))
             plan = JointServePlan(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                                   log_scale_q=layer.log_scale_q.detach(), eps=self.settings.eps, window=window,
-                                  grid=grid, n_cond=call.cond_in(k.shape[2]),
-                                  landmark_prefix=call.cond_in(k.shape[2]))
+                                  grid=grid, n_cond=n_cond, landmark_prefix=n_cond)
         return _Served(plan)
 
     def _run_plan(self, plan: "ServePlan", layer: TtrLayer, signature: tuple[int, ...] | None, q: torch.Tensor,
