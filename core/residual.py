@@ -26,6 +26,9 @@ class ResidualBranch(Protocol):
 
     #: the branch's settings (a pydantic model): recorded with the hybrid layer's checkpoints
     settings: Any
+    #: the exact softmax's precision at inference: 'input' (the call's dtype) or 'fp8' (e4m3 products,
+    #: core/exact_fp8.py), which a fused kernel computing this branch must follow
+    precision: str
 
     def branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                mask: torch.Tensor | None = None, query_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,7 +60,7 @@ class ResidualBranch(Protocol):
         ...
 
 
-_MEMBERS = ("settings", "branch", "indices", "window_plan", "count", "memory_estimate")
+_MEMBERS = ("settings", "precision", "branch", "indices", "window_plan", "count", "memory_estimate")
 
 
 def residual_problems(candidate: object) -> list[str]:

@@ -316,7 +316,8 @@ def test_interpreter_direct_landmark_loads_match_the_gathered_ones(poison, monke
                                                                      real(launch, *a))[1])
     wrote: list[bool] = []  # whether each key pass wrote the landmark rows (2: the query pass then copies none)
     real_key = launchers.key_pass
-    monkeypatch.setattr(launchers, "key_pass", lambda *a: (wrote.append(a[-1] is not None), real_key(*a))[1])
+    monkeypatch.setattr(launchers, "key_pass", lambda *a, **kw: (wrote.append(a[-1] is not None),
+                                                                 real_key(*a, **kw))[1])
     direct = ttr_forward_fused(q, k, v, pq, pk, config=KernelConfig(lm_direct=lm_direct, **small), **kw)
     assert ran == [lm_direct if n_text else 0]  # the direct loads ran (or, without the prefix, the gather)
     assert wrote == [lm_direct == 2 and n_text > 0]

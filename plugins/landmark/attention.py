@@ -5,11 +5,14 @@ sees its own window of keys (the local 2-D window of `window_table`), in one joi
 also return each row's log-sum-exp (`return_lse`), which a layer that puts the exact set and a learned
 far field under one normaliser needs.
 The Triton work (plugins/ttr/kernels) fuses both into the ttr layer's landmark pass and must match them
-(tests/test_ttr_fused_window.py).
+(tests/test_ttr_fused_window.py). Given the values' scale (`v_scale`), both round their products' inputs to e4m3
+first, as the kernels do with `[plugins.landmark] precision = "fp8"` (core/exact_fp8.py).
 """
 from __future__ import annotations
 
 import torch
+
+from ...core.exact_fp8 import round_rows, round_values, rounded_softmax
 
 
 def gather_landmarks(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -37,8 +40,8 @@ def logsumexp_or_neginf(logits: torch.Tensor) -> torch.Tensor:
 
 
 def landmark_softmax(q: torch.Tensor, k_l: torch.Tensor, v_l: torch.Tensor, valid: torch.Tensor | None = None,
-                     scale: float | None = None, chunk: int = 4096,
-                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     scale: float | None = None, chunk: int = 4096, return_lse: bool = False,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`softmax(q k_lᵀ · scale) v_l` in fp32, chunked over queries.
 
     :param q: `[B, H, Nq, D]` (any float dtype; computed in fp32).
@@ -48,10 +51,15 @@ def landmark_softmax(q: torch.Tensor, k_l: torch.Tensor, v_l: torch.Tensor, vali
     :param scale: logit scale, default `D ** -0.5`.
     :param chunk: queries per chunk; bounds the `[B, H, chunk, L]` fp32 logits.
     :param return_lse: also return the log-sum-exp of each row's scaled logits, `[B, H, Nq]` fp32.
+    :param v_scale: FP8 (core/exact_fp8.py): the values' per-channel scale `[B, H, 1, Dv]` over every key
+        (`value_scale(v)`); q, k_l, v_l and the probabilities are then rounded to e4m3. None: no rounding.
     :return: `[B, H, Nq, Dv]` fp32 (and the log-sum-exp). A query whose batch element has no valid
         landmark gets zeros (and zero gradients; its log-sum-exp is -inf).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    fp8 = v_scale is not None
+    if fp8:
+        q, k_l, v_l = round_rows(q), round_rows(k_l), round_values(v_l, v_scale)
     kf = k_l.float()
     vf = v_l.float()
     bias = None
@@ -68,7 +76,10 @@ def landmark_softmax(q: torch.Tensor, k_l: torch.Tensor, v_l: torch.Tensor, vali
         if logits.shape[-1] == 0:
             outs.append(logits.new_zeros(*logits.shape[:-1], vf.shape[-1]))
             continue
-        weights = softmax_or_zero(logits) if bias is not None else torch.softmax(logits, dim=-1)
+        if fp8:
+            weights = rounded_softmax(logits)
+        else:
+            weights = softmax_or_zero(logits) if bias is not None else torch.softmax(logits, dim=-1)
         outs.append(torch.matmul(weights, vf))
     if not outs:
         out = q.new_zeros(*q.shape[:-1], v_l.shape[-1], dtype=torch.float32)
@@ -102,7 +113,8 @@ def window_table(grid: tuple[int, int], radius: int) -> tuple[torch.Tensor, torc
 def landmark_window_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_l: torch.Tensor,
                             v_l: torch.Tensor, valid: torch.Tensor | None, win_idx: torch.Tensor,
                             win_ok: torch.Tensor, scale: float | None = None, chunk: int = 4096,
-                            return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                            return_lse: bool = False, v_scale: torch.Tensor | None = None
+                            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax over `[landmarks, the query's window keys]` jointly, in fp32, chunked over queries.
 
     Window keys are gathered per query chunk (`[B, H, chunk, W, D]`), so memory is bounded by the
@@ -121,6 +133,7 @@ def landmark_window_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     :param chunk: queries per chunk.
     :param return_lse: also return the log-sum-exp of each row's scaled logits over the keys that count,
         `[B, H, Nq]` fp32.
+    :param v_scale: FP8, as `landmark_softmax` (the window's keys and values are rounded too).
     :return: `[B, H, Nq, Dv]` fp32 (and the log-sum-exp). A query with no key that counts gets zeros (and
         zero gradients; its log-sum-exp is -inf).
     """
@@ -131,6 +144,9 @@ def landmark_window_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         raise ValueError(f"landmark_window_softmax: win_idx must be [{nq}, W] and win_ok [1 or {b}, {nq}, W], "
                          f"got {tuple(win_idx.shape)} and {tuple(win_ok.shape)}")
     scale = d ** -0.5 if scale is None else scale
+    fp8 = v_scale is not None
+    if fp8:
+        q, k_l, v_l = round_rows(q), round_rows(k_l), round_values(v_l, v_scale)
     kf_l = k_l.float()
     vf_l = v_l.float()
     n_l = kf_l.shape[2]
@@ -150,6 +166,8 @@ def landmark_window_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         flat = win_idx[start:stop].reshape(-1)
         k_w = k.index_select(2, flat).view(b, h, rows, n_win, d).float()
         v_w = v.index_select(2, flat).view(b, h, rows, n_win, v.shape[-1]).float()
+        if fp8:
+            k_w, v_w = round_rows(k_w), round_values(v_w, v_scale)
         logits_l = torch.matmul(qc, kf_l.transpose(-1, -2)) * scale  # [B, H, c, L]
         if bias_l is not None:
             logits_l = logits_l + bias_l
@@ -158,7 +176,10 @@ def landmark_window_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         logits = torch.cat([logits_l, logits_w], dim=-1)
         if return_lse:
             lses.append(logsumexp_or_neginf(logits))
-        weights = softmax_or_zero(logits) if may_be_empty else torch.softmax(logits, dim=-1)
+        if fp8:
+            weights = rounded_softmax(logits)
+        else:
+            weights = softmax_or_zero(logits) if may_be_empty else torch.softmax(logits, dim=-1)
         out = torch.einsum("bhcw,bhcwd->bhcd", weights[..., n_l:], v_w)
         if n_l:
             out = out + torch.matmul(weights[..., :n_l], vf_l)

@@ -16,6 +16,7 @@ import torch
 
 from ...core.backend import Backend, Capabilities, capability_reasons
 from ...core.call import AttentionCall
+from ...core.exact_fp8 import value_scale
 from ...core.masks import key_padding, served_key_padding
 from ...core.residual import ExactAttention, ExactKeys
 from ...core.shard import shard_reasons
@@ -187,6 +188,18 @@ class LandmarkBackend(Backend):
         return win_idx, ok[None] & allowed[:, win_idx]
 
     # ---- attention --------------------------------------------------------------------------------
+    @property
+    def precision(self) -> str:
+        """The exact softmax's precision at inference (`ResidualBranch.precision`): 'input' or 'fp8'."""
+        return self.settings.precision
+
+    def fp8_value_scale(self, v: torch.Tensor) -> torch.Tensor | None:
+        """The values' per-channel e4m3 scale over every key where this call rounds to FP8 (`precision = "fp8"`,
+        no gradients wanted), else None."""
+        if self.settings.precision != "fp8" or torch.is_grad_enabled():
+            return None
+        return value_scale(v)
+
     def branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                mask: torch.Tensor | None = None, query_index: torch.Tensor | None = None) -> torch.Tensor:
         """Landmark attention `[B, H, Nq, Dv]` in fp32 (differentiable; used by the hybrid layer).
@@ -198,12 +211,13 @@ class LandmarkBackend(Backend):
         keep, idx, valid, k_l, v_l = self._landmark_set(k, v, call, mask)
         scale = q.shape[-1] ** -0.5
         chunk = self.settings.query_chunk
+        vs = self.fp8_value_scale(v)
         if self.window_plan(q, k, call, query_index)[0] == 0:
-            return landmark_softmax(q, k_l, v_l, valid, scale, chunk)
+            return landmark_softmax(q, k_l, v_l, valid, scale, chunk, v_scale=vs)
         if query_index is not None:
             positions = self._positions(q, k, query_index)
             win_idx, win_ok = self._window_rows(positions, k, call, idx, valid, keep)
-            return landmark_window_softmax(q, k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk)
+            return landmark_window_softmax(q, k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk, v_scale=vs)
         # the whole sequence: conditioning rows see the landmarks only, image rows get their window
         n_cond = call.cond_in(k.shape[2])
         rows_key = self._shape_key(k.shape[2], call, k.device) if keep is None else None
@@ -214,10 +228,12 @@ class LandmarkBackend(Backend):
             if rows_key is not None:  # unmasked: the same rows for every call of this shape
                 _store(self._rows_cache, rows_key, rows)
         win_idx, win_ok = rows
-        out_img = landmark_window_softmax(q[:, :, n_cond:], k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk)
+        out_img = landmark_window_softmax(q[:, :, n_cond:], k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk,
+                                          v_scale=vs)
         if n_cond == 0:
             return out_img
-        return torch.cat([landmark_softmax(q[:, :, :n_cond], k_l, v_l, valid, scale, chunk), out_img], dim=2)
+        return torch.cat([landmark_softmax(q[:, :, :n_cond], k_l, v_l, valid, scale, chunk, v_scale=vs), out_img],
+                         dim=2)
 
     def exact_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall,
                         mask: torch.Tensor | None = None, query_index: torch.Tensor | None = None) -> ExactAttention:
@@ -228,14 +244,16 @@ class LandmarkBackend(Backend):
         keep, idx, valid, k_l, v_l = self._landmark_set(k, v, call, mask)
         scale = q.shape[-1] ** -0.5
         chunk = self.settings.query_chunk
+        vs = self.fp8_value_scale(v)
         if self.window_plan(q, k, call, query_index)[0] == 0:
-            out, lse = landmark_softmax(q, k_l, v_l, valid, scale, chunk, return_lse=True)
+            out, lse = landmark_softmax(q, k_l, v_l, valid, scale, chunk, return_lse=True, v_scale=vs)
             return ExactAttention(out, lse, ExactKeys(idx, valid, None, None))
         positions = self._positions(q, k, query_index) if query_index is not None \
             else torch.arange(k.shape[2], device=k.device)
         # conditioning queries get no window entry (`_window_rows`): their rows are the landmark softmax
         win_idx, win_ok = self._window_rows(positions, k, call, idx, valid, keep)
-        out, lse = landmark_window_softmax(q, k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk, return_lse=True)
+        out, lse = landmark_window_softmax(q, k, v, k_l, v_l, valid, win_idx, win_ok, scale, chunk, return_lse=True,
+                                           v_scale=vs)
         return ExactAttention(out, lse, ExactKeys(idx, valid, win_idx, win_ok))
 
     def _landmark_set(self, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, mask: torch.Tensor | None

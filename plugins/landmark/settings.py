@@ -60,6 +60,13 @@ class LandmarkSettings(Strict):
                                                     "landmarks only (warned once).")
     query_chunk: int = Field(1024, ge=1, description="Queries per softmax chunk (bounds the [B, H, chunk, L] "
                                                      "fp32 logits).")
+    precision: Literal["input", "fp8"] = Field(
+        "input", description="Precision of the exact softmax's two products at inference: 'input' (the call's "
+                             "dtype in the fused kernels, fp32 on the PyTorch path) or 'fp8' (e4m3 with per-token "
+                             "q/k scales and per-channel value scales, SageAttention-style: core/exact_fp8.py; "
+                             "the fused kernels on GPUs of compute capability 8.9 or newer, emulated on the "
+                             "PyTorch path). Opt-in: docs/QUALITY.md has its cost on the testbed. Training "
+                             "(with gradients) always computes in fp32.")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "LandmarkSettings":

@@ -40,9 +40,13 @@ def sharded_selection(backend: "LandmarkBackend", call: AttentionCall,
 
 def sharded_branch(backend: "LandmarkBackend", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    call: AttentionCall) -> torch.Tensor:
-    """`[B, H, n_local, Dv]` fp32: this rank's rows of `backend.branch()` on the whole sequence (no mask)."""
+    """`[B, H, n_local, Dv]` fp32: this rank's rows of `backend.branch()` on the whole sequence (no mask), in fp32:
+    `precision = "fp8"` is not applied here (its value scale spans every rank's keys; warned once)."""
     shard = call.shard
     assert shard is not None, "sharded_branch needs call.shard"
+    if backend.settings.precision == "fp8":
+        backend._warn_once("sharded-fp8", "precision = 'fp8' is not applied to sequence-parallel "
+                           "calls; they compute the exact softmax in full precision")
     whole = global_call(call, shard)
     idx, radius, grid = sharded_selection(backend, call, k.device)
     dk = k.shape[-1]

@@ -28,6 +28,7 @@ import torch
 
 from ...core.backend import Capabilities, LearnedBackend, StagedState, capability_reasons
 from ...core.call import AttentionCall, LayerSpec
+from ...core.exact_fp8 import fp8_unsupported_reason
 from ...core.finite import guard_rows
 from ...core.masks import key_padding, served_key_padding
 from ...core.residual import ResidualBranch, ShardedResidualBranch, residual_problems
@@ -76,6 +77,7 @@ class TtrBackend(LearnedBackend):
         #: sticky per-layer chunk sizes (e.g. shrunk after an out-of-memory), `(key_chunk, query_chunk)`.
         self.chunks: dict[str, tuple[int, int]] = {}
         self._fused_failed: set[str] = set()  # layers whose fused kernels failed once ('auto' stops trying)
+        self._fp8_warned = False  # FP8 asked for on a GPU without it (warned once)
         self.conditioner_bank = ConditionerBank()
 
     # ---- the residual branch via the registry ------------------------------------------------------
@@ -110,6 +112,22 @@ class TtrBackend(LearnedBackend):
     def exact_attention_fn(self) -> ExactFn | None:
         """The landmark backend's `exact_attention` (what joint layers need), or None."""
         return getattr(self.residual(), "exact_attention", None)
+
+    def exact_fp8(self, residual: ResidualBranch, device: torch.device) -> bool:
+        """Whether the fused kernels compute the residual's exact softmax in e4m3 on `device`: its `precision` is
+        'fp8' and the GPU has FP8 tensor cores (else the call's dtype, warned once)."""
+        if residual.precision != "fp8":
+            return False
+        why = fp8_unsupported_reason(device)
+        if why:
+            self._warn_fp8_once(f"not on {device} ({why})")
+        return not why
+
+    def _warn_fp8_once(self, where: str) -> None:
+        if not self._fp8_warned:
+            self._fp8_warned = True
+            log.warning("attnplug: ttr: the exact branch's precision = 'fp8' is not served %s; the fused kernels "
+                        "compute it in the call's dtype", where)
 
     # ---- layers -------------------------------------------------------------------------------------
     def build_layer(self, spec: LayerSpec) -> TtrLayer:
@@ -269,6 +287,9 @@ class TtrBackend(LearnedBackend):
             reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k)
             if reasons:
                 return _Served(None, tuple(reasons))
+            main = self.residual()
+            if main is not None and main.precision == "fp8":
+                self._warn_fp8_once("on sequence-parallel calls")
             return _Served(ShardedPlan(layer, q, k, v, call, residual, eps))  # type: ignore[arg-type]
 
     def _affine(self, layer: TtrLayer, signature: tuple[int, ...] | None, call: AttentionCall,
@@ -334,7 +355,8 @@ class TtrBackend(LearnedBackend):
             plan = ServePlan(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                              alpha_max=layer.alpha_max, gamma=layer.gamma, adaptive=layer.adaptive, eps=eps,
                              key_mask=keep is not None, window=window, grid=grid, n_cond=n_cond,
-                             d_reference=layer.running_reference(), landmark_prefix=call.cond_in(k.shape[2]))
+                             d_reference=layer.running_reference(), landmark_prefix=call.cond_in(k.shape[2]),
+                             exact_fp8=residual is not None and self.exact_fp8(residual, q.device))
         return _Served(plan)
 
     def _build_joint_served(self, layer: JointLayer, phi_q: Any, phi_k: Any, q: torch.Tensor, k: torch.Tensor,
@@ -360,7 +382,8 @@ class TtrBackend(LearnedBackend):
                 return _Served(None, tuple(reasons))
             plan = JointServePlan(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                                   log_scale_q=layer.log_scale_q.detach(), eps=self.settings.eps, window=window,
-                                  grid=grid, n_cond=n_cond, landmark_prefix=n_cond)
+                                  grid=grid, n_cond=n_cond, landmark_prefix=n_cond,
+                                  exact_fp8=self.exact_fp8(residual, q.device))
         return _Served(plan)
 
     def _run_plan(self, plan: "ServePlan", layer: TtrLayer, signature: tuple[int, ...] | None, q: torch.Tensor,

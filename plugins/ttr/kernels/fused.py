@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from ....core.exact_fp8 import fp8_unsupported_reason
 from .capability import fused_unsupported_reasons
 from .reference import PhiWeights, check_window, ttr_forward_reference
 from .serve_plan import ServePlan, on_device
@@ -44,7 +45,8 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                       landmark_impl: str = "auto", config: KernelConfig | None = None,
                       strict: bool = False, window: int = 0, grid: tuple[int, int] | None = None,
                       n_cond: int = 0, d_reference: torch.Tensor | None = None,
-                      finite_flag: torch.Tensor | None = None, landmark_prefix: int | None = None) -> torch.Tensor:
+                      finite_flag: torch.Tensor | None = None, landmark_prefix: int | None = None,
+                      exact_fp8: bool = False) -> torch.Tensor:
     """The ttr layer's forward (inference): fused Triton kernels, else the PyTorch reference.
 
     Same math and arguments as `reference.ttr_forward_reference`; additionally
@@ -70,22 +72,26 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     finite are replaced by the landmark branch's row (kernel-only: zeros) and the flag is set to 1, without a sync.
     `landmark_prefix`: how many leading landmark indices are the key rows 0 … n−1 (the conditioning tokens, loaded
     without the gather; `ServePlan`'s argument: None counts them only for CPU indices).
+    `exact_fp8`: the landmark branch's products in e4m3 (core/exact_fp8.py; the in-kernel softmax then, and a GPU
+    of compute capability 8.9 or newer, else the reference).
     Returns `[B, H, Nq, D]` in q's dtype.
     """
     if q.dim() == 4 and k.dim() == 4:
         check_window(window, grid, n_cond, q.shape[2], k.shape[2])
     reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, key_mask, landmark_idx, window)
+    if exact_fp8 and fp8_unsupported_reason(q.device):
+        reasons.append(f"FP8: {fp8_unsupported_reason(q.device)}")
     if reasons:
         if strict:
             raise RuntimeError("ttr_forward_fused cannot serve this call: " + "; ".join(reasons))
         return ttr_forward_reference(q, k, v, phi_q, phi_k, landmark_idx, alpha_logit, alpha_max, gamma, adaptive,
                                      eps, key_mask, branch_affine, window=window, grid=grid, n_cond=n_cond,
-                                     d_reference=d_reference)
+                                     d_reference=d_reference, exact_fp8=exact_fp8)
     return run_fused_kernels(q, k, v, phi_q, phi_k, landmark_idx=landmark_idx, alpha_logit=alpha_logit,
                              alpha_max=alpha_max, gamma=gamma, adaptive=adaptive, eps=eps, key_mask=key_mask,
                              branch_affine=branch_affine, landmark_impl=landmark_impl, config=config, window=window,
                              grid=grid, n_cond=n_cond, d_reference=d_reference, finite_flag=finite_flag,
-                             landmark_prefix=landmark_prefix)
+                             landmark_prefix=landmark_prefix, exact_fp8=exact_fp8)
 
 
 def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights, phi_k: PhiWeights, *,
@@ -96,14 +102,15 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
                       landmark_impl: str = "auto", config: KernelConfig | None = None, window: int = 0,
                       grid: tuple[int, int] | None = None, n_cond: int = 0,
                       d_reference: torch.Tensor | None = None,
-                      finite_flag: torch.Tensor | None = None, landmark_prefix: int | None = None) -> torch.Tensor:
+                      finite_flag: torch.Tensor | None = None, landmark_prefix: int | None = None,
+                      exact_fp8: bool = False) -> torch.Tensor:
     """`ttr_forward_fused` without its checks, for a caller that ran them: one `ServePlan`, built and run. The
     arguments must pass `check_window` and `fused_unsupported_reasons`."""
     with torch.no_grad():
         plan = ServePlan(q, k, v, phi_q, phi_k, landmark_idx=landmark_idx, alpha_logit=alpha_logit,
                          alpha_max=alpha_max, gamma=gamma, adaptive=adaptive, eps=eps, key_mask=key_mask is not None,
                          landmark_impl=landmark_impl, config=config, window=window, grid=grid, n_cond=n_cond,
-                         d_reference=d_reference, landmark_prefix=landmark_prefix)
+                         d_reference=d_reference, landmark_prefix=landmark_prefix, exact_fp8=exact_fp8)
         aff = None if branch_affine is None else affine_rows(branch_affine, q.shape[0], q.device)
         if finite_flag is not None and (finite_flag.dtype != torch.int32 or finite_flag.device != q.device):
             raise ValueError(f"finite_flag: expected an int32 tensor on {q.device}, got {finite_flag.dtype} on "

@@ -34,13 +34,14 @@ class JointServePlan(ServePlan):
     :param alpha_logit: a_h `[H]`; :param log_scale_q: b_h `[H, D]` (read at every call: fp32 tensors on the
         device are used as they are).
     :param window, grid: the landmark window (0, None: landmarks only); :param n_cond: the text tokens first.
-    :param landmark_prefix: as `ServePlan`'s.
+    :param landmark_prefix, exact_fp8: as `ServePlan`'s.
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights, phi_k: PhiWeights, *,
                  landmark_idx: torch.Tensor, alpha_logit: torch.Tensor, log_scale_q: torch.Tensor, eps: float = 1e-6,
                  landmark_impl: str = "auto", config: KernelConfig | None = None, window: int = 0,
-                 grid: tuple[int, int] | None = None, n_cond: int = 0, landmark_prefix: int | None = None) -> None:
+                 grid: tuple[int, int] | None = None, n_cond: int = 0, landmark_prefix: int | None = None,
+                 exact_fp8: bool = False) -> None:
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"JointServePlan: queries must be the whole sequence, got {q.shape[2]} for "
                              f"{k.shape[2]} keys")
@@ -52,7 +53,8 @@ class JointServePlan(ServePlan):
             flags.index_fill_(0, idx, 1)
         super().__init__(q, k, v, phi_q, phi_k, landmark_idx=idx, alpha_logit=alpha_logit, adaptive=False, eps=eps,
                          key_mask=True, landmark_impl=landmark_impl, config=config, window=window, grid=grid,
-                         n_cond=n_cond, landmark_flags=flags if window else None, landmark_prefix=prefix)
+                         n_cond=n_cond, landmark_flags=flags if window else None, landmark_prefix=prefix,
+                         exact_fp8=exact_fp8)
         self.n_cond = int(n_cond)  # the text rows are set apart with or without a window
         if self.landmark_impl == "sdpa" and not lse_ok(q):
             self.landmark_impl = "fused"  # the shared normaliser needs the exact set's log-sum-exp
@@ -81,8 +83,10 @@ class JointServePlan(ServePlan):
             rows = self.landmark_rows(k)
             sz, z = self.key_state(k, v, self.far_mask, pk, landmark_rows=rows)
             s_q = self.scaled_state(sz, q.dtype)
-            del sz  # as `ServePlan.__call__`: z, its tail, stays
-            out = self.query(q, k, v, s_q, z, branch_affine, finite_flag, phi_k_all=pk, landmark_rows=rows)
+            vmax = self.value_max(sz)
+            del sz  # as `ServePlan.__call__`: z and vmax, its tail, stay
+            out = self.query(q, k, v, s_q, z, branch_affine, finite_flag, phi_k_all=pk, landmark_rows=rows,
+                             value_max=vmax)
             if self.n_cond:
                 out[:, :, :self.n_cond] = F.scaled_dot_product_attention(q[:, :, :self.n_cond], k, v)
             return out

@@ -64,10 +64,11 @@ class QueryLaunch:
 
 def key_pass(launch: KeyLaunch, x: "torch.Tensor", v: "torch.Tensor", mask: "torch.Tensor", mask_stride: int,
              s: "torch.Tensor", z: "torch.Tensor", phi: "PhiArgs", pk: "torch.Tensor | None" = None,
-             landmark_rows: "LandmarkRows | None" = None) -> None:
+             landmark_rows: "LandmarkRows | None" = None, vmax: "torch.Tensor | None" = None) -> None:
     """S and z (fp32, zeroed by the caller: the key chunks add into them) from keys `x` (or their pre-activations
     after a cuBLAS prefix) and values `v`; with `pk` (`[B·H, N, F]`, contiguous; STORE_PK = 1) also φ of every
-    key; with `landmark_rows` (STORE_LM = 1) the K and V rows of its slotted keys into its buffers."""
+    key; with `landmark_rows` (STORE_LM = 1) the K and V rows of its slotted keys into its buffers; with `vmax`
+    (`[B·H·D]` fp32, zeroed; VMAX = 1) each channel's max |v|."""
     lm = landmark_rows
     k = x if lm is None else lm.k
     consts = launch.consts
@@ -76,7 +77,7 @@ def key_pass(launch: KeyLaunch, x: "torch.Tensor", v: "torch.Tensor", mask: "tor
     _kernels()._kv_state_kernel[launch.grid](
         x, v, mask, s, z, s if pk is None else pk, phi.w1, phi.b1, phi.w2, phi.b2,
         k, mask if lm is None else lm.slot, s if lm is None else lm.kc, s if lm is None else lm.vc,
-        launch.n, launch.heads, launch.chunk, 0 if lm is None else lm.kc.shape[1],
+        s if vmax is None else vmax, launch.n, launch.heads, launch.chunk, 0 if lm is None else lm.kc.shape[1],
         x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1), v.stride(2), mask_stride,
         0 if pk is None else pk.stride(0), k.stride(0), k.stride(1), k.stride(2), *phi.head_strides, phi.norm_eps,
         **consts)
@@ -87,14 +88,16 @@ def query_pass(launch: QueryLaunch, q: "torch.Tensor", x: "torch.Tensor", s_q: "
                out: "torch.Tensor", d_buf: "torch.Tensor", d_sum: "torch.Tensor", lse: "torch.Tensor",
                logit: "torch.Tensor", aff: "torch.Tensor", phi: "PhiArgs", flag: "torch.Tensor",
                pk: "torch.Tensor | None" = None, bq: "torch.Tensor | None" = None,
-               kc: "torch.Tensor | None" = None, vc: "torch.Tensor | None" = None) -> None:
+               kc: "torch.Tensor | None" = None, vc: "torch.Tensor | None" = None,
+               vmax: "torch.Tensor | None" = None) -> None:
     """One pass of the query kernel over its query rows (see `triton_ttr._query_kernel` for its modes); the joint
     pass (mode 5) also reads φ of every key `pk` (`[B·H, N, F]`, contiguous) and the log-scale's `b_h` (`bq`,
-    `[H, D]` fp32); `kc`, `vc`: the landmarks after the directly loaded ones, copied contiguous (`LM_DIRECT` = 2)."""
+    `[H, D]` fp32); `kc`, `vc`: the landmarks after the directly loaded ones, copied contiguous (`LM_DIRECT` = 2);
+    `vmax`: the key pass's max |v| per channel (FP8)."""
     _kernels()._query_kernel[launch.grid](
         q, x, s_q, z, kl, vl, idx, lm_flag, out, d_buf, d_sum, lse, logit, aff,
         phi.w1, phi.b1, phi.w2, phi.b2, flag, flag if pk is None else pk, flag if bq is None else bq,
-        flag if kc is None else kc, flag if vc is None else vc,
+        flag if kc is None else kc, flag if vc is None else vc, flag if vmax is None else vmax,
         *launch.ints, *launch.floats,
         q.stride(0), q.stride(1), q.stride(2), x.stride(0), x.stride(1), x.stride(2),
         kl.stride(0), kl.stride(1), kl.stride(2), vl.stride(0), vl.stride(1), vl.stride(2),

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from ....core.exact_fp8 import round_rows, round_values, rounded_softmax, value_scale
 from ..kernel_regression import ACTIVATIONS, feature_map
 
 _ALIASES = {"elu1": "elu+1"}
@@ -123,12 +124,24 @@ def kernel_branch_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     return num / (den + eps)[..., None]
 
 
-def landmark_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmark_idx: torch.Tensor) -> torch.Tensor:
-    """Exact fp32 softmax attention of q against the landmark keys, scale `D^-0.5`."""
-    kl = k.float().index_select(2, landmark_idx)
-    vl = v.float().index_select(2, landmark_idx)
-    scores = torch.einsum("bhnd,bhld->bhnl", q.float(), kl) * q.shape[-1] ** -0.5
-    return torch.einsum("bhnl,bhld->bhnd", torch.softmax(scores, dim=-1), vl)
+def exact_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 exact_fp8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v in fp32 as the exact softmax's products read them: rounded to e4m3 with `exact_fp8` (per-token q and
+    k scales, per-channel v scales over every key; core/exact_fp8.py), else as given."""
+    if not exact_fp8:
+        return q.float(), k.float(), v.float()
+    return round_rows(q), round_rows(k), round_values(v, value_scale(v))
+
+
+def landmark_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmark_idx: torch.Tensor,
+                       exact_fp8: bool = False) -> torch.Tensor:
+    """Exact fp32 softmax attention of q against the landmark keys, scale `D^-0.5` (`exact_fp8`: in e4m3)."""
+    q, k, v = exact_inputs(q, k, v, exact_fp8)
+    kl = k.index_select(2, landmark_idx)
+    vl = v.index_select(2, landmark_idx)
+    scores = torch.einsum("bhnd,bhld->bhnl", q, kl) * q.shape[-1] ** -0.5
+    weights = rounded_softmax(scores) if exact_fp8 else torch.softmax(scores, dim=-1)
+    return torch.einsum("bhnl,bhld->bhnd", weights, vl)
 
 
 def check_window(window: int, grid: tuple[int, int] | None, n_cond: int, n_queries: int, n_keys: int) -> None:
@@ -152,13 +165,15 @@ def check_window(window: int, grid: tuple[int, int] | None, n_cond: int, n_queri
 
 def landmark_window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmark_idx: torch.Tensor | None,
                               window: int, grid: tuple[int, int], n_cond: int,
-                              key_mask: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
+                              key_mask: torch.Tensor | None = None, chunk: int = 1024,
+                              exact_fp8: bool = False) -> torch.Tensor:
     """Landmark branch with the local window, fp32 `[B, H, Nq, D]`: a joint softmax over
     `[q·k_landmarks, q·k_all masked to the query's window]` (a dense allowed-key mask per query chunk).
 
     Landmark keys are used as given (as `landmark_reference`: duplicates count twice); window keys count
     when they are image keys within Chebyshev radius `window` of an image query, are not landmarks and,
-    with `key_mask` `[B, Nk]` (True = keep), are not padded. A row with no key gets zeros.
+    with `key_mask` `[B, Nk]` (True = keep), are not padded. A row with no key gets zeros. `exact_fp8`: in e4m3
+    (`exact_inputs`, `rounded_softmax`).
     """
     check_window(window, grid, n_cond, q.shape[2], k.shape[2])
     b, _, nq, d = q.shape
@@ -166,7 +181,7 @@ def landmark_window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dev = q.device
     w_grid = grid[1]
     idx = torch.zeros(0, dtype=torch.long, device=dev) if landmark_idx is None else landmark_idx.to(dev).long()
-    kf, vf = k.float(), v.float()
+    q, kf, vf = exact_inputs(q, k, v, exact_fp8)
     kl, vl = kf.index_select(2, idx), vf.index_select(2, idx)
     is_lm = torch.zeros(nk, dtype=torch.bool, device=dev)
     is_lm[idx] = True
@@ -188,7 +203,10 @@ def landmark_window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         logits_w = logits_w.masked_fill(~allowed[:, None], float("-inf"))
         logits = torch.cat([torch.matmul(qc, kl.transpose(-1, -2)) * scale, logits_w], dim=-1)
         empty = torch.isneginf(logits).all(dim=-1, keepdim=True)  # no key at all: zeros, not NaN
-        weights = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+        if exact_fp8:
+            weights = rounded_softmax(logits)
+        else:
+            weights = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
         n_l = idx.numel()
         outs.append(torch.matmul(weights[..., :n_l], vl) + torch.matmul(weights[..., n_l:], vf))
     return torch.cat(outs, dim=2) if outs else q.new_zeros(b, q.shape[1], 0, v.shape[-1], dtype=torch.float32)
@@ -222,14 +240,14 @@ def ttr_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi
                           key_mask: torch.Tensor | None = None,
                           branch_affine: Sequence[float] | torch.Tensor | None = None, *, window: int = 0,
                           grid: tuple[int, int] | None = None, n_cond: int = 0,
-                          d_reference: torch.Tensor | None = None) -> torch.Tensor:
+                          d_reference: torch.Tensor | None = None, exact_fp8: bool = False) -> torch.Tensor:
     """The whole ttr layer (kernel branch, optional landmark branch and blend) in fp32.
 
     `branch_affine` = (s_k, b_k, s_l, b_l): each branch output becomes `o·(1+s)+b` before the blend
     (the σ/CFG conditioner of the earlier node pack). `window = r > 0` adds the local window to the landmark branch
     (`landmark_window_reference`; needs `grid` (h, w) with h·w + n_cond == Nk and Nq == Nk); the branch
     then runs even without landmarks (conditioning queries get out_l = 0). `d_reference`: see `blend_alpha`.
-    Returns q's dtype.
+    `exact_fp8`: the landmark branch's products in e4m3 (core/exact_fp8.py). Returns q's dtype.
     """
     check_window(window, grid, n_cond, q.shape[2], k.shape[2])
     out_k = kernel_branch_reference(q, k, v, phi_q, phi_k, eps, key_mask)
@@ -238,11 +256,12 @@ def ttr_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi
         out_k = out_k * (1 + aff[0]) + aff[1]
     if window > 0:
         assert grid is not None
-        out_l = landmark_window_reference(q, k, v, landmark_idx, window, grid, n_cond, key_mask)
+        out_l = landmark_window_reference(q, k, v, landmark_idx, window, grid, n_cond, key_mask,
+                                          exact_fp8=exact_fp8)
     elif landmark_idx is None or landmark_idx.numel() == 0:
         return out_k.to(q.dtype)
     else:
-        out_l = landmark_reference(q, k, v, landmark_idx)
+        out_l = landmark_reference(q, k, v, landmark_idx, exact_fp8)
     if aff is not None:
         out_l = out_l * (1 + aff[2]) + aff[3]
     a = blend_alpha(out_k, out_l, alpha_logit, alpha_max, gamma, adaptive, d_reference)

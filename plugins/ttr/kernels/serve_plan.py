@@ -113,6 +113,8 @@ class ServePlan:
     :param landmark_prefix: how many leading landmarks are the key rows 0 … n−1 in order (the caller's word: a
         `ResidualBranch`'s indices begin with the call's conditioning tokens); None counts them from `landmark_idx`
         when it is on the CPU, and takes 0 (every row gathered) for device indices — reading them would sync.
+    :param exact_fp8: the landmark softmax and the window in e4m3 (`[plugins.landmark] precision = "fp8"`,
+        core/exact_fp8.py; the caller checks the GPU, `fp8_unsupported_reason`).
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: PhiWeights, phi_k: PhiWeights, *,
@@ -121,7 +123,7 @@ class ServePlan:
                  key_mask: bool = False, landmark_impl: str = "auto", config: KernelConfig | None = None,
                  window: int = 0, grid: tuple[int, int] | None = None, n_cond: int = 0,
                  d_reference: torch.Tensor | None = None, landmark_flags: torch.Tensor | None = None,
-                 landmark_prefix: int | None = None) -> None:
+                 landmark_prefix: int | None = None, exact_fp8: bool = False) -> None:
         cfg = config or DEFAULT_CONFIG
         self.config = cfg
         bsz, heads, nq, d = q.shape
@@ -161,6 +163,13 @@ class ServePlan:
             self.lm_flag = landmark_flags
         self.use_branch = use_lm or window > 0  # a window runs the landmark branch even without landmarks
         self.landmark_impl = choose_landmark_impl(landmark_impl, q, self.n_lm, self.window)
+        # the exact softmax's products in e4m3 (FP8 1; 2 in the interpreter): the kernels' own softmax (cuDNN's has
+        # no e4m3 path here), the values' scales from the key pass's max |v|, after z in the state's buffer
+        self.fp8 = (1 if dev.type == "cuda" else 2) if exact_fp8 and self.use_branch else 0
+        if self.fp8:
+            self.landmark_impl = "fused"
+        self.n_vm = self.n_sz
+        self.n_sz += bsz * heads * d if self.fp8 else 0
         # where the kernels' own softmax reads them, the key pass writes those rows as it reads every key (each key's
         # row there: `lm_slot`, −1 for none)
         self.lm_slot: torch.Tensor | None = None
@@ -200,8 +209,8 @@ class ServePlan:
         chunk = cdiv(cdiv(n, n_chunks), bn) * bn
         consts = dict(D=d, BK=block_k(cfg.block_k, self.phi_k.split.din), **self.phi_k.consts(self.fast_silu),
                       HAS_MASK=int(self.key_mask), BN=bn, HC=hidden_chunk(cfg.kv_hidden_chunk, self.phi_k.split.h1),
-                      STORE_PK=int(self.store_phi_k), STORE_LM=int(self.lm_slot is not None), num_warps=cfg.kv_warps,
-                      num_stages=cfg.kv_stages)
+                      STORE_PK=int(self.store_phi_k), STORE_LM=int(self.lm_slot is not None), VMAX=int(self.fp8 > 0),
+                      num_warps=cfg.kv_warps, num_stages=cfg.kv_stages)
         return launchers.KeyLaunch((bsz * heads, cdiv(n, chunk)), n, heads, chunk, consts)
 
     def query_launch(self, mode: int, lm_src: int, guard: int, has_aff: int) -> launchers.QueryLaunch:
@@ -239,8 +248,8 @@ class ServePlan:
                       LM_SRC=lm_src, HAS_AFF=has_aff, BM=bm, BL=lm_block,
                       HC=query_hidden_chunk(cfg, split.din, split.h1, landmark_pass, mode), WIN=win,
                       BLW=window_block(win_block, bm, pw, win) if win else 16, PW=pw,
-                      GUARD=guard if mode != 2 else 0, LM_DIRECT=self.lm_direct(mode, lm_src), num_warps=warps,
-                      num_stages=stages)
+                      GUARD=guard if mode != 2 else 0, LM_DIRECT=self.lm_direct(mode, lm_src),
+                      FP8=self.fp8 if landmark_pass else 0, num_warps=warps, num_stages=stages)
         qk_scale = d ** -0.5 * 1.4426950408889634
         hit = launchers.QueryLaunch(
             (tiles, bsz * heads), (nq, self.n_lm, heads, self.n_cond, n_text_tiles, grid_h, grid_w,
@@ -269,14 +278,19 @@ class ServePlan:
         if v.stride(-1) != 1:
             v = v.contiguous()
         sz = torch.zeros(self.n_sz, device=k.device, dtype=torch.float32)  # the key chunks add into it atomically
-        z = sz[self.n_s:]
+        z = sz[self.n_s:self.n_vm]
         if key_mask is not None:
             m = key_mask.to(device=k.device, dtype=torch.int8).contiguous()
             mask, smb = m, (m.stride(0) if m.shape[0] > 1 else 0)  # [1, Nk]: one mask for the batch
         else:
             mask, smb = self.dummy, 0
-        launchers.key_pass(self.key, x, v, mask, smb, sz, z, self.phi_k, phi_k_out, landmark_rows)
+        launchers.key_pass(self.key, x, v, mask, smb, sz, z, self.phi_k, phi_k_out, landmark_rows,
+                           vmax=self.value_max(sz))
         return sz, z
+
+    def value_max(self, sz: torch.Tensor) -> torch.Tensor | None:
+        """The key pass's max |v| per channel `[B·H·D]` in the state buffer `sz` (FP8 plans), else None."""
+        return sz[self.n_vm:] if self.fp8 else None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
                  branch_affine: torch.Tensor | None = None, finite_flag: torch.Tensor | None = None) -> torch.Tensor:
@@ -287,8 +301,9 @@ class ServePlan:
             rows = self.landmark_rows(k)
             sz, z = self.key_state(k, v, key_mask, landmark_rows=rows)
             s_q = self.scaled_state(sz, q.dtype)
-            del sz  # the fp32 S is not read again (z, its tail, is: the view keeps it)
-            return self.query(q, k, v, s_q, z, branch_affine, finite_flag, landmark_rows=rows)
+            vmax = self.value_max(sz)
+            del sz  # the fp32 S is not read again (z and vmax, its tail, are: the views keep it)
+            return self.query(q, k, v, s_q, z, branch_affine, finite_flag, landmark_rows=rows, value_max=vmax)
 
     def landmark_rows(self, k: torch.Tensor) -> launchers.LandmarkRows | None:
         """This call's buffers for the landmark rows the key pass writes (`lm_slot`), or None: the plan has none to
@@ -310,14 +325,18 @@ class ServePlan:
               branch_affine: torch.Tensor | None = None, finite_flag: torch.Tensor | None = None,
               mean_of_d: "Callable[[torch.Tensor, torch.Tensor], None] | None" = None,
               phi_k_all: torch.Tensor | None = None,
-              landmark_rows: launchers.LandmarkRows | None = None) -> torch.Tensor:
+              landmark_rows: launchers.LandmarkRows | None = None,
+              value_max: torch.Tensor | None = None) -> torch.Tensor:
         """The query passes with the state given (`scaled_state`'s S, fp32 z): `[B, H, Nq, D]` in q's dtype.
         `k, v` are the keys the landmark branch reads (landmark rows at `landmark_idx`, the window's image keys).
         `mean_of_d(d, d_sum)`, adaptive α against the call's own mean of d only: called between the two passes
         with pass 1's d `[B, H, Nq]` and its per-(b, h) sums `[B·H]`, which it may rewrite in place (pass 2 divides
         them by Nq) — a sequence-parallel call sums over every rank there. `phi_k_all`: φ of every key, as the
         joint pass reads it (`key_state`'s `phi_k_out`). `landmark_rows`: what this call's key pass wrote
-        (`LM_DIRECT` = 2); without them that pass copies the rows itself."""
+        (`LM_DIRECT` = 2); without them that pass copies the rows itself. `value_max`: `value_max` of the key pass's
+        state (FP8 plans: the values' per-channel scales)."""
+        if self.fp8 and value_max is None:
+            raise ValueError("ServePlan: an FP8 plan's query passes need the key pass's value_max")
         with torch.no_grad():
             q, x, kl, vl = self.query_inputs(q, k, v)
             out, lse, lm_src = self.landmark_output(q, kl, vl)
@@ -338,7 +357,7 @@ class ServePlan:
                 if launch.consts["LM_DIRECT"] == 2 and kc is None:
                     kc, vc = (t.index_select(2, self.idx_rest).contiguous() for t in (kl, vl))
                 launchers.query_pass(launch, q, x, s_q, z, kl, vl, self.idx, self.lm_flag, out, d_buf, d_sum, lse,
-                                     self.logit, aff, self.phi_q, flag, phi_k_all, self.bq, kc, vc)
+                                     self.logit, aff, self.phi_q, flag, phi_k_all, self.bq, kc, vc, value_max)
             return out
 
     def query_inputs(self, q: torch.Tensor, k: torch.Tensor,

@@ -21,6 +21,8 @@ Two launches carry the layer:
   the shared normaliser, `_shared_combine`). Modes 0–4 process every query row of the sequence. GUARD = 1 (the served call's non-finite check): the pass that writes the layer's output
   replaces every row that is not finite in the output's dtype by the landmark branch's row (kernel-only: zeros)
   and sets the int32 at `flag_ptr` (`_finite_rows`); GUARD = 0 compiles to the kernel without it.
+  FP8 > 0 (`[plugins.landmark] precision = "fp8"`) computes the exact softmax's two products in e4m3
+  (`_softmax_step`, core/exact_fp8.py), the values' per-channel scales from the key pass's max |v| (VMAX = 1).
   WIN = r > 0 (the landmark plugin's local window) continues the landmark softmax over each image
   query's window of image keys (Chebyshev radius r on the latent grid, minus the landmarks, flagged per
   key in `lmf_ptr`); the landmark pass then tiles the conditioning rows first and the image queries as
@@ -125,17 +127,19 @@ def _phi_tile(x_base, offs_n, row_ok, stride_xn, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
 
 @triton.jit
 def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, pk_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                     k_ptr, slot_ptr, kc_ptr, vc_ptr,
+                     k_ptr, slot_ptr, kc_ptr, vc_ptr, vm_ptr,
                      N, H, CHUNK, L_ROWS,
                      sxb, sxh, sxn, svb, svh, svn, smb, spk, skb, skh, skn,
                      w1h, b1h, w2h, b2h, norm_eps,
                      D: tl.constexpr, DIN: tl.constexpr, BK: tl.constexpr, H1: tl.constexpr, F1: tl.constexpr,
                      DEPTH: tl.constexpr, ACT: tl.constexpr, IS_HH: tl.constexpr, HAS_B1: tl.constexpr,
                      HAS_B2: tl.constexpr, NORM: tl.constexpr, HAS_MASK: tl.constexpr, BN: tl.constexpr,
-                     HC: tl.constexpr, FAST_SILU: tl.constexpr, STORE_PK: tl.constexpr, STORE_LM: tl.constexpr):
+                     HC: tl.constexpr, FAST_SILU: tl.constexpr, STORE_PK: tl.constexpr, STORE_LM: tl.constexpr,
+                     VMAX: tl.constexpr):
     """S and z of a chunk of keys (atomically added); with STORE_PK also φ of each key, with STORE_LM the K and V
     rows of the keys whose `slot` (int32 per key, −1: none) is ≥ 0 into row `slot` of `[B·H, L_ROWS, D]` buffers
-    (the landmarks the query pass reads as contiguous rows, `KernelConfig.lm_direct` = 2)."""
+    (the landmarks the query pass reads as contiguous rows, `KernelConfig.lm_direct` = 2); with VMAX each channel's
+    max |v| over every key into `vm_ptr` (`[B·H, D]` fp32, zeroed: the exact branch's FP8 value scales)."""
     pid_bh = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = pid_bh // H
@@ -165,6 +169,7 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, pk_ptr, w1_ptr, b1_ptr, 
     s2 = tl.zeros((F1, D), dtype=tl.float32)
     z2 = tl.zeros((F1,), dtype=tl.float32)
     PKW: tl.constexpr = 2 * F1 if IS_HH else F1
+    vmx = tl.zeros((D,), dtype=tl.float32)
     for n0 in range(start, end, BN):
         offs_n = n0 + tl.arange(0, BN)
         ok = offs_n < end
@@ -181,6 +186,8 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, pk_ptr, w1_ptr, b1_ptr, 
             mk = tl.load(m_ptr + b * smb + offs_n, mask=ok, other=0)
             keep = keep & (mk != 0)
         vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        if VMAX:
+            vmx = tl.maximum(vmx, tl.max(tl.abs(vt.to(tl.float32)), axis=0))
         f1 = tl.where(keep[:, None], f1, 0.0)
         s1 = tl.dot(tl.trans(f1.to(vt.dtype)), vt, s1)
         z1 += tl.sum(f1, axis=0)
@@ -197,6 +204,8 @@ def _kv_state_kernel(x_ptr, v_ptr, m_ptr, s_ptr, z_ptr, pk_ptr, w1_ptr, b1_ptr, 
     if IS_HH:
         tl.atomic_add(s_base + F1 * D + offs_f[:, None] * D + offs_d[None, :], s2, sem="relaxed")
         tl.atomic_add(z_base + F1 + offs_f, z2, sem="relaxed")
+    if VMAX:
+        tl.atomic_max(vm_ptr + pid_bh * D + offs_d, vmx, sem="relaxed")
 
 
 @triton.jit
@@ -212,19 +221,64 @@ def _state_numerator(f1, f2, s_base, offs_f, offs_d, D: tl.constexpr, F1: tl.con
 
 
 @triton.jit
-def _softmax_step(q, kt, vt, keep, m_i, l_i, acc, qk_scale):
+def _e4m3(x, FP8: tl.constexpr):
+    """`x` (fp32) rounded to e4m3, saturated at ±448: fp8 for the tensor cores (FP8 = 1), or the rounded values in
+    fp32 computed arithmetically (FP8 = 2, the interpreter: its e4m3 cast truncates subnormals and its e4m3 dot
+    flattens its operands) — 3 mantissa bits, subnormal steps of 2^-9, ties rounded up."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    if FP8 == 2:
+        e = tl.floor(tl.log2(tl.maximum(tl.abs(x), 1e-30)))
+        step = tl.exp2(tl.maximum(e, -6.0) - 3.0)
+        return tl.floor(x / step + 0.5) * step
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _e4m3_rows(x, FP8: tl.constexpr):
+    """`(x8, scale)`: the rows of `x` rounded to e4m3 with one scale per row (max |x| / 448), core/exact_fp8.py."""
+    xf = x.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-12) * (1.0 / 448.0)
+    return _e4m3(xf / scale[:, None], FP8), scale
+
+
+@triton.jit
+def _exact_inputs(q, vm_base, offs_d, FP8: tl.constexpr):
+    """What the exact softmax's steps read: the query tile (rounded to e4m3 with FP8), its per-row scale and the
+    values' per-channel scale from the key pass's max |v| (both 1.0 without FP8)."""
+    if FP8:
+        q8, sq = _e4m3_rows(q, FP8)
+        vs = tl.maximum(tl.load(vm_base + offs_d), 1e-12) * (1.0 / 448.0)
+        return q8, sq, vs
+    return q, 1.0, 1.0
+
+
+@triton.jit
+def _softmax_step(q, kt, vt, keep, m_i, l_i, acc, qk_scale, sq, vs, FP8: tl.constexpr):
     """One tile of a flash-style online softmax: fold keys `kt` / values `vt` (`[BK, D]`, where `keep`, a mask
     broadcastable to `[BM, BK]`) into the running max `m_i`, sum `l_i` and output `acc` of the query tile `q`
     (max in the exp2 domain: scores times `qk_scale`, folded into the exponent's FMA). A row that has seen no
-    key yet keeps max −inf; 0 is used in its place (no NaN from −inf − −inf)."""
-    sc = tl.dot(q, tl.trans(kt))
+    key yet keeps max −inf; 0 is used in its place (no NaN from −inf − −inf).
+
+    FP8 (`[plugins.landmark] precision = "fp8"`, core/exact_fp8.py): `q` comes rounded to e4m3 with per-row scales
+    `sq` (`_exact_inputs`); the keys are rounded per row here, the scores scaled back; P·V takes P·448 and the
+    values at their per-channel scales `vs` in e4m3, its product added to the rescaled accumulator in fp32."""
+    if FP8:
+        k8, sk = _e4m3_rows(kt, FP8)
+        sc = tl.dot(q, tl.trans(k8)) * (sq[:, None] * sk[None, :])
+    else:
+        sc = tl.dot(q, tl.trans(kt))
     sc = tl.where(keep, sc, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sc, axis=1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(sc * qk_scale - m_use[:, None])
     corr = tl.exp2(m_i - m_use)
     l_i = l_i * corr + tl.sum(p, axis=1)
-    acc = tl.dot(p.to(vt.dtype), vt, acc * corr[:, None])
+    if FP8:
+        v8 = _e4m3(vt.to(tl.float32) / vs[None, :], FP8)
+        pv = tl.dot(_e4m3(p * 448.0, FP8), v8)
+        acc = acc * corr[:, None] + pv * (vs * (1.0 / 448.0))[None, :]
+    else:
+        acc = tl.dot(p.to(vt.dtype), vt, acc * corr[:, None])
     return m_new, l_i, acc
 
 
@@ -250,8 +304,9 @@ def _patch_rows(pid_m, n_text_tiles, n_cond, grid_h, grid_w, BM: tl.constexpr, P
 
 @triton.jit
 def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, acc, pr, pc, n_cond, grid_h, grid_w, qk_scale,
-                    skn, svn, fq1, fq2, pk_base, num_u, den_u, WIN: tl.constexpr, BLW: tl.constexpr,
-                    PH: tl.constexpr, PW: tl.constexpr, FAR: tl.constexpr, F1: tl.constexpr, IS_HH: tl.constexpr):
+                    skn, svn, fq1, fq2, pk_base, num_u, den_u, sq, vs, WIN: tl.constexpr, BLW: tl.constexpr,
+                    PH: tl.constexpr, PW: tl.constexpr, FAR: tl.constexpr, F1: tl.constexpr, IS_HH: tl.constexpr,
+                    FP8: tl.constexpr):
     """Continue the online softmax `(m_i, l_i, acc)` of a query patch over its local windows.
 
     Image tokens sit row-major on the `grid_h x grid_w` latent grid after `n_cond` conditioning tokens; the
@@ -295,7 +350,7 @@ def _window_softmax(q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, acc, pr, pc,
         k_rf = tl.where(k_ok, k_r.to(tl.float32), 1e4)  # a missing key is out of every window
         near = ((tl.abs(k_rf[None, :] - q_r[:, None]) <= WIN)
                 & (tl.abs(k_c.to(tl.float32)[None, :] - q_c[:, None]) <= WIN))
-        m_i, l_i, acc = _softmax_step(q, kt, vt, near, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _softmax_step(q, kt, vt, near, m_i, l_i, acc, qk_scale, sq, vs, FP8)
         if FAR:
             pk_rows = pk_base + tok[:, None] * PKW + offs_f[None, :]
             pk1 = tl.load(pk_rows, mask=k_ok[:, None], other=0.0)
@@ -374,7 +429,7 @@ def _finite_rows(res, fallback, row_ok, flag_ptr, out_dtype: tl.constexpr):
 
 @triton.jit
 def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, out_ptr, d_ptr, dsum_ptr, lse_ptr,
-                  logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, flag_ptr, pk_ptr, bq_ptr, kc_ptr, vc_ptr,
+                  logit_ptr, aff_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, flag_ptr, pk_ptr, bq_ptr, kc_ptr, vc_ptr, vm_ptr,
                   N, L, H, n_cond, n_text_tiles, grid_h, grid_w, L_DIRECT, s_scale, eps, alpha_max, gamma, qk_scale,
                   norm_eps,
                   sqb, sqh, sqn, sxb, sxh, sxn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -384,7 +439,7 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
                   HAS_B2: tl.constexpr, NORM: tl.constexpr, MODE: tl.constexpr, LM_SRC: tl.constexpr,
                   HAS_AFF: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr, HC: tl.constexpr,
                   WIN: tl.constexpr, BLW: tl.constexpr, PW: tl.constexpr, FAST_SILU: tl.constexpr,
-                  GUARD: tl.constexpr, LM_DIRECT: tl.constexpr):
+                  GUARD: tl.constexpr, LM_DIRECT: tl.constexpr, FP8: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -455,13 +510,16 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
                 if WIN > 0:
                     q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
                                 mask=row_ok[:, None], other=0.0)
+                    q, sq, vs = _exact_inputs(q, vm_ptr + pid_bh * D, offs_d, FP8)
                     m_i, l_i, ol, num_u, den_u = _window_softmax(
                         q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, ol, pr, pc, n_cond, grid_h, grid_w, qk_scale,
-                        skn, svn, fq1, fq2, pk_base, num_u, den_u, WIN, BLW, BM // PW, PW, MODE == 5, F1, IS_HH)
+                        skn, svn, fq1, fq2, pk_base, num_u, den_u, sq, vs, WIN, BLW, BM // PW, PW, MODE == 5, F1,
+                        IS_HH, FP8)
                     ol = ol / l_i[:, None]
         else:
             q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
                         mask=row_ok[:, None], other=0.0)
+            q, sq, vs = _exact_inputs(q, vm_ptr + pid_bh * D, offs_d, FP8)
             m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((BM,), dtype=tl.float32)
             acc = tl.zeros((BM, D), dtype=tl.float32)
@@ -476,7 +534,7 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
                     l_ok = offs_l < L_DIRECT
                     kt = tl.load(kl_base + offs_l[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
                     vt = tl.load(vl_base + offs_l[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-                    m_i, l_i, acc = _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale)
+                    m_i, l_i, acc = _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale, sq, vs, FP8)
                 l_rest = L_DIRECT
             else:
                 l_rest = 0  # a compile-time start: the loop compiles as it did before the direct loads
@@ -493,14 +551,15 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
                     rows = tl.load(idx_ptr + offs_l, mask=l_ok, other=0)  # landmark rows of k/v, gathered here
                     kt = tl.load(kl_base + rows[:, None] * skn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
                     vt = tl.load(vl_base + rows[:, None] * svn + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-                m_i, l_i, acc = _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale)
+                m_i, l_i, acc = _softmax_step(q, kt, vt, l_ok[None, :], m_i, l_i, acc, qk_scale, sq, vs, FP8)
             if WIN == 0:
                 ol = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             else:
                 # the same online softmax goes on over the patch's local windows (see _window_softmax)
                 m_i, l_i, acc, num_u, den_u = _window_softmax(
                     q, kl_base, vl_base, lmf_ptr, offs_d, m_i, l_i, acc, pr, pc, n_cond, grid_h, grid_w, qk_scale,
-                    skn, svn, fq1, fq2, pk_base, num_u, den_u, WIN, BLW, BM // PW, PW, MODE == 5, F1, IS_HH)
+                    skn, svn, fq1, fq2, pk_base, num_u, den_u, sq, vs, WIN, BLW, BM // PW, PW, MODE == 5, F1, IS_HH,
+                    FP8)
                 ol = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key at all (no landmarks, text row): 0
         if HAS_AFF and MODE != 5:
             ol = ol * (1.0 + tl.load(aff_ptr + b * 4 + 2)) + tl.load(aff_ptr + b * 4 + 3)
