@@ -37,6 +37,7 @@ class LayerInputs:
     window: int
     grid: tuple[int, int]
     d_reference: torch.Tensor | None = None  # adaptive α against a running mean of d: one pass (else two)
+    exact_fp8: bool = False  # the exact branch in e4m3 (`[plugins.landmark] precision = "fp8"`)
 
     @property
     def description(self) -> str:
@@ -53,7 +54,8 @@ class LayerInputs:
             if window and landmark_impl is not None and self.window else {}
         return self._planned_call(lm, kw.get("window", 0), lambda: ServePlan(
             self.q, self.k, self.v, self.phi_q, self.phi_k, landmark_idx=lm, config=config,
-            landmark_impl=landmark_impl or "auto", d_reference=self.d_reference, landmark_prefix=TEXT_TOKENS, **kw))
+            landmark_impl=landmark_impl or "auto", d_reference=self.d_reference, landmark_prefix=TEXT_TOKENS,
+            exact_fp8=self.exact_fp8, **kw))
 
     def joint(self, config: KernelConfig | None = None, landmark_impl: str = "auto") -> Callable[[], torch.Tensor]:
         """One call of the joint layer (`combine = "shared"`) on these inputs: the text rows exact over every key,
@@ -64,7 +66,8 @@ class LayerInputs:
             self.q, self.k, self.v, self.phi_q, self.phi_k, landmark_idx=self.landmarks,
             alpha_logit=torch.zeros(heads, device=self.q.device),
             log_scale_q=torch.zeros(heads, d, device=self.q.device), landmark_impl=landmark_impl, config=config,
-            window=self.window, grid=self.grid, n_cond=TEXT_TOKENS, landmark_prefix=TEXT_TOKENS))
+            window=self.window, grid=self.grid, n_cond=TEXT_TOKENS, landmark_prefix=TEXT_TOKENS,
+            exact_fp8=self.exact_fp8))
 
     def _planned_call(self, landmarks: torch.Tensor | None, window: int,
                       build: Callable[[], ServePlan]) -> Callable[[], torch.Tensor]:
@@ -96,4 +99,4 @@ def default_layer(size: str, device: torch.device, ttr: TtrSettings | None = Non
     assert s.grid is not None
     idx, _ = LandmarkBackend(lm).indices(k, _call(s))  # the landmark plugin's own selection, as a served call
     return LayerInputs(size, q, k, v, phis[0], phis[1], idx, lm.window, s.grid,
-                       stand_in_reference(ttr, q.shape[1], device))
+                       stand_in_reference(ttr, q.shape[1], device), exact_fp8=lm.precision == "fp8")

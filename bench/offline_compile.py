@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..plugins.landmark.settings import LandmarkSettings
 from ..plugins.ttr.kernels import KernelConfig, launchers
 from ..plugins.ttr.kernels import serve_plan as serve_plan_module
 from . import default_layer as default_layer_module
@@ -82,6 +83,8 @@ def resources(launch: Launch, capability: int = 90) -> tuple[int, int]:
 
     name, args, consts = launch
     consts = dict(consts)
+    if consts.get("FP8") == 2:  # a CPU plan's e4m3 for the interpreter: the GPU's tensor-core e4m3 instead
+        consts["FP8"] = 1
     options = {"num_warps": consts.pop("num_warps"), "num_stages": consts.pop("num_stages")}
     fn = getattr(triton_ttr, name)
     if not isinstance(fn, triton.runtime.JITFunction):
@@ -102,10 +105,11 @@ def resources(launch: Launch, capability: int = 90) -> tuple[int, int]:
     return int(regs.group(1)), int(stack.group(1))
 
 
-def layer_launches(size: str, layer: str, config: KernelConfig) -> list[Launch]:
+def layer_launches(size: str, layer: str, config: KernelConfig, fp8: bool = False) -> list[Launch]:
     """The launches of the default layer's first call at `size` ('hybrid' or 'joint', in-kernel landmarks) under
-    `config`: its key pass, then its query passes."""
-    inputs = default_layer_module.default_layer(size, torch.device("cpu"))
+    `config` (`fp8`: the exact branch in e4m3, as on a GPU): its key pass, then its query passes."""
+    landmark = LandmarkSettings(precision="fp8") if fp8 else None
+    inputs = default_layer_module.default_layer(size, torch.device("cpu"), landmark=landmark)
     with recorded_launches() as launches:
         call = inputs.joint(config, "fused") if layer == "joint" else inputs.fused(config, "fused")
         call()
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", action="append", default=None,
                    help="JSON KernelConfig overrides, e.g. '{\"joint_block_m\": 128}' (repeatable; default: {})")
     p.add_argument("--capability", type=int, default=90, help="the GPU's compute capability ×10 (90: Hopper)")
+    p.add_argument("--fp8", action="store_true", help="the exact branch in e4m3 ([plugins.landmark] precision = "
+                                                      "'fp8')")
     a = p.parse_args(argv)
     layers = [x.strip() for x in a.layers.split(",") if x.strip()]
     if not layers or set(layers) - {"hybrid", "joint"}:
@@ -131,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     for size in a.sizes.split(","):
         for overrides, cfg in zip(configs, kernel_configs):
             for layer in layers:
-                for launch in layer_launches(size, layer, cfg):
+                for launch in layer_launches(size, layer, cfg, a.fp8):
                     c = launch[2]
                     regs, stack = resources(launch, a.capability)
                     what = (f"key pass BN={c['BN']} warps={c['num_warps']} HC={c['HC']} STORE_PK={c['STORE_PK']} "
                             f"STORE_LM={c['STORE_LM']}" if launch[0] == "_kv_state_kernel" else
                             f"MODE={c['MODE']} BM={c['BM']} warps={c['num_warps']} WIN={c['WIN']} BLW={c['BLW']} "
-                            f"HC={c['HC']}")
+                            f"HC={c['HC']} FP8={min(c['FP8'], 1)}")
                     print(f"{size} {layer} {json.dumps(overrides)} {what}: {regs} registers, {stack} B stack",
                           flush=True)
     return 0

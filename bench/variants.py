@@ -102,6 +102,9 @@ TTR_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default-window4": (_TTR_DEFAULT, {**_LM_DEFAULT, "window": 4}),
     "default-1layer-F64": ({**_TTR_DEFAULT, "depth": 1, "feature_dim": 64}, _LM_DEFAULT),
     "default-1layer-F128": ({**_TTR_DEFAULT, "depth": 1, "feature_dim": 128}, _LM_DEFAULT),
+    # the exact branch's products in e4m3 (`[plugins.landmark] precision = "fp8"`; its PyTorch row emulates it)
+    "default-fp8": (_TTR_DEFAULT, {**_LM_DEFAULT, "precision": "fp8"}),
+    "joint-fp8": ({**_TTR_DEFAULT, "joint_layers": ["double:*"]}, {**_LM_DEFAULT, "precision": "fp8"}),
 }
 #: Former configuration names: old name → current name, for the error message. The `default-*` ones were deltas
 #: from the previous default and would now describe another layer.

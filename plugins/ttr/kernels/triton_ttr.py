@@ -229,8 +229,10 @@ def _e4m3(x, FP8: tl.constexpr):
     if FP8 == 2:
         e = tl.floor(tl.log2(tl.maximum(tl.abs(x), 1e-30)))
         step = tl.exp2(tl.maximum(e, -6.0) - 3.0)
-        return tl.floor(x / step + 0.5) * step
-    return x.to(tl.float8e4nv)
+        x8 = tl.floor(x / step + 0.5) * step
+    else:
+        x8 = x.to(tl.float8e4nv)
+    return x8
 
 
 @triton.jit
@@ -248,8 +250,9 @@ def _exact_inputs(q, vm_base, offs_d, FP8: tl.constexpr):
     if FP8:
         q8, sq = _e4m3_rows(q, FP8)
         vs = tl.maximum(tl.load(vm_base + offs_d), 1e-12) * (1.0 / 448.0)
-        return q8, sq, vs
-    return q, 1.0, 1.0
+    else:
+        q8, sq, vs = q, 1.0, 1.0
+    return q8, sq, vs
 
 
 @triton.jit
