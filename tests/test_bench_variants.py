@@ -66,7 +66,7 @@ DEFAULT_DELTAS = {
     "default-lm1pct": ({}, {"fraction": 0.01}), "default-max256": ({}, {"max": 256}),
     "default-max128": ({}, {"max": 128}), "default-window1": ({}, {"window": 1}),
     "default-window4": ({}, {"window": 4}), "default-1layer-F64": ({"depth": 1, "feature_dim": 64}, {}),
-    "default-1layer-F128": ({"depth": 1, "feature_dim": 128}, {}),
+    "default-1layer-F128": ({"depth": 1, "feature_dim": 128}, {}), "default-fp8": ({}, {"precision": "fp8"}),
 }
 
 
@@ -81,7 +81,8 @@ def test_default_is_the_product_default_and_the_others_keep_their_layers():
     from attnplug.plugins.landmark.settings import LandmarkSettings
     from attnplug.plugins.ttr.settings import ARCHITECTURE_FIELDS, TtrSettings
 
-    assert set(TTR_CONFIGS) == set(EFFECTIVE) | {"default", "joint"} | set(DEFAULT_PINNED) | set(DEFAULT_DELTAS)
+    assert set(TTR_CONFIGS) == set(EFFECTIVE) | {"default", "joint", "joint-fp8"} | set(DEFAULT_PINNED) | \
+        set(DEFAULT_DELTAS)
     t, lm = _effective("default")  # built from the settings' own defaults: it follows them
     fields = (*ARCHITECTURE_FIELDS, "alpha_reference")
     assert {f: getattr(t, f) for f in fields} == {f: getattr(TtrSettings(), f) for f in fields}
@@ -95,6 +96,8 @@ def test_default_is_the_product_default_and_the_others_keep_their_layers():
     assert tj.joint_layers == ["double:*"] and lj == lm
     assert {f: getattr(tj, f) for f in ARCHITECTURE_FIELDS if f != "joint_layers"} == \
         {f: getattr(t, f) for f in ARCHITECTURE_FIELDS if f != "joint_layers"}
+    tj8, lj8 = _effective("joint-fp8")  # the same with the exact branch in e4m3
+    assert tj8 == tj and lj8 == lm.model_copy(update={"precision": "fp8"})
     for cfg, (dt, dl) in DEFAULT_DELTAS.items():
         td, ld = _effective(cfg)
         assert td == t.model_copy(update=dt) and ld == lm.model_copy(update=dl), cfg
@@ -127,7 +130,8 @@ def test_kernel_only_once_per_feature_map_and_graph_twins():
     vs = build_variants(s, torch.float32, torch.device("cpu"))
     by = {v.name: v for v in vs}
     fused = [v for v in vs if v.family == "ttr" and " fused" in v.name and v.graph_of is None
-             and v.name != "ttr-joint fused"]  # the joint configuration's one bare joint-plan row, no graph twin
+             and v.name not in ("ttr-joint fused", "ttr-joint-fp8 fused")]  # the joint configurations' one bare
+    # joint-plan row each, no graph twin
     assert len(fused) == 4 * len(FUSED) + len(kernel_only)
     assert "ttr-joint fused" in by
     for v in fused:
