@@ -52,6 +52,7 @@ for step in "${@:-all}"; do
       python3 -m pytest -q -p no:cacheprovider --import-mode=importlib $XDIST --durations=8 tests/test_kernels_fused.py \
       tests/test_ttr_fused.py tests/test_ttr_fused_agreement.py tests/test_ttr_compile.py tests/test_distill_train.py \
       tests/test_distill_ttr.py tests/test_diffusers_compile.py tests/test_gpu_no_sync.py tests/test_ttr_fused_window.py tests/test_ttr_alpha_reference.py tests/test_bench_model.py tests/test_bench_variants.py \
+      tests/test_exact_fp8.py \
       2>&1 | tee "$OUT/tests.log" ;;&
     triton-overlay)
       [ -n "${OVERLAY_DIR:-}" ] || { echo "triton-overlay: set TRITON_OVERLAY to a bench/slim_triton.sh file"; exit 1; }
@@ -59,7 +60,7 @@ for step in "${@:-all}"; do
       $OV python3 -c "import triton; print('overlay triton', triton.__version__, triton.__file__)" | tee -a "$OUT/gpu.txt"
       $OV python3 -m pytest -q -p no:cacheprovider --import-mode=importlib $XDIST tests/test_kernels_fused.py \
         tests/test_ttr_fused.py tests/test_ttr_fused_agreement.py tests/test_gpu_no_sync.py tests/test_ttr_fused_window.py \
-        2>&1 | tail -n 15 | tee "$OUT/tests_triton_overlay.log"
+        tests/test_exact_fp8.py 2>&1 | tail -n 15 | tee "$OUT/tests_triton_overlay.log"
       BA=${OVERLAY_BENCH_ARGS:---sizes 1024,2048,4096 --dtypes bf16 --configs default,joint --only session,fused --no-graphs}
       for which in installed overlay; do
         R=""; [ $which = overlay ] && R=$OV
