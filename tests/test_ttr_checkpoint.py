@@ -163,3 +163,18 @@ def test_landmark_window_difference_is_a_warning(tmp_path: Path, caplog) -> None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("landmark settings differ" in m and "'window': (2, 0)" in m and "the config wins" in m
                for m in warnings), warnings
+
+
+def test_exact_branch_precision_is_no_difference_from_the_file(tmp_path: Path, caplog) -> None:
+    """Distilled in full precision (training always is), served with the exact branch in FP8: the layers were trained
+    against the same branch, so nothing is reported; another window still is."""
+    full = _session(plugins={"ttr": dict(TTR), "landmark": {"window": 2}})
+    full.backends.get("ttr").layer(LayerSpec("single:0", 2, 16))
+    path = tmp_path / "full.safetensors"
+    full.save(path)
+    with caplog.at_level(logging.WARNING, logger="attnplug"):
+        _session(plugins={"ttr": dict(TTR), "landmark": {"window": 2, "precision": "fp8"}}).load(path)
+    assert not [r for r in caplog.records if "landmark settings differ" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="attnplug"):
+        _session(plugins={"ttr": dict(TTR), "landmark": {"window": 1, "precision": "fp8"}}).load(path)
+    assert [r for r in caplog.records if "'window': (2, 1)" in r.getMessage()]

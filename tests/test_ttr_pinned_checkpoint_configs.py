@@ -25,6 +25,7 @@ WINDOW_CKPT = ROOT / "testbed" / "weights" / "ttr_window.safetensors"
 #: serves today's layer)
 SERVES_DEFAULT = sorted(p.name for p in CONFIGS.glob("*.toml") if p.name not in ("serve_single_window.toml",
                                                                                   "demo.toml", "serve_all_layers.toml",
+                                                                                  "serve_all_layers_fp8.toml",
                                                                                   "serve_exact.toml",
                                                                                   "serve_single_default_layer.toml"))
 
@@ -45,12 +46,15 @@ def test_configs_of_the_default_checkpoint_pin_its_layer(name: str):
     assert raw["plugins"]["landmark"] == {"fraction": 0.08, "min": 64, "window": 0}, name
 
 
-def test_the_all_layer_config_pins_todays_layer():
+@pytest.mark.parametrize("name, extra", [("serve_all_layers.toml", {}),
+                                         ("serve_all_layers_fp8.toml", {"precision": "fp8"})])
+def test_the_all_layer_configs_pin_todays_layer(name: str, extra: dict):
     """testbed/configs/serve_all_layers.toml serves a checkpoint of today's default layer (and the joint layer on the
-    double blocks): pinned in the file too, so that a later default does not change what it serves."""
-    raw = read_config_file(CONFIGS / "serve_all_layers.toml")
+    double blocks): pinned in the file too, so that a later default does not change what it serves; its FP8 twin
+    differs in the exact branch's precision alone."""
+    raw = read_config_file(CONFIGS / name)
     assert {k: raw["plugins"]["ttr"][k] for k in TTR_PREVIOUS} == TtrSettings().model_dump(include=set(TTR_PREVIOUS))
-    assert raw["plugins"]["landmark"] == LandmarkSettings().model_dump(include=set(LM_PREVIOUS))
+    assert raw["plugins"]["landmark"] == {**LandmarkSettings().model_dump(include=set(LM_PREVIOUS)), **extra}
     assert raw["plugins"]["ttr"]["joint_layers"] == ["double:*"] and set(raw["plugins"]["ttr"]["joint"]) == \
         {"combine", "log_scale"}
 
@@ -81,7 +85,8 @@ def test_committed_checkpoints_load_with_their_configs_without_any_difference(co
     is refused and no difference is logged (the config would win over the file's landmark settings)."""
     meta = _meta(checkpoint)
     cfg = load_config(CONFIGS / config)
-    saved_lm = {"window": 0, **meta["landmark"]}  # files older than the window do not record it
+    # files older than the window do not record it, nor the inference-only precision (their configs keep 'input')
+    saved_lm = {"window": 0, "precision": "input", **meta["landmark"]}
     assert {k: saved_lm[k] for k in LandmarkSettings.model_fields} == cfg.section("landmark").model_dump()
     with caplog.at_level(logging.INFO, logger="attnplug"):
         session = Session(CONFIGS / config)

@@ -234,11 +234,17 @@ def prepare_backend_state(backend: "TtrBackend", tensors: dict[str, torch.Tensor
     return StagedState(commit, frozenset(built))
 
 
+#: landmark settings that change how the exact branch is computed at inference, not what the layers were trained
+#: against (training computes the branch in fp32 whatever `precision` says): never a difference from the file
+_INFERENCE_ONLY = ("precision",)
+
+
 def _landmark_diffs(saved: Any, current: dict[str, Any] | None) -> dict[str, tuple[Any, Any]]:
     """`{field: (file's value, config's value)}` of the landmark settings recorded in a checkpoint."""
     if not isinstance(saved, dict) or current is None:
         return {}
-    diffs = {k: (saved.get(k), v) for k, v in current.items() if k in saved and saved.get(k) != v}
+    diffs = {k: (saved.get(k), v) for k, v in current.items()
+             if k in saved and saved.get(k) != v and k not in _INFERENCE_ONLY}
     if saved.get("window", 0) != current.get("window", 0):  # checkpoints older than the window lack the key
         diffs["window"] = (saved.get("window", 0), current.get("window", 0))
     return diffs
