@@ -45,6 +45,13 @@ def round_values(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return round_e4m3(v.float() / scale) * scale
 
 
+def round_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v as the exact softmax's e4m3 products read them, in fp32: q and k per row, v at `v_scale` (default:
+    `value_scale(v)`, for a `v` that holds every key)."""
+    return round_rows(q), round_rows(k), round_values(v, value_scale(v) if v_scale is None else v_scale)
+
+
 def rounded_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim whose probabilities are rounded as the kernels' P·V reads them: p = exp(s − max)
     rounded to e4m3 at 448, divided by the unrounded sum. A row with no finite logit gives zeros."""

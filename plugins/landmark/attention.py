@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ...core.exact_fp8 import round_rows, round_values, rounded_softmax
+from ...core.exact_fp8 import round_inputs, round_rows, round_values, rounded_softmax
 
 
 def gather_landmarks(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ def landmark_softmax(q: torch.Tensor, k_l: torch.Tensor, v_l: torch.Tensor, vali
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fp8 = v_scale is not None
     if fp8:
-        q, k_l, v_l = round_rows(q), round_rows(k_l), round_values(v_l, v_scale)
+        q, k_l, v_l = round_inputs(q, k_l, v_l, v_scale)
     kf = k_l.float()
     vf = v_l.float()
     bias = None
@@ -146,7 +146,7 @@ def landmark_window_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     scale = d ** -0.5 if scale is None else scale
     fp8 = v_scale is not None
     if fp8:
-        q, k_l, v_l = round_rows(q), round_rows(k_l), round_values(v_l, v_scale)
+        q, k_l, v_l = round_inputs(q, k_l, v_l, v_scale)
     kf_l = k_l.float()
     vf_l = v_l.float()
     n_l = kf_l.shape[2]

@@ -79,8 +79,9 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     if q.dim() == 4 and k.dim() == 4:
         check_window(window, grid, n_cond, q.shape[2], k.shape[2])
     reasons = fused_unsupported_reasons(q, k, v, phi_q, phi_k, key_mask, landmark_idx, window)
-    if exact_fp8 and fp8_unsupported_reason(q.device):
-        reasons.append(f"FP8: {fp8_unsupported_reason(q.device)}")
+    no_fp8 = fp8_unsupported_reason(q.device) if exact_fp8 else ""
+    if no_fp8:
+        reasons.append(f"FP8: {no_fp8}")
     if reasons:
         if strict:
             raise RuntimeError("ttr_forward_fused cannot serve this call: " + "; ".join(reasons))

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from ....core.exact_fp8 import round_rows, round_values, rounded_softmax, value_scale
+from ....core.exact_fp8 import round_inputs, rounded_softmax
 from ..kernel_regression import ACTIVATIONS, feature_map
 
 _ALIASES = {"elu1": "elu+1"}
@@ -128,9 +128,7 @@ def exact_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  exact_fp8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v in fp32 as the exact softmax's products read them: rounded to e4m3 with `exact_fp8` (per-token q and
     k scales, per-channel v scales over every key; core/exact_fp8.py), else as given."""
-    if not exact_fp8:
-        return q.float(), k.float(), v.float()
-    return round_rows(q), round_rows(k), round_values(v, value_scale(v))
+    return round_inputs(q, k, v) if exact_fp8 else (q.float(), k.float(), v.float())
 
 
 def landmark_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, landmark_idx: torch.Tensor,
