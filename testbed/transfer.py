@@ -7,7 +7,8 @@ normalised by the call's own mean (`alpha_reference = "call"`) and by the runnin
 (`"running"`: the mean of the size it was distilled at). Writes `DIR/transfer.json` and `DIR/transfer.md`;
 `--distil-on NAME` distils on that testbed only (one process per source side by side on one GPU);
 `--checkpoints NAME=PATH,...` evaluates existing checkpoints instead of distilling (NAME: the testbed each
-was distilled on); `--collect` merges the `transfer.json` of DIR's sub-folders into DIR.
+was distilled on), with `--config` serving the layers that config serves (e.g. every layer of
+`ttr_all_layers.safetensors` with `serve_all_layers.toml`); `--collect` merges the `transfer.json` of DIR's sub-folders into DIR.
 
 The testbeds share one layer family (heads and head size), so a checkpoint of one loads on another;
 `check_fits` refuses, in one line, a checkpoint whose layers another architecture built.
@@ -56,10 +57,10 @@ def check_fits(checkpoint: str | Path, cfg: TestbedConfig, testbed: str = "the t
 
 
 def serving(alpha_reference: str) -> dict[str, Any]:
-    """The config overlay of one transfer serving: the single blocks, α's d normalised by `alpha_reference`."""
+    """The config overlay of one transfer serving: α's d normalised by `alpha_reference`."""
     if alpha_reference not in ALPHA_REFERENCES:
         raise ValueError(f"alpha_reference must be one of {ALPHA_REFERENCES}, got {alpha_reference!r}")
-    return {**SERVE_SINGLE, "plugins": {"ttr": {"alpha_reference": alpha_reference}}}
+    return {"plugins": {"ttr": {"alpha_reference": alpha_reference}}}
 
 
 def distill(out: Path, testbed: str, device: str, plan: Any, seed: int) -> Path:
@@ -78,12 +79,13 @@ def distill(out: Path, testbed: str, device: str, plan: Any, seed: int) -> Path:
 def cross_evaluate(checkpoints: dict[str, Path], testbeds: list[str], *, n_prompts: int, steps: int, device: str,
                    seed: int, out: Path | None = None, config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every checkpoint (distilled on key) on every testbed, both α references; one exact pass per
-    (checkpoint, testbed). `config`: the serving config the overlays go on (default: the product default's, as
-    `distill` trained it). Rows are written to `out` as they finish when given."""
+    (checkpoint, testbed). `config`: the serving config the overlays go on, serving the layers its gates allow
+    (default: the product default's on the single blocks, as `distill` trained it). Rows are written to `out` as
+    they finish when given."""
     from .evaluate import evaluate, strip_images
     from .quality import PRODUCT_DEFAULT, base_config, merge
 
-    cfg = merge(config if config is not None else merge(base_config(), PRODUCT_DEFAULT), {"gates": []})
+    cfg = config if config is not None else merge(merge(base_config(), PRODUCT_DEFAULT), SERVE_SINGLE)
     rows: list[dict[str, Any]] = []
     for source, ckpt in checkpoints.items():
         for target in testbeds:

@@ -150,6 +150,20 @@ def test_transfer_serves_a_checkpoint_of_another_size(tiny, alpha):
     assert res["images"]["approx"].shape == (1, 1, 16, 16)
 
 
+def test_transfer_serves_the_layers_its_config_serves(tiny):
+    """With the all-layer checkpoint's own config, transfer serves every layer, joint blocks too (not only the
+    single blocks that `distill` trains), both α references."""
+    from attnplug.core.config import read_config_file
+    from attnplug.testbed.transfer import cross_evaluate
+
+    all_layers = ROOT / "testbed" / "weights" / "ttr_all_layers.safetensors"
+    config = read_config_file(ROOT / "testbed" / "configs" / "serve_all_layers.toml")
+    rows = cross_evaluate({"default": all_layers}, ["tiny"], n_prompts=1, steps=2, device="cpu", seed=0,
+                          config=config)
+    assert [r["alpha_reference"] for r in rows] == ["call", "running"]
+    assert all(len(r["layers_served"]) == 8 and r["served_on"] == "tiny" for r in rows)
+
+
 def test_step_cache_composes_with_ttr_and_counts_skipped_steps(tiny):
     pytest.importorskip("diffusers.hooks", reason="diffusers without hooks")
     from attnplug.testbed.evaluate import evaluate
