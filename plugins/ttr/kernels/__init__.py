@@ -7,7 +7,8 @@
 | `serve_plan` | `ServePlan`: weights cast, indices placed, launches described once; a call only launches |
 | `joint_plan` | `JointServePlan`: the joint layer's served call (far-field key pass, joint query pass, SDPA text rows) |
 | `cudnn_landmarks` | the landmark softmax by cuDNN before the landmark pass (when it pays; within memory) |
-| `launchers` | the two Triton launches with their arguments in the kernels' order |
+| `tma_landmarks` | the landmark softmax as a Triton kernel of its own, fed by TMA, warp-specialised where Triton can |
+| `launchers` | the Triton launches with their arguments in the kernels' order |
 | `triton_ttr` | the kernels (imported at the first launch) |
 | `fused` | `ttr_forward_fused`: one call for library use (a plan built and run), with the PyTorch fallback |
 | `reference` | the plain-PyTorch ground truth the kernels are tested against |

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from .tiles import KernelConfig, cdiv, output_like
+from .tma_landmarks import tma_unsupported_reason
 
 log = logging.getLogger("attnplug")
+_TMA_DECLINED: set[str] = set()  # reasons already warned
 
 #: landmark_impl "auto" takes cuDNN beyond this many query·landmark pairs. Its per-head-group launches (~100
 #: host operations per call at 2048²) make it host-bound below: on an H200 the default layer at 2048² (3.1e7
@@ -35,20 +37,31 @@ def lse_ok(q: torch.Tensor) -> bool:
 
 
 def choose_landmark_impl(requested: str, q: torch.Tensor, n_landmarks: int, window: int) -> str:
-    """'fused' (the landmark pass's own online softmax) or 'sdpa' (cuDNN first) for `requested` ('auto', 'fused'
-    or 'sdpa'): 'auto' takes cuDNN on CUDA beyond `SDPA_MIN_PAIRS` query·landmark pairs; a window continues from
-    cuDNN's log-sum-exp, which only cuDNN in bf16/fp16 gives (elsewhere, and without landmarks: 'fused')."""
-    if requested not in ("auto", "fused", "sdpa"):
-        raise ValueError(f"landmark_impl: expected 'auto', 'fused' or 'sdpa', got {requested!r}")
+    """'fused' (the landmark pass's own online softmax), 'sdpa' (cuDNN first) or 'tma' (the TMA-fed Triton kernel
+    first, kernels/tma_landmarks.py) for `requested` ('auto', 'fused', 'sdpa' or 'tma'): 'auto' takes cuDNN on CUDA
+    beyond `SDPA_MIN_PAIRS` query·landmark pairs; a window continues from cuDNN's log-sum-exp, which only cuDNN in
+    bf16/fp16 gives (elsewhere, and without landmarks: 'fused'); 'tma' where `tma_unsupported_reason` declines q
+    is 'fused', warned once per reason."""
+    if requested not in ("auto", "fused", "sdpa", "tma"):
+        raise ValueError(f"landmark_impl: expected 'auto', 'fused', 'sdpa' or 'tma', got {requested!r}")
+    if n_landmarks == 0:
+        return "fused"  # nothing to attend to first (a window alone runs in the landmark pass)
+    if requested == "tma":
+        reason = tma_unsupported_reason(q)
+        if reason is None:
+            return "tma"
+        if reason not in _TMA_DECLINED:
+            _TMA_DECLINED.add(reason)
+            log.warning("attnplug: ttr kernels: the TMA-fed landmark softmax cannot serve this call (%s); the "
+                        "landmark pass's own softmax does", reason)
+        return "fused"
     impl = requested
     if impl == "auto":
         # measured on an H200 (docs/PERFORMANCE.md): the in-kernel softmax wins at ~840 landmarks x 4.6k queries,
         # cuDNN from ~1.8k x 66k on (one call over all heads there, within sdpa_memory_fraction)
         impl = "sdpa" if q.device.type == "cuda" and q.shape[2] * n_landmarks > SDPA_MIN_PAIRS else "fused"
-    if window > 0 and (n_landmarks == 0 or not lse_ok(q)):
+    if window > 0 and not lse_ok(q):
         impl = "fused"
-    if n_landmarks == 0:
-        impl = "fused"  # nothing for cuDNN to attend to (a window alone runs in the landmark pass)
     return impl
 
 

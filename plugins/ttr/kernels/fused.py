@@ -53,14 +53,16 @@ def ttr_forward_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
     `landmark_impl` ("fused": online softmax inside the query kernel; "sdpa": torch SDPA (cuDNN) on
     the gathered landmarks — in one call over all heads whose result becomes the output where their K/V copies
     fit `sdpa_memory_fraction`, else per head group and row chunk (`sdpa_chunks`) written into the output —
-    read back by the landmark pass; "auto": "sdpa" on CUDA beyond 1e8 query·landmark pairs, else
+    read back by the landmark pass; "tma": a Triton kernel of its own before the landmark pass, over the landmark
+    rows the key pass writes contiguous, fed by TMA and warp-specialised where Triton can (kernels/tma_landmarks.py;
+    opt-in, not timed yet); "auto": "sdpa" on CUDA beyond 1e8 query·landmark pairs, else
     "fused"; both keep peak memory within SDPA's + 10 %, "sdpa" is faster at 4096²), `config` (tile
     sizes, SDPA chunking) and `strict` (raise instead of falling back). `window = r > 0` adds the landmark
     plugin's local window to the landmark branch
     (image queries also attend to the non-landmark image keys within Chebyshev radius r on the latent
     `grid` = (h, w), which holds the Nk − `n_cond` image tokens row-major after the `n_cond` conditioning
-    tokens; queries must be the whole sequence; ValueError otherwise): with "sdpa" cuDNN also returns each
-    row's log-sum-exp and the landmark pass continues that softmax over the window (bf16/fp16 on CUDA; other
+    tokens; queries must be the whole sequence; ValueError otherwise): with "sdpa" cuDNN (with "tma" the kernel)
+    also returns each row's log-sum-exp and the landmark pass continues that softmax over the window (bf16/fp16 on CUDA; other
     dtypes, and a window without landmarks, take "fused"); the landmark branch runs even without landmarks
     (conditioning queries then get out_l = 0, as the reference); a key mask falls back. Adaptive α runs two passes:
     pass 1 writes out_l into the output and d = 1 − cos(out_k, out_l); pass 2 recomputes the cheap kernel

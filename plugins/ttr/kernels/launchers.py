@@ -1,4 +1,5 @@
-"""The two Triton launches of a fused ttr call, their arguments in the kernels' order.
+"""The Triton launches of a fused ttr call (key pass, query passes, the TMA-fed landmark softmax), their arguments in
+the kernels' order.
 
 Everything that does not change from call to call (grids, scalars, compile-time arguments, cast weights) comes
 precomputed from a `serve_plan.ServePlan`; a launch reads only the tensors' pointers and strides. triton is
@@ -103,3 +104,13 @@ def query_pass(launch: QueryLaunch, q: "torch.Tensor", x: "torch.Tensor", s_q: "
         kl.stride(0), kl.stride(1), kl.stride(2), vl.stride(0), vl.stride(1), vl.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *phi.head_strides, launch.logit_h, 0 if pk is None else pk.stride(0), **launch.consts)
+
+
+def landmark_softmax_pass(grid: tuple[int, int], q: "torch.Tensor", kc: "torch.Tensor", vc: "torch.Tensor",
+                          out: "torch.Tensor", lse: "torch.Tensor | None", heads: int, qk_scale: float,
+                          consts: dict[str, Any]) -> None:
+    """out_l over the contiguous landmark rows `kc`, `vc` (`[B·H, L, D]`) into `out`, with `lse` (`[B, H, N]` fp32,
+    contiguous) each row's log-sum-exp (`triton_ttr._landmark_softmax_kernel`, kernels/tma_landmarks.py)."""
+    _kernels()._landmark_softmax_kernel[grid](
+        q, kc, vc, out, out if lse is None else lse, q.shape[2], kc.shape[1], heads,
+        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2), qk_scale, **consts)

@@ -4,7 +4,7 @@ A plan is built from the layer's feature maps, its blend (α logit, α_max, γ, 
 call's dtype, device and shapes and the landmark / window settings: the weights cast to the kernels' dtypes, the
 landmark indices and per-key landmark flags, the landmark-softmax path, each launch's grid, scalars and
 compile-time arguments. A call then allocates its buffers and launches — the key pass (S, z), S scaled and cast
-for the query passes, cuDNN's landmark softmax where chosen, one query pass (two for adaptive α against the call's
+for the query passes, cuDNN's or the TMA-fed kernel's landmark softmax where chosen, one query pass (two for adaptive α against the call's
 own mean of d) — with no host↔device copy and no device sync. The ttr backend caches plans on each layer and
 builds new ones when its weights change; `fused.ttr_forward_fused` builds one per call.
 
@@ -13,6 +13,7 @@ in the kernels' dtype is used as is, so in-place changes to it are seen; casts a
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,9 @@ from .cudnn_landmarks import choose_landmark_impl, sdpa_landmarks
 from .reference import PhiWeights
 from .tiles import (DEFAULT_CONFIG, KernelConfig, block_k, cdiv, direct_rows, hidden_chunk, num_sms, output_like,
                     patch_width, query_hidden_chunk, window_block)
+from .tma_landmarks import tma_landmarks, tma_rows_ok
+
+log = logging.getLogger("attnplug")
 
 _ACT = {"elu+1": 0, "relu": 1, "hedgehog": 0}
 
@@ -170,12 +174,15 @@ class ServePlan:
             self.landmark_impl = "fused"
         self.n_vm = self.n_sz
         self.n_sz += bsz * heads * d if self.fp8 else 0
-        # where the kernels' own softmax reads them, the key pass writes those rows as it reads every key (each key's
-        # row there: `lm_slot`, −1 for none)
+        # the landmark rows the key pass writes contiguous as it reads every key (each key's row there: `lm_slot`, −1
+        # for none): every landmark for the TMA-fed softmax, those after the directly loaded ones for the kernels' own
+        # softmax with lm_direct 2
+        self.row_idx = self.idx if self.landmark_impl == "tma" else (
+            self.idx_rest if self.landmark_impl != "sdpa" else None)
         self.lm_slot: torch.Tensor | None = None
-        if self.idx_rest is not None and self.idx_rest.numel() and self.landmark_impl != "sdpa":
+        if self.row_idx is not None and self.row_idx.numel():
             self.lm_slot = torch.full((nk,), -1, dtype=torch.int32, device=dev)
-            self.lm_slot[self.idx_rest] = torch.arange(self.idx_rest.numel(), dtype=torch.int32, device=dev)
+            self.lm_slot[self.row_idx] = torch.arange(self.row_idx.numel(), dtype=torch.int32, device=dev)
         self.key = self._key_launch(cfg, bsz, heads, nk, d)
 
         logit = on_device(alpha_logit, dev).reshape(-1).contiguous()
@@ -311,7 +318,8 @@ class ServePlan:
         if self.lm_slot is None or k.stride(-1) != 1:
             return None
         bsz, heads, _, _, d = self.shape
-        rows = (bsz * heads, self.n_lm - self.n_direct, d)
+        assert self.row_idx is not None
+        rows = (bsz * heads, self.row_idx.numel(), d)
         return launchers.LandmarkRows(k, self.lm_slot, k.new_empty(rows), k.new_empty(rows))
 
     # ---- the pieces of a call (also run by `joint_plan.JointServePlan` and `parallel_fused.ShardedPlan`) -------
@@ -339,7 +347,9 @@ class ServePlan:
             raise ValueError("ServePlan: an FP8 plan's query passes need the key pass's value_max")
         with torch.no_grad():
             q, x, kl, vl = self.query_inputs(q, k, v)
-            out, lse, lm_src = self.landmark_output(q, kl, vl)
+            out, lse, lm_src = self.landmark_output(q, kl, vl, landmark_rows)
+            if self.row_idx is not self.idx_rest:
+                landmark_rows = None  # every landmark's rows (the TMA-fed softmax's): not what LM_DIRECT 2 reads
             d_buf, d_sum = self.dummy, self.d_ref
             if self.modes == (2, 3):
                 bsz, heads, nq = self.shape[:3]
@@ -372,15 +382,36 @@ class ServePlan:
             kl, vl = kl.contiguous(), vl.contiguous()
         return q, x, kl, vl
 
-    def landmark_output(self, q: torch.Tensor, k: torch.Tensor,
-                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """`(out, lse, lm_src)`: cuDNN's landmark softmax (with `landmark_lse` also its log-sum-exp, from which the
-        landmark pass goes on) in the buffer that becomes the output, `lm_src` 1; else a fresh output, `lm_src` 0."""
+    def landmark_output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        landmark_rows: launchers.LandmarkRows | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """`(out, lse, lm_src)`: cuDNN's or the TMA-fed kernel's landmark softmax (with `landmark_lse` also its
+        log-sum-exp, from which the landmark pass goes on) in the buffer that becomes the output, `lm_src` 1; else a
+        fresh output, `lm_src` 0. `landmark_rows`: every landmark's rows as this call's key pass wrote them (the
+        TMA-fed kernel reads them; without them they are copied)."""
         res = None
         if self.use_branch and self.landmark_impl == "sdpa":
             res = sdpa_landmarks(q, k, v, self.idx, self.config, self.landmark_lse)
             if res is None:  # no log-sum-exp on this torch: the in-kernel softmax from now on
                 self.landmark_impl = "fused"
+        elif self.use_branch and self.landmark_impl == "tma" and tma_rows_ok(q):
+            res = self._tma_output(q, k, v, landmark_rows)
         if res is None:
             return output_like(q, self.shape[4]), self.dummy, 0
         return res[0], self.dummy if res[1] is None else res[1], 1
+
+    def _tma_output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    landmark_rows: launchers.LandmarkRows | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The TMA-fed landmark softmax's `(out, lse)`, or None where its kernel failed (compiler or launch: warned
+        once, the in-kernel softmax from now on)."""
+        if landmark_rows is not None:
+            kc, vc = landmark_rows.kc, landmark_rows.vc
+        else:  # keys the key pass cannot write rows from (not contiguous in D): one copy
+            bsz, heads, _, _, d = self.shape
+            kc, vc = (t.index_select(2, self.idx).reshape(bsz * heads, self.n_lm, d) for t in (k, v))
+        try:
+            return tma_landmarks(q, kc, vc, self.landmark_lse, self.config)
+        except Exception as exc:  # noqa: BLE001 - e.g. a Triton that cannot compile it: the in-kernel softmax serves
+            self.landmark_impl = "fused"
+            log.warning("attnplug: ttr kernels: the TMA-fed landmark softmax failed (%s: %s); this layer's landmark "
+                        "pass computes it from now on", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return None

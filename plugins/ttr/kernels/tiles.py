@@ -17,7 +17,7 @@ class KernelConfig:
     sweep: `python -m attnplug.bench.tune`).
 
     Key pass: `kv_*`. Query passes: the landmark pass (fixed-α hybrid, adaptive pass 1 or one pass) tiles with `lm_*`
-    (rows and warps from `sdpa_lm_*` when cuDNN gave the landmark softmax), the others (kernel-only,
+    (rows and warps from `sdpa_lm_*` when cuDNN or the TMA-fed kernel, `tma_*`, gave the landmark softmax), the others (kernel-only,
     adaptive pass 2) with `q_*`; φ(q) is chunked by `lm_hidden_chunk` / `q_hidden_chunk`. A hidden chunk of 0,
     or one that is not a power of two ≥ 16 dividing the hidden width, computes a 2-layer φ's hidden tile at
     once. Defaults: sweeps of `bench.tune` on an H200 at 1024², 2048² and 4096² (docs/PERFORMANCE.md), each
@@ -69,6 +69,13 @@ class KernelConfig:
     joint_warps: int = 4
     joint_lm_block: int = 64
     joint_window_block: int = 32
+    # landmark_impl="tma": the landmark softmax as its own kernel (kernels/tma_landmarks.py) — query rows per tile,
+    # landmarks per tile, warps asked (Triton ≥ 3.9 makes 4 into a producer and two consumer warp groups on sm_90:
+    # 168 registers, no spills, offline) and pipelining stages; the landmark pass then takes the sdpa_lm_* tiles
+    tma_block_m: int = 128
+    tma_block: int = 64
+    tma_warps: int = 4
+    tma_stages: int = 2
     block_k: int = 64  # first in-kernel φ layer, every pass: input columns per step
     # landmark_impl="sdpa": out_l comes from cuDNN in one call over all heads, whose result is the output, where
     # all heads' landmark K/V copies fit within this fraction of the output's bytes (the memory target: SDPA's

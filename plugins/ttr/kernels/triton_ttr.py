@@ -1,6 +1,6 @@
 """Triton kernels of the ttr layer (inference only). Imported lazily: `import attnplug` never imports triton.
 
-Two launches carry the layer:
+Two launches carry the layer, a third can go before the query pass:
 - `_kv_state_kernel`: per (batch·head, key chunk), computes φ(k) in-kernel (up to two layers:
   the first K-looped from global memory, the second from registers), the activation, the L2
   norm and the key mask, and accumulates `S = Σ φ(k) vᵀ` and `z = Σ φ(k)` in fp32 over key
@@ -30,6 +30,9 @@ Two launches carry the layer:
   (`_window_softmax`). WIN = 0 compiles to the landmark-only kernel.
   (Computing out_l before out_k was tried: ptxas spilled more — out_l then lives across φ(q), while
   out_k is only saved and reloaded around the landmark loop.)
+- `_landmark_softmax_kernel` (`landmark_impl = "tma"`): the landmark softmax alone, per (query tile, batch·head),
+  over the landmark rows the key pass wrote contiguous, through tensor descriptors, warp-specialised where the
+  compiler can; it writes out_l into `out` and the log-sum-exp, which the landmark pass reads as it reads cuDNN's.
 """
 from __future__ import annotations
 
@@ -610,3 +613,45 @@ def _query_kernel(q_ptr, x_ptr, s_ptr, z_ptr, kl_ptr, vl_ptr, idx_ptr, lmf_ptr, 
         if GUARD:
             res = _finite_rows(res, ol, row_ok, flag_ptr, out_dtype)
         tl.store(o_ptrs, res.to(out_dtype), mask=row_ok[:, None])
+
+
+@triton.jit
+def _landmark_softmax_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, N, L, H, sqb, sqh, sqn, sob, soh, son, qk_scale,
+                             D: tl.constexpr, BM: tl.constexpr, BL: tl.constexpr, WS: tl.constexpr,
+                             LSE: tl.constexpr):
+    """out_l = softmax(q kᵀ / √D) v over the landmarks, per (query tile, batch·head), for the landmark pass to go
+    on from (`landmark_impl = "tma"`, kernels/tma_landmarks.py): q rows and the contiguous landmark rows `[B·H, L,
+    D]` (written by the key pass) come through tensor descriptors (TMA on Hopper), and the landmark loop is
+    warp-specialised where WS (Triton ≥ 3.9 on sm_90 makes a producer warp group feeding two consumer groups of
+    the 4 warps asked for). Scores past L are masked in the loop: the descriptor fills those rows with zeros, and
+    a partial tile handled after the loop stops Triton from specialising it. With LSE each row's log-sum-exp
+    (natural log, fp32 `[B·H, N]`)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_desc = tl.make_tensor_descriptor(q_ptr + b * sqb + h * sqh, shape=[N, D], strides=[sqn, 1], block_shape=[BM, D])
+    k_desc = tl.make_tensor_descriptor(k_ptr + pid_bh * L * D, shape=[L, D], strides=[D, 1], block_shape=[BL, D])
+    v_desc = tl.make_tensor_descriptor(v_ptr + pid_bh * L * D, shape=[L, D], strides=[D, 1], block_shape=[BL, D])
+    q = q_desc.load([pid_m * BM, 0])
+    m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BM,), dtype=tl.float32)
+    acc = tl.zeros((BM, D), dtype=tl.float32)
+    for l0 in tl.range(0, L, BL, warp_specialize=WS):
+        kt = k_desc.load([l0, 0])
+        vt = v_desc.load([l0, 0])
+        s = tl.dot(q, tl.trans(kt)) * qk_scale
+        s = tl.where((l0 + tl.arange(0, BL) < L)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        a = tl.math.exp2(m_i - m_new)
+        l_i = l_i * a + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(vt.dtype), vt, acc * a[:, None])
+        m_i = m_new
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < N
+    tl.store(out_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
+             (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if LSE:
+        tl.store(lse_ptr + pid_bh * N + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=row_ok)
