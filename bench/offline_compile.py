@@ -51,7 +51,8 @@ def recorded_launches(sms: int = 132) -> Iterator[list[Launch]]:
             return launch
 
     fake = types.SimpleNamespace(_query_kernel=_Recorder("_query_kernel"),
-                                 _kv_state_kernel=_Recorder("_kv_state_kernel"))
+                                 _kv_state_kernel=_Recorder("_kv_state_kernel"),
+                                 _landmark_softmax_kernel=_Recorder("_landmark_softmax_kernel"))
     saved = (launchers._kernels, serve_plan_module.num_sms, default_layer_module.fused_unsupported_reasons)
     launchers._kernels = lambda: fake  # type: ignore[assignment]
     serve_plan_module.num_sms = lambda device: sms  # type: ignore[assignment]
@@ -79,12 +80,15 @@ def resources(launch: Launch, capability: int = 90) -> tuple[int, int]:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from ..plugins.ttr.kernels import triton_ttr
+    from ..plugins.ttr.kernels import tma_landmarks, triton_ttr
 
     name, args, consts = launch
     consts = dict(consts)
     if consts.get("FP8") == 2:  # a CPU plan's e4m3 for the interpreter: the GPU's tensor-core e4m3 instead
         consts["FP8"] = 1
+    if name == "_landmark_softmax_kernel":  # a CPU plan never asks for warp specialisation; the GPU's would
+        consts["WS"] = int(capability >= 90 and tma_landmarks._version(triton.__version__)
+                           >= tma_landmarks.WARP_SPECIALIZE_SINCE)
     options = {"num_warps": consts.pop("num_warps"), "num_stages": consts.pop("num_stages")}
     fn = getattr(triton_ttr, name)
     if not isinstance(fn, triton.runtime.JITFunction):
@@ -105,13 +109,15 @@ def resources(launch: Launch, capability: int = 90) -> tuple[int, int]:
     return int(regs.group(1)), int(stack.group(1))
 
 
-def layer_launches(size: str, layer: str, config: KernelConfig, fp8: bool = False) -> list[Launch]:
-    """The launches of the default layer's first call at `size` ('hybrid' or 'joint', in-kernel landmarks) under
-    `config` (`fp8`: the exact branch in e4m3, as on a GPU): its key pass, then its query passes."""
+def layer_launches(size: str, layer: str, config: KernelConfig, fp8: bool = False,
+                   landmark_impl: str = "fused") -> list[Launch]:
+    """The launches of the default layer's first call at `size` ('hybrid' or 'joint') with its landmark softmax
+    through `landmark_impl` ('fused': in the landmark pass; 'tma': the TMA-fed kernel first) under `config`
+    (`fp8`: the exact branch in e4m3, as on a GPU): its key pass, then the landmark kernel, then its query passes."""
     landmark = LandmarkSettings(precision="fp8") if fp8 else None
     inputs = default_layer_module.default_layer(size, torch.device("cpu"), landmark=landmark)
     with recorded_launches() as launches:
-        call = inputs.joint(config, "fused") if layer == "joint" else inputs.fused(config, "fused")
+        call = inputs.joint(config, landmark_impl) if layer == "joint" else inputs.fused(config, landmark_impl)
         call()
     return launches
 
@@ -125,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capability", type=int, default=90, help="the GPU's compute capability ×10 (90: Hopper)")
     p.add_argument("--fp8", action="store_true", help="the exact branch in e4m3 ([plugins.landmark] precision = "
                                                       "'fp8')")
+    p.add_argument("--landmark-impl", default="fused", choices=("fused", "tma"),
+                   help="the landmark softmax in the landmark pass, or the TMA-fed kernel before it")
     a = p.parse_args(argv)
     layers = [x.strip() for x in a.layers.split(",") if x.strip()]
     if not layers or set(layers) - {"hybrid", "joint"}:
@@ -137,13 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     for size in a.sizes.split(","):
         for overrides, cfg in zip(configs, kernel_configs):
             for layer in layers:
-                for launch in layer_launches(size, layer, cfg, a.fp8):
+                for launch in layer_launches(size, layer, cfg, a.fp8, a.landmark_impl):
                     c = launch[2]
                     regs, stack = resources(launch, a.capability)
-                    what = (f"key pass BN={c['BN']} warps={c['num_warps']} HC={c['HC']} STORE_PK={c['STORE_PK']} "
-                            f"STORE_LM={c['STORE_LM']}" if launch[0] == "_kv_state_kernel" else
-                            f"MODE={c['MODE']} BM={c['BM']} warps={c['num_warps']} WIN={c['WIN']} BLW={c['BLW']} "
-                            f"HC={c['HC']} FP8={min(c['FP8'], 1)}")
+                    if launch[0] == "_kv_state_kernel":
+                        what = (f"key pass BN={c['BN']} warps={c['num_warps']} HC={c['HC']} "
+                                f"STORE_PK={c['STORE_PK']} STORE_LM={c['STORE_LM']}")
+                    elif launch[0] == "_landmark_softmax_kernel":
+                        what = f"landmark softmax BM={c['BM']} BL={c['BL']} warps={c['num_warps']}"
+                    else:
+                        what = (f"MODE={c['MODE']} BM={c['BM']} warps={c['num_warps']} WIN={c['WIN']} "
+                                f"BLW={c['BLW']} HC={c['HC']} FP8={min(c['FP8'], 1)}")
                     print(f"{size} {layer} {json.dumps(overrides)} {what}: {regs} registers, {stack} B stack",
                           flush=True)
     return 0

@@ -40,7 +40,8 @@ def kernel_times_us(fn, calls: int) -> dict[str, float]:
 def layer_runs(layer: LayerInputs, hidden_chunks: list[int | None], breakdown: bool = False,
                joint: bool = False) -> dict[str, Callable[[], object]]:
     """cuDNN SDPA and the default ttr layer per hidden chunk (None: `KernelConfig`'s own defaults, else that
-    chunk for every φ pass — key, landmark and the other query passes): in-kernel landmarks, cuDNN landmarks, kernel-only (`breakdown`: also both landmark
+    chunk for every φ pass — key, landmark and the other query passes): in-kernel landmarks, cuDNN landmarks, the TMA-fed
+    landmark kernel, kernel-only (`breakdown`: also both landmark
     paths without the window, whose difference is the window's cost; `joint`: the joint layer with either landmark path)."""
     runs: dict[str, Callable[[], object]] = {
         "sdpa cudnn": lambda: F.scaled_dot_product_attention(layer.q, layer.k, layer.v)}
@@ -50,6 +51,7 @@ def layer_runs(layer: LayerInputs, hidden_chunks: list[int | None], breakdown: b
         tag = "default tiles" if hc is None else f"hc={hc}"
         runs[f"ttr fused-lm {tag}"] = layer.fused(cfg, "fused")
         runs[f"ttr sdpa-lm {tag}"] = layer.fused(cfg, "sdpa")
+        runs[f"ttr tma-lm {tag}"] = layer.fused(cfg, "tma")
         runs[f"ttr kernel-only {tag}"] = layer.fused(cfg, None)
         if breakdown and layer.window:
             runs[f"ttr fused-lm no-window {tag}"] = layer.fused(cfg, "fused", window=False)
@@ -57,6 +59,7 @@ def layer_runs(layer: LayerInputs, hidden_chunks: list[int | None], breakdown: b
         if joint:
             runs[f"ttr joint fused-lm {tag}"] = layer.joint(cfg, "fused")
             runs[f"ttr joint sdpa-lm {tag}"] = layer.joint(cfg, "sdpa")
+            runs[f"ttr joint tma-lm {tag}"] = layer.joint(cfg, "tma")
     return runs
 
 

@@ -16,6 +16,9 @@ product's default layer (`bench.default_layer`: φ, landmarks and window from th
   whose softmax it continues over the window — the path `auto` takes at 4096² — over sdpa_lm_block_m ×
   sdpa_lm_warps × sdpa_lm_window_block and the shared lm_* fields; its best overrides landmark's shared fields in the
   combined config;
+- landmark-tma (only when named in `--parts`): the whole call with the TMA-fed landmark softmax
+  (landmark_impl="tma", kernels/tma_landmarks.py) over tma_block_m × tma_block × tma_warps × tma_stages; the
+  landmark pass after it takes the sdpa_lm_* tiles; the whole rows then also time "tma";
 - joint, joint-sdpa (only when named in `--parts`): the joint layer's whole call (`LayerInputs.joint`: a double
   block's, text rows exact, far field image↔image) with in-kernel or cuDNN landmarks, over the joint query pass's
   joint_block_m × joint_warps × lm_stages × joint_window_block × lm_hidden_chunk (and joint_lm_block for
@@ -70,6 +73,10 @@ GRIDS: dict[str, tuple[Grid, Grid]] = {
                        "lm_hidden_chunk": [0, 64, 128]},
                       {"sdpa_lm_block_m": [64, 128], "sdpa_lm_warps": [4, 8], "sdpa_lm_window_block": [16, 32],
                        "lm_hidden_chunk": [64, 128]}),
+    # the TMA-fed landmark softmax (landmark_impl "tma"): its own tiles, then the landmark pass as after cuDNN's
+    "landmark-tma": ({"tma_block_m": [64, 128], "tma_block": [32, 64, 128], "tma_warps": [4, 8],
+                      "tma_stages": [2, 3, 4]},
+                     {"tma_block_m": [64, 128], "tma_block": [64, 128], "tma_stages": [2, 3]}),
     # the joint layer's query pass (mode 5): φ(q) and the window's far-field terms live beside the softmax state
     "joint": ({"joint_block_m": [32, 64, 128], "joint_warps": [4, 8], "lm_stages": [1, 2, 3],
                "joint_lm_block": [32, 64, 128], "joint_window_block": [32, 64, 128], "lm_hidden_chunk": [0, 64, 128]},
@@ -146,7 +153,7 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
         return key_plans[cfg].key_state(layer.k, layer.v)
 
     calls = {"key": key_call, "query": whole_call(None),
-             "landmark": whole_call("fused"), "landmark-sdpa": whole_call("sdpa"),
+             "landmark": whole_call("fused"), "landmark-sdpa": whole_call("sdpa"), "landmark-tma": whole_call("tma"),
              "joint": whole_call("fused", joint=True), "joint-sdpa": whole_call("sdpa", joint=True)}
     print(f"# {layer.description}; 'query' and 'landmark' time the whole call "
           "(key pass at default tiles; 'landmark' also adaptive pass 2 if α's d is against the call mean)",
@@ -168,7 +175,7 @@ def tune_size(size: str, quick: bool, dev: torch.device, parts: list[str] | None
             continue
         tag = " joint" if joint else ""
         summary.append(f"COMBINED {size}{tag}: {config_text(combined[joint])}")
-        for impl in ("fused", "sdpa"):
+        for impl in ("fused", "sdpa") + (("tma",) if "landmark-tma" in swept else ()):
             for name, overrides in (("default", {}), ("combined", combined[joint])):
                 one_point = {f: [x] for f, x in overrides.items()}
                 rows = sweep(f"{size} whole{tag} {impl}-lm {name}", whole_call(impl, joint), one_point, dev)

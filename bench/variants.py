@@ -443,7 +443,17 @@ def _session_maker(tset: dict[str, Any], lset: dict[str, Any], reference: Any, c
     return make
 
 
-def _joint_fused_maker(backend: Any, lm_backend: Any, call: Any, win: int, s: Shape) -> Callable:
+def _require_tma(plan: Any, first_call: Callable[[], Any]) -> None:
+    """Run a plan built with landmark_impl 'tma' once and raise where it did not keep it (declined the call, or its
+    kernel failed: the row would time the in-kernel softmax under the TMA row's name)."""
+    if plan.landmark_impl == "tma":
+        first_call()
+    if plan.landmark_impl != "tma":
+        raise RuntimeError("the TMA-fed landmark softmax does not serve this call here (the log says why)")
+
+
+def _joint_fused_maker(backend: Any, lm_backend: Any, call: Any, win: int, s: Shape,
+                       landmark_impl: str = "auto") -> Callable:
     """The joint layer's bare kernels: a `JointServePlan` built once (the landmark backend's exact set and window,
     as the served layer builds it), timed alone."""
     def make(q, k, v):
@@ -461,7 +471,10 @@ def _joint_fused_maker(backend: Any, lm_backend: Any, call: Any, win: int, s: Sh
                 raise RuntimeError("the fused path cannot serve this call: " + "; ".join(reasons))
             plan = JointServePlan(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                                   log_scale_q=layer.log_scale_q.detach(), eps=st.eps, window=window, grid=grid,
-                                  n_cond=s.txt, landmark_prefix=call.cond_in(k.shape[2]))
+                                  n_cond=s.txt, landmark_prefix=call.cond_in(k.shape[2]),
+                                  landmark_impl=landmark_impl)
+        if landmark_impl == "tma":
+            _require_tma(plan, lambda: plan(q, k, v))
         return lambda: plan(q, k, v)
     return make
 
@@ -518,6 +531,9 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
         if is_joint(tset):
             res.append(Variant(f"ttr-{cfg} fused", "ttr", _joint_fused_maker(backend, lm_backend, call, win, s), cost,
                                None, check_against=torch_name, notes=notes))
+            res.append(Variant(f"ttr-{cfg} fused tma-lm", "ttr",
+                               _joint_fused_maker(backend, lm_backend, call, win, s, "tma"), cost, None,
+                               check_against=torch_name, notes=notes))
             if graphs:
                 res.append(graph_variant(served[0], device))
             continue
@@ -548,6 +564,8 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
                                      landmark_impl=lm_impl or "auto", d_reference=layer.running_reference(),
                                      landmark_prefix=call.cond_in(k.shape[2]), **wkw)
                 flag = torch.zeros(1, dtype=torch.int32, device=q.device) if guarded else None
+                if lm_impl == "tma":
+                    _require_tma(plan, lambda: plan(q, k, v))
                 return lambda: plan(q, k, v, finite_flag=flag)
             return make
 
@@ -558,6 +576,8 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
                  Variant(f"ttr-{cfg} fused flash-lm", "ttr", fused_maker("fused"), cost, None,
                          check_against=torch_name, notes=notes),
                  Variant(f"ttr-{cfg} fused sdpa-lm", "ttr", fused_maker("sdpa"), cost, None,
+                         check_against=torch_name, notes=notes),
+                 Variant(f"ttr-{cfg} fused tma-lm", "ttr", fused_maker("tma"), cost, None,
                          check_against=torch_name, notes=notes)]
         st = backend.settings
         phi_key = (st.depth, st.hidden_for(s.d) if st.depth > 1 else 0, st.feature_dim, st.activation, st.l2_norm,

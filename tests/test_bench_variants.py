@@ -130,10 +130,10 @@ def test_kernel_only_once_per_feature_map_and_graph_twins():
     vs = build_variants(s, torch.float32, torch.device("cpu"))
     by = {v.name: v for v in vs}
     fused = [v for v in vs if v.family == "ttr" and " fused" in v.name and v.graph_of is None
-             and v.name not in ("ttr-joint fused", "ttr-joint-fp8 fused")]  # the joint configurations' one bare
-    # joint-plan row each, no graph twin
-    assert len(fused) == 4 * len(FUSED) + len(kernel_only)
-    assert "ttr-joint fused" in by
+             and not v.name.startswith("ttr-joint")]  # the joint configurations' bare joint-plan rows (in-kernel
+    # and TMA-fed landmarks): no graph twin
+    assert len(fused) == 5 * len(FUSED) + len(kernel_only)  # auto, guarded, flash-lm, sdpa-lm, tma-lm
+    assert "ttr-joint fused" in by and "ttr-joint fused tma-lm" in by
     for v in fused:
         g = by[f"{v.name} graph"]
         assert g.graph_of == v.name and g.check_against == v.name and g.cost == v.cost
@@ -175,8 +175,8 @@ def test_every_config_runs_torch_path_and_graphs_skip_on_cpu(tmp_path):
         r = rows[f"ttr-{cfg} torch"]
         assert r["skipped"] is None and r["ms"] > 0 and r["floor_ms"] > 0, r
     graph = [r for r in rows.values() if r["cuda_graph"]]
-    # sdpa; per config the session row, and 4 fused where it has fused kernels; kernel-only (5 feature maps)
-    assert len(graph) == 1 + len(TTR_CONFIGS) + 4 * len(FUSED) + 5
+    # sdpa; per config the session row, and 5 fused where it has fused kernels; kernel-only (5 feature maps)
+    assert len(graph) == 1 + len(TTR_CONFIGS) + 5 * len(FUSED) + 5
     assert all(r["skipped"].startswith("CUDA graphs need a CUDA device") for r in graph)
 
 
@@ -288,7 +288,7 @@ def test_the_joint_layer_is_timed_on_a_double_block_call_through_the_session(tmp
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     joint = sorted(n for n in rows if "ttr-joint" in n)
     assert joint == ["session ttr-joint", "session ttr-joint every-call", "session ttr-joint graph", "ttr-joint fused",
-                     "ttr-joint torch"]
+                     "ttr-joint fused tma-lm", "ttr-joint torch"]
     session = rows["session ttr-joint"]
     assert session["skipped"] is None and session["ms"] > 0
     assert session["rel_err"] is not None and session["rel_err"] < 1e-5, session
