@@ -36,7 +36,8 @@
 #   ones): most of their time is Triton compiling one kernel variant after another.
 # `triton-overlay` (with TRITON_OVERLAY, bench/device_env.sh): the fused kernels' GPU tests under the overlay Triton, then
 #   the product-path bench (OVERLAY_BENCH_ARGS) under the installed Triton and under the overlay, one after the other
-#   ($OUT/bench_triton_{installed,overlay}.{txt,json}).
+#   ($OUT/bench_triton_{installed,overlay}.{txt,json}); its `fused tma-lm` rows time the TMA-fed landmark softmax,
+#   warp-specialised under the overlay (Triton ≥ 3.9).
 # `bigbed-bench` times the served call (`session ttr-<config>`) of every point of the front at 1024² and 2048².
 set -o pipefail
 source bench/device_env.sh
@@ -52,15 +53,16 @@ for step in "${@:-all}"; do
       python3 -m pytest -q -p no:cacheprovider --import-mode=importlib $XDIST --durations=8 tests/test_kernels_fused.py \
       tests/test_ttr_fused.py tests/test_ttr_fused_agreement.py tests/test_ttr_compile.py tests/test_distill_train.py \
       tests/test_distill_ttr.py tests/test_diffusers_compile.py tests/test_gpu_no_sync.py tests/test_ttr_fused_window.py tests/test_ttr_alpha_reference.py tests/test_bench_model.py tests/test_bench_variants.py \
-      tests/test_exact_fp8.py \
+      tests/test_exact_fp8.py tests/test_kernels_tma_landmarks.py \
       2>&1 | tee "$OUT/tests.log" ;;&
     triton-overlay)
       [ -n "${OVERLAY_DIR:-}" ] || { echo "triton-overlay: set TRITON_OVERLAY to a bench/slim_triton.sh file"; exit 1; }
-      OV="env PYTHONPATH=$OVERLAY_DIR:$PYTHONPATH TRITON_CACHE_DIR=/tmp/triton_cache_overlay"
+      # fusion on, as Triton 3.6 compiles by default (3.9 warns that its default will change)
+      OV="env PYTHONPATH=$OVERLAY_DIR:$PYTHONPATH TRITON_CACHE_DIR=/tmp/triton_cache_overlay TRITON_DEFAULT_FP_FUSION=1"
       $OV python3 -c "import triton; print('overlay triton', triton.__version__, triton.__file__)" | tee -a "$OUT/gpu.txt"
       $OV python3 -m pytest -q -p no:cacheprovider --import-mode=importlib $XDIST tests/test_kernels_fused.py \
         tests/test_ttr_fused.py tests/test_ttr_fused_agreement.py tests/test_gpu_no_sync.py tests/test_ttr_fused_window.py \
-        tests/test_exact_fp8.py 2>&1 | tail -n 15 | tee "$OUT/tests_triton_overlay.log"
+        tests/test_exact_fp8.py tests/test_kernels_tma_landmarks.py 2>&1 | tail -n 15 | tee "$OUT/tests_triton_overlay.log"
       BA=${OVERLAY_BENCH_ARGS:---sizes 1024,2048,4096 --dtypes bf16 --configs default,joint --only session,fused --no-graphs}
       for which in installed overlay; do
         R=""; [ $which = overlay ] && R=$OV
