@@ -2,7 +2,8 @@
 
 CPU: Triton's interpreter at small sizes in fp32 — the hybrid layer (fixed α, adaptive α in two passes and in one,
 the window continued from the kernel's log-sum-exp), whole and partial landmark tiles, a batch with the hosts'
-tokens-by-heads memory, the joint layer; where it declines a call, and what happens when its kernel fails. GPU
+tokens-by-heads memory; where it declines a call, and what happens when its kernel fails (the joint layer's pass
+after it: tests/test_ttr_joint_fused.py). GPU
 (skipped without CUDA): a Flux shape in bf16. Outputs are poisoned (NaN) before each check, so an element the
 kernels leave unwritten fails.
 """
@@ -19,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kernel_helpers import gpu, interpreted  # noqa: E402
 
 from attnplug.plugins.landmark.selection import select_landmarks  # noqa: E402
-from attnplug.plugins.ttr import kernels  # noqa: E402
 from attnplug.plugins.ttr.kernels import (KernelConfig, ServePlan, random_phi, ttr_forward_fused,  # noqa: E402
                                           ttr_forward_reference)
 from attnplug.plugins.ttr.kernels import cudnn_landmarks, launchers, tma_landmarks  # noqa: E402
@@ -136,26 +136,6 @@ def test_a_failing_kernel_leaves_the_landmark_pass_to_compute_it(poison, monkeyp
             assert _rel(plan(q, k, v), ref) < 1e-5
     assert plan.landmark_impl == "fused" and len(calls) == 1
     assert caplog.text.count("TMA-fed landmark softmax failed (RuntimeError: PassManager::run failed)") == 1
-
-
-@interpreted
-@pytest.mark.parametrize("window", [0, 1])
-def test_the_joint_pass_goes_on_from_the_tma_landmark_softmax(poison, monkeypatch, window):
-    """The joint layer's exact set (every text key and the image landmarks) through the kernel: the joint pass's
-    shared normaliser continues from its output and log-sum-exp to the PyTorch forward's output."""
-    from test_ttr_joint_fused import _call, _layers, _pair, _qkv
-
-    real = kernels.JointServePlan
-    monkeypatch.setattr(kernels, "JointServePlan", lambda *a, **kw: real(*a, **{**kw, "landmark_impl": "tma"}))
-    fused, ref = _pair(window)
-    q, k, v = _qkv(seed=2)
-    _layers(fused, ref, q)
-    with torch.inference_mode():
-        got = fused(q, k, v, _call())
-        want = ref(q, k, v, _call())
-    plan = next(iter(fused.layers["double:0"].serve_cache.entries.values())).plan
-    assert plan.landmark_impl == "tma"
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 def test_calls_it_cannot_serve_take_the_landmark_pass_with_one_warning(caplog):

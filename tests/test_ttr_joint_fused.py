@@ -165,11 +165,12 @@ def test_gpu_bf16_matches_the_pytorch_path(window):
 
 @interpreted
 @pytest.mark.parametrize("window", [0, 1])
-def test_cudnn_landmark_softmax_continued_by_the_joint_pass(poison, monkeypatch, window):
-    """landmark_impl 'sdpa' (cuDNN on a GPU, plain PyTorch here): the joint pass goes on from the landmark softmax's
-    output and log-sum-exp."""
+@pytest.mark.parametrize("impl", ["sdpa", "tma"])
+def test_landmark_softmax_first_continued_by_the_joint_pass(poison, monkeypatch, window, impl):
+    """landmark_impl 'sdpa' (cuDNN on a GPU, plain PyTorch here) and 'tma' (the TMA-fed kernel, over the exact set's
+    rows the key pass wrote): the joint pass goes on from the landmark softmax's output and log-sum-exp."""
     real = kernels.JointServePlan
-    monkeypatch.setattr(kernels, "JointServePlan", lambda *a, **kw: real(*a, **{**kw, "landmark_impl": "sdpa"}))
+    monkeypatch.setattr(kernels, "JointServePlan", lambda *a, **kw: real(*a, **{**kw, "landmark_impl": impl}))
     fused, ref = _pair(window)
     q, k, v = _qkv(seed=2)
     _layers(fused, ref, q)
@@ -177,5 +178,5 @@ def test_cudnn_landmark_softmax_continued_by_the_joint_pass(poison, monkeypatch,
         got = fused(q, k, v, _call())
         want = ref(q, k, v, _call())
     plan = next(iter(fused.layers["double:0"].serve_cache.entries.values())).plan
-    assert plan.landmark_impl == "sdpa"
+    assert plan.landmark_impl == impl
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
