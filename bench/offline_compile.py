@@ -89,7 +89,8 @@ def resources(launch: Launch, capability: int = 90) -> tuple[int, int]:
     if name == "_landmark_softmax_kernel":  # a CPU plan never asks for warp specialisation; the GPU's would
         consts["WS"] = int(capability >= 90 and tma_landmarks._version(triton.__version__)
                            >= tma_landmarks.WARP_SPECIALIZE_SINCE)
-    options = {"num_warps": consts.pop("num_warps"), "num_stages": consts.pop("num_stages")}
+    options = {"num_warps": consts.pop("num_warps"), "num_stages": consts.pop("num_stages"),
+               **{k: consts.pop(k) for k in launchers.COMPILE_OPTIONS if k in consts}}
     fn = getattr(triton_ttr, name)
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1 is set): unset it to compile them")

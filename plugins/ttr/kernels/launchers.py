@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 _module: ModuleType | None = None
 
+#: Compile options of every launch: multiply-adds fused, as the kernels were tuned (Triton ≤ 3.9's default; 3.9
+#: warns that 3.10 turns it off unless asked)
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
 
 def _kernels() -> ModuleType:
     global _module
@@ -81,7 +85,7 @@ def key_pass(launch: KeyLaunch, x: "torch.Tensor", v: "torch.Tensor", mask: "tor
         s if vmax is None else vmax, launch.n, launch.heads, launch.chunk, 0 if lm is None else lm.kc.shape[1],
         x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1), v.stride(2), mask_stride,
         0 if pk is None else pk.stride(0), k.stride(0), k.stride(1), k.stride(2), *phi.head_strides, phi.norm_eps,
-        **consts)
+        **consts, **COMPILE_OPTIONS)
 
 
 def query_pass(launch: QueryLaunch, q: "torch.Tensor", x: "torch.Tensor", s_q: "torch.Tensor", z: "torch.Tensor",
@@ -103,7 +107,8 @@ def query_pass(launch: QueryLaunch, q: "torch.Tensor", x: "torch.Tensor", s_q: "
         q.stride(0), q.stride(1), q.stride(2), x.stride(0), x.stride(1), x.stride(2),
         kl.stride(0), kl.stride(1), kl.stride(2), vl.stride(0), vl.stride(1), vl.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        *phi.head_strides, launch.logit_h, 0 if pk is None else pk.stride(0), **launch.consts)
+        *phi.head_strides, launch.logit_h, 0 if pk is None else pk.stride(0), **launch.consts,
+        **COMPILE_OPTIONS)
 
 
 def landmark_softmax_pass(grid: tuple[int, int], q: "torch.Tensor", kc: "torch.Tensor", vc: "torch.Tensor",
@@ -113,4 +118,5 @@ def landmark_softmax_pass(grid: tuple[int, int], q: "torch.Tensor", kc: "torch.T
     contiguous) each row's log-sum-exp (`triton_ttr._landmark_softmax_kernel`, kernels/tma_landmarks.py)."""
     _kernels()._landmark_softmax_kernel[grid](
         q, kc, vc, out, out if lse is None else lse, q.shape[2], kc.shape[1], heads,
-        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2), qk_scale, **consts)
+        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2), qk_scale, **consts,
+        **COMPILE_OPTIONS)
