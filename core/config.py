@@ -91,6 +91,11 @@ class SessionConfig(Strict):
                           "regular file (a folder, a FIFO) is an error. A missing file is where a training session "
                           "starts fresh and saves; a session that does not train warns that it serves without it "
                           "(an error with `strict = true`).")
+    other_model: Literal["withhold", "serve"] = Field(
+        "withhold", description="Layers of the checkpoint distilled on another model than the one the host binds "
+                                "(their q/k projection weights' fingerprints differ, e.g. a fine-tune): 'withhold' "
+                                "(default) serves them exact, warned once; 'serve' serves them anyway, warned (for "
+                                "measuring what that costs).")
     shadow_exact: bool = Field(False, description="Also compute exact attention for every approximated call and "
                                                   "record per-layer fidelity (output cosine, relative L2). Costs an "
                                                   "exact attention per call: for evaluation, not for speed.")

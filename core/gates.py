@@ -97,6 +97,8 @@ class Router:
         self.exact = exact
         self._cache: dict[tuple[object, ...], Route] = {}
         self._cache_step: tuple[object, ...] | None = None
+        #: layers never served whatever the gates say, with the reason (e.g. distilled on another model)
+        self.withheld: dict[str, str] = {}
 
     def is_exact(self, name: str) -> bool:
         return self.backends.get(name).capabilities.exact
@@ -120,6 +122,9 @@ class Router:
     def decide(self, call: AttentionCall) -> Route:
         """Combine every gate's decision for `call` (uncached). Fail-closed: a gate or readiness check that
         raises is a veto, recorded in `Route.failures`."""
+        withheld = self.withheld.get(call.layer_key)
+        if withheld is not None:
+            return Route(self.exact, False, withheld)
         vetoes: list[str] = []
         failures: list[tuple[str, str]] = []
         forced_approx: GateDecision | None = None

@@ -21,6 +21,7 @@ from .call import AttentionCall
 from .checkpoint import CheckpointError, checkpoint_path_problem, load_checkpoint, save_checkpoint
 from .config import Config, check_semantics, load_config
 from .exact import HostBackend
+from . import model_identity
 from .finite import FiniteFlags
 from .gates import Route, Router
 from .shard import all_reduce_max
@@ -113,6 +114,8 @@ class Session:
         #: loaded checkpoint and written back by `save`; plugins read their own by name
         self.components: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
         self.checkpoint_path: Path | None = None
+        #: the bound model's per-layer weight fingerprints (`bind_model`, core/model_identity.py)
+        self.model_fingerprints: dict[str, torch.Tensor] = {}
         self._text: torch.Tensor | None = None  # the host's latest pooled conditioning embedding (core.conditioning)
         self._step_key: tuple[Any, ...] | None = None
         self._last_step: int | None = None
@@ -485,9 +488,50 @@ class Session:
             self.warn_once("-", f"safe:{name}", f"{name} failed: {type(exc).__name__}: {exc} (ignored; later "
                            "failures of it are not logged again)")
 
+    def bind_model(self, fingerprints: Mapping[str, torch.Tensor]) -> None:
+        """The host's model: `{layer_key: model_identity.fingerprint(...)}` of the weights that make each layer's q
+        and k, handed when it binds the model. Layers of the loaded checkpoint that were distilled on another model
+        (`model_identity.differing`) are then withheld — served exact, warned once — in a serving session; a
+        training session distils them on this model and its saves record this one."""
+        self.model_fingerprints.update({k: v.detach().float().cpu() for k, v in fingerprints.items()})
+        self._check_model()
+
+    def _recorded_fingerprints(self) -> dict[str, torch.Tensor]:
+        comp = self.components.get(model_identity.COMPONENT)
+        return {} if comp is None else model_identity.from_component(*comp)
+
+    def _check_model(self) -> None:
+        """Compare the loaded checkpoint's fingerprints with the bound model's (both known): withhold or warn."""
+        if not self.model_fingerprints:
+            return
+        other = model_identity.differing(self._recorded_fingerprints(), self.model_fingerprints)
+        for key in [k for k in self.router.withheld if k not in other]:
+            del self.router.withheld[key]
+        if other:
+            worst = max(other.values())
+            layers = ", ".join(sorted(other)[:6]) + (f" and {len(other) - 6} more" if len(other) > 6 else "")
+            head = (f"checkpoint {self.checkpoint_path}: {len(other)} layer(s) were distilled on another model (their "
+                    f"q/k weights differ from this model's by up to {100 * worst:.0f} %, a fine-tune or another "
+                    f"model; storing weights in 8 bits moves them ~3 %): {layers}")
+            if self.training:
+                log.warning("attnplug: %s; distilling them on this model (their readiness is re-measured here)", head)
+            elif self.config.root.other_model == "serve":
+                log.warning("attnplug: %s; serving them anyway (other_model = 'serve')", head)
+            else:
+                log.warning("attnplug: %s; serving them exact: distil on this model, or serve its own checkpoint",
+                            head)
+                for key, d in other.items():
+                    self.router.withheld[key] = (f"distilled on another model (q/k weights {100 * d:.0f} % apart): "
+                                                 "not served")
+        self.router.invalidate()
+
     def serving_notes(self) -> list[str]:
-        """One line from each gate that describes what it serves (e.g. the serving plan), for hosts to report."""
+        """One line from each gate that describes what it serves (e.g. the serving plan), for hosts to report; and
+        the layers withheld (distilled on another model)."""
         notes = []
+        if self.router.withheld:
+            notes.append(f"{len(self.router.withheld)} layer(s) withheld, distilled on another model: "
+                         + ", ".join(sorted(self.router.withheld)))
         for gate in self.router.gates:
             describe = getattr(gate, "describe", None)
             if callable(describe):
@@ -516,6 +560,9 @@ class Session:
                 components[f"backend.{name}"] = backend.state()  # type: ignore[attr-defined]
         if self.distiller is not None:
             components[f"distiller.{self.distiller.name}"] = self.distiller.state()
+        if self.training and self.model_fingerprints:  # the layers were distilled on the bound model
+            components[model_identity.COMPONENT] = model_identity.component(
+                {**self._recorded_fingerprints(), **self.model_fingerprints})
         for comp, value in self.components.items():
             components.setdefault(comp, value)
         return save_checkpoint(target, components)
@@ -559,10 +606,16 @@ class Session:
             except (KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as exc:
                 raise CheckpointError(f"checkpoint {path}, component {comp}: malformed metadata "
                                       f"({type(exc).__name__}: {exc})") from exc
+        if model_identity.COMPONENT in others:
+            try:
+                model_identity.from_component(*others[model_identity.COMPONENT])
+            except ValueError as exc:
+                raise CheckpointError(f"checkpoint {path}: {exc}") from None
         for stage in staged:
             stage.commit()
         self.components.update(others)
         self.checkpoint_path = Path(path)
+        self._check_model()
         self.router.invalidate()
 
     def close(self) -> None:

@@ -11,7 +11,10 @@ was distilled on), with `--config` serving the layers that config serves (e.g. e
 `ttr_all_layers.safetensors` with `serve_all_layers.toml`); `--collect` merges the `transfer.json` of DIR's sub-folders into DIR.
 
 The testbeds share one layer family (heads and head size), so a checkpoint of one loads on another;
-`check_fits` refuses, in one line, a checkpoint whose layers another architecture built.
+`check_fits` refuses, in one line, a checkpoint whose layers another architecture built. The testbeds are not one
+model at two sizes: each larger one is a fine-tune of the smaller, so a row here measures a change of model as
+well as of size, and its servings set `other_model = "serve"` (a session would otherwise withhold the layers:
+core/model_identity.py).
 """
 from __future__ import annotations
 
@@ -86,6 +89,7 @@ def cross_evaluate(checkpoints: dict[str, Path], testbeds: list[str], *, n_promp
     from .quality import PRODUCT_DEFAULT, base_config, merge
 
     cfg = config if config is not None else merge(merge(base_config(), PRODUCT_DEFAULT), SERVE_SINGLE)
+    cfg = merge(cfg, {"other_model": "serve"})  # a checkpoint of one testbed on another's transformer: measured
     rows: list[dict[str, Any]] = []
     for source, ckpt in checkpoints.items():
         for target in testbeds:

@@ -137,7 +137,8 @@ def _serve_config(alpha: str) -> dict:
     from attnplug.core.config import read_config_file
     from attnplug.testbed.quality import merge
 
-    return merge(read_config_file(SERVE), {"plugins": {"ttr": {"alpha_reference": alpha}}})
+    # the tiny testbed's random transformer is another model than the one the checkpoint was distilled on
+    return merge(read_config_file(SERVE), {"plugins": {"ttr": {"alpha_reference": alpha}}, "other_model": "serve"})
 
 
 @pytest.mark.parametrize("alpha", ["call", "running"])
@@ -162,6 +163,20 @@ def test_transfer_serves_the_layers_its_config_serves(tiny):
                           config=config)
     assert [r["alpha_reference"] for r in rows] == ["call", "running"]
     assert all(len(r["layers_served"]) == 8 and r["served_on"] == "tiny" for r in rows)
+
+
+def test_a_checkpoint_of_another_model_is_withheld(tiny, caplog):
+    """The committed checkpoint records the default testbed's transformer; on another transformer (the tiny
+    testbed's) every layer is served exact, and the log says why."""
+    import logging
+
+    from attnplug.core.config import read_config_file
+    from attnplug.testbed.evaluate import evaluate
+
+    with caplog.at_level(logging.WARNING, logger="attnplug"):
+        res = evaluate(read_config_file(SERVE), TTR_DEFAULT, n_prompts=1, steps=2, testbed="tiny")
+    assert res["layers_served"] == []
+    assert "8 layer(s) were distilled on another model" in caplog.text and "serving them exact" in caplog.text
 
 
 def test_step_cache_composes_with_ttr_and_counts_skipped_steps(tiny):

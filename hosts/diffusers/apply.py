@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ...core import Config, Session
+from ...core import Config, Session, model_identity
 from .layout import ModelLayout, layer_identity, layout_for
 from .processors import LayerProcessor, LayerState, build_wrapper, interception_kind
 from .tracking import Tracker, install_hook, install_pipeline, remove_hook, remove_pipeline
@@ -212,6 +212,7 @@ def apply(
             module.set_processor(original)
         remove_hook(transformer)
         raise
+    session.bind_model(transformer_fingerprints(transformer))
     session.check_layers(keys)  # patterns matching none
     if skipped:
         log.warning(
@@ -224,6 +225,26 @@ def apply(
         for note in session.serving_notes():
             log.info("attnplug: %s", note)
     return Handle(session, owns, transformer, pipe, tracker, patched, skipped)
+
+
+#: the projections whose weights make an attention module's q and k (diffusers' names; the joint blocks' text stream
+#: has its own)
+QK_PROJECTIONS = ("to_q", "to_k", "add_q_proj", "add_k_proj", "to_qkv")
+
+
+def transformer_fingerprints(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`{layer_key: fingerprint}` of each attention module's q and k projection weights (`core.model_identity`):
+    which model a checkpoint's layers were distilled on. Modules without those projections get none."""
+    out: dict[str, torch.Tensor] = {}
+    for path, module in transformer.named_modules():
+        if not (hasattr(module, "set_processor") and hasattr(module, "processor")):
+            continue
+        weights = [getattr(getattr(module, name), "weight") for name in QK_PROJECTIONS
+                   if isinstance(getattr(getattr(module, name, None), "weight", None), torch.Tensor)]
+        if weights and not any(w.is_meta for w in weights):  # offloaded to the meta device: nothing to read
+            with torch.no_grad():
+                out[layer_identity(path)[0]] = model_identity.fingerprint(weights)
+    return out
 
 
 def _attach_policy(session: Session, keys: list[str], policy: Any, threshold: float | None,
