@@ -37,6 +37,7 @@ from ...core import Session
 from ...core.checkpoint import CheckpointError
 from .calls import CallBuilder, CallState, Capture
 from .layout import as_bhnd_output, from_bhnd, to_bhnd
+from .plans import model_fingerprints
 
 log = logging.getLogger("attnplug")
 
@@ -182,6 +183,7 @@ class AttnplugBinding:
         self.run_prior: Callable[..., Any] | None = None  # an override set after attnplug, wrapped for this run
         self._checked: set[str] = set()  # layers whose shape was compared with the checkpoint's
         self._warned: set[str] = set()
+        self._bound: Session | None = None  # the session that has the model's fingerprints
 
     # ---- exact path ---------------------------------------------------------------------------
     def _exact(self, func: Callable[..., Any], q: Any, k: Any, v: Any, heads: int, kwargs: dict[str, Any]) -> Any:
@@ -318,6 +320,13 @@ class AttnplugBinding:
     def on_pre_run(self, patcher: Any) -> None:
         self._checked.clear()
         session = self.handle.ensure()
+        if session is not self._bound:  # which model this is (core.model_identity), once per session
+            self._bound = session
+            try:
+                session.bind_model(model_fingerprints(patcher))
+            except Exception as exc:  # noqa: BLE001 - telling models apart must never stop sampling
+                log.warning("attnplug: %s: the model's fingerprints could not be read (%s: %s); a checkpoint of "
+                            "another model is not detected", self.handle.spec.label, type(exc).__name__, exc)
         session.run_start(host="comfy")  # ends a run left open, e.g. by calls outside a sampler
         self.state.clear()
         self.report = StepReport()

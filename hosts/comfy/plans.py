@@ -5,6 +5,8 @@
   for models that do not expose them (the binding then checks each layer at its first call).
 - `check_fits`: a checkpoint trained on another model is refused before any sampling, naming the file
   and the layers that differ, so it is never trained on (nor overwritten) by mistake.
+- `model_fingerprints(patcher)`: each block's q/k projection weights as `core.model_identity` fingerprints
+  (which model a checkpoint's layers were distilled on: a fine-tune of the same shapes is told apart).
 - `ApplyPlan`: the Apply node's serving plan (ready layers, the best `quality_speed` share of them),
   cached by the checkpoint's fingerprint: when the file changes on disk — more distillation since —
   the next sampling run re-reads it instead of serving the old plan.
@@ -19,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ...core import Session, load_checkpoint
+import torch
+
+from ...core import Session, load_checkpoint, model_identity
 from ...core.checkpoint import CheckpointError
 from .configs import require_learned, set_field, validated
 from .files import fingerprint
@@ -40,6 +44,24 @@ def model_layer_shapes(patcher: Any) -> Shapes | None:
                 return None
             shapes[f"{kind}:{i}"] = (heads, hidden // heads)
     return shapes or None
+
+
+def model_fingerprints(patcher: Any) -> dict[str, torch.Tensor]:
+    """`{"double:0": fingerprint, ...}` of a ComfyUI Flux-family model: the q and k rows (the first 2 · hidden) of
+    each block's fused projections — a double block's `qkv` of both streams, a single block's `linear1`. Blocks
+    that do not expose them (or hold them on the meta device) get none."""
+    dm = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+    out: dict[str, torch.Tensor] = {}
+    for kind in ("double", "single"):
+        for i, block in enumerate(getattr(dm, f"{kind}_blocks", None) or ()):
+            hidden = getattr(block, "hidden_size", None)
+            weights = [w for n, w in block.named_parameters() if n.endswith("qkv.weight") or n == "linear1.weight"]
+            if not isinstance(hidden, int) or not weights or any(w.is_meta or w.shape[0] < 2 * hidden
+                                                                 for w in weights):
+                continue
+            with torch.no_grad():
+                out[f"{kind}:{i}"] = model_identity.fingerprint([w[:2 * hidden] for w in weights])
+    return out
 
 
 def checkpoint_layer_shapes(session: Session) -> Shapes:
