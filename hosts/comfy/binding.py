@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -183,7 +184,8 @@ class AttnplugBinding:
         self.run_prior: Callable[..., Any] | None = None  # an override set after attnplug, wrapped for this run
         self._checked: set[str] = set()  # layers whose shape was compared with the checkpoint's
         self._warned: set[str] = set()
-        self._bound: Session | None = None  # the session that has the model's fingerprints
+        self._bound: weakref.ref[Session] | None = None  # the session that has the model's fingerprints (weak:
+        # cleanup must release it)
 
     # ---- exact path ---------------------------------------------------------------------------
     def _exact(self, func: Callable[..., Any], q: Any, k: Any, v: Any, heads: int, kwargs: dict[str, Any]) -> Any:
@@ -320,8 +322,8 @@ class AttnplugBinding:
     def on_pre_run(self, patcher: Any) -> None:
         self._checked.clear()
         session = self.handle.ensure()
-        if session is not self._bound:  # which model this is (core.model_identity), once per session
-            self._bound = session
+        if self._bound is None or self._bound() is not session:  # which model this is, once per session
+            self._bound = weakref.ref(session)
             try:
                 session.bind_model(model_fingerprints(patcher))
             except Exception as exc:  # noqa: BLE001 - telling models apart must never stop sampling
