@@ -34,10 +34,10 @@
 #   skipped step on the FLUX.1-dev-shaped model (bench-model /fbcache) beside the full forwards.
 # `tests` runs the GPU tests in TEST_WORKERS (8) processes where pytest-xdist is installed (a wheel among the carried
 #   ones): most of their time is Triton compiling one kernel variant after another.
-# `triton-overlay` (with TRITON_OVERLAY, bench/device_env.sh): the fused kernels' GPU tests under the overlay Triton, then
-#   the product-path bench (OVERLAY_BENCH_ARGS) under the installed Triton and under the overlay, one after the other
-#   ($OUT/bench_triton_{installed,overlay}.{txt,json}); its `fused tma-lm` rows time the TMA-fed landmark softmax,
-#   warp-specialised under the overlay (Triton ≥ 3.9).
+# `triton-overlay` (with TRITON_OVERLAY, bench/device_env.sh): the product-path bench (OVERLAY_BENCH_ARGS) under the
+#   installed Triton and under the overlay, one after the other ($OUT/bench_triton_{installed,overlay}.{txt,json}; its
+#   `fused tma-lm` rows time the TMA-fed landmark softmax, warp-specialised under the overlay, Triton ≥ 3.9), then the
+#   fused kernels' GPU tests under the overlay (OVERLAY_TESTS=0 skips them).
 # `bigbed-bench` times the served call (`session ttr-<config>`) of every point of the front at 1024² and 2048².
 set -o pipefail
 source bench/device_env.sh
@@ -60,14 +60,15 @@ for step in "${@:-all}"; do
       # fusion on, as Triton 3.6 compiles by default (3.9 warns that its default will change)
       OV="env PYTHONPATH=$OVERLAY_DIR:$PYTHONPATH TRITON_CACHE_DIR=/tmp/triton_cache_overlay TRITON_DEFAULT_FP_FUSION=1"
       $OV python3 -c "import triton; print('overlay triton', triton.__version__, triton.__file__)" | tee -a "$OUT/gpu.txt"
-      $OV python3 -m pytest -q -p no:cacheprovider --import-mode=importlib $XDIST tests/test_kernels_fused.py \
-        tests/test_ttr_fused.py tests/test_ttr_fused_agreement.py tests/test_gpu_no_sync.py tests/test_ttr_fused_window.py \
-        tests/test_exact_fp8.py tests/test_kernels_tma_landmarks.py 2>&1 | tail -n 15 | tee "$OUT/tests_triton_overlay.log"
       BA=${OVERLAY_BENCH_ARGS:---sizes 1024,2048,4096 --dtypes bf16 --configs default,joint --only session,fused --no-graphs}
       for which in installed overlay; do
         R=""; [ $which = overlay ] && R=$OV
         $R python3 -m attnplug.bench.run $BA --json "$OUT/bench_triton_$which.json" 2>"$OUT/bench_triton_$which.err" \
-          | tee "$OUT/bench_triton_$which.txt" | grep "ms =" ; done ;;
+          | tee "$OUT/bench_triton_$which.txt" | grep "ms =" ; done
+      [ "${OVERLAY_TESTS:-1}" = 1 ] && $OV python3 -m pytest -q -p no:cacheprovider --import-mode=importlib $XDIST \
+        tests/test_kernels_fused.py tests/test_ttr_fused.py tests/test_ttr_fused_agreement.py tests/test_gpu_no_sync.py \
+        tests/test_ttr_fused_window.py tests/test_exact_fp8.py tests/test_kernels_tma_landmarks.py 2>&1 | tail -n 15 \
+        | tee "$OUT/tests_triton_overlay.log" ;;
     tune|all) python3 -m attnplug.bench.tune ${TUNE_ARGS:---sizes 1024,2048 --quick} 2>&1 | tee "$OUT/tune.log" ;;&
     profile|all) python3 -m attnplug.bench.profile_kernels ${PROFILE_ARGS:---sizes 1024,2048} 2>&1 | tee "$OUT/profile.log" ;;&
     bench|all) python3 -m attnplug.bench.run ${BENCH_ARGS:---sizes 1024,2048,4096 --dtypes bf16} --json "$OUT/bench.json" 2>"$OUT/bench.err" | tee "$OUT/bench.txt" ;;&
