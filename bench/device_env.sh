@@ -19,7 +19,7 @@ if [ -n "${TRITON_OVERLAY:-}" ]; then
     mkdir -p $OVERLAY_DIR && xz -dc "$TRITON_OVERLAY" | tar -x -C $OVERLAY_DIR && touch $OVERLAY_DIR/.done || exit 1
   fi
   if [ "${TRITON_OVERLAY_ON:-0}" = 1 ]; then
-    export PYTHONPATH=$OVERLAY_DIR:$PYTHONPATH TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache_overlay}
+    export PYTHONPATH=$OVERLAY_DIR:$PYTHONPATH TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache_overlay} TRITON_BACKENDS_IN_TREE=1
   fi
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"

@@ -37,7 +37,7 @@
 # `triton-overlay` (with TRITON_OVERLAY, bench/device_env.sh): the product-path bench (OVERLAY_BENCH_ARGS) under the
 #   installed Triton and under the overlay, one after the other ($OUT/bench_triton_{installed,overlay}.{txt,json}; its
 #   `fused tma-lm` rows time the TMA-fed landmark softmax, warp-specialised under the overlay, Triton ≥ 3.9), then the
-#   fused kernels' GPU tests under the overlay (OVERLAY_TESTS=0 skips them).
+#   fused kernels' GPU tests under the overlay (OVERLAY_TESTS=0 skips them; OVERLAY_WHICH=overlay times only it).
 # `bigbed-bench` times the served call (`session ttr-<config>`) of every point of the front at 1024² and 2048².
 set -o pipefail
 source bench/device_env.sh
@@ -58,10 +58,10 @@ for step in "${@:-all}"; do
     triton-overlay)
       [ -n "${OVERLAY_DIR:-}" ] || { echo "triton-overlay: set TRITON_OVERLAY to a bench/slim_triton.sh file"; exit 1; }
       # fusion on, as Triton 3.6 compiles by default (3.9 warns that its default will change)
-      OV="env PYTHONPATH=$OVERLAY_DIR:$PYTHONPATH TRITON_CACHE_DIR=/tmp/triton_cache_overlay TRITON_DEFAULT_FP_FUSION=1"
+      OV="env PYTHONPATH=$OVERLAY_DIR:$PYTHONPATH TRITON_CACHE_DIR=/tmp/triton_cache_overlay TRITON_DEFAULT_FP_FUSION=1 TRITON_BACKENDS_IN_TREE=1"
       $OV python3 -c "import triton; print('overlay triton', triton.__version__, triton.__file__)" | tee -a "$OUT/gpu.txt"
       BA=${OVERLAY_BENCH_ARGS:---sizes 1024,2048,4096 --dtypes bf16 --configs default,joint --only session,fused --no-graphs}
-      for which in installed overlay; do
+      for which in ${OVERLAY_WHICH:-installed overlay}; do
         R=""; [ $which = overlay ] && R=$OV
         $R python3 -m attnplug.bench.run $BA --json "$OUT/bench_triton_$which.json" 2>"$OUT/bench_triton_$which.err" \
           | tee "$OUT/bench_triton_$which.txt" | grep "ms =" ; done

@@ -452,6 +452,11 @@ def _require_tma(plan: Any, first_call: Callable[[], Any]) -> None:
         raise RuntimeError("the TMA-fed landmark softmax does not serve this call here (the log says why)")
 
 
+def _exact_fp8(backend: Any, lm_backend: Any, q: torch.Tensor) -> bool:
+    """Whether the bare kernels run the exact branch in e4m3, as the served layer of this configuration does."""
+    return lm_backend is not None and backend.exact_fp8(lm_backend, q.device)
+
+
 def _joint_fused_maker(backend: Any, lm_backend: Any, call: Any, win: int, s: Shape,
                        landmark_impl: str = "auto") -> Callable:
     """The joint layer's bare kernels: a `JointServePlan` built once (the landmark backend's exact set and window,
@@ -472,7 +477,7 @@ def _joint_fused_maker(backend: Any, lm_backend: Any, call: Any, win: int, s: Sh
             plan = JointServePlan(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                                   log_scale_q=layer.log_scale_q.detach(), eps=st.eps, window=window, grid=grid,
                                   n_cond=s.txt, landmark_prefix=call.cond_in(k.shape[2]),
-                                  landmark_impl=landmark_impl)
+                                  landmark_impl=landmark_impl, exact_fp8=_exact_fp8(backend, lm_backend, q))
         if landmark_impl == "tma":
             _require_tma(plan, lambda: plan(q, k, v))
         return lambda: plan(q, k, v)
@@ -562,7 +567,8 @@ def _ttr_variants(s: Shape, dtype: torch.dtype, device: torch.device, configs: l
                     plan = ServePlan(q, k, v, pq, pk, landmark_idx=idx, alpha_logit=layer.alpha_logit.detach(),
                                      alpha_max=st.alpha_max, gamma=st.gamma, adaptive=st.adaptive_alpha, eps=st.eps,
                                      landmark_impl=lm_impl or "auto", d_reference=layer.running_reference(),
-                                     landmark_prefix=call.cond_in(k.shape[2]), **wkw)
+                                     landmark_prefix=call.cond_in(k.shape[2]),
+                                     exact_fp8=lm_impl is not None and _exact_fp8(backend, lm_backend, q), **wkw)
                 flag = torch.zeros(1, dtype=torch.int32, device=q.device) if guarded else None
                 if lm_impl == "tma":
                     _require_tma(plan, lambda: plan(q, k, v))
