@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-from .run import environment, time_calls
+from .run import environment, kernel_config, time_calls
 from .variants import capture_graph, give_stand_in_reference
 
 #: diffusers `FluxTransformer2DModel` config of black-forest-labs/FLUX.1-dev (11.9 B parameters).
@@ -602,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
                         "attnplug's apply); rank 0 prints and writes the report")
     p.add_argument("--attention-backend", default="native",
                    help="diffusers' attention backend under --context-parallel (default native)")
+    p.add_argument("--kernel-config", default=None, metavar="JSON",
+                   help="fused kernels' tiles changed for this run, e.g. '{\"lm_direct\": 2}' (KernelConfig fields)")
     p.add_argument("--json", default=None, help="write the report here")
     a = p.parse_args(argv)
     if a.context_parallel:
@@ -624,6 +626,7 @@ def _main(a: argparse.Namespace, argv: list[str] | None, device: torch.device, r
         for s in sizes:
             if s <= 0 or s % 16:
                 raise ValueError(f"--sizes: {s} is not a positive multiple of 16")
+        tiles = kernel_config(a.kernel_config)
         modes = [m.strip() for m in a.modes.split(",") if m.strip()]
         for m in modes:
             mode_config(m, config["num_single_layers"], "auto")
@@ -640,10 +643,14 @@ def _main(a: argparse.Namespace, argv: list[str] | None, device: torch.device, r
     except (ValueError, json.JSONDecodeError) as exc:
         print(f"attnplug bench-model: {exc}", file=sys.stderr)
         return 2
-    report = run_bench_model(sizes, modes, device, DTYPES[a.dtype], config, txt, a.batch, warmup, reps,
-                             a.ttr_kernel, a.sdpa, a.seed, plugins,
-                             log=(lambda s: print(s, file=sys.stderr, flush=True)) if report_here else (lambda s: None),
-                             context_parallel=a.context_parallel, attention_backend=a.attention_backend)
+    from ..plugins.ttr.kernels.tiles import using_config
+
+    with using_config(tiles):
+        report = run_bench_model(sizes, modes, device, DTYPES[a.dtype], config, txt, a.batch, warmup, reps,
+                                 a.ttr_kernel, a.sdpa, a.seed, plugins,
+                                 log=(lambda s: print(s, file=sys.stderr, flush=True)) if report_here
+                                 else (lambda s: None),
+                                 context_parallel=a.context_parallel, attention_backend=a.attention_backend)
     report["command"] = "attnplug bench-model " + " ".join(argv if argv is not None else sys.argv[1:])
     ok = 0 if all(r["ms"] is not None for r in report["results"]) else 1
     if not report_here:

@@ -305,6 +305,13 @@ def headline(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def kernel_config(text: str | None) -> Any:
+    """`--kernel-config` JSON as a `KernelConfig` (None without it; a ValueError naming the field)."""
+    from ..plugins.ttr.kernels.tiles import config_from_json
+
+    return config_from_json(text) if text else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line of `attnplug bench`; returns the exit status."""
     p = argparse.ArgumentParser(prog="attnplug bench", description=__doc__)
@@ -327,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-ms", type=float, default=300.0, help="time spent timing each variant")
     p.add_argument("--no-check", action="store_true", help="skip fused-vs-PyTorch error checks")
     p.add_argument("--smoke", action="store_true", help="tiny CPU-speed shapes (CI)")
+    p.add_argument("--kernel-config", default=None, metavar="JSON",
+                   help="fused kernels' tiles changed for this run, e.g. '{\"lm_direct\": 2}' (KernelConfig fields)")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     a = p.parse_args(argv)
     from ..cli import UsageProblem, check_device, check_output
@@ -346,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shapes = [parse_shape(s.strip(), heads, hd, txt, a.batch) for s in sizes.split(",") if s.strip()]
         dtypes = [DTYPES[d.strip()] for d in a.dtypes.split(",") if d.strip()]
+        tiles = kernel_config(a.kernel_config)
     except (KeyError, ValueError) as exc:
         print(f"attnplug bench: {exc}", file=sys.stderr)
         return 2
@@ -358,9 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.smoke:
         a.warmup, a.min_reps, a.budget_ms = 1, 2, 5.0
-    report = run_bench(shapes, dtypes, device, only, a.warmup, a.min_reps, a.budget_ms, not a.no_check,
-                       log=lambda s: print(s, file=sys.stderr, flush=True), configs=configs,
-                       graphs=not a.no_graphs)
+    from ..plugins.ttr.kernels.tiles import using_config
+
+    with using_config(tiles):
+        report = run_bench(shapes, dtypes, device, only, a.warmup, a.min_reps, a.budget_ms, not a.no_check,
+                           log=lambda s: print(s, file=sys.stderr, flush=True), configs=configs,
+                           graphs=not a.no_graphs)
     report["command"] = "attnplug bench " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(report))
     if a.json:

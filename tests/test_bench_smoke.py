@@ -69,3 +69,24 @@ def test_unknown_config_exits_2(capsys):
     # a former name gets its new name
     assert main(["--smoke", "--device", "cpu", "--configs", "default-window2"]) == 2
     assert "default-window2 → previous-default-window2" in capsys.readouterr().err
+
+
+def test_kernel_config_sets_the_tiles_of_the_run_only(tmp_path, monkeypatch, capsys):
+    """`--kernel-config` builds the run's plans with the given tiles (an A/B of one field in one process) and
+    leaves the defaults to whatever runs after; a field that is not a tile is refused before anything runs."""
+    from attnplug.plugins.ttr.kernels import serve_plan, tiles
+
+    seen: list = []
+    real_init = serve_plan.ServePlan.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen.append(self.config)
+    monkeypatch.setattr(serve_plan.ServePlan, "__init__", spy)
+    assert main(["--smoke", "--device", "cpu", "--sizes", "n=64:txt=16", "--configs", "default", "--only", "fused",
+                 "--no-graphs", "--kernel-config", '{"lm_direct": 2, "lm_block": 32}']) == 0
+    assert seen and all(c.lm_direct == 2 and c.lm_block == 32 for c in seen)
+    assert tiles.active_config() is tiles.DEFAULT_CONFIG
+    for bad, named in (('{"lm_dirct": 2}', "lm_dirct"), ('{"lm_direct": "2"}', "lm_direct"), ("[2]", "object")):
+        assert main(["--smoke", "--device", "cpu", "--kernel-config", bad]) == 2
+        assert named in capsys.readouterr().err

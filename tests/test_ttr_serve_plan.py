@@ -161,7 +161,7 @@ def test_served_plan_loads_the_conditioning_landmarks_directly_and_matches_the_g
     import dataclasses
 
     from attnplug.plugins.ttr import kernels
-    from attnplug.plugins.ttr.kernels import serve_plan
+    from attnplug.plugins.ttr.kernels import tiles
 
     plans: list = []
     real = kernels.ServePlan
@@ -174,8 +174,7 @@ def test_served_plan_loads_the_conditioning_landmarks_directly_and_matches_the_g
     gathered, _ = _trained_pair()
     gathered.layer(LayerSpec("single:0", HEADS, DIM), torch.device("cpu")).load_state_dict(
         fused.layers["single:0"].state_dict())
-    monkeypatch.setattr(serve_plan, "DEFAULT_CONFIG", dataclasses.replace(serve_plan.DEFAULT_CONFIG, lm_direct=0))
-    with torch.inference_mode():
+    with tiles.using_config(dataclasses.replace(tiles.DEFAULT_CONFIG, lm_direct=0)), torch.inference_mode():
         want = gathered(q, k, v, _call())
     assert plans[-1].n_direct == 0
     torch.testing.assert_close(direct, want, atol=1e-5, rtol=1e-5)

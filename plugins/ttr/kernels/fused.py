@@ -23,7 +23,7 @@ from ....core.exact_fp8 import fp8_unsupported_reason
 from .capability import fused_unsupported_reasons
 from .reference import PhiWeights, check_window, ttr_forward_reference
 from .serve_plan import ServePlan, on_device
-from .tiles import DEFAULT_CONFIG, KernelConfig
+from .tiles import KernelConfig
 
 __all__ = ["affine_rows", "kv_state_fused", "run_fused_kernels", "ttr_forward_fused"]
 
@@ -122,7 +122,7 @@ def run_fused_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: 
 
 
 def kv_state_fused(k: torch.Tensor, v: torch.Tensor, phi_k: PhiWeights, key_mask: torch.Tensor | None = None,
-                   config: KernelConfig = DEFAULT_CONFIG) -> tuple[torch.Tensor, torch.Tensor]:
+                   config: KernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `S` `[B, H, F, D]` and `z` `[B, H, F]` (fp32) — the key pass alone."""
     with torch.no_grad():
         plan = ServePlan(k, k, v, phi_k, phi_k, key_mask=key_mask is not None, config=config)

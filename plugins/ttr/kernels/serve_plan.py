@@ -24,7 +24,7 @@ from . import launchers
 from .capability import PhiSplit, phi_split
 from .cudnn_landmarks import choose_landmark_impl, sdpa_landmarks
 from .reference import PhiWeights
-from .tiles import (DEFAULT_CONFIG, KernelConfig, block_k, cdiv, direct_rows, hidden_chunk, num_sms, output_like,
+from .tiles import (KernelConfig, active_config, block_k, cdiv, direct_rows, hidden_chunk, num_sms, output_like,
                     patch_width, query_hidden_chunk, window_block)
 from .tma_landmarks import tma_landmarks, tma_rows_ok
 
@@ -128,7 +128,7 @@ class ServePlan:
                  window: int = 0, grid: tuple[int, int] | None = None, n_cond: int = 0,
                  d_reference: torch.Tensor | None = None, landmark_flags: torch.Tensor | None = None,
                  landmark_prefix: int | None = None, exact_fp8: bool = False) -> None:
-        cfg = config or DEFAULT_CONFIG
+        cfg = config or active_config()
         self.config = cfg
         bsz, heads, nq, d = q.shape
         nk = k.shape[2]

@@ -2,7 +2,9 @@
 layout of what the launches read and write (the output's memory order, the landmarks loaded without a gather)."""
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +89,46 @@ class KernelConfig:
 
 
 DEFAULT_CONFIG = KernelConfig()
+_active = [DEFAULT_CONFIG]
+
+
+def active_config() -> KernelConfig:
+    """The tiles a plan built without its own `config` takes: `DEFAULT_CONFIG`, or `using_config`'s inside it."""
+    return _active[0]
+
+
+def config_from_json(text: str, option: str = "--kernel-config") -> KernelConfig:
+    """`DEFAULT_CONFIG` with the fields of the JSON object `text` replaced (`'{"lm_direct": 2}'`); a ValueError
+    naming `option` and the field for anything else."""
+    import dataclasses
+    import json
+
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{option}: not JSON ({exc})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{option}: expected a JSON object of KernelConfig fields, got {text!r}")
+    known = {f.name: f.type for f in dataclasses.fields(KernelConfig)}
+    for name, value in fields.items():
+        if name not in known:
+            raise ValueError(f"{option}: {name!r} is not a KernelConfig field (expected one of {', '.join(known)})")
+        want = {"int": int, "float": (int, float), "bool": bool}[known[name]]
+        if not isinstance(value, want) or (known[name] == "int" and isinstance(value, bool)):
+            raise ValueError(f"{option}: {name} = {value!r}, expected {known[name]}")
+    return dataclasses.replace(DEFAULT_CONFIG, **fields)
+
+
+@contextlib.contextmanager
+def using_config(config: KernelConfig | None) -> Iterator[None]:
+    """Inside, every plan built without its own `config` takes `config` (None: the defaults) — a bench's run of
+    another tile setting; plans built inside keep it after."""
+    previous = _active[0]
+    _active[0] = config or DEFAULT_CONFIG
+    try:
+        yield
+    finally:
+        _active[0] = previous
 
 
 def leading_rows(idx: torch.Tensor) -> int:
